@@ -1,0 +1,29 @@
+"""Model-parallel utilities: platform, parallel state, collectives and the paper's operators."""
+from sp_core.mpu import platform
+from sp_core.mpu.collectives import counting as counting_collectives
+from sp_core.mpu.operators import (
+    copy_to_tp,
+    enter_sequence_parallel,
+    exit_sequence_parallel,
+    gather_from_sp,
+    gather_to_replicated,
+    pad_1d,
+    pad_to_multiple,
+    padded_length,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_sp,
+)
+from sp_core.mpu.parallel_state import (
+    ParallelStateError,
+    bind,
+    destroy,
+    initialize,
+    is_initialized,
+    sequence_parallel,
+    sequence_parallel_active,
+    set_sequence_parallel,
+    tp_group,
+    tp_rank,
+    tp_size,
+)

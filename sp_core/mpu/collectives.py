@@ -1,0 +1,127 @@
+"""Collectives on dim 0 over the TP group. The only module that calls torch.distributed's data ops.
+
+Every call is counted (``counts()``), and appended to the file named by SP_CORE_COLLECTIVE_LOG when
+set, so tests can prove which collectives a forward issued, also inside worker processes.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+from typing import Dict, Iterator
+
+import torch
+import torch.distributed as dist
+
+from sp_core.mpu import parallel_state as ps
+
+_COUNTS: Dict[str, int] = collections.Counter()
+
+
+def _record(op: str, tensor: torch.Tensor) -> None:
+    _COUNTS[op] += 1
+    path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(f"{os.getpid()} {op} {tuple(tensor.shape)}\n")
+
+
+def counts() -> Dict[str, int]:
+    return dict(_COUNTS)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Dict[str, int]]:
+    """Yields a dict that, after the block, holds the collectives issued inside it."""
+    before = collections.Counter(_COUNTS)
+    result: Dict[str, int] = {}
+    try:
+        yield result
+    finally:
+        after = collections.Counter(_COUNTS)
+        after.subtract(before)
+        result.update({k: v for k, v in after.items() if v})
+
+
+def _gloo(group) -> bool:
+    return dist.get_backend(group) == "gloo"
+
+
+def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or ``op``) over TP, in a new tensor."""
+    if ps.tp_size() == 1:
+        return x
+    _record("all_reduce", x)
+    out = x.contiguous().clone()
+    group = ps.tp_group()
+    if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
+        wide = out.float()
+        dist.all_reduce(wide, op=op, group=group)
+        return wide.to(out.dtype)
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def _check_divisible(x: torch.Tensor, what: str) -> None:
+    t = ps.tp_size()
+    if x.shape[0] % t != 0:
+        raise ValueError(
+            f"{what}: dim 0 has {x.shape[0]} rows, not a multiple of the tp size {t}; "
+            f"pad with sp_core.mpu.enter_sequence_parallel (or pad_to_multiple) first"
+        )
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (rank order)."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    _record("all_gather", x)
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] * t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=ps.tp_group())
+    return out
+
+
+def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    _check_divisible(x, "reduce_scatter")
+    _record("reduce_scatter", x)
+    group = ps.tp_group()
+    x = x.contiguous()
+    if _gloo(group) and x.dtype == torch.bfloat16:
+        wide = x.float()
+        out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=torch.float32, device=x.device)
+        dist.reduce_scatter_tensor(out, wide, group=group)
+        return out.to(x.dtype)
+    out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out
+
+
+def split(x: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous 1/t of dim 0 (no communication)."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    _check_divisible(x, "split")
+    rows = x.shape[0] // t
+    return x[ps.tp_rank() * rows : (ps.tp_rank() + 1) * rows]
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from TP rank ``src`` to every TP rank (used off the hot path)."""
+    if ps.tp_size() == 1:
+        return obj
+    box = [obj]
+    group = ps.tp_group()
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    return box[0]
+
+
+def barrier() -> None:
+    if ps.tp_size() > 1:
+        dist.barrier(group=ps.tp_group())

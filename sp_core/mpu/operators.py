@@ -1,0 +1,146 @@
+"""The paper's communication operators (Korthikanti et al. 2022, section 4.2.2), one autograd
+Function each, and the two edges of the sequence-parallel region.
+
+    f        copy_to_tp            identity      | all-reduce
+    f-bar    reduce_from_tp        all-reduce    | identity
+    g        gather_from_sp        all-gather    | reduce-scatter
+    g-bar    reduce_scatter_to_sp  reduce-scatter| all-gather
+    scatter  scatter_to_sp         split         | all-gather
+    gather   gather_to_replicated  all-gather    | split        (scatter's adjoint: the region exit)
+
+All act on dim 0 (tokens). Under no-grad they are plain collectives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sp_core.mpu import collectives as c
+from sp_core.mpu import parallel_state as ps
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return c.all_reduce(grad)
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return c.all_reduce(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return c.all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return c.reduce_scatter(grad)
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return c.reduce_scatter(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return c.all_gather(grad)
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return c.split(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return c.all_gather(grad)
+
+
+class _GatherToReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return c.all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return c.split(grad)
+
+
+def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+    """f: the input of a TP region (identity forward, all-reduce of the gradient)."""
+    return _CopyToTP.apply(x) if ps.tp_size() > 1 else x
+
+
+def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
+    """f-bar: sum the partial outputs of a TP region (all-reduce forward, identity backward)."""
+    return _ReduceFromTP.apply(x) if ps.tp_size() > 1 else x
+
+
+def gather_from_sp(x: torch.Tensor) -> torch.Tensor:
+    """g: token shard -> all tokens, into a TP region whose ranks each produce a partial gradient."""
+    return _GatherFromSP.apply(x) if ps.tp_size() > 1 else x
+
+
+def reduce_scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
+    """g-bar: partial sums over all tokens -> the summed token shard."""
+    return _ReduceScatterToSP.apply(x) if ps.tp_size() > 1 else x
+
+
+def scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
+    """Replicated tokens -> this rank's token shard."""
+    return _ScatterToSP.apply(x) if ps.tp_size() > 1 else x
+
+
+def gather_to_replicated(x: torch.Tensor) -> torch.Tensor:
+    """Token shard -> all tokens, for computation that every rank then repeats identically."""
+    return _GatherToReplicated.apply(x) if ps.tp_size() > 1 else x
+
+
+def padded_length(num_tokens: int) -> int:
+    """``num_tokens`` rounded up to a multiple of the tp size (SP shards must be equal)."""
+    t = ps.tp_size()
+    return -(-num_tokens // t) * t
+
+
+def pad_to_multiple(x: torch.Tensor, value: float = 0) -> torch.Tensor:
+    """Pad dim 0 with ``value`` up to a multiple of the tp size."""
+    extra = padded_length(x.shape[0]) - x.shape[0]
+    if extra == 0:
+        return x
+    pad = x.new_full((extra,) + tuple(x.shape[1:]), value)
+    return torch.cat([x, pad], dim=0)
+
+
+def enter_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
+    """Region entry for replicated activations: pad to a multiple of t, keep this rank's shard.
+
+    A rank may end up holding only padding (fewer tokens than ranks). Identity when SP is off.
+    """
+    if not ps.sequence_parallel_active():
+        return x
+    return scatter_to_sp(pad_to_multiple(x))
+
+
+def exit_sequence_parallel(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Region exit: gather the token shards and drop the padding. Identity when SP is off."""
+    if not ps.sequence_parallel_active():
+        return x
+    return gather_to_replicated(x)[:num_tokens]
+
+
+def pad_1d(x: torch.Tensor) -> torch.Tensor:
+    """Pad a 1-D integer tensor (token ids, positions) with zeros to a multiple of t."""
+    return F.pad(x, (0, padded_length(x.shape[0]) - x.shape[0]))
