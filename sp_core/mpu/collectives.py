@@ -16,6 +16,9 @@ import torch.distributed as dist
 from sp_core.mpu import parallel_state as ps
 
 _COUNTS: Dict[str, int] = collections.Counter()
+# torch >= 2.12 renamed the tensor collectives; the GPU image's torch 2.11 has only the old names.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _record(op: str, tensor: torch.Tensor) -> None:
@@ -79,7 +82,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     _record("all_gather", x)
     x = x.contiguous()
     out = torch.empty((x.shape[0] * t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=ps.tp_group())
+    _all_gather_tensor(out, x, group=ps.tp_group())
     return out
 
 
@@ -95,10 +98,10 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if _gloo(group) and x.dtype == torch.bfloat16:
         wide = x.float()
         out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=torch.float32, device=x.device)
-        dist.reduce_scatter_tensor(out, wide, group=group)
+        _reduce_scatter_tensor(out, wide, group=group)
         return out.to(x.dtype)
     out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, group=group)
+    _reduce_scatter_tensor(out, x, group=group)
     return out
 
 

@@ -6,12 +6,14 @@ ranks are killed rather than left waiting in a collective); a hang fails after `
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import socket
 import traceback
 from typing import Any, Callable, List
 
+import torch
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT = float(os.environ.get("SP_CORE_TEST_TIMEOUT", "240"))
@@ -44,7 +46,9 @@ def _entry(rank, world, port, tp, sequence_parallel, fn, args, results):
                                 timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT))
         mpu.initialize(tp, sequence_parallel=sequence_parallel)
         out = fn(*args)
-        results.put((rank, True, out))
+        buffer = io.BytesIO()  # torch.save, not shared-memory tensors: the rank exits before pytest reads
+        torch.save(out, buffer)
+        results.put((rank, True, buffer.getvalue()))
         mpu.destroy()
     except BaseException:  # noqa: BLE001 - every failure goes back to pytest
         results.put((rank, False, traceback.format_exc()))
@@ -81,7 +85,7 @@ def run_ranks(world: int, fn: Callable, *args, tp: int | None = None, sequence_p
                 continue
             if not ok:
                 raise RankFailed(f"rank {rank} failed:\n{payload}")
-            outputs[rank] = payload
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5)

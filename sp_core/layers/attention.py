@@ -1,0 +1,86 @@
+"""Grouped-query self-attention over TP-sharded heads, with a pluggable attention kernel.
+
+The kernel is ``kernel(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d], batch) -> [T, heads, d]``
+over all tokens of the batch (after the column layer's gather). ``batch`` is whatever the framework
+passes down (the default kernel takes :class:`PackedBatch`); rows past the batch's tokens are SP padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.linear import ColumnParallelLinear, RowParallelLinear
+from sp_core.layers.norm import RMSNorm
+from sp_core.layers.rotary import RotaryEmbedding
+from sp_core.layers.sharding import Shard
+
+
+@dataclass
+class PackedBatch:
+    """Variable-length sequences packed along the token dim, each attending causally to itself."""
+
+    seq_lens: Sequence[int]
+
+
+def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
+    lens: List[int] = list(batch.seq_lens)
+    padding = q.shape[0] - sum(lens)
+    if padding > 0:
+        lens.append(padding)
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                             is_causal=True, enable_gqa=True)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def head_split(num_heads: int, num_kv_heads: int, head_dim: int):
+    """(q shard, kv shard) of a fused qkv projection; KV heads are replicated when fewer than t."""
+    t = mpu.tp_size()
+    if num_heads % t != 0:
+        raise ValueError(f"num_attention_heads ({num_heads}) is not divisible by the tensor-parallel size {t}")
+    if num_kv_heads >= t:
+        if num_kv_heads % t != 0:
+            raise ValueError(f"num_key_value_heads ({num_kv_heads}) is not divisible by the tensor-parallel size {t}")
+        kv_local, replicas = num_kv_heads // t, 1
+    else:
+        if t % num_kv_heads != 0:
+            raise ValueError(f"tensor-parallel size {t} is not a multiple of num_key_value_heads ({num_kv_heads})")
+        kv_local, replicas = 1, t // num_kv_heads
+    q = Shard("q", num_heads * head_dim, num_heads // t * head_dim)
+    kv = [Shard(n, num_kv_heads * head_dim, kv_local * head_dim, replicas) for n in ("k", "v")]
+    return [q] + kv
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope_theta: float, rope_scaling: Optional[dict] = None, qkv_bias: bool = False,
+                 qk_norm: bool = False, eps: float = 1e-6, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        shards = head_split(num_heads, num_kv_heads, head_dim)
+        self.head_dim = head_dim
+        self.q_size, self.kv_size = shards[0].local, shards[1].local
+        self.qkv_proj = ColumnParallelLinear(hidden_size, 0, bias=qkv_bias, shards=shards, dtype=dtype)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, eps, per_head_on_tp_shard=True, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps, per_head_on_tp_shard=True, dtype=dtype) if qk_norm else None
+        self.rotary = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
+        self.kernel: AttentionKernel = packed_causal_attention
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.unflatten(-1, (-1, self.head_dim))
+        k = k.unflatten(-1, (-1, self.head_dim))
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.kernel(q, k, v, batch).flatten(-2))

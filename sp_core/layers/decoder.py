@@ -1,0 +1,19 @@
+"""Pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)). Token shard in and out under SP."""
+from __future__ import annotations
+
+import torch
+
+from sp_core.layers.norm import RMSNorm
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, self_attn: torch.nn.Module, mlp: torch.nn.Module, hidden_size: int, eps: float, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.mlp = mlp
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, batch)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))

@@ -1,0 +1,115 @@
+"""Parallel linear layers, with the contracts of DESIGN.md's table.
+
+Column: token shard in (SP) -> all tokens, feature shard out; gathers its input (g).
+Row: all tokens, feature shard in -> token shard out (g-bar under SP, f-bar otherwise).
+Replicated: token shard in -> token shard out, or all tokens when ``gather_output``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.sharding import Shard, mark_partitioned, mark_sequence_parallel
+from sp_core.mpu import collectives
+
+
+def _divide(total: int, t: int, what: str) -> int:
+    if total % t != 0:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size {t}")
+    return total // t
+
+
+class _GatheredInputLinear(torch.autograd.Function):
+    """y = g(x) @ W^T + b, saving the token shard x (not the gathered input) for backward.
+
+    Backward re-gathers x for the weight gradient and reduce-scatters the input gradient, as Megatron
+    does under SP (the paper's section 4.2.2: activations stored per rank are 1/t).
+    """
+
+    @staticmethod
+    def forward(ctx, x_shard, weight, bias):
+        ctx.save_for_backward(x_shard, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(collectives.all_gather(x_shard), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_shard, weight = ctx.saved_tensors
+        x_all = collectives.all_gather(x_shard)
+        grad_in = collectives.reduce_scatter(grad_out @ weight)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_2d.t() @ x_all.reshape(-1, x_all.shape[-1])
+        grad_bias = grad_2d.sum(0) if ctx.has_bias else None
+        return grad_in, grad_weight, grad_bias
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Output features split over TP. ``shards`` lists the pieces packed in the output (default: one)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 shards: Optional[Sequence[Shard]] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        t = mpu.tp_size()
+        self.shards: List[Shard] = list(shards) if shards else [
+            Shard(None, output_size, _divide(output_size, t, "output size"))]
+        local = sum(s.local for s in self.shards)
+        self.input_size, self.output_size_per_partition = input_size, local
+        self.weight = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
+        mark_partitioned(self.weight, 0, self.shards)
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(local, dtype=dtype))
+            mark_partitioned(self.bias, 0, self.shards)
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if mpu.sequence_parallel_active():
+            return _GatheredInputLinear.apply(x, self.weight, self.bias)
+        return F.linear(mpu.copy_to_tp(x), self.weight, self.bias)
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Input features split over TP; the partial products are summed (f-bar) or reduce-scattered (g-bar)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        t = mpu.tp_size()
+        local = _divide(input_size, t, "input size")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, local, dtype=dtype))
+        mark_partitioned(self.weight, 1, [Shard(None, input_size, local)])
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=dtype))
+            mark_sequence_parallel(self.bias)
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        out = mpu.reduce_scatter_to_sp(partial) if mpu.sequence_parallel_active() else mpu.reduce_from_tp(partial)
+        return out + self.bias if self.bias is not None else out
+
+
+class ReplicatedLinear(torch.nn.Module):
+    """Every rank holds the whole weight and applies it to its own tokens."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.gather_output = gather_output
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=dtype))
+        mark_sequence_parallel(self.weight)
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=dtype))
+            mark_sequence_parallel(self.bias)
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.gather_output and mpu.sequence_parallel_active():
+            out = mpu.gather_from_sp(out)
+        return out

@@ -1,0 +1,35 @@
+"""RMSNorm (pure torch reference; the platform's fused kernel when present)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sp_core import mpu
+from sp_core.layers.sharding import mark_sequence_parallel
+from sp_core.mpu import platform
+
+
+class RMSNorm(torch.nn.Module):
+    """Normalises the last dim. ``per_head_on_tp_shard``: the norm is applied to this rank's heads only
+    (Qwen3's q/k norm); its weight gradient is then a partial sum over TP, summed here by f.
+    Otherwise the norm sees token shards under SP and its weight is tagged ``sequence_parallel``."""
+
+    def __init__(self, size: int, eps: float = 1e-6, per_head_on_tp_shard: bool = False,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.eps = eps
+        self.per_head_on_tp_shard = per_head_on_tp_shard
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype))
+        if not per_head_on_tp_shard:
+            mark_sequence_parallel(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = mpu.copy_to_tp(self.weight) if self.per_head_on_tp_shard else self.weight
+        fused = platform.fused_rms_norm()
+        if fused is not None and x.is_floating_point() and x.dtype == weight.dtype:
+            return fused(x, weight, self.eps)
+        dtype = x.dtype
+        wide = x.float()
+        wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * wide.to(dtype)

@@ -1,0 +1,100 @@
+"""Vocabulary-parallel embedding, LM head and cross-entropy.
+
+The vocabulary is split over TP in contiguous blocks of ceil(V / t) rows; the padding rows are zero
+and never reach an output (logits of padding columns are dropped, or masked out of the loss).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.linear import ColumnParallelLinear
+from sp_core.layers.sharding import Shard, mark_partitioned
+from sp_core.mpu import collectives
+
+
+def vocab_shard(vocab_size: int) -> Shard:
+    t = mpu.tp_size()
+    return Shard(None, vocab_size, -(-vocab_size // t))
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Token ids (all tokens) -> embeddings of this rank's token shard (g-bar), or all tokens (f-bar)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        shard = vocab_shard(vocab_size)
+        self.rows_per_rank = shard.local
+        self.weight = torch.nn.Parameter(torch.empty(shard.local, hidden_size, dtype=dtype))
+        mark_partitioned(self.weight, 0, [shard])
+        torch.nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        start = mpu.tp_rank() * self.rows_per_rank
+        local_ids = input_ids - start
+        outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
+        partial = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        partial = partial.masked_fill(outside.unsqueeze(-1), 0)
+        if mpu.sequence_parallel_active():
+            return mpu.reduce_scatter_to_sp(partial)
+        return mpu.reduce_from_tp(partial)
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """Hidden states (token shard) -> logits of all tokens over this rank's vocabulary block (g)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None):
+        super().__init__(hidden_size, 0, shards=[vocab_shard(vocab_size)], dtype=dtype)
+        self.vocab_size = vocab_size
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+
+def gather_vocab(logits_local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[T, V/t] on each rank -> [T, V] on every rank, padding columns dropped (no gradient)."""
+    every = collectives.all_gather(logits_local.detach().t().contiguous())
+    return every.t()[:, :vocab_size]
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """-log softmax(logits)[label] without gathering the vocabulary (three all-reduces of [T])."""
+
+    @staticmethod
+    def forward(ctx, logits_local, labels, vocab_size):
+        t, rank = mpu.tp_size(), mpu.tp_rank()
+        rows = logits_local.shape[-1]
+        start = rank * rows
+        logits = logits_local.float()
+        pad_cols = torch.arange(start, start + rows, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(pad_cols, float("-inf"))
+        row_max = collectives.all_reduce(logits.max(dim=-1).values, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - row_max.unsqueeze(-1)
+        local_labels = labels - start
+        mine = (local_labels >= 0) & (local_labels < rows)
+        picked = shifted.gather(-1, local_labels.clamp(0, rows - 1).unsqueeze(-1)).squeeze(-1)
+        picked = collectives.all_reduce(torch.where(mine, picked, torch.zeros_like(picked)))
+        exp = shifted.exp()
+        sum_exp = collectives.all_reduce(exp.sum(dim=-1))
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local_labels, mine)
+        ctx.input_dtype = logits_local.dtype
+        return sum_exp.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_labels, mine = ctx.saved_tensors
+        grad = softmax
+        hit = torch.nonzero(mine).squeeze(-1)
+        grad[hit, local_labels[hit]] -= 1.0
+        return (grad * grad_loss.unsqueeze(-1)).to(ctx.input_dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token loss [T] from vocab-sharded logits [T, V/t] and labels [T] (all tokens on every rank)."""
+    if labels.min() < 0 or labels.max() >= vocab_size:
+        raise ValueError(f"labels must lie in [0, {vocab_size}); got [{int(labels.min())}, {int(labels.max())}]")
+    return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_size)

@@ -1,0 +1,58 @@
+"""The causal-LM wrapper: owns the two edges of the sequence-parallel region.
+
+Entry: pad the token ids (and positions) to a multiple of t; the vocab-parallel embedding then hands
+each rank its token shard. Exit: the LM head gathers the tokens (g); padding rows are dropped here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sp_core import mpu
+from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
+from sp_core.models.config import ModelConfig, ModelError
+from sp_core.models.qwen import QwenModel
+
+_BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel}
+
+
+class CausalLM(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        cfg.check_tp(mpu.tp_size())
+        self.config = cfg
+        self.model = _BODIES[cfg.architecture](cfg, dtype=dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() == 0:
+            raise ModelError("empty input: every prompt needs at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ModelError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise."""
+        self.check_input_ids(input_ids)
+        if mpu.sequence_parallel_active():
+            input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
+        return self.model(input_ids, positions, batch)
+
+    def local_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """Logits of all T tokens over this rank's vocabulary block: [T, ceil(V/t)]."""
+        hidden = self.hidden_states(input_ids, positions, batch)
+        return self.lm_head(hidden)[: input_ids.shape[0]]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """Full logits [T, vocab] on every rank (inference)."""
+        return gather_vocab(self.local_logits(input_ids, positions, batch), self.config.vocab_size)
+
+    def loss(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [T] without gathering the vocabulary."""
+        logits = self.local_logits(input_ids, positions, batch)
+        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
