@@ -1,0 +1,135 @@
+"""Qwen2 / Qwen3 in the core against transformers' own classes (float32, CPU, gloo)."""
+import pytest
+import torch
+
+from sp_core import mpu
+from sp_core.layers.sharding import gather_full
+from sp_core.runtime import load_model, pack, prompt_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs
+from support.multirank import run_ranks
+
+RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # includes a 1-token prompt
+ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only padding
+MODELS = ("qwen2", "qwen3")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    dirs = {name: make_checkpoint(name, str(root / name)) for name in MODELS + ("qwen2-train", "qwen3-train")}
+    return dirs
+
+
+def _logprobs_sp_on_and_off(dirs):
+    out = {}
+    for name in MODELS:
+        for sp in (False, True):
+            mpu.set_sequence_parallel(sp)
+            model = load_model(dirs[name])
+            out[name, sp] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
+    return out
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_logprobs_equal_transformers(checkpoints, tp):
+    got = run_ranks(tp, _logprobs_sp_on_and_off, checkpoints)
+    for name in MODELS:
+        ref = [reference_logprobs(checkpoints[name], RAGGED), reference_logprobs(checkpoints[name], ONE_TOKEN)]
+        for sp in (False, True):
+            for batch in range(2):
+                assert [x.shape for x in got[0][name, sp][batch]] == [x.shape for x in ref[batch]]
+                diff = _max_diff(got[0][name, sp][batch], ref[batch])
+                assert diff <= 1e-4, f"{name} tp={tp} sp={sp} batch {batch}: |d logprob| {diff}"
+            for rank in range(1, tp):  # every rank ends with the same logits
+                assert _max_diff(got[rank][name, sp][0], got[0][name, sp][0]) == 0
+        for batch in range(2):
+            diff = _max_diff(got[0][name, True][batch], got[0][name, False][batch])
+            assert diff <= 1e-5, f"{name} tp={tp}: SP on vs off {diff}"
+
+
+def _gradients(model_dir, sum_sequence_parallel=True):
+    """Full (gathered over TP) gradient of every parameter after one loss backward."""
+    model = load_model(model_dir).train()
+    ids, positions, batch = pack(RAGGED)
+    labels = torch.roll(ids, -1)
+    model.loss(ids, positions, batch, labels).sum().backward()
+    if sum_sequence_parallel:
+        mpu.allreduce_sequence_parallel_grads(model.parameters())
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = param.grad.detach().clone()
+        for attr in ("shards", "partition_dim"):
+            if hasattr(param, attr):
+                setattr(grad, attr, getattr(param, attr))
+        for shard, full in gather_full(grad).items():
+            grads[f"{name}:{shard}"] = full
+    return grads
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", ["qwen3-train", "qwen2-train"])
+def test_gradients_with_sp_equal_tp1(checkpoints, name):
+    d = checkpoints[name]
+    base = run_ranks(1, _gradients, d)[0]
+    # t = 1 itself against transformers' autograd on the same loss
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    ids, positions, _ = pack(RAGGED)
+    loss = 0
+    for p in RAGGED:
+        x = torch.tensor([p])
+        logits = hf(x).logits[0]
+        start = sum(len(q) for q in RAGGED[:RAGGED.index(p)])
+        labels = torch.roll(ids, -1)[start:start + len(p)]
+        loss = loss + torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    from sp_core.models.checkpoint import core_to_hf
+
+    for key, grad in base.items():
+        core_name, shard = key.split(":")
+        hf_name = core_to_hf(core_name, None if shard == "None" else shard)
+        assert _rel(grad, hf_grads[hf_name].grad) <= 1e-5, f"t=1 vs transformers: {hf_name}"
+
+    for tp in (2, 4):
+        got = run_ranks(tp, _gradients, d)[0]
+        assert got.keys() == base.keys()
+        for key in base:
+            assert _rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP: gradient of {key}"
+    off = run_ranks(2, _gradients, d, sequence_parallel=False)[0]
+    for key in base:
+        assert _rel(off[key], base[key]) <= 1e-5, f"{name} tp=2 no SP: gradient of {key}"
+
+
+def test_sequence_parallel_tag_matters(checkpoints):
+    """Without the TP sum of the tagged (norm) gradients, exactly those come out wrong."""
+    d = checkpoints["qwen3-train"]
+    base = run_ranks(1, _gradients, d)[0]
+    unsummed = run_ranks(2, _gradients, d, False)[0]
+    wrong = {k for k in base if _rel(unsummed[k], base[k]) > 1e-3}
+    assert wrong and all("layernorm" in k or k.startswith("model.norm") for k in wrong), wrong
+
+
+def _tags(model_dir):
+    model = load_model(model_dir)
+    return {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
+                getattr(p, "partition_dim", None)) for n, p in model.named_parameters()}
+
+
+def test_parameters_carry_megatron_attributes(checkpoints):
+    tags = run_ranks(2, _tags, checkpoints["qwen3"])[0]
+    for name, (sp, tp, dim) in tags.items():
+        if "layernorm" in name or name == "model.norm.weight":
+            assert sp and not tp, name
+        elif "q_norm" in name or "k_norm" in name:
+            assert not sp and not tp, name  # summed over TP inside autograd (f on the weight)
+        else:
+            assert tp and not sp and dim == (1 if ("o_proj" in name or "down_proj" in name) else 0), name
