@@ -1,0 +1,84 @@
+"""Engines that compute prompt log-probabilities: the core itself, and whatever adapters register in
+the entry-point group ``sp_core.engines`` (megatron, sglang). sp_core never imports an adapter."""
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from types import SimpleNamespace
+from typing import Dict, List
+
+import torch
+
+from sp_core.models import ModelConfig, ModelError
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine's framework is not installed here."""
+
+
+def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+    from sp_core.launch import run_ranks
+
+    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, sequence_parallel=sequence_parallel)[0]
+
+
+def _core_rank(model_dir, prompts, dtype):
+    from sp_core.runtime import load_model, prompt_logprobs
+
+    return prompt_logprobs(load_model(model_dir, dtype), prompts)
+
+
+def available() -> Dict[str, object]:
+    """name -> engine module (or entry point to one). An engine has ``logprobs(model_dir, prompts, tp,
+    sequence_parallel, dtype) -> [Tensor]``; the megatron engine also has ``train(args) -> int``."""
+    engines: Dict[str, object] = {"core": SimpleNamespace(logprobs=core_logprobs)}
+    for ep in metadata.entry_points(group="sp_core.engines"):
+        engines[ep.name] = ep
+    return engines
+
+
+def get(name: str):
+    engines = available()
+    if name not in engines:
+        raise ModelError(f"unknown engine {name!r}; available: {', '.join(sorted(engines))}")
+    entry = engines[name]
+    if isinstance(entry, metadata.EntryPoint):
+        try:
+            return entry.load()
+        except ImportError as err:
+            raise EngineUnavailable(f"engine {name!r} needs a framework that is not installed ({err})") from None
+    return entry
+
+
+def read_prompts(path: str, vocab_size: int) -> List[List[int]]:
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such prompts file")
+    try:
+        with open(path) as f:
+            prompts = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: not valid JSON ({err.msg}); expected a list of lists of token ids") from None
+    check_prompts(prompts, vocab_size)
+    return prompts
+
+
+def check_prompts(prompts, vocab_size: int) -> None:
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) for p in prompts):
+        raise ModelError("prompts must be a non-empty JSON list of lists of token ids, e.g. [[1, 2, 3], [7]]")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ModelError(f"prompt {i} is empty: every prompt needs at least one token")
+        for tok in prompt:
+            if not isinstance(tok, int) or isinstance(tok, bool):
+                raise ModelError(f"prompt {i}: {tok!r} is not a token id (integers only)")
+            if not 0 <= tok < vocab_size:
+                raise ModelError(f"prompt {i}: token id {tok} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_model(model_dir: str, tp: int) -> ModelConfig:
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"{model_dir}: no such checkpoint directory")
+    cfg = ModelConfig.from_pretrained(model_dir)
+    cfg.check_tp(tp)
+    return cfg
