@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sp_core import mpu
+from sp_core.mpu import platform
 from support.multirank import RankFailed, run_ranks
 
 HIDDEN = 3
@@ -10,7 +11,7 @@ HIDDEN = 3
 
 def _data(seed, rank, rows, dtype):
     g = torch.Generator().manual_seed(seed * 1000 + rank)
-    return torch.randn(rows, HIDDEN, generator=g).to(dtype)
+    return torch.randn(rows, HIDDEN, generator=g).to(dtype).to(platform.current_device())
 
 
 def _check(got, want, dtype, what):
@@ -95,7 +96,7 @@ def test_operators_match_single_process_math(world, dtype_name):
 
 
 def _unpadded_reduce_scatter():
-    mpu.reduce_scatter_to_sp(torch.ones(3, 2))
+    mpu.reduce_scatter_to_sp(torch.ones(3, 2, device=platform.current_device()))
 
 
 def test_undivisible_rows_name_the_problem():
@@ -115,7 +116,7 @@ def test_tp_that_does_not_divide_world():
 def _rank_one_raises():
     if mpu.tp_rank() == 1:
         raise ValueError("rank one broke")
-    mpu.reduce_from_tp(torch.ones(2))  # rank 0 waits in a collective that never completes
+    mpu.reduce_from_tp(torch.ones(2, device=platform.current_device()))  # rank 0 waits in a collective that never completes
 
 
 def test_raising_rank_ends_the_test_without_hang():
