@@ -1,0 +1,19 @@
+"""Bind Megatron's tensor-parallel group into sp_core.mpu (creates nothing)."""
+from __future__ import annotations
+
+from megatron.core import parallel_state
+
+from sp_core import mpu
+from sp_core.models import ModelError
+
+
+def bind_tensor_parallel_group(config) -> None:
+    if not parallel_state.model_parallel_is_initialized():
+        raise ModelError("megatron.core.parallel_state is not initialised: call "
+                         "parallel_state.initialize_model_parallel(...) before building the model")
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size != config.tensor_model_parallel_size:
+        raise ModelError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but Megatron's "
+                         f"tensor-parallel group has {size} ranks")
+    mpu.bind(group, sequence_parallel=config.sequence_parallel)

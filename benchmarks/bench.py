@@ -1,0 +1,253 @@
+"""GPU benchmarks: TP vs TP-SP in the core (prefill and training), and the core inside Megatron vs
+megatron-core's own GPTModel with sequence_parallel. One command per machine does the whole
+measurement and writes JSON + Markdown (+ PNG when matplotlib is there) under --out.
+
+    python benchmarks/bench.py --tp 2,4 --tokens 2048,8192,32768 --out $OUT
+
+Shapes: Qwen3-8B-like layers (hidden 4096, 32 heads, 8 KV heads, head_dim 128, FFN 12288), random
+bf16 weights, a few layers. Median of --iters timed with device events after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
+
+
+def qwen3_config(layers: int):
+    from sp_core.models import ModelConfig
+
+    return ModelConfig.from_dict(dict(SHAPE, architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,
+                                      max_position_embeddings=40960))
+
+
+def _timed(fn, iters: int, warmup: int = 3):
+    """Median milliseconds of fn() (device events), and peak bytes allocated during one call."""
+    from sp_core.mpu import collectives, platform
+
+    for _ in range(warmup):
+        fn()
+    platform.synchronize()
+    collectives.barrier()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    platform.synchronize()
+    before = torch.cuda.memory_allocated()
+    platform.reset_peak_memory()
+    fn()
+    platform.synchronize()
+    peak = platform.max_memory_allocated() - before
+    return statistics.median(times), peak
+
+
+def ceilings():
+    """Measured bf16 matmul rate (TFLOP/s) and all-reduce bus bandwidth (GB/s) over the TP group."""
+    from sp_core.mpu import collectives, parallel_state as ps
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms, _ = _timed(lambda: a @ a, 10)
+    tflops = 2 * 8192 ** 3 / ms / 1e9
+    t = ps.tp_size()
+    buf = torch.randn(128 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 256 MiB
+    ms, _ = _timed(lambda: collectives.all_reduce(buf), 10)
+    busbw = buf.numel() * 2 * 2 * (t - 1) / t / ms / 1e6
+    return tflops, busbw
+
+
+def layer_flops(tokens: int, t: int, layers: int) -> float:
+    h, q, kv, d, f = (SHAPE["hidden_size"], SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"],
+                      SHAPE["head_dim"], SHAPE["intermediate_size"])
+    gemm = 2 * tokens * (h * (q + 2 * kv) * d + q * d * h + 3 * h * f) / t
+    attention = 2 * 2 * tokens * tokens / 2 * q * d / t  # causal: half of QK^T and PV
+    return layers * (gemm + attention)
+
+
+def comm_bus_bytes(tokens: int, t: int, layers: int) -> float:
+    """Bus bytes per rank: two all-reduces per layer (TP) = two all-gathers + two reduce-scatters (SP)."""
+    size = tokens * SHAPE["hidden_size"] * 2
+    return layers * 2 * size * 2 * (t - 1) / t
+
+
+def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
+    from sp_core import mpu
+    from sp_core.layers import PackedBatch
+    from sp_core.models.qwen import qwen_decoder_layer
+
+    torch.manual_seed(0)
+    cfg = qwen3_config(layers)
+    with torch.device("cuda"):
+        stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=torch.bfloat16) for _ in range(layers))
+    for p in stack.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    tflops, busbw = ceilings()
+    t = mpu.tp_size()
+    rows = []
+    for tokens in tokens_list:
+        positions = torch.arange(tokens, device="cuda")
+        batch = PackedBatch([tokens])
+        result = {"tokens": tokens, "tp": t}
+        for mode in ("tp", "sp"):
+            mpu.set_sequence_parallel(mode == "sp")
+            n = tokens // t if mode == "sp" else tokens
+            x = torch.randn(n, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+            grad = torch.randn_like(x)
+
+            def run():
+                h = x
+                for layer in stack:
+                    h = layer(h, positions, batch)
+                if train:
+                    h.backward(grad)
+
+            if train:
+                ms, peak = _timed(run, iters)
+                for p in stack.parameters():
+                    p.grad = None
+            else:
+                with torch.no_grad():
+                    ms, peak = _timed(run, iters)
+            result[f"{mode}_ms"], result[f"{mode}_peak_bytes"] = ms, peak
+        passes = 3 if train else 1
+        compute_ms = passes * layer_flops(tokens, t, layers) / (tflops * 1e12) * 1e3
+        comm_ms = passes * comm_bus_bytes(tokens, t, layers) / (busbw * 1e9) * 1e3
+        result.update(sp_over_tp=result["sp_ms"] / result["tp_ms"], floor_ms=compute_ms + comm_ms,
+                      floor_compute_ms=compute_ms, floor_comm_ms=comm_ms, matmul_tflops=tflops, busbw_gbs=busbw)
+        result["sp_over_floor"] = result["sp_ms"] / result["floor_ms"]
+        result["tp_over_floor"] = result["tp_ms"] / result["floor_ms"]
+        rows.append(result)
+        torch.cuda.empty_cache()
+    mpu.set_sequence_parallel(True)
+    return rows
+
+
+def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool):
+    from sp_core.launch import run_ranks
+
+    return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, timeout=900)[0]
+
+
+def device_name() -> str:
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Card: {results['device']}; torch {results['torch']}; {results['date']}; "
+             f"command: `{results['command']}`", ""]
+    for kind, title in (("prefill", "Prefill (no grad, packed batch)"), ("train", "Training (forward + backward)")):
+        rows = results.get(kind) or []
+        if not rows:
+            continue
+        lines += [f"### {title}, {results['layers']} layers", "",
+                  "| t | tokens | TP ms | TP-SP ms | SP/TP time | TP peak MiB | SP peak MiB | SP/TP memory | floor ms | SP / floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['tp']} | {r['tokens']} | {r['tp_ms']:.2f} | {r['sp_ms']:.2f} | {r['sp_over_tp']:.3f} | "
+                         f"{r['tp_peak_bytes'] / 2**20:.0f} | {r['sp_peak_bytes'] / 2**20:.0f} | "
+                         f"{r['sp_peak_bytes'] / max(r['tp_peak_bytes'], 1):.3f} | {r['floor_ms']:.2f} | "
+                         f"{r['sp_over_floor']:.2f} |")
+        lines.append("")
+    rows = results.get("megatron") or []
+    if rows:
+        lines += [f"### Training inside Megatron, {results['layers']} layers", "",
+                  "| t | tokens | Megatron-native SP ms | sp-core in Megatron ms | ratio | native peak MiB | sp-core peak MiB | memory ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['tp']} | {r['tokens']} | {r['native_ms']:.2f} | {r['core_ms']:.2f} | "
+                         f"{r['core_ms'] / r['native_ms']:.3f} | {r['native_peak_bytes'] / 2**20:.0f} | "
+                         f"{r['core_peak_bytes'] / 2**20:.0f} | {r['core_peak_bytes'] / r['native_peak_bytes']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind in zip(axes, ("prefill", "train")):
+        for t in sorted({r["tp"] for r in results.get(kind, [])}):
+            rows = [r for r in results[kind] if r["tp"] == t]
+            ax.plot([r["tokens"] for r in rows], [r["sp_over_tp"] for r in rows], marker="o", label=f"t={t}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("TP-SP time / TP time")
+        ax.set_title(kind)
+        ax.legend()
+    fig.suptitle(results["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", default="2,4")
+    parser.add_argument("--tokens", default="2048,8192,32768")
+    parser.add_argument("--train-tokens", default="2048,8192")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--megatron", action="store_true", help="also compare with megatron-core's own SP")
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
+    args = parser.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f), os.path.join(os.path.dirname(args.plot_only), "benchmarks.png"))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    tps = [int(x) for x in args.tp.split(",")]
+    results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
+               "prefill": [], "train": [], "megatron": []}
+    for t in tps:
+        if t > torch.cuda.device_count():
+            print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)
+            continue
+        for kind, tokens, train in (("prefill", args.tokens, False), ("train", args.train_tokens, True)):
+            rows = bench_core(t, args.layers, [int(x) for x in tokens.split(",")], args.iters, train)
+            results[kind] += rows
+            for r in rows:
+                print(f"{kind} t={t} T={r['tokens']}: TP {r['tp_ms']:.2f} ms, SP {r['sp_ms']:.2f} ms, "
+                      f"SP/TP {r['sp_over_tp']:.3f}, mem SP/TP {r['sp_peak_bytes'] / max(1, r['tp_peak_bytes']):.3f}, "
+                      f"floor {r['floor_ms']:.2f} ms", flush=True)
+        if args.megatron:
+            from benchmarks import megatron_bench
+
+            rows = megatron_bench.run(t, args.layers, [int(x) for x in args.train_tokens.split(",")], args.iters)
+            results["megatron"] += rows
+            for r in rows:
+                print(f"megatron t={t} T={r['tokens']}: native {r['native_ms']:.2f} ms, core {r['core_ms']:.2f} ms "
+                      f"({r['core_ms'] / r['native_ms']:.3f}), mem {r['core_peak_bytes'] / r['native_peak_bytes']:.3f}",
+                      flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = markdown(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    plot(results, os.path.join(args.out, "benchmarks.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
