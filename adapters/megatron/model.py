@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from sp_core import mpu
+from sp_core.layers.attention import expand_kv
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
 from sp_core_megatron.bind import bind_tensor_parallel_group
 from sp_core_megatron.config import check_supported
@@ -30,7 +31,8 @@ def causal_attention_sb(q, k, v, batch: SequenceBatch) -> torch.Tensor:
     def grid(x):  # [s*b, heads, d] -> [b, heads, s, d]
         return x[: s * b].unflatten(0, (s, b)).permute(1, 2, 0, 3)
 
-    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True, enable_gqa=True)
+    k, v = expand_kv(q, k), expand_kv(q, v)
+    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True)
     out = out.permute(2, 0, 1, 3).flatten(0, 1)
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
 

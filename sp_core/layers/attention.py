@@ -26,16 +26,23 @@ class PackedBatch:
     seq_lens: Sequence[int]
 
 
+def expand_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Repeat KV heads to the query heads ([T, heads, d]); SDPA's enable_gqa would rule out its
+    flash / memory-efficient kernels and fall back to materialising T x T scores."""
+    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1) if kv.shape[1] != q.shape[1] else kv
+
+
 def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
+    k, v = expand_kv(q, k), expand_kv(q, v)
     lens: List[int] = list(batch.seq_lens)
     padding = q.shape[0] - sum(lens)
     if padding > 0:
         lens.append(padding)
     outs = []
     for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
-        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                             is_causal=True, enable_gqa=True)
-        outs.append(out.transpose(0, 1))
+        # [1, heads, T, d]: the fused (flash / memory-efficient) kernels take 4-D inputs only
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)), is_causal=True)
+        outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 
 
