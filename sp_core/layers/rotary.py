@@ -45,14 +45,37 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q [T, heads, d], k [T, kv_heads, d], positions [T] -> rotated q, k."""
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        cos = (angles.cos() * self.attention_factor).unsqueeze(1)
-        sin = (angles.sin() * self.attention_factor).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        inv_freq = self.inv_freq.to(positions.device)
+        return (_Rotate.apply(q, positions, inv_freq, self.attention_factor),
+                _Rotate.apply(k, positions, inv_freq, self.attention_factor))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float):
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    return angles.cos() * factor, angles.sin() * factor
+
+
+def _rotate_half(x: torch.Tensor, sign: int = 1) -> torch.Tensor:
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([-sign * x[..., half:], sign * x[..., :half]], dim=-1)
+
+
+class _Rotate(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, saving only the positions: the cos / sin tables cover all tokens
+    (not a shard), so they are recomputed in backward rather than stored (DESIGN principle 6)."""
+
+    @staticmethod
+    def forward(ctx, x, positions, inv_freq, factor):
+        ctx.save_for_backward(positions, inv_freq)
+        ctx.factor = factor
+        cos, sin = _cos_sin(positions, inv_freq, factor)
+        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        positions, inv_freq = ctx.saved_tensors
+        cos, sin = _cos_sin(positions, inv_freq, ctx.factor)
+        g = grad.float()
+        # the transpose of rotate_half is rotate_half with the opposite sign
+        return (g * cos + _rotate_half(g * sin, sign=-1)).to(grad.dtype), None, None, None
