@@ -1,16 +1,50 @@
 """Test-only stand-in for sgl-kernel's CPU build (not on PyPI); see ../README.md.
 
-Provides only what sglang 0.5.23 calls for a plain prefill + decode on CPU with the
-``torch_native`` attention backend. Deliberately registers nothing under
-``torch.ops.sgl_kernel``, so sglang's AMX probe (``hasattr(torch.ops.sgl_kernel,
-"convert_weight_packed")``) stays False and sglang keeps to its pure-torch paths.
+sglang 0.5.23 does ``from sgl_kernel import ...`` at module load when the device is CPU
+(``sglang.srt.utils.is_cpu()``, i.e. ``SGLANG_USE_CPU_ENGINE=1``). Of those names, a plain
+prefill + decode with the ``torch_native`` attention backend calls only
+``assign_req_to_token_pool_cpu`` (``sglang/srt/mem_cache/allocation.py:46,746``), implemented here
+in pure torch. The others are imported by modules that every engine process loads but are used
+only by speculative decoding or KV-cache moves; they are import-only and raise if called.
+
+Nothing is registered under ``torch.ops.sgl_kernel``: sglang probes
+``hasattr(torch.ops.sgl_kernel, "convert_weight_packed")`` (``srt/utils/common.py``) to decide on
+the Intel AMX kernels, and ``_init_cpu_threads_env`` (``srt/distributed/bootstrap.py``) calls
+``torch.ops.sgl_kernel.init_cpu_threads_env`` / ``initialize`` only when that probe is True.
 """
 
 import torch
 
 __version__ = "0.0.0+cpu-standin"
 
-__all__ = ["assign_req_to_token_pool_cpu"]
+# Imported at module load on CPU, never called for plain prefill + decode (file: sglang/...).
+_IMPORT_ONLY = (
+    "copy_all_layer_kv_cache_cpu",  # kernels/ops/kvcache/cache_move.py:10
+    "assign_draft_cache_locs_contiguous_cpu",  # kernels/ops/speculative/cache_locs.py:28
+    "assign_extend_cache_locs_cpu",  # kernels/ops/speculative/cache_locs.py:28
+    "fill_accept_out_cache_loc_cpu",  # kernels/ops/speculative/eagle.py:10
+    "fill_bonus_tokens_cpu",  # kernels/ops/speculative/eagle.py:10
+    "build_tree_kernel_efficient_cpu",  # kernels/ops/speculative/spec_tree.py:40
+    "verify_tree_greedy_cpu",  # kernels/ops/speculative/spec_tree.py:43
+)
+
+
+def _import_only(name: str):
+    def op(*args, **kwargs):
+        raise NotImplementedError(
+            f"sgl_kernel.{name} is import-only in the CPU stand-in (tests/support/cpu_standins); "
+            "speculative decoding / KV-cache moves are not supported on this CPU setup."
+        )
+
+    op.__name__ = op.__qualname__ = name
+    return op
+
+
+for _name in _IMPORT_ONLY:
+    globals()[_name] = _import_only(_name)
+del _name
+
+__all__ = ["assign_req_to_token_pool_cpu", *_IMPORT_ONLY]
 
 
 def assign_req_to_token_pool_cpu(
