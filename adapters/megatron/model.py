@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from sp_core import mpu
@@ -46,6 +47,7 @@ class SPCoreGPTModel(MegatronModule):
         if not (pre_process and post_process):
             raise ModelError("sp-core does not support pipeline stages yet: build with pre_process=post_process=True")
         super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         bind_tensor_parallel_group(config)
         hf = ModelConfig.from_pretrained(config.sp_core_hf_model)
         self.hf_config = hf

@@ -1,0 +1,138 @@
+"""The megatron engine of `sp-core logits` / `verify` / `train`: ranks started here, groups made by
+megatron.core.parallel_state (the adapter only binds them), the model built through the adapter."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from sp_core.launch import run_ranks
+
+
+def _init_megatron(tp: int) -> None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32):
+    """An SPCoreGPTModel on this rank's device, initialised from ``model_dir``."""
+    from sp_core.mpu import platform
+    from sp_core_megatron.config import transformer_config_from_hf
+    from sp_core_megatron.model import SPCoreGPTModel
+
+    _init_megatron(tp)
+    config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype)
+    with torch.device(platform.current_device()):
+        return SPCoreGPTModel(config)
+
+
+@torch.no_grad()
+def model_logprobs(model, prompts) -> List[torch.Tensor]:
+    """log_softmax at every position of every prompt, one Megatron batch (b = 1) per prompt."""
+    from sp_core.layers import gather_vocab
+
+    vocab = model.language_model.config.vocab_size
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        positions = torch.arange(len(prompt), device=device).unsqueeze(0)
+        logits = model(ids, positions, None)[0]  # [s, V/t]
+        out.append(torch.log_softmax(gather_vocab(logits, vocab).float(), -1).cpu())
+    return out
+
+
+def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype):
+    model = build_model(model_dir, tp, sequence_parallel, dtype).eval()
+    return model_logprobs(model, prompts)
+
+
+def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype,
+                     sequence_parallel=sequence_parallel)[0]
+
+
+def _cpu_training_support() -> None:
+    """megatron-core's training machinery assumes CUDA in a few places. On a CPU machine, a source
+    checkout's test-support stand-ins (tests/support/megatron_cpu.py) are used for tests and local
+    runs; the library itself patches nothing."""
+    from sp_core.mpu import platform
+
+    if platform.device_type() != "cpu":
+        return
+    import os
+    import sys
+
+    tests_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests")
+    if not os.path.isfile(os.path.join(tests_dir, "support", "megatron_cpu.py")):
+        from sp_core.engines import EngineUnavailable
+
+        raise EngineUnavailable("training in megatron-core on CPU needs the CPU stand-ins of a source checkout "
+                                "(tests/support/megatron_cpu.py); train on a GPU otherwise")
+    sys.path.insert(0, os.path.abspath(tests_dir))
+    from support.megatron_cpu import install_megatron_cpu_shims
+
+    install_megatron_cpu_shims()
+
+
+def clip_grad_default() -> float:
+    """Megatron's default gradient clipping (1.0); its clip helper asserts CUDA tensors, so 0 on CPU."""
+    from sp_core.mpu import platform
+
+    return 1.0 if platform.device_type() != "cpu" else 0.0
+
+
+def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
+    import sys
+
+    from sp_core import mpu
+    from sp_core.models import save_hf_checkpoint
+    from sp_core_megatron import training
+
+    _cpu_training_support()
+    model = build_model(model_dir, tp, sequence_parallel)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if settings.get("progress") and mpu.tp_rank() == 0 \
+        else None
+    ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
+                                         micro_batch_size=settings.get("micro_batch_size", 2),
+                                         lr=settings.get("lr", 1e-3), clip_grad=clip_grad_default(), log=log,
+                                         capture_step0_grads=capture_grads)
+    model.eval()
+    result = {"losses": losses, "grads0": grads0}
+    if prompts:
+        result["logprobs"] = model_logprobs(model, prompts)
+    if out_dir:
+        save_hf_checkpoint(model.language_model, out_dir, rank=mpu.tp_rank())
+    return result
+
+
+def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, out_dir=None, prompts=None,
+                capture_grads: bool = False, **settings) -> dict:
+    """Train ``steps`` steps in Megatron on ``tp`` ranks; optionally export to ``out_dir`` (HF) and return
+    the trained model's log-probabilities of ``prompts``. Returns rank 0's {losses, grads0, logprobs}."""
+    from sp_core.engines import check_model
+
+    cfg = check_model(model_dir, tp)
+    cfg.check_trainable_tp(tp)
+    return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,
+                     capture_grads, sequence_parallel=sequence_parallel)[0]
+
+
+def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: bool, steps: int, prompts):
+    """For the round trip: train, export to ``out_dir``, return the trained model's log-probabilities."""
+    return train_steps(model_dir, tp, sequence_parallel, steps, out_dir=out_dir, prompts=prompts)["logprobs"]
+
+
+def train(args) -> int:
+    """`sp-core train`: progress per step (loss, tokens/s), then the export."""
+    import sys
+
+    sp = args.tp > 1 if args.sequence_parallel is None else args.sequence_parallel
+    print(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
+          f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens", file=sys.stderr, flush=True)
+    result = train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
+                         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+    print(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,101 @@
+"""Training the core inside Megatron's own machinery: Megatron's DDP, get_forward_backward_func(),
+finalize_model_grads (sums `sequence_parallel`-tagged gradients over TP), its optimizer and
+gradient clipping. Nothing of Megatron is patched here."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from sp_core.layers.sharding import gather_full
+from sp_core.models.checkpoint import core_to_hf
+
+
+def token_stream(vocab_size: int, seq_length: int, micro_batch_size: int, device, seed: int = 1234) -> Iterator[dict]:
+    """A small built-in stream: each sequence follows next = (3 * prev + 1) mod V from a random start
+    (learnable, so the loss falls). Megatron's batch layout: tokens / labels / position_ids [b, s]."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(0, vocab_size, (micro_batch_size, 1), generator=gen)
+        seq = [start]
+        for _ in range(seq_length):
+            seq.append((3 * seq[-1] + 1) % vocab_size)
+        seq = torch.cat(seq, dim=1).to(device)
+        yield {"tokens": seq[:, :-1], "labels": seq[:, 1:],
+               "position_ids": torch.arange(seq_length, device=device).expand(micro_batch_size, -1),
+               "loss_mask": torch.ones(micro_batch_size, seq_length, device=device)}
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    total = (output_tensor.float() * loss_mask).sum()
+    tokens = loss_mask.sum()
+    return total / tokens, {"lm loss": (total / tokens).detach()}
+
+
+def forward_step(data_iterator, model):
+    """Megatron's forward_step_func contract: (output_tensor, loss_func)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0):
+    """(DDP-wrapped model, optimizer), as Megatron's training loop sets them up (fp32, no distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=clip_grad, bf16=config.bf16,
+                        params_dtype=config.params_dtype, use_distributed_optimizer=False), [ddp])
+    return ddp, optimizer
+
+
+def full_gradients(model) -> Dict[str, torch.Tensor]:
+    """Every parameter's gradient (Megatron's main_grad), gathered over TP, by Hugging Face name."""
+    out = {}
+    for name, param in model.language_model.named_parameters():
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        view = grad.detach().clone()
+        for attr in ("shards", "partition_dim"):
+            if hasattr(param, attr):
+                setattr(view, attr, getattr(param, attr))
+        for shard, full in gather_full(view).items():
+            out[core_to_hf(name, shard)] = full.float().cpu()
+    return out
+
+
+def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
+          clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False):
+    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from sp_core.mpu import platform
+
+    ddp, optimizer = wrap_for_training(model, lr=lr, clip_grad=clip_grad)
+    data = token_stream(model.language_model.config.vocab_size, seq_length, micro_batch_size,
+                        platform.current_device())
+    forward_backward = get_forward_backward_func()
+    losses: List[float] = []
+    grads0 = None
+    for step in range(steps):
+        start = time.time()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[ddp], num_microbatches=1,
+                               seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
+        if capture_step0_grads and step == 0:
+            grads0 = full_gradients(model)
+        _, grad_norm, _ = optimizer.step()
+        loss = float(out[0]["lm loss"])
+        losses.append(loss)
+        if log:
+            rate = seq_length * micro_batch_size / (time.time() - start)
+            log(f"step {step + 1}/{steps} | loss {loss:.6f} | grad norm {float(grad_norm or 0):.4f} | "
+                f"{rate:.0f} tokens/s")
+    return ddp, losses, grads0

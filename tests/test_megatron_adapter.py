@@ -1,0 +1,88 @@
+"""The core inside real megatron-core (gloo, CPU): training equals TP=1, export loads in transformers,
+and `sp-core logits --engine megatron` equals transformers. CPU stand-ins: tests/support/megatron_cpu.py."""
+import json
+
+import pytest
+import torch
+
+from sp_core.cli import main
+from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.multirank import run_ranks
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron")
+    return {name: make_checkpoint(name, str(root / name)) for name in ("qwen2-train", "qwen3-train", "qwen2")}
+
+
+def _train(model_dir, tp, sp, out_dir=None, prompts=None):
+    from sp_core_megatron import engine
+
+    return engine.train_steps(model_dir, tp, sp, STEPS, out_dir=out_dir, prompts=prompts, capture_grads=True)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", ["qwen2-train", "qwen3-train"])
+def test_training_at_tp2_equals_tp1(ckpts, name, tmp_path):
+    base = _train(ckpts[name], 1, False)
+    assert base["losses"][-1] < base["losses"][0], "the loss should fall on the built-in stream"
+    for sp in (True, False):
+        out_dir = str(tmp_path / f"export-sp{sp}")
+        got = _train(ckpts[name], 2, sp, out_dir=out_dir, prompts=PROMPTS)
+        for step, (a, b) in enumerate(zip(got["losses"], base["losses"])):
+            assert abs(a - b) <= 1e-5, f"{name} SP={sp} step {step}: loss {a} vs {b}"
+        assert got["grads0"].keys() == base["grads0"].keys()
+        for key, grad in base["grads0"].items():
+            assert _rel(got["grads0"][key], grad) <= 1e-5, f"{name} SP={sp}: step-0 gradient of {key}"
+        # the export loads in transformers and gives the adapter's own log-probabilities
+        ref = reference_logprobs(out_dir, PROMPTS)
+        diff = max((x - y).abs().max().item() for x, y in zip(got["logprobs"], ref))
+        assert diff <= 1e-4, f"{name} SP={sp}: exported model vs adapter {diff}"
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
+def test_logits_engine_megatron_equals_transformers(ckpts, tp, sp, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    out = str(tmp_path / "o.safetensors")
+    flag = "--sequence-parallel" if sp else "--no-sequence-parallel"
+    assert main(["logits", "--engine", "megatron", "--model", ckpts["qwen2"], "--prompts", str(prompts),
+                 "--out", out, "--tp", str(tp), flag]) == 0
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    for i, ref in enumerate(reference_logprobs(ckpts["qwen2"], PROMPTS)):
+        assert (got[f"logprobs.{i}"] - ref).abs().max() <= 1e-4
+
+
+def _tags_and_untagged_grads(model_dir):
+    """Every replicated parameter's tag, and step-0 gradients with the norms' tags removed."""
+    from sp_core_megatron import engine, training
+
+    engine._cpu_training_support()
+    model = engine.build_model(model_dir, 2, True)
+    tags = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "sequence_parallel", False))
+            for n, p in model.language_model.named_parameters()}
+    for name, param in model.language_model.named_parameters():
+        if getattr(param, "sequence_parallel", False):
+            param.sequence_parallel = False
+    _, _, grads = training.train(model, 1, clip_grad=0.0, capture_step0_grads=True)
+    return tags, grads
+
+
+def test_replicated_parameters_keep_their_sequence_parallel_tag(ckpts):
+    d = ckpts["qwen3-train"]
+    tags, untagged = run_ranks(2, _tags_and_untagged_grads, d)[0]
+    for name, (tp, sp) in tags.items():
+        if not tp and "q_norm" not in name and "k_norm" not in name:  # q/k norm: summed by f in autograd
+            assert sp, f"{name} is replicated but not tagged sequence_parallel"
+    # what the tag buys: without it finalize_model_grads leaves the norm gradients as partial sums
+    base = _train(d, 1, False)["grads0"]
+    wrong = {k for k in base if _rel(untagged[k], base[k]) > 1e-3}
+    assert wrong and all("layernorm" in k or k == "model.norm.weight" for k in wrong), wrong
