@@ -86,3 +86,83 @@ def test_replicated_parameters_keep_their_sequence_parallel_tag(ckpts):
     base = _train(d, 1, False)["grads0"]
     wrong = {k for k in base if _rel(untagged[k], base[k]) > 1e-3}
     assert wrong and all("layernorm" in k or k == "model.norm.weight" for k in wrong), wrong
+
+
+def _extension_points(model_dir):
+    import argparse
+
+    from megatron.core import parallel_state
+
+    from sp_core_megatron import SPCoreGPTModel, build_model, extra_args_provider, transformer_config_from_hf
+    from sp_core_megatron.config import check_supported
+    from sp_core.models import ModelError
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    config = transformer_config_from_hf(model_dir, tp=2, sequence_parallel=True)
+    model = build_model(config)
+    assert isinstance(model, SPCoreGPTModel) and model.config.sequence_parallel
+    args = extra_args_provider(argparse.ArgumentParser()).parse_args(["--sp-core", "--sp-core-hf-model", model_dir])
+    assert args.sp_core and args.sp_core_hf_model == model_dir
+    errors = []
+    for field, value in (("context_parallel_size", 2), ("pipeline_model_parallel_size", 2),
+                         ("expert_model_parallel_size", 2)):
+        bad = transformer_config_from_hf(model_dir, tp=2)
+        object.__setattr__(bad, field, value)
+        try:
+            check_supported(bad)
+        except ModelError as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_spec_flag_and_unsupported_settings(ckpts):
+    errors = run_ranks(2, _extension_points, ckpts["qwen3-train"])[0]
+    assert len(errors) == 3 and all("\n" not in e and "use 1" in e for e in errors), errors
+    assert "context parallelism" in errors[0] and "pipeline" in errors[1] and "expert" in errors[2]
+
+
+def _gpt_model_with_core_layers(sp):
+    """megatron.core's own GPTModel built with the core's layer spec; two training steps."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from sp_core_megatron import engine, get_sp_core_block_spec, training
+
+    engine._cpu_training_support()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    torch.manual_seed(1234)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8, ffn_hidden_size=64,
+        normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False, qk_layernorm=True,
+        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=2, sequence_parallel=sp,
+        use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_activation_fusion=False,
+        masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+    model = GPTModel(config, get_sp_core_block_spec(2), vocab_size=64, max_sequence_length=16,
+                     position_embedding_type="none")
+    ddp, optimizer = training.wrap_for_training(model, clip_grad=0.0)
+    data = training.token_stream(64, 16, 2, "cpu")
+    losses, grads = [], {}
+    for step in range(2):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        out = get_forward_backward_func()(forward_step_func=training.forward_step, data_iterator=data, model=[ddp],
+                                          num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=False)
+        if step == 0:
+            grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        losses.append(float(out[0]["lm loss"]))
+    return losses, grads
+
+
+def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
+    on = run_ranks(2, _gpt_model_with_core_layers, True)
+    off = run_ranks(2, _gpt_model_with_core_layers, False)
+    assert any("layer.self_attn.qkv_proj" in n for n in on[0][1])
+    for rank in range(2):
+        for a, b in zip(on[rank][0], off[rank][0]):
+            assert abs(a - b) <= 1e-5, (on[rank][0], off[rank][0])
+        for name, grad in off[rank][1].items():
+            assert _rel(on[rank][1][name], grad) <= 1e-5, f"rank {rank}: {name}"

@@ -1,3 +1,5 @@
 """sp-core's Megatron adapter: train the core's TP-SP layers inside megatron-core."""
 from sp_core_megatron.config import SPCoreTransformerConfig, extra_args_provider, transformer_config_from_hf
 from sp_core_megatron.model import SPCoreGPTModel
+from sp_core_megatron.provider import build_model, get_sp_core_model_spec, make_model_provider
+from sp_core_megatron.layer_spec import SPCoreTransformerLayer, get_sp_core_block_spec

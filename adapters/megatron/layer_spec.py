@@ -1,0 +1,63 @@
+"""ModuleSpecs for megatron.core users who build their own GPTModel: the core's decoder layer as a
+Megatron transformer layer, and the core's RMSNorm (SP-tagged) as the block's final norm."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
+
+from sp_core import mpu
+from sp_core.layers import RMSNorm
+from sp_core.models import ModelConfig
+from sp_core.models.qwen import qwen_decoder_layer
+from sp_core_megatron.bind import bind_tensor_parallel_group
+from sp_core_megatron.model import SequenceBatch, causal_attention_sb
+
+
+def model_config_from_megatron(config, rope_theta: float, rope_scaling: Optional[dict] = None) -> ModelConfig:
+    """The core's config for one Qwen-style layer with Megatron's shapes (qk_layernorm -> Qwen3)."""
+    return ModelConfig(
+        architecture="Qwen3ForCausalLM" if config.qk_layernorm else "Qwen2ForCausalLM", vocab_size=0,
+        hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_query_groups,
+        head_dim=config.kv_channels, rms_norm_eps=config.layernorm_epsilon, rope_theta=rope_theta,
+        rope_scaling=rope_scaling, max_position_embeddings=0, tie_word_embeddings=False,
+        qkv_bias=config.add_qkv_bias, qk_norm=config.qk_layernorm)
+
+
+class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
+    """The core's pre-norm decoder layer behind Megatron's layer interface ([s/t, b, h] under SP)."""
+
+    def __init__(self, config, layer_number: int = 1, rope_theta: float = 10000.0,
+                 rope_scaling: Optional[dict] = None, **unused):
+        MegatronModule.__init__(self, config)
+        bind_tensor_parallel_group(config)
+        self.layer_number = layer_number
+        self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
+                                        dtype=config.params_dtype)
+        self.layer.self_attn.kernel = causal_attention_sb
+
+    def forward(self, hidden_states, attention_mask=None, **unused):
+        rows, b, h = hidden_states.shape
+        with mpu.sequence_parallel(self.config.sequence_parallel):
+            s = rows * mpu.tp_size() if mpu.sequence_parallel_active() else rows
+            positions = torch.arange(s, device=hidden_states.device).repeat_interleave(b)  # s-major tokens
+            out = self.layer(hidden_states.reshape(rows * b, h), positions, SequenceBatch(s, b))
+        return out.view(rows, b, h), None
+
+
+class SPCoreFinalNorm(RMSNorm):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__(hidden_size, eps, dtype=config.params_dtype)
+
+
+def get_sp_core_block_spec(num_layers: int, rope_theta: float = 10000.0,
+                           rope_scaling: Optional[dict] = None) -> TransformerBlockSubmodules:
+    """For ``GPTModel(config, transformer_layer_spec=get_sp_core_block_spec(...), ...,
+    position_embedding_type="none")``: the core's layers and final norm; rotary inside the layers."""
+    layer = ModuleSpec(module=SPCoreTransformerLayer, params={"rope_theta": rope_theta, "rope_scaling": rope_scaling})
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=ModuleSpec(module=SPCoreFinalNorm))
