@@ -39,8 +39,8 @@ def main():
              "|---|---|---|---|---|"]
     for tp, sp, saved, ratio, paper in rows:
         lines.append(f"| {tp} | {'on' if sp else 'off'} | {saved:,} | {ratio:.3f} | {paper:,} |")
-    lines += ["", "With SP the saved bytes per rank are (bytes at t=1)/t within a few percent (the remainder is",
-              "the rotary cos/sin of all tokens, which every rank keeps); TP without SP keeps the replicated",
+    lines += ["", "With SP the saved bytes per rank are (bytes at t=1)/t (the rotary tables, which cover all",
+              "tokens, are recomputed in backward rather than saved); TP without SP keeps the replicated",
               "norm / residual inputs of all tokens on every rank, as the paper's 10 sbh term says.",
               "The CPU SDPA kernel stores attention probabilities (the paper's 5as/h term), so absolute",
               "numbers are above the selective formula; fused attention on GPU does not store them."]

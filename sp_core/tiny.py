@@ -20,6 +20,13 @@ TINY = {
     "qwen2-train": dict(arch="Qwen2ForCausalLM", vocab_size=90, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                         tie_word_embeddings=True),
+    # t = 8: heads divisible by 8, fewer KV heads than t for inference, vocab not divisible by 8
+    "qwen3-tp8": dict(arch="Qwen3ForCausalLM", vocab_size=83, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                      tie_word_embeddings=False),
+    "qwen2-tp8-train": dict(arch="Qwen2ForCausalLM", vocab_size=83, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                            tie_word_embeddings=True),
 }
 
 # A ragged batch with a 1-token prompt; with 11 tokens over t = 4 the last rank holds padding.
