@@ -75,8 +75,9 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("name", ["qwen3-train", "qwen2-train"])
-def test_gradients_with_sp_equal_tp1(checkpoints, name):
+def test_gradients_with_sp_equal_tp1(checkpoints, name, tp):
     d = checkpoints[name]
     base = run_ranks(1, _gradients, d)[0]
     # t = 1 itself against transformers' autograd on the same loss
@@ -100,14 +101,13 @@ def test_gradients_with_sp_equal_tp1(checkpoints, name):
         hf_name = core_to_hf(core_name, None if shard == "None" else shard)
         assert _rel(grad, hf_grads[hf_name].grad) <= 1e-5, f"t=1 vs transformers: {hf_name}"
 
-    for tp in (2, 4):
-        got = run_ranks(tp, _gradients, d)[0]
-        assert got.keys() == base.keys()
-        for key in base:
-            assert _rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP: gradient of {key}"
-    off = run_ranks(2, _gradients, d, sequence_parallel=False)[0]
+    got = run_ranks(tp, _gradients, d)[0]
+    assert got.keys() == base.keys()
     for key in base:
-        assert _rel(off[key], base[key]) <= 1e-5, f"{name} tp=2 no SP: gradient of {key}"
+        assert _rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP: gradient of {key}"
+    off = run_ranks(tp, _gradients, d, sequence_parallel=False)[0]
+    for key in base:
+        assert _rel(off[key], base[key]) <= 1e-5, f"{name} tp={tp} no SP: gradient of {key}"
 
 
 def test_sequence_parallel_tag_matters(checkpoints):

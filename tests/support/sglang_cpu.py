@@ -16,7 +16,13 @@ Usage::
 
 ``SGLANG_USE_CPU_ENGINE`` is read when sglang is imported, so the first ``import sglang`` in the
 process must come after ``cpu_engine_env`` has been applied (``start_engine`` does it; it refuses to
-run if sglang was already imported without it).
+run if sglang was already imported without it). The engine starts its children with the ``spawn``
+method, which re-imports ``__main__``: a script that starts an engine needs an
+``if __name__ == "__main__":`` guard (pytest test modules are fine).
+
+First-request cost: at tp > 1 sglang's ``VocabParallelEmbedding`` runs a ``torch.compile``d helper
+(``get_masked_input_and_mask``), so the first request after start compiles with inductor
+(~5-20 s on 2 cores; cached under ~/.cache/sglang/inductor across runs).
 """
 
 from __future__ import annotations
@@ -99,8 +105,9 @@ def start_engine(model_dir: str, tp_size: int = 1, **extra_engine_kwargs: Any):
         skip_tokenizer_init=True,
         disable_cuda_graph=True,
         grammar_backend="none",
-        # SGLANG_CPU_OMP_THREADS_BIND makes sglang give up sizing memory per rank
-        # (srt/utils/common.py::get_cpu_memory_capacity); bound the KV pool explicitly.
+        # With SGLANG_CPU_OMP_THREADS_BIND set sglang does not know per-rank memory
+        # (srt/utils/common.py::get_cpu_memory_capacity warns to set --max-total-tokens);
+        # bound the KV pool explicitly (plenty for tiny test models).
         max_total_tokens=4096,
         log_level="error",
     )
@@ -121,7 +128,8 @@ def logprobs_for_prompts(engine, prompts: list[list[int]], vocab_size: int | Non
     ``(logprob, token_id, text)`` with all ``vocab`` tokens when ``top_logprobs_num == vocab``. With
     temperature 0 the sampler returns the plain ``log_softmax`` of the logits
     (``srt/layers/sampler.py``). ``vocab_size`` defaults to the model's ``vocab_size``; the padded
-    part of a vocab (if any) is not returned by sglang.
+    part of a vocab (if any) is not returned by sglang. (``token_ids_logprob=list(range(vocab))``
+    gives identical numbers via ``input_token_ids_logprobs`` / ``output_token_ids_logprobs``.)
     """
     import torch
 
@@ -134,6 +142,8 @@ def logprobs_for_prompts(engine, prompts: list[list[int]], vocab_size: int | Non
         logprob_start_len=0,
         top_logprobs_num=vocab_size,
     )
+    if isinstance(outs, dict):  # sglang returns a bare dict for a single prompt
+        outs = [outs]
     result = []
     for prompt, out in zip(prompts, outs):
         meta = out["meta_info"]
