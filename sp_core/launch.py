@@ -10,7 +10,6 @@ import datetime
 import io
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable, List, Optional
 
@@ -28,13 +27,8 @@ class RankFailed(AssertionError):
         self.error_type, self.error_message, self.details = error_type, error_message, details
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results):
+    # port: of the rendezvous store the parent holds open (no race for a free port)
     try:
         import torch.distributed as dist
 
@@ -47,10 +41,13 @@ def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results)
             platform.set_device(rank)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        dist.init_process_group(platform.backend(), rank=rank, world_size=world,
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(platform.backend(), store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         mpu.initialize(tp, sequence_parallel=sequence_parallel)
         out = fn(*args)
+        dist.barrier()  # rank 0 hosts the rendezvous store: no rank may tear it down while others still use it
         buffer = io.BytesIO()  # torch.save, not shared-memory tensors: the rank may exit before we read
         torch.save(out, buffer)
         results.put((rank, True, buffer.getvalue()))
@@ -65,7 +62,10 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "sp_core.mpu"])
     results = ctx.Queue()
-    port = free_port()
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_entry, args=(r, world, port, tp or world, sequence_parallel, timeout, fn, args,
                                               results)) for r in range(world)]
     for p in procs:

@@ -53,7 +53,7 @@ def test_logits_engine_megatron_equals_transformers(ckpts, tp, sp, tmp_path):
     out = str(tmp_path / "o.safetensors")
     flag = "--sequence-parallel" if sp else "--no-sequence-parallel"
     assert main(["logits", "--engine", "megatron", "--model", ckpts["qwen2"], "--prompts", str(prompts),
-                 "--out", out, "--tp", str(tp), flag]) == 0
+                 "--out", out, "--tp", str(tp), flag, "--dtype", "float32"]) == 0
     from safetensors.torch import load_file
 
     got = load_file(out)
@@ -128,6 +128,7 @@ def _gpt_model_with_core_layers(sp):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from sp_core.mpu import platform
     from sp_core_megatron import engine, get_sp_core_block_spec, training
 
     engine._cpu_training_support()
@@ -141,9 +142,9 @@ def _gpt_model_with_core_layers(sp):
         use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_activation_fusion=False,
         masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
     model = GPTModel(config, get_sp_core_block_spec(2), vocab_size=64, max_sequence_length=16,
-                     position_embedding_type="none")
+                     position_embedding_type="none").to(platform.current_device())
     ddp, optimizer = training.wrap_for_training(model, clip_grad=0.0)
-    data = training.token_stream(64, 16, 2, "cpu")
+    data = training.token_stream(64, 16, 2, platform.current_device())
     losses, grads = [], {}
     for step in range(2):
         ddp.zero_grad_buffer()

@@ -169,6 +169,10 @@ def local_gpt_layer_spec(**kwargs):
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.input_layernorm = SequenceParallelNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    attention = getattr(spec.submodules.self_attention, "submodules", None)
+    for name in ("q_layernorm", "k_layernorm"):  # per-head norms (qk_layernorm) use the same fallback
+        if getattr(attention, name, None) is not None:
+            setattr(attention, name, SequenceParallelNorm)
     return spec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from sp_core import launch
-from sp_core.launch import RankFailed, free_port  # noqa: F401
+from sp_core.launch import RankFailed  # noqa: F401
 
 DEFAULT_TIMEOUT = float(os.environ.get("SP_CORE_TEST_TIMEOUT", "240"))
 

@@ -1,0 +1,202 @@
+"""sp_core's sglang adapter inside the real sglang.Engine (CPU, float32, torch_native attention).
+
+Each engine start costs ~15-25 s on this machine, so one module-scoped engine per setting serves
+several checks. Collectives are counted through SP_CORE_COLLECTIVE_LOG, which sp_core.mpu appends to
+from sglang's worker processes: "<pid> <op> <shape>" per collective.
+"""
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
+    pytest.mark.timeout(300),
+]
+
+NEW_TOKENS = 8
+# mixed lengths, a 1-token prompt among them (fewer tokens than ranks under SP)
+MIXED_PROMPTS = [[int(t) for t in torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(n))]
+                 for n in (5, 1, 13, 3, 8, 2, 17, 6)]
+# (model, tp, SP, SP_CORE_SP_MIN_TOKENS); one engine each
+SETTINGS = [("qwen2", 1, False, 0), ("qwen2", 2, False, 0), ("qwen2", 2, True, 0),
+            ("qwen3", 1, False, 0), ("qwen3", 2, False, 0), ("qwen3", 2, True, 4)]
+
+
+def _hf_greedy(model_dir, prompts, new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+            out.append(gen[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sglang")
+    out = {}
+    for name in ("qwen2", "qwen3"):
+        d = make_checkpoint(name, str(root / name))
+        with open(os.path.join(d, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        out[name] = dict(dir=d, vocab=vocab, ref=reference_logprobs(d, PROMPTS),
+                         greedy=_hf_greedy(d, MIXED_PROMPTS, NEW_TOKENS))
+    return out
+
+
+class Served:
+    """A running engine, its setting and the collective log its workers append to."""
+
+    def __init__(self, engine, setting, ckpt, log_path):
+        self.engine, self.ckpt, self.log_path = engine, ckpt, log_path
+        self.name, self.tp, self.sp, self.sp_min_tokens = setting
+
+    def collectives(self):
+        """Counter of (pid, op, shape) lines logged so far; clears the log."""
+        if not os.path.exists(self.log_path):
+            return collections.Counter()
+        with open(self.log_path) as f:
+            lines = [tuple(line.split(" ", 2)) for line in f.read().splitlines()]
+        os.remove(self.log_path)
+        return collections.Counter(lines)
+
+
+def _start(model_dir, tp, log_path, adapter=True, sp_min_tokens=0, **kwargs):
+    from sp_core_sglang.engine import start_engine
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SP_CORE_COLLECTIVE_LOG", log_path)  # the workers inherit it at start
+        return start_engine(model_dir, tp, adapter=adapter, sp_min_tokens=sp_min_tokens if adapter else None,
+                            disable_radix_cache=True, **kwargs)
+
+
+@pytest.fixture(scope="module", params=SETTINGS,
+                ids=[f"{n}-tp{t}-sp{'on' if s else 'off'}" for n, t, s, _ in SETTINGS])
+def served(request, checkpoints, tmp_path_factory):
+    name, tp, sp, sp_min_tokens = request.param
+    ckpt = checkpoints[name]
+    log_path = str(tmp_path_factory.mktemp("log") / "collectives.log")
+    engine = _start(ckpt["dir"], tp, log_path, sp_min_tokens=sp_min_tokens, enable_layernorm_sp=sp)
+    try:
+        yield Served(engine, request.param, ckpt, log_path)
+    finally:
+        engine.shutdown()
+
+
+def _generate(engine, prompts, return_logprob=False):
+    outs = engine.generate(input_ids=prompts, return_logprob=return_logprob,
+                           sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True})
+    return outs if isinstance(outs, list) else [outs]
+
+
+def test_logprobs_equal_transformers(served):
+    from sp_core_sglang.engine import logprobs_for_prompts
+
+    got = logprobs_for_prompts(served.engine, PROMPTS, served.ckpt["vocab"])
+    diff = max((a - b).abs().max().item() for a, b in zip(got, served.ckpt["ref"]))
+    print(f"{served.name} tp={served.tp} sp={served.sp}: max |d logprob| vs transformers {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_generation_equals_transformers_and_batching(served):
+    """Greedy tokens equal transformers' generate; 8 concurrent requests equal the same one at a time."""
+    together = _generate(served.engine, MIXED_PROMPTS, return_logprob=True)
+    alone = [_generate(served.engine, [p], return_logprob=True)[0] for p in MIXED_PROMPTS]
+    for i, (a, b, want) in enumerate(zip(together, alone, served.ckpt["greedy"])):
+        assert a["output_ids"] == want, f"prompt {i} (concurrent): {a['output_ids']} vs transformers {want}"
+        assert b["output_ids"] == want, f"prompt {i} (alone): {b['output_ids']} vs transformers {want}"
+        la = torch.tensor([x[0] for x in a["meta_info"]["output_token_logprobs"]])
+        lb = torch.tensor([x[0] for x in b["meta_info"]["output_token_logprobs"]])
+        assert (la - lb).abs().max() <= 1e-5, f"prompt {i}: concurrent vs alone log-probs"
+
+
+def _ops(lines):
+    ops = collections.Counter()
+    for (_, op, _), n in lines.items():
+        ops[op] += n
+    return ops
+
+
+def test_collectives_show_sp_in_prefill_only(served):
+    prompt = [3, 1, 4, 1, 5, 9]
+    served.collectives()  # clear
+    served.engine.generate(input_ids=[prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+    prefill = served.collectives()
+    _generate(served.engine, [prompt])
+    with_decode = served.collectives()
+    if served.tp == 1:
+        assert not prefill and not with_decode, "tp 1 issues no collectives"
+        return
+    assert not prefill - with_decode, "the generation's prefill should repeat the first request's collectives"
+    decode = with_decode - prefill
+    ops_prefill, ops_decode = _ops(prefill), _ops(decode)
+    if served.sp:
+        assert ops_prefill["reduce_scatter"] > 0 and ops_prefill["all_gather"] > 0 and not ops_prefill["all_reduce"]
+    else:
+        assert ops_prefill["all_reduce"] > 0 and not ops_prefill["reduce_scatter"] and not ops_prefill["all_gather"]
+    assert ops_decode["all_reduce"] > 0 and not ops_decode["reduce_scatter"] and not ops_decode["all_gather"]
+    assert all(shape.startswith("(1,") for (_, _, shape) in decode), "decode batches hold one token per request"
+    assert len({pid for (pid, _, _) in prefill}) == served.tp, "every TP worker runs the core"
+
+    short = [2, 7, 1]  # SP_CORE_SP_MIN_TOKENS: prefill batches below it run plain TP
+    served.engine.generate(input_ids=[short], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+    assert (_ops(served.collectives())["reduce_scatter"] > 0) == (served.sp and len(short) >= served.sp_min_tokens)
+
+
+def test_without_the_switch_sglang_runs_its_own_qwen3(checkpoints, tmp_path):
+    """Installed but not enabled: sglang's own Qwen3 (and its own layernorm SP) serves; the core never runs."""
+    log_path = str(tmp_path / "collectives.log")
+    ckpt = checkpoints["qwen3"]
+    engine = _start(ckpt["dir"], 2, log_path, adapter=False, enable_layernorm_sp=True)
+    try:
+        from sp_core_sglang.engine import logprobs_for_prompts
+
+        got = logprobs_for_prompts(engine, PROMPTS, ckpt["vocab"])
+    finally:
+        engine.shutdown()
+    assert max((a - b).abs().max().item() for a, b in zip(got, ckpt["ref"])) <= 1e-4
+    assert not os.path.exists(log_path), "sp_core's layers ran although SP_CORE_SGLANG was not set"
+
+
+def test_plugin_does_nothing_unless_enabled():
+    code = ("import sys; from sp_core_sglang.plugin import load_plugin; load_plugin(); "
+            "assert 'sglang' not in sys.modules, 'the plugin imported sglang'")
+    env = {k: v for k, v in os.environ.items() if k != "SP_CORE_SGLANG"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+
+
+def test_cpu_without_sgl_kernel_or_the_checkouts_standins_is_unavailable():
+    code = ("from sp_core_sglang import cpu_env, engine; from sp_core.engines import EngineUnavailable\n"
+            "cpu_env.STANDINS_DIR = '/nonexistent'\n"
+            "try:\n    engine.check_available()\nexcept EngineUnavailable as err:\n    print(err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, SP_CORE_DEVICE="cpu"), check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "sgl-kernel's CPU build" in out and "source checkout" in out, out
+
+
+def test_sp_for_an_architecture_the_core_lacks_fails_at_start(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError) as err:
+        _start(str(tmp_path), 2, str(tmp_path / "log"), enable_layernorm_sp=True).shutdown()
+    message = str(err.value)
+    print(message)
+    assert "\n" not in message.strip(), message
+    assert "--enable-layernorm-sp" in message and "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message
