@@ -208,6 +208,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--megatron", action="store_true", help="also compare with megatron-core's own SP")
+    parser.add_argument("--only-megatron", action="store_true", help="skip the core's TP vs TP-SP runs")
     parser.add_argument("--out", default="out")
     parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
     args = parser.parse_args()
@@ -224,7 +225,8 @@ def main():
         if t > torch.cuda.device_count():
             print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)
             continue
-        for kind, tokens, train in (("prefill", args.tokens, False), ("train", args.train_tokens, True)):
+        for kind, tokens, train in (() if args.only_megatron else
+                                    (("prefill", args.tokens, False), ("train", args.train_tokens, True))):
             rows = bench_core(t, args.layers, [int(x) for x in tokens.split(",")], args.iters, train)
             results[kind] += rows
             for r in rows:
