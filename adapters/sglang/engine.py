@@ -1,0 +1,134 @@
+"""The ``sglang`` engine of `sp-core logits` / `sp-core verify`: a real ``sglang.Engine`` (its own
+scheduler process per TP rank) serving the checkpoint through this adapter; prompt log-probabilities.
+
+Also the one place that starts engines for tests and local runs (``start_engine``): with
+``adapter=False`` it starts plain sglang, as if sp-core were not installed.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from sp_core.engines import EngineUnavailable, check_model, check_prompts
+from sp_core.models import ModelError
+from sp_core.mpu import platform
+from sp_core_sglang import cpu_env, plugin
+from sp_core_sglang.models.causal_lm import SP_MIN_TOKENS_ENV
+
+ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def check_available() -> None:
+    if importlib.util.find_spec("sglang") is None:
+        raise EngineUnavailable("sglang is not installed (pip install 'sp-core[sglang]')")
+    if platform.device_type() == "cpu" and cpu_env.needs_standins() and not cpu_env.standins_available():
+        raise EngineUnavailable("sglang on CPU needs sgl-kernel's CPU build, which PyPI does not ship; run from a "
+                                "source checkout (its tests/support/cpu_standins serve tests and local runs) "
+                                "or on a GPU")
+
+
+@contextlib.contextmanager
+def _adapter_env(adapter: bool, sp_min_tokens: Optional[int]) -> Iterator[None]:
+    """The adapter's switches for the engine's worker processes, which inherit them when spawned."""
+    updates = {plugin.ENABLE_ENV: "1" if adapter else None}
+    if sp_min_tokens is not None:
+        updates[SP_MIN_TOKENS_ENV] = str(sp_min_tokens)
+    before = {k: os.environ.get(k) for k in updates}
+    try:
+        _set_env(updates)
+        yield
+    finally:
+        _set_env(before)
+
+
+def _set_env(values: Dict[str, Optional[str]]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def start_engine(model_dir: str, tp_size: int = 1, *, adapter: bool = False, sp_min_tokens: Optional[int] = None,
+                 **engine_kwargs: Any):
+    """Start and return a ``sglang.Engine`` (call ``.shutdown()`` when done).
+
+    ``adapter``: serve through sp_core's model classes (SP_CORE_SGLANG=1 in the workers) or plain sglang.
+    ``sp_min_tokens``: SP_CORE_SP_MIN_TOKENS for the workers. ``engine_kwargs``: any ``ServerArgs``
+    field (e.g. ``enable_layernorm_sp=True``), overriding the defaults. On CPU: float32, the
+    ``torch_native`` attention backend, no CUDA graphs; a script that starts an engine needs an
+    ``if __name__ == "__main__":`` guard (sglang spawns its workers). sglang loads plugins once per
+    process, so ``adapter=True`` enables the adapter here directly; a later ``adapter=False`` engine's
+    workers run plain sglang, while this process keeps the extended layernorm-SP allowlist.
+    """
+    on_cpu = platform.device_type() == "cpu"
+    if on_cpu:
+        cpu_env.apply_cpu_engine_env(tp_size)
+    log_level = engine_kwargs.setdefault("log_level", "error")
+    logging.getLogger("sglang").setLevel(log_level.upper())  # its import-time warnings come before the engine's
+    try:
+        import sglang
+    except ImportError as err:
+        raise EngineUnavailable(f"sglang does not import here ({err})") from None
+    if adapter:
+        plugin.enable()
+    kwargs: Dict[str, Any] = dict(model_path=model_dir, tp_size=tp_size, skip_tokenizer_init=True,
+                                  grammar_backend="none")
+    if on_cpu:
+        # sglang cannot size the KV pool per rank on CPU (srt/utils/common.py::get_cpu_memory_capacity)
+        kwargs.update(device="cpu", attention_backend="torch_native", dtype="float32", disable_cuda_graph=True,
+                      max_total_tokens=4096)
+    kwargs.update(engine_kwargs)
+    with _adapter_env(adapter, sp_min_tokens):
+        return sglang.Engine(**kwargs)
+
+
+def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> List[torch.Tensor]:
+    """Full-vocabulary log-probs at every position of each prompt: float32 ``[len, vocab]`` each.
+
+    ``meta_info["input_top_logprobs"]`` has one entry per prompt token; entry 0 is None (nothing
+    predicts the first token) and entry ``j >= 1`` is the distribution at position ``j - 1``; the last
+    position's is ``meta_info["output_top_logprobs"][0]``. Entries are ``(logprob, token_id, text)``
+    lists; with ``top_logprobs_num == vocab`` they cover the vocabulary. With temperature 0 the
+    sampler returns the plain ``log_softmax`` of the logits (``srt/layers/sampler.py``).
+    """
+    outs = engine.generate(input_ids=[list(map(int, p)) for p in prompts],
+                           sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                           return_logprob=True, logprob_start_len=0, top_logprobs_num=vocab_size)
+    if isinstance(outs, dict):  # a bare dict for a single prompt
+        outs = [outs]
+    result = []
+    for prompt, out in zip(prompts, outs):
+        meta = out["meta_info"]
+        entries = list(meta["input_top_logprobs"][1:]) + [meta["output_top_logprobs"][0]]
+        rows = torch.full((len(prompt), vocab_size), float("nan"), dtype=torch.float32)
+        for j, entry in enumerate(entries):
+            for logprob, token_id, _ in entry:
+                rows[j, int(token_id)] = float(logprob)
+        if torch.isnan(rows).any():
+            raise RuntimeError("sglang returned fewer log-probabilities than the vocabulary size")
+        result.append(rows)
+    return result
+
+
+def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+    cfg = check_model(model_dir, tp)
+    check_prompts(prompts, cfg.vocab_size)
+    if dtype not in ENGINE_DTYPES:
+        raise ModelError(f"dtype {dtype} is not supported by the sglang engine; use float32 or bfloat16")
+    check_available()
+    try:
+        # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Min tokens 0: tiny prompts run SP too.
+        engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
+                              enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True)
+    except ValueError as err:  # sglang's own validation of the server arguments
+        raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None
+    try:
+        return logprobs_for_prompts(engine, prompts, cfg.vocab_size)
+    finally:
+        engine.shutdown()

@@ -1,0 +1,110 @@
+"""The core's CausalLM as a sglang model: sglang's TP group, attention backend, KV cache and logits.
+
+Built inside each TP worker by sglang's model loader (``cls(config=hf_config, quant_config=...)``).
+Sequence parallelism follows sglang's ``--enable-layernorm-sp``: on for prefill (extend) batches of at
+least ``SP_CORE_SP_MIN_TOKENS`` tokens, plain TP for decode.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sp_core import mpu
+from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
+from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
+
+SP_MIN_TOKENS_ENV = "SP_CORE_SP_MIN_TOKENS"
+# Below this many tokens a prefill batch runs plain TP: for small batches reduce-scatter + all-gather
+# lose to one all-reduce (vLLM's SP pass keeps such a threshold). To be set from GPU benchmarks.
+DEFAULT_SP_MIN_TOKENS = 0
+
+
+# On CPU, sglang pads head counts and intermediate sizes to multiples of the tp size for its own layers
+# (configs/update_config.py::adjust_config_with_unaligned_cpu_tp) and keeps the checkpoint's values as
+# original_*; the core shards the checkpoint's own shapes.
+_SGLANG_CPU_PADDED = {"num_attention_heads": "original_num_attention_heads",
+                      "num_key_value_heads": "original_total_num_kv_heads",
+                      "intermediate_size": "original_intermediate_size"}
+
+
+def checkpoint_config(hf_config) -> ModelConfig:
+    hf = hf_config.to_dict()
+    for name, original in _SGLANG_CPU_PADDED.items():
+        if hf.get(original) is not None:
+            hf[name] = hf.pop(original)
+    return ModelConfig.from_dict(hf)
+
+
+def sp_min_tokens() -> int:
+    raw = os.environ.get(SP_MIN_TOKENS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SP_MIN_TOKENS
+    if not raw.isdigit():
+        raise ModelError(f"{SP_MIN_TOKENS_ENV}={raw!r}: expected a non-negative integer (a token count)")
+    return int(raw)
+
+
+def _check_parallelism(parallel, quant_config) -> None:
+    if quant_config is not None:
+        raise ModelError(f"sp_core's sglang models serve unquantised checkpoints only; got {quant_config.get_name()}")
+    for name, what in (("pp_size", "pipeline parallelism"), ("attn_dp_size", "attention data parallelism"),
+                       ("attn_cp_size", "attention context parallelism")):
+        if getattr(parallel, name, 1) > 1:
+            raise ModelError(f"sp_core's sglang models support tensor parallelism only, not {what} ({name} > 1)")
+
+
+class SPCoreForCausalLM(CausalLM):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        from sglang.srt.distributed import get_tp_group
+        from sglang.srt.layers.logits_processor import LogitsProcessor
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()
+        _check_parallelism(parallel, quant_config)
+        mpu.bind(get_tp_group().device_group)
+        super().__init__(checkpoint_config(config))  # parameters in sglang's default dtype
+        self.logits_processor = LogitsProcessor(config)
+        self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
+        self.sp_min_tokens = sp_min_tokens()
+        self._use_sglang_attention(prefix)
+
+    def _use_sglang_attention(self, prefix: str) -> None:
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        for layer_id, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            d = attn.head_dim
+            radix = RadixAttention(attn.q_size // d, d, d ** -0.5, num_kv_heads=attn.kv_size // d,
+                                   layer_id=layer_id, prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn")
+            attn.kernel = RadixAttentionKernel(radix)
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """sglang checks token ids when a request arrives (tokenizer_manager); checking again per forward
+        would sync the host with the device, which CUDA-graph capture of decode batches forbids."""
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed_tokens
+
+    def runs_sequence_parallel(self, forward_batch, num_tokens: int) -> bool:
+        return (self.sequence_parallel_enabled and forward_batch.forward_mode.is_extend()
+                and num_tokens >= self.sp_min_tokens)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch,
+                input_embeds=None, get_embedding: bool = False, **unused):
+        if input_embeds is not None or get_embedding:
+            raise ModelError("sp_core's sglang models take token ids and return logits "
+                             "(no input embeddings, no embedding mode)")
+        num_tokens = input_ids.shape[0]
+        if num_tokens == 0:  # an idle batch
+            hidden = self.lm_head.weight.new_empty((0, self.config.hidden_size))
+        else:
+            with mpu.sequence_parallel(self.runs_sequence_parallel(forward_batch, num_tokens)):
+                hidden = self.hidden_states(input_ids, positions, SglangBatch(forward_batch, num_tokens))
+                hidden = mpu.exit_sequence_parallel(hidden, num_tokens)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    def load_weights(self, weights) -> None:
+        """``weights``: (Hugging Face name, full tensor) pairs; each rank keeps its slice."""
+        checkpoint.load_weights(self, weights)

@@ -1,0 +1,38 @@
+"""The sglang plugin (entry-point group ``sglang.srt.plugins``). sglang calls ``load_plugin()`` once in
+every process it starts (engine, each TP scheduler, detokenizer).
+
+Opt-in: nothing happens unless the environment has ``SP_CORE_SGLANG=1``, so with sp-core installed and
+the variable unset sglang behaves exactly as before. When enabled, sp_core's model classes replace
+sglang's for the architectures the core supports, and ``--enable-layernorm-sp`` accepts them.
+"""
+from __future__ import annotations
+
+import os
+
+ENABLE_ENV = "SP_CORE_SGLANG"
+MODELS_PACKAGE = "sp_core_sglang.models"
+
+
+def requested() -> bool:
+    return os.environ.get(ENABLE_ENV, "").strip() == "1"
+
+
+def load_plugin() -> None:
+    if requested():
+        enable()
+
+
+def enable() -> None:
+    """Register the core's model classes and extend sglang's layernorm-SP allowlist (idempotent).
+
+    sglang's own checks for ``--enable-layernorm-sp`` (tp > 1, no attention DP, no speculative
+    decoding, pp = 1) still run; the allowlist is read when they run, so extending it here suffices.
+    """
+    from sglang.srt.layers import layernorm_sp
+    from sglang.srt.models.registry import ModelRegistry
+
+    from sp_core.models import SUPPORTED_ARCHITECTURES
+
+    ModelRegistry.register(MODELS_PACKAGE, overwrite=True, strict=True)
+    layernorm_sp.SP_SUPPORTED_ARCHITECTURES = layernorm_sp.SP_SUPPORTED_ARCHITECTURES | frozenset(
+        SUPPORTED_ARCHITECTURES)
