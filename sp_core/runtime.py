@@ -31,5 +31,6 @@ def prompt_logprobs(model: CausalLM, prompts: Sequence[Sequence[int]]) -> List[t
         if len(p) == 0:
             raise ModelError(f"prompt {i} is empty: every prompt needs at least one token")
     ids, positions, batch = pack(prompts, platform.current_device())
+    model.check_input_ids(ids)
     logits = model(ids, positions, batch).float()
     return [x.cpu() for x in torch.log_softmax(logits, -1).split([len(p) for p in prompts])]

@@ -36,8 +36,9 @@ class CausalLM(torch.nn.Module):
             raise ModelError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise."""
-        self.check_input_ids(input_ids)
+        """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise.
+        Token ids are not validated here (a host sync per forward; servers check them on arrival):
+        entry points call ``check_input_ids``."""
         if mpu.sequence_parallel_active():
             input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
         return self.model(input_ids, positions, batch)

@@ -16,8 +16,9 @@ from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
 
 SP_MIN_TOKENS_ENV = "SP_CORE_SP_MIN_TOKENS"
 # Below this many tokens a prefill batch runs plain TP: for small batches reduce-scatter + all-gather
-# lose to one all-reduce (vLLM's SP pass keeps such a threshold). To be set from GPU benchmarks.
-DEFAULT_SP_MIN_TOKENS = 0
+# lose to one all-reduce (vLLM's SP pass keeps such a threshold). docs/benchmarks.md: on H100 / H200,
+# Qwen3-8B-shaped layers, SP loses at 4096 tokens (t = 2: x1.12) and wins from 8192 (x0.93; t = 4: x0.80).
+DEFAULT_SP_MIN_TOKENS = 8192
 
 
 # On CPU, sglang pads head counts and intermediate sizes to multiples of the tp size for its own layers
@@ -78,10 +79,6 @@ class SPCoreForCausalLM(CausalLM):
             radix = RadixAttention(attn.q_size // d, d, d ** -0.5, num_kv_heads=attn.kv_size // d,
                                    layer_id=layer_id, prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn")
             attn.kernel = RadixAttentionKernel(radix)
-
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        """sglang checks token ids when a request arrives (tokenizer_manager); checking again per forward
-        would sync the host with the device, which CUDA-graph capture of decode batches forbids."""
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed_tokens
