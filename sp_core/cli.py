@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers")
     p.add_argument("--model", default=None, help="checkpoint directory (default: embedded tiny checkpoints)")
-    p.add_argument("--tp", default="1,2,4", help="comma-separated tp sizes")
+    p.add_argument("--tp", default=None, help="comma-separated tp sizes (default 1,2,4)")
     p.add_argument("--engines", default="core,megatron,sglang")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--no-round-trip", dest="round_trip", action="store_false",

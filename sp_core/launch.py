@@ -56,11 +56,21 @@ def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results)
         results.put((rank, False, (type(err).__name__, str(err), traceback.format_exc())))
 
 
+_PRELOAD = ["torch", "sp_core.mpu"]
+
+
+def add_preload(module: str) -> None:
+    """Import ``module`` once in the fork server rather than in every rank (effective before the first
+    run; an engine module calls it at import, e.g. for megatron.core)."""
+    if module not in _PRELOAD:
+        _PRELOAD.append(module)
+
+
 def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequence_parallel: bool = True,
               timeout: float = DEFAULT_TIMEOUT) -> List[Any]:
     """Run ``fn(*args)`` on ``world`` ranks (tp = world by default); per-rank results in rank order."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sp_core.mpu"])
+    ctx.set_forkserver_preload(list(_PRELOAD))
     results = ctx.Queue()
     import torch.distributed as dist
 

@@ -19,6 +19,7 @@ import torch
 from sp_core import engines
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
 
+DEFAULT_TP = "1,2,4"
 TOLERANCE = 1e-4  # float32, against transformers (DESIGN.md, Verification)
 CLEAR_MARGIN = 1e-3  # greedy tokens must agree where the reference's top-1 leads top-2 by more
 
@@ -64,8 +65,14 @@ def _settings(tps):
             yield tp, sp
 
 
-def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PROMPTS) -> List[Row]:
+def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PROMPTS,
+               default_matrix: bool = False) -> List[Row]:
     rows: List[Row] = []
+    for name in engine_names:  # load every engine first: adapters may register fork-server preloads
+        try:
+            engines.get(name)
+        except engines.EngineUnavailable:
+            pass
     for model_name, model_dir in models.items():
         ref = reference_logprobs(model_dir, prompts)
         core_tp1 = None
@@ -77,8 +84,14 @@ def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PR
                 rows.append(Row(model_name, engine_name, 0, False, status=f"unavailable: {err}"))
                 _progress(f"[verify] {model_name} {engine_name}: unavailable ({err})")
                 continue
+            cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
             for tp, sp in _settings(tps):
                 row = Row(model_name, engine_name, tp, sp)
+                if cap is not None and tp > cap:
+                    row.status = (f"unavailable: not in the default matrix here ({engine_name} on CPU runs one "
+                                  f"rank per core; {cap} cores); ask for it with --tp")
+                    rows.append(row)
+                    continue
                 try:
                     cfg.check_tp(tp)
                 except Exception as err:  # a tp this model cannot be split by
@@ -89,6 +102,11 @@ def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PR
                 start = time.time()
                 try:
                     got = engine.logprobs(model_dir, prompts, tp, sp, torch.float32)
+                except engines.EngineUnavailable as err:
+                    row.status = f"unavailable: {err}"
+                    rows.append(row)
+                    _progress(f"[verify]   unavailable ({err})")
+                    continue
                 except Exception as err:  # noqa: BLE001 - a row, not a traceback
                     row.status = f"error: {getattr(err, 'error_message', '') or err}".splitlines()[0][:200]
                     row.seconds = time.time() - start
@@ -120,9 +138,14 @@ def round_trip(model_dir: str, workdir: str, tp: int = 2, steps: int = 3, prompt
     _progress(f"[verify] round trip: train {steps} steps in Megatron (tp={tp}, SP) -> export -> sglang (tp={tp}, SP)")
     try:
         exported = f"{workdir}/round-trip-export"
+        megatron.check_available()
+        sglang.check_available()
         trained = megatron.train_and_export(model_dir, exported, tp=tp, sequence_parallel=True, steps=steps,
                                             prompts=prompts)
         served = sglang.logprobs(exported, prompts, tp, True, torch.float32)
+    except engines.EngineUnavailable as err:
+        row.status = f"unavailable: {err}"
+        return row
     except Exception as err:  # noqa: BLE001
         row.status = f"error: {getattr(err, 'error_message', '') or err}".splitlines()[0][:200]
         row.seconds = time.time() - start
@@ -148,7 +171,8 @@ def table(rows: List[Row]) -> str:
 
 
 def main(args) -> int:
-    tps = [int(x) for x in str(args.tp).split(",") if x]
+    default_matrix = args.tp is None
+    tps = [int(x) for x in str(args.tp or DEFAULT_TP).split(",") if x]
     engine_names = [x for x in args.engines.split(",") if x]
     workdir = tempfile.mkdtemp(prefix="sp-core-verify-")
     if args.model:
@@ -158,7 +182,7 @@ def main(args) -> int:
         _progress(f"[verify] writing the embedded tiny checkpoints to {workdir}")
         models = {name: make_checkpoint(name, f"{workdir}/{name}") for name in ("qwen2", "qwen3")}
     started = time.time()
-    rows = run_matrix(models, tps, engine_names)
+    rows = run_matrix(models, tps, engine_names, default_matrix=default_matrix)
     if getattr(args, "round_trip", True) and {"megatron", "sglang"} <= set(engine_names):
         trip_model = args.model or make_checkpoint("qwen3-train", f"{workdir}/qwen3-train")
         rows.append(round_trip(trip_model, workdir))

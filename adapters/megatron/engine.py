@@ -6,7 +6,19 @@ from typing import List
 
 import torch
 
-from sp_core.launch import run_ranks
+from sp_core.launch import add_preload, run_ranks
+
+add_preload("megatron.core.parallel_state")  # ~3 s of imports once in the fork server, not per rank
+
+
+def check_available() -> None:
+    from sp_core.engines import EngineUnavailable
+
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError as err:
+        raise EngineUnavailable(f"megatron-core is not installed or does not import ({err}); "
+                                f"pip install 'sp-core[megatron]'") from None
 
 
 def _init_megatron(tp: int) -> None:
@@ -50,6 +62,7 @@ def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype):
 
 
 def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+    check_available()
     return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype,
                      sequence_parallel=sequence_parallel)[0]
 
@@ -114,6 +127,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
     the trained model's log-probabilities of ``prompts``. Returns rank 0's {losses, grads0, logprobs}."""
     from sp_core.engines import check_model
 
+    check_available()
     cfg = check_model(model_dir, tp)
     cfg.check_trainable_tp(tp)
     return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,

@@ -23,6 +23,12 @@ from sp_core_sglang.models.causal_lm import SP_MIN_TOKENS_ENV
 ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
+def max_default_tp() -> Optional[int]:
+    """On CPU, sglang binds each rank's threads to its own cores: the default verify matrix stays within
+    the cores (an explicit --tp still runs, oversubscribed)."""
+    return len(cpu_env._cpus()) if platform.device_type() == "cpu" else None
+
+
 def check_available() -> None:
     if importlib.util.find_spec("sglang") is None:
         raise EngineUnavailable("sglang is not installed (pip install 'sp-core[sglang]')")
