@@ -137,7 +137,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
 
 
 def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool):
-    from sp_core.launch import run_ranks
+    from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, timeout=900)[0]
 

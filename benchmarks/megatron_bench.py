@@ -83,6 +83,6 @@ def _rank(layers: int, tokens_list, iters: int):
 
 
 def run(tp: int, layers: int, tokens_list, iters: int):
-    from sp_core.launch import run_ranks
+    from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _rank, layers, tokens_list, iters, timeout=900)[0]

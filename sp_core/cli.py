@@ -124,7 +124,7 @@ COMMANDS = {"logits": cmd_logits, "memory": cmd_memory, "verify": cmd_verify, "t
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from sp_core.engines import EngineUnavailable
-    from sp_core.launch import RankFailed
+    from sp_core.mpu.launch import RankFailed
 
     try:
         return COMMANDS[args.command](args)

@@ -18,7 +18,7 @@ class EngineUnavailable(RuntimeError):
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
-    from sp_core.launch import run_ranks
+    from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _core_rank, model_dir, prompts, dtype, sequence_parallel=sequence_parallel)[0]
 

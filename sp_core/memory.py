@@ -68,6 +68,6 @@ def _measure_rank(model_dir: str, tokens: int) -> int:
 
 def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool) -> int:
     """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks)."""
-    from sp_core.launch import run_ranks
+    from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _measure_rank, model_dir, tokens, sequence_parallel=sequence_parallel)[0]

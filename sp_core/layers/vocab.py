@@ -72,7 +72,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits_local.float()
         pad_cols = torch.arange(start, start + rows, device=logits.device) >= vocab_size
         logits = logits.masked_fill(pad_cols, float("-inf"))
-        row_max = collectives.all_reduce(logits.max(dim=-1).values, op=torch.distributed.ReduceOp.MAX)
+        row_max = collectives.all_reduce(logits.max(dim=-1).values, op="max")
         shifted = logits - row_max.unsqueeze(-1)
         local_labels = labels - start
         mine = (local_labels >= 0) & (local_labels < rows)

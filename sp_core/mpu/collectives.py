@@ -50,10 +50,14 @@ def _gloo(group) -> bool:
     return dist.get_backend(group) == "gloo"
 
 
-def all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum (or ``op``) over TP, in a new tensor."""
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) over TP, in a new tensor."""
     if ps.tp_size() == 1:
         return x
+    op = _REDUCE_OPS[op]
     _record("all_reduce", x)
     out = x.contiguous().clone()
     group = ps.tp_group()

@@ -1,0 +1,35 @@
+"""DESIGN.md's rules that a reader can check by looking: where communication and devices live."""
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LIBRARY = [p for d in ("sp_core", "adapters") for p in (ROOT / d).rglob("*.py")]
+
+
+def _code(path):
+    return path.read_text()
+
+
+def test_torch_distributed_only_in_mpu():
+    offenders = [str(p.relative_to(ROOT)) for p in LIBRARY
+                 if "sp_core/mpu/" not in str(p) and re.search(r"torch\.distributed|\bdist\.", _code(p))]
+    assert not offenders, f"torch.distributed used outside sp_core/mpu: {offenders}"
+
+
+def test_cuda_named_only_in_platform():
+    pattern = re.compile(r"\.cuda\(|[\"']cuda[\"':]|torch\.cuda\b")
+    offenders = [str(p.relative_to(ROOT)) for p in LIBRARY
+                 if not str(p).endswith("sp_core/mpu/platform.py") and pattern.search(_code(p))]
+    assert not offenders, f"CUDA named outside sp_core/mpu/platform.py: {offenders}"
+
+
+def test_core_never_imports_the_frameworks():
+    pattern = re.compile(r"^\s*(from|import)\s+(megatron|sglang|sp_core_megatron|sp_core_sglang)\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "sp_core").rglob("*.py") if pattern.search(_code(p))]
+    assert not offenders, offenders
+
+
+def test_model_files_have_no_collectives():
+    for name in ("qwen.py",):
+        text = (ROOT / "sp_core" / "models" / name).read_text()
+        assert not re.search(r"mpu|collectives|all_reduce|all_gather|reduce_scatter", text), name
