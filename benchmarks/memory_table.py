@@ -35,7 +35,7 @@ def main():
              f"One Qwen3-shaped decoder layer ({json.dumps(SHAPE)}), T = {TOKENS} tokens, bf16 activations,",
              "bytes saved for backward measured with saved-tensor hooks on rank 0 (`sp-core memory --measure`,",
              "CPU gloo ranks). Reproduce: `python benchmarks/memory_table.py`.", "",
-             "| tp | SP | saved bytes / rank | x (bytes at t=1)/t | paper, selective (bytes) |",
+             "| tp | SP | saved bytes / rank | saved / ((bytes at t=1) / t) | paper, selective (bytes) |",
              "|---|---|---|---|---|"]
     for tp, sp, saved, ratio, paper in rows:
         lines.append(f"| {tp} | {'on' if sp else 'off'} | {saved:,} | {ratio:.3f} | {paper:,} |")
