@@ -26,7 +26,8 @@ class _GatheredInputLinear(torch.autograd.Function):
     """y = g(x) @ W^T + b, saving the token shard x (not the gathered input) for backward.
 
     Backward re-gathers x for the weight gradient and reduce-scatters the input gradient, as Megatron
-    does under SP (the paper's section 4.2.2: activations stored per rank are 1/t).
+    does under SP (the paper's section 4.2.2: activations stored per rank are 1/t); the gather overlaps
+    the input-gradient GEMM and the reduce-scatter overlaps the weight-gradient GEMM.
     """
 
     @staticmethod
@@ -38,12 +39,14 @@ class _GatheredInputLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
-        x_all = collectives.all_gather(x_shard)
-        grad_in = collectives.reduce_scatter(grad_out @ weight)
+        gathering = collectives.all_gather_start(x_shard)
+        grad_in_all = grad_out @ weight
+        reducing = collectives.reduce_scatter_start(grad_in_all)
+        x_all = gathering.wait()
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         grad_weight = grad_2d.t() @ x_all.reshape(-1, x_all.shape[-1])
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return grad_in, grad_weight, grad_bias
+        return reducing.wait(), grad_weight, grad_bias
 
 
 class ColumnParallelLinear(torch.nn.Module):

@@ -78,35 +78,53 @@ def _check_divisible(x: torch.Tensor, what: str) -> None:
         )
 
 
-def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along dim 0 (rank order)."""
+class Pending:
+    """A collective in flight (``async_op``): ``wait()`` returns its result. Lets a caller overlap the
+    communication with independent compute, e.g. a GEMM."""
+
+    def __init__(self, out: torch.Tensor, work=None, dtype: torch.dtype | None = None):
+        self._out, self._work, self._dtype = out, work, dtype
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._out if self._dtype is None else self._out.to(self._dtype)
+
+
+def all_gather_start(x: torch.Tensor) -> Pending:
+    """Start concatenating every rank's ``x`` along dim 0 (rank order)."""
     t = ps.tp_size()
     if t == 1:
-        return x
+        return Pending(x)
     _record("all_gather", x)
     x = x.contiguous()
     out = torch.empty((x.shape[0] * t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_tensor(out, x, group=ps.tp_group())
-    return out
+    return Pending(out, _all_gather_tensor(out, x, group=ps.tp_group(), async_op=True))
 
 
-def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
-    """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
+def reduce_scatter_start(x: torch.Tensor) -> Pending:
+    """Start summing over TP, keeping this rank's contiguous 1/t of dim 0."""
     t = ps.tp_size()
     if t == 1:
-        return x
+        return Pending(x)
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
     group = ps.tp_group()
     x = x.contiguous()
-    if _gloo(group) and x.dtype == torch.bfloat16:
-        wide = x.float()
-        out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=torch.float32, device=x.device)
-        _reduce_scatter_tensor(out, wide, group=group)
-        return out.to(x.dtype)
-    out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_tensor(out, x, group=group)
-    return out
+    wide = x.float() if _gloo(group) and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
+    out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=wide.dtype, device=x.device)
+    work = _reduce_scatter_tensor(out, wide, group=group, async_op=True)
+    return Pending(out, work, x.dtype if wide.dtype != x.dtype else None)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (rank order)."""
+    return all_gather_start(x).wait()
+
+
+def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
+    return reduce_scatter_start(x).wait()
 
 
 def split(x: torch.Tensor) -> torch.Tensor:
