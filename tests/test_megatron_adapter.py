@@ -167,3 +167,15 @@ def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
             assert abs(a - b) <= 1e-5, (on[rank][0], off[rank][0])
         for name, grad in off[rank][1].items():
             assert _rel(on[rank][1][name], grad) <= 1e-5, f"rank {rank}: {name}"
+
+
+def test_train_command_reports_progress_and_exports(ckpts, tmp_path, capfd):
+    out = str(tmp_path / "trained")
+    assert main(["train", "--model", ckpts["qwen3-train"], "--tp", "2", "--sequence-parallel", "--steps", "3",
+                 "--out", out, "--seq-length", "16"]) == 0
+    err = capfd.readouterr().err
+    assert "tp 2 | sequence parallel on" in err
+    for step in (1, 2, 3):
+        assert f"step {step}/3 | loss " in err and "tokens/s" in err
+    ref = reference_logprobs(out, PROMPTS)  # transformers loads the export
+    assert len(ref) == len(PROMPTS) and all(torch.isfinite(r).all() for r in ref)
