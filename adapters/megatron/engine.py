@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from sp_core.mpu.launch import add_preload, run_ranks
+from sp_core.mpu.launch import add_preload, progress, run_ranks
 
 add_preload("megatron.core.parallel_state")  # ~3 s of imports once in the fork server, not per rank
 
@@ -98,16 +98,13 @@ def clip_grad_default() -> float:
 
 
 def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
-    import sys
-
     from sp_core import mpu
     from sp_core.models import save_hf_checkpoint
     from sp_core_megatron import training
 
     _cpu_training_support()
     model = build_model(model_dir, tp, sequence_parallel)
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if settings.get("progress") and mpu.tp_rank() == 0 \
-        else None
+    log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
                                          lr=settings.get("lr", 1e-3), clip_grad=clip_grad_default(), log=log,

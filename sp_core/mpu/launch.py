@@ -10,6 +10,7 @@ import datetime
 import io
 import os
 import queue
+import sys
 import traceback
 from typing import Any, Callable, List, Optional
 
@@ -27,8 +28,22 @@ class RankFailed(AssertionError):
         self.error_type, self.error_message, self.details = error_type, error_message, details
 
 
+_RESULTS = None  # in a rank: the queue back to the parent
+
+
+def progress(line: str) -> None:
+    """From a rank: have the parent print ``line`` on its stderr now (ranks' own streams may belong to a
+    long-lived fork server, not to the command that is running)."""
+    if _RESULTS is None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        _RESULTS.put((-1, "progress", line))
+
+
 def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results):
     # port: of the rendezvous store the parent holds open (no race for a free port)
+    global _RESULTS
+    _RESULTS = results
     try:
         import torch.distributed as dist
 
@@ -94,6 +109,9 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
                 if left <= 0:
                     raise RankFailed(f"ranks {sorted(set(range(world)) - set(outputs))} did not finish "
                                      f"within {timeout:.0f} s (hung collective?)")
+                continue
+            if ok == "progress":
+                print(payload, file=sys.stderr, flush=True)
                 continue
             if not ok:
                 error_type, message, details = payload
