@@ -6,7 +6,8 @@ from typing import List, Sequence
 import torch
 
 from sp_core.layers import PackedBatch
-from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
+from sp_core.engines import check_prompts
+from sp_core.models import CausalLM, ModelConfig, load_hf_checkpoint
 from sp_core.mpu import platform
 
 
@@ -27,10 +28,7 @@ def pack(prompts: Sequence[Sequence[int]], device=None):
 
 def prompt_logprobs(model: CausalLM, prompts: Sequence[Sequence[int]]) -> List[torch.Tensor]:
     """log_softmax of the logits at every position of every prompt (float32, on CPU)."""
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ModelError(f"prompt {i} is empty: every prompt needs at least one token")
+    check_prompts(prompts, model.config.vocab_size)  # on the host lists: no device sync
     ids, positions, batch = pack(prompts, platform.current_device())
-    model.check_input_ids(ids)
     logits = model(ids, positions, batch).float()
     return [x.cpu() for x in torch.log_softmax(logits, -1).split([len(p) for p in prompts])]

@@ -62,11 +62,7 @@ def _gradients(model_dir, sum_sequence_parallel=True):
         mpu.allreduce_sequence_parallel_grads(model.parameters())
     grads = {}
     for name, param in model.named_parameters():
-        grad = param.grad.detach().clone()
-        for attr in ("shards", "partition_dim"):
-            if hasattr(param, attr):
-                setattr(grad, attr, getattr(param, attr))
-        for shard, full in gather_full(grad).items():
+        for shard, full in gather_full(param, param.grad).items():
             grads[f"{name}:{shard}"] = full.cpu()
     return grads
 

@@ -61,12 +61,8 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
     for name, param in model.language_model.named_parameters():
         grad = getattr(param, "main_grad", None)
         grad = param.grad if grad is None else grad
-        view = grad.detach().clone()
-        for attr in ("shards", "partition_dim"):
-            if hasattr(param, attr):
-                setattr(view, attr, getattr(param, attr))
-        for shard, full in gather_full(view).items():
-            out[core_to_hf(name, shard)] = full.float().cpu()
+        for shard, full in gather_full(param, grad).items():
+            out[core_to_hf(name, shard)] = full.float().cpu().clone()  # a snapshot: main_grad is reused
     return out
 
 

@@ -69,13 +69,15 @@ def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optiona
     target.narrow(dim, 0, piece.shape[dim]).copy_(piece)
 
 
-def gather_full(param: torch.Tensor) -> Dict[Optional[str], torch.Tensor]:
-    """Every shard of ``param`` as its full checkpoint tensor (collective: call on all TP ranks)."""
+def gather_full(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> Dict[Optional[str], torch.Tensor]:
+    """Every shard of ``param`` as its full checkpoint tensor (collective: call on all TP ranks).
+    ``values``: a tensor laid out like ``param`` to gather instead (e.g. its gradient)."""
+    values = (param if values is None else values).detach()
     shards = getattr(param, "shards", None)
     if shards is None:
-        return {None: param.detach()}
+        return {None: values}
     dim, t = param.partition_dim, ps.tp_size()
-    local = param.detach().transpose(0, dim).contiguous()
+    local = values.transpose(0, dim).contiguous()
     every_rank = collectives.all_gather(local).chunk(t, dim=0)
     out, offset = {}, 0
     for shard in shards:

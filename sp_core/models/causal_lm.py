@@ -11,7 +11,7 @@ import torch
 
 from sp_core import mpu
 from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
-from sp_core.models.config import ModelConfig, ModelError
+from sp_core.models.config import ModelConfig
 from sp_core.models.qwen import QwenModel
 
 _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel}
@@ -27,18 +27,10 @@ class CausalLM(torch.nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.numel() == 0:
-            raise ModelError("empty input: every prompt needs at least one token")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ModelError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise.
-        Token ids are not validated here (a host sync per forward; servers check them on arrival):
-        entry points call ``check_input_ids``."""
+        Token ids are not validated here (a host sync per forward): entry points check the prompts
+        (``sp_core.engines.check_prompts``), servers check ids on arrival."""
         if mpu.sequence_parallel_active():
             input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
         return self.model(input_ids, positions, batch)
