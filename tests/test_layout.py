@@ -16,10 +16,15 @@ def test_torch_distributed_only_in_mpu():
     assert not offenders, f"torch.distributed used outside sp_core/mpu: {offenders}"
 
 
+# sp_core_megatron.cpu_training exists to redirect megatron-core's own CUDA calls on a CPU machine: it has to
+# name what it redirects.
+CUDA_ALLOWED = ("sp_core/mpu/platform.py", "adapters/megatron/cpu_training.py")
+
+
 def test_cuda_named_only_in_platform():
     pattern = re.compile(r"\.cuda\(|[\"']cuda[\"':]|torch\.cuda\b")
     offenders = [str(p.relative_to(ROOT)) for p in LIBRARY
-                 if not str(p).endswith("sp_core/mpu/platform.py") and pattern.search(_code(p))]
+                 if not str(p).endswith(CUDA_ALLOWED) and pattern.search(_code(p))]
     assert not offenders, f"CUDA named outside sp_core/mpu/platform.py: {offenders}"
 
 
@@ -33,3 +38,26 @@ def test_model_files_have_no_collectives():
     for name in ("qwen.py",):
         text = (ROOT / "sp_core" / "models" / name).read_text()
         assert not re.search(r"mpu|collectives|all_reduce|all_gather|reduce_scatter", text), name
+
+
+def test_library_never_reaches_into_tests():
+    """The published package has no tests/: no library module may import from it or put it on a path."""
+    pattern = re.compile(r"^\s*(from|import)\s+(tests|support)\b|[\"'/]tests[\"'/]|\btests/support\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in LIBRARY if pattern.search(_code(p))]
+    assert not offenders, f"library modules referring to tests/: {offenders}"
+
+
+def test_library_files_are_packaged():
+    """Every library directory with Python files is in pyproject's package list (a wheel ships it)."""
+    import tomllib
+
+    packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    roots = {"sp_core": ROOT / "sp_core", "sp_core_megatron": ROOT / "adapters" / "megatron",
+             "sp_core_sglang": ROOT / "adapters" / "sglang"}
+    missing = []
+    for name, root in roots.items():
+        for d in sorted({p.parent for p in root.rglob("*.py")}):
+            package = ".".join([name, *d.relative_to(root).parts])
+            if package not in packages:
+                missing.append(package)
+    assert not missing, f"not in pyproject's [tool.setuptools] packages: {missing}"

@@ -1,5 +1,5 @@
 """The core inside real megatron-core (gloo, CPU): training equals TP=1, export loads in transformers,
-and `sp-core logits --engine megatron` equals transformers. CPU stand-ins: tests/support/megatron_cpu.py."""
+and `sp-core logits --engine megatron` equals transformers. CPU support: sp_core_megatron.cpu_training."""
 import json
 
 import pytest
@@ -63,9 +63,9 @@ def test_logits_engine_megatron_equals_transformers(ckpts, tp, sp, tmp_path):
 
 def _tags_and_untagged_grads(model_dir):
     """Every replicated parameter's tag, and step-0 gradients with the norms' tags removed."""
-    from sp_core_megatron import engine, training
+    from sp_core_megatron import cpu_training, engine, training
 
-    engine._cpu_training_support()
+    cpu_training.enable()
     model = engine.build_model(model_dir, 2, True)
     tags = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "sequence_parallel", False))
             for n, p in model.language_model.named_parameters()}
@@ -129,9 +129,9 @@ def _gpt_model_with_core_layers(sp):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from sp_core.mpu import platform
-    from sp_core_megatron import engine, get_sp_core_block_spec, training
+    from sp_core_megatron import cpu_training, engine, get_sp_core_block_spec, training
 
-    engine._cpu_training_support()
+    cpu_training.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)

@@ -2,7 +2,7 @@
 
 Each engine start costs ~15-25 s on this machine, so one module-scoped engine per setting serves
 several checks. Collectives are counted through SP_CORE_COLLECTIVE_LOG, which sp_core.mpu appends to
-from sglang's worker processes: "<pid> <op> <shape>" per collective.
+from sglang's worker processes: "<pid> <op> <shape> <route>" per collective.
 """
 import collections
 import importlib.util
@@ -65,13 +65,16 @@ class Served:
         self.name, self.tp, self.sp, self.sp_min_tokens = setting
 
     def collectives(self):
-        """Counter of (pid, op, shape) lines logged so far; clears the log."""
+        """Counter of (pid, op, shape) lines logged so far; clears the log. Every collective must have gone
+        through sglang's GroupCoordinator (its custom all-reduce / graph-safe paths on GPU)."""
         if not os.path.exists(self.log_path):
             return collections.Counter()
         with open(self.log_path) as f:
-            lines = [tuple(line.split(" ", 2)) for line in f.read().splitlines()]
+            lines = [tuple(line.split(" ")) for line in f.read().splitlines()]
         os.remove(self.log_path)
-        return collections.Counter(lines)
+        routes = collections.Counter(route for (_, _, _, route) in lines)
+        assert set(routes) == {"GroupCoordinator"}, f"collectives not through sglang's GroupCoordinator: {routes}"
+        return collections.Counter(line[:3] for line in lines)
 
 
 def _start(model_dir, tp, log_path, adapter=True, sp_min_tokens=0, **kwargs):

@@ -67,29 +67,6 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
                      sequence_parallel=sequence_parallel)[0]
 
 
-def _cpu_training_support() -> None:
-    """megatron-core's training machinery assumes CUDA in a few places. On a CPU machine, a source
-    checkout's test-support stand-ins (tests/support/megatron_cpu.py) are used for tests and local
-    runs; the library itself patches nothing."""
-    from sp_core.mpu import platform
-
-    if platform.device_type() != "cpu":
-        return
-    import os
-    import sys
-
-    tests_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests")
-    if not os.path.isfile(os.path.join(tests_dir, "support", "megatron_cpu.py")):
-        from sp_core.engines import EngineUnavailable
-
-        raise EngineUnavailable("training in megatron-core on CPU needs the CPU stand-ins of a source checkout "
-                                "(tests/support/megatron_cpu.py); train on a GPU otherwise")
-    sys.path.insert(0, os.path.abspath(tests_dir))
-    from support.megatron_cpu import install_megatron_cpu_shims
-
-    install_megatron_cpu_shims()
-
-
 def clip_grad_default() -> float:
     """Megatron's default gradient clipping (1.0); its clip helper asserts CUDA tensors, so 0 on CPU."""
     from sp_core.mpu import platform
@@ -100,9 +77,9 @@ def clip_grad_default() -> float:
 def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
     from sp_core import mpu
     from sp_core.models import save_hf_checkpoint
-    from sp_core_megatron import training
+    from sp_core_megatron import cpu_training, training
 
-    _cpu_training_support()
+    cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine
     model = build_model(model_dir, tp, sequence_parallel)
     log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),

@@ -1,33 +1,19 @@
 """Environment for the real ``sglang.Engine`` (0.5.23) on a CPU-only machine.
 
 sglang's CPU path needs two binaries PyPI does not ship for a CPU torch (sgl-kernel's CPU build and a
-torchvision that loads). A source checkout has import-only stand-ins for them in
-``tests/support/cpu_standins`` (see its README), for tests and local runs only; they reach the
-engine's spawned scheduler / detokenizer processes through ``PYTHONPATH``.
+torchvision that loads); ``cpu_backend`` has pure-torch fallbacks for them, which reach the engine's
+processes through ``sys.path`` / ``PYTHONPATH`` only where the real ones are missing.
 
 ``SGLANG_USE_CPU_ENGINE`` is read when sglang is imported, so ``apply_cpu_engine_env`` must run before
 the first ``import sglang`` in the process.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from typing import Dict, List, Optional
 
-_CHECKOUT_STANDINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "support",
-                                  "cpu_standins")
-STANDINS_DIR = os.path.normpath(_CHECKOUT_STANDINS)
-
-
-def needs_standins() -> bool:
-    """True when no real sgl_kernel is importable (the stand-in may be on sys.path from an earlier call)."""
-    spec = importlib.util.find_spec("sgl_kernel")
-    return spec is None or os.path.dirname(os.path.dirname(spec.origin or "")) == STANDINS_DIR
-
-
-def standins_available() -> bool:
-    return os.path.isfile(os.path.join(STANDINS_DIR, "sgl_kernel", "__init__.py"))
+from sp_core_sglang import cpu_backend
 
 
 def _cpus() -> List[int]:
@@ -51,32 +37,32 @@ def cpu_groups(tp_size: int) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
-def cpu_engine_env(tp_size: int, standins: Optional[str] = STANDINS_DIR) -> Dict[str, str]:
+def cpu_engine_env(tp_size: int, fallbacks: Optional[str] = cpu_backend.DIR) -> Dict[str, str]:
     """Environment variables for a CPU ``sglang.Engine`` with ``tp_size`` ranks.
 
     - ``SGLANG_USE_CPU_ENGINE=1``: selects sglang's CPU platform (read at import).
     - ``SGLANG_CPU_OMP_THREADS_BIND``: needed once ranks outnumber NUMA nodes.
-    - ``PYTHONPATH``: the stand-ins directory prepended (when given), for the spawned processes.
+    - ``PYTHONPATH``: the ``cpu_backend`` directory prepended (when given), for the spawned processes.
     - ``OMP_NUM_THREADS``: cores / ranks (unless already set), to avoid oversubscription.
     """
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != standins]
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != fallbacks]
     env = {
         "SGLANG_USE_CPU_ENGINE": "1",
         "SGLANG_CPU_OMP_THREADS_BIND": cpu_groups(tp_size),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, len(_cpus()) // tp_size)),
     }
-    if standins:
-        env["PYTHONPATH"] = os.pathsep.join([standins, *parts])
+    if fallbacks:
+        env["PYTHONPATH"] = os.pathsep.join([fallbacks, *parts])
     return env
 
 
 def apply_cpu_engine_env(tp_size: int) -> None:
-    """Apply ``cpu_engine_env`` to this process (env + sys.path), stand-ins included only when
-    sgl_kernel is not importable. Call before importing sglang."""
+    """Apply ``cpu_engine_env`` to this process (env + sys.path), the ``cpu_backend`` fallbacks included
+    only when sgl_kernel or torchvision is not importable. Call before importing sglang."""
     if "sglang" in sys.modules and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         raise RuntimeError("sglang was imported before SGLANG_USE_CPU_ENGINE=1 was set; its CPU detection is "
                            "already cached. Apply cpu_engine_env() before the first `import sglang`.")
-    standins = STANDINS_DIR if needs_standins() else None
-    os.environ.update(cpu_engine_env(tp_size, standins))
-    if standins and standins not in sys.path:
-        sys.path.insert(0, standins)
+    fallbacks = cpu_backend.DIR if cpu_backend.missing() else None
+    os.environ.update(cpu_engine_env(tp_size, fallbacks))
+    if fallbacks and fallbacks not in sys.path:
+        sys.path.insert(0, fallbacks)

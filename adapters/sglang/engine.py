@@ -2,7 +2,8 @@
 scheduler process per TP rank) serving the checkpoint through this adapter; prompt log-probabilities.
 
 Also the one place that starts engines for tests and local runs (``start_engine``): with
-``adapter=False`` it starts plain sglang, as if sp-core were not installed.
+``adapter=False`` it starts plain sglang, as if sp-core were not installed. Engines run in the engine
+host process (``engine_process``), never in the caller's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from sp_core.engines import EngineUnavailable, check_model, check_prompts
 from sp_core.models import ModelError
 from sp_core.mpu import platform
-from sp_core_sglang import cpu_env, plugin
+from sp_core_sglang import cpu_backend, cpu_env, engine_process, plugin
 from sp_core_sglang.models.causal_lm import SP_MIN_TOKENS_ENV
 
 ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -32,10 +33,9 @@ def max_default_tp() -> Optional[int]:
 def check_available() -> None:
     if importlib.util.find_spec("sglang") is None:
         raise EngineUnavailable("sglang is not installed (pip install 'sp-core[sglang]')")
-    if platform.device_type() == "cpu" and cpu_env.needs_standins() and not cpu_env.standins_available():
-        raise EngineUnavailable("sglang on CPU needs sgl-kernel's CPU build, which PyPI does not ship; run from a "
-                                "source checkout (its tests/support/cpu_standins serve tests and local runs) "
-                                "or on a GPU")
+    if platform.device_type() == "cpu" and not os.path.isdir(cpu_backend.DIR):
+        raise EngineUnavailable(f"sglang on CPU needs sgl-kernel's CPU build or sp-core's fallback for it, and "
+                                f"{cpu_backend.DIR} is missing; reinstall sp-core")
 
 
 @contextlib.contextmanager
@@ -61,8 +61,17 @@ def _set_env(values: Dict[str, Optional[str]]) -> None:
 
 
 def start_engine(model_dir: str, tp_size: int = 1, *, adapter: bool = False, sp_min_tokens: Optional[int] = None,
-                 **engine_kwargs: Any):
-    """Start and return a ``sglang.Engine`` (call ``.shutdown()`` when done).
+                 **engine_kwargs: Any) -> engine_process.RemoteEngine:
+    """Start a ``sglang.Engine`` in the engine host; returns a handle with sglang's ``generate(**kwargs)``
+    and ``shutdown()`` (call it when done). Arguments as for ``start_engine_here``."""
+    return engine_process.start(start_engine_here, model_dir, tp_size, adapter=adapter, sp_min_tokens=sp_min_tokens,
+                                **engine_kwargs)
+
+
+def start_engine_here(model_dir: str, tp_size: int = 1, *, adapter: bool = False, sp_min_tokens: Optional[int] = None,
+                      **engine_kwargs: Any):
+    """Start and return a ``sglang.Engine`` in this process (its ``shutdown()`` kills this process's
+    children: use ``start_engine`` unless this is a process of its own).
 
     ``adapter``: serve through sp_core's model classes (SP_CORE_SGLANG=1 in the workers) or plain sglang.
     ``sp_min_tokens``: SP_CORE_SP_MIN_TOKENS for the workers. ``engine_kwargs``: any ``ServerArgs``

@@ -1,7 +1,13 @@
 """Collectives on dim 0 over the TP group. The only module that calls torch.distributed's data ops.
 
+When an adapter bound a framework communicator (``parallel_state.bind(..., communicator=...)``, e.g.
+sglang's GroupCoordinator), the sum all-reduce, all-gather and reduce-scatter go through it instead, so
+the framework's custom all-reduce and CUDA-graph-safe paths apply; the rest (max all-reduce, async
+starts for backward overlap, broadcast) stays on torch.distributed, which serving does not use.
+
 Every call is counted (``counts()``), and appended to the file named by SP_CORE_COLLECTIVE_LOG when
-set, so tests can prove which collectives a forward issued, also inside worker processes.
+set, as ``<pid> <op> <shape> <route>`` (route: the communicator's class name, or ``torch``), so tests
+can prove which collectives a forward issued and through what, also inside worker processes.
 """
 from __future__ import annotations
 
@@ -21,12 +27,14 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _record(op: str, tensor: torch.Tensor) -> None:
+def _record(op: str, tensor: torch.Tensor, communicator=None) -> None:
     _COUNTS[op] += 1
     path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
     if path:
+        route = type(communicator).__name__ if communicator is not None else "torch"
+        shape = str(tuple(tensor.shape)).replace(" ", "")
         with open(path, "a") as log:
-            log.write(f"{os.getpid()} {op} {tuple(tensor.shape)}\n")
+            log.write(f"{os.getpid()} {op} {shape} {route}\n")
 
 
 def counts() -> Dict[str, int]:
@@ -57,9 +65,12 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) over TP, in a new tensor."""
     if ps.tp_size() == 1:
         return x
+    communicator = ps.communicator() if op == "sum" else None
+    _record("all_reduce", x, communicator)
+    out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
+    if communicator is not None:
+        return communicator.all_reduce(out)
     op = _REDUCE_OPS[op]
-    _record("all_reduce", x)
-    out = x.contiguous().clone()
     group = ps.tp_group()
     if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
         wide = out.float()
@@ -102,6 +113,23 @@ def all_gather_start(x: torch.Tensor) -> Pending:
     return Pending(out, _all_gather_tensor(out, x, group=ps.tp_group(), async_op=True))
 
 
+def _all_gather_through(communicator, x: torch.Tensor) -> torch.Tensor:
+    _record("all_gather", x, communicator)
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] * ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    communicator.all_gather_into_tensor(out, x)
+    return out
+
+
+def _reduce_scatter_through(communicator, x: torch.Tensor) -> torch.Tensor:
+    _check_divisible(x, "reduce_scatter")
+    _record("reduce_scatter", x, communicator)
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    communicator.reduce_scatter_tensor(out, x)
+    return out
+
+
 def reduce_scatter_start(x: torch.Tensor) -> Pending:
     """Start summing over TP, keeping this rank's contiguous 1/t of dim 0."""
     t = ps.tp_size()
@@ -119,11 +147,15 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0 (rank order)."""
+    if ps.tp_size() > 1 and ps.communicator() is not None:
+        return _all_gather_through(ps.communicator(), x)
     return all_gather_start(x).wait()
 
 
 def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
+    if ps.tp_size() > 1 and ps.communicator() is not None:
+        return _reduce_scatter_through(ps.communicator(), x)
     return reduce_scatter_start(x).wait()
 
 

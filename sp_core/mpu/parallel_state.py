@@ -1,14 +1,15 @@
 """Tensor-parallel group and the one sequence-parallel switch.
 
 Either ``initialize`` creates the TP group (standalone use, tests, the CLI) or ``bind`` takes a group a
-framework already made (the adapters; nothing is created). Layers ask ``sequence_parallel_active()``;
-no SP flag travels through forward signatures.
+framework already made (the adapters; nothing is created), optionally with the framework's own
+communicator for that group (sglang's GroupCoordinator), which ``collectives`` then calls. Layers ask
+``sequence_parallel_active()``; no SP flag travels through forward signatures.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ class _State:
     size: int
     sequence_parallel: bool
     owns_group: bool
+    communicator: Optional[Any] = None
 
 
 _STATE: Optional[_State] = None
@@ -57,14 +59,20 @@ def initialize(tp_size: int, sequence_parallel: bool = True, backend: Optional[s
     _STATE = _State(mine, rank % tp_size, tp_size, sequence_parallel and tp_size > 1, owns_group=True)
 
 
-def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False) -> None:
-    """Use a TP group that a framework already created (Megatron, sglang). Creates nothing."""
+def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, communicator: Any = None) -> None:
+    """Use a TP group that a framework already created (Megatron, sglang). Creates nothing.
+
+    ``communicator``: the framework's own communicator over ``group``, e.g. sglang's ``GroupCoordinator``
+    (its custom all-reduce, symmetric memory and CUDA-graph-safe paths). When given, the sum all-reduce,
+    all-gather and reduce-scatter of ``collectives`` go through its ``all_reduce(x)``,
+    ``all_gather_into_tensor(out, x)`` and ``reduce_scatter_tensor(out, x)``.
+    """
     global _STATE
     if group is None:
         size, rank = 1, 0
     else:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-    _STATE = _State(group, rank, size, sequence_parallel and size > 1, owns_group=False)
+    _STATE = _State(group, rank, size, sequence_parallel and size > 1, owns_group=False, communicator=communicator)
 
 
 def destroy() -> None:
@@ -89,6 +97,11 @@ def _state() -> _State:
 
 def tp_group() -> Optional[dist.ProcessGroup]:
     return _state().group
+
+
+def communicator() -> Any:
+    """The framework communicator given to ``bind``, or None (torch.distributed on the group)."""
+    return _state().communicator
 
 
 def tp_rank() -> int:

@@ -1,8 +1,10 @@
 """The core's CausalLM as a sglang model: sglang's TP group, attention backend, KV cache and logits.
 
 Built inside each TP worker by sglang's model loader (``cls(config=hf_config, quant_config=...)``).
-Sequence parallelism follows sglang's ``--enable-layernorm-sp``: on for prefill (extend) batches of at
-least ``SP_CORE_SP_MIN_TOKENS`` tokens, plain TP for decode.
+Sequence parallelism follows sglang's ``--enable-layernorm-sp``: on for plain prefill batches
+(``ForwardMode.EXTEND``, as upstream's ``layernorm_sp.runs_sp``) of at least ``SP_CORE_SP_MIN_TOKENS``
+tokens; every other mode (decode, MIXED chunked prefill + decode, TARGET_VERIFY, SPLIT_PREFILL, ...) runs
+plain TP. Collectives go through sglang's TP ``GroupCoordinator`` (bound into ``sp_core.mpu``).
 """
 from __future__ import annotations
 
@@ -46,6 +48,16 @@ def sp_min_tokens() -> int:
     return int(raw)
 
 
+def sequence_parallel_for(forward_mode, num_tokens: int, min_tokens: int) -> bool:
+    """SP for a forward of ``num_tokens`` tokens (a shape, not a device value) in ``forward_mode``: only
+    plain prefill (``ForwardMode.EXTEND``, as upstream's ``layernorm_sp.runs_sp``) at or above the
+    threshold. Reading no device value, it costs no host sync and gives the same answer on every replay
+    of a captured CUDA graph (sglang captures DECODE and TARGET_VERIFY, which run plain TP)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return forward_mode == ForwardMode.EXTEND and num_tokens >= min_tokens
+
+
 def _check_parallelism(parallel, quant_config) -> None:
     if quant_config is not None:
         raise ModelError(f"sp_core's sglang models serve unquantised checkpoints only; got {quant_config.get_name()}")
@@ -63,7 +75,8 @@ class SPCoreForCausalLM(CausalLM):
 
         parallel = get_parallel()
         _check_parallelism(parallel, quant_config)
-        mpu.bind(get_tp_group().device_group)
+        tp_group = get_tp_group()
+        mpu.bind(tp_group.device_group, communicator=tp_group)
         super().__init__(checkpoint_config(config))  # parameters in sglang's default dtype
         self.logits_processor = LogitsProcessor(config)
         self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
@@ -84,8 +97,8 @@ class SPCoreForCausalLM(CausalLM):
         return self.model.embed_tokens
 
     def runs_sequence_parallel(self, forward_batch, num_tokens: int) -> bool:
-        return (self.sequence_parallel_enabled and forward_batch.forward_mode.is_extend()
-                and num_tokens >= self.sp_min_tokens)
+        return self.sequence_parallel_enabled and sequence_parallel_for(forward_batch.forward_mode, num_tokens,
+                                                                         self.sp_min_tokens)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch,

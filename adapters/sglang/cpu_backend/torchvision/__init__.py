@@ -1,4 +1,4 @@
-"""Import-only stand-in for torchvision (tests/support/cpu_standins; see README.md there).
+"""Import-only stand-in for torchvision (sp_core_sglang.cpu_backend, which explains why).
 
 PyPI's torchvision cannot load against the local CPU torch. sglang imports
 ``torchvision.transforms`` (``.functional``, ``.v2.functional``) at module load for its multimodal
@@ -11,7 +11,7 @@ using one raises RuntimeError.
 from . import io, transforms  # noqa: F401
 from ._stub import missing as _missing
 
-__version__ = "0.0.0+cpu-standin"
+__version__ = "0.0.0+sp-core-cpu-fallback"
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ def missing(module: str, name: str):
         def __init__(self, *args, **kwargs):
             raise RuntimeError(
                 f"{module}.{name} is part of the import-only torchvision stand-in "
-                "(tests/support/cpu_standins); image/video processing is unavailable on this CPU setup."
+                "(sp_core_sglang.cpu_backend); image/video processing needs a torchvision built for this torch."
             )
 
     return _Missing

@@ -1,4 +1,4 @@
-"""Test-only stand-in for sgl-kernel's CPU build (not on PyPI); see ../README.md.
+"""Pure-torch fallback for sgl-kernel's CPU build (not on PyPI); see ``sp_core_sglang.cpu_backend``.
 
 sglang 0.5.23 does ``from sgl_kernel import ...`` at module load when the device is CPU
 (``sglang.srt.utils.is_cpu()``, i.e. ``SGLANG_USE_CPU_ENGINE=1``). Of those names, a plain
@@ -15,7 +15,7 @@ the Intel AMX kernels, and ``_init_cpu_threads_env`` (``srt/distributed/bootstra
 
 import torch
 
-__version__ = "0.0.0+cpu-standin"
+__version__ = "0.0.0+sp-core-cpu-fallback"
 
 # Imported at module load on CPU, never called for plain prefill + decode (file: sglang/...).
 _IMPORT_ONLY = (
@@ -32,8 +32,8 @@ _IMPORT_ONLY = (
 def _import_only(name: str):
     def op(*args, **kwargs):
         raise NotImplementedError(
-            f"sgl_kernel.{name} is import-only in the CPU stand-in (tests/support/cpu_standins); "
-            "speculative decoding / KV-cache moves are not supported on this CPU setup."
+            f"sgl_kernel.{name} is import-only in sp-core's CPU fallback (sp_core_sglang.cpu_backend); "
+            "speculative decoding / KV-cache moves need sgl-kernel's real CPU build."
         )
 
     op.__name__ = op.__qualname__ = name

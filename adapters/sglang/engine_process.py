@@ -1,0 +1,178 @@
+"""sglang engines in a process of their own, never in the caller's.
+
+``sglang.Engine.shutdown()`` kills every child of the process that made the engine
+(``kill_process_tree(os.getpid(), include_parent=False)`` in ``srt/entrypoints/engine.py``), and an error
+in a scheduler kills that process outright. In the caller's process that would take down its other
+children too -- for example the fork server and resource tracker of ``sp_core.mpu.launch``, after which
+the next ``run_ranks`` fails. So engines live in one helper process, the *engine host*: spawned on first
+use, reused for later engines (it imports sglang once), ended at exit or when its caller goes away.
+``RemoteEngine`` forwards ``generate`` and ``shutdown`` to it.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import pickle
+import time
+import traceback
+from typing import Any, Callable, Dict, Optional
+
+CALL_TIMEOUT = float(os.environ.get("SP_CORE_ENGINE_TIMEOUT", "900"))
+
+
+class EngineProcessDied(RuntimeError):
+    pass
+
+
+class RemoteEngine:
+    """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)`` and ``shutdown()`` as sglang's."""
+
+    def __init__(self, host: "_Host", engine_id: int):
+        self._host, self._id = host, engine_id
+
+    def generate(self, **kwargs) -> Any:
+        return self._host.request("generate", self._id, kwargs)
+
+    def shutdown(self) -> None:
+        if self._id is not None:
+            engine_id, self._id = self._id, None
+            self._host.request("shutdown", engine_id)
+
+
+class _Host:
+    def __init__(self):
+        ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
+        self._conn, child_end = ctx.Pipe()
+        # not a daemon: sglang's Engine starts processes of its own
+        self.process = ctx.Process(target=_serve, args=(child_end,), name="sp-core-sglang-engines")
+        self.process.start()
+        child_end.close()
+
+    def request(self, op: str, *args, timeout: float = CALL_TIMEOUT) -> Any:
+        try:
+            self._conn.send((op, *args))
+        except (BrokenPipeError, OSError):
+            raise self._died() from None
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(1.0):
+            if not self.process.is_alive():
+                raise self._died()
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"the sglang engine did not answer {op!r} within {timeout:.0f} s "
+                                   f"(SP_CORE_ENGINE_TIMEOUT); its process was stopped")
+        try:
+            ok, payload = self._conn.recv()
+        except EOFError:
+            raise self._died() from None
+        if not ok:
+            raise payload
+        return payload
+
+    def _died(self) -> EngineProcessDied:
+        self.process.join(timeout=5)
+        return EngineProcessDied(f"the sglang engine process exited (exit code {self.process.exitcode}); "
+                                 f"its output above says why")
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+
+_HOST: Optional[_Host] = None
+
+
+def host() -> _Host:
+    """The engine host, started (or restarted, if it died) on demand."""
+    global _HOST
+    if _HOST is None or not _HOST.process.is_alive():
+        if _HOST is None:
+            atexit.register(close)  # before multiprocessing's own exit hook joins its children
+        _HOST = _Host()
+    return _HOST
+
+
+def close() -> None:
+    """Shut down every engine and end the engine host (idempotent)."""
+    global _HOST
+    if _HOST is not None:
+        _HOST.close()
+        _HOST = None
+
+
+def start(start_fn: Callable, *args, **kwargs) -> RemoteEngine:
+    """``start_fn(*args, **kwargs)`` in the engine host, under the caller's current environment (the
+    engine's workers inherit it); returns a handle on the engine it made."""
+    engine_id = host().request("start", dict(os.environ), start_fn, args, kwargs)
+    return RemoteEngine(_HOST, engine_id)
+
+
+def call(fn: Callable, *args) -> Any:
+    """``fn(*args)`` in the engine host (where sglang is imported and set up for this platform)."""
+    return host().request("call", fn, args)
+
+
+# -- in the engine host -----------------------------------------------------------------------------
+
+def _portable(err: BaseException) -> BaseException:
+    """The error to send back: itself when it pickles, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+
+
+def _serve(conn) -> None:
+    from sp_core.mpu import platform
+    from sp_core_sglang import cpu_env
+
+    if platform.device_type() == "cpu":
+        cpu_env.apply_cpu_engine_env(1)  # before anything imports sglang; each engine sets its own tp
+    engines: Dict[int, Any] = {}
+    try:
+        while True:
+            try:
+                op, *args = conn.recv()
+            except EOFError:  # the caller is gone
+                return
+            if op == "close":
+                return
+            try:
+                conn.send((True, _handle(engines, op, args)))
+            except BaseException as err:  # noqa: BLE001 - every failure goes back to the caller
+                conn.send((False, _portable(err)))
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+
+
+def _handle(engines: Dict[int, Any], op: str, args) -> Any:
+    if op == "start":
+        env, start_fn, fn_args, fn_kwargs = args
+        imported_with = {k: os.environ[k] for k in ("SGLANG_USE_CPU_ENGINE",) if k in os.environ}  # read at import
+        os.environ.clear()
+        os.environ.update(env, **imported_with)
+        engine = start_fn(*fn_args, **fn_kwargs)
+        engine_id = max(engines, default=0) + 1
+        engines[engine_id] = engine
+        return engine_id
+    if op == "generate":
+        engine_id, kwargs = args
+        return engines[engine_id].generate(**kwargs)
+    if op == "shutdown":
+        engines.pop(args[0]).shutdown()
+        return None
+    if op == "call":
+        fn, fn_args = args
+        return fn(*fn_args)
+    raise ValueError(f"unknown engine host request {op!r}")

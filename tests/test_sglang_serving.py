@@ -1,0 +1,221 @@
+"""The adapter on the paths sglang serving uses by default, in the real sglang.Engine (CPU, float32, tp 2,
+--enable-layernorm-sp, SP_CORE_SP_MIN_TOKENS=0 so that every plain prefill runs SP): the radix cache on,
+chunked prefill in chunks smaller than the prompts, mixed chunked-prefill + decode batches
+(--enable-mixed-chunk), 8 concurrent requests of mixed lengths. One engine start serves every check;
+each compares with transformers (log-probabilities within 1e-4, greedy tokens equal).
+
+Also: the SP switch by forward mode, and that an engine's shutdown leaves the launcher's helper
+processes (fork server, resource tracker) alive.
+"""
+import collections
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from sp_core.tiny import make_checkpoint
+from support.multirank import run_ranks
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
+    pytest.mark.timeout(600),
+]
+
+CHUNK = 16
+NEW_TOKENS = 16
+PREFIX = [int(t) for t in torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(7))]  # 3 chunks
+SUFFIX = [5, 17, 3, 88, 41, 9]
+# 8 requests at once, 1 to 40 tokens: several prefill rounds, so later prefills meet earlier decodes
+CONCURRENT = [[int(t) for t in torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))]
+              for n in (5, 1, 40, 3, 23, 2, 17, 9)]
+
+
+def _hf_greedy(model, prompts, new_tokens):
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+            out.append(gen[0, len(p):].tolist())
+    return out
+
+
+class Served:
+    def __init__(self, engine, model_dir, log_path):
+        self.engine, self.model_dir, self.log_path = engine, model_dir, log_path
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.vocab = json.load(f)["vocab_size"]
+
+    def collectives(self):
+        """Counter of (op, rows) logged by the workers since the last call (the log is cleared)."""
+        if not os.path.exists(self.log_path):
+            return collections.Counter()
+        with open(self.log_path) as f:
+            lines = [line.split(" ") for line in f.read().splitlines()]
+        os.remove(self.log_path)
+        assert {route for *_, route in lines} == {"GroupCoordinator"}, "collectives bypassed sglang's communicator"
+        return collections.Counter((op, int(shape.strip("()").split(",")[0])) for _, op, shape, _ in lines)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from sp_core_sglang.engine import start_engine
+
+    root = tmp_path_factory.mktemp("serving")
+    model_dir = make_checkpoint("qwen3", str(root / "qwen3"))
+    log_path = str(root / "collectives.log")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SP_CORE_COLLECTIVE_LOG", log_path)  # the workers inherit it at start
+        engine = start_engine(model_dir, 2, adapter=True, sp_min_tokens=0, enable_layernorm_sp=True,
+                              chunked_prefill_size=CHUNK, enable_mixed_chunk=True)  # radix cache on (default)
+    try:
+        yield Served(engine, model_dir, log_path)
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(served):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32).eval()
+
+
+def _hf_logprobs(model, prompt):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+
+
+def _rows(meta, vocab):
+    """The distributions sglang returned, in position order: input entries (None where the position's
+    hidden state came from the cache) then the last position's."""
+    entries = list(meta["input_top_logprobs"][1:]) + [meta["output_top_logprobs"][0]]
+    rows = torch.full((len(entries), vocab), float("nan"))
+    for j, entry in enumerate(entries):
+        for logprob, token_id, _ in entry:
+            rows[j, int(token_id)] = float(logprob)
+    assert not torch.isnan(rows).any()
+    return rows
+
+
+def _generate(served, prompts, **kwargs):
+    out = served.engine.generate(input_ids=prompts, **kwargs)
+    return out if isinstance(out, list) else [out]
+
+
+def test_chunked_prefill_then_radix_cache_hit_equal_transformers(served, hf_model):
+    served.collectives()
+    # 40 tokens in chunks of 16: three extends, the 2nd and 3rd over the cached earlier chunks
+    first = _generate(served, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                      return_logprob=True, logprob_start_len=0, top_logprobs_num=served.vocab)[0]
+    diff = (_rows(first["meta_info"], served.vocab) - _hf_logprobs(hf_model, PREFIX)).abs().max().item()
+    sp_rows = [rows for (op, rows) in served.collectives() if op == "reduce_scatter"]
+    print(f"chunked prefill: max |d logprob| vs transformers {diff:.2e}; SP rows per forward {sorted(set(sp_rows))}")
+    assert diff <= 1e-4
+    assert max(sp_rows) == CHUNK, "the prompt should prefill in chunks of CHUNK tokens, each under SP"
+
+    # the prefix is now in the radix cache: the second request extends only its suffix
+    prompt = PREFIX + SUFFIX
+    second = _generate(served, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                       return_logprob=True, logprob_start_len=len(PREFIX), top_logprobs_num=served.vocab)[0]
+    meta = second["meta_info"]
+    assert meta["cached_tokens"] == len(PREFIX), meta["cached_tokens"]
+    got = _rows(meta, served.vocab)  # positions len(PREFIX) .. len(prompt) - 1
+    want = _hf_logprobs(hf_model, prompt)[len(PREFIX):]
+    diff = (got - want).abs().max().item()
+    sp_rows = [rows for (op, rows) in served.collectives() if op == "reduce_scatter"]
+    print(f"radix cache hit of {meta['cached_tokens']} tokens: max |d logprob| vs transformers {diff:.2e}")
+    assert diff <= 1e-4
+    assert set(sp_rows) == {len(SUFFIX)}, "only the suffix is computed, under SP"
+
+
+def test_concurrent_mixed_lengths_greedy_equal_transformers(served, hf_model):
+    served.collectives()
+    outs = _generate(served, CONCURRENT, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
+                                                          "ignore_eos": True})
+    want = _hf_greedy(hf_model, CONCURRENT, NEW_TOKENS)
+    for i, (out, tokens) in enumerate(zip(outs, want)):
+        assert out["output_ids"] == tokens, f"prompt {i} ({len(CONCURRENT[i])} tokens): {out['output_ids']} vs {tokens}"
+    ops = served.collectives()
+    # a plain TP forward with more rows than requests is a MIXED batch (prefill chunk + decodes): SP stays off
+    mixed = sorted({rows for (op, rows) in ops if op == "all_reduce" and rows > len(CONCURRENT)})
+    sp = sorted({rows for (op, rows) in ops if op == "reduce_scatter"})
+    print(f"8 concurrent requests: plain-TP mixed batches of {mixed} rows; SP prefills of {sp} rows")
+    assert mixed, "no mixed prefill + decode batch ran (expected with --enable-mixed-chunk)"
+    assert sp, "no plain prefill batch ran under SP"
+
+
+def _sp_decisions():
+    """In the engine host (sglang imported): the adapter's SP decision for every sglang ForwardMode."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from sp_core_sglang.models.causal_lm import SPCoreForCausalLM
+
+    decisions = {}
+    for enabled in (True, False):
+        model = SimpleNamespace(sequence_parallel_enabled=enabled, sp_min_tokens=8)
+        for mode in ForwardMode:
+            # the batch offers only its mode: reading any device value (seq_lens, ...) would raise here
+            batch = SimpleNamespace(forward_mode=mode)
+            decisions[(enabled, mode.name)] = [SPCoreForCausalLM.runs_sequence_parallel(model, batch, n)
+                                               for n in (7, 8, 9000)]
+    return decisions
+
+
+def test_sp_only_for_plain_extend_at_or_above_the_threshold(served):
+    from sp_core_sglang import engine_process
+
+    decisions = engine_process.call(_sp_decisions)
+    assert decisions[(True, "EXTEND")] == [False, True, True]
+    others = {mode: got for (enabled, mode), got in decisions.items() if (enabled, mode) != (True, "EXTEND")}
+    assert {"MIXED", "TARGET_VERIFY", "SPLIT_PREFILL", "DECODE", "IDLE", "DLLM_EXTEND"} <= set(others)
+    assert all(got == [False, False, False] for got in others.values()), others
+
+
+def _rank_pid():
+    return os.getpid()
+
+
+def _launcher_helpers():
+    from multiprocessing import forkserver, resource_tracker
+
+    return forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid
+
+
+def _alive(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _in_process_shutdown_kills_the_launchers_helpers():
+    """What Engine.shutdown() does in the process that made the engine, after a launch from it."""
+    from sglang.srt.utils.common import kill_process_tree
+
+    run_ranks(2, _rank_pid)
+    fork_server, _ = _launcher_helpers()  # (the engine host shares its caller's resource tracker)
+    kill_process_tree(os.getpid(), include_parent=False)  # srt/entrypoints/engine.py::Engine.shutdown
+    return _alive(fork_server)
+
+
+def test_engine_shutdown_spares_the_launchers_helpers(served):
+    """Launch ranks, shut an engine down, launch again: the fork server and resource tracker that the
+    launcher started before are the same live processes (with the engine in this process, sglang's
+    shutdown killed them: the negative control, run in the engine host, shows it)."""
+    from sp_core_sglang import engine_process
+
+    run_ranks(2, _rank_pid)
+    helpers = _launcher_helpers()
+    served.engine.shutdown()  # last test of the module: the fixture's own shutdown is then a no-op
+    assert [_alive(pid) for pid in helpers] == [True, True]
+    run_ranks(2, _rank_pid)
+    assert _launcher_helpers() == helpers, "the launcher had to start new helpers"
+    assert engine_process.call(_in_process_shutdown_kills_the_launchers_helpers) is False
