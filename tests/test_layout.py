@@ -61,3 +61,27 @@ def test_library_files_are_packaged():
             if package not in packages:
                 missing.append(package)
     assert not missing, f"not in pyproject's [tool.setuptools] packages: {missing}"
+
+
+def test_documentation_links_resolve_inside_the_repository():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = []
+    for doc in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        for target in link.findall(doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = (doc.parent / target).resolve()
+            if not (path.exists() and ROOT in path.parents):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not broken, f"links that do not resolve inside the repository: {broken}"
+
+
+def test_setup_installs_what_the_test_extra_declares():
+    """scripts/setup.sh (CI's set-up) installs every package the test extra names."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = {re.split(r"[<>=\[ ]", req)[0] for name in ("test", "verify") for req in extras[name]} - {"sp-core"}
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    missing = [name for name in sorted(wanted) if not re.search(rf"\b{re.escape(name)}\b", setup)]
+    assert not missing, f"scripts/setup.sh does not install {missing}"

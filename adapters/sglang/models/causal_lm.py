@@ -52,7 +52,10 @@ def sequence_parallel_for(forward_mode, num_tokens: int, min_tokens: int) -> boo
     """SP for a forward of ``num_tokens`` tokens (a shape, not a device value) in ``forward_mode``: only
     plain prefill (``ForwardMode.EXTEND``, as upstream's ``layernorm_sp.runs_sp``) at or above the
     threshold. Reading no device value, it costs no host sync and gives the same answer on every replay
-    of a captured CUDA graph (sglang captures DECODE and TARGET_VERIFY, which run plain TP)."""
+    of a captured CUDA graph (sglang captures DECODE and TARGET_VERIFY, which run plain TP).
+
+    sglang 0.5.23's eager runner relabels a MIXED batch (prefill chunk + 1-token decode tails) EXTEND
+    before the model sees it, except on NPU or under context parallelism; it then runs SP, exactly."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     return forward_mode == ForwardMode.EXTEND and num_tokens >= min_tokens
