@@ -181,14 +181,24 @@ def test_plugin_does_nothing_unless_enabled():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
 
 
-def test_cpu_without_sgl_kernel_or_the_checkouts_standins_is_unavailable():
-    code = ("from sp_core_sglang import cpu_env, engine; from sp_core.engines import EngineUnavailable\n"
-            "cpu_env.STANDINS_DIR = '/nonexistent'\n"
-            "try:\n    engine.check_available()\nexcept EngineUnavailable as err:\n    print(err)\n")
+def test_cpu_fallbacks_only_where_the_real_packages_are_missing(tmp_path):
+    """sp_core_sglang.cpu_backend goes on the path only for what this environment lacks."""
+    code = ("import json, os, sys; from sp_core_sglang import cpu_backend, cpu_env\n"
+            "cpu_env.apply_cpu_engine_env(2)\n"
+            "print(json.dumps([cpu_backend.missing(), cpu_backend.DIR in sys.path,\n"
+            "                  cpu_backend.DIR in os.environ['PYTHONPATH'].split(os.pathsep)]))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env, SP_CORE_DEVICE="cpu"), check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    assert "sgl-kernel's CPU build" in out and "source checkout" in out, out
+
+    def run(extra_path):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=extra_path), check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+        return json.loads(out.splitlines()[-1])
+
+    assert run("") == [["sgl_kernel", "torchvision"], True, True]
+    for name in ("sgl_kernel", "torchvision"):  # a "real" install of both: no fallback
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    assert run(str(tmp_path)) == [[], False, False]
 
 
 def test_sp_for_an_architecture_the_core_lacks_fails_at_start(tmp_path):
