@@ -84,7 +84,44 @@ def comm_bus_bytes(tokens: int, t: int, layers: int) -> float:
     return layers * 2 * size * 2 * (t - 1) / t
 
 
-def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
+# (label, SP on, environment): "old" is the core's first path (pure-torch norm with a float32 round
+# trip, float32 rotary, unfused collectives); "strong" the fused norm / rotary kernels; "async" adds
+# the fused all-gather+GEMM / GEMM+reduce-scatter where sp_core.mpu.async_tp's table says they pay.
+VARIANTS = (("old_tp", False, dict(SP_CORE_FUSED="0", SP_CORE_ASYNC_TP="off")),
+            ("old_sp", True, dict(SP_CORE_FUSED="0", SP_CORE_ASYNC_TP="off")),
+            ("tp", False, dict(SP_CORE_FUSED="1", SP_CORE_ASYNC_TP="off")),
+            ("sp", True, dict(SP_CORE_FUSED="1", SP_CORE_ASYNC_TP="off")),
+            ("async_sp", True, dict(SP_CORE_FUSED="1", SP_CORE_ASYNC_TP="auto")))
+
+CATEGORIES = (("collective", ("nccl", "memcpy", "cross_device", "symm_mem", "barrier")),
+              ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk")),
+              ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+              ("norm+rotary", ("rms", "norm", "rope")))
+
+
+def kernel_categories(fn, iters: int = 3) -> dict:
+    """Device time per kernel category (ms per call) over ``iters`` profiled calls; sums may exceed the
+    wall time where kernels overlap (collectives beside GEMMs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    totals["other"] = 0.0
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.key.lower()
+        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[category] += evt.self_device_time_total / 1e3 / iters
+    return {k: round(v, 3) for k, v in totals.items()}
+
+
+def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
     from sp_core import mpu
     from sp_core.layers import PackedBatch
     from sp_core.models.qwen import qwen_decoder_layer
@@ -102,9 +139,10 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
         positions = torch.arange(tokens, device="cuda")
         batch = PackedBatch([tokens])
         result = {"tokens": tokens, "tp": t}
-        for mode in ("tp", "sp"):
-            mpu.set_sequence_parallel(mode == "sp")
-            n = tokens // t if mode == "sp" else tokens
+        for label, sp, env in VARIANTS:
+            os.environ.update(env)
+            mpu.set_sequence_parallel(sp)
+            n = tokens // t if sp else tokens
             x = torch.randn(n, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=train)
             grad = torch.randn_like(x)
 
@@ -115,20 +153,22 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
                 if train:
                     h.backward(grad)
 
-            if train:
+            with torch.set_grad_enabled(train):
                 ms, peak = _timed(run, iters)
-                for p in stack.parameters():
-                    p.grad = None
-            else:
-                with torch.no_grad():
-                    ms, peak = _timed(run, iters)
-            result[f"{mode}_ms"], result[f"{mode}_peak_bytes"] = ms, peak
+                if tokens in profile_tokens and label in ("tp", "sp", "async_sp"):
+                    result[f"{label}_kernels"] = kernel_categories(run)
+            for p in stack.parameters():
+                p.grad = None
+            result[f"{label}_ms"], result[f"{label}_peak_bytes"] = ms, peak
         passes = 3 if train else 1
         compute_ms = passes * layer_flops(tokens, t, layers) / (tflops * 1e12) * 1e3
         comm_ms = passes * comm_bus_bytes(tokens, t, layers) / (busbw * 1e9) * 1e3
-        result.update(sp_over_tp=result["sp_ms"] / result["tp_ms"], floor_ms=compute_ms + comm_ms,
-                      floor_compute_ms=compute_ms, floor_comm_ms=comm_ms, matmul_tflops=tflops, busbw_gbs=busbw)
-        result["sp_over_floor"] = result["sp_ms"] / result["floor_ms"]
+        result.update(old_sp_over_tp=result["old_sp_ms"] / result["old_tp_ms"],
+                      sp_over_tp=result["sp_ms"] / result["tp_ms"],
+                      async_sp_over_tp=result["async_sp_ms"] / result["tp_ms"],
+                      floor_ms=compute_ms + comm_ms, floor_compute_ms=compute_ms, floor_comm_ms=comm_ms,
+                      matmul_tflops=tflops, busbw_gbs=busbw)
+        result["sp_over_floor"] = result["async_sp_ms"] / result["floor_ms"]
         result["tp_over_floor"] = result["tp_ms"] / result["floor_ms"]
         rows.append(result)
         torch.cuda.empty_cache()
@@ -136,10 +176,10 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool):
     return rows
 
 
-def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool):
+def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, timeout=900)[0]
+    return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), timeout=900)[0]
 
 
 def device_name() -> str:
@@ -154,14 +194,28 @@ def markdown(results: dict) -> str:
         if not rows:
             continue
         lines += [f"### {title}, {results['layers']} layers", "",
-                  "| t | tokens | TP ms | TP-SP ms | SP/TP time | TP peak MiB | SP peak MiB | SP/TP memory | floor ms | SP / floor |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| t | tokens | old TP ms | old TP-SP ms | old SP/TP | strong TP ms | strong TP-SP ms | SP/TP | "
+                  "TP-SP + async TP ms | **(SP + async) / strong TP** | SP/TP memory | floor ms | (SP + async) / floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['tp']} | {r['tokens']} | {r['tp_ms']:.2f} | {r['sp_ms']:.2f} | {r['sp_over_tp']:.3f} | "
-                         f"{r['tp_peak_bytes'] / 2**20:.0f} | {r['sp_peak_bytes'] / 2**20:.0f} | "
-                         f"{r['sp_peak_bytes'] / max(r['tp_peak_bytes'], 1):.3f} | {r['floor_ms']:.2f} | "
+            lines.append(f"| {r['tp']} | {r['tokens']} | {r['old_tp_ms']:.2f} | {r['old_sp_ms']:.2f} | "
+                         f"{r['old_sp_over_tp']:.3f} | {r['tp_ms']:.2f} | {r['sp_ms']:.2f} | {r['sp_over_tp']:.3f} | "
+                         f"{r['async_sp_ms']:.2f} | **{r['async_sp_over_tp']:.3f}** | "
+                         f"{r['async_sp_peak_bytes'] / max(r['tp_peak_bytes'], 1):.3f} | {r['floor_ms']:.2f} | "
                          f"{r['sp_over_floor']:.2f} |")
         lines.append("")
+        profiled = [r for r in rows if "tp_kernels" in r]
+        if profiled:
+            lines += [f"Kernel time by category, ms per call on rank 0 ({kind}; sums can exceed the wall time "
+                      "where collectives overlap GEMMs):", "",
+                      "| t | tokens | variant | wall ms | " + " | ".join(results["categories"]) + " |",
+                      "|---|---|---|---|" + "---|" * len(results["categories"])]
+            for r in profiled:
+                for label in ("tp", "sp", "async_sp"):
+                    k = r[f"{label}_kernels"]
+                    lines.append(f"| {r['tp']} | {r['tokens']} | {label} | {r[f'{label}_ms']:.2f} | "
+                                 + " | ".join(f"{k[c]:.2f}" for c in results["categories"]) + " |")
+            lines.append("")
     rows = results.get("megatron") or []
     if rows:
         lines += [f"### Training inside Megatron, {results['layers']} layers", "",
@@ -187,13 +241,16 @@ def plot(results: dict, path: str) -> bool:
     for ax, kind in zip(axes, ("prefill", "train")):
         for t in sorted({r["tp"] for r in results.get(kind, [])}):
             rows = [r for r in results[kind] if r["tp"] == t]
-            ax.plot([r["tokens"] for r in rows], [r["sp_over_tp"] for r in rows], marker="o", label=f"t={t}")
+            line, = ax.plot([r["tokens"] for r in rows], [r["async_sp_over_tp"] for r in rows], marker="o",
+                            label=f"t={t}: (SP + async TP) / strong TP")
+            ax.plot([r["tokens"] for r in rows], [r["old_sp_over_tp"] for r in rows], marker="x", ls="--",
+                    color=line.get_color(), label=f"t={t}: old SP / old TP")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
         ax.set_ylabel("TP-SP time / TP time")
+        ax.legend(fontsize=7)
         ax.set_title(kind)
-        ax.legend()
     fig.suptitle(results["device"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -209,6 +266,7 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--megatron", action="store_true", help="also compare with megatron-core's own SP")
     parser.add_argument("--only-megatron", action="store_true", help="skip the core's TP vs TP-SP runs")
+    parser.add_argument("--profile-tokens", default="", help="token counts to profile by kernel category")
     parser.add_argument("--out", default="out")
     parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
     args = parser.parse_args()
@@ -220,19 +278,23 @@ def main():
     tps = [int(x) for x in args.tp.split(",")]
     results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
-               "prefill": [], "train": [], "megatron": []}
+               "prefill": [], "train": [], "megatron": [],
+               "categories": [c for c, _ in CATEGORIES] + ["other"],
+               "async_tp_table": __import__("sp_core.mpu.async_tp", fromlist=["table"]).table()}
     for t in tps:
         if t > torch.cuda.device_count():
             print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)
             continue
         for kind, tokens, train in (() if args.only_megatron else
                                     (("prefill", args.tokens, False), ("train", args.train_tokens, True))):
-            rows = bench_core(t, args.layers, [int(x) for x in tokens.split(",")], args.iters, train)
+            profile = [int(x) for x in args.profile_tokens.split(",") if x]
+            rows = bench_core(t, args.layers, [int(x) for x in tokens.split(",")], args.iters, train, profile)
             results[kind] += rows
             for r in rows:
-                print(f"{kind} t={t} T={r['tokens']}: TP {r['tp_ms']:.2f} ms, SP {r['sp_ms']:.2f} ms, "
-                      f"SP/TP {r['sp_over_tp']:.3f}, mem SP/TP {r['sp_peak_bytes'] / max(1, r['tp_peak_bytes']):.3f}, "
-                      f"floor {r['floor_ms']:.2f} ms", flush=True)
+                print(f"{kind} t={t} T={r['tokens']}: old TP {r['old_tp_ms']:.2f} SP {r['old_sp_ms']:.2f} "
+                      f"({r['old_sp_over_tp']:.3f}); strong TP {r['tp_ms']:.2f} SP {r['sp_ms']:.2f} "
+                      f"({r['sp_over_tp']:.3f}); SP+async {r['async_sp_ms']:.2f} ({r['async_sp_over_tp']:.3f}); "
+                      f"floor {r['floor_ms']:.2f}", flush=True)
         if args.megatron:
             from benchmarks import megatron_bench
 

@@ -15,5 +15,6 @@ class DecoderLayer(torch.nn.Module):
         self.mlp = mlp
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(self.input_layernorm(hidden), positions, batch)
+        normed, hidden = self.post_attention_layernorm(attn, hidden)  # residual add fused into the norm
+        return hidden + self.mlp(normed)

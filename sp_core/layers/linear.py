@@ -25,28 +25,48 @@ def _divide(total: int, t: int, what: str) -> int:
 class _GatheredInputLinear(torch.autograd.Function):
     """y = g(x) @ W^T + b, saving the token shard x (not the gathered input) for backward.
 
-    Backward re-gathers x for the weight gradient and reduce-scatters the input gradient, as Megatron
-    does under SP (the paper's section 4.2.2: activations stored per rank are 1/t); the gather overlaps
-    the input-gradient GEMM and the reduce-scatter overlaps the weight-gradient GEMM.
+    Forward: the gather fused with the GEMM where it pays (``mpu.async_tp``). Backward re-gathers x for
+    the weight gradient and reduce-scatters the input gradient, as Megatron does under SP (the paper's
+    section 4.2.2: activations stored per rank are 1/t); the gather overlaps the input-gradient GEMM,
+    whose reduce-scatter is fused with it or overlaps the weight-gradient GEMM.
     """
 
     @staticmethod
     def forward(ctx, x_shard, weight, bias):
         ctx.save_for_backward(x_shard, weight)
         ctx.has_bias = bias is not None
-        return F.linear(collectives.all_gather(x_shard), weight, bias)
+        _, out = collectives.all_gather_matmul(x_shard.reshape(-1, x_shard.shape[-1]), weight.t())
+        out = out.view(-1, *x_shard.shape[1:-1], weight.shape[0])
+        return out + bias if bias is not None else out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
-        grad_in_all = grad_out @ weight
-        reducing = collectives.reduce_scatter_start(grad_in_all)
-        x_all = gathering.wait()
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        reducing = collectives.matmul_reduce_scatter_start(grad_2d, weight)
+        x_all = gathering.wait()
         grad_weight = grad_2d.t() @ x_all.reshape(-1, x_all.shape[-1])
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return reducing.wait(), grad_weight, grad_bias
+        return reducing.wait().view_as(x_shard), grad_weight, grad_bias
+
+
+class _ReduceScatteredOutputLinear(torch.autograd.Function):
+    """y = g-bar(x @ W^T): the row layer under SP, the reduce-scatter fused with the GEMM where it pays.
+    Backward: g-bar's all-gather of the gradient, fused with the input-gradient GEMM likewise."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        out = collectives.matmul_reduce_scatter(x.reshape(-1, x.shape[-1]), weight.t())
+        return out.view(-1, *x.shape[1:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_all, grad_in = collectives.all_gather_matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight)
+        grad_weight = grad_all.t() @ x.reshape(-1, x.shape[-1])
+        return grad_in.view_as(x), grad_weight
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -91,8 +111,10 @@ class RowParallelLinear(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
-        out = mpu.reduce_scatter_to_sp(partial) if mpu.sequence_parallel_active() else mpu.reduce_from_tp(partial)
+        if mpu.sequence_parallel_active():
+            out = _ReduceScatteredOutputLinear.apply(x, self.weight)
+        else:
+            out = mpu.reduce_from_tp(F.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
 

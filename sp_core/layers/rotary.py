@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from sp_core.mpu import platform
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
@@ -43,11 +45,27 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, self.attention_factor = inverse_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q [T, heads, d], k [T, kv_heads, d], positions [T] -> rotated q, k."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: Optional[torch.nn.Module] = None, k_norm: Optional[torch.nn.Module] = None):
+        """q [T, heads, d], k [T, kv_heads, d], positions [T] -> rotated q, k. With ``q_norm`` / ``k_norm``
+        (Qwen3's per-head RMSNorms) those are applied first; in inference the platform's fused kernel,
+        when there is one, does both in one pass."""
         inv_freq = self.inv_freq.to(positions.device)
-        return (_Rotate.apply(q, positions, inv_freq, self.attention_factor),
-                _Rotate.apply(k, positions, inv_freq, self.attention_factor))
+        fused = platform.fused_qk_norm_rope()
+        norms = [n for n in (q_norm, k_norm) if n is not None]
+        if fused is not None and not (torch.is_grad_enabled() and any(
+                x.requires_grad for x in [q, k] + [n.weight for n in norms])):
+            eps = norms[0].eps if norms else 0.0
+            return fused(q, k, q_norm.weight if q_norm is not None else None,
+                         k_norm.weight if k_norm is not None else None, eps, positions, inv_freq,
+                         self.attention_factor)
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
+        wide = platform.rotary_in_float32()
+        return (_Rotate.apply(q, positions, inv_freq, self.attention_factor, wide),
+                _Rotate.apply(k, positions, inv_freq, self.attention_factor, wide))
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float):
@@ -63,19 +81,24 @@ def _rotate_half(x: torch.Tensor, sign: int = 1) -> torch.Tensor:
 
 class _Rotate(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin, saving only the positions: the cos / sin tables cover all tokens
-    (not a shard), so they are recomputed in backward rather than stored (DESIGN principle 6)."""
+    (not a shard), so they are recomputed in backward rather than stored (DESIGN principle 6).
+    ``wide``: compute in float32 (the pure-torch path); else in x's dtype with cos / sin rounded to it,
+    as HF's reference does."""
 
     @staticmethod
-    def forward(ctx, x, positions, inv_freq, factor):
+    def forward(ctx, x, positions, inv_freq, factor, wide):
         ctx.save_for_backward(positions, inv_freq)
-        ctx.factor = factor
-        cos, sin = _cos_sin(positions, inv_freq, factor)
-        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+        ctx.factor, ctx.wide = factor, wide
+        dtype = torch.float32 if wide else x.dtype
+        cos, sin = (c.to(dtype) for c in _cos_sin(positions, inv_freq, factor))
+        xw = x.to(dtype)
+        return (xw * cos + _rotate_half(xw) * sin).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         positions, inv_freq = ctx.saved_tensors
-        cos, sin = _cos_sin(positions, inv_freq, ctx.factor)
-        g = grad.float()
+        dtype = torch.float32 if ctx.wide else grad.dtype
+        cos, sin = (c.to(dtype) for c in _cos_sin(positions, inv_freq, ctx.factor))
+        g = grad.to(dtype)
         # the transpose of rotate_half is rotate_half with the opposite sign
-        return (g * cos + _rotate_half(g * sin, sign=-1)).to(grad.dtype), None, None, None
+        return (g * cos + _rotate_half(g * sin, sign=-1)).to(grad.dtype), None, None, None, None

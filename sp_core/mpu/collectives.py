@@ -19,6 +19,7 @@ from typing import Dict, Iterator
 import torch
 import torch.distributed as dist
 
+from sp_core.mpu import async_tp
 from sp_core.mpu import parallel_state as ps
 
 _COUNTS: Dict[str, int] = collections.Counter()
@@ -157,6 +158,88 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if ps.tp_size() > 1 and ps.communicator() is not None:
         return _reduce_scatter_through(ps.communicator(), x)
     return reduce_scatter_start(x).wait()
+
+
+def _global_rank(group, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor) -> list:
+    """Send ``send`` to the next rank of the ring and receive ``recv`` from the previous, in flight."""
+    t, r, group = ps.tp_size(), ps.tp_rank(), ps.tp_group()
+    ops = [dist.P2POp(dist.isend, send, _global_rank(group, (r + 1) % t), group),
+           dist.P2POp(dist.irecv, recv, _global_rank(group, (r - 1) % t), group)]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
+    """``(all_gather(a_shard), all_gather(a_shard) @ b)``, the gather fused with the GEMM where
+    ``async_tp.choose`` says it pays: it is still g's forward (counted as one all_gather)."""
+    t = ps.tp_size()
+    if t == 1:
+        return a_shard, a_shard @ b
+    a_shard = a_shard.contiguous()
+    impl = async_tp.choose("all_gather_matmul", a_shard.shape[0] * t, t)
+    if impl == "off":
+        gathered = all_gather(a_shard)
+        return gathered, gathered @ b
+    _record("all_gather", a_shard)
+    if impl == "symm_mem":
+        gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
+            a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
+        return gathered, out
+    # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
+    r, n = ps.tp_rank(), a_shard.shape[0]
+    gathered = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:]))
+    out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
+    gathered[r * n:(r + 1) * n].copy_(a_shard)
+    for step in range(t):
+        src = (r - step) % t
+        works = _exchange(gathered[src * n:(src + 1) * n], gathered[(src - 1) % t * n:((src - 1) % t + 1) * n]) \
+            if step < t - 1 else []
+        torch.matmul(gathered[src * n:(src + 1) * n], b, out=out[src * n:(src + 1) * n])
+        _wait(works)
+    return gathered, out
+
+
+def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
+    """``reduce_scatter(a @ b)``, the reduce-scatter fused with the GEMM where ``async_tp.choose`` says
+    it pays (done when returned), else the GEMM then the reduce-scatter in flight. g-bar's forward."""
+    t = ps.tp_size()
+    if t == 1:
+        return Pending(a @ b)
+    _check_divisible(a, "reduce_scatter")
+    a = a.contiguous()
+    impl = async_tp.choose("matmul_reduce_scatter", a.shape[0], t)
+    if impl == "off":
+        return reduce_scatter_start(a @ b)
+    _record("reduce_scatter", a)
+    if impl == "symm_mem":
+        return Pending(torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name))
+    # ring: the partial sum for rank d starts at rank d + 1 and gains one term per hop, ending at d
+    r, n = ps.tp_rank(), a.shape[0] // t
+    keep, works, incoming = [], [], None
+    for step in range(t):
+        dest = (r - 1 - step) % t
+        partial = a[dest * n:(dest + 1) * n] @ b
+        if incoming is not None:
+            _wait(works)
+            partial += incoming
+        if step == t - 1:
+            return Pending(partial)
+        incoming = torch.empty_like(partial)
+        keep += [partial, incoming]  # alive until their transfers are waited on
+        works = _exchange(partial, incoming)
+    raise AssertionError("unreachable")
+
+
+def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return matmul_reduce_scatter_start(a, b).wait()
 
 
 def split(x: torch.Tensor) -> torch.Tensor:

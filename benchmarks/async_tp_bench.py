@@ -1,0 +1,124 @@
+"""Measure where fusing a collective with its GEMM (async TP) pays, and write the decision table that
+sp_core.mpu.async_tp reads (docs/async_tp.md holds the committed one).
+
+    python benchmarks/async_tp_bench.py --tp 2,4 --out $OUT      # -> $OUT/async_tp.json, async_tp_table.json
+
+For each tp size, op and Qwen3-8B-shaped linear layer, and all-token row counts M, times the unfused
+form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring",
+"symm_mem"), forward, median of --iters (device events). A fused form is chosen for an op from the
+M at which it beats "off" by at least 2% on every layer of that op (the fastest such form).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.bench import SHAPE, _timed  # noqa: E402
+
+ROWS = (1024, 2048, 4096, 8192, 16384, 32768)
+MARGIN = 0.98
+
+
+def layers(t: int):
+    """(op, name, K, N) per rank: y[M, N] = all_gather(x)[M, K] @ b or reduce_scatter(x[M, K] @ b)."""
+    h, q, kv, d, f = (SHAPE["hidden_size"], SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"],
+                      SHAPE["head_dim"], SHAPE["intermediate_size"])
+    return [("all_gather_matmul", "qkv_proj", h, (q + 2 * kv) * d // t),
+            ("all_gather_matmul", "gate_up_proj", h, 2 * f // t),
+            ("matmul_reduce_scatter", "o_proj", q * d // t, h),
+            ("matmul_reduce_scatter", "down_proj", f // t, h)]
+
+
+def _rank(impls, rows_list, iters):
+    from sp_core import mpu
+    from sp_core.mpu import collectives
+
+    t = mpu.tp_size()
+    out = []
+    for op, name, k, n in layers(t):
+        b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()  # a weight's transpose, as layers pass it
+        for rows in rows_list:
+            local = rows // t if op == "all_gather_matmul" else rows
+            x = torch.randn(local, k, device="cuda", dtype=torch.bfloat16)
+            if op == "all_gather_matmul":
+                fn = lambda: collectives.all_gather_matmul(x, b)  # noqa: E731
+            else:
+                fn = lambda: collectives.matmul_reduce_scatter(x, b)  # noqa: E731
+            for impl in impls:
+                os.environ["SP_CORE_ASYNC_TP"] = impl
+                ms, _ = _timed(fn, iters)
+                out.append(dict(tp=t, op=op, layer=name, rows=rows, impl=impl, ms=ms))
+            del x
+    os.environ["SP_CORE_ASYNC_TP"] = "auto"
+    return out
+
+
+def decide(rows_measured, t: int):
+    """{op: [[M, impl], ...]} for one tp size: at each measured M, the fused form that beats "off" by 2%
+    on every layer of the op with the least total time, else "off"."""
+    entries = {}
+    for op in ("all_gather_matmul", "matmul_reduce_scatter"):
+        mine = [r for r in rows_measured if r["tp"] == t and r["op"] == op]
+        timed = {(r["impl"], r["layer"], r["rows"]): r["ms"] for r in mine}
+        steps = []
+        for rows in sorted({r["rows"] for r in mine}):
+            layer_names = sorted({r["layer"] for r in mine if r["rows"] == rows})
+            best, best_ms = "off", None
+            for impl in sorted({r["impl"] for r in mine} - {"off"}):
+                keys = [(impl, name, rows) for name in layer_names]
+                if not all(k in timed and ("off",) + k[1:] in timed for k in keys):
+                    continue
+                if all(timed[k] < MARGIN * timed[("off",) + k[1:]] for k in keys):
+                    total = sum(timed[k] for k in keys)
+                    if best_ms is None or total < best_ms:
+                        best, best_ms = impl, total
+            steps.append([rows, best])
+        if any(impl != "off" for _, impl in steps):
+            entries[op] = steps
+    return entries
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", default="2,4")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)))
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default="out")
+    args = parser.parse_args()
+    from sp_core.mpu import platform
+    from sp_core.mpu.launch import RankFailed, run_ranks
+
+    os.makedirs(args.out, exist_ok=True)
+    rows_list = [int(x) for x in args.rows.split(",")]
+    measured, errors, table = [], {}, {}
+    for t in (int(x) for x in args.tp.split(",")):
+        measured += run_ranks(t, _rank, ("off", "ring"), rows_list, args.iters, timeout=300)[0]
+        if platform.symmetric_memory_ops_available():
+            try:  # separately: a failure here must not lose the other measurements
+                measured += run_ranks(t, _rank, ("symm_mem",), rows_list, args.iters, timeout=180)[0]
+            except RankFailed as err:
+                errors[f"tp{t} symm_mem"] = f"{err.error_type}: {err.error_message}"[:2000]
+        decided = decide(measured, t)
+        if decided:
+            table[f"{platform.device_type()}:{t}"] = decided
+        for r in measured:
+            if r["tp"] == t:
+                print(f"t={t} {r['op']:22s} {r['layer']:12s} M={r['rows']:6d} {r['impl']:8s} {r['ms']:8.3f} ms", flush=True)
+    result = dict(device=f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}", torch=torch.__version__,
+                  command=" ".join(["python"] + sys.argv), measured=measured, errors=errors, table=table)
+    with open(os.path.join(args.out, "async_tp.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "async_tp_table.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    print("errors:", json.dumps(errors, indent=1))
+    print("decision table:", json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

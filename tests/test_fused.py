@@ -1,0 +1,139 @@
+"""Fused paths against the unfused ones they replace (DESIGN principle 2: a fused g / g-bar is still
+that operator): the async-TP column / row layers (ring decomposition over gloo here, NCCL and symmetric
+memory on GPUs), and the Triton norm / rotary kernels (Triton's interpreter on CPU)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sp_core import mpu
+from sp_core.layers import ColumnParallelLinear, RowParallelLinear
+from sp_core.mpu import async_tp, platform
+from support.multirank import run_ranks
+
+
+def _column_row(dtype_name, impl, rows_per_rank):
+    """Column then row layer under SP, forward + backward, with SP_CORE_ASYNC_TP=impl."""
+    os.environ["SP_CORE_ASYNC_TP"] = impl
+    dtype, device = getattr(torch, dtype_name), platform.current_device()
+    torch.manual_seed(0)
+    column = ColumnParallelLinear(8, 12 * mpu.tp_size(), bias=True, dtype=dtype).to(device)
+    row = RowParallelLinear(12 * mpu.tp_size(), 8, dtype=dtype).to(device)
+    torch.manual_seed(1 + mpu.tp_rank())
+    x = torch.randn(rows_per_rank, 8, dtype=dtype, device=device, requires_grad=True)
+    with mpu.counting_collectives() as issued:
+        y = row(torch.nn.functional.silu(column(x)))
+        y.backward(torch.randn_like(y))
+    grads = [p.grad for p in list(column.parameters()) + list(row.parameters())]
+    return [t.detach().float().cpu() for t in [y, x.grad] + grads], issued
+
+
+def _fused_equals_unfused(dtype_name, impl):
+    from sp_core.mpu import collectives
+
+    exchanges = []
+    real_exchange = collectives._exchange
+    collectives._exchange = lambda *a: exchanges.append(1) or real_exchange(*a)
+    plain, plain_issued = _column_row(dtype_name, "off", 6)
+    assert not exchanges, "the unfused path must not use the ring"
+    fused, fused_issued = _column_row(dtype_name, impl, 6)
+    if impl == "ring":  # t - 1 hops per fused op: column fwd + bwd, row fwd + bwd
+        assert len(exchanges) == 4 * (mpu.tp_size() - 1), len(exchanges)
+    tol = 1e-5 if dtype_name == "float32" else 2e-2
+    for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{impl} vs unfused: {name}")
+    assert fused_issued == plain_issued, (fused_issued, plain_issued)
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_async_tp_equals_unfused(world):
+    assert run_ranks(world, _fused_equals_unfused, "float32", "ring") == [True] * world
+
+
+def test_ring_async_tp_bf16():
+    assert run_ranks(2, _fused_equals_unfused, "bfloat16", "ring") == [True] * 2
+
+
+def test_symm_mem_async_tp_equals_unfused():
+    if not platform.symmetric_memory_ops_available():
+        pytest.skip("torch's symmetric-memory ops need CUDA")
+    assert run_ranks(2, _fused_equals_unfused, "bfloat16", "symm_mem") == [True] * 2
+
+
+def test_decision_follows_the_table(monkeypatch, tmp_path):
+    monkeypatch.delenv("SP_CORE_ASYNC_TP", raising=False)
+    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.device_type()}:4": {
+        "all_gather_matmul": [[2048, "off"], [8192, "ring"], [65536, "off"]]}})
+    assert async_tp.choose("all_gather_matmul", 8192, 4) == "ring"
+    assert async_tp.choose("all_gather_matmul", 30000, 4) == "ring"
+    assert async_tp.choose("all_gather_matmul", 4096, 4) == "off"
+    assert async_tp.choose("all_gather_matmul", 1024, 4) == "off"  # below the first step
+    assert async_tp.choose("all_gather_matmul", 65536, 4) == "off"
+    assert async_tp.choose("matmul_reduce_scatter", 32768, 4) == "off"  # no entry: never fuse
+    assert async_tp.choose("all_gather_matmul", 32768, 2) == "off"
+    monkeypatch.setenv("SP_CORE_ASYNC_TP", "sometimes")
+    with pytest.raises(ValueError, match="SP_CORE_ASYNC_TP='sometimes' is not supported; use auto, off, ring"):
+        async_tp.choose("all_gather_matmul", 8192, 4)
+    monkeypatch.setenv("SP_CORE_ASYNC_TP", "auto")
+    monkeypatch.setenv("SP_CORE_ASYNC_TP_TABLE", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="is not a readable JSON decision table"):
+        async_tp.choose("all_gather_matmul", 8192, 4)
+
+
+KERNEL_CHECK = r"""
+import torch
+from sp_core.layers import triton_kernels as tk
+from sp_core.layers.rotary import RotaryEmbedding
+
+device = "{device}"
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    torch.manual_seed(0)
+    # add + RMSNorm, hidden not a power of two, a strided residual
+    x = torch.randn(5, 96, dtype=dtype, device=device)
+    residual = torch.randn(5, 192, dtype=dtype, device=device)[:, ::2]
+    w = torch.randn(96, dtype=dtype, device=device)
+    y, added = tk.add_rms_norm(x, residual, w, 1e-6)
+    want_added = x + residual
+    wide = want_added.float()
+    want = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+    torch.testing.assert_close(added.float(), want_added.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(y.float(), want, atol=tol, rtol=tol)
+    # per-head q/k norm + rotary on strided views of a qkv output (head_dim 20: half not a power of two)
+    qkv = torch.randn(7, 10 * 20, dtype=dtype, device=device)
+    q, k, _ = qkv.split([120, 40, 40], -1)
+    q, k = q.unflatten(-1, (-1, 20)), k.unflatten(-1, (-1, 20))
+    positions = torch.tensor([0, 1, 2, 3, 10, 11, 500], device=device)
+    rope = RotaryEmbedding(20, 10000.0, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64))
+    qw, kw = torch.randn(20, dtype=dtype, device=device), torch.randn(20, dtype=dtype, device=device)
+    for weights in ((qw, kw), (None, None)):
+        got = tk.qk_norm_rope(q, k, *weights, 1e-6, positions, rope.inv_freq, rope.attention_factor)
+        inv = rope.inv_freq.to(device)
+        freqs = positions.float()[:, None] * inv
+        cos = torch.cat([freqs, freqs], -1).cos()[:, None] * rope.attention_factor
+        sin = torch.cat([freqs, freqs], -1).sin()[:, None] * rope.attention_factor
+        for x_in, weight, out in zip((q, k), weights, got):
+            xf = x_in.float()
+            if weight is not None:
+                xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.float()
+            want = xf * cos + torch.cat([-xf[..., 10:], xf[..., :10]], -1) * sin
+            assert out.is_contiguous() and out.dtype == dtype
+            torch.testing.assert_close(out.float(), want, atol=tol * 4, rtol=tol)
+print("kernels ok")
+"""
+
+
+def test_triton_kernels_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK.format(device="cpu")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_triton_kernels_on_the_device():
+    if platform.device_type() != "cuda":
+        pytest.skip("needs a CUDA device")
+    exec(KERNEL_CHECK.format(device=platform.current_device()), {})
