@@ -169,9 +169,16 @@ def _has_triton() -> bool:
 def symmetric_memory_ops_available() -> bool:
     """torch's symmetric-memory fused all-gather+matmul / matmul+reduce-scatter (CUDA, NCCL group).
     They copy over NVLink with the copy engines and need no multicast (which stays off here)."""
-    if device_type() != "cuda":
+    return device_type() == "cuda" and _symmetric_memory_ops_registered()
+
+
+@functools.lru_cache(maxsize=None)
+def _symmetric_memory_ops_registered() -> bool:
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401  (defines torch.ops.symm_mem's fused ops)
+    except Exception:
         return False
-    return hasattr(torch.ops, "symm_mem") and hasattr(torch.ops.symm_mem, "fused_all_gather_matmul")
+    return hasattr(torch.ops.symm_mem, "fused_all_gather_matmul")
 
 
 def rotary_in_float32() -> bool:
