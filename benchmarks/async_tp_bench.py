@@ -106,7 +106,7 @@ def main():
                 errors[f"tp{t} symm_mem"] = f"{err.error_type}: {err.error_message}"[:2000]
         decided = decide(measured, t)
         if decided:
-            table[f"{platform.device_type()}:{t}"] = decided
+            table[f"{platform.backend()}:{t}"] = decided
         for r in measured:
             if r["tp"] == t:
                 print(f"t={t} {r['op']:22s} {r['layer']:12s} M={r['rows']:6d} {r['impl']:8s} {r['ms']:8.3f} ms", flush=True)

@@ -65,7 +65,7 @@ def test_symm_mem_async_tp_equals_unfused():
 
 def test_decision_follows_the_table(monkeypatch, tmp_path):
     monkeypatch.delenv("SP_CORE_ASYNC_TP", raising=False)
-    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.device_type()}:4": {
+    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.backend()}:4": {
         "all_gather_matmul": [[2048, "off"], [8192, "ring"], [65536, "off"]]}})
     assert async_tp.choose("all_gather_matmul", 8192, 4) == "ring"
     assert async_tp.choose("all_gather_matmul", 30000, 4) == "ring"
