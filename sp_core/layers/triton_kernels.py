@@ -81,6 +81,7 @@ def _norm_rope(x, weight, eps, positions, inv_freq, factor):
 def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, inv_freq, factor):
     """q [T, heads, d], k [T, kv_heads, d] (strided views of the qkv output are fine) -> new contiguous
     q, k: optional per-head RMSNorm with the given weights, then rotate-half rotary at ``positions``."""
-    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32)
+    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    positions = positions.contiguous()
     return (_norm_rope(q, q_weight, eps, positions, inv_freq, factor),
             _norm_rope(k, k_weight, eps, positions, inv_freq, factor))
