@@ -177,6 +177,12 @@ def _wait(works: list) -> None:
         work.wait()
 
 
+def _fusion(op: str, rows: int, t: int) -> str:
+    """``async_tp.choose``, except that a bound framework communicator keeps the plain collectives
+    (they go through it, as the framework would issue them)."""
+    return "off" if ps.communicator() is not None else async_tp.choose(op, rows, t)
+
+
 def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     """``(all_gather(a_shard), all_gather(a_shard) @ b)``, the gather fused with the GEMM where
     ``async_tp.choose`` says it pays: it is still g's forward (counted as one all_gather)."""
@@ -184,7 +190,7 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     if t == 1:
         return a_shard, a_shard @ b
     a_shard = a_shard.contiguous()
-    impl = async_tp.choose("all_gather_matmul", a_shard.shape[0] * t, t)
+    impl = _fusion("all_gather_matmul", a_shard.shape[0] * t, t)
     if impl == "off":
         gathered = all_gather(a_shard)
         return gathered, gathered @ b
@@ -215,8 +221,10 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
         return Pending(a @ b)
     _check_divisible(a, "reduce_scatter")
     a = a.contiguous()
-    impl = async_tp.choose("matmul_reduce_scatter", a.shape[0], t)
+    impl = _fusion("matmul_reduce_scatter", a.shape[0], t)
     if impl == "off":
+        if ps.communicator() is not None:
+            return Pending(reduce_scatter(a @ b))
         return reduce_scatter_start(a @ b)
     _record("reduce_scatter", a)
     if impl == "symm_mem":
