@@ -19,7 +19,7 @@ from typing import Dict, Iterator
 import torch
 import torch.distributed as dist
 
-from sp_core.mpu import parallel_state as ps
+from sp_core.mpu import activity, parallel_state as ps
 
 _COUNTS: Dict[str, int] = collections.Counter()
 # torch >= 2.12 renamed the tensor collectives; the GPU image's torch 2.11 has only the old names.
@@ -28,7 +28,9 @@ _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def _record(op: str, tensor: torch.Tensor, communicator=None) -> None:
+    """Count the collective and mark this rank as waiting in it (``activity``: the hang detector)."""
     _COUNTS[op] += 1
+    activity.enter_collective(op, tensor.shape)
     path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
     if path:
         route = type(communicator).__name__ if communicator is not None else "torch"
@@ -69,14 +71,18 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     _record("all_reduce", x, communicator)
     out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
     if communicator is not None:
-        return communicator.all_reduce(out)
+        out = communicator.all_reduce(out)
+        activity.leave_collective()
+        return out
     op = _REDUCE_OPS[op]
     group = ps.tp_group()
     if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
         wide = out.float()
         dist.all_reduce(wide, op=op, group=group)
+        activity.leave_collective()
         return wide.to(out.dtype)
     dist.all_reduce(out, op=op, group=group)
+    activity.leave_collective()
     return out
 
 
@@ -99,6 +105,8 @@ class Pending:
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
+            self._work = None
+            activity.leave_collective()
         return self._out if self._dtype is None else self._out.to(self._dtype)
 
 
@@ -118,6 +126,7 @@ def _all_gather_through(communicator, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.shape[0] * ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     communicator.all_gather_into_tensor(out, x)
+    activity.leave_collective()
     return out
 
 
@@ -127,6 +136,7 @@ def _reduce_scatter_through(communicator, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.shape[0] // ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     communicator.reduce_scatter_tensor(out, x)
+    activity.leave_collective()
     return out
 
 
@@ -175,10 +185,14 @@ def broadcast_object(obj, src: int = 0):
         return obj
     box = [obj]
     group = ps.tp_group()
+    activity.enter_collective("broadcast_object")
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    activity.leave_collective()
     return box[0]
 
 
 def barrier() -> None:
     if ps.tp_size() > 1:
+        activity.enter_collective("barrier")
         dist.barrier(group=ps.tp_group())
+        activity.leave_collective()
