@@ -11,7 +11,6 @@ an engine that was asked for cannot run here (one line per engine says why); 2 f
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -136,12 +135,17 @@ def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], defa
     return rows, notes
 
 
-def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object], prompts=PROMPTS,
-             total: Optional[int] = None) -> None:
+def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object], unavailable: Dict[str, str],
+             prompts=PROMPTS, total: Optional[int] = None) -> List[Row]:
+    """Run the rows; returns those of engines that could run (an engine that turns out unable to run
+    moves from ``usable`` to ``unavailable`` with its reason, and its rows are dropped)."""
     results: Dict[Tuple[str, str, int, bool], list] = {}
     references: Dict[str, list] = {}
     core_tp1: Dict[str, list] = {}
+    ran: List[Row] = []
     for index, row in enumerate(rows, 1):
+        if row.engine in unavailable:
+            continue
         model_dir = models[row.model]
         if row.model not in references:
             references[row.model] = reference_logprobs(model_dir, prompts)
@@ -154,10 +158,17 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
                 got = core_tp1[row.model]
             else:
                 got = usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32)
+        except EngineUnavailable as err:
+            unavailable[row.engine] = str(err).splitlines()[0]
+            usable.pop(row.engine, None)
+            print(" cannot run here", file=console.err(), flush=True)
+            continue
         except Exception as err:  # noqa: BLE001 - a row, not a traceback
             row.status, row.seconds = _error_status(err), time.time() - start
+            ran.append(row)
             _done(row)
             continue
+        ran.append(row)
         row.seconds = time.time() - start
         results[(row.model, row.engine, row.tp, row.sp)] = got
         row.vs_reference = max_diff(got, references[row.model])
@@ -169,11 +180,13 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
         row.tokens_equal = greedy_equal(got, references[row.model])
         judge(row)
         _done(row)
+    return ran
 
 
-def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], first_index: int, total: int,
-               prompts=PROMPTS) -> List[Row]:
-    """Train in Megatron -> export -> transformers and sglang load the export; two rows."""
+def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], unavailable: Dict[str, str],
+               first_index: int, total: int, prompts=PROMPTS) -> List[Row]:
+    """Train in Megatron -> export -> transformers and sglang load the export; two rows (none when an
+    engine turns out unable to run: it joins ``unavailable``)."""
     tp = ROUND_TRIP_TP
     trained_row = Row("round-trip", "megatron (trained)", tp, True)
     served_row = Row("round-trip", "sglang (export)", tp, True)
@@ -184,6 +197,10 @@ def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], first_in
         trained = usable["megatron"].train_and_export(model_dir, exported, tp=tp, sequence_parallel=True,
                                                       steps=ROUND_TRIP_STEPS, prompts=prompts)
         reference = reference_logprobs(exported, prompts)  # transformers loading the export
+    except EngineUnavailable as err:
+        unavailable["megatron"] = str(err).splitlines()[0]
+        print(" cannot run here", file=console.err(), flush=True)
+        return []
     except Exception as err:  # noqa: BLE001
         for row in (trained_row, served_row):
             row.status, row.seconds = _error_status(err), time.time() - start
@@ -197,6 +214,10 @@ def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], first_in
     start = time.time()
     try:
         served = usable["sglang"].logprobs(exported, prompts, tp, True, torch.float32)
+    except EngineUnavailable as err:
+        unavailable["sglang"] = str(err).splitlines()[0]
+        print(" cannot run here", file=console.err(), flush=True)
+        return [trained_row]
     except Exception as err:  # noqa: BLE001
         served_row.status, served_row.seconds = _error_status(err), time.time() - start
         _done(served_row)
@@ -228,9 +249,11 @@ def table(rows: List[Row]) -> str:
 
 
 def _check_reference_available() -> None:
-    if importlib.util.find_spec("transformers") is None:
-        raise EngineUnavailable("verify compares with transformers, which is not installed: "
-                                "pip install 'sp-core[verify]'")
+    try:
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise EngineUnavailable(f"verify compares with transformers, which does not import here ({err}): "
+                                f"pip install 'sp-core[verify]'") from None
 
 
 def main(args) -> int:
@@ -268,10 +291,11 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
         raise UsageError("nothing to verify: the matrix of engines x tp sizes is empty")
     console.announce("verify")
     started = time.time()
-    run_rows(rows, models, usable, total=total)
+    rows = run_rows(rows, models, usable, unavailable, total=total)
+    trip = trip and {"megatron", "sglang"} <= set(usable)
     if trip:
         trip_model = args.model or make_checkpoint("qwen3-train", os.path.join(workdir, "qwen3-train"))
-        rows += round_trip(trip_model, workdir, usable, len(rows) + 1, total)
+        rows += round_trip(trip_model, workdir, usable, unavailable, total - 1, total)
     failed = [r for r in rows if not r.passed]
     verdict = (f"FAIL: {len(failed)} of {len(rows)} rows out of tolerance or failed" if failed else
                f"PASS: all {len(rows)} rows within tolerance")
