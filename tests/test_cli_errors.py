@@ -47,6 +47,7 @@ def work(tmp_path_factory):
     variant("st-wrong-shape", edit_weights=lambda w: w.update({"model.norm.weight": torch.ones(47)}))
     variant("st-missing", edit_weights=lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
     variant("st-nan", edit_weights=lambda w: w["model.norm.weight"].__setitem__(0, float("nan")))
+    make_checkpoint("qwen3", str(root / "heads64"), num_attention_heads=64, num_key_value_heads=64)
     (root / "bad-utf8.json").write_bytes(b"[[1, 2, \xff]]")
     (root / "too-long.json").write_text(json.dumps([[1] * 256]))  # max_position_embeddings 256
     (root / "export").mkdir()
@@ -87,7 +88,8 @@ CASES = [
      "inside the checkpoint directory"),
     ("logits --out overwrote the prompts", LOGITS[:-1] + [P], "would overwrite the input"),
     ("logits --out checked after the work", LOGITS[:-1] + ["{root}/no/such/dir/o.safetensors"], "does not exist"),
-    ("tp not guarded against CPU cores", LOGITS + ["--tp", "64"], "CPU ranks on"),
+    ("tp not guarded against CPU cores", LOGITS[:2] + ["{root}/heads64"] + LOGITS[3:] + ["--tp", "64"],
+     "would start 64 CPU ranks on"),
     ("memory --tp abc", ["memory", "--model", M, "--tp", "abc", "--tokens", "8"], "argument --tp"),
     ("malformed config.json", LOGITS[:2] + ["{root}/cfg-malformed"] + LOGITS[3:], "config.json: not valid JSON"),
     ("config.json not an object", LOGITS[:2] + ["{root}/cfg-not-object"] + LOGITS[3:], "not an object"),
