@@ -47,7 +47,8 @@ def get(name: str):
         try:
             return entry.load()
         except ImportError as err:
-            raise EngineUnavailable(f"engine {name!r} needs a framework that is not installed ({err})") from None
+            raise EngineUnavailable(f"engine {name!r} needs a framework that is not installed ({err}): "
+                                    f"pip install 'sp-core[{name}]'") from None
     return entry
 
 
