@@ -263,6 +263,9 @@ def main(args) -> int:
     _check_reference_available()
     default_matrix = args.tp is None
     tps = args.tp or [int(x) for x in DEFAULT_TP.split(",")]
+    if args.model:  # bad input first: before the engines' frameworks are imported
+        for tp in tps:
+            engines.check_model(args.model, tp)
     usable, unavailable = check_engines(args.engines)
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
