@@ -1,64 +1,147 @@
-"""The ``sp-core`` command: logits, verify, memory (public surface, DESIGN.md), train and bench."""
+"""The ``sp-core`` command: logits, verify and memory (the public surface, DESIGN.md) and train.
+
+Exit codes: 0 success; 1 verify found rows out of tolerance (or an unexpected error, traceback in the
+log); 2 bad input; 3 an engine or framework that was asked for cannot run here; 4 NaN or inf in the
+results; 5 a rank failed, died or hung; 130 / 143 interrupted (SIGINT / SIGTERM).
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
+import signal
 import sys
-from typing import List, Optional
+import traceback
+from typing import List, Optional, Sequence
 
-import torch
-
+from sp_core import console
+from sp_core.errors import EngineUnavailable, NonFiniteError, UsageError
 from sp_core.models import ModelError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")
+EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NONFINITE, EXIT_RANK = 1, 2, 3, 4, 5
+_EXIT_BY_ERROR = {"ModelError": EXIT_USAGE, "UsageError": EXIT_USAGE, "EngineUnavailable": EXIT_UNAVAILABLE,
+                  "NonFiniteError": EXIT_NONFINITE}
+MAX_CPU_RANKS_ENV = "SP_CORE_MAX_CPU_RANKS"
 
 
-class UsageError(ValueError):
-    """Bad input: one line on stderr, exit 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def tp_list(text: str) -> List[int]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            sizes.append(positive_int(part.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, e.g. 1,2,4; "
+                                             f"got {text!r}") from None
+    return sorted(set(sizes))
+
+
+def name_list(text: str) -> List[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated engine names, e.g. core,megatron; got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show the frameworks' own output (default: it goes to a log file, whose path is printed)")
 
 
 def _add_sp_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", dest="sequence_parallel", action=argparse.BooleanOptionalAction,
-                   default=None, help="SP on or off (default: on when tp > 1)")
+                   default=None, help="sequence parallelism on or off (default: on when tp > 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sp-core", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from sp_core import engines, verify
+
+    parser = _Parser(prog="sp-core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{logits,verify,memory,train}")
+    engine_names = sorted(engines.available())
 
     p = sub.add_parser("logits", help="log-probabilities of prompts at every position, to a safetensors file")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--prompts", required=True, help="JSON list of lists of token ids")
-    p.add_argument("--out", required=True, help="output .safetensors (logprobs.{i}: float32 [len_i, vocab])")
-    p.add_argument("--engine", default="core", help="core (default), megatron or sglang")
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory (required)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="JSON list of lists of token ids, e.g. [[1, 2, 3], [7]] (required)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output .safetensors: logprobs.{i} float32 [len_i, vocab] per prompt (required)")
+    p.add_argument("--engine", default="core", choices=engine_names, help="engine (default: core)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel size (default: 1)")
     _add_sp_flag(p)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--force", action="store_true",
+                   help="allow --out to overwrite an input or land inside the checkpoint directory (default: refuse)")
+    _common(p)
 
-    p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: embedded tiny checkpoints)")
-    p.add_argument("--tp", default=None, help="comma-separated tp sizes (default 1,2,4)")
-    p.add_argument("--engines", default="core,megatron,sglang")
-    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers and each other")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="checkpoint directory (default: the embedded tiny Qwen2 and Qwen3 checkpoints)")
+    p.add_argument("--tp", type=tp_list, default=None, metavar="N,N",
+                   help=f"comma-separated tp sizes (default: {verify.DEFAULT_TP}; on CPU, sglang within the cores)")
+    p.add_argument("--engines", type=name_list, default=list(verify.DEFAULT_ENGINES), metavar="NAME,NAME",
+                   help=f"engines to verify; each must be able to run (default: {','.join(verify.DEFAULT_ENGINES)})")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON (default: none)")
     p.add_argument("--no-round-trip", dest="round_trip", action="store_false",
-                   help="skip the train-in-Megatron -> export -> serve-in-sglang round trip")
+                   help="skip the train-in-Megatron -> export -> serve-in-sglang round trip (default: run it "
+                        "when both engines are verified)")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep the working files (checkpoints, export) in this new directory (default: removed)")
+    _common(p)
 
     p = sub.add_parser("memory", help="the paper's activation-memory formulas, and bytes saved for backward")
-    p.add_argument("--model", required=True)
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory (required)")
+    p.add_argument("--tp", type=positive_int, required=True, metavar="N", help="tensor-parallel size (required)")
+    p.add_argument("--tokens", type=positive_int, required=True, metavar="T",
+                   help="tokens in the batch, s*b (required)")
     _add_sp_flag(p)
-    p.add_argument("--measure", action="store_true", help="measure bytes saved for backward by one decoder layer")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure the bytes one decoder layer saves for backward on rank 0 (default: off)")
+    _common(p)
 
-    p = sub.add_parser("train", help="train with the Megatron adapter on a small built-in token stream")
-    p.add_argument("--model", required=True)
-    p.add_argument("--tp", type=int, default=1)
+    p = sub.add_parser("train", help="train with the Megatron adapter on a small built-in token stream, then export")
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint to start from (required)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="new directory for the trained Hugging Face checkpoint, written atomically (required)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel size (default: 1)")
     _add_sp_flag(p)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", required=True, help="export the trained weights to this HF directory")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=5, metavar="K", help="optimizer steps (default: 5)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    p.add_argument("--seq-length", type=positive_int, default=32, metavar="S", help="sequence length (default: 32)")
+    p.add_argument("--micro-batch-size", type=positive_int, default=2, metavar="B",
+                   help="sequences per step (default: 2)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out, or the input checkpoint itself (default: refuse)")
+    _common(p)
     return parser
 
 
@@ -66,76 +149,210 @@ def _sp(args) -> bool:
     return args.tp > 1 if args.sequence_parallel is None else args.sequence_parallel
 
 
-def _check_tp(tp: int) -> None:
+def check_tp(tp: int, flag: str = "--tp") -> None:
+    """A tp this machine can run: devices on an accelerator, a bounded number of CPU ranks otherwise."""
     from sp_core.mpu import platform
 
-    if tp < 1:
-        raise UsageError(f"--tp must be a positive integer, got {tp}")
-    if platform.device_type() != "cpu" and tp > platform.device_count():
-        raise UsageError(f"--tp {tp} needs {tp} devices; this machine has {platform.device_count()}")
+    if platform.device_type() != "cpu":
+        if tp > platform.device_count():
+            raise UsageError(f"{flag} {tp} needs {tp} devices; this machine has {platform.device_count()}")
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = int(os.environ.get(MAX_CPU_RANKS_ENV) or max(8, 4 * cores))
+    if tp > limit:
+        raise UsageError(f"{flag} {tp} would start {tp} CPU ranks on {cores} cores; at most {limit} here "
+                         f"({MAX_CPU_RANKS_ENV} raises the limit)")
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _check_parent(path: str, flag: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the directory {parent} is not writable")
+
+
+def check_output_file(path: str, flag: str, inputs: Sequence[str] = (), model_dir: Optional[str] = None,
+                      force: bool = False) -> None:
+    """Before any work: ``path`` can be written, and would not destroy an input without --force."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; expected a file path")
+    _check_parent(path, flag)
+    if force:
+        return
+    for given in inputs:
+        if os.path.exists(given) and os.path.exists(path) and os.path.samefile(given, path):
+            raise UsageError(f"{flag} {path} would overwrite the input {given}; choose another path (or --force)")
+    if model_dir and _inside(path, model_dir):
+        raise UsageError(f"{flag} {path} is inside the checkpoint directory {model_dir} (it could overwrite or "
+                         f"join the checkpoint); choose another path (or --force)")
+
+
+def check_output_dir(path: str, flag: str, model_dir: Optional[str] = None, force: bool = False) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file; expected a directory path")
+    _check_parent(path, flag)
+    if force:
+        return
+    if model_dir and (_inside(path, model_dir) or _inside(model_dir, path)):
+        raise UsageError(f"{flag} {path} overlaps the input checkpoint {model_dir}; choose a new directory "
+                         f"(or --force to replace it)")
+    if os.path.isdir(path) and os.listdir(path):
+        raise UsageError(f"{flag} {path} is not empty; choose a new directory (or --force to replace it)")
+
+
+def _save_atomic(tensors: dict, path: str) -> None:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(tensors, partial)
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        os.remove(partial)
+        raise
 
 
 def cmd_logits(args) -> int:
-    from safetensors.torch import save_file
+    import torch
 
     from sp_core import engines
-
-    _check_tp(args.tp)
-    cfg = engines.check_model(args.model, args.tp)
-    prompts = engines.read_prompts(args.prompts, cfg.vocab_size)
     from sp_core.mpu import platform
 
-    dtype = DTYPES[args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16")]
-    logprobs = engines.get(args.engine).logprobs(args.model, prompts, args.tp, _sp(args), dtype)
-    save_file({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
-    print(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}", file=sys.stderr)
+    check_tp(args.tp)
+    check_output_file(args.out, "--out", inputs=[args.prompts], model_dir=args.model, force=args.force)
+    cfg = engines.check_model(args.model, args.tp)
+    prompts = engines.read_prompts(args.prompts, cfg)
+    engine = engines.get(args.engine)
+    dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
+    console.announce("logits")
+    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype)
+    engines.check_finite(logprobs)
+    _save_atomic({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
+    console.say(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}")
     return 0
 
 
 def cmd_memory(args) -> int:
+    import json
+
     from sp_core import engines, memory
 
-    _check_tp(args.tp)
-    if args.tokens < 1:
-        raise UsageError(f"--tokens must be a positive integer, got {args.tokens}")
+    check_tp(args.tp)
     cfg = engines.check_model(args.model, args.tp)
     report = memory.report(cfg, args.tp, args.tokens, _sp(args))
     if args.measure:
+        console.announce("memory")
         report["saved_bytes_per_rank"] = memory.measure(args.model, args.tp, args.tokens, _sp(args))
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), file=console.out(), flush=True)
     return 0
 
 
 def cmd_verify(args) -> int:
     from sp_core import verify
 
+    if args.tp:
+        for tp in args.tp:
+            check_tp(tp)
+    if args.json:
+        check_output_file(args.json, "--json", model_dir=args.model)
+    if args.keep:
+        check_output_dir(args.keep, "--keep")
     return verify.main(args)
 
 
 def cmd_train(args) -> int:
     from sp_core import engines
 
-    return engines.get("megatron").train(args)
+    check_tp(args.tp)
+    check_output_dir(args.out, "--out", model_dir=args.model, force=args.force)
+    engine = engines.get("megatron")
+    engine.check_available()
+    cfg = engines.check_model(args.model, args.tp)
+    cfg.check_trainable_tp(args.tp)
+    if args.seq_length > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
+                         f"({cfg.max_position_embeddings}, max_position_embeddings)")
+    sp = _sp(args)
+    console.announce("train")
+    console.say(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
+                f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
+    result = engine.train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
+                                seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+    console.say(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}")
+    return 0
 
 
 COMMANDS = {"logits": cmd_logits, "memory": cmd_memory, "verify": cmd_verify, "train": cmd_train}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    from sp_core.engines import EngineUnavailable
+class _Terminated(BaseException):
+    """SIGTERM (kill, timeout, Slurm): unwind so that the ranks are stopped."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _run(args) -> int:
     from sp_core.mpu.launch import RankFailed
+
+    name = f"sp-core {args.command}"
+
+    def fail(code: int, message: str) -> int:
+        console.say(f"{name}: error: {message}")
+        return code
 
     try:
         return COMMANDS[args.command](args)
-    except (ModelError, UsageError, EngineUnavailable) as err:
-        print(f"sp-core {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (ModelError, UsageError) as err:
+        return fail(EXIT_USAGE, str(err))
+    except EngineUnavailable as err:
+        return fail(EXIT_UNAVAILABLE, str(err))
+    except NonFiniteError as err:
+        return fail(EXIT_NONFINITE, str(err))
     except RankFailed as err:
-        if err.error_type in ("ModelError", "UsageError", "EngineUnavailable"):
-            print(f"sp-core {args.command}: error: {err.error_message}", file=sys.stderr)
-            return 2
-        raise
+        if err.error_type in _EXIT_BY_ERROR:
+            return fail(_EXIT_BY_ERROR[err.error_type], err.error_message.splitlines()[0])
+        if err.details:
+            print(err.details, file=sys.stderr, flush=True)  # the log, unless --verbose
+            where = f" (traceback in {console.log_path()})" if console.log_path() else ""
+            return fail(EXIT_RANK, f"rank {err.rank} failed: {err.error_type}: "
+                                   f"{(err.error_message.splitlines() or [''])[0][:300]}{where}")
+        return fail(EXIT_RANK, str(err))
+    except KeyboardInterrupt:
+        return fail(130, "interrupted")
+    except _Terminated:
+        return fail(143, "terminated (SIGTERM); ranks stopped")
+    except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+        traceback.print_exc()
+        where = f"; traceback in {console.log_path()}" if console.log_path() else ""
+        return fail(EXIT_FAIL, f"unexpected {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                               f"{where}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        with console.quiet(args.command, args.verbose):
+            return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

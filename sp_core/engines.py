@@ -10,11 +10,11 @@ from typing import Dict, List
 
 import torch
 
+from sp_core.errors import EngineUnavailable, NonFiniteError
 from sp_core.models import ModelConfig, ModelError
 
-
-class EngineUnavailable(RuntimeError):
-    """The engine's framework is not installed here."""
+__all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_prompts", "check_model",
+           "check_finite"]
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
@@ -47,19 +47,23 @@ def get(name: str):
         try:
             return entry.load()
         except ImportError as err:
-            raise EngineUnavailable(f"engine {name!r} needs a framework that is not installed ({err})") from None
+            raise EngineUnavailable(f"engine {name!r} needs a framework that is not installed ({err}): "
+                                    f"pip install 'sp-core[{name}]'") from None
     return entry
 
 
-def read_prompts(path: str, vocab_size: int) -> List[List[int]]:
+def read_prompts(path: str, cfg: ModelConfig) -> List[List[int]]:
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such prompts file")
     try:
-        with open(path) as f:
-            prompts = json.load(f)
+        with open(path, "rb") as f:
+            prompts = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: not UTF-8 text (byte {err.start}); expected a JSON list of lists of token ids") from None
     except json.JSONDecodeError as err:
         raise ModelError(f"{path}: not valid JSON ({err.msg}); expected a list of lists of token ids") from None
-    check_prompts(prompts, vocab_size)
+    check_prompts(prompts, cfg.vocab_size)
+    cfg.check_prompt_lengths(prompts)
     return prompts
 
 
@@ -77,8 +81,25 @@ def check_prompts(prompts, vocab_size: int) -> None:
 
 
 def check_model(model_dir: str, tp: int) -> ModelConfig:
+    """The config, the tp split and the checkpoint's tensors (names, shapes, readable files), checked in
+    this process before any rank or engine starts: one-line ModelError otherwise."""
+    from sp_core.models import CausalLM
+    from sp_core.models.checkpoint import check_checkpoint
+    from sp_core.mpu.parallel_state import single_rank
+
     if not os.path.isdir(model_dir):
         raise ModelError(f"{model_dir}: no such checkpoint directory")
     cfg = ModelConfig.from_pretrained(model_dir)
     cfg.check_tp(tp)
+    with single_rank(), torch.device("meta"):
+        model = CausalLM(cfg)
+    check_checkpoint(model, model_dir)
     return cfg
+
+
+def check_finite(logprobs: List[torch.Tensor], what: str = "log-probabilities") -> None:
+    """NaN or inf in an engine's output is an error, never a result."""
+    for i, lp in enumerate(logprobs):
+        if not torch.isfinite(lp).all():
+            raise NonFiniteError(f"the {what} of prompt {i} contain NaN or inf (weights with NaN/inf, or an "
+                                 f"overflow in this dtype)")

@@ -1,4 +1,5 @@
-"""`sp-core verify`: a reduced matrix passes; a disagreeing engine fails it; a missing framework is a row."""
+"""`sp-core verify`: a reduced matrix passes; an engine asked for that cannot run is exit 3; a disagreeing
+engine fails it; the terminal stays quiet; no working files are left behind."""
 import json
 import os
 import subprocess
@@ -11,17 +12,42 @@ from sp_core import verify
 from sp_core.cli import main
 from sp_core.tiny import make_checkpoint
 
+OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "PASS", "FAIL", "not run:", "sp-core verify: framework output")
 
-def test_reduced_matrix_passes(tmp_path, capsys):
+
+def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
+    """core + megatron at tp 1, 2 pass; sglang was asked for and is hidden: exit 3 with one line for it.
+    The frameworks' warnings go to the log file only, and the working directory is removed."""
+    hidden, tmp, logs = tmp_path / "hidden", tmp_path / "tmp", tmp_path / "logs"
+    (hidden / "sglang").mkdir(parents=True)
+    (hidden / "sglang" / "__init__.py").write_text("raise ImportError('sglang is hidden by the test')\n")
+    tmp.mkdir()
     report = tmp_path / "report.json"
-    code = main(["verify", "--tp", "1,2", "--engines", "core,megatron", "--no-round-trip", "--json", str(report)])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    rows = json.loads(report.read_text())["rows"]
-    # 2 models x 2 engines x (tp 1, tp 2 SP off, tp 2 SP on)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")]),
+               TMPDIR=str(tmp), SP_CORE_LOG_DIR=str(logs))
+    proc = subprocess.run([sys.executable, "-m", "sp_core.cli", "verify", "--tp", "1,2", "--json", str(report)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if not line.startswith(OUTPUT_KINDS)] == [], output
+    assert "not run: engine sglang cannot run here:" in proc.stdout
+    assert "not run: the round trip needs both megatron and sglang" in proc.stdout
+    data = json.loads(report.read_text())
+    rows = data["rows"]
+    # 2 models x 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), rows
     assert all(r["vs_reference"] <= 1e-4 and r["tokens_equal"] for r in rows)
-    assert "PASS: all 12 rows within tolerance" in out and "megatron" in out
+    assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"])
+    core_tp1 = [r for r in rows if r["engine"] == "core" and r["tp"] == 1]
+    assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself...
+    assert all(line.split()[5] == "—" for line in proc.stdout.splitlines() if line.startswith(("qwen2 core", "qwen3 core"))
+               and line.split()[2] == "1")  # ...shown as a dash, not 0
+    assert data["exit_code"] == 3 and data["unavailable"] == {"sglang": data["unavailable"]["sglang"]}
+    assert "PASS: all 12 rows within tolerance" in proc.stdout
+    assert [p for p in os.listdir(tmp) if p.startswith("sp-core")] == []  # no litter (torch caches aside)
+    log = [line for line in output.splitlines() if line.startswith("sp-core verify: framework output")]
+    assert len(log) == 1 and "Apex" in open(log[0].split()[-1]).read()  # Megatron's warnings: in the log only
 
 
 def test_disagreeing_engine_fails(tmp_path, monkeypatch, capsys):
@@ -39,23 +65,8 @@ def test_disagreeing_engine_fails(tmp_path, monkeypatch, capsys):
         return ref
 
     monkeypatch.setattr(verify, "reference_logprobs", reference_then_tamper)
-    code = main(["verify", "--model", ckpt, "--tp", "1,2", "--engines", "core"])
+    code = main(["verify", "--model", ckpt, "--tp", "1,2", "--engines", "core", "--keep", str(tmp_path / "kept")])
     out = capsys.readouterr().out
     assert code == 1
     assert "FAIL: 3 of 3 rows out of tolerance" in out
-
-
-def test_missing_frameworks_are_rows_not_tracebacks(tmp_path):
-    hidden = tmp_path / "hidden"
-    for name in ("megatron", "sglang"):
-        (hidden / name).mkdir(parents=True)
-        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden by the test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "sp_core.cli", "verify", "--tp", "1", "--engines",
-                           "core,megatron,sglang"], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any("megatron" in line and "unavailable: engine 'megatron' needs a framework that is not installed" in line for line in lines)
-    assert any("sglang" in line and "unavailable: sglang does not import here" in line for line in lines)
-    assert "round-trip" in proc.stdout and "not run" in proc.stdout
+    assert os.path.isdir(tmp_path / "kept")  # --keep: the working directory stays

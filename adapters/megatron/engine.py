@@ -111,16 +111,3 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
 def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: bool, steps: int, prompts):
     """For the round trip: train, export to ``out_dir``, return the trained model's log-probabilities."""
     return train_steps(model_dir, tp, sequence_parallel, steps, out_dir=out_dir, prompts=prompts)["logprobs"]
-
-
-def train(args) -> int:
-    """`sp-core train`: progress per step (loss, tokens/s), then the export."""
-    import sys
-
-    sp = args.tp > 1 if args.sequence_parallel is None else args.sequence_parallel
-    print(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
-          f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens", file=sys.stderr, flush=True)
-    result = train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
-                         seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
-    print(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}", file=sys.stderr)
-    return 0

@@ -132,15 +132,19 @@ def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> L
 
 
 def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
-    cfg = check_model(model_dir, tp)
+    cfg = check_model(model_dir, tp)  # the core's checkpoint check, before sglang's workers can fail on it
     check_prompts(prompts, cfg.vocab_size)
+    cfg.check_prompt_lengths(prompts)
     if dtype not in ENGINE_DTYPES:
         raise ModelError(f"dtype {dtype} is not supported by the sglang engine; use float32 or bfloat16")
     check_available()
+    # the KV pool holds every prompt plus its one generated token at once (radix cache off)
+    pool = sum(len(p) + 1 for p in prompts) + 64
     try:
         # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Min tokens 0: tiny prompts run SP too.
         engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
-                              enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True)
+                              enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True,
+                              **({"max_total_tokens": pool} if platform.device_type() == "cpu" else {}))
     except ValueError as err:  # sglang's own validation of the server arguments
         raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None
     try:

@@ -19,7 +19,7 @@ from typing import Dict, Iterator
 import torch
 import torch.distributed as dist
 
-from sp_core.mpu import async_tp
+from sp_core.mpu import activity, async_tp
 from sp_core.mpu import parallel_state as ps
 
 _COUNTS: Dict[str, int] = collections.Counter()
@@ -29,7 +29,9 @@ _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def _record(op: str, tensor: torch.Tensor, communicator=None) -> None:
+    """Count the collective and mark this rank as waiting in it (``activity``: the hang detector)."""
     _COUNTS[op] += 1
+    activity.enter_collective(op, tensor.shape)
     path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
     if path:
         route = type(communicator).__name__ if communicator is not None else "torch"
@@ -70,14 +72,18 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     _record("all_reduce", x, communicator)
     out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
     if communicator is not None:
-        return communicator.all_reduce(out)
+        out = communicator.all_reduce(out)
+        activity.leave_collective()
+        return out
     op = _REDUCE_OPS[op]
     group = ps.tp_group()
     if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
         wide = out.float()
         dist.all_reduce(wide, op=op, group=group)
+        activity.leave_collective()
         return wide.to(out.dtype)
     dist.all_reduce(out, op=op, group=group)
+    activity.leave_collective()
     return out
 
 
@@ -100,6 +106,8 @@ class Pending:
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             self._work.wait()
+            self._work = None
+            activity.leave_collective()
         return self._out if self._dtype is None else self._out.to(self._dtype)
 
 
@@ -119,6 +127,7 @@ def _all_gather_through(communicator, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.shape[0] * ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     communicator.all_gather_into_tensor(out, x)
+    activity.leave_collective()
     return out
 
 
@@ -128,6 +137,7 @@ def _reduce_scatter_through(communicator, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty((x.shape[0] // ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     communicator.reduce_scatter_tensor(out, x)
+    activity.leave_collective()
     return out
 
 
@@ -198,6 +208,7 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     if impl == "symm_mem":
         gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
             a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
+        activity.leave_collective()
         return gathered, out
     # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
     r, n = ps.tp_rank(), a_shard.shape[0]
@@ -210,6 +221,7 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
             if step < t - 1 else []
         torch.matmul(gathered[src * n:(src + 1) * n], b, out=out[src * n:(src + 1) * n])
         _wait(works)
+    activity.leave_collective()
     return gathered, out
 
 
@@ -228,7 +240,9 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
         return reduce_scatter_start(a @ b)
     _record("reduce_scatter", a)
     if impl == "symm_mem":
-        return Pending(torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name))
+        out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
+        activity.leave_collective()
+        return Pending(out)
     # ring: the partial sum for rank d starts at rank d + 1 and gains one term per hop, ending at d
     r, n = ps.tp_rank(), a.shape[0] // t
     keep, works, incoming = [], [], None
@@ -239,6 +253,7 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
             _wait(works)
             partial += incoming
         if step == t - 1:
+            activity.leave_collective()
             return Pending(partial)
         incoming = torch.empty_like(partial)
         keep += [partial, incoming]  # alive until their transfers are waited on
@@ -266,10 +281,14 @@ def broadcast_object(obj, src: int = 0):
         return obj
     box = [obj]
     group = ps.tp_group()
+    activity.enter_collective("broadcast_object")
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
+    activity.leave_collective()
     return box[0]
 
 
 def barrier() -> None:
     if ps.tp_size() > 1:
+        activity.enter_collective("barrier")
         dist.barrier(group=ps.tp_group())
+        activity.leave_collective()

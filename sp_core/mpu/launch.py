@@ -1,8 +1,15 @@
 """Start N local ranks (one process each: gloo on CPU, NCCL/HCCL with one device per rank) and run a
 function on every one with sp_core.mpu initialised.
 
-A rank that raises ends the run at once with that rank's error (the others are killed, not left
-waiting in a collective); a run that outlives ``timeout`` seconds fails instead of hanging.
+- A rank that raises ends the run at once with that rank's error (the others are killed, not left
+  waiting in a collective). A rank that dies without a word (a signal, the OOM killer) is named with
+  its signal or exit code and what it was doing.
+- Hangs: a rank that waits in one collective for ``SP_CORE_COLLECTIVE_TIMEOUT`` seconds (default
+  600, Megatron's default distributed timeout) fails the run, naming the rank, the collective and what
+  the other ranks are doing. A long run that keeps making progress is never stopped.
+- Ranks die with the process that launched them: each rank watches that process and exits (removing
+  what it registered with ``remove_on_abort``) as soon as it is gone, however it died. The fork server
+  and resource tracker then exit on their own (their pipes close).
 """
 from __future__ import annotations
 
@@ -10,46 +17,107 @@ import datetime
 import io
 import os
 import queue
-import sys
+import select
+import shutil
+import signal
+import threading
+import time
 import traceback
+from multiprocessing.connection import wait as wait_sentinels
 from typing import Any, Callable, List, Optional
 
 import torch
 import torch.multiprocessing as mp
 
-DEFAULT_TIMEOUT = float(os.environ.get("SP_CORE_RANK_TIMEOUT", "600"))
+from sp_core import console
+from sp_core.mpu import activity
+
+COLLECTIVE_TIMEOUT_ENV = "SP_CORE_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
+# after the parent's detector: a collective outside sp_core.mpu (Megatron's) still fails in the rank
+_BACKSTOP = 30.0
+
+
+def collective_timeout() -> float:
+    """Seconds a rank may wait in one collective before the run fails (SP_CORE_COLLECTIVE_TIMEOUT)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, str(DEFAULT_COLLECTIVE_TIMEOUT))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
 
 
 class RankFailed(AssertionError):
-    """A rank raised. ``error_type`` / ``error_message``: the rank's exception, ``details`` its traceback."""
+    """A rank raised, died or hung. ``error_type`` / ``error_message``: the rank's exception (empty when
+    it died without one), ``details`` its traceback, ``rank`` the rank that caused the failure."""
 
-    def __init__(self, message: str, error_type: str = "", error_message: str = "", details: str = ""):
+    def __init__(self, message: str, error_type: str = "", error_message: str = "", details: str = "",
+                 rank: Optional[int] = None):
         super().__init__(message)
-        self.error_type, self.error_message, self.details = error_type, error_message, details
+        self.error_type, self.error_message, self.details, self.rank = error_type, error_message, details, rank
 
 
 _RESULTS = None  # in a rank: the queue back to the parent
+_ABORT_PATHS: List[str] = []
 
 
 def progress(line: str) -> None:
     """From a rank: have the parent print ``line`` on its stderr now (ranks' own streams may belong to a
     long-lived fork server, not to the command that is running)."""
     if _RESULTS is None:
-        print(line, file=sys.stderr, flush=True)
+        console.say(line)
     else:
         _RESULTS.put((-1, "progress", line))
 
 
-def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results):
+def remove_on_abort(path: str) -> None:
+    """In a rank: remove ``path`` (a partial output) if the launching process dies before the rank ends."""
+    _ABORT_PATHS.append(path)
+
+
+def _die_with(parent_pid: int) -> None:
+    """Block until ``parent_pid`` exits, then remove partial outputs and end this rank."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        fd = None
+    except (AttributeError, OSError):  # no pidfd (old kernel): poll
+        while _alive(parent_pid):
+            time.sleep(0.5)
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    for path in _ABORT_PATHS:
+        shutil.rmtree(path, ignore_errors=True)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results, board, parent_pid):
     # port: of the rendezvous store the parent holds open (no race for a free port)
     global _RESULTS
     _RESULTS = results
+    threading.Thread(target=_die_with, args=(parent_pid,), daemon=True, name="sp-core-parent-watch").start()
+    activity.attach(board, rank)
     try:
         import torch.distributed as dist
 
         from sp_core import mpu
         from sp_core.mpu import platform
 
+        activity.doing("joining the process group")
         if platform.device_type() == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         else:
@@ -61,8 +129,12 @@ def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results)
         dist.init_process_group(platform.backend(), store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         mpu.initialize(tp, sequence_parallel=sequence_parallel)
+        activity.doing(f"running {getattr(fn, '__name__', 'the function')}")
         out = fn(*args)
+        activity.enter_collective("the barrier after the function")
         dist.barrier()  # rank 0 hosts the rendezvous store: no rank may tear it down while others still use it
+        activity.leave_collective()
+        activity.doing("returning its result")
         buffer = io.BytesIO()  # torch.save, not shared-memory tensors: the rank may exit before we read
         torch.save(out, buffer)
         results.put((rank, True, buffer.getvalue()))
@@ -81,46 +153,110 @@ def add_preload(module: str) -> None:
         _PRELOAD.append(module)
 
 
+def describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+class _Run:
+    """The parent's view of one launch: processes, the activity board, and the failure to report."""
+
+    def __init__(self, procs, board, hang_timeout: float):
+        self.procs, self.board, self.hang_timeout = procs, board, hang_timeout
+        self.reported: set = set()  # ranks that sent a result or an error
+
+    def others(self, rank: int) -> str:
+        return "; ".join(f"rank {r}: {self.board.text(r)}" for r in range(len(self.procs)) if r != rank)
+
+    def dead_rank(self) -> Optional[RankFailed]:
+        for rank, proc in enumerate(self.procs):
+            if rank not in self.reported and proc.exitcode not in (None, 0):
+                msg = (f"rank {rank} {describe_exit(proc.exitcode)} while {self.board.text(rank)}"
+                       + (f" ({self.others(rank)})" if len(self.procs) > 1 else ""))
+                return RankFailed(msg, rank=rank)
+        return None
+
+    def hung_rank(self) -> Optional[RankFailed]:
+        now = time.time()
+        for rank in range(len(self.procs)):
+            since = self.board.waiting_since(rank)
+            if since and now - since > self.hang_timeout:
+                return RankFailed(
+                    f"rank {rank}: no progress for {now - since:.0f} s {self.board.text(rank)} "
+                    f"({self.others(rank)}); a hung collective? The limit is {COLLECTIVE_TIMEOUT_ENV}="
+                    f"{self.hang_timeout:g} s", rank=rank)
+        return None
+
+    def root_cause(self, rank: int, error: RankFailed) -> RankFailed:
+        """A rank's error may only echo a peer that died (gloo: 'Connection reset by peer'): give the
+        peers a moment to be reaped and blame a dead one first."""
+        wait_sentinels([p.sentinel for r, p in enumerate(self.procs) if r != rank], timeout=1.0)
+        dead = self.dead_rank()
+        if dead is None:
+            return error
+        dead.args = (f"{dead.args[0]}; then rank {rank} failed: {error.error_message.splitlines()[0][:200]}",)
+        return dead
+
+
 def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequence_parallel: bool = True,
-              timeout: float = DEFAULT_TIMEOUT) -> List[Any]:
-    """Run ``fn(*args)`` on ``world`` ranks (tp = world by default); per-rank results in rank order."""
+              timeout: Optional[float] = None, hang_timeout: Optional[float] = None) -> List[Any]:
+    """Run ``fn(*args)`` on ``world`` ranks (tp = world by default); per-rank results in rank order.
+
+    ``hang_timeout``: seconds a rank may wait in one collective (default: SP_CORE_COLLECTIVE_TIMEOUT).
+    ``timeout``: an optional limit on the whole run (tests use one as a safety net; the CLI none).
+    """
+    hang_timeout = collective_timeout() if hang_timeout is None else hang_timeout
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
     results = ctx.Queue()
+    board = activity.Board(ctx, world)
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     port = store.port
-    procs = [ctx.Process(target=_entry, args=(r, world, port, tp or world, sequence_parallel, timeout, fn, args,
-                                              results)) for r in range(world)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, tp or world, sequence_parallel,
+                                              hang_timeout + _BACKSTOP, fn, args, results, board, os.getpid()))
+             for r in range(world)]
+    run = _Run(procs, board, hang_timeout)
     outputs: dict = {}
+    finished = False
     try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        for p in procs:
+            p.start()
+        deadline = None if timeout is None else time.time() + timeout
         while len(outputs) < world:
-            left = (deadline - datetime.datetime.now()).total_seconds()
             try:
-                rank, ok, payload = results.get(timeout=max(0.1, min(left, 1.0)))
+                rank, ok, payload = results.get(timeout=0.5)
             except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankFailed(f"rank {procs.index(dead[0])} died with exit code {dead[0].exitcode}")
-                if left <= 0:
-                    raise RankFailed(f"ranks {sorted(set(range(world)) - set(outputs))} did not finish "
-                                     f"within {timeout:.0f} s (hung collective?)")
+                failure = run.dead_rank() or run.hung_rank()
+                if failure is not None:
+                    raise failure
+                if deadline is not None and time.time() > deadline:
+                    raise RankFailed(f"ranks {sorted(set(range(world)) - set(outputs))} did not finish within "
+                                     f"{timeout:.0f} s ({run.others(-1)})")
                 continue
             if ok == "progress":
-                print(payload, file=sys.stderr, flush=True)
+                console.say(payload)
                 continue
+            run.reported.add(rank)
             if not ok:
                 error_type, message, details = payload
-                raise RankFailed(f"rank {rank} failed:\n{details}", error_type, message, details)
+                raise run.root_cause(rank, RankFailed(f"rank {rank} failed:\n{details}", error_type, message,
+                                                      details, rank=rank))
             outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        finished = True
     finally:
         for p in procs:
-            p.join(timeout=5)
+            if finished:
+                p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        for p in procs:
+            if p.pid is not None:
                 p.join()
     return [outputs[r] for r in range(world)]

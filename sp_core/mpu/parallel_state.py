@@ -75,6 +75,19 @@ def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, co
     _STATE = _State(group, rank, size, sequence_parallel and size > 1, owns_group=False, communicator=communicator)
 
 
+@contextlib.contextmanager
+def single_rank() -> Iterator[None]:
+    """A one-rank TP state for this block (e.g. to build a model on the meta device and read its
+    shapes in a launcher process); the previous state, if any, comes back after it."""
+    global _STATE
+    before = _STATE
+    _STATE = _State(None, 0, 1, False, owns_group=False)
+    try:
+        yield
+    finally:
+        _STATE = before
+
+
 def destroy() -> None:
     global _STATE
     if _STATE is not None and _STATE.owns_group and dist.is_initialized():

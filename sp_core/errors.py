@@ -1,0 +1,16 @@
+"""The errors the ``sp-core`` command turns into one line and an exit code (README: errors and exit codes).
+
+ModelError (bad checkpoint / model input, exit 2) lives with the model config, ``sp_core.models``.
+"""
+
+
+class UsageError(ValueError):
+    """Bad command-line input (a flag's value, a path): exit 2."""
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine or framework that was asked for cannot run here (not installed, no CPU path): exit 3."""
+
+
+class NonFiniteError(ArithmeticError):
+    """NaN or inf in log-probabilities, a training loss or exported weights: exit 4."""

@@ -1,0 +1,70 @@
+"""What each launched rank is doing, in shared memory the parent reads: the hang detector and the
+message about a killed rank both come from here.
+
+Each rank owns one slot: a short text ("all_reduce (12, 64)", "running _core_rank") and the time it
+entered the collective it is waiting in (0 when it is in none). Outside a launched rank (a framework
+that binds sp_core.mpu in its own processes) there is no slot and every call is a no-op.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Optional
+
+TEXT_BYTES = 160
+
+
+class Board:
+    """The shared slots of one launch: ``world`` texts and collective-entry times."""
+
+    def __init__(self, ctx, world: int):
+        self.texts = ctx.RawArray(ctypes.c_char, world * TEXT_BYTES)
+        self.since = ctx.RawArray(ctypes.c_double, world)
+
+    def text(self, rank: int) -> str:
+        raw = bytes(self.texts[rank * TEXT_BYTES:(rank + 1) * TEXT_BYTES])
+        return raw.split(b"\0", 1)[0].decode(errors="replace") or "starting"
+
+    def waiting_since(self, rank: int) -> float:
+        return self.since[rank]
+
+
+_BOARD: Optional[Board] = None
+_RANK = 0
+_DEPTH = 0  # collectives in flight on this rank (an async one overlaps compute)
+
+
+def attach(board: Board, rank: int) -> None:
+    global _BOARD, _RANK
+    _BOARD, _RANK = board, rank
+
+
+def doing(text: str) -> None:
+    """Record what this rank is doing now (outside a collective)."""
+    if _BOARD is None:
+        return
+    data = text.encode()[:TEXT_BYTES - 1]
+    start = _RANK * TEXT_BYTES
+    _BOARD.texts[start:start + TEXT_BYTES] = data + b"\0" * (TEXT_BYTES - len(data))
+
+
+def enter_collective(op: str, shape=None) -> None:
+    global _DEPTH
+    if _BOARD is None:
+        return
+    if _DEPTH == 0:
+        _BOARD.since[_RANK] = time.time()
+    _DEPTH += 1
+    doing(f"in {op}" + (f" {tuple(shape)}" if shape is not None else ""))
+
+
+def leave_collective() -> None:
+    global _DEPTH
+    if _BOARD is None or _DEPTH == 0:
+        return
+    _DEPTH -= 1
+    if _DEPTH == 0:
+        _BOARD.since[_RANK] = 0.0
+        start = _RANK * TEXT_BYTES
+        current = bytes(_BOARD.texts[start:start + TEXT_BYTES]).split(b"\0", 1)[0].decode(errors="replace")
+        doing("computing after " + current[3:] if current.startswith("in ") else current)

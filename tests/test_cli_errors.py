@@ -1,0 +1,165 @@
+"""Bad input on every command: one line on stderr, exit 2, before any work (issue 13's table).
+
+Each case names the defect it guards. Most cases stop before a rank starts, so the table is cheap.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sp_core import cli
+from sp_core.cli import main
+from support.checkpoints import make_checkpoint
+
+PROMPTS = [[3, 1, 4, 1, 5], [9]]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny checkpoint, a prompts file and a family of broken variants."""
+    root = tmp_path_factory.mktemp("bad")
+    model = make_checkpoint("qwen3", str(root / "model"))
+    (root / "prompts.json").write_text(json.dumps(PROMPTS))
+
+    def variant(name, edit_config=None, edit_weights=None, raw_config=None, raw_weights=None):
+        path = root / name
+        shutil.copytree(model, path)
+        if edit_config or raw_config is not None:
+            cfg = json.loads((path / "config.json").read_text())
+            text = raw_config if raw_config is not None else json.dumps(edit_config(cfg) or cfg)
+            (path / "config.json").write_text(text)
+        if edit_weights:
+            weights = load_file(str(path / "model.safetensors"))
+            edit_weights(weights)
+            save_file(weights, str(path / "model.safetensors"))
+        if raw_weights:
+            raw_weights(path / "model.safetensors")
+
+    variant("cfg-malformed", raw_config='{"architectures": ["Qwen3ForCausalLM"], ')
+    variant("cfg-not-object", raw_config="[1, 2]")
+    variant("cfg-wrong-type", edit_config=lambda c: c.update(hidden_size="48"))
+    variant("cfg-missing-key", edit_config=lambda c: c.pop("num_attention_heads") and None)
+    variant("st-truncated", raw_weights=lambda p: p.write_bytes(p.read_bytes()[:-64]))
+    variant("st-garbage", raw_weights=lambda p: p.write_bytes(os.urandom(512)))
+    variant("st-wrong-shape", edit_weights=lambda w: w.update({"model.norm.weight": torch.ones(47)}))
+    variant("st-missing", edit_weights=lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
+    variant("st-nan", edit_weights=lambda w: w["model.norm.weight"].__setitem__(0, float("nan")))
+    make_checkpoint("qwen3", str(root / "heads64"), num_attention_heads=64, num_key_value_heads=64)
+    (root / "bad-utf8.json").write_bytes(b"[[1, 2, \xff]]")
+    (root / "too-long.json").write_text(json.dumps([[1] * 256]))  # max_position_embeddings 256
+    (root / "export").mkdir()
+    (root / "export" / "model.safetensors.index.json").write_text("{}")  # a stale export
+    return root
+
+
+def _run(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+M, P = "{root}/model", "{root}/prompts.json"
+LOGITS = ["logits", "--model", M, "--prompts", P, "--out", "{root}/out.safetensors"]
+TRAIN = ["train", "--model", M, "--out", "{root}/trained"]
+CASES = [
+    # (defect, argv, expected text in the one line)
+    ("verify --tp 0 passed vacuously", ["verify", "--tp", "0"], "argument --tp: expected comma-separated positive"),
+    ("verify --tp -1 was a tolerance failure", ["verify", "--tp", "-1"], "argument --tp"),
+    ("verify --tp abc traceback", ["verify", "--tp", "abc"], "got 'abc'"),
+    ("verify --engines '' passed vacuously", ["verify", "--engines", ""], "argument --engines"),
+    ("verify --tp 3 passed vacuously", ["verify", "--model", M, "--tp", "3"], "tp 3 does not divide num_attention_heads"),
+    ("verify --json checked after the work", ["verify", "--model", M, "--json", "{root}/no/such/dir/r.json"],
+     "the directory"),
+    ("train --steps 0", TRAIN + ["--steps", "0"], "argument --steps: expected a positive integer"),
+    ("train --tp 0", TRAIN + ["--tp", "0"], "argument --tp: expected a positive integer"),
+    ("train --seq-length 0", TRAIN + ["--seq-length", "0"], "argument --seq-length"),
+    ("train --micro-batch-size 0", TRAIN + ["--micro-batch-size", "0"], "argument --micro-batch-size"),
+    ("train --lr nan", TRAIN + ["--lr", "nan"], "argument --lr: expected a positive finite number"),
+    ("train --out = --model overwrote the input", ["train", "--model", M, "--out", M], "overlaps the input checkpoint"),
+    ("train --out non-empty kept a stale index", ["train", "--model", M, "--out", "{root}/export"], "is not empty"),
+    ("train --out checked after the work", ["train", "--model", M, "--out", "{root}/no/such/dir"], "does not exist"),
+    ("logits --out overwrote the checkpoint", LOGITS[:-1] + [M + "/model.safetensors"],
+     "inside the checkpoint directory"),
+    ("logits --out overwrote the prompts", LOGITS[:-1] + [P], "would overwrite the input"),
+    ("logits --out checked after the work", LOGITS[:-1] + ["{root}/no/such/dir/o.safetensors"], "does not exist"),
+    ("tp not guarded against CPU cores", LOGITS[:2] + ["{root}/heads64"] + LOGITS[3:] + ["--tp", "64"],
+     "would start 64 CPU ranks on"),
+    ("memory --tp abc", ["memory", "--model", M, "--tp", "abc", "--tokens", "8"], "argument --tp"),
+    ("malformed config.json", LOGITS[:2] + ["{root}/cfg-malformed"] + LOGITS[3:], "config.json: not valid JSON"),
+    ("config.json not an object", LOGITS[:2] + ["{root}/cfg-not-object"] + LOGITS[3:], "not an object"),
+    ("config.json wrong type", LOGITS[:2] + ["{root}/cfg-wrong-type"] + LOGITS[3:],
+     '"hidden_size" must be a positive integer'),
+    ("config.json missing key", ["memory", "--model", "{root}/cfg-missing-key", "--tp", "1", "--tokens", "8"],
+     'missing "num_attention_heads"'),
+    ("truncated safetensors", LOGITS[:2] + ["{root}/st-truncated"] + LOGITS[3:], "truncated or corrupt"),
+    ("corrupt safetensors", ["train", "--model", "{root}/st-garbage", "--out", "{root}/t2"], "truncated or corrupt"),
+    ("invalid-UTF-8 prompts", LOGITS[:4] + ["{root}/bad-utf8.json"] + LOGITS[5:], "not UTF-8 text"),
+]
+# a bad checkpoint or a too-long prompt: the same one line on every engine, before the engine starts
+# (sglang used to SIGKILL sp-core itself, exit 137)
+for _engine in ("core", "megatron", "sglang"):
+    CASES += [
+        (f"{_engine}: wrong-shape tensor", LOGITS[:2] + ["{root}/st-wrong-shape"] + LOGITS[3:] + ["--engine", _engine],
+         "wrong shape: model.norm.weight [47] (expected [48])"),
+        (f"{_engine}: missing tensor", LOGITS[:2] + ["{root}/st-missing"] + LOGITS[3:] + ["--engine", _engine, "--tp", "2"],
+         "missing: model.layers.1.mlp.up_proj.weight"),
+        (f"{_engine}: prompt too long", LOGITS[:4] + ["{root}/too-long.json"] + LOGITS[5:] + ["--engine", _engine],
+         "prompt 0 has 256 tokens; at most 255 fit"),
+    ]
+
+
+@pytest.mark.parametrize("defect,argv,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(work, capsys, defect, argv, expected):
+    argv = [a.format(root=work) for a in argv]
+    before = {p: os.path.getmtime(p) for p in (work / "model").iterdir()}
+    code, err, _ = _run(capsys, argv)
+    assert code == 2, (defect, err)
+    assert len(err) == 1 and expected in err[0], (defect, err)
+    assert "Traceback" not in err[0]
+    assert {p: os.path.getmtime(p) for p in (work / "model").iterdir()} == before  # the checkpoint is untouched
+    assert not (work / "trained").exists() and not (work / "out.safetensors").exists()
+
+
+def test_nan_weights_are_an_error_not_a_result(work, capsys):
+    code, err, _ = _run(capsys, ["logits", "--model", str(work / "st-nan"), "--prompts", str(work / "prompts.json"),
+                                 "--out", str(work / "nan.safetensors"), "--verbose"])
+    assert code == 2 and err[-1].endswith("checkpoint tensor model.norm.weight contains NaN or inf"), err
+    assert not (work / "nan.safetensors").exists()
+
+
+def test_overflowing_outputs_exit_4(work, capsys):
+    """Finite weights whose outputs overflow to inf / NaN: exit 4, nothing written."""
+    path = work / "overflow"
+    shutil.copytree(work / "model", path)
+    weights = load_file(str(path / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 3e38)
+    save_file(weights, str(path / "model.safetensors"))
+    code, err, _ = _run(capsys, ["logits", "--model", str(path), "--prompts", str(work / "prompts.json"),
+                                 "--out", str(work / "overflow.safetensors")])
+    assert code == 4 and "contain NaN or inf" in err[-1], err
+    assert not (work / "overflow.safetensors").exists()
+
+
+def test_every_flag_has_help_and_default(capsys):
+    parser = cli._parser()
+    top = parser.format_help()
+    assert "bench" not in top  # no advertised command that does not exist
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(subparsers.choices) == ["logits", "memory", "train", "verify"]
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and ("default" in action.help or "required" in action.help), (name, action.dest)
+
+
+def test_missing_reference_framework_is_one_line_exit_3(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    code, err, _ = _run(capsys, ["verify", "--engines", "core", "--tp", "1"])
+    assert code == 3 and len(err) == 1 and "pip install 'sp-core[verify]'" in err[0], err

@@ -1,0 +1,150 @@
+"""Faults of a multi-rank run: a hung collective, a killed rank, a killed launcher. Each ends in bounded
+time with a message that names what happened, and leaves no process behind."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sp_core.mpu.launch import RankFailed, run_ranks
+from support.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _hang():
+    from sp_core import mpu
+    from sp_core.mpu import collectives
+
+    if mpu.tp_rank() == 1:
+        time.sleep(60)  # never joins the all-reduce
+    collectives.all_reduce(torch.ones(3, 4))
+
+
+def _busy_but_progressing(steps):
+    from sp_core.mpu import collectives
+
+    total = torch.zeros(1)
+    for _ in range(steps):  # a count, not a clock: every rank issues the same collectives
+        total += collectives.all_reduce(torch.ones(1))
+        time.sleep(0.05)
+    return total.item() == 2 * steps
+
+
+def test_hung_collective_fails_naming_rank_and_collective():
+    with pytest.raises(RankFailed) as info:
+        run_ranks(2, _hang, hang_timeout=2, timeout=120)
+    message = str(info.value)
+    assert "rank 0: no progress for" in message and "in all_reduce (3, 4)" in message, message
+    assert "rank 1: running _hang" in message and "SP_CORE_COLLECTIVE_TIMEOUT=2" in message, message
+
+
+def test_long_run_that_progresses_is_not_a_hang():
+    """The limit is per collective, not per run: over 4 s of steady collectives under a 2 s limit pass."""
+    assert run_ranks(2, _busy_but_progressing, 80, hang_timeout=2, timeout=120) == [True, True]
+
+
+# --- the real command, killed from outside --------------------------------------------------------
+
+def _session_processes(sid):
+    """Live (non-zombie) processes of session ``sid``: pid -> (ppid, command line)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found[int(entry)] = (int(fields[1]), cmd)
+    return found
+
+
+def _ranks(sid, parent):
+    procs = _session_processes(sid)
+    servers = [pid for pid, (ppid, cmd) in procs.items() if ppid == parent and "forkserver" in cmd]
+    return [pid for pid, (ppid, _) in procs.items() if ppid in servers]
+
+
+def _wait_until_gone(sid, seconds=10.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        left = _session_processes(sid)
+        if not left:
+            return {}
+        time.sleep(0.2)
+    return _session_processes(sid)
+
+
+@pytest.fixture(scope="module")
+def train_ckpt(tmp_path_factory):
+    return make_checkpoint("qwen3-train", str(tmp_path_factory.mktemp("faults") / "m"))
+
+
+def _start_training(model, out):
+    """`sp-core train --tp 2` for (practically) ever, in its own session; returns once step 1 is done."""
+    proc = subprocess.Popen([sys.executable, "-m", "sp_core.cli", "train", "--model", model, "--out", out, "--tp", "2",
+                             "--steps", "100000", "--seq-length", "8"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("step 1/"):
+            return proc, lines
+    proc.wait()
+    pytest.fail("training ended before step 1:\n" + "".join(lines))
+
+
+def test_killed_launcher_takes_its_ranks_along(train_ckpt, tmp_path):
+    """SIGKILL (timeout, Slurm, the OOM killer) of `sp-core train --tp 2`: within 10 s no rank, fork
+    server or resource tracker is left, and --out is never written."""
+    out = tmp_path / "trained"
+    proc, _ = _start_training(train_ckpt, str(out))
+    assert len(_ranks(proc.pid, proc.pid)) == 2
+    proc.kill()
+    proc.wait()
+    left = _wait_until_gone(proc.pid)
+    for pid in left:  # clean up before failing, so a failure leaves nothing either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, left
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".trained")]
+
+
+def _collectives_forever(pid_dir):
+    from sp_core import mpu
+    from sp_core.mpu import collectives
+
+    with open(os.path.join(pid_dir, str(mpu.tp_rank())), "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        collectives.all_reduce(torch.ones(4, 8))
+
+
+def test_killed_rank_is_named_with_its_signal_and_activity(tmp_path):
+    """SIGKILL one rank of a tp 2 run: the error names that rank (not the survivor's 'connection reset'),
+    its signal and what it was doing; no rank is left."""
+    import threading
+
+    def kill_rank_1():
+        while not (tmp_path / "1").exists() or not (tmp_path / "1").read_text():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(int((tmp_path / "1").read_text()), signal.SIGKILL)
+
+    threading.Thread(target=kill_rank_1, daemon=True).start()
+    with pytest.raises(RankFailed) as info:
+        run_ranks(2, _collectives_forever, str(tmp_path), timeout=120)
+    message = str(info.value)
+    assert info.value.rank == 1 and message.startswith("rank 1 was killed by SIGKILL while "), message
+    assert "all_reduce (4, 8)" in message and "rank 0: " in message, message
+    for rank in (0, 1):
+        pid = int((tmp_path / str(rank)).read_text())
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
