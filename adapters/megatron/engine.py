@@ -102,8 +102,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
     from sp_core.engines import check_model
 
     check_available()
-    cfg = check_model(model_dir, tp)
-    cfg.check_trainable_tp(tp)
+    check_model(model_dir, tp)
     return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,
                      capture_grads, sequence_parallel=sequence_parallel)[0]
 
