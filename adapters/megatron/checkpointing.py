@@ -59,22 +59,25 @@ def _pieces(param):
 
 def _piece_builder(param, prefix: str, name: str, sharded_offsets: Offsets, dp_rank: int):
     dim, lead = param.partition_dim, len(sharded_offsets)
+    if lead > 1:
+        raise ValueError(f"sharded_offsets {tuple(sharded_offsets)}: at most one prepended axis (the layer) is supported")
 
     def build(key, data, replica_id, flattened_range):
         if flattened_range is not None:
             raise ValueError("sp-core's checkpoint pieces do not support flattened ranges (distributed optimizer)")
         built = {}
         for shard, local_offset, start, rows in _pieces(param):
-            piece = data.narrow(dim, local_offset, rows)
-            global_shape = [size for _, _, size in sharded_offsets] + list(piece.shape)
+            # the layer axis as a leading dim of size 1 (prepend_axis_num is for regular grids only;
+            # a padded vocabulary makes the grid irregular)
+            piece = data.narrow(dim, local_offset, rows).unsqueeze(0) if lead else data.narrow(dim, local_offset, rows)
+            global_shape = [size for _, _, size in sharded_offsets] + list(piece.shape[lead:])
             global_shape[lead + dim] = shard.full
-            global_offset = [off for _, off, _ in sharded_offsets] + [0] * piece.ndim
+            global_offset = [off for _, off, _ in sharded_offsets] + [0] * (piece.ndim - lead)
             global_offset[lead + dim] = start
             piece_key = key[: len(key) - len(name)] + core_to_hf(name, shard.name) if shard.name else key
             built[shard.name or ""] = ShardedTensor(
                 piece_key, piece, piece.dtype, tuple(piece.shape), tuple(global_shape), tuple(global_offset),
-                axis_fragmentations=None, replica_id=(0, mpu.tp_rank() % shard.replicas, dp_rank),
-                prepend_axis_num=lead)
+                axis_fragmentations=None, replica_id=(0, mpu.tp_rank() % shard.replicas, dp_rank))
         return built
 
     return build
@@ -87,7 +90,8 @@ def _piece_merger(param):
         pieces = list(loaded.values())
         merged = torch.zeros(shape, dtype=pieces[0].dtype, device=pieces[0].device) if pieces else torch.zeros(shape)
         for shard, local_offset, _, rows in _pieces(param):
-            merged.narrow(dim, local_offset, rows).copy_(loaded[shard.name or ""])
+            target = merged.narrow(dim, local_offset, rows)
+            target.copy_(loaded[shard.name or ""].reshape(target.shape))
         return merged
 
     return merge

@@ -8,11 +8,11 @@ import glob
 import json
 import os
 import re
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from sp_core.layers.sharding import gather_full, load_full
+from sp_core.layers.sharding import full_shapes, gather_full_to_first, load_full
 from sp_core.models.config import ModelError
 
 # HF name piece -> (core name piece, shard name)
@@ -96,26 +96,81 @@ def load_hf_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     load_weights(model, iter_hf_tensors(model_dir))
 
 
-def export_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Full HF-named tensors (collective: every TP rank calls it; every rank gets the result)."""
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
+
+
+def _exported_tensors(model: torch.nn.Module):
+    """(core name, shard, HF name, full shape, dtype) of every tensor an export writes."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if tied and name == "lm_head.weight":
             continue
-        for shard, full in gather_full(param).items():
-            out[core_to_hf(name, shard)] = full.contiguous().cpu()
-    return out
+        for shard, shape in full_shapes(param).items():
+            yield name, param, shard, core_to_hf(name, shard), shape
 
 
-def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, rank: int = 0) -> None:
-    """Write config.json + model.safetensors that transformers and sglang load (rank 0 writes)."""
+def _plan_files(model: torch.nn.Module, max_shard_bytes: int) -> Dict[str, str]:
+    """HF name -> file name, filling files up to ``max_shard_bytes`` in parameter order."""
+    groups, size = [[]], 0
+    for _, param, _, hf_name, shape in _exported_tensors(model):
+        nbytes = param.element_size() * int(torch.Size(shape).numel())
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(hf_name)
+        size += nbytes
+    if len(groups) == 1:
+        return {name: "model.safetensors" for name in groups[0]}
+    n = len(groups)
+    return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, group in enumerate(groups) for name in group}
+
+
+def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       progress=None) -> List[str]:
+    """Write config.json and the model as Hugging Face safetensors that transformers and sglang load:
+    one ``model.safetensors``, or files of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``. Collective over the TP group: each tensor is gathered onto TP
+    rank 0, which writes; the other ranks only send their slices (they never hold a full tensor) and
+    write nothing. At most one file's tensors are held at a time. Returns the paths written (empty on
+    the other ranks). Under data parallelism call it on one replica only (``sp_core_megatron``'s
+    ``export_hf_checkpoint`` does)."""
     from safetensors.torch import save_file
 
-    state = export_state_dict(model)
-    if rank != 0:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config.hf, f, indent=2)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    from sp_core import mpu
+
+    writer = mpu.tp_rank() == 0
+    plan = _plan_files(model, max_shard_bytes)
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    written, pending, current = [], {}, None
+
+    def flush():
+        if writer and pending:
+            path = os.path.join(out_dir, current)
+            save_file(pending, path, metadata={"format": "pt"})
+            written.append(path)
+            if progress:
+                progress(f"wrote {path}")
+        pending.clear()
+
+    gathered_for = None
+    for name, param, shard, hf_name, _ in _exported_tensors(model):
+        if gathered_for != name:  # one collective per parameter, all its shards at once
+            full, gathered_for = gather_full_to_first(param), name
+        if plan[hf_name] != current:
+            flush()
+            current = plan[hf_name]
+        if full is not None:
+            pending[hf_name] = full[shard].contiguous().cpu()
+    flush()
+    if writer:
+        files = sorted(set(plan.values()))
+        if len(files) > 1:
+            total = sum(int(torch.Size(shape).numel()) * param.element_size()
+                        for _, param, _, _, shape in _exported_tensors(model))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(plan.items()))}
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(model.config.hf, f, indent=2)
+    return written
