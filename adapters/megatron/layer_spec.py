@@ -15,7 +15,7 @@ from sp_core.layers import RMSNorm
 from sp_core.models import ModelConfig
 from sp_core.models.qwen import qwen_decoder_layer
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
-from sp_core_megatron.bind import bind_tensor_parallel_group
+from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
 
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -45,8 +45,9 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
         if rope_theta is None:  # from the config when it came from transformer_config_from_hf
             rope_theta = getattr(config, "rotary_base", None) or DEFAULT_ROPE_THETA
             rope_scaling = getattr(config, "rope_scaling_config", None)
-        self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
-                                        dtype=config.params_dtype, attention_kernel=megatron_attention)
+        with torch.device(parameter_device(config)):
+            self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
+                                            dtype=config.params_dtype, attention_kernel=megatron_attention)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """For Megatron's dist_checkpointing: global (Hugging Face) shapes, this rank's offsets."""
@@ -70,7 +71,8 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
 
 class SPCoreFinalNorm(RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
-        super().__init__(hidden_size, eps, dtype=config.params_dtype)
+        with torch.device(parameter_device(config)):
+            super().__init__(hidden_size, eps, dtype=config.params_dtype)
 
 
 def get_sp_core_block_spec(num_layers: int, rope_theta: Optional[float] = None,

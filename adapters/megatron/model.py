@@ -10,7 +10,7 @@ from megatron.core.transformer.module import MegatronModule
 from sp_core import mpu
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
-from sp_core_megatron.bind import bind_tensor_parallel_group
+from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
 from sp_core_megatron.config import check_supported
 
 
@@ -34,7 +34,8 @@ class SPCoreGPTModel(MegatronModule):
         bind_tensor_parallel_group(config)
         hf = ModelConfig.from_pretrained(config.sp_core_hf_model)
         self.hf_config = hf
-        self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_kernel)
+        with torch.device(parameter_device(config)):
+            self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_kernel)
         load_hf_checkpoint(self.language_model, config.sp_core_hf_model)
 
     def set_input_tensor(self, input_tensor) -> None:
