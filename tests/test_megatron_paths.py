@@ -21,7 +21,9 @@ def ckpts(tmp_path_factory):
     dirs = {name: make_checkpoint(name, str(root / name)) for name in ("qwen2", "qwen3")}
     # Megatron's loss includes its vocabulary padding columns, whose number depends on tp: for a
     # gradient comparison across tp, a vocabulary that needs no padding at t = 1 or 2
-    dirs["qwen3-v100"] = make_checkpoint("qwen3", str(root / "qwen3-v100"), vocab_size=100)
+    # and RoPE theta 1e6 with linear scaling, which the core's layers must take from the config
+    dirs["qwen3-v100"] = make_checkpoint("qwen3", str(root / "qwen3-v100"), vocab_size=100,
+                                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
     return dirs
 
 
@@ -163,15 +165,17 @@ def _max_diff(a, b):
 def _expected_fields(model_dir):
     hf = json.load(open(os.path.join(model_dir, "config.json")))
     qwen3 = hf["architectures"] == ["Qwen3ForCausalLM"]
-    theta = hf["rope_theta"] if "rope_theta" in hf else hf["rope_parameters"]["rope_theta"]
-    return dict(qk_layernorm=qwen3, add_qkv_bias=not qwen3, rotary_base=theta, rope_scaling_config=None,
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta"))
+    scaling = rope if rope.get("rope_type", "default") != "default" else None
+    return dict(qk_layernorm=qwen3, add_qkv_bias=not qwen3, rotary_base=theta, rope_scaling_config=scaling,
                 share_embeddings_and_output_weights=hf["tie_word_embeddings"], vocab_size=hf["vocab_size"])
 
 
 def test_gpt_model_with_core_layers_from_hf_equals_transformers(ckpts, tmp_path):
     """megatron.core's GPTModel + get_sp_core_block_spec + transformer_config_from_hf + the HF name mapping,
     at tp 2 with SP, against transformers: qwen2 (qkv bias, tied embeddings, vocab 97 padded to 98) and
-    qwen3 (q/k norm, one KV head replicated over tp). Packed documents through GPTModel equal each
+    qwen3 (q/k norm, one KV head replicated over tp, RoPE theta 1e6 with linear scaling). Packed documents through GPTModel equal each
     document alone. The tp 2 distributed checkpoint of this path loads at tp 1.
 
     Gradients (tp 2 + SP vs t = 1) go through Megatron's finalize_model_grads with qk_layernorm=True,

@@ -14,7 +14,7 @@ from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
 from sp_core_megatron.config import check_supported
 
 
-def megatron_kernel(layer_index: int):
+def megatron_attention_for(layer_index: int):
     return megatron_attention
 
 
@@ -35,7 +35,7 @@ class SPCoreGPTModel(MegatronModule):
         hf = ModelConfig.from_pretrained(config.sp_core_hf_model)
         self.hf_config = hf
         with torch.device(parameter_device(config)):
-            self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_kernel)
+            self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_attention_for)
         load_hf_checkpoint(self.language_model, config.sp_core_hf_model)
 
     def set_input_tensor(self, input_tensor) -> None:

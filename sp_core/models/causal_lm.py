@@ -12,14 +12,14 @@ import torch
 from sp_core import mpu
 from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
-from sp_core.models.qwen import KernelForLayer, QwenModel, same_kernel_for_every_layer
+from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
 
 _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel}
 
 
 class CausalLM(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: Optional[torch.dtype] = None,
-                 attention_kernel: KernelForLayer = same_kernel_for_every_layer):
+                 attention_kernel: KernelForLayer = packed_causal_attention_for):
         """``attention_kernel(layer_index)``: the attention kernel of each decoder layer (default: the
         core's packed causal attention over ``PackedBatch``); a framework passes its own."""
         super().__init__()

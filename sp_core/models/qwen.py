@@ -1,9 +1,9 @@
 """Qwen2 / Qwen3 decoder stack. Single-device math; the layers' types decide how it is split."""
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
+
+import torch
 
 from sp_core.layers import DecoderLayer, RMSNorm, SelfAttention, SwiGLUMLP, VocabParallelEmbedding
 from sp_core.layers.attention import AttentionKernel, packed_causal_attention
@@ -13,7 +13,7 @@ KernelForLayer = Callable[[int], AttentionKernel]
 """Layer index -> that layer's attention kernel (a serving framework's kernel is per layer)."""
 
 
-def same_kernel_for_every_layer(layer_index: int) -> AttentionKernel:
+def packed_causal_attention_for(layer_index: int) -> AttentionKernel:
     return packed_causal_attention
 
 
@@ -29,7 +29,7 @@ def qwen_decoder_layer(cfg: ModelConfig, dtype=None, attention_kernel: Attention
 class QwenModel(torch.nn.Module):
     """Embedding, decoder layers, final norm (HF's ``model.*``)."""
 
-    def __init__(self, cfg: ModelConfig, dtype=None, attention_kernel: KernelForLayer = same_kernel_for_every_layer):
+    def __init__(self, cfg: ModelConfig, dtype=None, attention_kernel: KernelForLayer = packed_causal_attention_for):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype, attention_kernel(i))
