@@ -278,7 +278,6 @@ def cmd_train(args) -> int:
     engine = engines.get("megatron")
     engine.check_available()
     cfg = engines.check_model(args.model, args.tp)
-    cfg.check_trainable_tp(args.tp)
     if args.seq_length > cfg.max_position_embeddings:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")

@@ -1,10 +1,18 @@
-"""Bind Megatron's tensor-parallel group into sp_core.mpu (creates nothing)."""
+"""Bind Megatron's tensor-parallel group into sp_core.mpu (creates nothing); Megatron's parameter device."""
 from __future__ import annotations
 
 from megatron.core import parallel_state
 
+import torch
+
 from sp_core import mpu
 from sp_core.models import ModelError
+from sp_core.mpu import platform
+
+
+def parameter_device(config) -> torch.device:
+    """Where Megatron puts parameters: the current accelerator, or the CPU with use_cpu_initialization."""
+    return torch.device("cpu") if getattr(config, "use_cpu_initialization", False) else platform.current_device()
 
 
 def bind_tensor_parallel_group(config) -> None:

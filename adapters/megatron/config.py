@@ -19,18 +19,38 @@ class SPCoreTransformerConfig(TransformerConfig):
     sp_core_hf_model: Optional[str] = None
     """Hugging Face checkpoint directory to initialise from (config.json + safetensors)."""
 
+    # What GPTModel takes as constructor arguments, kept with the config so that one object describes
+    # the checkpoint (transformer_config_from_hf fills them; the core's layers read the rope ones).
+    vocab_size: Optional[int] = None
+    """The checkpoint's vocabulary (GPTModel's ``vocab_size`` needs it padded to a multiple of tp)."""
+
+    rotary_base: float = 10000.0
+    """RoPE theta (GPTModel's ``rotary_base``)."""
+
+    rope_scaling_config: Optional[dict] = None
+    """The checkpoint's ``rope_scaling`` (linear / dynamic / yarn), None for plain RoPE."""
+
+    share_embeddings_and_output_weights: bool = False
+    """Tied input embedding and LM head (``tie_word_embeddings``)."""
+
+    max_position_embeddings: int = 4096
+
 
 def transformer_config_from_hf(model_dir: str, tp: int = 1, sequence_parallel: bool = False,
                                params_dtype: torch.dtype = torch.float32, **overrides) -> SPCoreTransformerConfig:
-    """A Megatron TransformerConfig with the checkpoint's shapes, sp_core on."""
+    """A Megatron TransformerConfig with everything the checkpoint's config.json says (shapes, q/k norm,
+    qkv bias, RoPE theta and scaling, tied embeddings, vocabulary), sp_core on."""
     cfg = ModelConfig.from_pretrained(model_dir)
     fields = dict(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
         layernorm_epsilon=cfg.rms_norm_eps, normalization="RMSNorm", gated_linear_unit=True,
-        add_bias_linear=False, add_qkv_bias=cfg.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
+        add_bias_linear=False, add_qkv_bias=cfg.qkv_bias, qk_layernorm=cfg.qk_norm, hidden_dropout=0.0,
+        attention_dropout=0.0, tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, sp_core=True, sp_core_hf_model=model_dir,
+        vocab_size=cfg.vocab_size, rotary_base=cfg.rope_theta, rope_scaling_config=cfg.rope_scaling,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
     )
     fields.update(overrides)
     return SPCoreTransformerConfig(**fields)

@@ -13,6 +13,10 @@ changes no numerics:
    FP32Optimizer's ``_scale``, the grad-norm helpers, the default causal mask) becomes ``"cpu"`` for
    calls made from ``megatron.*`` modules (a ``TorchFunctionMode``, left on for the process's life).
 
+4. ``megatron_cuda_synchronize_is_noop``: ``dist_checkpointing``'s torch_dist save strategy calls
+   ``torch.cuda.synchronize()`` before copying tensors to the host; with no device there is nothing
+   to wait for, so calls from ``megatron.*`` return at once.
+
 Not covered (the CPU training path avoids them): ``clip_grad > 0`` (``clip_grad_by_total_norm_fp32``
 asserts ``torch.cuda.FloatTensor``), activation recompute, the distributed optimizer, fp16/bf16
 optimizers, the MoE alltoall dispatcher, and fusions.
@@ -138,8 +142,25 @@ def megatron_cuda_device_to_cpu() -> None:
     _MODE.__enter__()  # left on for the life of the (test) rank process
 
 
+# -- 4. torch.cuda.synchronize() ---------------------------------------------------------------------
+
+def megatron_cuda_synchronize_is_noop() -> None:
+    original = torch.cuda.synchronize
+    if getattr(original, "_sp_core_cpu", False):
+        return
+
+    def synchronize(device=None):
+        if _called_from_megatron(1):
+            return None
+        return original(device)
+
+    synchronize._sp_core_cpu = True
+    synchronize.__wrapped__ = original
+    torch.cuda.synchronize = synchronize
+
+
 def enable() -> None:
-    """Apply fixes 1-3 in this (rank) process, once; a no-op unless sp_core runs on CPU."""
+    """Apply fixes 1-4 in this (rank) process, once; a no-op unless sp_core runs on CPU."""
     global _INSTALLED
     from sp_core.mpu import platform
 
@@ -148,4 +169,5 @@ def enable() -> None:
     cpu_rng_tracker()
     megatron_current_device_is_cpu()
     megatron_cuda_device_to_cpu()
+    megatron_cuda_synchronize_is_noop()
     _INSTALLED = True

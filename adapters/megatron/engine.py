@@ -76,8 +76,8 @@ def clip_grad_default() -> float:
 
 def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
     from sp_core import mpu
-    from sp_core.models import save_hf_checkpoint
     from sp_core_megatron import cpu_training, training
+    from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine
     model = build_model(model_dir, tp, sequence_parallel)
@@ -91,7 +91,7 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     if prompts:
         result["logprobs"] = model_logprobs(model, prompts)
     if out_dir:
-        save_hf_checkpoint(model.language_model, out_dir, rank=mpu.tp_rank())
+        export_hf_checkpoint(model, out_dir, progress=log)
     return result
 
 
@@ -102,8 +102,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
     from sp_core.engines import check_model
 
     check_available()
-    cfg = check_model(model_dir, tp)
-    cfg.check_trainable_tp(tp)
+    check_model(model_dir, tp)
     return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,
                      capture_grads, sequence_parallel=sequence_parallel)[0]
 

@@ -14,8 +14,10 @@ from sp_core import mpu
 from sp_core.layers import RMSNorm
 from sp_core.models import ModelConfig
 from sp_core.models.qwen import qwen_decoder_layer
-from sp_core_megatron.bind import bind_tensor_parallel_group
-from sp_core_megatron.model import SequenceBatch, causal_attention_sb
+from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
+from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
+
+DEFAULT_ROPE_THETA = 10000.0
 
 
 def model_config_from_megatron(config, rope_theta: float, rope_scaling: Optional[dict] = None) -> ModelConfig:
@@ -30,34 +32,54 @@ def model_config_from_megatron(config, rope_theta: float, rope_scaling: Optional
 
 
 class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
-    """The core's pre-norm decoder layer behind Megatron's layer interface ([s/t, b, h] under SP)."""
+    """The core's pre-norm decoder layer behind Megatron's layer interface ([s/t, b, h] under SP).
 
-    def __init__(self, config, layer_number: int = 1, rope_theta: float = 10000.0,
+    Honours Megatron's ``attention_mask`` ([b or 1, 1, s, s], True = masked out) and
+    ``packed_seq_params`` (THD: attention within each document, positions restarting at 0)."""
+
+    def __init__(self, config, layer_number: int = 1, rope_theta: Optional[float] = None,
                  rope_scaling: Optional[dict] = None, **unused):
         MegatronModule.__init__(self, config)
         bind_tensor_parallel_group(config)
         self.layer_number = layer_number
-        self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
-                                        dtype=config.params_dtype)
-        self.layer.self_attn.kernel = causal_attention_sb
+        if rope_theta is None:  # from the config when it came from transformer_config_from_hf
+            rope_theta = getattr(config, "rotary_base", None) or DEFAULT_ROPE_THETA
+            rope_scaling = getattr(config, "rope_scaling_config", None)
+        with torch.device(parameter_device(config)):
+            self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
+                                            dtype=config.params_dtype, attention_kernel=megatron_attention)
 
-    def forward(self, hidden_states, attention_mask=None, **unused):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """For Megatron's dist_checkpointing: global (Hugging Face) shapes, this rank's offsets."""
+        from sp_core_megatron.checkpointing import core_sharded_state_dict
+
+        return core_sharded_state_dict(self, prefix, sharded_offsets)
+
+    def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **unused):
         rows, b, h = hidden_states.shape
         with mpu.sequence_parallel(self.config.sequence_parallel):
             s = rows * mpu.tp_size() if mpu.sequence_parallel_active() else rows
-            positions = torch.arange(s, device=hidden_states.device).repeat_interleave(b)  # s-major tokens
-            out = self.layer(hidden_states.reshape(rows * b, h), positions, SequenceBatch(s, b))
+            cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
+            if cu_seqlens is not None:
+                positions = document_positions(cu_seqlens, s)
+            else:
+                positions = torch.arange(s, device=hidden_states.device).repeat_interleave(b)  # s-major tokens
+            batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params)
+            out = self.layer(hidden_states.reshape(rows * b, h), positions, batch)
         return out.view(rows, b, h), None
 
 
 class SPCoreFinalNorm(RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
-        super().__init__(hidden_size, eps, dtype=config.params_dtype)
+        with torch.device(parameter_device(config)):
+            super().__init__(hidden_size, eps, dtype=config.params_dtype)
 
 
-def get_sp_core_block_spec(num_layers: int, rope_theta: float = 10000.0,
+def get_sp_core_block_spec(num_layers: int, rope_theta: Optional[float] = None,
                            rope_scaling: Optional[dict] = None) -> TransformerBlockSubmodules:
     """For ``GPTModel(config, transformer_layer_spec=get_sp_core_block_spec(...), ...,
-    position_embedding_type="none")``: the core's layers and final norm; rotary inside the layers."""
+    position_embedding_type="none")``: the core's layers and final norm; rotary inside the layers.
+    ``rope_theta`` / ``rope_scaling`` default to the config's (``transformer_config_from_hf`` sets them),
+    else theta 10000 without scaling."""
     layer = ModuleSpec(module=SPCoreTransformerLayer, params={"rope_theta": rope_theta, "rope_scaling": rope_scaling})
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=ModuleSpec(module=SPCoreFinalNorm))

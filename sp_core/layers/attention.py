@@ -32,6 +32,9 @@ def expand_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1) if kv.shape[1] != q.shape[1] else kv
 
 
+AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
 def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
     k, v = expand_kv(q, k), expand_kv(q, v)
     lens: List[int] = list(batch.seq_lens)
@@ -44,9 +47,6 @@ def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
         out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)), is_causal=True)
         outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
-
-
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
 def head_split(num_heads: int, num_kv_heads: int, head_dim: int):
@@ -70,17 +70,18 @@ def head_split(num_heads: int, num_kv_heads: int, head_dim: int):
 class SelfAttention(torch.nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope_theta: float, rope_scaling: Optional[dict] = None, qkv_bias: bool = False,
-                 qk_norm: bool = False, eps: float = 1e-6, dtype: Optional[torch.dtype] = None):
+                 qk_norm: bool = False, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
+                 kernel: AttentionKernel = packed_causal_attention):
         super().__init__()
         shards = head_split(num_heads, num_kv_heads, head_dim)
         self.head_dim = head_dim
         self.q_size, self.kv_size = shards[0].local, shards[1].local
-        self.qkv_proj = ColumnParallelLinear(hidden_size, 0, bias=qkv_bias, shards=shards, dtype=dtype)
+        self.qkv_proj = ColumnParallelLinear.packed(hidden_size, shards, bias=qkv_bias, dtype=dtype)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, dtype=dtype)
         self.q_norm = RMSNorm(head_dim, eps, per_head_on_tp_shard=True, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps, per_head_on_tp_shard=True, dtype=dtype) if qk_norm else None
         self.rotary = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
-        self.kernel: AttentionKernel = packed_causal_attention
+        self.kernel = kernel
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

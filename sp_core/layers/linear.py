@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sp_core import mpu
 from sp_core.layers.sharding import Shard, mark_partitioned, mark_sequence_parallel
 from sp_core.mpu import collectives
+from sp_core.mpu.platform import amp_backward, amp_forward
 
 
 def _divide(total: int, t: int, what: str) -> int:
@@ -32,6 +33,7 @@ class _GatheredInputLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @amp_forward
     def forward(ctx, x_shard, weight, bias):
         ctx.save_for_backward(x_shard, weight)
         ctx.has_bias = bias is not None
@@ -40,6 +42,7 @@ class _GatheredInputLinear(torch.autograd.Function):
         return out + bias if bias is not None else out
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
@@ -70,14 +73,24 @@ class _ReduceScatteredOutputLinear(torch.autograd.Function):
 
 
 class ColumnParallelLinear(torch.nn.Module):
-    """Output features split over TP. ``shards`` lists the pieces packed in the output (default: one)."""
+    """Output features split over TP. ``ColumnParallelLinear.packed`` builds one whose output packs
+    several pieces (a fused qkv or gate/up), each split over TP on its own."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 shards: Optional[Sequence[Shard]] = None, dtype: Optional[torch.dtype] = None):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        t = mpu.tp_size()
-        self.shards: List[Shard] = list(shards) if shards else [
-            Shard(None, output_size, _divide(output_size, t, "output size"))]
+        self._make_parameters(input_size, [Shard(None, output_size, _divide(output_size, mpu.tp_size(), "output size"))],
+                              bias, dtype)
+
+    @classmethod
+    def packed(cls, input_size: int, shards: Sequence[Shard], bias: bool = False,
+               dtype: Optional[torch.dtype] = None) -> "ColumnParallelLinear":
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer._make_parameters(input_size, shards, bias, dtype)
+        return layer
+
+    def _make_parameters(self, input_size: int, shards: Sequence[Shard], bias: bool, dtype) -> None:
+        self.shards: List[Shard] = list(shards)
         local = sum(s.local for s in self.shards)
         self.input_size, self.output_size_per_partition = input_size, local
         self.weight = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
@@ -88,10 +101,19 @@ class ColumnParallelLinear(torch.nn.Module):
             mark_partitioned(self.bias, 0, self.shards)
         torch.nn.init.normal_(self.weight, std=0.02)
 
+    def _summed_over_replicas(self, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Rows that several ranks hold alike (KV heads fewer than t) each see only this rank's query
+        heads, so their gradient is summed over those ranks; other rows pass through untouched."""
+        if param is None or not torch.is_grad_enabled() or all(s.replicas == 1 for s in self.shards):
+            return param
+        pieces = param.split([s.local for s in self.shards])
+        return torch.cat([mpu.copy_to_replicas(p, s.replicas) for p, s in zip(pieces, self.shards)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._summed_over_replicas(self.weight), self._summed_over_replicas(self.bias)
         if mpu.sequence_parallel_active():
-            return _GatheredInputLinear.apply(x, self.weight, self.bias)
-        return F.linear(mpu.copy_to_tp(x), self.weight, self.bias)
+            return _GatheredInputLinear.apply(x, weight, bias)
+        return F.linear(mpu.copy_to_tp(x), weight, bias)
 
 
 class RowParallelLinear(torch.nn.Module):

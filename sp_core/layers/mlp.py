@@ -16,7 +16,7 @@ class SwiGLUMLP(torch.nn.Module):
         super().__init__()
         local = _divide(intermediate_size, mpu.tp_size(), "intermediate_size")
         shards = [Shard("gate", intermediate_size, local), Shard("up", intermediate_size, local)]
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, 0, shards=shards, dtype=dtype)
+        self.gate_up_proj = ColumnParallelLinear.packed(hidden_size, shards, dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

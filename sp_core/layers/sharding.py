@@ -70,17 +70,43 @@ def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optiona
 
 
 def gather_full(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> Dict[Optional[str], torch.Tensor]:
-    """Every shard of ``param`` as its full checkpoint tensor (collective: call on all TP ranks).
-    ``values``: a tensor laid out like ``param`` to gather instead (e.g. its gradient)."""
+    """Every shard of ``param`` as its full checkpoint tensor, on every rank (collective: call on all
+    TP ranks). ``values``: a tensor laid out like ``param`` to gather instead (e.g. its gradient)."""
     values = (param if values is None else values).detach()
+    if getattr(param, "shards", None) is None:
+        return {None: values}
+    local = values.transpose(0, param.partition_dim).contiguous()
+    return _full_tensors(param, collectives.all_gather(local))
+
+
+def gather_full_to_first(param: torch.Tensor) -> Optional[Dict[Optional[str], torch.Tensor]]:
+    """``gather_full`` onto TP rank 0 only; the other ranks send their slices and get None."""
+    values = param.detach()
+    if getattr(param, "shards", None) is None:
+        return {None: values} if ps.tp_rank() == 0 else None
+    every_rank = collectives.gather_to_first(values.transpose(0, param.partition_dim).contiguous())
+    return None if every_rank is None else _full_tensors(param, every_rank)
+
+
+def full_shapes(param: torch.Tensor) -> Dict[Optional[str], tuple]:
+    """The checkpoint shape of every shard of ``param`` (no communication)."""
     shards = getattr(param, "shards", None)
     if shards is None:
-        return {None: values}
-    dim, t = param.partition_dim, ps.tp_size()
-    local = values.transpose(0, dim).contiguous()
-    every_rank = collectives.all_gather(local).chunk(t, dim=0)
-    out, offset = {}, 0
+        return {None: tuple(param.shape)}
+    out = {}
     for shard in shards:
+        shape = list(param.shape)
+        shape[param.partition_dim] = shard.full
+        out[shard.name] = tuple(shape)
+    return out
+
+
+def _full_tensors(param: torch.Tensor, stacked: torch.Tensor) -> Dict[Optional[str], torch.Tensor]:
+    """Every rank's local tensor (partition dim first), stacked in rank order -> full tensors by shard."""
+    dim, t = param.partition_dim, ps.tp_size()
+    every_rank = stacked.chunk(t, dim=0)
+    out, offset = {}, 0
+    for shard in param.shards:
         pieces = [every_rank[r][offset:offset + shard.local] for r in range(0, t, shard.replicas)]
         out[shard.name] = torch.cat(pieces, dim=0)[: shard.full].transpose(0, dim).contiguous()
         offset += shard.local

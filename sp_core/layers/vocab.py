@@ -14,6 +14,7 @@ from sp_core import mpu
 from sp_core.layers.linear import ColumnParallelLinear
 from sp_core.layers.sharding import Shard, mark_partitioned
 from sp_core.mpu import collectives
+from sp_core.mpu.platform import amp_backward, amp_forward
 
 
 def vocab_shard(vocab_size: int) -> Shard:
@@ -48,7 +49,8 @@ class ParallelLMHead(ColumnParallelLinear):
     """Hidden states (token shard) -> logits of all tokens over this rank's vocabulary block (g)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: Optional[torch.dtype] = None):
-        super().__init__(hidden_size, 0, shards=[vocab_shard(vocab_size)], dtype=dtype)
+        torch.nn.Module.__init__(self)
+        self._make_parameters(hidden_size, [vocab_shard(vocab_size)], bias=False, dtype=dtype)
         self.vocab_size = vocab_size
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
@@ -65,6 +67,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """-log softmax(logits)[label] without gathering the vocabulary (three all-reduces of [T])."""
 
     @staticmethod
+    @amp_forward
     def forward(ctx, logits_local, labels, vocab_size):
         t, rank = mpu.tp_size(), mpu.tp_rank()
         rows = logits_local.shape[-1]
@@ -85,16 +88,22 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return sum_exp.log() - picked
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_loss):
         softmax, local_labels, mine = ctx.saved_tensors
-        grad = softmax
-        hit = torch.nonzero(mine).squeeze(-1)
-        grad[hit, local_labels[hit]] -= 1.0
+        # d loss / d logit = softmax - onehot(label), the onehot only where this rank owns the label;
+        # a scatter instead of indexing by nonzero(mine), which would wait for the device (host sync)
+        rows = softmax.shape[-1]
+        grad = softmax.scatter_add_(-1, local_labels.clamp(0, rows - 1).unsqueeze(-1),
+                                    -mine.unsqueeze(-1).to(softmax.dtype))
         return (grad * grad_loss.unsqueeze(-1)).to(ctx.input_dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Per-token loss [T] from vocab-sharded logits [T, V/t] and labels [T] (all tokens on every rank)."""
-    if labels.min() < 0 or labels.max() >= vocab_size:
-        raise ValueError(f"labels must lie in [0, {vocab_size}); got [{int(labels.min())}, {int(labels.max())}]")
+    """Per-token loss [T] from vocab-sharded logits [T, V/t] and labels [T] (all tokens on every rank).
+
+    Labels outside [0, vocab_size) fail an asynchronous device assertion (no host sync on a GPU; the
+    error surfaces at a later synchronisation point), so a training step never waits on the host."""
+    torch._assert_async(((labels >= 0) & (labels < vocab_size)).all(),
+                        f"labels must lie in [0, {vocab_size}) (the vocabulary)")
     return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_size)

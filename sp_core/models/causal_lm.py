@@ -12,17 +12,20 @@ import torch
 from sp_core import mpu
 from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
-from sp_core.models.qwen import QwenModel
+from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
 
 _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel}
 
 
 class CausalLM(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: Optional[torch.dtype] = None):
+    def __init__(self, cfg: ModelConfig, dtype: Optional[torch.dtype] = None,
+                 attention_kernel: KernelForLayer = packed_causal_attention_for):
+        """``attention_kernel(layer_index)``: the attention kernel of each decoder layer (default: the
+        core's packed causal attention over ``PackedBatch``); a framework passes its own."""
         super().__init__()
         cfg.check_tp(mpu.tp_size())
         self.config = cfg
-        self.model = _BODIES[cfg.architecture](cfg, dtype=dtype)
+        self.model = _BODIES[cfg.architecture](cfg, dtype=dtype, attention_kernel=attention_kernel)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

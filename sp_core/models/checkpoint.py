@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from sp_core.errors import NonFiniteError
-from sp_core.layers.sharding import gather_full, load_full
+from sp_core.layers.sharding import full_shapes, gather_full_to_first, load_full
 from sp_core.models.config import ModelError
 
 # HF name piece -> (core name piece, shard name)
@@ -170,46 +170,106 @@ def load_hf_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     load_weights(model, iter_hf_tensors(model_dir))
 
 
-def export_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Full HF-named tensors (collective: every TP rank calls it; every rank gets the result)."""
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
+
+
+def _exported_tensors(model: torch.nn.Module):
+    """(core name, shard, HF name, full shape, dtype) of every tensor an export writes."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if tied and name == "lm_head.weight":
             continue
-        for shard, full in gather_full(param).items():
-            out[core_to_hf(name, shard)] = full.contiguous().cpu()
-    return out
+        for shard, shape in full_shapes(param).items():
+            yield name, param, shard, core_to_hf(name, shard), shape
 
 
-def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, rank: int = 0) -> None:
-    """Write config.json + model.safetensors that transformers and sglang load (rank 0 writes).
+def _plan_files(model: torch.nn.Module, max_shard_bytes: int) -> Dict[str, str]:
+    """HF name -> file name, filling files up to ``max_shard_bytes`` in parameter order."""
+    groups, size = [[]], 0
+    for _, param, _, hf_name, shape in _exported_tensors(model):
+        nbytes = param.element_size() * int(torch.Size(shape).numel())
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(hf_name)
+        size += nbytes
+    if len(groups) == 1:
+        return {name: "model.safetensors" for name in groups[0]}
+    n = len(groups)
+    return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, group in enumerate(groups) for name in group}
+
+
+def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       progress=None) -> List[str]:
+    """Write config.json and the model as Hugging Face safetensors that transformers and sglang load:
+    one ``model.safetensors``, or files of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``. Collective over the TP group: each tensor is gathered onto TP
+    rank 0, which writes; the other ranks only send their slices (they never hold a full tensor) and
+    write nothing. At most one file's tensors are held at a time. Returns the paths written (empty on
+    the other ranks). Under data parallelism call it on one replica only (``sp_core_megatron``'s
+    ``export_hf_checkpoint`` does).
 
     Atomic: the files go to a temporary directory next to ``out_dir``, which then takes its place (an
     existing ``out_dir`` is replaced whole; the command line refuses a non-empty one without --force).
     Weights with NaN or inf are refused (NonFiniteError) and nothing is written."""
     from safetensors.torch import save_file
 
-    state = export_state_dict(model)
-    if rank != 0:
-        return
-    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        raise NonFiniteError(f"the weights to export contain NaN or inf ({', '.join(bad[:3])}"
-                             f"{', ...' if len(bad) > 3 else ''}): training diverged? Nothing was written to {out_dir}")
+    from sp_core import mpu
+
+    writer = mpu.tp_rank() == 0
+    plan = _plan_files(model, max_shard_bytes)
     out_dir = os.path.abspath(out_dir)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=os.path.dirname(out_dir))
-    _remove_on_abort(partial)
+    partial = None
+    if writer:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=os.path.dirname(out_dir))
+        _remove_on_abort(partial)
+    written, pending, current, bad = [], {}, None, []
+
+    def flush():
+        if writer and pending and not bad:
+            save_file(pending, os.path.join(partial, current), metadata={"format": "pt"})
+            written.append(os.path.join(out_dir, current))
+            if progress:
+                progress(f"wrote {current}")
+        pending.clear()
+
     try:
+        gathered_for = None
+        for name, param, shard, hf_name, _ in _exported_tensors(model):
+            if gathered_for != name:  # one collective per parameter, all its shards at once
+                full, gathered_for = gather_full_to_first(param), name
+            if plan[hf_name] != current:
+                flush()
+                current = plan[hf_name]
+            if full is not None:
+                tensor = full[shard].contiguous().cpu()
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad.append(hf_name)  # keep gathering: the other ranks are still sending
+                pending[hf_name] = tensor
+        flush()
+        if not writer:
+            return written
+        if bad:
+            raise NonFiniteError(f"the weights to export contain NaN or inf ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}): training diverged? Nothing was written to {out_dir}")
+        files = sorted(set(plan.values()))
+        if len(files) > 1:
+            total = sum(int(torch.Size(shape).numel()) * param.element_size()
+                        for _, param, _, _, shape in _exported_tensors(model))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(plan.items()))}
+            with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
         with open(os.path.join(partial, "config.json"), "w") as f:
             json.dump(model.config.hf, f, indent=2)
-        save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        for mode, path in ((0o644, os.path.join(partial, name)) for name in os.listdir(partial)):
-            os.chmod(path, mode)
+        for path in (os.path.join(partial, name) for name in os.listdir(partial)):
+            os.chmod(path, 0o644)
         os.chmod(partial, 0o755)  # mkdtemp makes it private
         _replace_dir(partial, out_dir)
+        return written
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
 
 

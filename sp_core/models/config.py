@@ -110,12 +110,6 @@ class ModelConfig:
         if self.intermediate_size % tp:
             raise ModelError(f"tp {tp} does not divide intermediate_size ({self.intermediate_size})")
 
-    def check_trainable_tp(self, tp: int) -> None:
-        """Training also needs whole KV heads per rank (as Megatron: num_query_groups % tp == 0)."""
-        self.check_tp(tp)
-        if self.num_key_value_heads % tp:
-            raise ModelError(f"training at tp {tp} needs num_key_value_heads ({self.num_key_value_heads}) "
-                             f"divisible by tp (replicated KV heads are supported for inference only)")
 
 
 _REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

@@ -3,6 +3,7 @@ from sp_core.mpu import platform
 from sp_core.mpu.collectives import counting as counting_collectives
 from sp_core.mpu.grads import allreduce_sequence_parallel_grads
 from sp_core.mpu.operators import (
+    copy_to_replicas,
     copy_to_tp,
     enter_sequence_parallel,
     exit_sequence_parallel,

@@ -163,6 +163,20 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return all_gather_start(x).wait()
 
 
+def gather_to_first(x: torch.Tensor):
+    """Every rank's ``x`` concatenated along dim 0 on TP rank 0 only (None on the others, which only
+    send): for an export that one rank writes, so no other rank holds the full tensor."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    _record("gather", x)
+    group = ps.tp_group()
+    x = x.contiguous()
+    pieces = [torch.empty_like(x) for _ in range(t)] if ps.tp_rank() == 0 else None
+    dist.gather(x, pieces, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return torch.cat(pieces) if pieces is not None else None
+
+
 def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
     if ps.tp_size() > 1 and ps.communicator() is not None:

@@ -7,6 +7,8 @@ Function each, and the two edges of the sequence-parallel region.
     g-bar    reduce_scatter_to_sp  reduce-scatter| all-gather
     scatter  scatter_to_sp         split         | all-gather
     gather   gather_to_replicated  all-gather    | split        (scatter's adjoint: the region exit)
+    f_r      copy_to_replicas      identity      | sum over each group of r consecutive ranks
+                                                   (f on a sub-group: a weight that r ranks hold alike)
 
 All act on dim 0 (tokens). Under no-grad they are plain collectives.
 """
@@ -17,66 +19,103 @@ import torch.nn.functional as F
 
 from sp_core.mpu import collectives as c
 from sp_core.mpu import parallel_state as ps
+from sp_core.mpu.platform import amp_backward, amp_forward
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return x
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return c.all_reduce(grad)
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return c.all_reduce(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return grad
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return c.all_gather(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return c.reduce_scatter(grad)
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return c.reduce_scatter(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return c.all_gather(grad)
 
 
 class _ScatterToSP(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return c.split(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return c.all_gather(grad)
 
 
 class _GatherToReplicated(torch.autograd.Function):
     @staticmethod
+    @amp_forward
     def forward(ctx, x):
         return c.all_gather(x)
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad):
         return c.split(grad)
+
+
+class _CopyToReplicas(torch.autograd.Function):
+    @staticmethod
+    @amp_forward
+    def forward(ctx, x, replicas):
+        ctx.replicas = replicas
+        return x
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad):
+        # all-gather over TP, then sum this rank's group: no sub-group is created (an adapter binds
+        # the framework's TP group and creates none); the gathered tensor is a small weight gradient
+        t, r = ps.tp_size(), ctx.replicas
+        every = c.all_gather(grad.unsqueeze(0)).view(t // r, r, *grad.shape)
+        return every[ps.tp_rank() // r].sum(0), None
+
+
+def copy_to_replicas(x: torch.Tensor, replicas: int) -> torch.Tensor:
+    """f over each group of ``replicas`` consecutive TP ranks: identity forward, the gradient summed
+    within the group. For a parameter that several ranks hold alike and apply to different work
+    (a KV head shared by the query heads of several ranks when there are fewer KV heads than t)."""
+    return _CopyToReplicas.apply(x, replicas) if replicas > 1 and torch.is_grad_enabled() else x
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:

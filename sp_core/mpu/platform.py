@@ -194,3 +194,30 @@ def current_device() -> torch.device:
     if kind == "npu":
         return torch.device("npu", torch.npu.current_device())
     return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _amp_wrapped(fn, kind: str, device: str):
+    wrap = torch.amp.custom_fwd if kind == "forward" else torch.amp.custom_bwd
+    return wrap(fn, device_type=device)
+
+
+def amp_forward(forward):
+    """``torch.amp.custom_fwd`` for this platform's device: an autograd Function's forward records the
+    autocast state it ran under, so that its backward (``amp_backward``) runs under the same state."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return _amp_wrapped(forward, "forward", device_type())(*args, **kwargs)
+
+    return wrapper
+
+
+def amp_backward(backward):
+    """``torch.amp.custom_bwd`` for this platform's device (see ``amp_forward``)."""
+
+    @functools.wraps(backward)
+    def wrapper(*args, **kwargs):
+        return _amp_wrapped(backward, "backward", device_type())(*args, **kwargs)
+
+    return wrapper

@@ -13,6 +13,7 @@ import os
 import torch
 
 from sp_core import mpu
+from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
 from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
 
@@ -70,6 +71,15 @@ def _check_parallelism(parallel, quant_config) -> None:
             raise ModelError(f"sp_core's sglang models support tensor parallelism only, not {what} ({name} > 1)")
 
 
+def _radix_kernel(cfg: ModelConfig, layer_id: int, prefix: str) -> RadixAttentionKernel:
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    q, k, _ = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    d = cfg.head_dim
+    return RadixAttentionKernel(RadixAttention(q.local // d, d, d ** -0.5, num_kv_heads=k.local // d, layer_id=layer_id,
+                                               prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn"))
+
+
 class SPCoreForCausalLM(CausalLM):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         from sglang.srt.distributed import get_tp_group
@@ -80,21 +90,11 @@ class SPCoreForCausalLM(CausalLM):
         _check_parallelism(parallel, quant_config)
         tp_group = get_tp_group()
         mpu.bind(tp_group.device_group, communicator=tp_group)
-        super().__init__(checkpoint_config(config))  # parameters in sglang's default dtype
+        cfg = checkpoint_config(config)
+        super().__init__(cfg, attention_kernel=lambda layer_id: _radix_kernel(cfg, layer_id, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
         self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
         self.sp_min_tokens = sp_min_tokens()
-        self._use_sglang_attention(prefix)
-
-    def _use_sglang_attention(self, prefix: str) -> None:
-        from sglang.srt.layers.radix_attention import RadixAttention
-
-        for layer_id, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            d = attn.head_dim
-            radix = RadixAttention(attn.q_size // d, d, d ** -0.5, num_kv_heads=attn.kv_size // d,
-                                   layer_id=layer_id, prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn")
-            attn.kernel = RadixAttentionKernel(radix)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed_tokens

@@ -1,0 +1,87 @@
+"""Megatron's batch metadata for the core's attention: b sequences of s tokens laid out s-major
+([s, b] viewed as [s*b], so SP shards the sequence as Megatron does), with Megatron's attention mask
+(``[b or 1, 1, s, s]``, True = masked out) or packed documents (``PackedSeqParams``, THD: b = 1 and
+``cu_seqlens`` marking where each document starts). Everything stays on the device: no host sync."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sp_core.layers.attention import expand_kv
+from sp_core.models import ModelError
+
+
+@dataclass
+class MegatronBatch:
+    seq_length: int
+    micro_batch_size: int
+    allowed: Optional[torch.Tensor] = None
+    """[b or 1, 1, s, s] bool, True = may attend; None = plain causal attention."""
+
+    @classmethod
+    def from_megatron(cls, seq_length: int, micro_batch_size: int, device, attention_mask=None,
+                      packed_seq_params=None) -> "MegatronBatch":
+        cu_seqlens = packed_cu_seqlens(packed_seq_params, micro_batch_size)
+        if cu_seqlens is None and attention_mask is None:
+            return cls(seq_length, micro_batch_size)
+        allowed = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).tril()
+        if cu_seqlens is not None:
+            doc = document_index(cu_seqlens, seq_length)
+            allowed = allowed & (doc.unsqueeze(0) == doc.unsqueeze(1))
+        allowed = allowed.view(1, 1, seq_length, seq_length)
+        if attention_mask is not None:
+            if attention_mask.shape[-2:] != (seq_length, seq_length):
+                raise ModelError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                 f"[b or 1, 1, {seq_length}, {seq_length}] (True = masked out)")
+            # a row with nothing left to attend to (padding) keeps its diagonal instead of giving NaN
+            diagonal = torch.eye(seq_length, dtype=torch.bool, device=device)
+            allowed = (allowed & ~attention_mask.bool()) | diagonal
+        return cls(seq_length, micro_batch_size, allowed)
+
+
+def packed_cu_seqlens(packed_seq_params, micro_batch_size: int) -> Optional[torch.Tensor]:
+    """Document starts (and the end) of a THD batch; padded offsets when Megatron gives them."""
+    if packed_seq_params is None:
+        return None
+    fmt = getattr(packed_seq_params, "qkv_format", "thd") or "thd"
+    if fmt != "thd":
+        raise ModelError(f"packed_seq_params.qkv_format={fmt!r} is not supported; sp-core takes 'thd'")
+    if micro_batch_size != 1:
+        raise ModelError(f"packed sequences (THD) need micro batch size 1, as in Megatron; got {micro_batch_size}")
+    padded = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+    cu_seqlens = padded if padded is not None else packed_seq_params.cu_seqlens_q
+    if cu_seqlens is None:
+        raise ModelError("packed_seq_params has no cu_seqlens_q; expected document offsets [0, l1, l1+l2, ...]")
+    return cu_seqlens
+
+
+def document_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Which document each token belongs to (tokens past the last offset form one more)."""
+    tokens = torch.arange(num_tokens, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens.to(tokens.dtype), tokens, right=True) - 1
+
+
+def document_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Positions restarting at 0 in every packed document (as Megatron's rotary does for THD)."""
+    doc = document_index(cu_seqlens, num_tokens)
+    return torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.to(doc.dtype)[doc]
+
+
+def megatron_attention(q, k, v, batch: MegatronBatch) -> torch.Tensor:
+    """Attention within each of the b columns of an [s, b] token grid, causal, restricted by the mask or
+    the document boundaries when there are any (rows past s*b: SP padding)."""
+    s, b = batch.seq_length, batch.micro_batch_size
+
+    def grid(x):  # [s*b, heads, d] -> [b, heads, s, d]
+        return x[: s * b].unflatten(0, (s, b)).permute(1, 2, 0, 3)
+
+    k, v = expand_kv(q, k), expand_kv(q, v)
+    if batch.allowed is None:
+        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=batch.allowed)
+    out = out.permute(2, 0, 1, 3).flatten(0, 1)
+    return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
