@@ -116,3 +116,18 @@ def current_device() -> torch.device:
     if kind == "npu":
         return torch.device("npu", torch.npu.current_device())
     return torch.device("cpu")
+
+
+def grouped_mm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm(x, weight)`` runs here: CPU (torch >= 2.13) takes float32 and bfloat16,
+    CUDA bfloat16 on sm90+; both want every row 16-byte aligned. Otherwise the caller loops over groups."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cpu":
+        dtypes = (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        dtypes = (torch.bfloat16,)
+    else:
+        return False
+    width = x.element_size()
+    return x.dtype in dtypes and all(n * width % 16 == 0 for n in (weight.shape[1], weight.shape[2]))

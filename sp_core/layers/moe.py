@@ -1,0 +1,227 @@
+"""DeepSeek's MoE block: router, routed experts, shared experts; dropless.
+
+Input and output: this rank's token shard under SP (all tokens when SP is off), padding rows at the
+end of the batch. ``num_tokens`` (real tokens of the whole batch) keeps SP padding away from the
+router, the experts and the load counts. Each token is routed once, on the rank that holds it.
+
+Two parallel modes over the TP group, picked by ``expert_parallel``:
+
+(a) TP-sharded experts (``expert_parallel=False``): every rank holds 1/t of the intermediate size of
+    every routed expert and of the shared experts.
+      SP on:  ONE g on [hidden | routing weights | expert ids] (one all-gather), the experts on all
+              tokens, ONE g-bar on routed + shared partial outputs (one reduce-scatter).
+      SP off: f on the hidden state and on the routing weights, f-bar on the output (one all-reduce).
+(b) Expert parallelism (``expert_parallel=True``): every rank holds E/t whole experts.
+      SP on:  each rank sends its tokens' rows to the experts' owners and gets the results back:
+              three all-to-alls (token counts per expert, dispatch, combine), no gather.
+      SP off: every rank already holds all tokens: it runs its own experts on the tokens routed to
+              them, f on their input and routing weights, f-bar sums the ranks' outputs (sglang's
+              EP with the standard dispatcher).
+    The shared experts are replicated on every rank and applied to the tokens the rank holds (the token
+    shard under SP: tagged ``sequence_parallel``, as vLLM does), so mode (b) adds no collective for
+    them; that costs 3 * H * I_shared parameters per rank.
+
+Parameters carry Megatron's attributes: routed experts in (a) are ``tensor_model_parallel`` with
+``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` and ``expert_parallel``
+(Megatron's marker for expert parameters, whose gradients are complete on the owner).
+
+Checkpoints: ``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors`` take and
+give the routed experts under their Hugging Face names relative to ``mlp.experts.``; the gate and the
+shared experts carry HF names and ``shards``, so the generic loader handles them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.experts import GroupedExperts, SharedExperts
+from sp_core.layers.linear import _divide
+from sp_core.layers.router import Router, RouterConfig
+from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
+from sp_core.mpu import collectives
+
+_PER_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
+_PROJECTIONS = ("gate", "up", "down")
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, rows - x.shape[0]))
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
+                 num_experts_per_tok: int, n_shared_experts: Optional[int], router_config: RouterConfig,
+                 expert_parallel: bool, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if router_config.num_experts != n_routed_experts or router_config.top_k != num_experts_per_tok:
+            raise ValueError(f"router_config routes top-{router_config.top_k} of {router_config.num_experts} experts, "
+                             f"the MoE has top-{num_experts_per_tok} of {n_routed_experts}")
+        t, rank = mpu.tp_size(), mpu.tp_rank()
+        self.expert_parallel = expert_parallel
+        self.num_experts, self.top_k, self.intermediate_size = n_routed_experts, num_experts_per_tok, moe_intermediate_size
+        self.gate = Router(hidden_size, router_config, dtype=dtype)
+        shared_size = moe_intermediate_size * (n_shared_experts or 0)
+        if expert_parallel:
+            if n_routed_experts % t != 0:
+                raise ValueError(f"n_routed_experts ({n_routed_experts}) is not divisible by the tensor-parallel size "
+                                 f"{t}, needed for expert parallelism; use TP-sharded experts (expert_parallel=False) "
+                                 f"or a tp size that divides {n_routed_experts}")
+            self.local_experts = n_routed_experts // t
+            self.first_expert = rank * self.local_experts
+            self.experts = GroupedExperts(self.local_experts, hidden_size, moe_intermediate_size, dtype)
+            for param in self.experts.parameters():
+                param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
+            self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
+            if self.shared_experts is not None:
+                self._mark_shared_replicated(shared_size, t)
+        else:
+            local = _divide(moe_intermediate_size, t, "moe_intermediate_size (TP-sharded experts)")
+            self.local_experts, self.first_expert = n_routed_experts, 0
+            self.experts = GroupedExperts(n_routed_experts, hidden_size, local, dtype)
+            mark_partitioned(self.experts.gate_up_proj, 1,
+                             [Shard("gate", moe_intermediate_size, local), Shard("up", moe_intermediate_size, local)])
+            mark_partitioned(self.experts.down_proj, 2, [Shard(None, moe_intermediate_size, local)])
+            self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
+            if self.shared_experts is not None:
+                shared_local = shared_size // t
+                mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
+                                 [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)])
+                mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)])
+        self._loaded: set = set()
+
+    def _mark_shared_replicated(self, shared_size: int, t: int) -> None:
+        gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
+        for param in (gate_up, down):
+            mark_sequence_parallel(param)
+        # whole tensors on every rank; the shard names let the checkpoint loader place gate and up
+        gate_up.partition_dim, gate_up.shards = 0, [Shard("gate", shared_size, shared_size, t),
+                                                    Shard("up", shared_size, shared_size, t)]
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        sp = mpu.sequence_parallel_active()
+        if sp:
+            held = max(0, min(hidden.shape[0], num_tokens - mpu.tp_rank() * hidden.shape[0]))
+        else:
+            held = min(num_tokens, hidden.shape[0])
+        ids, weights = self.gate(hidden[:held])
+        if self.expert_parallel and sp:
+            out = self._dispatch_to_owners(hidden[:held], ids, weights)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(hidden[:held])
+            return _pad_rows(out, hidden.shape[0])
+        if sp:  # mode (a): one g on the hidden state and the routing (padding rows carry no routing)
+            pad = hidden.shape[0] - held
+            x, weights, ids = mpu.gather_from_sp_packed(
+                hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
+            x, weights, ids = x[:num_tokens], weights[:num_tokens], ids[:num_tokens]
+        else:
+            x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
+        partial = self._local_experts(x, ids, weights)
+        if self.expert_parallel:  # mode (b), SP off; replicated shared experts are added after the sum
+            out = mpu.reduce_from_tp(partial)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(hidden[:held])
+            return _pad_rows(out, hidden.shape[0])
+        if self.shared_experts is not None:
+            partial = partial + self.shared_experts(x)
+        if sp:
+            return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * mpu.tp_size()))
+        return _pad_rows(mpu.reduce_from_tp(partial), hidden.shape[0])
+
+    def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's experts of weight * expert(x) for every token (zero where none is local)."""
+        expert = ids.reshape(-1).long() - self.first_expert
+        slots = ((expert >= 0) & (expert < self.local_experts)).nonzero().squeeze(1)
+        slots = slots[expert[slots].argsort(stable=True)]
+        rows = torch.bincount(expert[slots], minlength=self.local_experts).tolist()
+        tokens = slots // self.top_k
+        y = self.experts(x[tokens], rows, scale=weights.reshape(-1)[slots])
+        return torch.zeros_like(x).index_add(0, tokens, y)
+
+    def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""
+        t, per_rank = mpu.tp_size(), self.local_experts
+        expert = ids.reshape(-1)
+        slots = expert.argsort(stable=True)  # by expert, hence by owner rank
+        sent_per_expert = torch.bincount(expert, minlength=self.num_experts)
+        got_per_expert = collectives.all_to_all(sent_per_expert, [per_rank] * t, [per_rank] * t).view(t, per_rank)
+        send_rows = sent_per_expert.view(t, per_rank).sum(1).tolist()
+        recv_rows = got_per_expert.sum(1).tolist()
+        received = mpu.all_to_all_tp(x[slots // self.top_k], send_rows, recv_rows)
+        # received: per source rank, rows grouped by local expert -> regroup by local expert
+        local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
+        by_expert = local_expert.argsort(stable=True)
+        y = self.experts(received[by_expert], got_per_expert.sum(0).tolist())
+        back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
+        weighted = (back.float() * weights.reshape(-1)[slots, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add(0, slots // self.top_k, weighted)
+
+    # ---- checkpoint hooks (keys relative to ``mlp.experts.``) -----------------------------------------
+
+    def load_expert_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Keep this rank's part of a routed-expert tensor: per expert ``{e}.{gate,up,down}_proj.weight``
+        or fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]."""
+        I = self.intermediate_size
+        if key in ("gate_up_proj", "down_proj"):
+            want = (self.num_experts, 2 * I, None) if key == "gate_up_proj" else (self.num_experts, None, I)
+            if tensor.dim() != 3 or any(w is not None and s != w for s, w in zip(tensor.shape, want)):
+                raise ValueError(f"experts.{key}: shape {tuple(tensor.shape)}, expected [E={want[0]}, "
+                                 f"{want[1] or 'H'}, {want[2] or 'H'}]")
+            for e in range(self.num_experts):
+                if key == "gate_up_proj":
+                    self._load_one(e, "gate", tensor[e, :I])
+                    self._load_one(e, "up", tensor[e, I:])
+                else:
+                    self._load_one(e, "down", tensor[e])
+            return
+        match = _PER_EXPERT.fullmatch(key)
+        if not match or int(match.group(1)) >= self.num_experts:
+            raise KeyError(f"experts.{key}: not a routed-expert tensor of this {self.num_experts}-expert MoE")
+        self._load_one(int(match.group(1)), match.group(2), tensor)
+
+    def _load_one(self, expert: int, projection: str, full: torch.Tensor) -> None:
+        down = projection == "down"
+        want = (self.experts.down_proj.shape[1], self.intermediate_size) if down else \
+            (self.intermediate_size, self.experts.gate_up_proj.shape[2])
+        if tuple(full.shape) != want:
+            raise ValueError(f"experts.{expert}.{projection}_proj.weight: shape {tuple(full.shape)}, expected {list(want)}")
+        self._loaded.add((expert, projection))
+        local = expert - self.first_expert
+        if not 0 <= local < self.local_experts:
+            return  # another rank's expert (mode b)
+        width = self.experts.down_proj.shape[2]  # this rank's intermediate slice
+        piece = full.narrow(int(down), (0 if self.expert_parallel else mpu.tp_rank() * width), width)
+        with torch.no_grad():
+            if down:
+                self.experts.down_proj[local].copy_(piece)
+            else:
+                start = 0 if projection == "gate" else width
+                self.experts.gate_up_proj[local, start:start + width].copy_(piece)
+
+    def missing_expert_tensors(self) -> List[str]:
+        return [f"{e}.{p}_proj.weight" for e in range(self.num_experts) for p in _PROJECTIONS
+                if (e, p) not in self._loaded]
+
+    def export_expert_tensors(self, grads: bool = False) -> Dict[str, torch.Tensor]:
+        """Full per-expert tensors (or gradients) under HF names; collective: every TP rank calls it."""
+        def values(param):
+            if not grads:
+                return param.detach()
+            return param.grad if param.grad is not None else torch.zeros_like(param)
+
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        if self.expert_parallel:
+            full_gate_up, full_down = collectives.all_gather(values(gate_up)), collectives.all_gather(values(down))
+            I = self.intermediate_size
+            parts = {"gate": full_gate_up[:, :I], "up": full_gate_up[:, I:], "down": full_down}
+        else:
+            pieces = gather_full(gate_up, values(gate_up))
+            parts = {"gate": pieces["gate"], "up": pieces["up"], "down": gather_full(down, values(down))[None]}
+        return {f"{e}.{p}_proj.weight": parts[p][e].contiguous().cpu()
+                for e in range(self.num_experts) for p in _PROJECTIONS}

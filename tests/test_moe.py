@@ -1,0 +1,234 @@
+"""The MoE block against transformers' own DeepseekV2Moe / DeepseekV3MoE (same weights), float32:
+outputs and input gradients <= 1e-5, every parameter's gradient <= 1e-5 relative, at t = 1, 2, 4,
+SP on and off, TP-sharded experts (a) and expert parallelism (b); (a) vs (b); collective counts; SP
+padding never routed (NaN padding rows would poison the gradients, and the load counts are exact)."""
+import math
+
+import pytest
+import torch
+
+from sp_core import mpu
+from sp_core.layers.moe import MoE
+from sp_core.layers.router import Router, RouterConfig
+from sp_core.layers.sharding import gather_full, load_full
+from sp_core.mpu import collectives
+from support.multirank import RankFailed, run_ranks
+
+H, I, E = 8, 8, 8  # I/t = 2 at t = 4 is not 16-byte aligned: that case takes the per-expert GEMM loop
+VARIANTS = {
+    # V2, group-limited (group max), per-expert checkpoint form
+    "v2": dict(top_k=3, n_shared=2, n_group=4, topk_group=2, method="group_limited_greedy", norm=False, scale=1.5),
+    # V3, sigmoid + correction bias, fused checkpoint form
+    "v3": dict(top_k=2, n_shared=1, n_group=4, topk_group=2, method="noaux_tc", norm=True, scale=2.5),
+}
+EXPECTED_COUNTS = {  # forward of one MoE layer
+    ("a", True): {"all_gather": 1, "reduce_scatter": 1},
+    ("a", False): {"all_reduce": 1},
+    ("b", True): {"all_to_all": 3},
+    ("b", False): {"all_reduce": 1},
+}
+
+
+def _hf_moe(variant: str):
+    spec = VARIANTS[variant]
+    common = dict(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=spec["top_k"],
+                  n_shared_experts=spec["n_shared"], n_group=spec["n_group"], topk_group=spec["topk_group"],
+                  routed_scaling_factor=spec["scale"], norm_topk_prob=spec["norm"], hidden_act="silu",
+                  num_attention_heads=2, num_key_value_heads=2)
+    if variant == "v2":
+        from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+        config = DeepseekV2Config(topk_method=spec["method"], **common)
+        config._experts_implementation = "eager"  # transformers' per-expert loop: the independent reference
+        module = DeepseekV2Moe(config)
+    else:
+        from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+        config = DeepseekV3Config(**common)
+        config._experts_implementation = "eager"
+        module = DeepseekV3MoE(config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        if variant == "v3":
+            module.gate.e_score_correction_bias.copy_(torch.randn(E, generator=gen) * 0.1)
+    return module.float()
+
+
+def _router_config(variant: str) -> RouterConfig:
+    s = VARIANTS[variant]
+    return RouterConfig(E, s["top_k"], s["method"], s["n_group"], s["topk_group"], s["norm"], s["scale"])
+
+
+def _core_moe(variant: str, hf, expert_parallel: bool) -> MoE:
+    spec = VARIANTS[variant]
+    moe = MoE(H, I, E, spec["top_k"], spec["n_shared"], _router_config(variant), expert_parallel)
+    assert len(moe.missing_expert_tensors()) == 3 * E
+    load_full(moe.gate.weight, hf.gate.weight.detach())
+    if variant == "v3":
+        moe.gate.e_score_correction_bias.copy_(hf.gate.e_score_correction_bias)
+    for proj in ("gate", "up"):
+        load_full(moe.shared_experts.gate_up_proj.weight, getattr(hf.shared_experts, f"{proj}_proj").weight.detach(), proj)
+    load_full(moe.shared_experts.down_proj.weight, hf.shared_experts.down_proj.weight.detach())
+    gate_up, down = hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()
+    if variant == "v3":  # transformers' in-memory (fused) form
+        moe.load_expert_tensor("gate_up_proj", gate_up)
+        moe.load_expert_tensor("down_proj", down)
+    else:  # transformers' on-disk (per-expert) form
+        for key, tensor in _per_expert(gate_up, down).items():
+            moe.load_expert_tensor(key, tensor)
+    assert moe.missing_expert_tensors() == []
+    return moe
+
+
+def _per_expert(gate_up, down):
+    out = {}
+    for e in range(E):
+        out[f"{e}.gate_proj.weight"], out[f"{e}.up_proj.weight"] = gate_up[e, :I], gate_up[e, I:]
+        out[f"{e}.down_proj.weight"] = down[e]
+    return out
+
+
+def _close(got, want, what, rel=False):
+    got, want = got.detach().float(), want.detach().float()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    bound = 1e-5 * (max(want.abs().max().item(), 1e-30) if rel else 1.0)
+    assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
+    return err
+
+
+def _shard_with_nan_padding(x, num_tokens):
+    """This rank's SP shard with its padding rows set to NaN: any padding row that reached the router or an
+    expert would make a parameter gradient NaN (0 * NaN in the weight-gradient GEMM)."""
+    shard = mpu.enter_sequence_parallel(x)
+    rows = shard.shape[0]
+    held = max(0, min(rows, num_tokens - mpu.tp_rank() * rows))
+    is_pad = (torch.arange(rows) >= held)[:, None]
+    return torch.where(is_pad, torch.full_like(shard, math.nan), shard)
+
+
+def _all_checks(tokens_list):
+    t = mpu.tp_size()
+    worst = {"out": 0.0, "grad": 0.0}
+    for variant in VARIANTS:
+        hf = _hf_moe(variant)
+        k = VARIANTS[variant]["top_k"]
+        for tokens in tokens_list:
+            gen = torch.Generator().manual_seed(tokens)
+            x_ref = torch.randn(tokens, H, generator=gen).requires_grad_(True)
+            upstream = torch.randn(tokens, H, generator=gen)
+            hf.zero_grad()
+            want = hf(x_ref[None])[0]
+            (want * upstream).sum().backward()
+            hf_counts = torch.bincount(hf.gate(x_ref.detach())[2].reshape(-1), minlength=E).float()
+            outputs = {}
+            for mode in ("a", "b"):
+                moe = _core_moe(variant, hf, expert_parallel=mode == "b")
+                for sp in (True, False) if t > 1 else (False,):
+                    what = f"{variant} mode {mode} t={t} SP {'on' if sp else 'off'} T={tokens}"
+                    moe.zero_grad()
+                    moe.gate.local_tokens_per_expert.zero_()
+                    x = x_ref.detach().clone().requires_grad_(True)
+                    with mpu.sequence_parallel(sp):
+                        shard = _shard_with_nan_padding(x, tokens) if sp else x
+                        with mpu.counting_collectives() as issued:
+                            out_shard = moe(shard, tokens)
+                        if t > 1:
+                            assert issued == EXPECTED_COUNTS[(mode, sp)], f"{what}: collectives {issued}"
+                        out = mpu.exit_sequence_parallel(out_shard, tokens)
+                        (out * upstream).sum().backward()
+                        mpu.allreduce_sequence_parallel_grads(moe.parameters())
+                    worst["out"] = max(worst["out"], _close(out, want, f"{what}: output"))
+                    outputs[(mode, sp)] = out.detach()
+                    _close(x.grad, x_ref.grad, f"{what}: input gradient")
+                    worst["grad"] = max(worst["grad"], _compare_param_grads(moe, hf, what))
+                    # load statistic: real tokens only (padding rows would add to it), summed over TP
+                    counts = collectives.all_reduce(moe.gate.local_tokens_per_expert.clone())
+                    replicas = 1 if sp else t  # SP off: every rank routes every token
+                    assert torch.equal(counts, hf_counts * replicas), f"{what}: load counts {counts} != {hf_counts}"
+                    assert counts.sum().item() == tokens * k * replicas
+            for sp in (True, False) if t > 1 else (False,):
+                _close(outputs[("a", sp)], outputs[("b", sp)], f"{variant} t={t} SP {sp}: mode (a) vs (b)")
+    return worst
+
+
+def _compare_param_grads(moe, hf, what):
+    """Every MoE parameter's gradient (gathered to full HF tensors) against transformers' autograd."""
+    worst = 0.0
+    worst = max(worst, _close(moe.gate.weight.grad, hf.gate.weight.grad, f"{what}: router gate weight grad", rel=True))
+    shared_gate_up = gather_full(moe.shared_experts.gate_up_proj.weight, moe.shared_experts.gate_up_proj.weight.grad)
+    for proj in ("gate", "up"):
+        ref = getattr(hf.shared_experts, f"{proj}_proj").weight.grad
+        worst = max(worst, _close(shared_gate_up[proj], ref, f"{what}: shared_experts.{proj}_proj grad", rel=True))
+    shared_down = gather_full(moe.shared_experts.down_proj.weight, moe.shared_experts.down_proj.weight.grad)[None]
+    worst = max(worst, _close(shared_down, hf.shared_experts.down_proj.weight.grad, f"{what}: shared down grad", rel=True))
+    ref = _per_expert(hf.experts.gate_up_proj.grad, hf.experts.down_proj.grad)
+    got = moe.export_expert_tensors(grads=True)
+    assert sorted(got) == sorted(ref)
+    scale = {p: max(v.abs().max().item() for key, v in ref.items() if f".{p}_proj" in key) for p in ("gate", "up", "down")}
+    for key in ref:
+        err = (got[key] - ref[key]).abs().max().item()
+        bound = 1e-5 * scale[key.split(".")[1].split("_")[0]]
+        assert err <= bound, f"{what}: experts.{key} grad max |diff| {err:.3g} > {bound:.3g}"
+        worst = max(worst, err / scale[key.split(".")[1].split("_")[0]])
+    return worst
+
+
+def _export_roundtrip_and_errors():
+    hf = _hf_moe("v3")
+    for mode in (False, True):
+        moe = _core_moe("v3", hf, expert_parallel=mode)
+        exported = moe.export_expert_tensors()
+        for key, want in _per_expert(hf.experts.gate_up_proj.detach(), hf.experts.down_proj.detach()).items():
+            assert torch.equal(exported[key], want), key
+        with pytest.raises(ValueError, match=r"experts.3.up_proj.weight: shape \(8, 7\), expected \[8, 8\]"):
+            moe.load_expert_tensor("3.up_proj.weight", torch.zeros(I, H - 1))
+        with pytest.raises(KeyError, match="not a routed-expert tensor"):
+            moe.load_expert_tensor("9.up_proj.weight", torch.zeros(I, H))
+    with pytest.raises(ValueError, match=r"n_routed_experts \(6\) is not divisible by the tensor-parallel size 4.*"
+                                         r"use TP-sharded experts"):
+        MoE(H, I, 6, 2, 1, RouterConfig(6, 2, "greedy"), expert_parallel=True)
+    return True
+
+
+@pytest.mark.parametrize("world,tokens", [(1, (5,)), (2, (7,)), (4, (3, 9))])
+def test_moe_matches_transformers(world, tokens):
+    """T=3 at t=4: a rank holding only padding; T=7, 9: ragged shards."""
+    worst = run_ranks(world, _all_checks, tokens)[0]
+    print(f"t={world}: worst output |diff| {worst['out']:.2e}, worst relative gradient diff {worst['grad']:.2e}")
+
+
+def test_expert_export_roundtrip_and_bad_input():
+    assert run_ranks(4, _export_roundtrip_and_errors) == [True] * 4
+
+
+def test_router_config_errors():
+    with pytest.raises(ValueError, match="topk_method 'top2' is not supported; supported: greedy, group_limited"):
+        RouterConfig(8, 2, "top2")
+    with pytest.raises(ValueError, match=r"n_group \(3\) must divide n_routed_experts \(8\)"):
+        RouterConfig(8, 2, "noaux_tc", n_group=3, topk_group=1)
+    with pytest.raises(ValueError, match="needs >= 2 experts per group, got 8 experts in 8 groups"):
+        RouterConfig(8, 2, "noaux_tc", n_group=8, topk_group=2)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) must be between 1 and the 4 experts"):
+        RouterConfig(8, 5, "group_limited_greedy", n_group=4, topk_group=2)
+
+
+def test_padding_control_routing_the_padded_shard_is_caught():
+    """Negative control for the NaN-padding check above: a router fed the padded rows does give NaN
+    gradients and extra load counts."""
+    router = Router(H, _router_config("v3"))
+    x = torch.cat([torch.randn(3, H), torch.full((1, H), math.nan)])
+    ids, weights = router(x)
+    (weights[:3].sum()).backward()
+    assert torch.isnan(router.weight.grad).any()
+    assert router.local_tokens_per_expert.sum().item() == 4 * 2
+
+
+def test_correction_bias_stays_float32():
+    router = Router(H, _router_config("v3")).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.local_tokens_per_expert.dtype == torch.float32
+    assert router.expert_bias is router.e_score_correction_bias
