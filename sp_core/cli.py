@@ -22,6 +22,12 @@ def _add_sp_flag(p: argparse.ArgumentParser) -> None:
                    default=None, help="SP on or off (default: on when tp > 1)")
 
 
+def _add_moe_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--moe-parallel", choices=("tp", "ep"), default="tp",
+                   help="MoE layers (DeepSeek): tp = every rank holds 1/t of every expert (default); "
+                        "ep = expert parallelism over the TP group, n_routed_experts/t whole experts per rank")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sp-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     _add_sp_flag(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    _add_moe_flag(p)
 
     p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers")
     p.add_argument("--model", default=None, help="checkpoint directory (default: embedded tiny checkpoints)")
@@ -49,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, required=True)
     _add_sp_flag(p)
     p.add_argument("--measure", action="store_true", help="measure bytes saved for backward by one decoder layer")
+    _add_moe_flag(p)
 
     p = sub.add_parser("train", help="train with the Megatron adapter on a small built-in token stream")
     p.add_argument("--model", required=True)
@@ -81,12 +89,14 @@ def cmd_logits(args) -> int:
     from sp_core import engines
 
     _check_tp(args.tp)
-    cfg = engines.check_model(args.model, args.tp)
+    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
+    engines.check_engine(args.engine, cfg, args.moe_parallel)
     prompts = engines.read_prompts(args.prompts, cfg.vocab_size)
     from sp_core.mpu import platform
 
     dtype = DTYPES[args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16")]
-    logprobs = engines.get(args.engine).logprobs(args.model, prompts, args.tp, _sp(args), dtype)
+    moe = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
+    logprobs = engines.get(args.engine).logprobs(args.model, prompts, args.tp, _sp(args), dtype, **moe)
     save_file({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
     print(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}", file=sys.stderr)
     return 0
@@ -98,10 +108,10 @@ def cmd_memory(args) -> int:
     _check_tp(args.tp)
     if args.tokens < 1:
         raise UsageError(f"--tokens must be a positive integer, got {args.tokens}")
-    cfg = engines.check_model(args.model, args.tp)
+    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
     report = memory.report(cfg, args.tp, args.tokens, _sp(args))
     if args.measure:
-        report["saved_bytes_per_rank"] = memory.measure(args.model, args.tp, args.tokens, _sp(args))
+        report.update(memory.measure(args.model, args.tp, args.tokens, _sp(args), args.moe_parallel))
     print(json.dumps(report, indent=2))
     return 0
 
