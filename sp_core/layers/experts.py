@@ -27,6 +27,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: Sequence[int]) -
     return torch.cat(pieces)
 
 
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """The gradient of ``grouped_linear(x, weight, rows)``'s weight: ``grad[e]^T @ x[e]`` per row block."""
+    if platform.grouped_mm_supports(x, weight):
+        offsets = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(grad.t(), x.contiguous(), offs=offsets)
+    out = torch.zeros_like(weight)
+    for e, (g, block) in enumerate(zip(grad.split(list(rows)), x.split(list(rows)))):
+        if block.shape[0]:
+            out[e] = g.t() @ block
+    return out
+
+
 class GroupedExperts(torch.nn.Module):
     """SwiGLU experts ``[num_experts, ...]`` applied to rows sorted by expert."""
 
@@ -42,7 +54,12 @@ class GroupedExperts(torch.nn.Module):
         """``scale`` [N] (float32, the routing weights) multiplies each row's activation before the down
         projection: equal to weighting the output, and it keeps a TP-sharded expert's routing-weight
         gradient a sum of per-rank partials like every other partial product."""
-        gate, up = grouped_linear(x, self.gate_up_proj, rows).chunk(2, dim=-1)
+        return self.activate_and_down(grouped_linear(x, self.gate_up_proj, rows), rows, scale)
+
+    def activate_and_down(self, gate_up: torch.Tensor, rows: Sequence[int],
+                          scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The rest of ``forward`` after the gate_up GEMM."""
+        gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
         if scale is not None:
             act = (act.float() * scale[:, None]).to(act.dtype)
@@ -68,5 +85,8 @@ class SharedExperts(torch.nn.Module):
         self.down_proj = _Weight(hidden_size, intermediate_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return self.activate_and_down(F.linear(x, self.gate_up_proj.weight))
+
+    def activate_and_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj.weight)

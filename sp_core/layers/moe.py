@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
-from sp_core.layers.experts import GroupedExperts, SharedExperts
+from sp_core.layers.experts import GroupedExperts, SharedExperts, grouped_linear, grouped_weight_grad
 from sp_core.layers.linear import _divide
 from sp_core.layers.router import Router, RouterConfig
 from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
@@ -46,6 +46,42 @@ from sp_core.mpu import collectives
 
 _PER_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
 _PROJECTIONS = ("gate", "up", "down")
+
+
+class _ExpertInputGEMMs(torch.autograd.Function):
+    """Mode (a) under SP: the routed experts' grouped gate_up GEMM (rows ``tokens``, sorted by expert) and
+    the shared experts' gate_up GEMM on the gathered tokens ``x_all``, saving this rank's token shard
+    rather than the gathered tokens; backward re-gathers the shard for the weight gradients (principle 6,
+    as linear.py's _GatheredInputLinear), overlapped with the input-gradient GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up):
+        ctx.save_for_backward(x_shard, tokens, gate_up, shared_gate_up)
+        ctx.rows, ctx.num_tokens = rows, x_all.shape[0]
+        shared = F.linear(x_all, shared_gate_up) if shared_gate_up is not None else x_all.new_zeros(0)
+        return grouped_linear(x_all[tokens], gate_up, rows), shared
+
+    @staticmethod
+    def backward(ctx, grad_routed, grad_shared):
+        x_shard, tokens, gate_up, shared_gate_up = ctx.saved_tensors
+        gathering = collectives.all_gather_start(x_shard)
+        grad_x = grouped_linear(grad_routed, gate_up.transpose(1, 2), ctx.rows)
+        grad_x = grad_x.new_zeros(ctx.num_tokens, grad_x.shape[1]).index_add(0, tokens, grad_x)
+        if shared_gate_up is not None:
+            grad_x = grad_x + grad_shared @ shared_gate_up
+        x_all = gathering.wait()[:ctx.num_tokens]
+        grad_gate_up = grouped_weight_grad(grad_routed, x_all[tokens], gate_up, ctx.rows)
+        grad_shared_gate_up = grad_shared.t() @ x_all if shared_gate_up is not None else None
+        return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
+
+
+def _combine(y: torch.Tensor, slots: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
+    """Per-token sums of the expert outputs ``y`` (one row per (token, k) slot in ``slots``, flat index
+    token * top_k + k). With every slot present it un-permutes and sums over k, which saves only the
+    permutation for backward (``index_add`` would also save ``y``, a [tokens * top_k, H] tensor)."""
+    if slots.shape[0] == num_tokens * top_k:
+        return y[slots.argsort()].view(num_tokens, top_k, y.shape[-1]).sum(1)
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, slots // top_k, y)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -110,7 +146,7 @@ class MoE(torch.nn.Module):
         else:
             held = min(num_tokens, hidden.shape[0])
         ids, weights = self.gate(hidden[:held])
-        if self.expert_parallel and sp:
+        if sp and self.expert_parallel:
             out = self._dispatch_to_owners(hidden[:held], ids, weights)
             if self.shared_experts is not None:
                 out = out + self.shared_experts(hidden[:held])
@@ -119,30 +155,42 @@ class MoE(torch.nn.Module):
             pad = hidden.shape[0] - held
             x, weights, ids = mpu.gather_from_sp_packed(
                 hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
-            x, weights, ids = x[:num_tokens], weights[:num_tokens], ids[:num_tokens]
-        else:
-            x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
+            partial = self._sharded_experts_on_gathered(x[:num_tokens], hidden, ids[:num_tokens], weights[:num_tokens])
+            return mpu.reduce_scatter_to_sp(_pad_rows(partial, x.shape[0]))
+        # SP off: every rank holds all tokens and routes them identically
+        x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
         partial = self._local_experts(x, ids, weights)
-        if self.expert_parallel:  # mode (b), SP off; replicated shared experts are added after the sum
+        if self.expert_parallel:  # replicated shared experts on replicated tokens: added after the sum
             out = mpu.reduce_from_tp(partial)
             if self.shared_experts is not None:
                 out = out + self.shared_experts(hidden[:held])
-            return _pad_rows(out, hidden.shape[0])
-        if self.shared_experts is not None:
-            partial = partial + self.shared_experts(x)
-        if sp:
-            return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * mpu.tp_size()))
-        return _pad_rows(mpu.reduce_from_tp(partial), hidden.shape[0])
+        else:
+            out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial)
+        return _pad_rows(out, hidden.shape[0])
 
-    def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum over this rank's experts of weight * expert(x) for every token (zero where none is local)."""
+    def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """The (token, k) slots routed to this rank's experts, sorted by expert, and the rows per expert."""
         expert = ids.reshape(-1).long() - self.first_expert
         slots = ((expert >= 0) & (expert < self.local_experts)).nonzero().squeeze(1)
         slots = slots[expert[slots].argsort(stable=True)]
-        rows = torch.bincount(expert[slots], minlength=self.local_experts).tolist()
+        return slots, torch.bincount(expert[slots], minlength=self.local_experts).tolist()
+
+    def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's experts of weight * expert(x) for every token (zero where none is local)."""
+        slots, rows = self._sort_slots(ids)
         tokens = slots // self.top_k
         y = self.experts(x[tokens], rows, scale=weights.reshape(-1)[slots])
-        return torch.zeros_like(x).index_add(0, tokens, y)
+        return _combine(y, slots, self.top_k, x.shape[0])
+
+    def _sharded_experts_on_gathered(self, x_all, x_shard, ids, weights) -> torch.Tensor:
+        """Mode (a) under SP: routed + shared partial outputs for all tokens, saving only the token shard."""
+        slots, rows = self._sort_slots(ids)
+        tokens = slots // self.top_k
+        shared = self.shared_experts.gate_up_proj.weight if self.shared_experts is not None else None
+        h_routed, h_shared = _ExpertInputGEMMs.apply(x_all, x_shard, tokens, rows, self.experts.gate_up_proj, shared)
+        y = self.experts.activate_and_down(h_routed, rows, scale=weights.reshape(-1)[slots])
+        out = _combine(y, slots, self.top_k, x_all.shape[0])
+        return out + self.shared_experts.activate_and_down(h_shared) if shared is not None else out
 
     def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""
@@ -160,7 +208,7 @@ class MoE(torch.nn.Module):
         y = self.experts(received[by_expert], got_per_expert.sum(0).tolist())
         back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
         weighted = (back.float() * weights.reshape(-1)[slots, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add(0, slots // self.top_k, weighted)
+        return _combine(weighted, slots, self.top_k, x.shape[0])
 
     # ---- checkpoint hooks (keys relative to ``mlp.experts.``) -----------------------------------------
 
