@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from sp_core import engines
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.tiny import DEEPSEEK_MODELS, PROMPTS, make_checkpoint, reference_logprobs
 
 DEFAULT_TP = "1,2,4"
 TOLERANCE = 1e-4  # float32, against transformers (DESIGN.md, Verification)
@@ -59,10 +59,15 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _settings(tps):
+def _settings(tps, cfg=None, engine_name="core"):
+    """(tp, SP, moe_parallel) rows; MoE models in the core also run expert parallelism (mode b) with SP."""
     for tp in tps:
         for sp in ((False,) if tp == 1 else (False, True)):
-            yield tp, sp
+            yield tp, sp, "tp"
+    if engine_name == "core" and cfg is not None and cfg.moe is not None:
+        for tp in tps:
+            if tp > 1:
+                yield tp, True, "ep"
 
 
 def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PROMPTS,
@@ -84,24 +89,30 @@ def run_matrix(models: dict, tps: List[int], engine_names: List[str], prompts=PR
                 rows.append(Row(model_name, engine_name, 0, False, status=f"unavailable: {err}"))
                 _progress(f"[verify] {model_name} {engine_name}: unavailable ({err})")
                 continue
+            try:
+                engines.check_engine(engine_name, cfg)
+            except engines.EngineUnavailable as err:
+                rows.append(Row(model_name, engine_name, 0, False, status=f"unavailable: {err}"))
+                continue
             cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
-            for tp, sp in _settings(tps):
-                row = Row(model_name, engine_name, tp, sp)
+            for tp, sp, moe in _settings(tps, cfg, engine_name):
+                row = Row(model_name, engine_name if moe == "tp" else f"{engine_name} moe=ep", tp, sp)
                 if cap is not None and tp > cap:
                     row.status = (f"unavailable: not in the default matrix here ({engine_name} on CPU runs one "
                                   f"rank per core; {cap} cores); ask for it with --tp")
                     rows.append(row)
                     continue
                 try:
-                    cfg.check_tp(tp)
+                    engines.check_model(model_dir, tp, moe)
                 except Exception as err:  # a tp this model cannot be split by
                     row.status = f"unavailable: {err}"
                     rows.append(row)
                     continue
-                _progress(f"[verify] {model_name} {engine_name} tp={tp} sp={'on' if sp else 'off'} ...")
+                _progress(f"[verify] {model_name} {row.engine} tp={tp} sp={'on' if sp else 'off'} ...")
                 start = time.time()
                 try:
-                    got = engine.logprobs(model_dir, prompts, tp, sp, torch.float32)
+                    got = engine.logprobs(model_dir, prompts, tp, sp, torch.float32,
+                                          **({"moe_parallel": moe} if moe != "tp" else {}))
                 except engines.EngineUnavailable as err:
                     row.status = f"unavailable: {err}"
                     rows.append(row)
@@ -159,11 +170,11 @@ def round_trip(model_dir: str, workdir: str, tp: int = 2, steps: int = 3, prompt
 
 
 def table(rows: List[Row]) -> str:
-    head = f"{'model':<11} {'engine':<17} {'tp':>2} {'SP':<3} {'max|d| ref':>10} {'vs core tp1':>11} {'tokens':<6} {'sec':>6}  status"
+    head = f"{'model':<16} {'engine':<17} {'tp':>2} {'SP':<3} {'max|d| ref':>10} {'vs core tp1':>11} {'tokens':<6} {'sec':>6}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         fmt = lambda v: f"{v:.2e}" if v is not None else "-"  # noqa: E731
-        lines.append(f"{r.model:<11} {r.engine:<17} {r.tp or '-':>2} {('on' if r.sp else 'off') if r.tp else '-':<3} "
+        lines.append(f"{r.model:<16} {r.engine:<17} {r.tp or '-':>2} {('on' if r.sp else 'off') if r.tp else '-':<3} "
                      f"{fmt(r.vs_reference):>10} {fmt(r.vs_core_tp1):>11} "
                      f"{'-' if r.tokens_equal is None else ('equal' if r.tokens_equal else 'DIFF'):<6} "
                      f"{r.seconds:6.1f}  {r.status}")
@@ -180,7 +191,7 @@ def main(args) -> int:
         engines.check_model(args.model, 1)
     else:
         _progress(f"[verify] writing the embedded tiny checkpoints to {workdir}")
-        models = {name: make_checkpoint(name, f"{workdir}/{name}") for name in ("qwen2", "qwen3")}
+        models = {name: make_checkpoint(name, f"{workdir}/{name}") for name in ("qwen2", "qwen3") + DEEPSEEK_MODELS}
     started = time.time()
     rows = run_matrix(models, tps, engine_names, default_matrix=default_matrix)
     if getattr(args, "round_trip", True) and {"megatron", "sglang"} <= set(engine_names):

@@ -460,3 +460,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         assert message in line, line
     assert "use --moe-parallel tp" in run(_bad(tmp_path, "deepseek-v3", lambda c: c.update(n_routed_experts=6, n_group=3)),
                                           "--tp", "4", "--moe-parallel", "ep")
+
+
+def test_cli_logits_core(dirs, refs, tmp_path):
+    from safetensors.torch import load_file
+
+    from sp_core.cli import main
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(RAGGED))
+    out = str(tmp_path / "out.safetensors")
+    assert main(["logits", "--model", dirs["deepseek-v2"], "--prompts", str(prompts), "--out", out,
+                 "--tp", "2", "--moe-parallel", "ep"]) == 0
+    got = load_file(out)
+    assert _max_diff([got[f"logprobs.{i}"] for i in range(len(RAGGED))], refs["deepseek-v2"][0]) <= 1e-4
