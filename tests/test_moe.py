@@ -24,7 +24,7 @@ VARIANTS = {
 EXPECTED_COUNTS = {  # forward of one MoE layer
     ("a", True): {"all_gather": 1, "reduce_scatter": 1},
     ("a", False): {"all_reduce": 1},
-    ("b", True): {"all_to_all": 3},
+    ("b", True): {"all_to_all": 4},
     ("b", False): {"all_reduce": 1},
 }
 
@@ -227,7 +227,7 @@ def _saved_bytes_ratio(expert_parallel):
     torch.manual_seed(0)
     x = torch.randn(tokens, hidden)
     with mpu.sequence_parallel(True):
-        shard = mpu.enter_sequence_parallel(x).requires_grad_(True)
+        shard = mpu.enter_sequence_parallel(x).clone().requires_grad_(True)  # own storage, as a layer output
         at_t = _saved_bytes(MoE(hidden, inter, 16, 4, 1, config, expert_parallel), shard, tokens)
     state = parallel_state._STATE
     mpu.bind(None)  # this process alone, t = 1
@@ -246,6 +246,8 @@ def _checks_and_memory(refs):
         worst["saved_a"] = _saved_bytes_ratio(expert_parallel=False)
         worst["saved_b"] = _saved_bytes_ratio(expert_parallel=True)
         assert worst["saved_a"] <= 1.05, f"mode (a) saves {worst['saved_a']:.3f} x (t=1 bytes)/t"
+        # mode (b): this rank's share of the routed rows varies with the routing (imbalance)
+        assert worst["saved_b"] <= 1.25, f"mode (b) saves {worst['saved_b']:.3f} x (t=1 bytes)/t"
     return worst
 
 

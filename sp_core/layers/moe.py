@@ -13,7 +13,8 @@ Two parallel modes over the TP group, picked by ``expert_parallel``:
       SP off: f on the hidden state and on the routing weights, f-bar on the output (one all-reduce).
 (b) Expert parallelism (``expert_parallel=True``): every rank holds E/t whole experts.
       SP on:  each rank sends its tokens' rows to the experts' owners and gets the results back:
-              three all-to-alls (token counts per expert, dispatch, combine), no gather.
+              four all-to-alls (token counts per expert, rows, their routing weights, results back),
+              no gather.
       SP off: every rank already holds all tokens: it runs its own experts on the tokens routed to
               them, f on their input and routing weights, f-bar sums the ranks' outputs (sglang's
               EP with the standard dispatcher).
@@ -202,13 +203,15 @@ class MoE(torch.nn.Module):
         send_rows = sent_per_expert.view(t, per_rank).sum(1).tolist()
         recv_rows = got_per_expert.sum(1).tolist()
         received = mpu.all_to_all_tp(x[slots // self.top_k], send_rows, recv_rows)
+        # the routing weights travel too and scale the activations on the owner, as in mode (a): the
+        # combine then saves no [rows, H] expert output for the weights' gradient
+        received_weights = mpu.all_to_all_tp(weights.reshape(-1, 1)[slots], send_rows, recv_rows)
         # received: per source rank, rows grouped by local expert -> regroup by local expert
         local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
         by_expert = local_expert.argsort(stable=True)
-        y = self.experts(received[by_expert], got_per_expert.sum(0).tolist())
+        y = self.experts(received[by_expert], got_per_expert.sum(0).tolist(), scale=received_weights[by_expert, 0])
         back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
-        weighted = (back.float() * weights.reshape(-1)[slots, None]).to(x.dtype)
-        return _combine(weighted, slots, self.top_k, x.shape[0])
+        return _combine(back, slots, self.top_k, x.shape[0])
 
     # ---- checkpoint hooks (keys relative to ``mlp.experts.``) -----------------------------------------
 
