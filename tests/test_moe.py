@@ -238,7 +238,46 @@ def _saved_bytes_ratio(expert_parallel):
     return at_t / (at_1 / t)
 
 
+def _new_operators():
+    """all_to_all_tp and gather_from_sp_packed against single-process math (every rank can build every
+    rank's data), forward and backward, with empty splits and mixed dtypes."""
+    t, r = mpu.tp_size(), mpu.tp_rank()
+    def rows(src, dst):  # rows src sends to dst; some are 0
+        return (src + 2 * dst) % 3
+
+    def data(src):  # src's rows, grouped by destination; each row says (src, dst, i)
+        return torch.tensor([[100. * src + 10 * dst + i, -1.] for dst in range(t) for i in range(rows(src, dst))]
+                            ).view(-1, 2)
+
+    def upstream(dst):
+        return torch.randn(sum(rows(s, dst) for s in range(t)), 2, generator=torch.Generator().manual_seed(dst))
+
+    x = data(r).requires_grad_(True)
+    got = mpu.all_to_all_tp(x, [rows(r, d) for d in range(t)], [rows(s, r) for s in range(t)])
+    want = torch.cat([data(s)[sum(rows(s, d) for d in range(r)):][:rows(s, r)] for s in range(t)])
+    assert torch.equal(got, want), "all_to_all_tp forward"
+    got.backward(upstream(r))
+    want_grad = torch.cat([upstream(d)[sum(rows(s, d) for s in range(r)):][:rows(r, d)] for d in range(t)])
+    assert torch.equal(x.grad, want_grad), "all_to_all_tp backward"
+
+    hidden = [torch.randn(2, 3, generator=torch.Generator().manual_seed(10 + k)) for k in range(t)]
+    weights = [torch.randn(2, 2, generator=torch.Generator().manual_seed(20 + k)) for k in range(t)]
+    ids = [torch.randint(0, 9, (2, 2), generator=torch.Generator().manual_seed(30 + k), dtype=torch.int32) for k in range(t)]
+    h, w = hidden[r].to(torch.bfloat16).requires_grad_(True), weights[r].clone().requires_grad_(True)
+    gh, gw, gi = mpu.gather_from_sp_packed(h, w, ids[r])
+    assert torch.equal(gh, torch.cat(hidden).to(torch.bfloat16)) and torch.equal(gw, torch.cat(weights))
+    assert torch.equal(gi, torch.cat(ids)) and gi.dtype == torch.int32 and not gi.requires_grad
+    up_h = [torch.randn(2 * t, 3, generator=torch.Generator().manual_seed(40 + k)) for k in range(t)]
+    up_w = [torch.randn(2 * t, 2, generator=torch.Generator().manual_seed(50 + k)) for k in range(t)]
+    (gh.float() * up_h[r]).sum().add_((gw * up_w[r]).sum()).backward()
+    shard = slice(2 * r, 2 * r + 2)
+    torch.testing.assert_close(h.grad.float(), sum(u.to(torch.bfloat16).float() for u in up_h)[shard], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(w.grad, sum(up_w)[shard], atol=1e-6, rtol=1e-6)
+
+
 def _checks_and_memory(refs):
+    if mpu.tp_size() > 1:
+        _new_operators()
     worst = _all_checks(refs)
     if mpu.tp_size() == 4:
         _export_roundtrip_and_errors(refs[-1])
