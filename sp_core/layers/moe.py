@@ -97,50 +97,55 @@ class MoE(torch.nn.Module):
         if router_config.num_experts != n_routed_experts or router_config.top_k != num_experts_per_tok:
             raise ValueError(f"router_config routes top-{router_config.top_k} of {router_config.num_experts} experts, "
                              f"the MoE has top-{num_experts_per_tok} of {n_routed_experts}")
-        t, rank = mpu.tp_size(), mpu.tp_rank()
         self.expert_parallel = expert_parallel
         self.num_experts, self.top_k, self.intermediate_size = n_routed_experts, num_experts_per_tok, moe_intermediate_size
         self.gate = Router(hidden_size, router_config, dtype=dtype)
         shared_size = moe_intermediate_size * (n_shared_experts or 0)
         if expert_parallel:
-            if n_routed_experts % t != 0:
-                raise ValueError(f"n_routed_experts ({n_routed_experts}) is not divisible by the tensor-parallel size "
-                                 f"{t}, needed for expert parallelism; use TP-sharded experts (expert_parallel=False) "
-                                 f"or a tp size that divides {n_routed_experts}")
-            self.local_experts = n_routed_experts // t
-            self.first_expert = rank * self.local_experts
-            self.experts = GroupedExperts(self.local_experts, hidden_size, moe_intermediate_size, dtype)
-            for param in self.experts.parameters():
-                param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
-            self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
-            if self.shared_experts is not None:
-                self._mark_shared_replicated(shared_size, t)
+            self._build_expert_parallel(hidden_size, shared_size, dtype)
         else:
-            local = _divide(moe_intermediate_size, t, "moe_intermediate_size (TP-sharded experts)")
-            self.local_experts, self.first_expert = n_routed_experts, 0
-            self.experts = GroupedExperts(n_routed_experts, hidden_size, local, dtype)
-            mark_partitioned(self.experts.gate_up_proj, 1,
-                             [Shard("gate", moe_intermediate_size, local), Shard("up", moe_intermediate_size, local)])
-            mark_partitioned(self.experts.down_proj, 2, [Shard(None, moe_intermediate_size, local)])
-            self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
-            if self.shared_experts is not None:
-                shared_local = shared_size // t
-                mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
-                                 [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)])
-                mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)])
-        self._loaded: set = set()
+            self._build_tp_sharded(hidden_size, shared_size, dtype)
+        self._loaded: set = set()  # (expert, projection) pairs read from the checkpoint
 
-    def _mark_shared_replicated(self, shared_size: int, t: int) -> None:
-        gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
-        for param in (gate_up, down):
-            mark_sequence_parallel(param)
-        # whole tensors on every rank; the shard names let the checkpoint loader place gate and up
-        gate_up.partition_dim, gate_up.shards = 0, [Shard("gate", shared_size, shared_size, t),
-                                                    Shard("up", shared_size, shared_size, t)]
+    def _build_expert_parallel(self, hidden_size: int, shared_size: int, dtype) -> None:
+        t, E = mpu.tp_size(), self.num_experts
+        if E % t != 0:
+            raise ValueError(f"n_routed_experts ({E}) is not divisible by the tensor-parallel size {t}, needed for "
+                             f"expert parallelism; use TP-sharded experts (expert_parallel=False) or a tp size "
+                             f"that divides {E}")
+        self.local_experts = E // t
+        self.first_expert = mpu.tp_rank() * self.local_experts
+        self.experts = GroupedExperts(self.local_experts, hidden_size, self.intermediate_size, dtype)
+        for param in self.experts.parameters():  # whole experts: complete gradients on the owner
+            param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
+        self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
+        if self.shared_experts is not None:  # replicated, applied to the token shard
+            gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
+            mark_sequence_parallel(gate_up)
+            mark_sequence_parallel(down)
+            # whole tensors on every rank (replicas = t); the shard names let the loader place gate and up
+            gate_up.partition_dim = 0
+            gate_up.shards = [Shard("gate", shared_size, shared_size, t), Shard("up", shared_size, shared_size, t)]
+
+    def _build_tp_sharded(self, hidden_size: int, shared_size: int, dtype) -> None:
+        t, inter = mpu.tp_size(), self.intermediate_size
+        local = _divide(inter, t, "moe_intermediate_size (TP-sharded experts)")
+        self.local_experts, self.first_expert = self.num_experts, 0
+        self.experts = GroupedExperts(self.num_experts, hidden_size, local, dtype)
+        mark_partitioned(self.experts.gate_up_proj, 1, [Shard("gate", inter, local), Shard("up", inter, local)])
+        mark_partitioned(self.experts.down_proj, 2, [Shard(None, inter, local)])
+        self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
+        if self.shared_experts is not None:
+            shared_local = shared_size // t
+            mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
+                             [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)])
+            mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)])
 
     # ---- forward ----------------------------------------------------------------------------------
 
     def forward(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """``hidden``: this rank's token shard (SP on) or all tokens; ``num_tokens``: real tokens in the
+        batch. Returns the same layout; padding rows come back zero."""
         sp = mpu.sequence_parallel_active()
         if sp:
             held = max(0, min(hidden.shape[0], num_tokens - mpu.tp_rank() * hidden.shape[0]))
