@@ -125,6 +125,7 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from sp_core import engines
 
+    engines.check_engine("megatron", engines.check_model(args.model, max(args.tp, 1)))
     return engines.get("megatron").train(args)
 
 

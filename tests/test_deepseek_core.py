@@ -474,3 +474,42 @@ def test_cli_logits_core(dirs, refs, tmp_path):
                  "--tp", "2", "--moe-parallel", "ep"]) == 0
     got = load_file(out)
     assert _max_diff([got[f"logprobs.{i}"] for i in range(len(RAGGED))], refs["deepseek-v2"][0]) <= 1e-4
+
+
+def test_routing_margins_leave_room(dirs):
+    """The logits comparisons mean something only if no token sits on a routing tie: transformers' own
+    selection scores (k-th vs (k+1)-th expert, and the last selected vs first rejected group) must differ
+    by far more than float32 noise on the test prompts."""
+    from transformers import AutoModelForCausalLM
+
+    margins = {}
+    for name in DEEPSEEK_MODELS:
+        hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32).eval()
+        seen = []
+        for layer in hf.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.register_forward_hook(lambda m, args, out: seen.append((m, args[0].reshape(-1, args[0].shape[-1]))))
+        with torch.no_grad():
+            for p in RAGGED + ONE_TOKEN:
+                hf(torch.tensor([p]))
+        gaps = []
+        for gate, x in seen:
+            logits = F.linear(x.float(), gate.weight.float())
+            per_group = gate.num_experts // (gate.num_group or 1)
+            if hasattr(gate, "e_score_correction_bias"):  # V3: sigmoid + bias, groups by their top-2 sum
+                scores = logits.sigmoid() + gate.e_score_correction_bias
+                group_scores = scores.view(-1, gate.num_group, per_group).topk(2, -1).values.sum(-1)
+            else:  # V2: softmax, groups by their max
+                scores = logits.softmax(-1)
+                group_scores = scores.view(-1, gate.num_group or 1, per_group).max(-1).values
+            if getattr(gate, "topk_method", "noaux_tc") != "greedy":
+                top = group_scores.topk(gate.topk_group + 1 if gate.topk_group < group_scores.shape[-1] else 1, -1).values
+                if top.shape[-1] > gate.topk_group:
+                    gaps.append((top[:, gate.topk_group - 1] - top[:, gate.topk_group]).min())
+                keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(gate.topk_group, -1).indices, 1)
+                scores = scores.masked_fill(~keep.repeat_interleave(per_group, 1).bool(), float("-inf"))
+            top = scores.topk(gate.top_k + 1, -1).values
+            gaps.append((top[:, gate.top_k - 1] - top[:, gate.top_k]).min())
+        margins[name] = min(g.item() for g in gaps)
+    print("routing margins (smallest score gap at a selection boundary):", margins)
+    assert all(m > 1e-4 for m in margins.values()), margins

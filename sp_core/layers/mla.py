@@ -105,6 +105,8 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.q_lora_rank = q_lora_rank
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+        # q_b_proj / kv_b_proj: column layers whose weights gathered_latent_up applies to the one gathered
+        # latent (calling their forward would gather again)
         self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), dtype=dtype)
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)

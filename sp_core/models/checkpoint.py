@@ -62,12 +62,7 @@ def iter_hf_tensors(model_dir: str) -> Iterator[Tuple[str, torch.Tensor]]:
 
 def _tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name, routed experts excluded (the MoE layer loads those)."""
-    out = {name: p for name, p in model.named_parameters() if _EXPERTS not in f".{name}"}
-    for module_name, module in model.named_modules():
-        for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
-                out[f"{module_name}.{name}" if module_name else name] = buffer
-    return out
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if _EXPERTS not in f".{name}"}
 
 
 def _expert_owners(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
