@@ -391,7 +391,7 @@ def test_config_matches_transformers():
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
     from sp_core.layers.rotary import inverse_frequencies
-    from sp_core.models import ModelConfig
+    from sp_core.models import ModelConfig, ModelError
     from sp_core.tiny import hf_config
 
     for name in DEEPSEEK_MODELS:
@@ -415,8 +415,11 @@ def test_config_matches_transformers():
                 assert factor != 1.0 or name != "deepseek-v3"
     v3 = hf_config("deepseek-v3").to_dict()
     v3["architectures"] = ["DeepseekV3ForCausalLM"]
-    v3["mlp_layer_types"] = ["sparse", "dense"]  # takes precedence over first_k_dense_replace
-    assert ModelConfig.from_dict(v3).layer_types == ("sparse", "dense")
+    v3["mlp_layer_types"] = ["dense", "sparse"]  # agrees with first_k_dense_replace = 1
+    assert ModelConfig.from_dict(v3).layer_types == ("dense", "sparse")
+    v3["mlp_layer_types"] = ["sparse", "dense"]  # transformers' V3 would ignore it: ambiguous, refused
+    with pytest.raises(ModelError, match="disagrees with first_k_dense_replace"):
+        ModelConfig.from_dict(v3)
 
 
 def _bad(tmp_path, name, edit):

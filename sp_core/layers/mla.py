@@ -87,7 +87,8 @@ class MultiHeadLatentAttention(torch.nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
                  rope_theta: float, rope_scaling: Optional[dict] = None, rope_interleave: bool = True,
-                 bias: bool = False, kernel: Optional[AttentionKernel] = None, dtype: Optional[torch.dtype] = None):
+                 bias: bool = False, kernel: AttentionKernel = packed_causal_attention,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.num_local_heads = _divide(num_heads, mpu.tp_size(), "num_attention_heads")
         self.nope, self.rope, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -110,7 +111,7 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), dtype=dtype)
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
-        self.kernel: AttentionKernel = kernel or packed_causal_attention
+        self.kernel = kernel
 
     def latent(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[q_lat | kv_lat | k_pe]`` of the tokens in ``hidden`` (normed latents, roped k_pe): the values

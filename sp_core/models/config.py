@@ -204,12 +204,14 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
         attention_bias=bool(hf.get("attention_bias", False)), softmax_scale=scale)
 
     layers = hf["num_hidden_layers"]
-    types = hf.get("mlp_layer_types")  # written by newer configs; takes precedence once present
-    if types is None:
-        first_dense = hf.get("first_k_dense_replace", 3 if v3 else 0) or 0
-        types = ["dense"] * min(first_dense, layers) + ["sparse"] * max(layers - first_dense, 0)
-    if len(types) != layers or set(types) - {"dense", "sparse"}:
-        raise ModelError(f"mlp_layer_types must list 'dense' or 'sparse' for each of the {layers} layers; got {types}")
+    first_dense = hf.get("first_k_dense_replace", 3 if v3 else 0) or 0
+    types = ["dense"] * min(first_dense, layers) + ["sparse"] * max(layers - first_dense, 0)
+    # transformers' V2 / V3 classes place MoE layers by first_k_dense_replace alone (mlp_layer_types,
+    # which V3.2 writes, would take precedence there): a config.json whose list disagrees is ambiguous
+    listed = hf.get("mlp_layer_types")
+    if listed is not None and list(listed) != types:
+        raise ModelError(f"mlp_layer_types {listed} disagrees with first_k_dense_replace ({first_dense}), which "
+                         f"{hf['architectures'][0]} uses: make them agree")
     fields = dict(mla=mla, mlp_layer_types=tuple(types), head_dim=nope + rope_dim, num_key_value_heads=heads,
                   qkv_bias=False)
     if "sparse" not in types:
