@@ -18,6 +18,8 @@ H, I, E = 8, 8, 8  # I/t = 2 at t = 4 is not 16-byte aligned: that case takes th
 VARIANTS = {
     # V2, group-limited (group max), per-expert checkpoint form
     "v2": dict(top_k=3, n_shared=2, n_group=4, topk_group=2, method="group_limited_greedy", norm=False, scale=1.5),
+    # V2-Lite-like greedy softmax; no shared expert; norm_topk_prob set, which transformers' V2 ignores
+    "v2-greedy": dict(top_k=2, n_shared=0, n_group=1, topk_group=1, method="greedy", norm=True, scale=1.0),
     # V3, sigmoid + correction bias, fused checkpoint form
     "v3": dict(top_k=2, n_shared=1, n_group=4, topk_group=2, method="noaux_tc", norm=True, scale=2.5),
 }
@@ -35,7 +37,7 @@ def _hf_moe(variant: str):
                   n_shared_experts=spec["n_shared"], n_group=spec["n_group"], topk_group=spec["topk_group"],
                   routed_scaling_factor=spec["scale"], norm_topk_prob=spec["norm"], hidden_act="silu",
                   num_attention_heads=2, num_key_value_heads=2)
-    if variant == "v2":
+    if variant.startswith("v2"):
         from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
         config = DeepseekV2Config(topk_method=spec["method"], **common)
@@ -88,9 +90,12 @@ def _core_moe(ref, expert_parallel: bool) -> MoE:
     load_full(moe.gate.weight, w["gate.weight"])
     if "gate.e_score_correction_bias" in w:
         moe.gate.e_score_correction_bias.copy_(w["gate.e_score_correction_bias"])
-    for proj in ("gate", "up"):
-        load_full(moe.shared_experts.gate_up_proj.weight, w[f"shared_experts.{proj}_proj.weight"], proj)
-    load_full(moe.shared_experts.down_proj.weight, w["shared_experts.down_proj.weight"])
+    if spec["n_shared"]:
+        for proj in ("gate", "up"):
+            load_full(moe.shared_experts.gate_up_proj.weight, w[f"shared_experts.{proj}_proj.weight"], proj)
+        load_full(moe.shared_experts.down_proj.weight, w["shared_experts.down_proj.weight"])
+    else:
+        assert moe.shared_experts is None
     if ref["variant"] == "v3":  # transformers' in-memory (fused) form
         moe.load_expert_tensor("gate_up_proj", w["experts.gate_up_proj"])
         moe.load_expert_tensor("down_proj", w["experts.down_proj"])
@@ -170,13 +175,14 @@ def _compare_param_grads(moe, ref_grads, what):
     """Every MoE parameter's gradient, gathered to full HF tensors, against transformers' autograd
     (relative to the largest entry of each HF tensor)."""
     worst = _close(moe.gate.weight.grad, ref_grads["gate.weight"], f"{what}: router gate.weight grad", rel=True)
-    gate_up = moe.shared_experts.gate_up_proj.weight
-    got = gather_full(gate_up, gate_up.grad)
-    down = moe.shared_experts.down_proj.weight
-    got["down"] = gather_full(down, down.grad)[None]
-    for proj in ("gate", "up", "down"):
-        name = f"shared_experts.{proj}_proj.weight"
-        worst = max(worst, _close(got[proj], ref_grads[name], f"{what}: {name} grad", rel=True))
+    if moe.shared_experts is not None:
+        gate_up = moe.shared_experts.gate_up_proj.weight
+        got = gather_full(gate_up, gate_up.grad)
+        down = moe.shared_experts.down_proj.weight
+        got["down"] = gather_full(down, down.grad)[None]
+        for proj in ("gate", "up", "down"):
+            name = f"shared_experts.{proj}_proj.weight"
+            worst = max(worst, _close(got[proj], ref_grads[name], f"{what}: {name} grad", rel=True))
     experts = moe.export_expert_tensors(grads=True)
     want = {"gate_up": ref_grads["experts.gate_up_proj"], "down": ref_grads["experts.down_proj"]}
     got = {"gate_up": torch.stack([torch.cat([experts[f"{e}.gate_proj.weight"], experts[f"{e}.up_proj.weight"]])
