@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 from typing import Dict, Iterator, List, Sequence
 
@@ -164,7 +165,7 @@ def all_gather_packed(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     are concatenated, gathered, and split back (e.g. the MoE's hidden state with its routing)."""
     if ps.tp_size() == 1:
         return list(tensors)
-    rows = [t.contiguous().view(t.shape[0], -1) for t in tensors]
+    rows = [t.contiguous().view(t.shape[0], math.prod(t.shape[1:])) for t in tensors]
     raw = [r.view(torch.uint8) for r in rows]
     gathered = all_gather(torch.cat(raw, dim=1))
     out, offset = [], 0
