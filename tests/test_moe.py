@@ -315,8 +315,11 @@ def test_router_config_errors():
         RouterConfig(8, 2, "noaux_tc", n_group=3, topk_group=1)
     with pytest.raises(ValueError, match="needs >= 2 experts per group, got 8 experts in 8 groups"):
         RouterConfig(8, 2, "noaux_tc", n_group=8, topk_group=2)
-    with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) must be between 1 and the 4 experts"):
+    with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) exceeds the 4 experts in the topk_group \(2\)"):
         RouterConfig(8, 5, "group_limited_greedy", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok \(9\) must be between 1 and n_routed_experts \(8\)"):
+        RouterConfig(8, 9, "greedy")
+    RouterConfig(8, 2, "greedy", n_group=3, topk_group=5)  # greedy ignores the groups, as transformers' V2
 
 
 def test_padding_control_routing_the_padded_shard_is_caught():

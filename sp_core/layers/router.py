@@ -28,6 +28,10 @@ METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """The routing of one MoE layer, from the model config: ``topk_method`` is V2's field of that name
+    (``greedy`` / ``group_limited_greedy``) or ``noaux_tc`` for V3 / V3.2 (which have no such field).
+    ``n_group`` / ``topk_group`` matter to the grouped methods only."""
+
     num_experts: int
     top_k: int
     topk_method: str
@@ -39,7 +43,12 @@ class RouterConfig:
     def __post_init__(self):
         if self.topk_method not in METHODS:
             raise ValueError(f"topk_method {self.topk_method!r} is not supported; supported: {', '.join(METHODS)}")
-        if self.num_experts < 1 or self.n_group < 1 or self.num_experts % self.n_group != 0:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) must be between 1 and n_routed_experts "
+                             f"({self.num_experts})")
+        if not self.grouped:
+            return
+        if self.n_group < 1 or self.num_experts % self.n_group != 0:
             raise ValueError(f"n_group ({self.n_group}) must divide n_routed_experts ({self.num_experts})")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must be between 1 and n_group ({self.n_group})")
@@ -47,10 +56,9 @@ class RouterConfig:
         if self.topk_method == "noaux_tc" and per_group < 2:
             raise ValueError(f"noaux_tc routing (V3) ranks groups by their top-2 experts: needs >= 2 experts per "
                              f"group, got {self.num_experts} experts in {self.n_group} groups")
-        reachable = per_group * self.topk_group if self.topk_method != "greedy" else self.num_experts
-        if not 1 <= self.top_k <= reachable:
-            raise ValueError(f"num_experts_per_tok ({self.top_k}) must be between 1 and the {reachable} experts "
-                             f"a token can reach")
+        if self.top_k > per_group * self.topk_group:
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) exceeds the {per_group * self.topk_group} experts "
+                             f"in the topk_group ({self.topk_group}) groups a token can reach")
 
     @property
     def grouped(self) -> bool:
