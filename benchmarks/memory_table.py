@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from support.checkpoints import make_checkpoint  # noqa: E402
@@ -64,7 +65,8 @@ def deepseek_lines():
     v3 = ModelConfig.from_dict(DEEPSEEK_V3)
     lines += ["", "## DeepSeek-V3 (real shape), the formula (`sp-core memory`, no measurement)", "",
               "Per layer, T = 4096 tokens, 16-bit values; L = q_lora + kv_lora + rope = 2112 (the MLA latent).",
-              f"Formula: {memory.deepseek_report.__doc__.split(chr(10) + chr(10))[0].strip()}", "",
+              "Formula: " + " ".join(line.strip() for line in memory.deepseek_report.__doc__.split("\n\n")[0].splitlines()),
+              "", "```", textwrap.dedent(memory.deepseek_report.__doc__.split("\n\n")[1]).strip("\n"), "```", "",
               "| tp | SP | MLA + dense MLP (bytes) | MLA + MoE (bytes) |", "|---|---|---|---|"]
     for tp, sp in ((1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)):
         r = memory.report(v3, tp, 4096, sp)["activation_bytes_per_layer_by_type"]
