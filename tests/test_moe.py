@@ -1,7 +1,9 @@
 """The MoE block against transformers' own DeepseekV2Moe / DeepseekV3MoE (same weights), float32:
-outputs and input gradients <= 1e-5, every parameter's gradient <= 1e-5 relative, at t = 1, 2, 4,
+outputs and input gradients <= 1e-5, every parameter's gradient <= 1e-5 relative (against transformers
+and against the core at t = 1), at t = 1, 2, 4,
 SP on and off, TP-sharded experts (a) and expert parallelism (b); (a) vs (b); collective counts; SP
 padding never routed (NaN padding rows would poison the gradients, and the load counts are exact)."""
+import contextlib
 import math
 
 import pytest
@@ -77,7 +79,7 @@ def _reference(variant: str, tokens_list):
         out = hf(x[None])[0]
         (out * upstream).sum().backward()
         counts = torch.bincount(hf.gate(x.detach())[2].reshape(-1), minlength=E).float()
-        grads = {name: p.grad.clone() for name, p in hf.named_parameters()}
+        grads = {name: p.grad.clone() for name, p in hf.named_parameters() if p.numel()}  # no empty shared MLP
         cases.append(dict(tokens=tokens, x=x.detach(), upstream=upstream, out=out.detach(), x_grad=x.grad,
                           grads=grads, counts=counts))
     return dict(variant=variant, weights=weights, cases=cases)
@@ -143,6 +145,8 @@ def _all_checks(refs):
             outputs = {}
             for mode in ("a", "b"):
                 moe = _core_moe(ref, expert_parallel=mode == "b")
+                at_t1 = _core_at_t1(ref, case, expert_parallel=mode == "b")
+                _compare_grads(at_t1, case["grads"], f"{variant} mode {mode} t=1 (in process) vs transformers")
                 for sp in (True, False) if t > 1 else (False,):
                     what = f"{variant} mode {mode} t={t} SP {'on' if sp else 'off'} T={tokens}"
                     moe.zero_grad()
@@ -160,7 +164,9 @@ def _all_checks(refs):
                     worst["out"] = max(worst["out"], _close(out, case["out"], f"{what}: output"))
                     outputs[(mode, sp)] = out.detach()
                     _close(x.grad, case["x_grad"], f"{what}: input gradient")
-                    worst["grad"] = max(worst["grad"], _compare_param_grads(moe, case["grads"], what))
+                    grads = _full_grads(moe)
+                    worst["grad"] = max(worst["grad"], _compare_grads(grads, case["grads"], f"{what} vs transformers"),
+                                        _compare_grads(grads, at_t1, f"{what} vs t=1"))
                     # load statistic: real tokens only (padding rows would add to it), summed over TP
                     counts = collectives.all_reduce(moe.gate.local_tokens_per_expert.clone())
                     replicas = 1 if sp else t  # SP off: every rank routes every token
@@ -171,26 +177,46 @@ def _all_checks(refs):
     return worst
 
 
-def _compare_param_grads(moe, ref_grads, what):
-    """Every MoE parameter's gradient, gathered to full HF tensors, against transformers' autograd
-    (relative to the largest entry of each HF tensor)."""
-    worst = _close(moe.gate.weight.grad, ref_grads["gate.weight"], f"{what}: router gate.weight grad", rel=True)
+def _full_grads(moe):
+    """Every MoE parameter's gradient as the full transformers tensor, by transformers' name."""
+    grads = {"gate.weight": moe.gate.weight.grad}
     if moe.shared_experts is not None:
-        gate_up = moe.shared_experts.gate_up_proj.weight
-        got = gather_full(gate_up, gate_up.grad)
-        down = moe.shared_experts.down_proj.weight
-        got["down"] = gather_full(down, down.grad)[None]
-        for proj in ("gate", "up", "down"):
-            name = f"shared_experts.{proj}_proj.weight"
-            worst = max(worst, _close(got[proj], ref_grads[name], f"{what}: {name} grad", rel=True))
+        gate_up, down = moe.shared_experts.gate_up_proj.weight, moe.shared_experts.down_proj.weight
+        pieces = gather_full(gate_up, gate_up.grad)
+        pieces["down"] = gather_full(down, down.grad)[None]
+        grads.update({f"shared_experts.{proj}_proj.weight": pieces[proj] for proj in ("gate", "up", "down")})
     experts = moe.export_expert_tensors(grads=True)
-    want = {"gate_up": ref_grads["experts.gate_up_proj"], "down": ref_grads["experts.down_proj"]}
-    got = {"gate_up": torch.stack([torch.cat([experts[f"{e}.gate_proj.weight"], experts[f"{e}.up_proj.weight"]])
-                                   for e in range(E)]),
-           "down": torch.stack([experts[f"{e}.down_proj.weight"] for e in range(E)])}
-    for name in want:
-        worst = max(worst, _close(got[name], want[name], f"{what}: experts.{name} grad", rel=True))
-    return worst
+    grads["experts.gate_up_proj"] = torch.stack(
+        [torch.cat([experts[f"{e}.gate_proj.weight"], experts[f"{e}.up_proj.weight"]]) for e in range(E)])
+    grads["experts.down_proj"] = torch.stack([experts[f"{e}.down_proj.weight"] for e in range(E)])
+    return grads
+
+
+def _compare_grads(got, want, what):
+    """Relative to the largest entry of each reference tensor; names every parameter (router gate included)."""
+    assert sorted(got) == sorted(want), f"{what}: parameters {sorted(got)} != {sorted(want)}"
+    return max(_close(got[name], want[name], f"{what}: {name} grad", rel=True) for name in want)
+
+
+@contextlib.contextmanager
+def _alone():
+    """This process as t = 1 (no TP group) inside the block: the single-process baseline."""
+    from sp_core.mpu import parallel_state
+
+    state = parallel_state._STATE
+    mpu.bind(None)
+    try:
+        yield
+    finally:
+        parallel_state._STATE = state
+
+
+def _core_at_t1(ref, case, expert_parallel):
+    with _alone():
+        moe = _core_moe(ref, expert_parallel)
+        x = case["x"].clone().requires_grad_(True)
+        (moe(x, case["tokens"]) * case["upstream"]).sum().backward()
+        return _full_grads(moe)
 
 
 def _export_roundtrip_and_errors(ref):
@@ -226,8 +252,6 @@ def _saved_bytes(moe, x, num_tokens):
 def _saved_bytes_ratio(expert_parallel):
     """Saved bytes per rank with SP at t over (bytes at t = 1) / t, for a V3-like MoE with a realistic
     hidden-to-intermediate shape (tiny H would let the per-slot routing indices dominate)."""
-    from sp_core.mpu import parallel_state
-
     t, tokens, hidden, inter = mpu.tp_size(), 64 * mpu.tp_size(), 256, 64
     config = RouterConfig(16, 4, "noaux_tc", 4, 2, True, 2.5)
     torch.manual_seed(0)
@@ -235,12 +259,8 @@ def _saved_bytes_ratio(expert_parallel):
     with mpu.sequence_parallel(True):
         shard = mpu.enter_sequence_parallel(x).clone().requires_grad_(True)  # own storage, as a layer output
         at_t = _saved_bytes(MoE(hidden, inter, 16, 4, 1, config, expert_parallel), shard, tokens)
-    state = parallel_state._STATE
-    mpu.bind(None)  # this process alone, t = 1
-    try:
+    with _alone():
         at_1 = _saved_bytes(MoE(hidden, inter, 16, 4, 1, config, expert_parallel), x.requires_grad_(True), tokens)
-    finally:
-        parallel_state._STATE = state
     return at_t / (at_1 / t)
 
 
