@@ -229,6 +229,16 @@ def _export_roundtrip_and_errors(ref):
             moe.load_expert_tensor("3.up_proj.weight", torch.zeros(I, H - 1))
         with pytest.raises(KeyError, match="not a routed-expert tensor"):
             moe.load_expert_tensor("9.up_proj.weight", torch.zeros(I, H))
+        # Megatron's attributes (its DDP, optimizer and finalize_model_grads read them)
+        assert moe.gate.weight.sequence_parallel and not moe.gate.weight.tensor_model_parallel
+        for param in (moe.experts.gate_up_proj, moe.experts.down_proj):
+            if mode:  # whole experts: Megatron's expert-parameter marker, no TP split, no SP sum
+                assert param.allreduce is False and param.expert_parallel and not param.tensor_model_parallel
+                assert not getattr(param, "sequence_parallel", False)
+            else:
+                assert param.tensor_model_parallel and param.partition_dim == (1 if param is moe.experts.gate_up_proj else 2)
+        shared = moe.shared_experts.gate_up_proj.weight
+        assert (shared.sequence_parallel and not shared.tensor_model_parallel) if mode else shared.tensor_model_parallel
     with pytest.raises(ValueError, match=r"n_routed_experts \(6\) is not divisible by the tensor-parallel size 4.*"
                                          r"use TP-sharded experts"):
         MoE(H, I, 6, 2, 1, RouterConfig(6, 2, "greedy"), expert_parallel=True)
@@ -301,10 +311,29 @@ def _new_operators():
     torch.testing.assert_close(w.grad, sum(up_w)[shard], atol=1e-6, rtol=1e-6)
 
 
+def _bfloat16_forward(ref):
+    """A bfloat16 model (the correction bias stays float32) against transformers' float32 output: mixed
+    dtypes through the packed gather and the all-to-all, bf16 grouped GEMMs."""
+    case, worst = ref["cases"][0], 0.0
+    for expert_parallel in (False, True):
+        moe = _core_moe(ref, expert_parallel).to(torch.bfloat16)
+        assert moe.gate.e_score_correction_bias.dtype == torch.float32
+        for sp in (True, False):
+            with mpu.sequence_parallel(sp), torch.no_grad():
+                x = case["x"].to(torch.bfloat16)
+                out = mpu.exit_sequence_parallel(moe(mpu.enter_sequence_parallel(x), case["tokens"]), case["tokens"])
+            err = ((out.float() - case["out"]).abs().max() / case["out"].abs().max()).item()
+            assert err <= 2e-2, f"bf16 expert_parallel={expert_parallel} SP {sp}: relative error {err:.3g}"
+            worst = max(worst, err)
+    return worst
+
+
 def _checks_and_memory(refs):
     if mpu.tp_size() > 1:
         _new_operators()
     worst = _all_checks(refs)
+    if mpu.tp_size() > 1:
+        worst["bf16"] = _bfloat16_forward(refs[-1])
     if mpu.tp_size() == 4:
         _export_roundtrip_and_errors(refs[-1])
     if mpu.tp_size() > 1:
@@ -325,7 +354,8 @@ def test_moe_matches_transformers(world, tokens):
     worst = run_ranks(world, _checks_and_memory, refs)
     print(f"t={world}: worst output |diff| {worst[0]['out']:.2e}, worst relative gradient diff "
           f"{worst[0]['grad']:.2e}, saved bytes / (t=1 bytes / t) per rank: mode (a) "
-          f"{[round(w.get('saved_a', 1), 3) for w in worst]}, mode (b) {[round(w.get('saved_b', 1), 3) for w in worst]}")
+          f"{[round(w.get('saved_a', 1), 3) for w in worst]}, mode (b) {[round(w.get('saved_b', 1), 3) for w in worst]}, "
+          f"bf16 relative output error {worst[0].get('bf16', 0):.2e}")
 
 
 def test_router_config_errors():
