@@ -516,3 +516,32 @@ def test_routing_margins_leave_room(dirs):
         margins[name] = min(g.item() for g in gaps)
     print("routing margins (smallest score gap at a selection boundary):", margins)
     assert all(m > 1e-4 for m in margins.values()), margins
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_layouts_match_transformers(interleaved):
+    """Both MLA rope layouts, values and gradients, against transformers' V3 functions (its interleaved
+    output is de-interleaved, [even | odd]; the core keeps the interleaved layout, as V2 and sglang do)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (apply_rotary_pos_emb,
+                                                                        apply_rotary_pos_emb_interleave)
+
+    from sp_core.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(8, 10000.0, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                                            mscale=1.0, mscale_all_dim=0.5), interleaved=interleaved)
+    positions = torch.tensor([0, 3, 7, 100])
+    x = torch.randn(4, 2, 8, dtype=torch.float64, requires_grad=True)
+    freqs = positions.double()[:, None] * rope.inv_freq.double()
+    emb = torch.cat([freqs, freqs], -1)  # [T, d]: unsqueezed to [T, 1, d] against x [T, heads, d]
+    apply = apply_rotary_pos_emb_interleave if interleaved else apply_rotary_pos_emb
+    ref, _ = apply(x, x, emb.cos() * rope.attention_factor, emb.sin() * rope.attention_factor)
+    got = rope.rotate(positions, x)
+    if interleaved:
+        got_cmp = torch.cat([got[..., 0::2], got[..., 1::2]], -1)
+    else:
+        got_cmp = got
+    weights = torch.randn_like(ref)
+    (gx_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    (gx,) = torch.autograd.grad((got_cmp * weights).sum(), x)
+    assert (got_cmp - ref).abs().max() < 1e-6 and (gx - gx_ref).abs().max() < 1e-6
+    assert rope.attention_factor != 1.0
