@@ -7,7 +7,7 @@ platform has it, else one GEMM per non-empty expert on its contiguous rows (neve
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,25 +15,25 @@ import torch.nn.functional as F
 from sp_core.mpu import platform
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-    """``x`` [N, in] holds ``rows[e]`` consecutive rows per group e; row block e is multiplied by
-    ``weight[e]`` [out, in] (as ``F.linear``). Returns [N, out]."""
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, in] holds ``rows[e]`` consecutive rows per group e (``rows``: an integer tensor on x's
+    device); row block e is multiplied by ``weight[e]`` [out, in] (as ``F.linear``). Returns [N, out].
+    The grouped GEMM reads the group sizes on the device (no host sync: CUDA-graph safe); the fallback
+    loop needs them on the host."""
     if platform.grouped_mm_supports(x, weight):
-        offsets = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offsets)
-    pieces = [F.linear(block, weight[e]) for e, block in enumerate(x.split(list(rows))) if block.shape[0]]
+        return torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=rows.cumsum(0).to(torch.int32))
+    pieces = [F.linear(block, weight[e]) for e, block in enumerate(x.split(rows.tolist())) if block.shape[0]]
     if not pieces:  # keep the weight in the graph, so its gradient is zero rather than missing
         return F.linear(x, weight[0])
     return torch.cat(pieces)
 
 
-def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The gradient of ``grouped_linear(x, weight, rows)``'s weight: ``grad[e]^T @ x[e]`` per row block."""
     if platform.grouped_mm_supports(x, weight):
-        offsets = torch.tensor(rows, device=x.device).cumsum(0).to(torch.int32)
-        return torch._grouped_mm(grad.t(), x.contiguous(), offs=offsets)
+        return torch._grouped_mm(grad.t(), x.contiguous(), offs=rows.cumsum(0).to(torch.int32))
     out = torch.zeros_like(weight)
-    for e, (g, block) in enumerate(zip(grad.split(list(rows)), x.split(list(rows)))):
+    for e, (g, block) in enumerate(zip(grad.split(rows.tolist()), x.split(rows.tolist()))):
         if block.shape[0]:
             out[e] = g.t() @ block
     return out
@@ -50,13 +50,13 @@ class GroupedExperts(torch.nn.Module):
         torch.nn.init.normal_(self.gate_up_proj, std=0.02)
         torch.nn.init.normal_(self.down_proj, std=0.02)
 
-    def forward(self, x: torch.Tensor, rows: Sequence[int], scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``scale`` [N] (float32, the routing weights) multiplies each row's activation before the down
         projection: equal to weighting the output, and it keeps a TP-sharded expert's routing-weight
         gradient a sum of per-rank partials like every other partial product."""
         return self.activate_and_down(grouped_linear(x, self.gate_up_proj, rows), rows, scale)
 
-    def activate_and_down(self, gate_up: torch.Tensor, rows: Sequence[int],
+    def activate_and_down(self, gate_up: torch.Tensor, rows: torch.Tensor,
                           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The rest of ``forward`` after the gate_up GEMM."""
         gate, up = gate_up.chunk(2, dim=-1)

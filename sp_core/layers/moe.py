@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from sp_core import mpu
 from sp_core.layers.experts import GroupedExperts, SharedExperts, grouped_linear, grouped_weight_grad
 from sp_core.layers.linear import _divide
-from sp_core.layers.router import Router, RouterConfig
+from sp_core.layers.router import Router, RouterConfig, count_per_expert
 from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
 from sp_core.mpu import collectives
 
@@ -57,21 +57,21 @@ class _ExpertInputGEMMs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up):
-        ctx.save_for_backward(x_shard, tokens, gate_up, shared_gate_up)
-        ctx.rows, ctx.num_tokens = rows, x_all.shape[0]
+        ctx.save_for_backward(x_shard, tokens, rows, gate_up, shared_gate_up)
+        ctx.num_tokens = x_all.shape[0]
         shared = F.linear(x_all, shared_gate_up) if shared_gate_up is not None else x_all.new_zeros(0)
         return grouped_linear(x_all[tokens], gate_up, rows), shared
 
     @staticmethod
     def backward(ctx, grad_routed, grad_shared):
-        x_shard, tokens, gate_up, shared_gate_up = ctx.saved_tensors
+        x_shard, tokens, rows, gate_up, shared_gate_up = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
-        grad_x = grouped_linear(grad_routed, gate_up.transpose(1, 2), ctx.rows)
+        grad_x = grouped_linear(grad_routed, gate_up.transpose(1, 2), rows)
         grad_x = grad_x.new_zeros(ctx.num_tokens, grad_x.shape[1]).index_add(0, tokens, grad_x)
         if shared_gate_up is not None:
             grad_x = grad_x + grad_shared @ shared_gate_up
         x_all = gathering.wait()[:ctx.num_tokens]
-        grad_gate_up = grouped_weight_grad(grad_routed, x_all[tokens], gate_up, ctx.rows)
+        grad_gate_up = grouped_weight_grad(grad_routed, x_all[tokens], gate_up, rows)
         grad_shared_gate_up = grad_shared.t() @ x_all if shared_gate_up is not None else None
         return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
 
@@ -174,12 +174,16 @@ class MoE(torch.nn.Module):
             out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial)
         return _pad_rows(out, hidden.shape[0])
 
-    def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-        """The (token, k) slots routed to this rank's experts, sorted by expert, and the rows per expert."""
+    def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (token, k) slots routed to this rank's experts, sorted by expert, and the rows per expert.
+        With every expert local (mode a) no step reads data on the host (CUDA-graph safe decode)."""
         expert = ids.reshape(-1).long() - self.first_expert
-        slots = ((expert >= 0) & (expert < self.local_experts)).nonzero().squeeze(1)
-        slots = slots[expert[slots].argsort(stable=True)]
-        return slots, torch.bincount(expert[slots], minlength=self.local_experts).tolist()
+        if self.local_experts == self.num_experts:
+            slots = expert.argsort(stable=True)
+        else:
+            slots = ((expert >= 0) & (expert < self.local_experts)).nonzero().squeeze(1)
+            slots = slots[expert[slots].argsort(stable=True)]
+        return slots, count_per_expert(expert[slots], self.local_experts)
 
     def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Sum over this rank's experts of weight * expert(x) for every token (zero where none is local)."""
@@ -203,7 +207,7 @@ class MoE(torch.nn.Module):
         t, per_rank = mpu.tp_size(), self.local_experts
         expert = ids.reshape(-1)
         slots = expert.argsort(stable=True)  # by expert, hence by owner rank
-        sent_per_expert = torch.bincount(expert, minlength=self.num_experts)
+        sent_per_expert = count_per_expert(expert, self.num_experts)
         got_per_expert = collectives.all_to_all(sent_per_expert, [per_rank] * t, [per_rank] * t).view(t, per_rank)
         send_rows = sent_per_expert.view(t, per_rank).sum(1).tolist()
         recv_rows = got_per_expert.sum(1).tolist()
@@ -214,7 +218,7 @@ class MoE(torch.nn.Module):
         # received: per source rank, rows grouped by local expert -> regroup by local expert
         local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
         by_expert = local_expert.argsort(stable=True)
-        y = self.experts(received[by_expert], got_per_expert.sum(0).tolist(), scale=received_weights[by_expert, 0])
+        y = self.experts(received[by_expert], got_per_expert.sum(0), scale=received_weights[by_expert, 0])
         back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
         return _combine(back, slots, self.top_k, x.shape[0])
 

@@ -120,7 +120,7 @@ class Router(torch.nn.Module):
             weights, ids = scores.topk(cfg.top_k, dim=-1, sorted=False)
         if self.training:
             with torch.no_grad():
-                self.local_tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
+                self.local_tokens_per_expert += count_per_expert(ids, cfg.num_experts)
         return ids, weights * cfg.routed_scaling_factor
 
 
@@ -130,3 +130,10 @@ def _keep_best_groups(scores: torch.Tensor, group_scores: torch.Tensor, cfg: Rou
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
     keep = keep.repeat_interleave(cfg.num_experts // cfg.n_group, dim=1)
     return scores.masked_fill(~keep, fill)
+
+
+def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``ids`` name each expert, int64 [num_experts]; unlike ``bincount`` it does not
+    read the ids on the host (no device sync, CUDA-graph safe)."""
+    ids = ids.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
