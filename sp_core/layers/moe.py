@@ -9,7 +9,10 @@ Two parallel modes over the TP group, picked by ``expert_parallel``:
 (a) TP-sharded experts (``expert_parallel=False``): every rank holds 1/t of the intermediate size of
     every routed expert and of the shared experts.
       SP on:  ONE g on [hidden | routing weights | expert ids] (one all-gather), the experts on all
-              tokens, ONE g-bar on routed + shared partial outputs (one reduce-scatter).
+              tokens, ONE g-bar on routed + shared partial outputs (one reduce-scatter). Saves the
+              token shard, not the gathered tokens: backward re-gathers it (one more all-gather, as a
+              column layer does) and reduce-scatters the hidden state's and the routing weights'
+              gradients (two reduce-scatters: they differ in dtype under bf16).
       SP off: f on the hidden state and on the routing weights, f-bar on the output (one all-reduce).
 (b) Expert parallelism (``expert_parallel=True``): every rank holds E/t whole experts.
       SP on:  each rank sends its tokens' rows to the experts' owners and gets the results back:
