@@ -133,7 +133,7 @@ def _collective_counts(dirs):
                 with torch.no_grad(), collectives.counting() as attn:
                     h = layer.self_attn(layer.input_layernorm(hidden), positions, batch)
                 with open(os.environ["SP_CORE_COLLECTIVE_LOG"]) as f:
-                    gathered = [line.split(" ", 2)[2].strip() for line in f if " all_gather " in line]
+                    gathered = [line.split()[2] for line in f if " all_gather " in line]  # "<pid> <op> <shape> <route>"
                 with torch.no_grad(), collectives.counting() as moe:
                     layer.mlp(layer.post_attention_layernorm(hidden + h), n)
                 out[name, sp, mode] = {"mla": dict(attn), "mla_gathered": gathered, "moe": dict(moe)}
@@ -334,10 +334,10 @@ def test_collective_counts(runs):
             continue
         if "lite" in name:  # q_proj gathers the hidden state; the latent is [kv_lat | k_pe]
             assert c["mla"] == {"all_gather": 2, "reduce_scatter": 1}, where
-            assert sorted(c["mla_gathered"]) == ["(5, 24)", "(5, 64)"], where
+            assert sorted(c["mla_gathered"]) == ["(5,24)", "(5,64)"], where
         else:  # one gather of [q_lat | kv_lat | k_pe]: 24 + 16 + 8 values per token, never the hidden state
             assert c["mla"] == {"all_gather": 1, "reduce_scatter": 1}, where
-            assert c["mla_gathered"] == ["(5, 48)"], where
+            assert c["mla_gathered"] == ["(5,48)"], where
         if mode == "tp":
             assert c["moe"] == {"all_gather": 1, "reduce_scatter": 1}, where
         else:
