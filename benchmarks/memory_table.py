@@ -1,4 +1,5 @@
-"""Bytes saved for backward by one decoder layer per rank (sp-core memory --measure), TP vs TP-SP.
+"""Bytes saved for backward by one decoder layer per rank (sp-core memory --measure), TP vs TP-SP,
+for a Qwen3-shaped and a DeepSeek-V3-shaped layer; plus the formula at DeepSeek-V3's real shape.
 
 Runs on CPU (gloo ranks); writes docs/memory.md.  Usage: python benchmarks/memory_table.py
 """
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from support.checkpoints import make_checkpoint  # noqa: E402
@@ -16,11 +18,63 @@ SHAPE = dict(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_atten
              num_key_value_heads=4, head_dim=64, num_hidden_layers=1)
 
 
-def measure(ckpt, tp, sp):
+# DeepSeek-V3's head dims and latent proportions (q_lora : kv_lora : hidden = 1536 : 512 : 7168, nope 128,
+# rope 64, v 128), a quarter of its heads and a smaller hidden / expert count, so that a layer runs on CPU.
+DEEPSEEK_SHAPE = dict(vocab_size=1000, hidden_size=1792, intermediate_size=4608, num_attention_heads=32,
+                      num_key_value_heads=32, q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=128,
+                      qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=512, n_routed_experts=16,
+                      num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, num_hidden_layers=2,
+                      first_k_dense_replace=1)
+DEEPSEEK_V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168,
+                   intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+                   num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8,
+                   n_group=8, topk_group=4, first_k_dense_replace=3, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                   rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, mscale=1.0,
+                                     mscale_all_dim=1.0, beta_fast=32, beta_slow=1), rope_theta=10000)
+
+
+def measure(ckpt, tp, sp, moe="tp"):
     flag = "--sequence-parallel" if sp else "--no-sequence-parallel"
     out = subprocess.run(["sp-core", "memory", "--model", ckpt, "--tp", str(tp), "--tokens", str(TOKENS), flag,
-                          "--measure"], check=True, capture_output=True, text=True).stdout
+                          "--measure", "--moe-parallel", moe], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
+
+
+def deepseek_lines():
+    from sp_core import memory
+    from sp_core.models import ModelConfig
+
+    ckpt = make_checkpoint("deepseek-v3", os.path.join(tempfile.mkdtemp(), "deepseek-v3"), **DEEPSEEK_SHAPE)
+    lines = ["", "## DeepSeek-V3-shaped layers (MLA + dense MLP, MLA + MoE)", "",
+             f"V3's head dims and latent proportions, scaled to run on CPU ({json.dumps(DEEPSEEK_SHAPE)}),",
+             f"T = {TOKENS} tokens, bf16. Under SP MLA saves its latent (q_lora + kv_lora + rope = "
+             f"{384 + 128 + 64} values per token here, 2112 for V3) as the token shard and re-gathers it in",
+             "backward; moe=tp: TP-sharded experts, moe=ep: expert parallelism (rank 0's bytes: its experts'",
+             "share of the routed rows, which follows the routing).", "",
+             "| tp | SP | moe | dense layer: saved bytes / rank | ratio to t=1 / t | MoE layer: saved bytes / rank | ratio to t=1 / t |",
+             "|---|---|---|---|---|---|---|"]
+    base = None
+    for tp, sp, moe in ((1, False, "tp"), (2, False, "tp"), (2, True, "tp"), (2, True, "ep"), (4, False, "tp"),
+                        (4, True, "tp"), (4, True, "ep")):
+        by_type = measure(ckpt, tp, sp, moe)["saved_bytes_per_rank_by_type"]
+        base = base or by_type
+        lines.append(f"| {tp} | {'on' if sp else 'off'} | {moe} | {by_type['dense']:,} | "
+                     f"{by_type['dense'] * tp / base['dense']:.3f} | {by_type['sparse']:,} | "
+                     f"{by_type['sparse'] * tp / base['sparse']:.3f} |")
+    v3 = ModelConfig.from_dict(DEEPSEEK_V3)
+    lines += ["", "## DeepSeek-V3 (real shape), the formula (`sp-core memory`, no measurement)", "",
+              "Per layer, T = 4096 tokens, 16-bit values; L = q_lora + kv_lora + rope = 2112 (the MLA latent).",
+              "Formula: " + " ".join(line.strip() for line in memory.deepseek_report.__doc__.split("\n\n")[0].splitlines()),
+              "", "```", textwrap.dedent(memory.deepseek_report.__doc__.split("\n\n")[1]).strip("\n"), "```", "",
+              "| tp | SP | MLA + dense MLP (bytes) | MLA + MoE (bytes) |", "|---|---|---|---|"]
+    for tp, sp in ((1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)):
+        r = memory.report(v3, tp, 4096, sp)["activation_bytes_per_layer_by_type"]
+        lines.append(f"| {tp} | {'on' if sp else 'off'} | {r['dense']:,} | {r['sparse']:,} |")
+    lines += ["", "The formula's terms are in `sp_core/memory.py` (`deepseek_report`): with SP every term is",
+              "divided by t; without SP the norm inputs, the latent and the rows sent to the experts cover all",
+              "T tokens on every rank."]
+    return lines
 
 
 def main():
@@ -44,6 +98,7 @@ def main():
               "norm / residual inputs of all tokens on every rank, as the paper's 10 sbh term says.",
               "The CPU SDPA kernel stores attention probabilities (the paper's 5as/h term), so absolute",
               "numbers are above the selective formula; fused attention on GPU does not store them."]
+    lines += deepseek_lines()
     os.makedirs("docs", exist_ok=True)
     with open("docs/memory.md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -81,6 +81,12 @@ def _add_sp_flag(p: argparse.ArgumentParser) -> None:
                    default=None, help="sequence parallelism on or off (default: on when tp > 1)")
 
 
+def _add_moe_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--moe-parallel", choices=("tp", "ep"), default="tp",
+                   help="MoE layers (DeepSeek): tp = every rank holds 1/t of every expert (default); "
+                        "ep = expert parallelism over the TP group, n_routed_experts/t whole experts per rank")
+
+
 def _parser() -> argparse.ArgumentParser:
     from sp_core import engines, verify
 
@@ -102,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="allow --out to overwrite an input or land inside the checkpoint directory (default: refuse)")
     _common(p)
+    _add_moe_flag(p)
 
     p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers and each other")
     p.add_argument("--model", default=None, metavar="DIR",
@@ -127,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true",
                    help="also measure the bytes one decoder layer saves for backward on rank 0 (default: off)")
     _common(p)
+    _add_moe_flag(p)
 
     p = sub.add_parser("train", help="train with the Megatron adapter on a small built-in token stream, then export")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint to start from (required)")
@@ -230,12 +238,14 @@ def cmd_logits(args) -> int:
 
     check_tp(args.tp)
     check_output_file(args.out, "--out", inputs=[args.prompts], model_dir=args.model, force=args.force)
-    cfg = engines.check_model(args.model, args.tp)
+    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
+    engines.check_engine(args.engine, cfg, args.moe_parallel)
     prompts = engines.read_prompts(args.prompts, cfg)
     engine = engines.get(args.engine)
     dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
+    moe = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
     console.announce("logits")
-    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype)
+    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype, **moe)
     engines.check_finite(logprobs)
     _save_atomic({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
     console.say(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}")
@@ -248,11 +258,11 @@ def cmd_memory(args) -> int:
     from sp_core import engines, memory
 
     check_tp(args.tp)
-    cfg = engines.check_model(args.model, args.tp)
+    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
     report = memory.report(cfg, args.tp, args.tokens, _sp(args))
     if args.measure:
         console.announce("memory")
-        report["saved_bytes_per_rank"] = memory.measure(args.model, args.tp, args.tokens, _sp(args))
+        report.update(memory.measure(args.model, args.tp, args.tokens, _sp(args), args.moe_parallel))
     print(json.dumps(report, indent=2), file=console.out(), flush=True)
     return 0
 
@@ -278,6 +288,7 @@ def cmd_train(args) -> int:
     engine = engines.get("megatron")
     engine.check_available()
     cfg = engines.check_model(args.model, args.tp)
+    engines.check_engine("megatron", cfg)
     if args.seq_length > cfg.max_position_embeddings:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")

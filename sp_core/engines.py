@@ -12,21 +12,31 @@ import torch
 
 from sp_core.errors import EngineUnavailable, NonFiniteError
 from sp_core.models import ModelConfig, ModelError
+from sp_core.models.config import DEEPSEEK_ARCHITECTURES
 
 __all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_prompts", "check_model",
            "check_finite"]
 
 
-def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
+                  moe_parallel: str = "tp") -> List[torch.Tensor]:
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, sequence_parallel=sequence_parallel)[0]
+    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, sequence_parallel=sequence_parallel)[0]
 
 
-def _core_rank(model_dir, prompts, dtype):
+def _core_rank(model_dir, prompts, dtype, moe_parallel="tp"):
     from sp_core.runtime import load_model, prompt_logprobs
 
-    return prompt_logprobs(load_model(model_dir, dtype), prompts)
+    return prompt_logprobs(load_model(model_dir, dtype, moe_parallel), prompts)
+
+
+def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
+    """Whether engine ``name`` runs this model; DeepSeek runs in the core only until its adapters land."""
+    if name != "core" and cfg.architecture in DEEPSEEK_ARCHITECTURES:
+        raise EngineUnavailable(f"engine {name!r} does not run {cfg.architecture} yet; use --engine core")
+    if name != "core" and moe_parallel != "tp":
+        raise EngineUnavailable(f"--moe-parallel {moe_parallel} is an option of the core engine only")
 
 
 def available() -> Dict[str, object]:
@@ -80,7 +90,7 @@ def check_prompts(prompts, vocab_size: int) -> None:
                 raise ModelError(f"prompt {i}: token id {tok} is outside the vocabulary [0, {vocab_size})")
 
 
-def check_model(model_dir: str, tp: int) -> ModelConfig:
+def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfig:
     """The config, the tp split and the checkpoint's tensors (names, shapes, readable files), checked in
     this process before any rank or engine starts: one-line ModelError otherwise."""
     from sp_core.models import CausalLM
@@ -89,7 +99,7 @@ def check_model(model_dir: str, tp: int) -> ModelConfig:
 
     if not os.path.isdir(model_dir):
         raise ModelError(f"{model_dir}: no such checkpoint directory")
-    cfg = ModelConfig.from_pretrained(model_dir)
+    cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
     cfg.check_tp(tp)
     with single_rank(), torch.device("meta"):
         model = CausalLM(cfg)

@@ -11,6 +11,12 @@ BYTES_16BIT = 2
 
 
 def report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:
+    if cfg.mla is not None:
+        return deepseek_report(cfg, tp, tokens, sequence_parallel)
+    return gpt_report(cfg, tp, tokens, sequence_parallel)
+
+
+def gpt_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:
     """Korthikanti et al. 2022, Table 2: activation bytes per layer, 16-bit activations, with
     s*b = tokens (one sequence of ``tokens``), h = hidden, a = heads, t = tp.
 
@@ -42,14 +48,78 @@ def report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> D
     }
 
 
-def _measure_rank(model_dir: str, tokens: int) -> int:
+def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:
+    """Per-layer activation bytes of a DeepSeek layer, counted the paper's way (16-bit values saved for
+    backward, selective: attention scores not stored), T = tokens, t = tp, h = hidden, a = heads,
+    L = r_q + r_kv + d_r = the MLA latent (q_lora + kv_lora + rope), d_qk = nope + rope, d_v = v head dim:
+
+      MLA:       2h (norm input, down-projection input) + r_q + r_kv (latent-norm inputs) + L (the latent,
+                 input of q_b_proj / kv_b_proj) + a (2 d_qk + 2 d_v) / t (q, k, v, attention output)
+      dense MLP: 2h (norm input, gate_up input) + 4 I / t (gate, up, silu(gate), their product)
+      MoE:       2h + k h (the rows sent to the k routed experts) + 4 (k I_e + I_s) / t (expert and shared
+                 intermediates), k = experts per token, I_e = moe_intermediate_size, I_s = shared width
+
+    With SP every per-token term is held for T/t tokens: the whole layer is divided by t (the latent is
+    saved as the token shard and re-gathered in backward). Without SP the 2h, r_q + r_kv, L and k h
+    terms cover all T tokens on every rank. Values per token x T x 2 bytes.
+    """
+    mla, t, h = cfg.mla, tp, cfg.hidden_size
+    sp = sequence_parallel and t > 1
+    a = cfg.num_attention_heads
+    latent = mla.latent_width
+    replicated = 2 * h + (mla.q_lora_rank or 0) + mla.kv_lora_rank + latent
+    heads = a * (2 * mla.qk_head_dim + 2 * mla.v_head_dim) / t
+    per_token = {"mla": (replicated / t if sp else replicated) + heads,
+                 "dense_mlp": (2 * h / t if sp else 2 * h) + 4 * cfg.intermediate_size / t}
+    if cfg.moe is not None:
+        moe = cfg.moe
+        k, shared = moe.num_experts_per_tok, moe.moe_intermediate_size * moe.n_shared_experts
+        rows = 2 * h + k * h
+        per_token["moe"] = (rows / t if sp else rows) + 4 * (k * moe.moe_intermediate_size + shared) / t
+    layers = {"dense": per_token["mla"] + per_token["dense_mlp"]}
+    if "moe" in per_token:
+        layers["sparse"] = per_token["mla"] + per_token["moe"]
+    formula = ("T/t (2h + r_q + r_kv + L) + T a (2 d_qk + 2 d_v)/t + MLP" if sp else
+               "T (2h + r_q + r_kv + L) + T a (2 d_qk + 2 d_v)/t + MLP")
+    return {
+        "model": cfg.architecture,
+        "tp": t,
+        "tokens": tokens,
+        "sequence_parallel": sp,
+        "formula": formula + "; L = q_lora + kv_lora + rope (the MLA latent); see sp_core/memory.py",
+        "latent_width": latent,
+        "latent_bytes_per_token": latent * BYTES_16BIT,
+        "activation_bytes_per_layer": int(BYTES_16BIT * tokens * layers.get("sparse", layers["dense"])),
+        "activation_bytes_per_layer_by_type": {kind: int(BYTES_16BIT * tokens * v) for kind, v in layers.items()},
+        "bytes_per_value": BYTES_16BIT,
+        "hidden_size": h,
+        "num_attention_heads": a,
+    }
+
+
+def _decoder_layers(cfg: ModelConfig) -> Dict[str, torch.nn.Module]:
+    """One decoder layer of each type this model has, bf16 (random weights; saved bytes do not depend on them)."""
+    if cfg.mla is None:
+        from sp_core.models.qwen import qwen_decoder_layer
+
+        return {"dense": qwen_decoder_layer(cfg, dtype=torch.bfloat16)}
+    from sp_core.models.deepseek import DeepseekDecoderLayer
+
+    return {kind: DeepseekDecoderLayer(cfg, kind, dtype=torch.bfloat16) for kind in dict.fromkeys(cfg.layer_types)}
+
+
+def _measure_rank(model_dir: str, tokens: int, moe_parallel: str = "tp") -> Dict[str, int]:
+    cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
+    torch.manual_seed(0)  # replicated weights (the router's) equal on every rank
+    return {kind: _saved_bytes(layer, cfg, tokens) for kind, layer in _decoder_layers(cfg).items()}
+
+
+def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
     from sp_core import mpu
     from sp_core.layers import PackedBatch
-    from sp_core.models.qwen import qwen_decoder_layer
 
-    cfg = ModelConfig.from_pretrained(model_dir)
-    layer = qwen_decoder_layer(cfg, dtype=torch.bfloat16)
     param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    param_ptrs |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
     rows = mpu.padded_length(tokens) // mpu.tp_size() if mpu.sequence_parallel_active() else tokens
     hidden = torch.randn(rows, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     positions = mpu.pad_1d(torch.arange(tokens)) if mpu.sequence_parallel_active() else torch.arange(tokens)
@@ -61,13 +131,19 @@ def _measure_rank(model_dir: str, tokens: int) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return x
 
+    extra = (tokens,) if cfg.mla is not None else ()  # DeepSeek layers take the real token count (MoE)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        layer(hidden, positions, PackedBatch([tokens]))
+        layer(hidden, positions, PackedBatch([tokens]), *extra)
     return sum(storages.values())
 
 
-def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool) -> int:
-    """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks)."""
+def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool, moe_parallel: str = "tp") -> Dict:
+    """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks):
+    ``saved_bytes_per_rank`` (an MoE layer where the model has one), and per layer type."""
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _measure_rank, model_dir, tokens, sequence_parallel=sequence_parallel)[0]
+    by_type = run_ranks(tp, _measure_rank, model_dir, tokens, moe_parallel, sequence_parallel=sequence_parallel)[0]
+    out = {"saved_bytes_per_rank": by_type.get("sparse", by_type["dense"])}
+    if len(by_type) > 1:
+        out["saved_bytes_per_rank_by_type"] = by_type
+    return out

@@ -1,9 +1,20 @@
 """Embedded tiny checkpoints, made by transformers itself from a config, with the awkward shapes that
 make a wrong mapping show: vocabularies not divisible by t, fewer KV heads than t, head_dim != hidden /
-heads, tied embeddings, norms perturbed away from 1, a large initializer range."""
+heads, tied embeddings, norms perturbed away from 1, a large initializer range; for DeepSeek also
+v_head_dim != qk_nope_head_dim, YaRN with mscale != mscale_all_dim, a non-zero e_score_correction_bias,
+a dense layer before an MoE layer."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+
+# MLA with v_head_dim (12) != qk_nope_head_dim (16); layer 0 dense, layer 1 MoE: 8 experts (t = 2, 4 hold
+# whole experts in expert-parallel mode), moe_intermediate_size divisible by 4.
+_DEEPSEEK = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                 moe_intermediate_size=16, n_routed_experts=8, first_k_dense_replace=1, tie_word_embeddings=False)
 
 TINY = {
     # vocab not divisible by 2 or 4, fewer KV heads than t = 4, tied embeddings, qkv bias (Qwen2)
@@ -27,20 +38,56 @@ TINY = {
     "qwen2-tp8-train": dict(arch="Qwen2ForCausalLM", vocab_size=83, hidden_size=32, intermediate_size=48,
                             num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
                             tie_word_embeddings=True),
+    # V2: softmax routing limited to the best 2 of 4 groups (group max), 2 shared experts, YaRN given in
+    # the legacy config.json form (rope_theta + rope_scaling, as DeepSeek-V2's own config.json)
+    "deepseek-v2": dict(arch="DeepseekV2ForCausalLM", **_DEEPSEEK, q_lora_rank=24, n_shared_experts=2,
+                        num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        routed_scaling_factor=1.5, legacy_rope_json=True,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=64, mscale=0.707,
+                                             mscale_all_dim=0.707, beta_fast=32, beta_slow=1)),
+    # V2-Lite: no q_lora (a plain q_proj), greedy softmax routing, attention biases
+    "deepseek-v2-lite": dict(arch="DeepseekV2ForCausalLM", **_DEEPSEEK, q_lora_rank=None, n_shared_experts=1,
+                             num_experts_per_tok=2, topk_method="greedy", attention_bias=True),
+    # V3: sigmoid + e_score_correction_bias routing, groups ranked by their top-2 sum, renormalised weights,
+    # YaRN with mscale != mscale_all_dim (both the cos / sin factor and the softmax scale differ from 1)
+    "deepseek-v3": dict(arch="DeepseekV3ForCausalLM", **_DEEPSEEK, q_lora_rank=24, n_shared_experts=1,
+                        num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
+                        routed_scaling_factor=2.5,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                             original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
+                                             beta_fast=32, beta_slow=1)),
 }
+
+DEEPSEEK_MODELS = ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3")
 
 # A ragged batch with a 1-token prompt; with 11 tokens over t = 4 the last rank holds padding.
 PROMPTS = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11, 13]]
 
 
 def hf_config(name: str, **overrides):
-    from transformers import Qwen2Config, Qwen3Config
+    import transformers
 
     spec = dict(TINY[name], **overrides)
     arch = spec.pop("arch")
-    cls = Qwen2Config if arch == "Qwen2ForCausalLM" else Qwen3Config
-    return cls(architectures=[arch], initializer_range=0.2, rms_norm_eps=1e-6, max_position_embeddings=256,
-               rope_theta=10000.0, **spec)
+    spec.pop("legacy_rope_json", None)
+    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    if "rope_parameters" not in spec:
+        spec["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0)
+    return cls(architectures=[arch], initializer_range=0.2, rms_norm_eps=1e-6, max_position_embeddings=256, **spec)
+
+
+def _legacy_rope_json(out_dir: str) -> None:
+    """Rewrite config.json's rope_parameters as the legacy rope_theta + rope_scaling keys."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    rope = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    hf["rope_scaling"] = rope
+    with open(path, "w") as f:
+        json.dump(hf, f, indent=2)
 
 
 def make_checkpoint(name: str, out_dir: str, seed: int = 0, **overrides) -> str:
@@ -55,7 +102,12 @@ def make_checkpoint(name: str, out_dir: str, seed: int = 0, **overrides) -> str:
                 param.add_(torch.randn_like(param) * 0.3)
             if pname.endswith(".bias"):
                 param.normal_(0, 0.2)
+        for bname, buffer in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if TINY[name].get("legacy_rope_json"):
+        _legacy_rope_json(out_dir)
     return out_dir
 
 

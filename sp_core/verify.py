@@ -23,14 +23,14 @@ import torch
 
 from sp_core import console, engines
 from sp_core.errors import EngineUnavailable, UsageError
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.tiny import DEEPSEEK_MODELS, PROMPTS, make_checkpoint, reference_logprobs
 
 DEFAULT_TP = "1,2,4"
 DEFAULT_ENGINES = ("core", "megatron", "sglang")
 TOLERANCE = 1e-4  # float32, against transformers and the core at tp 1 (DESIGN.md, Verification)
 SP_TOLERANCE = 1e-5  # float32, SP on vs off at the same engine and tp
 CLEAR_MARGIN = 1e-3  # greedy tokens must agree where the reference's top-1 leads top-2 by more
-DEFAULT_MODELS = ("qwen2", "qwen3")
+DEFAULT_MODELS = ("qwen2", "qwen3") + DEEPSEEK_MODELS
 ROUND_TRIP_TP, ROUND_TRIP_STEPS = 2, 3
 EXIT_FAIL, EXIT_UNAVAILABLE = 1, 3
 
@@ -47,6 +47,7 @@ class Row:
     tokens_equal: Optional[bool] = None
     seconds: float = 0.0
     status: str = "ok"  # ok | FAIL: ... | error: ...
+    moe: str = "tp"  # MoE models: how the experts are split (ModelConfig.moe_parallel)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -85,14 +86,23 @@ def _error_status(err: Exception) -> str:
     return f"error: {getattr(err, 'error_message', '') or err}".splitlines()[0][:200]
 
 
-def _settings(tps):
+def _settings(tps, cfg=None, engine_name="core"):
+    """(tp, SP, moe_parallel) rows; MoE models in the core also run expert parallelism (mode b) with SP."""
     for tp in tps:
         for sp in ((False,) if tp == 1 else (False, True)):
-            yield tp, sp
+            yield tp, sp, "tp"
+    if engine_name == "core" and cfg is not None and cfg.moe is not None:
+        for tp in tps:
+            if tp > 1:
+                yield tp, True, "ep"
+
+
+def _engine(row: Row) -> str:
+    return row.engine if row.moe == "tp" else f"{row.engine} moe={row.moe}"
 
 
 def _label(row: Row) -> str:
-    return f"{row.model} {row.engine} tp={row.tp} SP {'on' if row.sp else 'off'}"
+    return f"{row.model} {_engine(row)} tp={row.tp} SP {'on' if row.sp else 'off'}"
 
 
 def _start(index: int, total: int, row: Row) -> None:
@@ -122,16 +132,25 @@ def check_engines(names: List[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
 
 
 def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], default_matrix: bool):
-    """The rows to run, and a note about settings left out of the default matrix."""
-    rows, notes = [], []
-    for model_name in models:
+    """The rows to run, and notes about settings left out (of the default matrix, or models an engine
+    does not run yet)."""
+    rows, notes, not_yet = [], [], {}
+    for model_name, model_dir in models.items():
+        cfg = engines.check_model(model_dir, 1)
         for engine_name, engine in usable.items():
+            try:
+                engines.check_engine(engine_name, cfg)
+            except EngineUnavailable:
+                not_yet.setdefault(engine_name, []).append(model_name)
+                continue
             cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
             left_out = sorted({tp for tp in tps if cap is not None and tp > cap})
             if left_out and model_name == next(iter(models)):
                 notes.append(f"{engine_name} tp {','.join(map(str, left_out))} left out of the default matrix "
                              f"(one rank per core on this {cap}-core CPU; --tp {DEFAULT_TP} runs it)")
-            rows += [Row(model_name, engine_name, tp, sp) for tp, sp in _settings(tps) if tp not in left_out]
+            rows += [Row(model_name, engine_name, tp, sp, moe=moe) for tp, sp, moe in _settings(tps, cfg, engine_name)
+                     if tp not in left_out]
+    notes += [f"{engine_name} does not run {', '.join(names)} yet (the core does)" for engine_name, names in not_yet.items()]
     return rows, notes
 
 
@@ -139,7 +158,7 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
              prompts=PROMPTS, total: Optional[int] = None) -> List[Row]:
     """Run the rows; returns those of engines that could run (an engine that turns out unable to run
     moves from ``usable`` to ``unavailable`` with its reason, and its rows are dropped)."""
-    results: Dict[Tuple[str, str, int, bool], list] = {}
+    results: Dict[Tuple[str, str, int, bool, str], list] = {}
     references: Dict[str, list] = {}
     core_tp1: Dict[str, list] = {}
     core_tp1_seconds: Dict[str, float] = {}
@@ -160,7 +179,8 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
             if row.engine == "core" and row.tp == 1:
                 got = core_tp1[row.model]
             else:
-                got = usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32)
+                got = usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32,
+                                                  **({"moe_parallel": row.moe} if row.moe != "tp" else {}))
         except EngineUnavailable as err:
             unavailable[row.engine] = str(err).splitlines()[0]
             usable.pop(row.engine, None)
@@ -173,11 +193,11 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
             continue
         ran.append(row)
         row.seconds = core_tp1_seconds[row.model] if got is core_tp1.get(row.model) else time.time() - start
-        results[(row.model, row.engine, row.tp, row.sp)] = got
+        results[(row.model, row.engine, row.tp, row.sp, row.moe)] = got
         row.vs_reference = max_diff(got, references[row.model])
         if row.model in core_tp1 and not (row.engine == "core" and row.tp == 1):
             row.vs_core_tp1 = max_diff(got, core_tp1[row.model])
-        sp_off = results.get((row.model, row.engine, row.tp, False))
+        sp_off = results.get((row.model, row.engine, row.tp, False, row.moe))
         if row.sp and sp_off is not None:
             row.vs_sp_off = max_diff(got, sp_off)
         row.tokens_equal = greedy_equal(got, references[row.model])
@@ -242,11 +262,11 @@ def table(rows: List[Row]) -> str:
     def num(v: Optional[float]) -> str:
         return f"{v:.2e}" if v is not None else "—"
 
-    lines = [f"{'model':<10} {'engine':<18} {'tp':>2} {'SP':<3} {'vs transf.':>10} {'vs core tp1':>11} "
+    lines = [f"{'model':<16} {'engine':<18} {'tp':>2} {'SP':<3} {'vs transf.':>10} {'vs core tp1':>11} "
              f"{'vs SP off':>9} {'tokens':<6} {'sec':>5}  status"]
     for r in rows:
         tokens = "—" if r.tokens_equal is None else ("equal" if r.tokens_equal else "DIFF")
-        lines.append(f"{r.model:<10} {r.engine:<18} {r.tp:>2} {'on' if r.sp else 'off':<3} {num(r.vs_reference):>10} "
+        lines.append(f"{r.model:<16} {_engine(r):<18} {r.tp:>2} {'on' if r.sp else 'off':<3} {num(r.vs_reference):>10} "
                      f"{num(r.vs_core_tp1):>11} {num(r.vs_sp_off):>9} {tokens:<6} {r.seconds:5.1f}  {r.status}")
     return "\n".join(lines)
 

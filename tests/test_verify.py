@@ -12,7 +12,8 @@ from sp_core import verify
 from sp_core.cli import main
 from sp_core.tiny import make_checkpoint
 
-OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "PASS", "FAIL", "not run:", "sp-core verify: framework output")
+OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "PASS", "FAIL", "not run:", "note:",
+                "sp-core verify: framework output")
 
 
 def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
@@ -35,16 +36,19 @@ def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
     assert "not run: the round trip needs both megatron and sglang" in proc.stdout
     data = json.loads(report.read_text())
     rows = data["rows"]
-    # 2 models x 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang
-    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), rows
+    # Qwen2, Qwen3: 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang. DeepSeek V2, V2-Lite, V3:
+    # the core's 3 and tp 2 SP on with expert parallelism (megatron does not run them yet: one note line)
+    assert len(rows) == 24 and all(r["status"] == "ok" for r in rows), rows
+    assert sorted({r["model"] for r in rows if r["moe"] == "ep"}) == ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3"]
+    assert "megatron does not run deepseek-v2, deepseek-v2-lite, deepseek-v3 yet" in proc.stdout
     assert all(r["vs_reference"] <= 1e-4 and r["tokens_equal"] for r in rows)
-    assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"])
+    assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"] and r["moe"] == "tp")
     core_tp1 = [r for r in rows if r["engine"] == "core" and r["tp"] == 1]
     assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself...
-    assert all(line.split()[5] == "—" for line in proc.stdout.splitlines() if line.startswith(("qwen2 core", "qwen3 core"))
+    assert all(line.split()[5] == "—" for line in proc.stdout.splitlines() if line.startswith(("qwen2 ", "qwen3 ")) and line.split()[1] == "core"
                and line.split()[2] == "1")  # ...shown as a dash, not 0
     assert data["exit_code"] == 3 and data["unavailable"] == {"sglang": data["unavailable"]["sglang"]}
-    assert "PASS: all 12 rows within tolerance" in proc.stdout
+    assert "PASS: all 24 rows within tolerance" in proc.stdout
     assert [p for p in os.listdir(tmp) if p.startswith("sp-core")] == []  # no litter (torch caches aside)
     log = [line for line in output.splitlines() if line.startswith("sp-core verify: framework output")]
     assert len(log) == 1 and "Apex" in open(log[0].split()[-1]).read()  # Megatron's warnings: in the log only

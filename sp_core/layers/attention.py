@@ -1,8 +1,10 @@
 """Grouped-query self-attention over TP-sharded heads, with a pluggable attention kernel.
 
-The kernel is ``kernel(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d], batch) -> [T, heads, d]``
-over all tokens of the batch (after the column layer's gather). ``batch`` is whatever the framework
-passes down (the default kernel takes :class:`PackedBatch`); rows past the batch's tokens are SP padding.
+The kernel is ``kernel(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d_v], batch, scale=None)
+-> [T, heads, d_v]`` over all tokens of the batch (after the column layer's gather). ``batch`` is whatever
+the framework passes down (the default kernel takes :class:`PackedBatch`); rows past the batch's tokens
+are SP padding. ``scale`` is the softmax scale (None: d^-0.5); MLA passes its own (YaRN's mscale) and a
+value head dim d_v different from the query / key head dim d.
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ def expand_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1) if kv.shape[1] != q.shape[1] else kv
 
 
-AttentionKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
+AttentionKernel = Callable[..., torch.Tensor]  # (q, k, v, batch, scale=None) -> out: see the module docstring
 
 
-def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
+def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] = None) -> torch.Tensor:
     k, v = expand_kv(q, k), expand_kv(q, v)
     lens: List[int] = list(batch.seq_lens)
     padding = q.shape[0] - sum(lens)
@@ -44,7 +46,8 @@ def packed_causal_attention(q, k, v, batch: PackedBatch) -> torch.Tensor:
     outs = []
     for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
         # [1, heads, T, d]: the fused (flash / memory-efficient) kernels take 4-D inputs only
-        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)), is_causal=True)
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)), is_causal=True,
+                                             scale=scale)
         outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 

@@ -1,4 +1,10 @@
-"""Rotary position embedding (HF's rotate-half layout) with the rope types the Qwen configs use."""
+"""Rotary position embedding with the rope types of the Qwen and DeepSeek configs.
+
+Two layouts of the rotated pairs: HF's rotate-half (dims i and i + d/2 form a pair; Qwen, DeepSeek-V3
+with ``rope_interleave: false``) and interleaved (dims 2i and 2i + 1; DeepSeek's MLA). The interleaved
+output keeps the interleaved layout, as DeepSeek-V2 and sglang do (transformers' V3 de-interleaves q and
+k alike, which permutes both and leaves q.k unchanged).
+"""
 from __future__ import annotations
 
 import math
@@ -20,85 +26,107 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) ->
     if rope_type == "linear":
         return inv_freq / scaling["factor"], 1.0
     if rope_type == "yarn":
-        factor = scaling["factor"]
-        original = scaling["original_max_position_embeddings"]
-        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
-
-        def correction_dim(rotations):
-            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
-        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
-        extrapolate = 1 - ramp
-        inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
-        attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-        return inv_freq, attention_factor
+        return _yarn(inv_freq, head_dim, theta, scaling)
     # "dynamic" (NTK) equals default within the original context length, which is all prefill sees
     # for positions below max_position_embeddings; longer contexts are rejected by the model config.
     return inv_freq, 1.0
 
 
+def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (as transformers' ``_compute_yarn_parameters``): frequencies blended between interpolated and
+    extrapolated by a ramp over the dims; cos / sin scaled by mscale(f, mscale) / mscale(f, mscale_all_dim)
+    (DeepSeek) or 0.1 ln f + 1. DeepSeek's softmax-scale factor lives in the model config, not here."""
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    truncate = scaling.get("truncate", True)
+
+    def correction_dim(rotations):
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
+
+    def mscale(m=1.0):
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return inv_freq, float(attention_factor)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None):
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None, interleaved: bool = False):
         super().__init__()
         inv_freq, self.attention_factor = inverse_frequencies(head_dim, theta, scaling)
+        self.interleaved = interleaved
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 q_norm: Optional[torch.nn.Module] = None, k_norm: Optional[torch.nn.Module] = None):
         """q [T, heads, d], k [T, kv_heads, d], positions [T] -> rotated q, k. With ``q_norm`` / ``k_norm``
-        (Qwen3's per-head RMSNorms) those are applied first; in inference the platform's fused kernel,
-        when there is one, does both in one pass."""
-        inv_freq = self.inv_freq.to(positions.device)
-        fused = platform.fused_qk_norm_rope()
+        (Qwen3's per-head RMSNorms) those are applied first; in inference the platform's fused kernel
+        (rotate-half layout), when there is one, does both in one pass."""
+        fused = None if self.interleaved else platform.fused_qk_norm_rope()
         norms = [n for n in (q_norm, k_norm) if n is not None]
         if fused is not None and not (torch.is_grad_enabled() and any(
                 x.requires_grad for x in [q, k] + [n.weight for n in norms])):
             eps = norms[0].eps if norms else 0.0
             return fused(q, k, q_norm.weight if q_norm is not None else None,
-                         k_norm.weight if k_norm is not None else None, eps, positions, inv_freq,
-                         self.attention_factor)
+                         k_norm.weight if k_norm is not None else None, eps, positions,
+                         self.inv_freq.to(positions.device), self.attention_factor)
         if q_norm is not None:
             q = q_norm(q)
         if k_norm is not None:
             k = k_norm(k)
-        wide = platform.rotary_in_float32()
-        return (_Rotate.apply(q, positions, inv_freq, self.attention_factor, wide),
-                _Rotate.apply(k, positions, inv_freq, self.attention_factor, wide))
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d] at ``positions`` [T] -> rotated x."""
+        return _Rotate.apply(x, positions, self.inv_freq.to(positions.device), self.attention_factor,
+                             self.interleaved, platform.rotary_in_float32())
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float):
-    freqs = positions.float().unsqueeze(-1) * inv_freq
-    angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    """Per-pair cos and sin, [T, 1, d/2], scaled by the attention factor."""
+    angles = (positions.float().unsqueeze(-1) * inv_freq).unsqueeze(1)
     return angles.cos() * factor, angles.sin() * factor
 
 
-def _rotate_half(x: torch.Tensor, sign: int = 1) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-sign * x[..., half:], sign * x[..., :half]], dim=-1)
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Each pair (a, b) -> (a cos - b sin, b cos + a sin). Rotating by -angle (sin -> -sin) is the
+    transpose, which is the backward."""
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
 class _Rotate(torch.autograd.Function):
-    """x * cos + rotate_half(x) * sin, saving only the positions: the cos / sin tables cover all tokens
-    (not a shard), so they are recomputed in backward rather than stored (DESIGN principle 6).
-    ``wide``: compute in float32 (the pure-torch path); else in x's dtype with cos / sin rounded to it,
-    as HF's reference does."""
+    """Rotary embedding saving only the positions: the cos / sin tables cover all tokens (not a shard),
+    so they are recomputed in backward rather than stored (DESIGN principle 6). ``wide``: compute in
+    float32 (the pure-torch path); else in x's dtype with cos / sin rounded to it, as HF's reference does."""
 
     @staticmethod
-    def forward(ctx, x, positions, inv_freq, factor, wide):
+    def forward(ctx, x, positions, inv_freq, factor, interleaved, wide):
         ctx.save_for_backward(positions, inv_freq)
-        ctx.factor, ctx.wide = factor, wide
+        ctx.factor, ctx.interleaved, ctx.wide = factor, interleaved, wide
         dtype = torch.float32 if wide else x.dtype
         cos, sin = (c.to(dtype) for c in _cos_sin(positions, inv_freq, factor))
-        xw = x.to(dtype)
-        return (xw * cos + _rotate_half(xw) * sin).to(x.dtype)
+        return _rotated(x.to(dtype), cos, sin, interleaved).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         positions, inv_freq = ctx.saved_tensors
         dtype = torch.float32 if ctx.wide else grad.dtype
         cos, sin = (c.to(dtype) for c in _cos_sin(positions, inv_freq, ctx.factor))
-        g = grad.to(dtype)
-        # the transpose of rotate_half is rotate_half with the opposite sign
-        return (g * cos + _rotate_half(g * sin, sign=-1)).to(grad.dtype), None, None, None, None
+        return _rotated(grad.to(dtype), cos, -sin, ctx.interleaved).to(grad.dtype), None, None, None, None, None

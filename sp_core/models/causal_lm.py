@@ -12,9 +12,11 @@ import torch
 from sp_core import mpu
 from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
+from sp_core.models.deepseek import DeepseekModel
 from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
 
-_BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel}
+_BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel,
+           "DeepseekV2ForCausalLM": DeepseekModel, "DeepseekV3ForCausalLM": DeepseekModel}
 
 
 class CausalLM(torch.nn.Module):
@@ -34,9 +36,10 @@ class CausalLM(torch.nn.Module):
         """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise.
         Token ids are not validated here (a host sync per forward): entry points check the prompts
         (``sp_core.engines.check_prompts``), servers check ids on arrival."""
+        num_tokens = input_ids.shape[0]
         if mpu.sequence_parallel_active():
             input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
-        return self.model(input_ids, positions, batch)
+        return self.model(input_ids, positions, batch, num_tokens)
 
     def local_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Logits of all T tokens over this rank's vocabulary block: [T, ceil(V/t)]."""

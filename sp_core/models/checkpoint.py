@@ -1,6 +1,11 @@
 """Hugging Face checkpoints <-> the core's parameters: this rank's slice on load, full tensors on export.
 
 Core parameter names are HF names, except the fused projections (``qkv_proj``, ``gate_up_proj``).
+Persistent buffers (DeepSeek-V3's ``e_score_correction_bias``) load and export like parameters. Routed
+experts (``...mlp.experts.*``, per expert or fused on disk) go through the MoE layer's own hooks
+(``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors``), which know how experts
+are placed on ranks. Layers at index >= num_hidden_layers (DeepSeek-V3's multi-token-prediction layer)
+are not part of the model and are skipped.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ _FUSED = {
     ".up_proj.": (".gate_up_proj.", "up"),
 }
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERTS = ".mlp.experts."
 
 
 def hf_to_core(name: str) -> Tuple[str, Optional[str]]:
@@ -75,6 +82,31 @@ def iter_hf_tensors(model_dir: str) -> Iterator[Tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def _tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name, routed experts excluded (the MoE layer loads those)."""
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if _EXPERTS not in f".{name}"}
+
+
+def _expert_owners(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """HF prefix ``model.layers.{i}.mlp.experts.`` -> the MoE module that loads those tensors."""
+    return {f"{name}.experts.": module for name, module in model.named_modules()
+            if hasattr(module, "load_expert_tensor")}
+
+
+def _beyond_layers(model: torch.nn.Module, hf_name: str) -> bool:
+    """A layer the checkpoint has past the model's num_hidden_layers (DeepSeek-V3's MTP layer)."""
+    match = _LAYER.match(hf_name)
+    cfg = getattr(model, "config", None)
+    return bool(match and cfg is not None and int(match.group(1)) >= cfg.num_hidden_layers)
+
+
+def _core_name(hf_name: str, expected) -> Tuple[str, Optional[str]]:
+    name, shard = hf_to_core(hf_name)
+    if (name, shard) not in expected and (hf_name, None) in expected:  # an unfused q_proj (DeepSeek-V2-Lite)
+        return hf_name, None
+    return name, shard
+
+
 def checkpoint_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
     """Tensor name -> shape, read from the safetensors headers only (no tensor data)."""
     shapes = {}
@@ -89,7 +121,7 @@ def expected_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
     """HF tensor name -> full shape that ``model`` loads (build it at tp 1, e.g. on the meta device)."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     out = {}
-    for name, param in model.named_parameters():
+    for name, param in _tensors(model).items():  # routed experts are checked as they load
         if tied and name == "lm_head.weight":
             continue
         shards = getattr(param, "shards", None)
@@ -109,7 +141,8 @@ def check_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     expected = expected_shapes(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     found = {name: shape for name, shape in checkpoint_shapes(model_dir).items()
-             if not _IGNORED.search(name) and not (tied and name == "lm_head.weight")}
+             if not _IGNORED.search(name) and not (tied and name == "lm_head.weight")
+             and _EXPERTS not in name and not _beyond_layers(model, name)}
     parts = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -127,7 +160,8 @@ def check_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
 
 def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
     """Take this rank's slice of every checkpoint tensor; one-line error naming missing / unexpected ones."""
-    params = dict(model.named_parameters())
+    params = _tensors(model)
+    experts = _expert_owners(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = {(name, shard) for name, p in params.items()
                 for shard in ([s.name for s in p.shards] if hasattr(p, "shards") else [None])}
@@ -135,9 +169,21 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
         expected.discard(("lm_head.weight", None))
     seen, unexpected = set(), []
     for hf_name, tensor in weights:
-        if _IGNORED.search(hf_name) or (tied and hf_name == "lm_head.weight"):
+        if _IGNORED.search(hf_name) or (tied and hf_name == "lm_head.weight") or _beyond_layers(model, hf_name):
             continue
-        name, shard = hf_to_core(hf_name)
+        if _EXPERTS in hf_name:
+            prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
+            if prefix not in experts:
+                unexpected.append(hf_name)
+                continue
+            try:
+                experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
+            except KeyError:
+                unexpected.append(hf_name)
+            except ValueError as err:
+                raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
+            continue
+        name, shard = _core_name(hf_name, expected)
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
@@ -150,6 +196,7 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
             raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
         seen.add((name, shard))
     missing = sorted(core_to_hf(n, s) for n, s in expected - seen)
+    missing += sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
     if missing or unexpected:
         parts = []
         if missing:
@@ -170,11 +217,30 @@ def load_hf_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     load_weights(model, iter_hf_tensors(model_dir))
 
 
+def export_state_dict(model: torch.nn.Module, grads: bool = False) -> Dict[str, torch.Tensor]:
+    """Full HF-named tensors (collective: every TP rank calls it; every rank gets the result).
+    ``grads``: the parameters' gradients in the same layout and names instead (buffers left out)."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    out = {}
+    for name, tensor in _tensors(model).items():
+        if tied and name == "lm_head.weight":
+            continue
+        if grads and not isinstance(tensor, torch.nn.Parameter):
+            continue
+        values = (tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)) if grads else None
+        for shard, full in gather_full(tensor, values).items():
+            out[core_to_hf(name, shard)] = full.contiguous().cpu()
+    for prefix, moe in _expert_owners(model).items():
+        for key, full in moe.export_expert_tensors(grads=grads).items():
+            out[prefix + key] = full.contiguous().cpu()
+    return out
+
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5GB")
 
 
 def _exported_tensors(model: torch.nn.Module):
-    """(core name, shard, HF name, full shape, dtype) of every tensor an export writes."""
+    """(core name, shard, HF name, full shape) of every tensor a one-writer export writes."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     for name, param in model.named_parameters(remove_duplicate=False):
         if tied and name == "lm_head.weight":
@@ -183,11 +249,32 @@ def _exported_tensors(model: torch.nn.Module):
             yield name, param, shard, core_to_hf(name, shard), shape
 
 
-def _plan_files(model: torch.nn.Module, max_shard_bytes: int) -> Dict[str, str]:
-    """HF name -> file name, filling files up to ``max_shard_bytes`` in parameter order."""
+def _export_stream(model: torch.nn.Module):
+    """(plan: [(HF name, bytes)], tensors: iterator of (HF name, full tensor on TP rank 0 / None elsewhere)).
+
+    Dense models gather each parameter onto TP rank 0 only. Models with routed experts (exported per
+    expert by their MoE layers) or persistent buffers (the router's bias) go through
+    ``export_state_dict``, which gathers onto every rank: one full copy per rank, for now."""
+    if _expert_owners(model) or any(not isinstance(t, torch.nn.Parameter) for t in _tensors(model).values()):
+        state = export_state_dict(model)
+        return ([(k, v.numel() * v.element_size()) for k, v in state.items()], iter(state.items()))
+
+    def gathered():
+        current_name, full = None, None
+        for name, param, shard, hf_name, _ in _exported_tensors(model):
+            if current_name != name:  # one collective per parameter, all its shards at once
+                full, current_name = gather_full_to_first(param), name
+            yield hf_name, (None if full is None else full[shard])
+
+    plan = [(hf_name, param.element_size() * int(torch.Size(shape).numel()))
+            for _, param, _, hf_name, shape in _exported_tensors(model)]
+    return plan, gathered()
+
+
+def _plan_files(sizes, max_shard_bytes: int) -> Dict[str, str]:
+    """HF name -> file name, filling files up to ``max_shard_bytes`` in export order."""
     groups, size = [[]], 0
-    for _, param, _, hf_name, shape in _exported_tensors(model):
-        nbytes = param.element_size() * int(torch.Size(shape).numel())
+    for hf_name, nbytes in sizes:
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -205,9 +292,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
     one ``model.safetensors``, or files of at most ``max_shard_bytes`` plus
     ``model.safetensors.index.json``. Collective over the TP group: each tensor is gathered onto TP
     rank 0, which writes; the other ranks only send their slices (they never hold a full tensor) and
-    write nothing. At most one file's tensors are held at a time. Returns the paths written (empty on
-    the other ranks). Under data parallelism call it on one replica only (``sp_core_megatron``'s
-    ``export_hf_checkpoint`` does).
+    write nothing (MoE models: see ``_export_stream``). At most one file's tensors are held at a time.
+    Returns the paths written (empty on the other ranks). Under data parallelism call it on one replica
+    only (``sp_core_megatron``'s ``export_hf_checkpoint`` does).
 
     Atomic: the files go to a temporary directory next to ``out_dir``, which then takes its place (an
     existing ``out_dir`` is replaced whole; the command line refuses a non-empty one without --force).
@@ -217,7 +304,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
     from sp_core import mpu
 
     writer = mpu.tp_rank() == 0
-    plan = _plan_files(model, max_shard_bytes)
+    sizes, tensors = _export_stream(model)
+    plan = _plan_files(sizes, max_shard_bytes)
     out_dir = os.path.abspath(out_dir)
     partial = None
     if writer:
@@ -235,17 +323,14 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
         pending.clear()
 
     try:
-        gathered_for = None
-        for name, param, shard, hf_name, _ in _exported_tensors(model):
-            if gathered_for != name:  # one collective per parameter, all its shards at once
-                full, gathered_for = gather_full_to_first(param), name
+        for hf_name, full in tensors:
             if plan[hf_name] != current:
                 flush()
                 current = plan[hf_name]
-            if full is not None:
-                tensor = full[shard].contiguous().cpu()
+            if writer and full is not None:
+                tensor = full.contiguous().cpu()
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    bad.append(hf_name)  # keep gathering: the other ranks are still sending
+                    bad.append(hf_name)  # keep going: the other ranks are still sending
                 pending[hf_name] = tensor
         flush()
         if not writer:
@@ -255,9 +340,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
                                  f"{', ...' if len(bad) > 3 else ''}): training diverged? Nothing was written to {out_dir}")
         files = sorted(set(plan.values()))
         if len(files) > 1:
-            total = sum(int(torch.Size(shape).numel()) * param.element_size()
-                        for _, param, _, _, shape in _exported_tensors(model))
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(plan.items()))}
+            index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": dict(sorted(plan.items()))}
             with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(partial, "config.json"), "w") as f:

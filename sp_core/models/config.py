@@ -2,16 +2,63 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class ModelError(ValueError):
     """Bad model input (checkpoint, architecture, shapes): reported as one line, exit 2 from the CLI."""
 
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + DEEPSEEK_ARCHITECTURES
+MOE_PARALLEL_MODES = ("tp", "ep")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention. ``q_lora_rank`` None: a plain ``q_proj`` (V2-Lite)."""
+
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool  # rope on interleaved pairs (x0, x1), (x2, x3), ... (V2 always; V3 by default)
+    attention_bias: bool  # biases on q_a_proj, kv_a_proj_with_mqa and o_proj
+    softmax_scale: float  # qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_width(self) -> int:
+        """Values per token that MLA gathers under SP: [q_lat | kv_lat | k_pe]."""
+        return (self.q_lora_rank or 0) + self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek's mixture of experts (the layers from ``first_k_dense_replace`` on)."""
+
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    moe_intermediate_size: int
+    # "greedy" | "group_limited_greedy" (V2: softmax scores, group max) | "noaux_tc" (V3: sigmoid scores,
+    # e_score_correction_bias for selection only, groups ranked by the sum of their top-2)
+    topk_method: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 @dataclass
@@ -32,9 +79,18 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     hf: dict = field(default_factory=dict, repr=False)
+    # DeepSeek only
+    mla: Optional[MLAConfig] = None
+    moe: Optional[MoEConfig] = None
+    mlp_layer_types: Tuple[str, ...] = ()  # per layer: "dense" or "sparse" (MoE)
+    # How MoE layers split their experts over the TP group (the one switch for it; a run setting, not
+    # part of config.json): "tp" = every rank holds 1/t of every expert (g on the hidden state, g-bar on
+    # the output); "ep" = expert parallelism, every rank holds n_routed_experts/t whole experts and
+    # tokens travel to their experts by all-to-all. CLI: --moe-parallel.
+    moe_parallel: str = "tp"
 
     @classmethod
-    def from_dict(cls, hf: dict) -> "ModelConfig":
+    def from_dict(cls, hf: dict, moe_parallel: str = "tp") -> "ModelConfig":
         if not isinstance(hf, dict):
             raise ModelError(f"config.json holds a JSON {type(hf).__name__}, not an object; expected a Hugging Face "
                              f"model config")
@@ -48,12 +104,24 @@ class ModelConfig:
             raise ModelError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         if hf.get("use_sliding_window"):
             raise ModelError("use_sliding_window=true is not supported; supported: full causal attention")
+        if hf.get("quantization_config"):
+            method = hf["quantization_config"].get("quant_method", "?")
+            raise ModelError(f"quantised checkpoints (quantization_config: {method}) are not supported; "
+                             f"supported: unquantised float32 / bfloat16 / float16 weights")
+        if moe_parallel not in MOE_PARALLEL_MODES:
+            raise ModelError(f"moe_parallel {moe_parallel!r} is not a mode; supported: {', '.join(MOE_PARALLEL_MODES)}")
+        # transformers 5 writes rope_parameters (rope_theta inside); older configs rope_theta + rope_scaling
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
             raise ModelError(f"config.json: rope_theta must be a positive number, got {theta!r}")
+        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if rope_scaling is not None and rope_scaling.get("factor") is None and "original_max_position_embeddings" in rope:
+            # DeepSeek-V3-style configs may leave the factor to max / original context (as transformers does)
+            rope_scaling["factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
         heads = hf["num_attention_heads"]
-        return cls(
+        deepseek = _deepseek_fields(hf, rope_scaling) if arch in DEEPSEEK_ARCHITECTURES else {}
+        fields = dict(
             architecture=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -64,16 +132,19 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
-            rope_scaling=rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None,
+            rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             hf=hf,
+            moe_parallel=moe_parallel,
         )
+        fields.update(deepseek)
+        return cls(**fields)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str) -> "ModelConfig":
+    def from_pretrained(cls, model_dir: str, moe_parallel: str = "tp") -> "ModelConfig":
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise ModelError(f"{model_dir}: no config.json; expected a Hugging Face checkpoint directory")
@@ -86,7 +157,7 @@ class ModelConfig:
             raise ModelError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); expected a Hugging Face "
                              f"config.json") from None
         try:
-            return cls.from_dict(hf)
+            return cls.from_dict(hf, moe_parallel)
         except ModelError as err:
             raise ModelError(str(err).replace("config.json", path, 1)) from None
 
@@ -107,9 +178,31 @@ class ModelConfig:
         kv = self.num_key_value_heads
         if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
             raise ModelError(f"tp {tp} and num_key_value_heads ({kv}) do not divide one another")
-        if self.intermediate_size % tp:
+        if "dense" in self.layer_types and self.intermediate_size % tp:
             raise ModelError(f"tp {tp} does not divide intermediate_size ({self.intermediate_size})")
+        if self.moe is not None and "sparse" in self.layer_types:
+            self._check_moe_tp(tp)
 
+    def _check_moe_tp(self, tp: int) -> None:
+        moe = self.moe
+        if self.moe_parallel == "ep" and moe.n_routed_experts % tp:
+            works = (f"use --moe-parallel tp (experts split by intermediate size)"
+                     if moe.moe_intermediate_size % tp == 0 else "use a tp that divides it")
+            raise ModelError(f"--moe-parallel ep: tp {tp} does not divide n_routed_experts ({moe.n_routed_experts}) "
+                             f"(expert parallelism places whole experts on ranks); {works}")
+        if self.moe_parallel == "tp" and moe.moe_intermediate_size % tp:
+            works = ("use --moe-parallel ep (whole experts per rank)"
+                     if moe.n_routed_experts % tp == 0 else "use a tp that divides it")
+            raise ModelError(f"--moe-parallel tp: tp {tp} does not divide moe_intermediate_size "
+                             f"({moe.moe_intermediate_size}); {works}")
+        shared = moe.moe_intermediate_size * moe.n_shared_experts
+        if shared % tp:
+            raise ModelError(f"tp {tp} does not divide the shared experts' intermediate size ({shared})")
+
+    @property
+    def layer_types(self) -> Tuple[str, ...]:
+        """Per decoder layer: "dense" (MLP) or "sparse" (MoE)."""
+        return self.mlp_layer_types or ("dense",) * self.num_hidden_layers
 
 
 _REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -144,3 +237,71 @@ def _check_types(hf: dict) -> None:
     if hf.get("head_dim") is None and hf["hidden_size"] % hf["num_attention_heads"]:
         raise ModelError(f"config.json: hidden_size ({hf['hidden_size']}) is not a multiple of num_attention_heads "
                          f"({hf['num_attention_heads']}) and there is no head_dim")
+
+
+def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
+    """MLA, MoE and layer types of a DeepSeek V2 / V3 config.json, with one-line errors for what the
+    math cannot take (the fields and defaults of transformers' DeepseekV2Config / DeepseekV3Config)."""
+    v3 = hf["architectures"][0] == "DeepseekV3ForCausalLM"
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if kv_heads != heads:
+        raise ModelError(f"num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}) for "
+                         f"multi-head latent attention (every head has its own key, expanded from the latent)")
+    if hf.get("mlp_bias"):
+        raise ModelError("mlp_bias=true is not supported; supported: MLPs and experts without bias")
+    nope, rope_dim = hf.get("qk_nope_head_dim", 128), hf.get("qk_rope_head_dim", 64)
+    scale = (nope + rope_dim) ** -0.5
+    if rope_scaling is not None and rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope_scaling["factor"], rope_scaling["mscale_all_dim"]) ** 2
+    mla = MLAConfig(
+        q_lora_rank=hf.get("q_lora_rank", 1536), kv_lora_rank=hf.get("kv_lora_rank", 512),
+        qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=hf.get("v_head_dim", 128),
+        rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
+        attention_bias=bool(hf.get("attention_bias", False)), softmax_scale=scale)
+
+    layers = hf["num_hidden_layers"]
+    first_dense = hf.get("first_k_dense_replace", 3 if v3 else 0) or 0
+    types = ["dense"] * min(first_dense, layers) + ["sparse"] * max(layers - first_dense, 0)
+    # transformers' V2 / V3 classes place MoE layers by first_k_dense_replace alone (mlp_layer_types,
+    # which V3.2 writes, would take precedence there): a config.json whose list disagrees is ambiguous
+    listed = hf.get("mlp_layer_types")
+    if listed is not None and list(listed) != types:
+        raise ModelError(f"mlp_layer_types {listed} disagrees with first_k_dense_replace ({first_dense}), which "
+                         f"{hf['architectures'][0]} uses: make them agree")
+    fields = dict(mla=mla, mlp_layer_types=tuple(types), head_dim=nope + rope_dim, num_key_value_heads=heads,
+                  qkv_bias=False)
+    if "sparse" not in types:
+        return fields
+
+    experts = hf.get("n_routed_experts", 256 if v3 else 64)
+    top_k = hf.get("num_experts_per_tok", 8 if v3 else None)
+    if top_k is None:
+        raise ModelError("num_experts_per_tok is missing from config.json; MoE layers need the number of experts "
+                         "each token is routed to (e.g. 6 for DeepSeek-V2, 8 for DeepSeek-V3)")
+    if v3:  # transformers' V3 has no topk_method / scoring_func: always noaux_tc
+        method = "noaux_tc"
+        n_group, topk_group = hf.get("n_group", 8), hf.get("topk_group", 4)
+    else:
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ModelError(f"topk_method {method!r} is not supported for DeepseekV2ForCausalLM; "
+                             f"supported: greedy, group_limited_greedy")
+        n_group, topk_group = (hf.get("n_group"), hf.get("topk_group")) if method != "greedy" else (1, 1)
+    if n_group is None or topk_group is None or n_group < 1 or experts % n_group:
+        raise ModelError(f"n_group ({n_group}) must divide n_routed_experts ({experts}) for grouped routing")
+    if not 1 <= topk_group <= n_group:
+        raise ModelError(f"topk_group ({topk_group}) must lie in [1, n_group = {n_group}]")
+    if v3 and experts // n_group < 2:
+        raise ModelError(f"DeepSeek-V3 routing ranks each group by the sum of its top-2 experts: needs >= 2 "
+                         f"experts per group; got {experts} experts in {n_group} groups")
+    if not 1 <= top_k <= experts // n_group * topk_group:
+        raise ModelError(f"num_experts_per_tok ({top_k}) must lie in [1, {experts // n_group * topk_group}] "
+                         f"(the experts of the topk_group selected groups)")
+    fields["moe"] = MoEConfig(
+        n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=hf.get("n_shared_experts", 1 if v3 else 2),
+        moe_intermediate_size=hf.get("moe_intermediate_size", 2048 if v3 else 1407), topk_method=method, n_group=n_group, topk_group=topk_group,
+        # transformers' V2 router ignores norm_topk_prob (DEEPSEEK.md B1); V3 honours it
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5 if v3 else 1.0)))
+    return fields

@@ -36,7 +36,8 @@ class QwenModel(torch.nn.Module):
                                           for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, num_tokens=None) -> torch.Tensor:
+        """num_tokens (real tokens before SP padding) is for bodies with MoE layers; unused here."""
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
             hidden = layer(hidden, positions, batch)

@@ -3,11 +3,13 @@ from sp_core.mpu import platform
 from sp_core.mpu.collectives import counting as counting_collectives
 from sp_core.mpu.grads import allreduce_sequence_parallel_grads
 from sp_core.mpu.operators import (
+    all_to_all_tp,
     copy_to_replicas,
     copy_to_tp,
     enter_sequence_parallel,
     exit_sequence_parallel,
     gather_from_sp,
+    gather_from_sp_packed,
     gather_to_replicated,
     pad_1d,
     pad_to_multiple,

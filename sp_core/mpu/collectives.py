@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -277,6 +278,32 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return matmul_reduce_scatter_start(a, b).wait()
+def all_gather_packed(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``all_gather`` of several tensors with equal dim 0 (any dtypes) in ONE collective: each row's bytes
+    are concatenated, gathered, and split back (e.g. the MoE's hidden state with its routing)."""
+    if ps.tp_size() == 1:
+        return list(tensors)
+    rows = [t.contiguous().view(t.shape[0], math.prod(t.shape[1:])) for t in tensors]
+    raw = [r.view(torch.uint8) for r in rows]
+    gathered = all_gather(torch.cat(raw, dim=1))
+    out, offset = [], 0
+    for t, r in zip(tensors, raw):
+        piece = gathered[:, offset:offset + r.shape[1]].contiguous().view(t.dtype)
+        out.append(piece.view((gathered.shape[0],) + tuple(t.shape[1:])))
+        offset += r.shape[1]
+    return out
+
+
+def all_to_all(x: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int]) -> torch.Tensor:
+    """Send ``send_rows[r]`` consecutive rows of ``x`` to rank r; returns the rows received, in rank order
+    (``recv_rows[r]`` from rank r). Split sizes vary per call (expert dispatch)."""
+    if ps.tp_size() == 1:
+        return x
+    _record("all_to_all", x)
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_rows),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=ps.tp_group())
+    return out
 
 
 def split(x: torch.Tensor) -> torch.Tensor:

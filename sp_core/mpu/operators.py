@@ -9,10 +9,14 @@ Function each, and the two edges of the sequence-parallel region.
     gather   gather_to_replicated  all-gather    | split        (scatter's adjoint: the region exit)
     f_r      copy_to_replicas      identity      | sum over each group of r consecutive ranks
                                                    (f on a sub-group: a weight that r ranks hold alike)
+    g, many  gather_from_sp_packed one all-gather| reduce-scatter of each gradient
+    a2a      all_to_all_tp         all-to-all    | all-to-all with the splits swapped (expert dispatch)
 
 All act on dim 0 (tokens). Under no-grad they are plain collectives.
 """
 from __future__ import annotations
+
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +120,32 @@ def copy_to_replicas(x: torch.Tensor, replicas: int) -> torch.Tensor:
     within the group. For a parameter that several ranks hold alike and apply to different work
     (a KV head shared by the query heads of several ranks when there are fewer KV heads than t)."""
     return _CopyToReplicas.apply(x, replicas) if replicas > 1 and torch.is_grad_enabled() else x
+class _GatherFromSPPacked(torch.autograd.Function):
+    @staticmethod
+    @amp_forward
+    def forward(ctx, *xs):
+        gathered = c.all_gather_packed(xs)
+        ctx.mark_non_differentiable(*[g for g in gathered if not g.is_floating_point()])
+        return tuple(gathered)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, *grads):
+        return tuple(c.reduce_scatter(g) if g.is_floating_point() else None for g in grads)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    @amp_forward
+    def forward(ctx, x, send_rows, recv_rows):
+        ctx.rows = (send_rows, recv_rows)
+        return c.all_to_all(x, send_rows, recv_rows)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad):
+        send_rows, recv_rows = ctx.rows
+        return c.all_to_all(grad, recv_rows, send_rows), None, None
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +176,17 @@ def scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
 def gather_to_replicated(x: torch.Tensor) -> torch.Tensor:
     """Token shard -> all tokens, for computation that every rank then repeats identically."""
     return _GatherToReplicated.apply(x) if ps.tp_size() > 1 else x
+
+
+def gather_from_sp_packed(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """g on several token-sharded tensors (any dtypes) in one all-gather; integer ones get no gradient."""
+    return _GatherFromSPPacked.apply(*xs) if ps.tp_size() > 1 else xs
+
+
+def all_to_all_tp(x: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int]) -> torch.Tensor:
+    """Rows to the ranks that own them (``send_rows[r]`` consecutive rows to rank r); the backward sends
+    each row's gradient back the same way. Calling it again with the splits swapped is its inverse."""
+    return _AllToAll.apply(x, list(send_rows), list(recv_rows)) if ps.tp_size() > 1 else x
 
 
 def padded_length(num_tokens: int) -> int:

@@ -221,3 +221,18 @@ def amp_backward(backward):
         return _amp_wrapped(backward, "backward", device_type())(*args, **kwargs)
 
     return wrapper
+def grouped_mm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm(x, weight)`` runs here: CPU (torch >= 2.13, measured) takes float32 and
+    bfloat16, CUDA bfloat16 on sm90 (H100 / H200; ragged groups, empty ones included, need no padding in
+    bf16: torchtitan #2255; sm100 with empty groups may need pytorch #172439, so it loops for now); both
+    want every row 16-byte aligned. Otherwise the caller loops over the groups."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cpu":
+        dtypes = (torch.float32, torch.bfloat16)
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] == 9:
+        dtypes = (torch.bfloat16,)
+    else:
+        return False
+    width = x.element_size()
+    return x.dtype in dtypes and all(n * width % 16 == 0 for n in (weight.shape[1], weight.shape[2]))

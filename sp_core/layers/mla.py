@@ -1,0 +1,141 @@
+"""Multi-head latent attention (DeepSeek V2 / V3): heads split over TP, the small latent gathered.
+
+Under SP (DEEPSEEK.md section 1), on this rank's token shard: the down-projections ``q_a_proj`` and
+``kv_a_proj_with_mqa`` (replicated weights, gradients summed over TP), their RMSNorms and the rope on the
+shared key ``k_pe``. Then ONE g gathers the latent ``[q_lat | kv_lat | k_pe]`` -- q_lora + kv_lora + rope
+values per token (2112 for DeepSeek-V3, against 7168 for its hidden state). ``q_b_proj`` and ``kv_b_proj``
+are column layers over heads applied to the gathered latent; ``o_proj`` is a row layer (g-bar).
+With SP off every rank holds all tokens and the latent passes f instead of g.
+
+``k_pe`` is one key shared by all heads, and each rank uses it for its own heads only, so its gradient is
+a per-rank partial: g's backward (reduce-scatter) or f's (all-reduce) sums it exactly once. Megatron-LM
+#1699 never sums it; the double count flagged in the review of its fix sums it twice.
+
+V2-Lite (no q_lora): ``q_proj`` is an ordinary column layer on the hidden state (its own g), and the
+latent is ``[kv_lat | k_pe]``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.attention import AttentionKernel, packed_causal_attention
+from sp_core.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, _divide
+from sp_core.layers.norm import RMSNorm
+from sp_core.layers.rotary import RotaryEmbedding
+from sp_core.mpu import collectives
+
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
+
+
+class _GatheredLatentUp(torch.autograd.Function):
+    """g on the latent fused with the up-projections: the token shard of ``[piece_0 | piece_1 | ...]`` ->
+    all tokens, each piece multiplied by its weight (``W^T``) or passed through (weight None: k_pe).
+
+    Saves the token shard and re-gathers it in backward, as linear.py's ``_GatheredInputLinear`` does
+    (DESIGN principle 6); the backward's one reduce-scatter sums the partial input gradients of every
+    piece over TP, k_pe's included.
+    """
+
+    @staticmethod
+    def forward(ctx, latent_shard, widths, *weights):
+        ctx.widths = widths
+        ctx.save_for_backward(latent_shard, *weights)
+        pieces = collectives.all_gather(latent_shard).split(widths, dim=-1)
+        return tuple(F.linear(x, w) if w is not None else x.contiguous() for x, w in zip(pieces, weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        latent_shard, *weights = ctx.saved_tensors
+        gathering = collectives.all_gather_start(latent_shard)
+        rows = grads[0].shape[0] if grads[0] is not None else latent_shard.shape[0] * mpu.tp_size()
+        grad_pieces = []
+        for g, w, width in zip(grads, weights, ctx.widths):
+            if g is None:
+                grad_pieces.append(latent_shard.new_zeros(rows, width))
+            else:
+                grad_pieces.append(g @ w if w is not None else g)
+        reducing = collectives.reduce_scatter_start(torch.cat(grad_pieces, dim=-1))
+        pieces = gathering.wait().split(ctx.widths, dim=-1)
+        grad_weights = [None if w is None or g is None else g.t() @ x for g, w, x in zip(grads, weights, pieces)]
+        return (reducing.wait(), None, *grad_weights)
+
+
+def gathered_latent_up(latent: torch.Tensor, widths: List[int], weights: List[Optional[torch.Tensor]]):
+    """The latent's pieces over all tokens, up-projected where a weight is given. Under SP ``latent`` is
+    the token shard (g); otherwise all tokens (f)."""
+    if mpu.sequence_parallel_active():
+        return _GatheredLatentUp.apply(latent, list(widths), *weights)
+    pieces = mpu.copy_to_tp(latent).split(widths, dim=-1)
+    return tuple(F.linear(x, w) if w is not None else x for x, w in zip(pieces, weights))
+
+
+class MultiHeadLatentAttention(torch.nn.Module):
+    """``forward(hidden, positions, batch)``: hidden is this rank's token shard under SP (all tokens
+    otherwise), positions cover all tokens (padded to a multiple of t under SP); returns the token shard
+    (all tokens with SP off), like ``SelfAttention``.
+
+    Parameter names are transformers' (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``,
+    ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``). ``kernel`` computes attention
+    over all tokens and this rank's heads (attention.py's interface; q / k head dim qk_nope + qk_rope,
+    v head dim v_head_dim, ``softmax_scale``).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
+                 rope_theta: float, rope_scaling: Optional[dict] = None, rope_interleave: bool = True,
+                 bias: bool = False, kernel: AttentionKernel = packed_causal_attention,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.num_local_heads = _divide(num_heads, mpu.tp_size(), "num_attention_heads")
+        self.nope, self.rope, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        self.softmax_scale = softmax_scale
+        if q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, dtype=dtype)
+            self.latent_widths = [kv_lora_rank, qk_rope_head_dim]
+        else:
+            self.q_a_proj = ReplicatedLinear(hidden_size, q_lora_rank, bias=bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * self.qk_head_dim, dtype=dtype)
+            self.latent_widths = [q_lora_rank, kv_lora_rank, qk_rope_head_dim]
+        self.q_lora_rank = q_lora_rank
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(kv_lora_rank, LATENT_NORM_EPS, dtype=dtype)
+        # q_b_proj / kv_b_proj: column layers whose weights gathered_latent_up applies to the one gathered
+        # latent (calling their forward would gather again)
+        self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), dtype=dtype)
+        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
+        self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
+        self.kernel = kernel
+
+    def latent(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[q_lat | kv_lat | k_pe]`` of the tokens in ``hidden`` (normed latents, roped k_pe): the values
+        that cross ranks. Its ``[kv_lat | k_pe]`` part is also what an MLA KV cache stores per token."""
+        kv_lat, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = self.rotary.rotate(positions, k_pe.unsqueeze(1)).squeeze(1)
+        pieces = [self.kv_a_layernorm(kv_lat), k_pe]
+        if self.q_lora_rank is not None:
+            pieces.insert(0, self.q_a_layernorm(self.q_a_proj(hidden)))
+        return torch.cat(pieces, dim=-1)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
+        latent = self.latent(hidden, local_positions)
+        if self.q_lora_rank is None:
+            kv, k_pe = gathered_latent_up(latent, self.latent_widths, [self.kv_b_proj.weight, None])
+            q = self.q_proj(hidden)
+        else:
+            q, kv, k_pe = gathered_latent_up(latent, self.latent_widths,
+                                             [self.q_b_proj.weight, self.kv_b_proj.weight, None])
+        heads = self.num_local_heads
+        q_nope, q_pe = q.unflatten(-1, (heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
+        q = torch.cat([q_nope, self.rotary.rotate(positions, q_pe)], dim=-1)
+        k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
+        out = self.kernel(q, k, v, batch, scale=self.softmax_scale)
+        return self.o_proj(out.flatten(-2))

@@ -1,0 +1,290 @@
+"""DeepSeek's MoE block: router, routed experts, shared experts; dropless.
+
+Input and output: this rank's token shard under SP (all tokens when SP is off), padding rows at the
+end of the batch. ``num_tokens`` (real tokens of the whole batch) keeps SP padding away from the
+router, the experts and the load counts. Each token is routed once, on the rank that holds it.
+
+Two parallel modes over the TP group, picked by ``expert_parallel``:
+
+(a) TP-sharded experts (``expert_parallel=False``): every rank holds 1/t of the intermediate size of
+    every routed expert and of the shared experts.
+      SP on:  ONE g on [hidden | routing weights | expert ids] (one all-gather), the experts on all
+              tokens, ONE g-bar on routed + shared partial outputs (one reduce-scatter). Saves the
+              token shard, not the gathered tokens: backward re-gathers it (one more all-gather, as a
+              column layer does) and reduce-scatters the hidden state's and the routing weights'
+              gradients (two reduce-scatters: they differ in dtype under bf16).
+      SP off: f on the hidden state and on the routing weights, f-bar on the output (one all-reduce).
+(b) Expert parallelism (``expert_parallel=True``): every rank holds E/t whole experts.
+      SP on:  each rank sends its tokens' rows to the experts' owners and gets the results back:
+              four all-to-alls (token counts per expert, rows, their routing weights, results back),
+              no gather.
+      SP off: every rank already holds all tokens: it runs its own experts on the tokens routed to
+              them, f on their input and routing weights, f-bar sums the ranks' outputs (sglang's
+              EP with the standard dispatcher).
+    The shared experts are replicated on every rank and applied to the tokens the rank holds (the token
+    shard under SP: tagged ``sequence_parallel``, as vLLM does), so mode (b) adds no collective for
+    them; that costs 3 * H * I_shared parameters per rank.
+
+Parameters carry Megatron's attributes: routed experts in (a) are ``tensor_model_parallel`` with
+``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` and ``expert_parallel``
+(Megatron's marker for expert parameters, whose gradients are complete on the owner).
+
+Checkpoints: ``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors`` take and
+give the routed experts under their Hugging Face names relative to ``mlp.experts.``; the gate and the
+shared experts carry HF names and ``shards``, so the generic loader handles them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.experts import GroupedExperts, SharedExperts, grouped_linear, grouped_weight_grad
+from sp_core.layers.linear import _divide
+from sp_core.layers.router import Router, RouterConfig, count_per_expert
+from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
+from sp_core.mpu import collectives
+
+_PER_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
+_PROJECTIONS = ("gate", "up", "down")
+
+
+class _ExpertInputGEMMs(torch.autograd.Function):
+    """Mode (a) under SP: the routed experts' grouped gate_up GEMM (rows ``tokens``, sorted by expert) and
+    the shared experts' gate_up GEMM on the gathered tokens ``x_all``, saving this rank's token shard
+    rather than the gathered tokens; backward re-gathers the shard for the weight gradients (principle 6,
+    as linear.py's _GatheredInputLinear), overlapped with the input-gradient GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up):
+        ctx.save_for_backward(x_shard, tokens, rows, gate_up, shared_gate_up)
+        ctx.num_tokens = x_all.shape[0]
+        shared = F.linear(x_all, shared_gate_up) if shared_gate_up is not None else x_all.new_zeros(0)
+        return grouped_linear(x_all[tokens], gate_up, rows), shared
+
+    @staticmethod
+    def backward(ctx, grad_routed, grad_shared):
+        x_shard, tokens, rows, gate_up, shared_gate_up = ctx.saved_tensors
+        gathering = collectives.all_gather_start(x_shard)
+        grad_x = grouped_linear(grad_routed, gate_up.transpose(1, 2), rows)
+        grad_x = grad_x.new_zeros(ctx.num_tokens, grad_x.shape[1]).index_add(0, tokens, grad_x)
+        if shared_gate_up is not None:
+            grad_x = grad_x + grad_shared @ shared_gate_up
+        x_all = gathering.wait()[:ctx.num_tokens]
+        grad_gate_up = grouped_weight_grad(grad_routed, x_all[tokens], gate_up, rows)
+        grad_shared_gate_up = grad_shared.t() @ x_all if shared_gate_up is not None else None
+        return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
+
+
+def _combine(y: torch.Tensor, slots: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
+    """Per-token sums of the expert outputs ``y`` (one row per (token, k) slot in ``slots``, flat index
+    token * top_k + k). With every slot present it un-permutes and sums over k, which saves only the
+    permutation for backward (``index_add`` would also save ``y``, a [tokens * top_k, H] tensor)."""
+    if slots.shape[0] == num_tokens * top_k:
+        return y[slots.argsort()].view(num_tokens, top_k, y.shape[-1]).sum(1)
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, slots // top_k, y)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, rows - x.shape[0]))
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
+                 num_experts_per_tok: int, n_shared_experts: Optional[int], router_config: RouterConfig,
+                 expert_parallel: bool, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if router_config.num_experts != n_routed_experts or router_config.top_k != num_experts_per_tok:
+            raise ValueError(f"router_config routes top-{router_config.top_k} of {router_config.num_experts} experts, "
+                             f"the MoE has top-{num_experts_per_tok} of {n_routed_experts}")
+        self.expert_parallel = expert_parallel
+        self.num_experts, self.top_k, self.intermediate_size = n_routed_experts, num_experts_per_tok, moe_intermediate_size
+        self.gate = Router(hidden_size, router_config, dtype=dtype)
+        shared_size = moe_intermediate_size * (n_shared_experts or 0)
+        if expert_parallel:
+            self._build_expert_parallel(hidden_size, shared_size, dtype)
+        else:
+            self._build_tp_sharded(hidden_size, shared_size, dtype)
+        self._loaded: set = set()  # (expert, projection) pairs read from the checkpoint
+
+    def _build_expert_parallel(self, hidden_size: int, shared_size: int, dtype) -> None:
+        t, E = mpu.tp_size(), self.num_experts
+        if E % t != 0:
+            raise ValueError(f"n_routed_experts ({E}) is not divisible by the tensor-parallel size {t}, needed for "
+                             f"expert parallelism; use TP-sharded experts (expert_parallel=False) or a tp size "
+                             f"that divides {E}")
+        self.local_experts = E // t
+        self.first_expert = mpu.tp_rank() * self.local_experts
+        self.experts = GroupedExperts(self.local_experts, hidden_size, self.intermediate_size, dtype)
+        for param in self.experts.parameters():  # whole experts: complete gradients on the owner
+            param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
+        self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
+        if self.shared_experts is not None:  # replicated, applied to the token shard
+            gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
+            mark_sequence_parallel(gate_up)
+            mark_sequence_parallel(down)
+            # whole tensors on every rank (replicas = t); the shard names let the loader place gate and up
+            gate_up.partition_dim = 0
+            gate_up.shards = [Shard("gate", shared_size, shared_size, t), Shard("up", shared_size, shared_size, t)]
+
+    def _build_tp_sharded(self, hidden_size: int, shared_size: int, dtype) -> None:
+        t, inter = mpu.tp_size(), self.intermediate_size
+        local = _divide(inter, t, "moe_intermediate_size (TP-sharded experts)")
+        self.local_experts, self.first_expert = self.num_experts, 0
+        self.experts = GroupedExperts(self.num_experts, hidden_size, local, dtype)
+        mark_partitioned(self.experts.gate_up_proj, 1, [Shard("gate", inter, local), Shard("up", inter, local)])
+        mark_partitioned(self.experts.down_proj, 2, [Shard(None, inter, local)])
+        self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
+        if self.shared_experts is not None:
+            shared_local = shared_size // t
+            mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
+                             [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)])
+            mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)])
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """``hidden``: this rank's token shard (SP on) or all tokens; ``num_tokens``: real tokens in the
+        batch. Returns the same layout; padding rows come back zero."""
+        sp = mpu.sequence_parallel_active()
+        if sp:
+            held = max(0, min(hidden.shape[0], num_tokens - mpu.tp_rank() * hidden.shape[0]))
+        else:
+            held = min(num_tokens, hidden.shape[0])
+        ids, weights = self.gate(hidden[:held])
+        if sp and self.expert_parallel:
+            out = self._dispatch_to_owners(hidden[:held], ids, weights)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(hidden[:held])
+            return _pad_rows(out, hidden.shape[0])
+        if sp:  # mode (a): one g on the hidden state and the routing (padding rows carry no routing)
+            pad = hidden.shape[0] - held
+            x, weights, ids = mpu.gather_from_sp_packed(
+                hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
+            partial = self._sharded_experts_on_gathered(x[:num_tokens], hidden, ids[:num_tokens], weights[:num_tokens])
+            return mpu.reduce_scatter_to_sp(_pad_rows(partial, x.shape[0]))
+        # SP off: every rank holds all tokens and routes them identically
+        x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
+        partial = self._local_experts(x, ids, weights)
+        if self.expert_parallel:  # replicated shared experts on replicated tokens: added after the sum
+            out = mpu.reduce_from_tp(partial)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(hidden[:held])
+        else:
+            out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial)
+        return _pad_rows(out, hidden.shape[0])
+
+    def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (token, k) slots routed to this rank's experts, sorted by expert, and the rows per expert.
+        With every expert local (mode a) no step reads data on the host (CUDA-graph safe decode)."""
+        expert = ids.reshape(-1).long() - self.first_expert
+        if self.local_experts == self.num_experts:
+            slots = expert.argsort(stable=True)
+        else:
+            slots = ((expert >= 0) & (expert < self.local_experts)).nonzero().squeeze(1)
+            slots = slots[expert[slots].argsort(stable=True)]
+        return slots, count_per_expert(expert[slots], self.local_experts)
+
+    def _local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over this rank's experts of weight * expert(x) for every token (zero where none is local)."""
+        slots, rows = self._sort_slots(ids)
+        tokens = slots // self.top_k
+        y = self.experts(x[tokens], rows, scale=weights.reshape(-1)[slots])
+        return _combine(y, slots, self.top_k, x.shape[0])
+
+    def _sharded_experts_on_gathered(self, x_all, x_shard, ids, weights) -> torch.Tensor:
+        """Mode (a) under SP: routed + shared partial outputs for all tokens, saving only the token shard."""
+        slots, rows = self._sort_slots(ids)
+        tokens = slots // self.top_k
+        shared = self.shared_experts.gate_up_proj.weight if self.shared_experts is not None else None
+        h_routed, h_shared = _ExpertInputGEMMs.apply(x_all, x_shard, tokens, rows, self.experts.gate_up_proj, shared)
+        y = self.experts.activate_and_down(h_routed, rows, scale=weights.reshape(-1)[slots])
+        out = _combine(y, slots, self.top_k, x_all.shape[0])
+        return out + self.shared_experts.activate_and_down(h_shared) if shared is not None else out
+
+    def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""
+        t, per_rank = mpu.tp_size(), self.local_experts
+        expert = ids.reshape(-1)
+        slots = expert.argsort(stable=True)  # by expert, hence by owner rank
+        sent_per_expert = count_per_expert(expert, self.num_experts)
+        got_per_expert = collectives.all_to_all(sent_per_expert, [per_rank] * t, [per_rank] * t).view(t, per_rank)
+        send_rows = sent_per_expert.view(t, per_rank).sum(1).tolist()
+        recv_rows = got_per_expert.sum(1).tolist()
+        received = mpu.all_to_all_tp(x[slots // self.top_k], send_rows, recv_rows)
+        # the routing weights travel too and scale the activations on the owner, as in mode (a): the
+        # combine then saves no [rows, H] expert output for the weights' gradient
+        received_weights = mpu.all_to_all_tp(weights.reshape(-1, 1)[slots], send_rows, recv_rows)
+        # received: per source rank, rows grouped by local expert -> regroup by local expert
+        local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
+        by_expert = local_expert.argsort(stable=True)
+        y = self.experts(received[by_expert], got_per_expert.sum(0), scale=received_weights[by_expert, 0])
+        back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
+        return _combine(back, slots, self.top_k, x.shape[0])
+
+    # ---- checkpoint hooks (keys relative to ``mlp.experts.``) -----------------------------------------
+
+    def load_expert_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Keep this rank's part of a routed-expert tensor: per expert ``{e}.{gate,up,down}_proj.weight``
+        or fused ``gate_up_proj`` [E, 2I, H] / ``down_proj`` [E, H, I]."""
+        I = self.intermediate_size
+        if key in ("gate_up_proj", "down_proj"):
+            want = (self.num_experts, 2 * I, None) if key == "gate_up_proj" else (self.num_experts, None, I)
+            if tensor.dim() != 3 or any(w is not None and s != w for s, w in zip(tensor.shape, want)):
+                raise ValueError(f"experts.{key}: shape {tuple(tensor.shape)}, expected [E={want[0]}, "
+                                 f"{want[1] or 'H'}, {want[2] or 'H'}]")
+            for e in range(self.num_experts):
+                if key == "gate_up_proj":
+                    self._load_one(e, "gate", tensor[e, :I])
+                    self._load_one(e, "up", tensor[e, I:])
+                else:
+                    self._load_one(e, "down", tensor[e])
+            return
+        match = _PER_EXPERT.fullmatch(key)
+        if not match or int(match.group(1)) >= self.num_experts:
+            raise KeyError(f"experts.{key}: not a routed-expert tensor of this {self.num_experts}-expert MoE")
+        self._load_one(int(match.group(1)), match.group(2), tensor)
+
+    def _load_one(self, expert: int, projection: str, full: torch.Tensor) -> None:
+        down = projection == "down"
+        want = (self.experts.down_proj.shape[1], self.intermediate_size) if down else \
+            (self.intermediate_size, self.experts.gate_up_proj.shape[2])
+        if tuple(full.shape) != want:
+            raise ValueError(f"experts.{expert}.{projection}_proj.weight: shape {tuple(full.shape)}, expected {list(want)}")
+        self._loaded.add((expert, projection))
+        local = expert - self.first_expert
+        if not 0 <= local < self.local_experts:
+            return  # another rank's expert (mode b)
+        width = self.experts.down_proj.shape[2]  # this rank's intermediate slice
+        piece = full.narrow(int(down), (0 if self.expert_parallel else mpu.tp_rank() * width), width)
+        with torch.no_grad():
+            if down:
+                self.experts.down_proj[local].copy_(piece)
+            else:
+                start = 0 if projection == "gate" else width
+                self.experts.gate_up_proj[local, start:start + width].copy_(piece)
+
+    def missing_expert_tensors(self) -> List[str]:
+        return [f"{e}.{p}_proj.weight" for e in range(self.num_experts) for p in _PROJECTIONS
+                if (e, p) not in self._loaded]
+
+    def export_expert_tensors(self, grads: bool = False) -> Dict[str, torch.Tensor]:
+        """Full per-expert tensors (or gradients) under HF names; collective: every TP rank calls it."""
+        def values(param):
+            if not grads:
+                return param.detach()
+            return param.grad if param.grad is not None else torch.zeros_like(param)
+
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        if self.expert_parallel:
+            full_gate_up, full_down = collectives.all_gather(values(gate_up)), collectives.all_gather(values(down))
+            I = self.intermediate_size
+            parts = {"gate": full_gate_up[:, :I], "up": full_gate_up[:, I:], "down": full_down}
+        else:
+            pieces = gather_full(gate_up, values(gate_up))
+            parts = {"gate": pieces["gate"], "up": pieces["up"], "down": gather_full(down, values(down))[None]}
+        return {f"{e}.{p}_proj.weight": parts[p][e].contiguous().cpu()
+                for e in range(self.num_experts) for p in _PROJECTIONS}

@@ -1,0 +1,74 @@
+"""DeepSeek V2 / V2-Lite / V3 decoder stack. Single-device math; the layers' types decide how it is split.
+
+Layer i: x + MLA(norm(x)), then h + MLP(norm(h)) with a dense SwiGLU MLP for the layers before
+``first_k_dense_replace`` (``mlp_layer_types`` "dense") and a mixture of experts after ("sparse").
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sp_core.layers import DecoderLayer, RMSNorm, SwiGLUMLP, VocabParallelEmbedding
+from sp_core.layers.attention import AttentionKernel, packed_causal_attention
+from sp_core.layers.mla import MultiHeadLatentAttention
+from sp_core.models.config import ModelConfig
+from sp_core.models.qwen import KernelForLayer, packed_causal_attention_for
+
+
+def deepseek_attention(cfg: ModelConfig, dtype=None, kernel: AttentionKernel = packed_causal_attention
+                       ) -> MultiHeadLatentAttention:
+    mla = cfg.mla
+    return MultiHeadLatentAttention(
+        cfg.hidden_size, cfg.num_attention_heads, mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim,
+        mla.qk_rope_head_dim, mla.v_head_dim, mla.softmax_scale, cfg.rope_theta, cfg.rope_scaling,
+        rope_interleave=mla.rope_interleave, bias=mla.attention_bias, kernel=kernel, dtype=dtype)
+
+
+def deepseek_moe(cfg: ModelConfig, dtype=None) -> torch.nn.Module:
+    from sp_core.layers.moe import MoE
+    from sp_core.layers.router import RouterConfig
+
+    moe = cfg.moe
+    router = RouterConfig(moe.n_routed_experts, moe.num_experts_per_tok, moe.topk_method, moe.n_group,
+                          moe.topk_group, moe.norm_topk_prob, moe.routed_scaling_factor)
+    return MoE(cfg.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts, moe.num_experts_per_tok,
+               moe.n_shared_experts, router, expert_parallel=cfg.moe_parallel == "ep", dtype=dtype)
+
+
+class DeepseekDecoderLayer(DecoderLayer):
+    """``forward(hidden, positions, batch, num_tokens)``: num_tokens = real tokens of the batch (an MoE
+    never routes SP padding rows)."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, dtype=None,
+                 attention_kernel: AttentionKernel = packed_causal_attention):
+        is_moe = layer_type == "sparse"
+        mlp = deepseek_moe(cfg, dtype) if is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        super().__init__(deepseek_attention(cfg, dtype, attention_kernel), mlp, cfg.hidden_size, cfg.rms_norm_eps,
+                         dtype=dtype)
+        self.is_moe = is_moe
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch, num_tokens: int) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden), positions, batch)
+        normed, hidden = self.post_attention_layernorm(attn, hidden)  # residual add fused into the norm
+        return hidden + (self.mlp(normed, num_tokens) if self.is_moe else self.mlp(normed))
+
+
+class DeepseekModel(torch.nn.Module):
+    """Embedding, decoder layers, final norm (HF's ``model.*``)."""
+
+    def __init__(self, cfg: ModelConfig, dtype=None, attention_kernel: KernelForLayer = packed_causal_attention_for):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = torch.nn.ModuleList(DeepseekDecoderLayer(cfg, kind, dtype, attention_kernel(i))
+                                          for i, kind in enumerate(cfg.layer_types))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch,
+                num_tokens: Optional[int] = None) -> torch.Tensor:
+        """num_tokens: real tokens before SP padding (default: all of ``input_ids``)."""
+        num_tokens = input_ids.shape[0] if num_tokens is None else num_tokens
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, positions, batch, num_tokens)
+        return self.norm(hidden)
