@@ -2,7 +2,7 @@
 make a wrong mapping show: vocabularies not divisible by t, fewer KV heads than t, head_dim != hidden /
 heads, tied embeddings, norms perturbed away from 1, a large initializer range; for DeepSeek also
 v_head_dim != qk_nope_head_dim, YaRN with mscale != mscale_all_dim, a non-zero e_score_correction_bias,
-a dense layer before an MoE layer."""
+a dense layer before an MoE layer; for V3.2 an index_topk shorter than the prompts."""
 from __future__ import annotations
 
 import json
@@ -57,9 +57,18 @@ TINY = {
                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                              original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
                                              beta_fast=32, beta_slow=1)),
+    # V3.2: V3 plus the DSA indexer, index_topk (3) shorter than the prompts (sparse attention from position
+    # 3 on), index_head_dim (16) > qk_rope_head_dim (8): roped and unroped indexer dims
+    "deepseek-v32": dict(arch="DeepseekV32ForCausalLM", **_DEEPSEEK, q_lora_rank=24, n_shared_experts=1,
+                         num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
+                         routed_scaling_factor=2.5, index_topk=3, index_n_heads=8, index_head_dim=16,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                              original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
+                                              beta_fast=32, beta_slow=1)),
 }
 
 DEEPSEEK_MODELS = ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3")
+DEEPSEEK_SPARSE_MODELS = ("deepseek-v32",)  # DSA: attention restricted to the indexer's top-k keys
 
 # A ragged batch with a 1-token prompt; with 11 tokens over t = 4 the last rank holds padding.
 PROMPTS = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11, 13]]

@@ -4,7 +4,9 @@ The kernel is ``kernel(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d_v]
 -> [T, heads, d_v]`` over all tokens of the batch (after the column layer's gather). ``batch`` is whatever
 the framework passes down (the default kernel takes :class:`PackedBatch`); rows past the batch's tokens
 are SP padding. ``scale`` is the softmax scale (None: d^-0.5); MLA passes its own (YaRN's mscale) and a
-value head dim d_v different from the query / key head dim d.
+value head dim d_v different from the query / key head dim d. ``topk_indices`` (DeepSeek-V3.2's sparse MLA,
+passed only when the DSA indexer selected keys): int32 ``[T, k]``, for every row the rows of the batch it
+may attend to (-1: none); a kernel that cannot take it need not accept the argument.
 """
 from __future__ import annotations
 
@@ -37,19 +39,34 @@ def expand_kv(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
 AttentionKernel = Callable[..., torch.Tensor]  # (q, k, v, batch, scale=None) -> out: see the module docstring
 
 
-def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] = None) -> torch.Tensor:
+def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] = None,
+                            topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     k, v = expand_kv(q, k), expand_kv(q, v)
     lens: List[int] = list(batch.seq_lens)
     padding = q.shape[0] - sum(lens)
     if padding > 0:
         lens.append(padding)
-    outs = []
-    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens)):
+    outs, start = [], 0
+    for i, (qs, ks, vs) in enumerate(zip(q.split(lens), k.split(lens), v.split(lens))):
+        n = lens[i]
+        # a sequence no longer than k keeps every causal key; padding rows attend among themselves
+        sparse = topk_indices is not None and i < len(batch.seq_lens) and n > topk_indices.shape[1]
+        mask = selected_keys_mask(topk_indices[start:start + n], start) if sparse else None
         # [1, heads, T, d]: the fused (flash / memory-efficient) kernels take 4-D inputs only
-        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)), is_causal=True,
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)),
+                                             attn_mask=mask, is_causal=mask is None, scale=scale)
         outs.append(out.squeeze(0).transpose(0, 1))
+        start += n
     return torch.cat(outs)
+
+
+def selected_keys_mask(indices: torch.Tensor, start: int) -> torch.Tensor:
+    """bool [n, n] for one sequence of n rows starting at batch row ``start``: True where the row selected
+    the key (``indices``: [n, k] batch rows, -1 for none), and never a later key."""
+    n = indices.shape[0]
+    local = torch.where(indices >= 0, indices.long() - start, n)  # -1 -> a spare column, dropped below
+    mask = torch.zeros(n, n + 1, dtype=torch.bool, device=indices.device).scatter_(1, local, True)[:, :n]
+    return mask & torch.ones(n, n, dtype=torch.bool, device=indices.device).tril()
 
 
 def head_split(num_heads: int, num_kv_heads: int, head_dim: int):

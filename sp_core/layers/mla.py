@@ -13,6 +13,10 @@ a per-rank partial: g's backward (reduce-scatter) or f's (all-reduce) sums it ex
 
 V2-Lite (no q_lora): ``q_proj`` is an ordinary column layer on the hidden state (its own g), and the
 latent is ``[kv_lat | k_pe]``.
+
+V3.2: an ``indexer`` (indexer.py) picks, per query row, the keys the attention may use; it takes the
+attention input and this rank's rows of the q latent, and the kernel gets its selection as
+``topk_indices`` (none when every sequence is short enough to keep all its keys: V3's attention).
 """
 from __future__ import annotations
 
@@ -79,16 +83,16 @@ class MultiHeadLatentAttention(torch.nn.Module):
     (all tokens with SP off), like ``SelfAttention``.
 
     Parameter names are transformers' (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``,
-    ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``). ``kernel`` computes attention
-    over all tokens and this rank's heads (attention.py's interface; q / k head dim qk_nope + qk_rope,
-    v head dim v_head_dim, ``softmax_scale``).
+    ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``; V3.2's ``indexer.*``). ``kernel``
+    computes attention over all tokens and this rank's heads (attention.py's interface; q / k head dim
+    qk_nope + qk_rope, v head dim v_head_dim, ``softmax_scale``, and ``topk_indices`` with an indexer).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
                  rope_theta: float, rope_scaling: Optional[dict] = None, rope_interleave: bool = True,
                  bias: bool = False, kernel: AttentionKernel = packed_causal_attention,
-                 dtype: Optional[torch.dtype] = None):
+                 indexer: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.num_local_heads = _divide(num_heads, mpu.tp_size(), "num_attention_heads")
         self.nope, self.rope, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -112,6 +116,9 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
         self.kernel = kernel
+        if indexer is not None and q_lora_rank is None:
+            raise ValueError("the DSA indexer takes its queries from the q latent: it needs q_lora_rank")
+        self.indexer = indexer
 
     def latent(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``[q_lat | kv_lat | k_pe]`` of the tokens in ``hidden`` (normed latents, roped k_pe): the values
@@ -137,5 +144,9 @@ class MultiHeadLatentAttention(torch.nn.Module):
         q = torch.cat([q_nope, self.rotary.rotate(positions, q_pe)], dim=-1)
         k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
-        out = self.kernel(q, k, v, batch, scale=self.softmax_scale)
+        selected = None
+        if self.indexer is not None:
+            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
+        sparse = {} if selected is None else {"topk_indices": selected}
+        out = self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
         return self.o_proj(out.flatten(-2))

@@ -1,9 +1,10 @@
-"""RMSNorm (pure torch reference; the platform's fused kernel when present)."""
+"""RMSNorm (pure torch reference; the platform's fused kernel when present) and LayerNorm."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.layers.sharding import mark_sequence_parallel
@@ -54,3 +55,19 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 def _same_dtype(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return x.is_floating_point() and all(o.dtype == x.dtype for o in others)
+
+
+class LayerNorm(torch.nn.Module):
+    """LayerNorm with weight and bias over the last dim (DeepSeek-V3.2's indexer ``k_norm``). Sees token
+    shards under SP: weight and bias are tagged ``sequence_parallel``."""
+
+    def __init__(self, size: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype))
+        mark_sequence_parallel(self.weight)
+        mark_sequence_parallel(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

@@ -16,7 +16,8 @@ from sp_core.models.deepseek import DeepseekModel
 from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
 
 _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel,
-           "DeepseekV2ForCausalLM": DeepseekModel, "DeepseekV3ForCausalLM": DeepseekModel}
+           "DeepseekV2ForCausalLM": DeepseekModel, "DeepseekV3ForCausalLM": DeepseekModel,
+           "DeepseekV32ForCausalLM": DeepseekModel}
 
 
 class CausalLM(torch.nn.Module):

@@ -12,7 +12,7 @@ class ModelError(ValueError):
     """Bad model input (checkpoint, architecture, shapes): reported as one line, exit 2 from the CLI."""
 
 
-DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + DEEPSEEK_ARCHITECTURES
 MOE_PARALLEL_MODES = ("tp", "ep")
 
@@ -38,6 +38,15 @@ class MLAConfig:
     def latent_width(self) -> int:
         """Values per token that MLA gathers under SP: [q_lat | kv_lat | k_pe]."""
         return (self.q_lora_rank or 0) + self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """DeepSeek-V3.2's DSA lightning indexer: per query, the ``index_topk`` keys MLA may attend to."""
+
+    index_topk: int
+    index_n_heads: int
+    index_head_dim: int  # its first qk_rope_head_dim dims are roped (half-split), the rest are not
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class ModelConfig:
     mla: Optional[MLAConfig] = None
     moe: Optional[MoEConfig] = None
     mlp_layer_types: Tuple[str, ...] = ()  # per layer: "dense" or "sparse" (MoE)
+    indexer: Optional[IndexerConfig] = None  # DeepSeek-V3.2 (DSA) only
     # How MoE layers split their experts over the TP group (the one switch for it; a run setting, not
     # part of config.json): "tp" = every rank holds 1/t of every expert (g on the hidden state, g-bar on
     # the output); "ep" = expert parallelism, every rank holds n_routed_experts/t whole experts and
@@ -240,9 +250,12 @@ def _check_types(hf: dict) -> None:
 
 
 def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
-    """MLA, MoE and layer types of a DeepSeek V2 / V3 config.json, with one-line errors for what the
-    math cannot take (the fields and defaults of transformers' DeepseekV2Config / DeepseekV3Config)."""
-    v3 = hf["architectures"][0] == "DeepseekV3ForCausalLM"
+    """MLA, MoE, layer types and (V3.2) the DSA indexer of a DeepSeek V2 / V3 / V3.2 config.json, with
+    one-line errors for what the math cannot take (the fields and defaults of transformers'
+    DeepseekV2Config / DeepseekV3Config / DeepseekV32Config)."""
+    arch = hf["architectures"][0]
+    v32 = arch == "DeepseekV32ForCausalLM"
+    v3 = arch == "DeepseekV3ForCausalLM" or v32  # V3.2 = V3's MLA and MoE plus the indexer
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     if kv_heads != heads:
@@ -257,20 +270,28 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
     mla = MLAConfig(
         q_lora_rank=hf.get("q_lora_rank", 1536), kv_lora_rank=hf.get("kv_lora_rank", 512),
         qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=hf.get("v_head_dim", 128),
-        rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
+        # transformers' V3.2 has no rope_interleave field: its MLA always ropes interleaved pairs
+        rope_interleave=bool(hf.get("rope_interleave", True)) if v3 and not v32 else True,
         attention_bias=bool(hf.get("attention_bias", False)), softmax_scale=scale)
 
     layers = hf["num_hidden_layers"]
     first_dense = hf.get("first_k_dense_replace", 3 if v3 else 0) or 0
     types = ["dense"] * min(first_dense, layers) + ["sparse"] * max(layers - first_dense, 0)
-    # transformers' V2 / V3 classes place MoE layers by first_k_dense_replace alone (mlp_layer_types,
-    # which V3.2 writes, would take precedence there): a config.json whose list disagrees is ambiguous
     listed = hf.get("mlp_layer_types")
-    if listed is not None and list(listed) != types:
+    if v32 and listed is not None:  # V3.2 saves mlp_layer_types, and transformers' V3.2 follows it
+        if len(listed) != layers or not set(listed) <= {"dense", "sparse"}:
+            raise ModelError(f"mlp_layer_types must list \"dense\" or \"sparse\" for each of the {layers} layers; "
+                             f"got {listed}")
+        types = list(listed)
+    elif listed is not None and list(listed) != types:
+        # transformers' V2 / V3 classes place MoE layers by first_k_dense_replace alone: a config.json
+        # whose list disagrees is ambiguous
         raise ModelError(f"mlp_layer_types {listed} disagrees with first_k_dense_replace ({first_dense}), which "
-                         f"{hf['architectures'][0]} uses: make them agree")
+                         f"{arch} uses: make them agree")
     fields = dict(mla=mla, mlp_layer_types=tuple(types), head_dim=nope + rope_dim, num_key_value_heads=heads,
                   qkv_bias=False)
+    if v32:
+        fields["indexer"] = _indexer_fields(hf, mla)
     if "sparse" not in types:
         return fields
 
@@ -305,3 +326,20 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5 if v3 else 1.0)))
     return fields
+
+
+def _indexer_fields(hf: dict, mla: MLAConfig) -> IndexerConfig:
+    """DeepSeek-V3.2's indexer fields (defaults: transformers' DeepseekV32Config)."""
+    if mla.q_lora_rank is None:
+        raise ModelError("q_lora_rank: null is not supported for DeepseekV32ForCausalLM: the DSA indexer's queries "
+                         "come from the q latent; set q_lora_rank (1536 for DeepSeek-V3.2)")
+    indexer = IndexerConfig(index_topk=hf.get("index_topk", 2048), index_n_heads=hf.get("index_n_heads", 64),
+                            index_head_dim=hf.get("index_head_dim", 128))
+    for name, value in vars(indexer).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"{name} must be a positive integer, got {value!r}")
+    if indexer.index_head_dim < mla.qk_rope_head_dim:
+        raise ModelError(f"index_head_dim ({indexer.index_head_dim}) must be >= qk_rope_head_dim "
+                         f"({mla.qk_rope_head_dim}): the indexer ropes the first qk_rope_head_dim dims of its "
+                         f"queries and keys")
+    return indexer

@@ -1,7 +1,8 @@
-"""DeepSeek V2 / V2-Lite / V3 decoder stack. Single-device math; the layers' types decide how it is split.
+"""DeepSeek V2 / V2-Lite / V3 / V3.2 decoder stack. Single-device math; the layers' types decide how it is split.
 
 Layer i: x + MLA(norm(x)), then h + MLP(norm(h)) with a dense SwiGLU MLP for the layers before
 ``first_k_dense_replace`` (``mlp_layer_types`` "dense") and a mixture of experts after ("sparse").
+V3.2's MLA attends only to the keys its DSA indexer selects.
 """
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ import torch
 
 from sp_core.layers import DecoderLayer, RMSNorm, SwiGLUMLP, VocabParallelEmbedding
 from sp_core.layers.attention import AttentionKernel, packed_causal_attention
+from sp_core.layers.indexer import LightningIndexer
 from sp_core.layers.mla import MultiHeadLatentAttention
 from sp_core.models.config import ModelConfig
 from sp_core.models.qwen import KernelForLayer, packed_causal_attention_for
+
+
+def deepseek_indexer(cfg: ModelConfig, dtype=None) -> LightningIndexer:
+    """V3.2's DSA indexer; its rope has MLA's frequencies (half-split pairs on its first qk_rope_head_dim dims)."""
+    mla, idx = cfg.mla, cfg.indexer
+    return LightningIndexer(cfg.hidden_size, mla.q_lora_rank, idx.index_n_heads, idx.index_head_dim,
+                            mla.qk_rope_head_dim, idx.index_topk, cfg.rope_theta, cfg.rope_scaling, dtype=dtype)
 
 
 def deepseek_attention(cfg: ModelConfig, dtype=None, kernel: AttentionKernel = packed_causal_attention
@@ -22,7 +31,8 @@ def deepseek_attention(cfg: ModelConfig, dtype=None, kernel: AttentionKernel = p
     return MultiHeadLatentAttention(
         cfg.hidden_size, cfg.num_attention_heads, mla.q_lora_rank, mla.kv_lora_rank, mla.qk_nope_head_dim,
         mla.qk_rope_head_dim, mla.v_head_dim, mla.softmax_scale, cfg.rope_theta, cfg.rope_scaling,
-        rope_interleave=mla.rope_interleave, bias=mla.attention_bias, kernel=kernel, dtype=dtype)
+        rope_interleave=mla.rope_interleave, bias=mla.attention_bias, kernel=kernel,
+        indexer=deepseek_indexer(cfg, dtype) if cfg.indexer is not None else None, dtype=dtype)
 
 
 def deepseek_moe(cfg: ModelConfig, dtype=None) -> torch.nn.Module:

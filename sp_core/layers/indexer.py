@@ -1,0 +1,108 @@
+"""DeepSeek-V3.2's DSA lightning indexer: for every query row, the ``index_topk`` keys that MLA attends to.
+
+As transformers' ``DeepseekV32Indexer``: q = ``wq_b``(q latent) split into heads, k = ``k_norm``(``wk``(x)),
+half-split (neox) rope on the first ``rope_head_dim`` dims of both, and in float32
+
+    score[s, t] = sum_h weights_proj(x)[s, h] * n_heads^-0.5 * relu(q_h[s] . k[t] * head_dim^-0.5),
+
+causal within each sequence of the packed batch, top-k over the visible keys. The selection is discrete,
+so the LM loss gives the indexer no gradient (transformers runs it under no-grad); ``scores`` is the
+differentiable form for a loss that trains it (DeepSeek's KL against the attention, inputs detached).
+
+Under SP each rank works on its own token shard: ``wk``, ``k_norm``, the rope and ``weights_proj`` run on
+the shard, and the queries come from the shard of the q latent this rank already holds (the rows MLA
+gathers for ``q_b_proj``). Only the small key (``head_dim`` values per token) is gathered (g); each rank
+scores its own query rows against all keys, and the int32 selection ``[T, k]`` is gathered so that the
+head-sharded attention sees every row's keys. All parameters therefore see the token shard and are tagged
+``sequence_parallel``. With SP off every rank runs the whole indexer on all tokens (nothing summed).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers.linear import ReplicatedLinear
+from sp_core.layers.norm import LayerNorm
+from sp_core.layers.rotary import RotaryEmbedding
+
+K_NORM_EPS = 1e-6  # transformers' DeepseekV32Indexer: nn.LayerNorm(index_head_dim, eps=1e-6)
+SCORE_BLOCK_BYTES = 1 << 28  # float32 [rows, heads, keys] per block of query rows in the no-grad selection
+
+
+class LightningIndexer(torch.nn.Module):
+    """``forward(hidden, q_latent, positions, batch)`` -> int32 ``[T, k]`` (all rows) or None.
+
+    hidden / q_latent / positions: this rank's token shard under SP (all tokens otherwise) of the
+    attention input, the normed q latent (``q_a_layernorm`` output) and the positions. The result lists,
+    for every row of the batch, the indices (rows of the packed batch) of its selected keys, -1 where a
+    row sees fewer than k keys; k = min(index_topk, longest sequence). None when no sequence is longer
+    than ``index_topk``: every row then keeps all its causal keys, the plain causal attention.
+    """
+
+    def __init__(self, hidden_size: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_head_dim: int,
+                 index_topk: int, rope_theta: float, rope_scaling: Optional[dict] = None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_head_dim, self.index_topk = n_heads, head_dim, rope_head_dim, index_topk
+        self.wq_b = ReplicatedLinear(q_lora_rank, n_heads * head_dim, dtype=dtype)
+        self.wk = ReplicatedLinear(hidden_size, head_dim, dtype=dtype)
+        self.k_norm = LayerNorm(head_dim, K_NORM_EPS, dtype=dtype)
+        self.weights_proj = ReplicatedLinear(hidden_size, n_heads, dtype=torch.float32)  # float32, as transformers keeps it
+        self.rotary = RotaryEmbedding(rope_head_dim, rope_theta, rope_scaling, interleaved=False)
+
+    def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        roped, rest = x.split([self.rope_head_dim, self.head_dim - self.rope_head_dim], dim=-1)
+        return torch.cat([self.rotary.rotate(positions, roped), rest], dim=-1)
+
+    def _projections(self, hidden, q_latent, positions):
+        """Own rows' queries [rows, heads, d] and head weights [rows, heads]; every row's keys [T, d]."""
+        q = self._rope(positions, self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)))
+        k = self._rope(positions, self.k_norm(self.wk(hidden)).unsqueeze(1)).squeeze(1)
+        keys = mpu.gather_from_sp(k) if mpu.sequence_parallel_active() else k
+        weights = self.weights_proj(hidden.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
+        return q, weights, keys
+
+    def _scores(self, q, weights, keys, visible) -> torch.Tensor:
+        logits = torch.einsum("shd,td->sht", q.float(), keys.float()) * self.head_dim ** -0.5
+        scores = torch.einsum("sh,sht->st", weights, F.relu(logits))
+        return scores.masked_fill(~visible, float("-inf"))
+
+    def scores(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """Index scores of this rank's query rows against every key, float32 ``[rows, T]``, -inf where a key
+        is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
+        q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
+        return self._scores(q, weights, keys, visible_keys(batch, keys.shape[0], q.device))
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                batch) -> Optional[torch.Tensor]:
+        longest = max(batch.seq_lens, default=0)
+        if longest <= self.index_topk:
+            return None
+        q, weights, keys = self._projections(hidden, q_latent, positions)
+        visible = visible_keys(batch, keys.shape[0], q.device)
+        k = min(self.index_topk, longest)
+        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * keys.shape[0]))
+        selected = []
+        for start in range(0, q.shape[0], block):
+            rows = slice(start, start + block)
+            values, index = self._scores(q[rows], weights[rows], keys, visible[rows]).topk(k, dim=-1)
+            selected.append(index.to(torch.int32).masked_fill_(values == float("-inf"), -1))
+        selected = torch.cat(selected)
+        return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
+
+
+def visible_keys(batch, total: int, device=None) -> torch.Tensor:
+    """bool ``[rows, total]``: which keys each of this rank's query rows sees (its own sequence, causal).
+    ``total`` = all rows of the batch, SP padding included; padding rows see nothing."""
+    lens = torch.tensor(list(batch.seq_lens), dtype=torch.long, device=device)
+    sequence = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    sequence = F.pad(sequence, (0, total - sequence.shape[0]), value=-1)
+    index = torch.arange(total, device=device)
+    rows = mpu.scatter_to_sp(index) if mpu.sequence_parallel_active() else index
+    row_sequence = sequence[rows]
+    return ((row_sequence[:, None] == sequence[None, :]) & (index[None, :] <= rows[:, None])
+            & (row_sequence[:, None] >= 0))
