@@ -1,0 +1,408 @@
+"""DeepSeek V3.2 (DSA indexer + sparse MLA) in the core against transformers' DeepseekV32ForCausalLM
+(float32, CPU, gloo).
+
+One rank launch per tp size (1, 2, 4) computes everything that tp needs -- log-probabilities SP on / off,
+LM-loss gradients, gradients of a loss on the index scores (the tags' test), the indexer's FLOPs, and at
+t = 2 collective counts and the negative controls -- and the tests below check the results.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.mpu import platform
+from sp_core.runtime import load_model, pack, prompt_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs
+from support.multirank import run_ranks
+
+INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
+# a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
+# 21 tokens, so t = 2 and 4 pad
+LONG = [[1, 5, 9, 3, 4, 17, 22, 40, 3], [7], [2, 8, 60], [5, 6, 7, 8, 9, 10], [12, 13]]
+SHORT = [[1, 5, 9], [7], [2, 8]]  # every sequence <= index_topk: V3's attention, no scoring
+FLOP_PROMPTS = [list(range(1, 17)), list(range(30, 38))]  # 24 tokens: the same rows per rank at t = 1, 2, 4
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v32")
+    v32 = make_checkpoint("deepseek-v32", str(root / "v32"))
+    # the same weights as a V3 checkpoint: no indexer tensors, V3's architecture
+    v3 = root / "v3"
+    v3.mkdir()
+    from safetensors.torch import load_file, save_file
+
+    weights = {k: v for k, v in load_file(os.path.join(v32, "model.safetensors")).items() if ".indexer." not in k}
+    save_file(weights, str(v3 / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((root / "v32" / "config.json").read_text())
+    for key in ("index_topk", "index_n_heads", "index_head_dim", "layer_types"):
+        cfg.pop(key, None)
+    cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    (v3 / "config.json").write_text(json.dumps(cfg))
+    return {"v32": v32, "v3": str(v3), "log": str(root / "collectives.log")}
+
+
+@pytest.fixture(scope="module")
+def hf(dirs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(dirs["v32"], dtype=torch.float32)
+
+
+def _sp():
+    return mpu.sequence_parallel_active()
+
+
+def _inputs(model, prompts):
+    """Embedded tokens (this rank's shard under SP), all positions, local positions, batch, all row ids."""
+    ids, positions, batch = pack(prompts, platform.current_device())
+    if _sp():
+        ids, positions = mpu.pad_1d(ids), mpu.pad_1d(positions)
+    local = mpu.scatter_to_sp(positions) if _sp() else positions
+    rows = torch.arange(positions.shape[0])
+    return model.model.embed_tokens(ids), positions, local, batch, (mpu.scatter_to_sp(rows) if _sp() else rows)
+
+
+def _lm_gradients(model):
+    """Full gradient of every parameter after one LM-loss backward, and whether the indexer got none."""
+    from sp_core.models.checkpoint import export_state_dict
+
+    model.train()
+    ids, positions, batch = pack(LONG, platform.current_device())
+    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
+    mpu.allreduce_sequence_parallel_grads(model.parameters())
+    untouched = all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
+    return export_state_dict(model, grads=True), untouched
+
+
+def score_loss_weights(rows, total):
+    """Fixed coefficients of the test's loss on the index scores, by (batch row, key row)."""
+    return torch.sin(0.37 * rows[:, None].float() + 0.11 * torch.arange(total)[None, :].float() + 1)
+
+
+def _score_loss_gradients(model):
+    """Gradients of the indexer's parameters from sum(c * scores) over every layer's indexer (the form a
+    loss that trains the indexer takes): as the parameters' tags sum them, unsummed, and summed always."""
+    from sp_core.mpu import collectives
+
+    model.zero_grad(set_to_none=True)
+    embedded, positions, local, batch, rows = _inputs(model, LONG)
+    weights = score_loss_weights(rows, positions.shape[0])
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        x = layer.input_layernorm(embedded.detach())
+        q_latent = attn.latent(x, local)[:, : attn.q_lora_rank]
+        scores = attn.indexer.scores(x, q_latent, local, batch)
+        (torch.where(scores.isfinite(), scores, 0.0) * weights).sum().backward()
+    params = {n: p for n, p in model.named_parameters() if ".indexer." in n}
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in params)  # inputs detached
+    raw = {n: p.grad.clone() for n, p in params.items()}
+    mpu.allreduce_sequence_parallel_grads(params.values())
+    return {"tagged": {n: p.grad.clone() for n, p in params.items()}, "unsummed": raw,
+            "always_summed": {n: collectives.all_reduce(g) for n, g in raw.items()}}
+
+
+def _indexer_flops(model):
+    """FLOPs of one layer's indexer forward on this rank (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        embedded, _, local, batch, _ = _inputs(model, FLOP_PROMPTS)
+        x = layer.input_layernorm(embedded)
+        q_latent = layer.self_attn.latent(x, local)[:, : layer.self_attn.q_lora_rank]
+        with FlopCounterMode(display=False) as counter:
+            selected = layer.self_attn.indexer(x, q_latent, local, batch)
+    assert selected is not None and selected.shape == (24, INDEX_TOPK)
+    return counter.get_total_flops()
+
+
+def _rank(dirs, tp):
+    out = {"logprobs": {}, "v3_short": {}, "grads": {}, "lm_untouched": {}, "score_grads": {}, "flops": {}}
+    for sp in ((False, True) if tp > 1 else (False,)):
+        mpu.set_sequence_parallel(sp)
+        model = load_model(dirs["v32"])
+        out["logprobs"][sp] = {"long": prompt_logprobs(model, LONG), "short": prompt_logprobs(model, SHORT)}
+        out["v3_short"][sp] = prompt_logprobs(load_model(dirs["v3"]), SHORT)
+        out["grads"][sp], out["lm_untouched"][sp] = _lm_gradients(model)
+        out["score_grads"][sp] = _score_loss_gradients(model)
+        out["flops"][sp] = _indexer_flops(model)
+    if tp == 2:
+        out["counts"] = _collective_counts(dirs)
+        out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
+                           p.dtype) for n, p in load_model(dirs["v32"]).named_parameters() if ".indexer." in n}
+    return out
+
+
+def _collective_counts(dirs):
+    """Collectives of one forward of layer 1's attention (op -> count) and the shapes it all-gathered."""
+    from sp_core.mpu import collectives
+
+    out = {}
+    log = os.environ["SP_CORE_COLLECTIVE_LOG"] = dirs["log"] + f".{mpu.tp_rank()}"
+    try:
+        for sp in (True, False):
+            mpu.set_sequence_parallel(sp)
+            for arch in ("v32", "v3"):
+                model = load_model(dirs[arch])
+                for name, prompts in (("long", LONG), ("short", SHORT)):
+                    embedded, positions, _, batch, _ = _inputs(model, prompts)
+                    layer = model.model.layers[1]
+                    open(log, "w").close()
+                    with torch.no_grad(), collectives.counting() as counts:
+                        layer.self_attn(layer.input_layernorm(embedded), positions, batch)
+                    with open(log) as f:
+                        gathered = [line.split(" ", 2)[2].strip() for line in f if " all_gather " in line]
+                    out[arch, sp, name] = (dict(counts), gathered)
+    finally:
+        del os.environ["SP_CORE_COLLECTIVE_LOG"]
+    return out
+
+
+_RUNS = {}
+
+
+@pytest.fixture(scope="module")
+def runs(dirs):
+    def get(tp):
+        if tp not in _RUNS:
+            _RUNS[tp] = run_ranks(tp, _rank, dirs, tp)[0]
+        return _RUNS[tp]
+    return get
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# transformers' index-score math (DeepseekV32Indexer.forward, which runs under no-grad and returns only
+# the top-k), written out on its own modules so that it can be differentiated and its margins read
+def hf_index_scores(indexer, hidden, q_resid, cos, sin):
+    """[S, S] scores of one sequence (-inf above the diagonal); hidden [S, H], q_resid [S, q_lora]."""
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
+
+    s, r = hidden.shape[0], indexer.qk_rope_head_dim
+    q = indexer.wq_b(q_resid).view(s, indexer.n_heads, indexer.head_dim)
+    k = indexer.k_norm(indexer.wk(hidden)).unsqueeze(1)
+    q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin, unsqueeze_dim=1)
+    q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1).squeeze(1)
+    logits = F.relu(torch.einsum("shd,td->sht", q.float(), k.float()) * indexer.softmax_scale)
+    weights = indexer.weights_proj(hidden.float()).float() * indexer.n_heads ** -0.5
+    scores = torch.einsum("sh,sht->st", weights, logits)
+    return scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+
+
+def test_index_score_margins_leave_room(hf):
+    """The sparse comparisons mean something only if no row's k-th and (k+1)-th visible key are a near-tie:
+    transformers' own scores on the test prompts (its selection is checked to be their top-k)."""
+    captured = []
+    hooks = [layer.self_attn.indexer.register_forward_hook(
+        lambda m, args, out: captured.append((m, args, out))) for layer in hf.model.layers]
+    gaps = []
+    try:
+        with torch.no_grad():
+            for p in LONG:
+                captured.clear()
+                hf(torch.tensor([p]))
+                for indexer, args, selected in captured:
+                    cos, sin = args[2]
+                    scores = hf_index_scores(indexer, args[0][0], args[1][0], cos[0], sin[0])
+                    for row in range(len(p)):
+                        top = scores[row].topk(min(INDEX_TOPK, len(p))).indices
+                        assert set(top.tolist()) == set(selected[0, row].tolist())
+                        if row >= INDEX_TOPK:  # more visible keys than index_topk: a real choice
+                            ordered = scores[row, : row + 1].sort(descending=True).values
+                            gaps.append((ordered[INDEX_TOPK - 1] - ordered[INDEX_TOPK]).item())
+    finally:
+        for h in hooks:
+            h.remove()
+    print(f"index-score margin (k-th vs (k+1)-th visible key), smallest of {len(gaps)} sparse rows: {min(gaps):.3e}")
+    assert len(gaps) == 2 * (6 + 3) and min(gaps) >= 1e-4
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_logprobs_equal_transformers(runs, dirs, tp):
+    ref = {"long": reference_logprobs(dirs["v32"], LONG), "short": reference_logprobs(dirs["v32"], SHORT)}
+    got = runs(tp)["logprobs"]
+    for sp, batches in got.items():
+        for name, batch in batches.items():
+            assert [x.shape for x in batch] == [x.shape for x in ref[name]]
+            diff = _max_diff(batch, ref[name])
+            assert diff <= 1e-4, f"tp={tp} sp={sp} {name}: |d logprob| {diff}"
+    if tp > 1:
+        for name in ("long", "short"):
+            assert _max_diff(got[True][name], got[False][name]) <= 1e-5, f"tp={tp} {name}: SP on vs off"
+
+
+def test_sparse_attention_changes_the_result(runs, dirs):
+    """Negative control: the long prompts' sparse rows differ from dense attention (index_topk >= len)."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(dirs["v32"], dtype=torch.float32, index_topk=64)
+    with torch.no_grad():
+        ref = [torch.log_softmax(dense(torch.tensor([p])).logits[0], -1) for p in LONG]
+    got = runs(1)["logprobs"][False]["long"]
+    assert _max_diff(got[:1], ref[:1]) > 1e-1  # 9 tokens, rows 3.. sparse
+    assert _max_diff([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref]) <= 1e-4  # dense rows agree
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_short_sequences_give_v3_exactly(runs, tp):
+    """Every sequence <= index_topk: V3.2 = V3 with the same weights, bit for bit (scoring skipped)."""
+    got = runs(tp)
+    for sp in got["v3_short"]:
+        for a, b in zip(got["logprobs"][sp]["short"], got["v3_short"][sp]):
+            assert torch.equal(a, b), f"tp={tp} sp={sp}"
+
+
+def test_tp1_gradients_equal_transformers_autograd(runs, hf):
+    """LM-loss gradients of every parameter at t = 1 against transformers' autograd; the indexer gets none
+    there (top-k is discrete; transformers runs it under no-grad) and none in the core."""
+    ids = torch.tensor([tok for p in LONG for tok in p])
+    labels = torch.roll(ids, -1)
+    hf.zero_grad(set_to_none=True)
+    loss, start = 0, 0
+    for p in LONG:
+        logits = hf(torch.tensor([p])).logits[0]
+        loss = loss + F.cross_entropy(logits, labels[start:start + len(p)], reduction="sum")
+        start += len(p)
+    loss.backward()
+    hf_grads = {}
+    for key, param in hf.named_parameters():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        if key.endswith("mlp.experts.gate_up_proj"):  # fused in memory: [E, 2I, H] = cat(gate, up)
+            for e, g in enumerate(grad):
+                gate, up = g.chunk(2, dim=0)
+                hf_grads[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
+                hf_grads[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
+        elif key.endswith("mlp.experts.down_proj"):
+            for e, g in enumerate(grad):
+                hf_grads[key.replace("down_proj", f"{e}.down_proj.weight")] = g
+        else:
+            hf_grads[key] = grad
+    indexer = [k for k in hf_grads if ".indexer." in k]
+    assert len(indexer) == 2 * 5 and all(hf.get_parameter(k).grad is None for k in indexer)
+    run = runs(1)
+    core = run["grads"][False]
+    assert core.keys() == hf_grads.keys() and run["lm_untouched"][False]
+    for key, grad in core.items():
+        if ".indexer." not in key:
+            assert grad.abs().max() > 0, key
+        assert _rel(grad, hf_grads[key]) <= 1e-5, f"t=1 vs transformers: {key}"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gradients_equal_tp1(runs, tp):
+    base = runs(1)["grads"][False]
+    got = runs(tp)
+    for sp, grads in got["grads"].items():
+        assert grads.keys() == base.keys() and got["lm_untouched"][sp], f"tp={tp} sp={sp}"
+        for key, ref in base.items():
+            assert _rel(grads[key], ref) <= 1e-5, f"tp={tp} sp={sp}: gradient of {key}"
+
+
+def test_score_loss_gradients_tp1_equal_transformers(runs, hf):
+    """The differentiable index scores at t = 1 against transformers' score math on its own modules."""
+    ids = torch.tensor([tok for p in LONG for tok in p])
+    total = ids.shape[0]
+    weights = score_loss_weights(torch.arange(total), total)
+    hf.zero_grad(set_to_none=True)
+    start = 0
+    for p in LONG:
+        tokens = torch.tensor([p])
+        positions = torch.arange(len(p))[None]
+        for layer in hf.model.layers:
+            with torch.no_grad():
+                x = layer.input_layernorm(hf.model.embed_tokens(tokens))[0]
+                q_resid = layer.self_attn.q_a_layernorm(layer.self_attn.q_a_proj(x))
+                cos, sin = hf.model.rotary_emb(x[None], positions)
+            scores = hf_index_scores(layer.self_attn.indexer, x, q_resid, cos[0], sin[0])
+            c = weights[start:start + len(p), start:start + len(p)]
+            (torch.where(scores.isfinite(), scores, 0.0) * c).sum().backward()
+        start += len(p)
+    core = runs(1)["score_grads"][False]["tagged"]
+    assert len(core) == 10
+    for key, grad in core.items():
+        ref = hf.get_parameter(key).grad
+        assert ref.abs().max() > 0 and _rel(grad, ref) <= 1e-5, key
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_score_loss_gradients_and_tags(runs, tp):
+    """Each rank scores its own rows, so the indexer's gradients are per-rank partials that the
+    ``sequence_parallel`` tags sum (SP on); with SP off the indexer is replicated and nothing is summed.
+    Negative controls: not summing under SP, or summing a replicated indexer (t x), is caught."""
+    base = runs(1)["score_grads"][False]["tagged"]
+    got = runs(tp)["score_grads"]
+    for sp, grads in got.items():
+        for key, ref in base.items():
+            assert _rel(grads["tagged"][key], ref) <= 1e-5, f"tp={tp} sp={sp}: {key}"
+            wrong = grads["unsummed"][key] if sp else grads["always_summed"][key]
+            assert _rel(wrong, ref) > 1e-2, f"tp={tp} sp={sp}: a wrong tag on {key} not caught"
+            if not sp:
+                assert _rel(wrong, tp * ref) <= 1e-5  # summing the replicated indexer: t x the gradient
+    if tp == 2:
+        tags = runs(2)["tags"]
+        assert len(tags) == 10 and all(sp and not partitioned for sp, partitioned, _ in tags.values()), tags
+        assert all((dtype == torch.float32) for n, (_, _, dtype) in tags.items() if "weights_proj" in n)
+
+
+def test_indexer_flops_split_by_t(runs):
+    base = runs(1)["flops"][False]
+    got = runs(4)["flops"]
+    print(f"indexer FLOPs of one layer: t=1 {base}, t=4 SP on {got[True]} per rank, SP off {got[False]}")
+    assert base > 0 and got[True] * 4 == base
+    assert got[False] == base  # SP off: replicated
+
+
+def test_collective_counts(runs):
+    """Per layer under SP: V3's latent gather and o_proj reduce-scatter, plus one all-gather of the
+    indexer key (index_head_dim = 16 per token) and one of the int32 selection ([T, index_topk])."""
+    counts = runs(2)["counts"]
+    v3 = {"all_gather": 1, "reduce_scatter": 1}
+    assert counts["v3", True, "long"] == (v3, ["(11, 48)"])
+    assert counts["v32", True, "long"] == ({"all_gather": 3, "reduce_scatter": 1}, ["(11, 48)", "(11, 16)", "(11, 3)"])
+    assert counts["v32", True, "short"] == counts["v3", True, "short"] == (v3, ["(3, 48)"])  # scoring skipped
+    for arch in ("v32", "v3"):
+        for name in ("long", "short"):
+            assert counts[arch, False, name] == ({"all_reduce": 1}, []), (arch, name)  # SP off: indexer replicated
+
+
+def _bad(tmp_path, edit):
+    src = tmp_path / "v32-src"
+    if not src.exists():
+        make_checkpoint("deepseek-v32", str(src))
+    d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from sp_core.cli import main
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text("[[1, 2, 3]]")
+    cases = [
+        (lambda c: c.update(q_lora_rank=None), "q_lora_rank: null is not supported for DeepseekV32ForCausalLM"),
+        (lambda c: c.update(index_head_dim=4), "index_head_dim (4) must be >= qk_rope_head_dim (8)"),
+        (lambda c: c.update(index_topk=0), "index_topk must be a positive integer, got 0"),
+    ]
+    for edit, message in cases:
+        model = _bad(tmp_path, edit)
+        for command in (["logits", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o.st")],
+                        ["memory", "--model", model, "--tp", "2", "--tokens", "8"]):
+            capsys.readouterr()
+            code = main(command)
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and message in lines[0], (command[0], code, lines)
