@@ -62,6 +62,10 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
     With SP every per-token term is held for T/t tokens: the whole layer is divided by t (the latent is
     saved as the token shard and re-gathered in backward). Without SP the 2h, r_q + r_kv, L and k h
     terms cover all T tokens on every rank. Values per token x T x 2 bytes.
+
+    V3.2's indexer runs without gradient and saves nothing; its selection, int32 [T, k] with
+    k = min(index_topk, T), is held by every rank (the head-sharded attention needs every row's keys):
+    ``index_selection_bytes_per_rank``, 4 T k, not divided by t.
     """
     mla, t, h = cfg.mla, tp, cfg.hidden_size
     sp = sequence_parallel and t > 1
@@ -94,6 +98,8 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
         "bytes_per_value": BYTES_16BIT,
         "hidden_size": h,
         "num_attention_heads": a,
+        **({"index_selection_bytes_per_rank": 4 * tokens * min(cfg.indexer.index_topk, tokens)}
+           if cfg.indexer is not None else {}),
     }
 
 

@@ -23,14 +23,14 @@ import torch
 
 from sp_core import console, engines
 from sp_core.errors import EngineUnavailable, UsageError
-from sp_core.tiny import DEEPSEEK_MODELS, PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.tiny import DEEPSEEK_MODELS, DEEPSEEK_SPARSE_MODELS, PROMPTS, make_checkpoint, reference_logprobs
 
 DEFAULT_TP = "1,2,4"
 DEFAULT_ENGINES = ("core", "megatron", "sglang")
 TOLERANCE = 1e-4  # float32, against transformers and the core at tp 1 (DESIGN.md, Verification)
 SP_TOLERANCE = 1e-5  # float32, SP on vs off at the same engine and tp
 CLEAR_MARGIN = 1e-3  # greedy tokens must agree where the reference's top-1 leads top-2 by more
-DEFAULT_MODELS = ("qwen2", "qwen3") + DEEPSEEK_MODELS
+DEFAULT_MODELS = ("qwen2", "qwen3") + DEEPSEEK_MODELS + DEEPSEEK_SPARSE_MODELS
 ROUND_TRIP_TP, ROUND_TRIP_STEPS = 2, 3
 EXIT_FAIL, EXIT_UNAVAILABLE = 1, 3
 

@@ -133,9 +133,30 @@ def _rank(dirs, tp):
         out["flops"][sp] = _indexer_flops(model)
     if tp == 2:
         out["counts"] = _collective_counts(dirs)
+        out["blocks"] = _selection_in_row_blocks(load_model(dirs["v32"]))
+        model = load_model(dirs["v32"], dtype=torch.bfloat16)
         out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
-                           p.dtype) for n, p in load_model(dirs["v32"]).named_parameters() if ".indexer." in n}
+                           p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
+        out["bf16"] = prompt_logprobs(model, LONG)
     return out
+
+
+def _selection_in_row_blocks(model):
+    """The selection scored in blocks of one query row (a long context's memory bound) vs in one block."""
+    from sp_core.layers import indexer
+
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        embedded, _, local, batch, _ = _inputs(model, LONG)
+        x = layer.input_layernorm(embedded)
+        q_latent = layer.self_attn.latent(x, local)[:, : layer.self_attn.q_lora_rank]
+        whole = layer.self_attn.indexer(x, q_latent, local, batch)
+        saved, indexer.SCORE_BLOCK_BYTES = indexer.SCORE_BLOCK_BYTES, 1
+        try:
+            rows = layer.self_attn.indexer(x, q_latent, local, batch)
+        finally:
+            indexer.SCORE_BLOCK_BYTES = saved
+    return whole, rows
 
 
 def _collective_counts(dirs):
@@ -350,9 +371,22 @@ def test_score_loss_gradients_and_tags(runs, tp):
             if not sp:
                 assert _rel(wrong, tp * ref) <= 1e-5  # summing the replicated indexer: t x the gradient
     if tp == 2:
-        tags = runs(2)["tags"]
+        tags = runs(2)["tags"]  # of a bfloat16 model
         assert len(tags) == 10 and all(sp and not partitioned for sp, partitioned, _ in tags.values()), tags
-        assert all((dtype == torch.float32) for n, (_, _, dtype) in tags.items() if "weights_proj" in n)
+        assert all((dtype == torch.float32) == ("weights_proj" in n) for n, (_, _, dtype) in tags.items()), tags
+
+
+def test_bfloat16_and_row_blocks(runs, dirs):
+    """A bfloat16 model (weights_proj kept float32) at t = 2 with SP stays near the float32 reference
+    (a wrong selection moves log-probabilities by 1-8, bf16 rounding by ~1e-2); scoring in blocks of one
+    query row selects exactly what one block does, padding and short rows included."""
+    run = runs(2)
+    diff = _max_diff(run["bf16"], reference_logprobs(dirs["v32"], LONG))
+    print(f"bfloat16 at t=2 SP: max |d logprob| vs float32 transformers {diff:.3e}")
+    assert diff <= 0.2
+    whole, rows = run["blocks"]
+    assert whole.dtype == torch.int32 and whole.shape == (22, INDEX_TOPK) and torch.equal(whole, rows)
+    assert (whole[21] == -1).all() and (whole[9] == torch.tensor([9, -1, -1], dtype=torch.int32)).all()
 
 
 def test_indexer_flops_split_by_t(runs):
