@@ -53,6 +53,11 @@ def hf(dirs):
     return AutoModelForCausalLM.from_pretrained(dirs["v32"], dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def refs(dirs):
+    return {"long": reference_logprobs(dirs["v32"], LONG), "short": reference_logprobs(dirs["v32"], SHORT)}
+
+
 def _sp():
     return mpu.sequence_parallel_active()
 
@@ -251,8 +256,8 @@ def test_index_score_margins_leave_room(hf):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_logprobs_equal_transformers(runs, dirs, tp):
-    ref = {"long": reference_logprobs(dirs["v32"], LONG), "short": reference_logprobs(dirs["v32"], SHORT)}
+def test_logprobs_equal_transformers(runs, refs, tp):
+    ref = refs
     got = runs(tp)["logprobs"]
     for sp, batches in got.items():
         for name, batch in batches.items():
@@ -377,13 +382,13 @@ def test_score_loss_gradients_and_tags(runs, tp):
         assert all((dtype == torch.float32) == ("weights_proj" in n) for n, (_, _, dtype) in tags.items()), tags
 
 
-def test_bfloat16_and_row_blocks(runs, dirs):
+def test_bfloat16_and_row_blocks(runs, refs):
     """A bfloat16 model keeps weights_proj in float32 (the tags test) and runs at t = 2 with SP. Its rows
     before index_topk (no selection) stay near the float32 reference; later rows may select other keys
     (the tiny model's margins, ~0.07, are within bf16 rounding of its scores), so they are only printed.
     Scoring in blocks of one query row selects exactly what one block does, padding and short rows included."""
     run = runs(2)
-    ref = reference_logprobs(dirs["v32"], LONG)
+    ref = refs["long"]
     assert all(x.isfinite().all() for x in run["bf16"])
     dense_rows = _max_diff([x[:INDEX_TOPK] for x in run["bf16"]], [r[:INDEX_TOPK] for r in ref])
     print(f"bfloat16 at t=2 SP: max |d logprob| vs float32 transformers {dense_rows:.3e} before index_topk, "
@@ -445,3 +450,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
             code = main(command)
             lines = capsys.readouterr().err.strip().splitlines()
             assert code == 2 and len(lines) == 1 and message in lines[0], (command[0], code, lines)
+
+
+def test_cli_logits_and_memory(dirs, refs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sp_core.cli import main
+
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(LONG))
+    out = str(tmp_path / "out.safetensors")
+    assert main(["logits", "--model", dirs["v32"], "--prompts", str(prompts), "--out", out, "--tp", "2"]) == 0
+    got = load_file(out)
+    assert _max_diff([got[f"logprobs.{i}"] for i in range(len(LONG))], refs["long"]) <= 1e-4
+    capsys.readouterr()
+    assert main(["memory", "--model", dirs["v32"], "--tp", "2", "--tokens", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "DeepseekV32ForCausalLM" and report["index_selection_bytes_per_rank"] == 4 * 64 * INDEX_TOPK

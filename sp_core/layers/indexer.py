@@ -36,7 +36,8 @@ class LightningIndexer(torch.nn.Module):
     """``forward(hidden, q_latent, positions, batch)`` -> int32 ``[T, k]`` (all rows) or None.
 
     hidden / q_latent / positions: this rank's token shard under SP (all tokens otherwise) of the
-    attention input, the normed q latent (``q_a_layernorm`` output) and the positions. The result lists,
+    attention input, the normed q latent (``q_a_layernorm`` output) and the positions; ``batch`` gives the
+    packed sequences' lengths (``seq_lens``, as :class:`PackedBatch`). The result lists,
     for every row of the batch, the indices (rows of the packed batch) of its selected keys, -1 where a
     row sees fewer than k keys; k = min(index_topk, longest sequence). None when no sequence is longer
     than ``index_topk``: every row then keeps all its causal keys, the plain causal attention.
