@@ -64,8 +64,8 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
     terms cover all T tokens on every rank. Values per token x T x 2 bytes.
 
     V3.2's indexer runs without gradient and saves nothing; its selection, int32 [T, k] with
-    k = min(index_topk, T), is held by every rank (the head-sharded attention needs every row's keys):
-    ``index_selection_bytes_per_rank``, 4 T k, not divided by t.
+    k = index_topk, is held by every rank (the head-sharded attention needs every row's keys):
+    ``index_selection_bytes_per_rank``, 4 T k, not divided by t (0 when T <= index_topk: no selection).
     """
     mla, t, h = cfg.mla, tp, cfg.hidden_size
     sp = sequence_parallel and t > 1
@@ -98,8 +98,8 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
         "bytes_per_value": BYTES_16BIT,
         "hidden_size": h,
         "num_attention_heads": a,
-        **({"index_selection_bytes_per_rank": 4 * tokens * min(cfg.indexer.index_topk, tokens)}
-           if cfg.indexer is not None else {}),
+        **({"index_selection_bytes_per_rank": 4 * tokens * cfg.indexer.index_topk
+            if tokens > cfg.indexer.index_topk else 0} if cfg.indexer is not None else {}),
     }
 
 

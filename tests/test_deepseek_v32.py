@@ -432,6 +432,25 @@ def _bad(tmp_path, edit):
     return str(d)
 
 
+def test_config_fields():
+    """V3.2 follows its saved mlp_layer_types (transformers' V3.2 does; V3 refuses a disagreeing list) and
+    always ropes MLA interleaved; its indexer fields and defaults are transformers'."""
+    from sp_core.models import ModelConfig, ModelError
+    from sp_core.tiny import hf_config
+
+    raw = hf_config("deepseek-v32").to_dict()
+    raw["architectures"] = ["DeepseekV32ForCausalLM"]
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.indexer.index_topk == INDEX_TOPK and cfg.indexer.index_head_dim == 16 and cfg.mla.rope_interleave
+    assert cfg.layer_types == ("dense", "sparse")
+    assert ModelConfig.from_dict(dict(raw, mlp_layer_types=["sparse", "dense"])).layer_types == ("sparse", "dense")
+    assert ModelConfig.from_dict(dict(raw, rope_interleave=False)).mla.rope_interleave
+    defaults = {k: v for k, v in raw.items() if not k.startswith("index_")}
+    assert vars(ModelConfig.from_dict(defaults).indexer) == dict(index_topk=2048, index_n_heads=64, index_head_dim=128)
+    with pytest.raises(ModelError, match="mlp_layer_types must list"):
+        ModelConfig.from_dict(dict(raw, mlp_layer_types=["dense"]))
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from sp_core.cli import main
 
