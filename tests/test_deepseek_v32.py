@@ -185,6 +185,10 @@ def _collective_counts(dirs):
                     with open(log) as f:
                         gathered = [line.split(" ", 2)[2].strip() for line in f if " all_gather " in line]
                     out[arch, sp, name] = (dict(counts), gathered)
+                embedded, positions, _, batch, _ = _inputs(model, LONG)
+                with collectives.counting() as counts:  # forward and backward: the indexer adds no backward op
+                    layer.self_attn(layer.input_layernorm(embedded), positions, batch).sum().backward()
+                out[arch, sp, "backward"] = dict(counts)
     finally:
         del os.environ["SP_CORE_COLLECTIVE_LOG"]
     return out
@@ -415,6 +419,9 @@ def test_collective_counts(runs):
     assert counts["v3", True, "long"] == (v3, ["(11, 48)"])
     assert counts["v32", True, "long"] == ({"all_gather": 3, "reduce_scatter": 1}, ["(11, 48)", "(11, 16)", "(11, 3)"])
     assert counts["v32", True, "short"] == counts["v3", True, "short"] == (v3, ["(3, 48)"])  # scoring skipped
+    for sp in (True, False):
+        extra = {"all_gather": 2} if sp else {}
+        assert counts["v32", sp, "backward"] == {op: n + extra.get(op, 0) for op, n in counts["v3", sp, "backward"].items()}
     for arch in ("v32", "v3"):
         for name in ("long", "short"):
             assert counts[arch, False, name] == ({"all_reduce": 1}, []), (arch, name)  # SP off: indexer replicated
