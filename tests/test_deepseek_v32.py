@@ -233,14 +233,17 @@ def hf_index_scores(indexer, hidden, q_resid, cos, sin):
 
 def test_index_score_margins_leave_room(hf):
     """The sparse comparisons mean something only if no row's k-th and (k+1)-th visible key are a near-tie:
-    transformers' own scores on the test prompts (its selection is checked to be their top-k)."""
+    transformers' own scores on the test prompts and on `sp-core verify`'s (its selection is checked to be
+    their top-k)."""
+    from sp_core.tiny import PROMPTS
+
     captured = []
     hooks = [layer.self_attn.indexer.register_forward_hook(
         lambda m, args, out: captured.append((m, args, out))) for layer in hf.model.layers]
     gaps = []
     try:
         with torch.no_grad():
-            for p in LONG:
+            for p in LONG + PROMPTS:
                 captured.clear()
                 hf(torch.tensor([p]))
                 for indexer, args, selected in captured:
@@ -256,7 +259,7 @@ def test_index_score_margins_leave_room(hf):
         for h in hooks:
             h.remove()
     print(f"index-score margin (k-th vs (k+1)-th visible key), smallest of {len(gaps)} sparse rows: {min(gaps):.3e}")
-    assert len(gaps) == 2 * (6 + 3) and min(gaps) >= 1e-4
+    assert len(gaps) == 2 * (6 + 3 + 2 + 2) and min(gaps) >= 1e-4
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -285,7 +288,7 @@ def test_sparse_attention_changes_the_result(runs, dirs):
     assert _max_diff([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref]) <= 1e-4  # dense rows agree
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_short_sequences_give_v3_exactly(runs, tp):
     """Every sequence <= index_topk: V3.2 = V3 with the same weights, bit for bit (scoring skipped)."""
     got = runs(tp)
