@@ -51,7 +51,8 @@ class LightningIndexer(torch.nn.Module):
         self.wq_b = ReplicatedLinear(q_lora_rank, n_heads * head_dim, dtype=dtype)
         self.wk = ReplicatedLinear(hidden_size, head_dim, dtype=dtype)
         self.k_norm = LayerNorm(head_dim, K_NORM_EPS, dtype=dtype)
-        self.weights_proj = ReplicatedLinear(hidden_size, n_heads, dtype=torch.float32)  # float32, as transformers keeps it
+        # float32 whatever the model's dtype, as transformers keeps it (_keep_in_fp32_modules)
+        self.weights_proj = ReplicatedLinear(hidden_size, n_heads, dtype=torch.float32)
         self.rotary = RotaryEmbedding(rope_head_dim, rope_theta, rope_scaling, interleaved=False)
 
     def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,8 @@ class LightningIndexer(torch.nn.Module):
         """Index scores of this rank's query rows against every key, float32 ``[rows, T]``, -inf where a key
         is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
         q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
-        return self._scores(q, weights, keys, visible_keys(batch, keys.shape[0], q.device))
+        sequence = sequence_ids(batch, keys.shape[0], q.device)
+        return self._scores(q, weights, keys, visible_keys(sequence, own_rows(keys.shape[0], q.device)))
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
@@ -84,26 +86,37 @@ class LightningIndexer(torch.nn.Module):
         if longest <= self.index_topk:
             return None
         q, weights, keys = self._projections(hidden, q_latent, positions)
-        visible = visible_keys(batch, keys.shape[0], q.device)
+        keys, total = keys.float(), keys.shape[0]
+        sequence, rows = sequence_ids(batch, total, q.device), own_rows(total, q.device)
         k = min(self.index_topk, longest)
-        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * keys.shape[0]))
+        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * total))  # bounds [block, heads, T] and [block, T]
         selected = []
         for start in range(0, q.shape[0], block):
-            rows = slice(start, start + block)
-            values, index = self._scores(q[rows], weights[rows], keys, visible[rows]).topk(k, dim=-1)
+            part = slice(start, start + block)
+            scores = self._scores(q[part], weights[part], keys, visible_keys(sequence, rows[part]))
+            values, index = scores.topk(k, dim=-1)
             selected.append(index.to(torch.int32).masked_fill_(values == float("-inf"), -1))
         selected = torch.cat(selected)
         return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
 
 
-def visible_keys(batch, total: int, device=None) -> torch.Tensor:
-    """bool ``[rows, total]``: which keys each of this rank's query rows sees (its own sequence, causal).
-    ``total`` = all rows of the batch, SP padding included; padding rows see nothing."""
+def sequence_ids(batch, total: int, device=None) -> torch.Tensor:
+    """[total]: the packed sequence each row of the batch belongs to; -1 for SP padding rows."""
     lens = torch.tensor(list(batch.seq_lens), dtype=torch.long, device=device)
     sequence = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
-    sequence = F.pad(sequence, (0, total - sequence.shape[0]), value=-1)
+    return F.pad(sequence, (0, total - sequence.shape[0]), value=-1)
+
+
+def own_rows(total: int, device=None) -> torch.Tensor:
+    """The batch rows of this rank's queries: its token shard under SP, all rows otherwise."""
     index = torch.arange(total, device=device)
-    rows = mpu.scatter_to_sp(index) if mpu.sequence_parallel_active() else index
+    return mpu.scatter_to_sp(index) if mpu.sequence_parallel_active() else index
+
+
+def visible_keys(sequence: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """bool ``[len(rows), total]``: the keys each query row sees (its own sequence, causal); padding rows
+    see nothing."""
     row_sequence = sequence[rows]
-    return ((row_sequence[:, None] == sequence[None, :]) & (index[None, :] <= rows[:, None])
-            & (row_sequence[:, None] >= 0))
+    keys = torch.arange(sequence.shape[0], device=sequence.device)
+    same_sequence = (row_sequence[:, None] == sequence[None, :]) & (row_sequence[:, None] >= 0)
+    return same_sequence & (keys[None, :] <= rows[:, None])
