@@ -25,6 +25,7 @@ INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
 LONG = [[1, 5, 9, 3, 4, 17, 22, 40, 3], [7], [2, 8, 60], [5, 6, 7, 8, 9, 10], [12, 13]]
 SHORT = [[1, 5, 9], [7], [2, 8]]  # every sequence <= index_topk: V3's attention, no scoring
 FLOP_PROMPTS = [list(range(1, 17)), list(range(30, 38))]  # 24 tokens: the same rows per rank at t = 1, 2, 4
+MEMORY_TOKENS = 128
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,13 @@ def _rank(dirs, tp):
         out["grads"][sp], out["lm_untouched"][sp] = _lm_gradients(model)
         out["score_grads"][sp] = _score_loss_gradients(model)
         out["flops"][sp] = _indexer_flops(model)
+    from sp_core.memory import _measure_rank
+    from sp_core.mpu import collectives
+
+    mpu.set_sequence_parallel(tp > 1)
+    mine = _measure_rank(dirs["v32"], MEMORY_TOKENS)  # one sequence longer than index_topk: sparse attention
+    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
+    out["saved_bytes"] = {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
     if tp == 2:
         out["counts"] = _collective_counts(dirs)
         mpu.set_sequence_parallel(True)
@@ -404,6 +412,16 @@ def test_bfloat16_and_row_blocks(runs, refs):
     whole, rows = run["blocks"]
     assert whole.dtype == torch.int32 and whole.shape == (22, INDEX_TOPK) and torch.equal(whole, rows)
     assert (whole[21] == -1).all() and (whole[9] == torch.tensor([9, -1, -1], dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_saved_bytes_shrink_by_t(runs, tp):
+    """Bytes saved for backward per rank by a V3.2 layer (sparse attention, indexer without gradient)
+    under SP <= 1.05 x (t = 1 bytes) / t, dense and MoE layer."""
+    base, got = runs(1)["saved_bytes"], runs(tp)["saved_bytes"]
+    for kind in ("dense", "sparse"):
+        worst = max(got[kind]) / (base[kind][0] / tp)
+        assert worst <= 1.05, f"{kind} layer, tp={tp}: saved bytes {worst:.3f} x (t=1 bytes)/t"
 
 
 def test_indexer_flops_split_by_t(runs):
