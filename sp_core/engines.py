@@ -32,11 +32,12 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp"):
 
 
 def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
-    """Whether engine ``name`` runs this model; DeepSeek runs in the core only until its adapters land."""
+    """Whether engine ``name`` runs this model (bad input otherwise, exit 2: an architecture this engine does
+    not support); DeepSeek runs in the core only until its adapters land."""
     if name != "core" and cfg.architecture in DEEPSEEK_ARCHITECTURES:
-        raise EngineUnavailable(f"engine {name!r} does not run {cfg.architecture} yet; use --engine core")
+        raise ModelError(f"engine {name!r} does not run {cfg.architecture} yet; use --engine core")
     if name != "core" and moe_parallel != "tp":
-        raise EngineUnavailable(f"--moe-parallel {moe_parallel} is an option of the core engine only")
+        raise ModelError(f"--moe-parallel {moe_parallel} is an option of the core engine only")
 
 
 def available() -> Dict[str, object]:

@@ -23,6 +23,7 @@ import torch
 
 from sp_core import console, engines
 from sp_core.errors import EngineUnavailable, UsageError
+from sp_core.models import ModelError
 from sp_core.tiny import DEEPSEEK_MODELS, DEEPSEEK_SPARSE_MODELS, PROMPTS, make_checkpoint, reference_logprobs
 
 DEFAULT_TP = "1,2,4"
@@ -140,7 +141,7 @@ def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], defa
         for engine_name, engine in usable.items():
             try:
                 engines.check_engine(engine_name, cfg)
-            except EngineUnavailable:
+            except ModelError:
                 not_yet.setdefault(engine_name, []).append(model_name)
                 continue
             cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
