@@ -59,12 +59,14 @@ class _ReduceScatteredOutputLinear(torch.autograd.Function):
     Backward: g-bar's all-gather of the gradient, fused with the input-gradient GEMM likewise."""
 
     @staticmethod
+    @amp_forward
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
         out = collectives.matmul_reduce_scatter(x.reshape(-1, x.shape[-1]), weight.t())
         return out.view(-1, *x.shape[1:-1], weight.shape[0])
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_all, grad_in = collectives.all_gather_matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight)

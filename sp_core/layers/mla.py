@@ -31,6 +31,7 @@ from sp_core.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowPar
 from sp_core.layers.norm import RMSNorm
 from sp_core.layers.rotary import RotaryEmbedding
 from sp_core.mpu import collectives
+from sp_core.mpu.platform import amp_backward, amp_forward
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
 
@@ -45,6 +46,7 @@ class _GatheredLatentUp(torch.autograd.Function):
     """
 
     @staticmethod
+    @amp_forward
     def forward(ctx, latent_shard, widths, *weights):
         ctx.widths = widths
         ctx.save_for_backward(latent_shard, *weights)
@@ -52,6 +54,7 @@ class _GatheredLatentUp(torch.autograd.Function):
         return tuple(F.linear(x, w) if w is not None else x.contiguous() for x, w in zip(pieces, weights))
 
     @staticmethod
+    @amp_backward
     def backward(ctx, *grads):
         latent_shard, *weights = ctx.saved_tensors
         gathering = collectives.all_gather_start(latent_shard)

@@ -47,6 +47,7 @@ from sp_core.layers.linear import _divide
 from sp_core.layers.router import Router, RouterConfig, count_per_expert
 from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
 from sp_core.mpu import collectives
+from sp_core.mpu.platform import amp_backward, amp_forward
 
 _PER_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
 _PROJECTIONS = ("gate", "up", "down")
@@ -59,6 +60,7 @@ class _ExpertInputGEMMs(torch.autograd.Function):
     as linear.py's _GatheredInputLinear), overlapped with the input-gradient GEMMs."""
 
     @staticmethod
+    @amp_forward
     def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up):
         ctx.save_for_backward(x_shard, tokens, rows, gate_up, shared_gate_up)
         ctx.num_tokens = x_all.shape[0]
@@ -66,6 +68,7 @@ class _ExpertInputGEMMs(torch.autograd.Function):
         return grouped_linear(x_all[tokens], gate_up, rows), shared
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_routed, grad_shared):
         x_shard, tokens, rows, gate_up, shared_gate_up = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
