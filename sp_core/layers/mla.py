@@ -14,6 +14,11 @@ a per-rank partial: g's backward (reduce-scatter) or f's (all-reduce) sums it ex
 V2-Lite (no q_lora): ``q_proj`` is an ordinary column layer on the hidden state (its own g), and the
 latent is ``[kv_lat | k_pe]``.
 
+Absorbed form (serving with a latent KV cache): with a ``latent_kernel`` the attention runs over the
+cached row ``[kv_lat | k_pe]`` itself, one key head shared by all query heads: q_nope is multiplied by
+W_UK (this rank's heads' k_nope rows of ``kv_b_proj``) into the latent space, the values are kv_lat, and
+the output goes through W_UV (the heads' v rows). Exactly the expanded attention, regrouped.
+
 V3.2: an ``indexer`` (indexer.py) picks, per query row, the keys the attention may use; it takes the
 attention input and this rank's rows of the q latent, and the kernel gets its selection as
 ``topk_indices`` (none when every sequence is short enough to keep all its keys: V3's attention).
@@ -80,6 +85,12 @@ def gathered_latent_up(latent: torch.Tensor, widths: List[int], weights: List[Op
     return tuple(F.linear(x, w) if w is not None else x for x, w in zip(pieces, weights))
 
 
+class LatentAttentionKernel(torch.nn.Module):
+    """``kernel(q [T, heads, kv_lora + rope], row [T, kv_lora + rope], batch, scale, topk_indices=None)
+    -> [T, heads, kv_lora]``: attention of every head over the rows ``[kv_lat | k_pe]`` (the MLA cache
+    row; values = its first kv_lora columns). An interface only; frameworks supply the kernel."""
+
+
 class MultiHeadLatentAttention(torch.nn.Module):
     """``forward(hidden, positions, batch)``: hidden is this rank's token shard under SP (all tokens
     otherwise), positions cover all tokens (padded to a multiple of t under SP); returns the token shard
@@ -119,6 +130,9 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
         self.kernel = kernel
+        self.latent_kernel: Optional[LatentAttentionKernel] = None
+        self.register_buffer("w_uk", None, persistent=False)  # set by absorb() once the weights are loaded
+        self.register_buffer("w_uv", None, persistent=False)
         if indexer is not None and q_lora_rank is None:
             raise ValueError("the DSA indexer takes its queries from the q latent: it needs q_lora_rank")
         self.indexer = indexer
@@ -133,7 +147,18 @@ class MultiHeadLatentAttention(torch.nn.Module):
             pieces.insert(0, self.q_a_layernorm(self.q_a_proj(hidden)))
         return torch.cat(pieces, dim=-1)
 
+    def absorbed_weights(self):
+        """(W_UK [heads, nope, kv_lora], W_UV [heads, v, kv_lora]): this rank's heads of ``kv_b_proj``."""
+        w = self.kv_b_proj.weight.unflatten(0, (self.num_local_heads, self.nope + self.v_head_dim))
+        return w.split([self.nope, self.v_head_dim], dim=1)
+
+    def absorb(self) -> None:
+        """Keep contiguous copies of ``absorbed_weights()`` for the absorbed form (call after loading)."""
+        self.w_uk, self.w_uv = (w.contiguous() for w in self.absorbed_weights())
+
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        if self.latent_kernel is not None:
+            return self.forward_absorbed(hidden, positions, batch)
         local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
         latent = self.latent(hidden, local_positions)
         if self.q_lora_rank is None:
@@ -153,3 +178,24 @@ class MultiHeadLatentAttention(torch.nn.Module):
         sparse = {} if selected is None else {"topk_indices": selected}
         out = self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
         return self.o_proj(out.flatten(-2))
+
+    def forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """As ``forward``, through ``latent_kernel`` (the absorbed form), with the weights ``absorb()``
+        kept (views of ``kv_b_proj``'s weight before it is called)."""
+        w_uk, w_uv = self.absorbed_weights() if self.w_uk is None else (self.w_uk, self.w_uv)
+        local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
+        latent = self.latent(hidden, local_positions)
+        if self.q_lora_rank is None:
+            kv_lat, k_pe = gathered_latent_up(latent, self.latent_widths, [None, None])
+            q = self.q_proj(hidden)
+        else:
+            q, kv_lat, k_pe = gathered_latent_up(latent, self.latent_widths, [self.q_b_proj.weight, None, None])
+        q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
+        q_latent = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), self.rotary.rotate(positions, q_pe)], dim=-1)
+        sparse = {}
+        if self.indexer is not None:
+            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
+            if selected is not None:
+                sparse["topk_indices"] = selected
+        out = self.latent_kernel(q_latent, torch.cat([kv_lat, k_pe], dim=-1), batch, self.softmax_scale, **sparse)
+        return self.o_proj(torch.einsum("thc,hvc->thv", out, w_uv).flatten(-2))

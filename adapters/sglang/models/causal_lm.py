@@ -91,10 +91,15 @@ class SPCoreForCausalLM(CausalLM):
         tp_group = get_tp_group()
         mpu.bind(tp_group.device_group, communicator=tp_group)
         cfg = checkpoint_config(config)
-        super().__init__(cfg, attention_kernel=lambda layer_id: _radix_kernel(cfg, layer_id, prefix))  # sglang's dtype
+        super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
         self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
         self.sp_min_tokens = sp_min_tokens()
+
+    @staticmethod
+    def _attention_kernels(cfg: ModelConfig, prefix: str):
+        """Layer index -> that layer's attention kernel: a ``RadixAttention`` (sglang's backend and KV pool)."""
+        return lambda layer_id: _radix_kernel(cfg, layer_id, prefix)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed_tokens

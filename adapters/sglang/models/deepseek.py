@@ -1,0 +1,106 @@
+"""DeepSeek V2 / V2-Lite / V3 (and V3.2, see ``DeepseekV32ForCausalLM``) on sglang: the core's layers, MLA
+through sglang's attention backend and its MLA KV pool.
+
+sglang picks the pool by architecture name: ``MLATokenToKVPool``, one row ``[kv_lat | k_pe]``
+(kv_lora_rank + qk_rope_head_dim values) per token and layer. Every rank writes the same row: the
+latent is gathered (under SP) or computed on all tokens (SP off) before it reaches the cache.
+
+Attention runs in the absorbed form in every forward mode (``MultiHeadLatentAttention.forward_absorbed``):
+one ``RadixAttention`` per layer with this rank's heads, head dim kv_lora + rope, one key head and value
+dim kv_lora, as sglang's own ``attn_mqa``. sglang's torch_native backend (the CPU one) reads keys and
+values back from the pool in extend as well, so the expanded form (per-head k, v) cannot run there:
+the pool holds no per-head keys. W_UK / W_UV are this rank's heads of ``kv_b_proj``, split once after
+loading (``post_load_weights``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from sp_core.layers.mla import LatentAttentionKernel
+from sp_core.models import ModelError
+from sp_core_sglang.models.causal_lm import SPCoreForCausalLM
+
+KV_POOL_LOG_ENV = "SP_CORE_KV_POOL_LOG"  # tests: each worker appends its KV pool's class and row width
+
+
+class RadixLatentKernel(LatentAttentionKernel):
+    """``LatentAttentionKernel`` on sglang's ``RadixAttention`` in MLA geometry: drops the SP padding rows,
+    writes the rows ``[kv_lat | k_pe]`` of the batch's new tokens to the pool, attends over the cached rows."""
+
+    def __init__(self, attn: torch.nn.Module, kv_lora_rank: int):
+        super().__init__()
+        self.attn, self.kv_lora_rank = attn, kv_lora_rank
+
+    def forward(self, q: torch.Tensor, row: torch.Tensor, batch, scale: float, topk_indices=None) -> torch.Tensor:
+        if topk_indices is not None:
+            raise ModelError("sparse (DSA) attention does not run through RadixLatentKernel")
+        if abs(scale - self.attn.scaling) > 1e-12 * scale:
+            raise ModelError(f"softmax scale {scale} differs from the RadixAttention's {self.attn.scaling}")
+        n, padded, heads = batch.num_tokens, q.shape[0], q.shape[1]
+        row = row[:n]
+        out = self.attn(q[:n].reshape(n, -1), row.unsqueeze(1), row[:, : self.kv_lora_rank].contiguous().unsqueeze(1),
+                        batch.forward_batch)
+        out = out.reshape(n, heads, -1)
+        return F.pad(out, (0, 0, 0, 0, 0, padded - n)) if padded > n else out
+
+
+def check_mla_pool(pool, kv_lora_rank: int, rope: int) -> None:
+    """The pool sglang allocated must be the MLA latent pool with rows of kv_lora + rope values."""
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+    width = getattr(pool, "kv_cache_dim", None)
+    if not isinstance(pool, MLATokenToKVPool) or width != kv_lora_rank + rope:
+        raise ModelError(f"expected sglang's MLA KV pool with rows of {kv_lora_rank} + {rope} values, "
+                         f"got {type(pool).__name__} (row width {width})")
+    log = os.environ.get(KV_POOL_LOG_ENV)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {type(pool).__name__} {tuple(pool.get_key_buffer(pool.start_layer).shape)}\n")
+
+
+class DeepseekForCausalLM(SPCoreForCausalLM):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__(config, quant_config, prefix)
+        self._pool_checked = False
+
+    def _use_sglang_attention(self, prefix: str) -> None:
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        for layer_id, layer in enumerate(self.model.layers):
+            mla = layer.self_attn
+            radix = RadixAttention(mla.num_local_heads, mla.kv_lora_rank + mla.rope, mla.softmax_scale,
+                                   num_kv_heads=1, layer_id=layer_id, v_head_dim=mla.kv_lora_rank,
+                                   prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn_mqa")
+            mla.latent_kernel = RadixLatentKernel(radix, mla.kv_lora_rank)
+
+    def post_load_weights(self) -> None:
+        """W_UK / W_UV of this rank's heads, split from the loaded ``kv_b_proj`` (contiguous copies)."""
+        for layer in self.model.layers:
+            layer.self_attn.absorb()
+
+    def load_weights(self, weights) -> None:
+        super().load_weights(weights)
+        self.post_load_weights()
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False, **unused):
+        if not self._pool_checked:
+            mla = self.model.layers[0].self_attn
+            from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+            check_mla_pool(get_token_to_kv_pool(), mla.kv_lora_rank, mla.rope)
+            self._pool_checked = True
+        return super().forward(input_ids, positions, forward_batch, input_embeds, get_embedding, **unused)
+
+
+class DeepseekV2ForCausalLM(DeepseekForCausalLM):
+    pass
+
+
+class DeepseekV3ForCausalLM(DeepseekForCausalLM):
+    pass
+
+
+EntryClass = [DeepseekV2ForCausalLM, DeepseekV3ForCausalLM]
