@@ -127,3 +127,40 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
     assert len({pid for pid, *_ in pools}) == tp, pools  # every TP worker checked its pool
     for _, cls, shape in pools:
         assert cls == "MLATokenToKVPool" and eval(shape)[1:] == (1, row_width), (cls, shape)
+
+
+def _resolve(model_dir, extra):
+    """In the engine host: sglang's own server-argument resolution with the adapter enabled."""
+    from sglang.srt.server_args import ServerArgs
+
+    from sp_core_sglang import cpu_env, plugin
+
+    cpu_env.apply_cpu_engine_env(1)
+    plugin.enable()
+    args = ServerArgs(model_path=model_dir, device="cpu", attention_backend="torch_native", dtype="float32",
+                      disable_cuda_graph=True, skip_tokenizer_init=True, grammar_backend="none", **extra)
+    try:
+        args.resolve_once()
+        return None
+    except ValueError as err:
+        return str(err)
+
+
+@pytest.mark.parametrize("extra, flag", [
+    ({}, None),  # negative control: the same launch without the option is accepted
+    (dict(moe_a2a_backend="deepep"), "--moe-a2a-backend=deepep"),
+    (dict(speculative_algorithm="EAGLE"), "--speculative-algorithm=EAGLE"),
+    (dict(quantization="fp8"), "--quantization=fp8"),
+    (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype=fp8_e4m3"),
+])
+def test_unsupported_options_refused_at_start_up(extra, flag, tmp_path_factory):
+    from sp_core_sglang import engine_process
+
+    model_dir = str(tmp_path_factory.getbasetemp() / "options-v3")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        make_checkpoint("deepseek-v3", model_dir)
+    error = engine_process.call(_resolve, model_dir, extra)
+    if flag is None:
+        assert error is None, error
+    else:
+        assert error is not None and flag in error and "\n" not in error, error

@@ -32,7 +32,9 @@ def enable() -> None:
     from sglang.srt.models.registry import ModelRegistry
 
     from sp_core.models import SUPPORTED_ARCHITECTURES
+    from sp_core_sglang import options
 
     ModelRegistry.register(MODELS_PACKAGE, overwrite=True, strict=True)
     layernorm_sp.SP_SUPPORTED_ARCHITECTURES = layernorm_sp.SP_SUPPORTED_ARCHITECTURES | frozenset(
         SUPPORTED_ARCHITECTURES)
+    options.register()
