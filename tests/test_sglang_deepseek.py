@@ -164,3 +164,34 @@ def test_unsupported_options_refused_at_start_up(extra, flag, tmp_path_factory):
         assert error is None, error
     else:
         assert error is not None and flag in error and "\n" not in error, error
+
+
+def test_v32_refused_at_start_up_not_served_dense(tmp_path_factory):
+    """V3.2 is not served by the adapter yet: a one-line refusal, never a dense (index_topk-ignoring) fallback."""
+    from sp_core_sglang import engine_process
+
+    model_dir = make_checkpoint("deepseek-v32", str(tmp_path_factory.mktemp("v32") / "v32"))
+    error = engine_process.call(_resolve, model_dir, {})
+    assert error is not None and "DeepseekV32ForCausalLM" in error and "\n" not in error, error
+
+
+def test_cli_logits_sglang_deepseek(tmp_path):
+    """`sp-core logits --engine sglang` on DeepSeek-V3 at tp 2 (SP on by default) equals transformers."""
+    from safetensors.torch import load_file
+
+    from sp_core.cli import main
+    from sp_core.tiny import reference_logprobs
+
+    model_dir = make_checkpoint("deepseek-v3", str(tmp_path / "v3"))
+    prompts_path, out = tmp_path / "prompts.json", tmp_path / "out.safetensors"
+    prompts_path.write_text(json.dumps(PROMPTS))
+    assert main(["logits", "--model", model_dir, "--prompts", str(prompts_path), "--out", str(out),
+                 "--engine", "sglang", "--tp", "2"]) == 0
+    got = load_file(str(out))
+    ref = reference_logprobs(model_dir, PROMPTS)
+    diff = max((got[f"logprobs.{i}"] - r).abs().max().item() for i, r in enumerate(ref))
+    print(f"sp-core logits --engine sglang deepseek-v3 tp 2: max |d| vs transformers {diff:.2e}")
+    assert diff <= 1e-4
+    code = main(["logits", "--model", make_checkpoint("deepseek-v32", str(tmp_path / "v32")), "--prompts",
+                 str(prompts_path), "--out", str(tmp_path / "v32.safetensors"), "--engine", "sglang"])
+    assert code != 0  # V3.2: refused with a reason, before any engine starts

@@ -36,6 +36,9 @@ def check_deepseek_options(server_args, previous) -> None:
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures or architectures[0] not in DEEPSEEK_ARCHITECTURES:
         return
+    if architectures[0] == "DeepseekV32ForCausalLM":
+        raise ValueError("sp_core's sglang adapter does not serve DeepseekV32ForCausalLM yet (V3.2's sparse "
+                         "attention over cached indexer keys is not built); serve it without SP_CORE_SGLANG=1")
     found = unsupported_options(server_args, hf_config)
     if found:
         flag, value, why = found[0]
