@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core.layers.mla import LatentAttentionKernel
+from sp_core.models.qwen import packed_causal_attention_for
 from sp_core.models import ModelError
 from sp_core_sglang.models.causal_lm import SPCoreForCausalLM
 
@@ -64,9 +65,18 @@ def check_mla_pool(pool, kv_lora_rank: int, rope: int) -> None:
 class DeepseekForCausalLM(SPCoreForCausalLM):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__(config, quant_config, prefix)
+        self._use_sglang_attention(prefix)
         self._pool_checked = False
 
+    @staticmethod
+    def _attention_kernels(cfg, prefix: str):
+        # every mode runs absorbed (``latent_kernel`` below): the expanded kernel is never called
+        return packed_causal_attention_for
+
     def _use_sglang_attention(self, prefix: str) -> None:
+        """Each MLA layer's latent kernel on a ``RadixAttention`` in MLA geometry. Assigned after
+        construction (a break of the constructor rule): the latent kernel needs the built layer's local
+        head count and ranks, which the core's model builder does not pass to kernel factories yet."""
         from sglang.srt.layers.radix_attention import RadixAttention
 
         for layer_id, layer in enumerate(self.model.layers):
