@@ -65,6 +65,15 @@ TINY = {
                          rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                               original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
                                               beta_fast=32, beta_slow=1)),
+    # t = 8: V3 and V3.2 with heads divisible by 8 (expert parallelism holds one whole expert per rank)
+    "deepseek-v3-tp8": dict(arch="DeepseekV3ForCausalLM", **dict(_DEEPSEEK, num_attention_heads=8, num_key_value_heads=8),
+                            q_lora_rank=24, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+                            norm_topk_prob=True, routed_scaling_factor=2.5),
+    "deepseek-v32-tp8": dict(arch="DeepseekV32ForCausalLM",
+                             **dict(_DEEPSEEK, num_attention_heads=8, num_key_value_heads=8),
+                             q_lora_rank=24, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+                             norm_topk_prob=True, routed_scaling_factor=2.5, index_topk=3, index_n_heads=8,
+                             index_head_dim=16),
 }
 
 DEEPSEEK_MODELS = ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3")

@@ -47,3 +47,55 @@ def test_megatron_training_at_tp8_equals_tp1(ckpts):
     assert max(abs(a - b) for a, b in zip(got["losses"], base["losses"])) <= 1e-5
     for key, grad in base["grads0"].items():
         assert _rel(got["grads0"][key], grad) <= 1e-5, key
+
+
+DEEPSEEK_TP8 = ("deepseek-v3-tp8", "deepseek-v32-tp8")
+MOE_MODES = ("tp", "ep")  # TP-sharded experts; expert parallelism (one whole expert per rank at t = 8)
+
+
+@pytest.fixture(scope="module")
+def deepseek_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek-tp8")
+    return {name: make_checkpoint(name, str(root / name)) for name in DEEPSEEK_TP8}
+
+
+def _deepseek_rank(dirs):
+    """Log-probabilities (SP on / off, T = 11 and T = 1 < t) and SP-on gradients of every parameter,
+    for each model and MoE mode."""
+    import torch
+
+    from sp_core import mpu
+    from sp_core.models.checkpoint import export_state_dict
+    from sp_core.mpu import platform
+    from sp_core.runtime import load_model, pack, prompt_logprobs
+
+    out = {}
+    for name, d in dirs.items():
+        for mode in MOE_MODES:
+            for sp in ((False, True) if mpu.tp_size() > 1 else (False,)):
+                mpu.set_sequence_parallel(sp)
+                model = load_model(d, moe_parallel=mode)
+                out[name, mode, sp, "logprobs"] = [prompt_logprobs(model, PROMPTS), prompt_logprobs(model, [[11]])]
+            model.train()
+            ids, positions, batch = pack(PROMPTS, platform.current_device())
+            model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
+            mpu.allreduce_sequence_parallel_grads(model.parameters())
+            out[name, mode, "grads"] = export_state_dict(model, grads=True)
+    return out
+
+
+def test_deepseek_at_tp8(deepseek_ckpts):
+    """V3 and V3.2 at t = 8, MoE in both modes: log-probabilities equal transformers' (SP on and off, and
+    T = 1 < t), gradients of every parameter equal t = 1's."""
+    base = run_ranks(1, _deepseek_rank, deepseek_ckpts)[0]
+    got = run_ranks(8, _deepseek_rank, deepseek_ckpts)[0]
+    for name, d in deepseek_ckpts.items():
+        ref = [reference_logprobs(d, PROMPTS), reference_logprobs(d, [[11]])]
+        for mode in MOE_MODES:
+            for sp in (False, True):
+                for lp, want in zip(got[name, mode, sp, "logprobs"], ref):
+                    assert _max_diff(lp, want) <= 1e-4, f"{name} {mode} SP={sp}"
+            grads, want = got[name, mode, "grads"], base[name, mode, "grads"]
+            assert grads.keys() == want.keys()
+            for key in want:
+                assert _rel(grads[key], want[key]) <= 1e-5, f"{name} {mode}: gradient of {key}"
