@@ -137,9 +137,8 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return x
 
-    extra = (tokens,) if cfg.mla is not None else ()  # DeepSeek layers take the real token count (MoE)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        layer(hidden, positions, PackedBatch([tokens]), *extra)
+        layer(hidden, positions, PackedBatch([tokens]), tokens)
     return sum(storages.values())
 
 

@@ -34,10 +34,14 @@ def test_absorbed_equals_expanded(q_lora_rank, absorb):
     with torch.no_grad():
         for p in mla.parameters():
             p.normal_(0, 0.3)
+    torch.manual_seed(0)  # the same weights, through the latent kernel given to the constructor
+    latent = MultiHeadLatentAttention(64, 4, q_lora_rank, 16, 16, 8, 12, 0.2, 10000.0, kernel=PackedLatentKernel(16))
+    latent.load_state_dict(mla.state_dict())
+    assert latent.absorbed and not mla.absorbed
     hidden, positions, batch = torch.randn(11, 64), torch.tensor([0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4]), PackedBatch([5, 1, 5])
     with torch.no_grad():
         expanded = mla(hidden, positions, batch)
-        mla.latent_kernel = PackedLatentKernel(16)
+        mla = latent
         if absorb:
             mla.absorb()
         absorbed = mla(hidden, positions, batch)

@@ -1,10 +1,25 @@
-"""Start-up refusal of sglang options the adapter's DeepSeek models do not support: one line naming the
-option, raised while sglang resolves its server arguments (in the launching process, before any worker
-starts -- a worker's error would kill the launcher instead)."""
+"""sglang server-argument resolution for the adapter's DeepSeek models (in the launching process, before any
+worker starts -- a worker's error would kill the launcher instead):
+
+- refusal of the sglang options they do not support: one line naming the option;
+- V3.2 on sglang's ordinary MLA path. sglang 0.5.23 treats every checkpoint whose architecture is in its DSA
+  list and whose config has ``index_topk`` as DSA (``configs/model_config.py::is_deepseek_dsa``): it then
+  forces the ``dsa`` attention backend unless one is given, page size 64, GPU-only resolution steps
+  (``torch.cuda.get_device_capability()`` in ``model_hook.py``: on CPU every V3.2 launch fails there) and
+  its ``DSATokenToKVPool`` (fp8 index keys, index_head_dim 128). The adapter serves V3.2's indexer and
+  sparse attention itself (index keys cached per KV slot, ``index_keys.py``), so it hides ``index_topk``
+  from that detection through sglang's own ``--json-model-override-args``: ``index_topk`` is set to null
+  and its value kept as ``sp_core_index_topk``, which the adapter's model config reads back. Upstream's
+  DSA path is then never entered; nothing is served dense (the model refuses a config without the value).
+"""
 from __future__ import annotations
+
+import json
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
 HOOK_STEP = "handle_cuda_graph_config"  # an overridable step that runs for every launch
+MODEL_STEP = "handle_model_source_paths"  # the step before the first reader of the model's config
+HIDDEN_INDEX_TOPK = "sp_core_index_topk"  # index_topk, hidden from sglang's DSA detection
 
 
 def unsupported_options(server_args, hf_config) -> list:
@@ -36,14 +51,31 @@ def check_deepseek_options(server_args, previous) -> None:
     architectures = getattr(hf_config, "architectures", None) or []
     if not architectures or architectures[0] not in DEEPSEEK_ARCHITECTURES:
         return
-    if architectures[0] == "DeepseekV32ForCausalLM":
-        raise ValueError("sp_core's sglang adapter does not serve DeepseekV32ForCausalLM yet (V3.2's sparse "
-                         "attention over cached indexer keys is not built); serve it without SP_CORE_SGLANG=1")
     found = unsupported_options(server_args, hf_config)
     if found:
         flag, value, why = found[0]
         raise ValueError(f"sp_core's {architectures[0]} does not support {flag}={value} ({why}); "
                          f"unset it or serve without SP_CORE_SGLANG=1")
+
+
+def serve_dsa_through_the_adapter(server_args, previous) -> None:
+    """A V3.2 checkpoint: ``index_topk`` moved out of sglang's DSA detection (see the module docstring)."""
+    previous(server_args)
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+    from transformers import PretrainedConfig
+
+    view = resolving_view(server_args)
+    hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
+    architectures = hf.get("architectures") or []
+    if not architectures or architectures[0] != "DeepseekV32ForCausalLM" or hf.get("index_topk") is None:
+        return
+    overrides = json.loads(view.json_model_override_args or "{}")
+    if overrides.get("index_topk", hf["index_topk"]) is None:
+        raise ValueError("sp_core's DeepseekV32ForCausalLM needs index_topk; do not override it to null")
+    overrides[HIDDEN_INDEX_TOPK] = overrides.pop("index_topk", hf["index_topk"])
+    overrides["index_topk"] = None
+    declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
 
 
 _registered = False
@@ -54,5 +86,6 @@ def register() -> None:
     if not _registered:
         from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
 
+        register_resolution_hook(MODEL_STEP)(serve_dsa_through_the_adapter)
         register_resolution_hook(HOOK_STEP)(check_deepseek_options)
         _registered = True

@@ -15,10 +15,14 @@ gathers for ``q_b_proj``). Only the small key (``head_dim`` values per token) is
 scores its own query rows against all keys, and the int32 selection ``[T, k]`` is gathered so that the
 head-sharded attention sees every row's keys. All parameters therefore see the token shard and are tagged
 ``sequence_parallel``. With SP off every rank runs the whole indexer on all tokens (nothing summed).
+
+Where the keys come from is the ``keys`` object's job (:class:`BatchIndexKeys`): by default the batch's
+own rows (a packed batch of whole sequences; the selection holds batch rows). A server that caches keys
+per token slot passes its own, whose groups hold a request's cached keys and whose key ids are its slots.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +49,10 @@ class LightningIndexer(torch.nn.Module):
 
     def __init__(self, hidden_size: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_head_dim: int,
                  index_topk: int, rope_theta: float, rope_scaling: Optional[dict] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, keys: Optional["BatchIndexKeys"] = None):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_head_dim, self.index_topk = n_heads, head_dim, rope_head_dim, index_topk
+        self.keys = keys if keys is not None else BatchIndexKeys()
         self.wq_b = ReplicatedLinear(q_lora_rank, n_heads * head_dim, dtype=dtype)
         self.wk = ReplicatedLinear(hidden_size, head_dim, dtype=dtype)
         self.k_norm = LayerNorm(head_dim, K_NORM_EPS, dtype=dtype)
@@ -59,11 +64,15 @@ class LightningIndexer(torch.nn.Module):
         roped, rest = x.split([self.rope_head_dim, self.head_dim - self.rope_head_dim], dim=-1)
         return torch.cat([self.rotary.rotate(positions, roped), rest], dim=-1)
 
+    def _keys(self, hidden, positions) -> torch.Tensor:
+        """Every row's keys [T, d] (gathered under SP)."""
+        k = self._rope(positions, self.k_norm(self.wk(hidden)).unsqueeze(1)).squeeze(1)
+        return mpu.gather_from_sp(k) if mpu.sequence_parallel_active() else k
+
     def _projections(self, hidden, q_latent, positions):
         """Own rows' queries [rows, heads, d] and head weights [rows, heads]; every row's keys [T, d]."""
         q = self._rope(positions, self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)))
-        k = self._rope(positions, self.k_norm(self.wk(hidden)).unsqueeze(1)).squeeze(1)
-        keys = mpu.gather_from_sp(k) if mpu.sequence_parallel_active() else k
+        keys = self._keys(hidden, positions)
         weights = self.weights_proj(hidden.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
         return q, weights, keys
 
@@ -82,22 +91,57 @@ class LightningIndexer(torch.nn.Module):
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
                 batch) -> Optional[torch.Tensor]:
-        longest = max(batch.seq_lens, default=0)
-        if longest <= self.index_topk:
+        longest = self.keys.longest(batch)
+        if longest <= self.index_topk:  # every row keeps all its keys; a cache still stores this batch's
+            if self.keys.caches:
+                self.keys.store(self._keys(hidden, positions), batch)
             return None
         q, weights, keys = self._projections(hidden, q_latent, positions)
-        keys, total = keys.float(), keys.shape[0]
-        sequence, rows = sequence_ids(batch, total, q.device), own_rows(total, q.device)
+        self.keys.store(keys, batch)
         k = min(self.index_topk, longest)
-        block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * total))  # bounds [block, heads, T] and [block, T]
-        selected = []
-        for start in range(0, q.shape[0], block):
-            part = slice(start, start + block)
-            scores = self._scores(q[part], weights[part], keys, visible_keys(sequence, rows[part]))
-            values, index = scores.topk(k, dim=-1)
-            selected.append(index.to(torch.int32).masked_fill_(values == float("-inf"), -1))
-        selected = torch.cat(selected)
+        selected = torch.full((q.shape[0], k), -1, dtype=torch.int32, device=q.device)
+        for group in self.keys.groups(keys, batch):
+            group_keys = group.keys.float()
+            block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * max(1, group_keys.shape[0])))
+            for start in range(0, group.rows.shape[0], block):  # bounds [block, heads, keys] and [block, keys]
+                rows, part = group.rows[start:start + block], slice(start, start + block)
+                scores = self._scores(q[rows], weights[rows], group_keys, group.visible[part])
+                values, index = scores.topk(min(k, scores.shape[1]), dim=-1)
+                ids = group.ids[index].to(torch.int32).masked_fill_(values == float("-inf"), -1)
+                selected[rows, : ids.shape[1]] = ids
         return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
+
+
+class KeyGroup(NamedTuple):
+    """Query rows (indices into this rank's rows) scored against one set of keys: ``keys`` [N, d],
+    ``ids`` [N] (what the selection reports for each key), ``visible`` bool [len(rows), N]."""
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    ids: torch.Tensor
+    visible: torch.Tensor
+
+
+class BatchIndexKeys:
+    """The indexer's keys are the batch's own (every sequence whole in the batch): one group, this rank's
+    query rows against all rows' keys (gathered under SP), causal within each packed sequence; the key ids
+    are batch rows. ``longest(batch)``: the longest sequence a query row can see. ``store(keys, batch)``:
+    keep this batch's keys [T, d] for later batches (``caches``: whether it does; here nothing is kept)."""
+
+    caches = False
+
+    def store(self, keys: torch.Tensor, batch) -> None:
+        pass
+
+    def longest(self, batch) -> int:
+        return max(batch.seq_lens, default=0)
+
+    def groups(self, keys: torch.Tensor, batch) -> Iterator[KeyGroup]:
+        total, device = keys.shape[0], keys.device
+        rows = own_rows(total, device)
+        local = torch.arange(rows.shape[0], device=device)
+        yield KeyGroup(local, keys, torch.arange(total, device=device),
+                       visible_keys(sequence_ids(batch, total, device), rows))
 
 
 def sequence_ids(batch, total: int, device=None) -> torch.Tensor:

@@ -14,10 +14,11 @@ a per-rank partial: g's backward (reduce-scatter) or f's (all-reduce) sums it ex
 V2-Lite (no q_lora): ``q_proj`` is an ordinary column layer on the hidden state (its own g), and the
 latent is ``[kv_lat | k_pe]``.
 
-Absorbed form (serving with a latent KV cache): with a ``latent_kernel`` the attention runs over the
-cached row ``[kv_lat | k_pe]`` itself, one key head shared by all query heads: q_nope is multiplied by
-W_UK (this rank's heads' k_nope rows of ``kv_b_proj``) into the latent space, the values are kv_lat, and
-the output goes through W_UV (the heads' v rows). Exactly the expanded attention, regrouped.
+Absorbed form (serving with a latent KV cache): with a ``LatentAttentionKernel`` as its kernel the
+attention runs over the cached row ``[kv_lat | k_pe]`` itself, one key head shared by all query heads:
+q_nope is multiplied by W_UK (this rank's heads' k_nope rows of ``kv_b_proj``) into the latent space, the
+values are kv_lat, and the output goes through W_UV (the heads' v rows). Exactly the expanded attention,
+regrouped.
 
 V3.2: an ``indexer`` (indexer.py) picks, per query row, the keys the attention may use; it takes the
 attention input and this rank's rows of the q latent, and the kernel gets its selection as
@@ -25,7 +26,7 @@ attention input and this rank's rows of the q latent, and the kernel gets its se
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,14 @@ def gathered_latent_up(latent: torch.Tensor, widths: List[int], weights: List[Op
 class LatentAttentionKernel(torch.nn.Module):
     """``kernel(q [T, heads, kv_lora + rope], row [T, kv_lora + rope], batch, scale, topk_indices=None)
     -> [T, heads, kv_lora]``: attention of every head over the rows ``[kv_lat | k_pe]`` (the MLA cache
-    row; values = its first kv_lora columns). An interface only; frameworks supply the kernel."""
+    row; values = its first kv_lora columns). An interface only; frameworks supply the kernel. Passing
+    one as MLA's ``kernel`` selects the absorbed form.
+
+    ``index_keys``: where V3.2's indexer finds its keys when this kernel serves from a cache (an object
+    with indexer.py's ``BatchIndexKeys`` interface, whose key ids are what ``topk_indices`` then holds);
+    None: the keys of the batch itself."""
+
+    index_keys = None
 
 
 class MultiHeadLatentAttention(torch.nn.Module):
@@ -98,14 +106,15 @@ class MultiHeadLatentAttention(torch.nn.Module):
 
     Parameter names are transformers' (``q_a_proj``, ``q_a_layernorm``, ``q_b_proj`` or ``q_proj``,
     ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``; V3.2's ``indexer.*``). ``kernel``
-    computes attention over all tokens and this rank's heads (attention.py's interface; q / k head dim
-    qk_nope + qk_rope, v head dim v_head_dim, ``softmax_scale``, and ``topk_indices`` with an indexer).
+    computes attention over all tokens and this rank's heads: either attention.py's interface (the
+    expanded form; q / k head dim qk_nope + qk_rope, v head dim v_head_dim, ``softmax_scale``, and
+    ``topk_indices`` with an indexer) or a ``LatentAttentionKernel`` (the absorbed form).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, softmax_scale: float,
                  rope_theta: float, rope_scaling: Optional[dict] = None, rope_interleave: bool = True,
-                 bias: bool = False, kernel: AttentionKernel = packed_causal_attention,
+                 bias: bool = False, kernel: Union[AttentionKernel, LatentAttentionKernel] = packed_causal_attention,
                  indexer: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.num_local_heads = _divide(num_heads, mpu.tp_size(), "num_attention_heads")
@@ -130,7 +139,7 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
         self.kernel = kernel
-        self.latent_kernel: Optional[LatentAttentionKernel] = None
+        self.absorbed = isinstance(kernel, LatentAttentionKernel)
         self.register_buffer("w_uk", None, persistent=False)  # set by absorb() once the weights are loaded
         self.register_buffer("w_uv", None, persistent=False)
         if indexer is not None and q_lora_rank is None:
@@ -156,46 +165,44 @@ class MultiHeadLatentAttention(torch.nn.Module):
         """Keep contiguous copies of ``absorbed_weights()`` for the absorbed form (call after loading)."""
         self.w_uk, self.w_uv = (w.contiguous() for w in self.absorbed_weights())
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        if self.latent_kernel is not None:
-            return self.forward_absorbed(hidden, positions, batch)
+    def _project(self, hidden: torch.Tensor, positions: torch.Tensor, kv_up: Optional[torch.Tensor]):
+        """(local positions, the latent shard, q [T, heads, qk_head] with roped q_pe, kv, k_pe): the work both
+        forms share. kv is ``kv_b_proj``(kv_lat) with ``kv_up`` its weight, or kv_lat itself with None."""
         local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
         latent = self.latent(hidden, local_positions)
         if self.q_lora_rank is None:
-            kv, k_pe = gathered_latent_up(latent, self.latent_widths, [self.kv_b_proj.weight, None])
+            kv, k_pe = gathered_latent_up(latent, self.latent_widths, [kv_up, None])
             q = self.q_proj(hidden)
         else:
-            q, kv, k_pe = gathered_latent_up(latent, self.latent_widths,
-                                             [self.q_b_proj.weight, self.kv_b_proj.weight, None])
+            q, kv, k_pe = gathered_latent_up(latent, self.latent_widths, [self.q_b_proj.weight, kv_up, None])
+        q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
+        return local_positions, latent, q_nope, self.rotary.rotate(positions, q_pe), kv, k_pe
+
+    def _sparse(self, hidden, latent, local_positions, batch) -> dict:
+        """V3.2: ``{"topk_indices": ...}`` when the indexer selected keys; empty otherwise."""
+        if self.indexer is None:
+            return {}
+        selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
+        return {} if selected is None else {"topk_indices": selected}
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        if self.absorbed:
+            return self._forward_absorbed(hidden, positions, batch)
+        local_positions, latent, q_nope, q_pe, kv, k_pe = self._project(hidden, positions, self.kv_b_proj.weight)
         heads = self.num_local_heads
-        q_nope, q_pe = q.unflatten(-1, (heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
-        q = torch.cat([q_nope, self.rotary.rotate(positions, q_pe)], dim=-1)
         k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
-        selected = None
-        if self.indexer is not None:
-            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
-        sparse = {} if selected is None else {"topk_indices": selected}
-        out = self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
+        out = self.kernel(q, k, v, batch, scale=self.softmax_scale,
+                          **self._sparse(hidden, latent, local_positions, batch))
         return self.o_proj(out.flatten(-2))
 
-    def forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        """As ``forward``, through ``latent_kernel`` (the absorbed form), with the weights ``absorb()``
-        kept (views of ``kv_b_proj``'s weight before it is called)."""
+    def _forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        """As ``forward``, through the ``LatentAttentionKernel`` (the absorbed form), with the weights
+        ``absorb()`` kept (views of ``kv_b_proj``'s weight before it is called)."""
         w_uk, w_uv = self.absorbed_weights() if self.w_uk is None else (self.w_uk, self.w_uv)
-        local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
-        latent = self.latent(hidden, local_positions)
-        if self.q_lora_rank is None:
-            kv_lat, k_pe = gathered_latent_up(latent, self.latent_widths, [None, None])
-            q = self.q_proj(hidden)
-        else:
-            q, kv_lat, k_pe = gathered_latent_up(latent, self.latent_widths, [self.q_b_proj.weight, None, None])
-        q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
-        q_latent = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), self.rotary.rotate(positions, q_pe)], dim=-1)
-        sparse = {}
-        if self.indexer is not None:
-            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
-            if selected is not None:
-                sparse["topk_indices"] = selected
-        out = self.latent_kernel(q_latent, torch.cat([kv_lat, k_pe], dim=-1), batch, self.softmax_scale, **sparse)
+        local_positions, latent, q_nope, q_pe, kv_lat, k_pe = self._project(hidden, positions, None)
+        q_latent = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)
+        out = self.kernel(q_latent, torch.cat([kv_lat, k_pe], dim=-1), batch, self.softmax_scale,
+                          **self._sparse(hidden, latent, local_positions, batch))
         return self.o_proj(torch.einsum("thc,hvc->thv", out, w_uv).flatten(-2))

@@ -19,6 +19,7 @@ class SwiGLUMLP(torch.nn.Module):
         self.gate_up_proj = ColumnParallelLinear.packed(hidden_size, shards, dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_tokens: Optional[int] = None) -> torch.Tensor:
+        """num_tokens (real rows before SP padding): unused, every row is computed alike."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

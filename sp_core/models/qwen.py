@@ -1,7 +1,7 @@
 """Qwen2 / Qwen3 decoder stack. Single-device math; the layers' types decide how it is split."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -36,9 +36,11 @@ class QwenModel(torch.nn.Module):
                                           for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, num_tokens=None) -> torch.Tensor:
-        """num_tokens (real tokens before SP padding) is for bodies with MoE layers; unused here."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch,
+                num_tokens: Optional[int] = None) -> torch.Tensor:
+        """num_tokens: real tokens before SP padding (default: all of ``input_ids``)."""
+        num_tokens = input_ids.shape[0] if num_tokens is None else num_tokens
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
-            hidden = layer(hidden, positions, batch)
+            hidden = layer(hidden, positions, batch, num_tokens)
         return self.norm(hidden)

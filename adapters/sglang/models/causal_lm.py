@@ -16,6 +16,7 @@ from sp_core import mpu
 from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
 from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
+from sp_core_sglang.options import HIDDEN_INDEX_TOPK
 
 SP_MIN_TOKENS_ENV = "SP_CORE_SP_MIN_TOKENS"
 # Below this many tokens a prefill batch runs plain TP: for small batches reduce-scatter + all-gather
@@ -38,6 +39,8 @@ def checkpoint_config(hf_config) -> ModelConfig:
     for name, original in _SGLANG_CPU_PADDED.items():
         if hf.get(original) is not None:
             hf[name] = hf.pop(original)
+    if hf.get(HIDDEN_INDEX_TOPK) is not None:  # V3.2: kept away from sglang's DSA path (options.py)
+        hf["index_topk"] = hf.pop(HIDDEN_INDEX_TOPK)
     return ModelConfig.from_dict(hf)
 
 

@@ -15,13 +15,15 @@ loading (``post_load_weights``).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from sp_core import mpu
 from sp_core.layers.mla import LatentAttentionKernel
-from sp_core.models.qwen import packed_causal_attention_for
-from sp_core.models import ModelError
+from sp_core.models import ModelConfig, ModelError
+from sp_core_sglang.index_keys import SglangIndexKeys
 from sp_core_sglang.models.causal_lm import SPCoreForCausalLM
 
 KV_POOL_LOG_ENV = "SP_CORE_KV_POOL_LOG"  # tests: each worker appends its KV pool's class and row width
@@ -29,23 +31,53 @@ KV_POOL_LOG_ENV = "SP_CORE_KV_POOL_LOG"  # tests: each worker appends its KV poo
 
 class RadixLatentKernel(LatentAttentionKernel):
     """``LatentAttentionKernel`` on sglang's ``RadixAttention`` in MLA geometry: drops the SP padding rows,
-    writes the rows ``[kv_lat | k_pe]`` of the batch's new tokens to the pool, attends over the cached rows."""
+    writes the rows ``[kv_lat | k_pe]`` of the batch's new tokens to the pool, attends over the cached rows.
 
-    def __init__(self, attn: torch.nn.Module, kv_lora_rank: int):
+    V3.2 (``index_keys`` given): with a selection (``topk_indices`` = KV slots, -1 for none), each query
+    attends only to the cached rows of its selected slots (gathered from the pool; softmax over them);
+    without one (no request longer than index_topk) it is the dense path above."""
+
+    def __init__(self, attn: torch.nn.Module, kv_lora_rank: int, index_keys: Optional[SglangIndexKeys] = None):
         super().__init__()
-        self.attn, self.kv_lora_rank = attn, kv_lora_rank
+        self.attn, self.kv_lora_rank, self.index_keys = attn, kv_lora_rank, index_keys
 
     def forward(self, q: torch.Tensor, row: torch.Tensor, batch, scale: float, topk_indices=None) -> torch.Tensor:
-        if topk_indices is not None:
-            raise ModelError("sparse (DSA) attention does not run through RadixLatentKernel")
         if abs(scale - self.attn.scaling) > 1e-12 * scale:
             raise ModelError(f"softmax scale {scale} differs from the RadixAttention's {self.attn.scaling}")
         n, padded, heads = batch.num_tokens, q.shape[0], q.shape[1]
         row = row[:n]
-        out = self.attn(q[:n].reshape(n, -1), row.unsqueeze(1), row[:, : self.kv_lora_rank].contiguous().unsqueeze(1),
-                        batch.forward_batch)
+        if topk_indices is None:
+            out = self.attn(q[:n].reshape(n, -1), row.unsqueeze(1), row[:, : self.kv_lora_rank].contiguous().unsqueeze(1),
+                            batch.forward_batch)
+        else:
+            out = self._sparse(q[:n], row, batch.forward_batch, topk_indices[:n])
         out = out.reshape(n, heads, -1)
         return F.pad(out, (0, 0, 0, 0, 0, padded - n)) if padded > n else out
+
+    def _sparse(self, q: torch.Tensor, row: torch.Tensor, forward_batch, slots: torch.Tensor) -> torch.Tensor:
+        from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+        pool = get_token_to_kv_pool()
+        pool.set_kv_buffer(self.attn, forward_batch.out_cache_loc, row.unsqueeze(1),
+                           row[:, : self.kv_lora_rank].unsqueeze(1))
+        selected = pool.get_key_buffer(self.attn.layer_id)[slots.clamp(min=0).long()].squeeze(2)  # [n, k, width]
+        logits = torch.einsum("thc,tkc->thk", q, selected).float() * self.attn.scaling
+        probs = logits.masked_fill((slots < 0).unsqueeze(1), float("-inf")).softmax(-1).to(q.dtype)
+        return torch.einsum("thk,tkc->thc", probs, selected[..., : self.kv_lora_rank])
+
+
+def _radix_latent_kernel(cfg: ModelConfig, layer_id: int, prefix: str) -> RadixLatentKernel:
+    """One ``RadixAttention`` per layer in MLA geometry, as sglang's own ``attn_mqa``: this rank's heads, head
+    dim kv_lora + rope, one key head, value dim kv_lora."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    mla = cfg.mla
+    heads = cfg.num_attention_heads // mpu.tp_size()  # divisibility checked by the model config first
+    radix = RadixAttention(heads, mla.kv_lora_rank + mla.qk_rope_head_dim, mla.softmax_scale, num_kv_heads=1,
+                           layer_id=layer_id, v_head_dim=mla.kv_lora_rank,
+                           prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn_mqa")
+    index_keys = SglangIndexKeys(layer_id, cfg.indexer.index_head_dim) if cfg.indexer is not None else None
+    return RadixLatentKernel(radix, mla.kv_lora_rank, index_keys)
 
 
 def check_mla_pool(pool, kv_lora_rank: int, rope: int) -> None:
@@ -65,26 +97,13 @@ def check_mla_pool(pool, kv_lora_rank: int, rope: int) -> None:
 class DeepseekForCausalLM(SPCoreForCausalLM):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__(config, quant_config, prefix)
-        self._use_sglang_attention(prefix)
         self._pool_checked = False
 
     @staticmethod
-    def _attention_kernels(cfg, prefix: str):
-        # every mode runs absorbed (``latent_kernel`` below): the expanded kernel is never called
-        return packed_causal_attention_for
-
-    def _use_sglang_attention(self, prefix: str) -> None:
-        """Each MLA layer's latent kernel on a ``RadixAttention`` in MLA geometry. Assigned after
-        construction (a break of the constructor rule): the latent kernel needs the built layer's local
-        head count and ranks, which the core's model builder does not pass to kernel factories yet."""
-        from sglang.srt.layers.radix_attention import RadixAttention
-
-        for layer_id, layer in enumerate(self.model.layers):
-            mla = layer.self_attn
-            radix = RadixAttention(mla.num_local_heads, mla.kv_lora_rank + mla.rope, mla.softmax_scale,
-                                   num_kv_heads=1, layer_id=layer_id, v_head_dim=mla.kv_lora_rank,
-                                   prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn_mqa")
-            mla.latent_kernel = RadixLatentKernel(radix, mla.kv_lora_rank)
+    def _attention_kernels(cfg: ModelConfig, prefix: str):
+        """Layer index -> its ``RadixLatentKernel`` (the absorbed form in every mode), with V3.2's index-key
+        cache where the model has an indexer."""
+        return lambda layer_id: _radix_latent_kernel(cfg, layer_id, prefix)
 
     def post_load_weights(self) -> None:
         """W_UK / W_UV of this rank's heads, split from the loaded ``kv_b_proj`` (contiguous copies)."""
@@ -113,4 +132,8 @@ class DeepseekV3ForCausalLM(DeepseekForCausalLM):
     pass
 
 
-EntryClass = [DeepseekV2ForCausalLM, DeepseekV3ForCausalLM]
+class DeepseekV32ForCausalLM(DeepseekForCausalLM):
+    pass
+
+
+EntryClass = [DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, DeepseekV32ForCausalLM]
