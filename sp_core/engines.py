@@ -33,7 +33,8 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp"):
 
 # Architectures an engine does not run yet: Megatron's DeepSeek adapter (issue 16) has not landed; sglang
 # serves V2 / V3 but not V3.2's sparse attention over cached index keys.
-NOT_YET = {"megatron": DEEPSEEK_ARCHITECTURES, "sglang": ("DeepseekV32ForCausalLM",)}
+NOT_YET = {"megatron": DEEPSEEK_ARCHITECTURES}
+MOE_PARALLEL_ENGINES = ("core", "sglang")  # engines that take --moe-parallel ep (sglang: as its --ep-size)
 
 
 def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
@@ -41,8 +42,9 @@ def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
     not support yet)."""
     if cfg.architecture in NOT_YET.get(name, ()):
         raise ModelError(f"engine {name!r} does not run {cfg.architecture} yet; use --engine core")
-    if name != "core" and moe_parallel != "tp":
-        raise ModelError(f"--moe-parallel {moe_parallel} is an option of the core engine only")
+    if name not in MOE_PARALLEL_ENGINES and moe_parallel != "tp":
+        raise ModelError(f"--moe-parallel {moe_parallel} is an option of the {' and '.join(MOE_PARALLEL_ENGINES)} "
+                         f"engines only")
 
 
 def available() -> Dict[str, object]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.serving import generate, hf_greedy, read_collectives
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
@@ -30,22 +31,10 @@ SETTINGS = [("qwen2", 1, False, 0), ("qwen2", 2, False, 0), ("qwen2", 2, True, 0
             ("qwen3", 1, False, 0), ("qwen3", 2, False, 0), ("qwen3", 2, True, 4)]
 
 
-def _hf_greedy(model_dir, prompts, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-            out.append(gen[0, len(p):].tolist())
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
     root = tmp_path_factory.mktemp("sglang")
     out = {}
     for name in ("qwen2", "qwen3"):
@@ -53,7 +42,8 @@ def checkpoints(tmp_path_factory):
         with open(os.path.join(d, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         out[name] = dict(dir=d, vocab=vocab, ref=reference_logprobs(d, PROMPTS),
-                         greedy=_hf_greedy(d, MIXED_PROMPTS, NEW_TOKENS))
+                         greedy=hf_greedy(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(),
+                                          MIXED_PROMPTS, NEW_TOKENS))
     return out
 
 
@@ -67,14 +57,7 @@ class Served:
     def collectives(self):
         """Counter of (pid, op, shape) lines logged so far; clears the log. Every collective must have gone
         through sglang's GroupCoordinator (its custom all-reduce / graph-safe paths on GPU)."""
-        if not os.path.exists(self.log_path):
-            return collections.Counter()
-        with open(self.log_path) as f:
-            lines = [tuple(line.split(" ")) for line in f.read().splitlines()]
-        os.remove(self.log_path)
-        routes = collections.Counter(route for (_, _, _, route) in lines)
-        assert set(routes) == {"GroupCoordinator"}, f"collectives not through sglang's GroupCoordinator: {routes}"
-        return collections.Counter(line[:3] for line in lines)
+        return collections.Counter(line[:3] for line in read_collectives(self.log_path))
 
 
 def _start(model_dir, tp, log_path, adapter=True, sp_min_tokens=0, **kwargs):
@@ -100,9 +83,8 @@ def served(request, checkpoints, tmp_path_factory):
 
 
 def _generate(engine, prompts, return_logprob=False):
-    outs = engine.generate(input_ids=prompts, return_logprob=return_logprob,
-                           sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True})
-    return outs if isinstance(outs, list) else [outs]
+    return generate(engine, prompts, return_logprob=return_logprob,
+                    sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True})
 
 
 def test_logprobs_equal_transformers(served):

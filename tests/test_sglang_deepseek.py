@@ -1,15 +1,19 @@
-"""DeepSeek V2 / V2-Lite / V3 served by the real sglang.Engine through the adapter (CPU, float32): MLA in
-the absorbed form on sglang's MLA KV pool, SP for plain prefill, plain TP for decode.
+"""DeepSeek V2 / V2-Lite / V3 / V3.2 served by the real sglang.Engine through the adapter (CPU, float32): MLA
+in the absorbed form on sglang's MLA KV pool, SP for plain prefill, plain TP for decode.
 
 One engine start per configuration covers its checks (engine starts dominate the time):
   V3       tp 2, --enable-layernorm-sp (SP_CORE_SP_MIN_TOKENS=0), chunked prefill + mixed chunks, radix cache
+  V3.2     tp 2, --enable-layernorm-sp, --ep-size 2 (the core's expert parallelism), chunked prefill + mixed
+           chunks; index_topk 3 < every prompt of 5+ tokens: sparse attention over cached index keys
   V2       tp 2, SP off
   V2-Lite  tp 1
 Each: prompt log-probabilities at every position vs transformers (<= 1e-4, ragged batch with a 1-token
 prompt), greedy 8 tokens == transformers' generate, a radix-cache hit (extend over a cached prefix, the
 absorbed form against cached latent rows) vs transformers (<= 1e-4), and the KV pool each worker saw is
-sglang's MLA pool with rows of kv_lora_rank + qk_rope_head_dim. V3 also: 8 concurrent requests of mixed
-lengths == the same requests one at a time (tokens, and output log-probabilities within 1e-4).
+sglang's MLA pool with rows of kv_lora_rank + qk_rope_head_dim. V3 and V3.2 also: 8 concurrent requests of
+mixed lengths == the same requests one at a time (tokens, and output log-probabilities within 1e-4).
+V3.2's negative control: transformers with index_topk raised past the prompts (dense attention) is far from
+what the engine returned, so the sparse selection is what matched.
 """
 import importlib.util
 import json
@@ -19,6 +23,7 @@ import pytest
 import torch
 
 from sp_core.tiny import make_checkpoint
+from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
@@ -35,37 +40,15 @@ CONCURRENT = [[int(t) for t in torch.randint(0, 97, (n,), generator=torch.Genera
 CONFIGS = {
     "deepseek-v3-tp2-sp": ("deepseek-v3", 2, dict(enable_layernorm_sp=True, chunked_prefill_size=16,
                                                   enable_mixed_chunk=True), True),
+    "deepseek-v32-tp2-sp-ep": ("deepseek-v32", 2, dict(enable_layernorm_sp=True, ep_size=2, chunked_prefill_size=16,
+                                                       enable_mixed_chunk=True), True),
     "deepseek-v2-tp2": ("deepseek-v2", 2, {}, False),
     "deepseek-v2-lite-tp1": ("deepseek-v2-lite", 1, {}, False),
 }
 
 
-def _rows(meta, vocab):
-    entries = list(meta["input_top_logprobs"][1:]) + [meta["output_top_logprobs"][0]]
-    rows = torch.full((len(entries), vocab), float("nan"))
-    for j, entry in enumerate(entries):
-        for logprob, token_id, _ in entry:
-            rows[j, int(token_id)] = float(logprob)
-    assert not torch.isnan(rows).any()
-    return rows
-
-
-def _generate(engine, prompts, **kwargs):
-    out = engine.generate(input_ids=prompts, **kwargs)
-    return out if isinstance(out, list) else [out]
-
-
-def _hf_logprobs(model, prompt):
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
-
-
 def _hf_greedy(model, prompt):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, do_sample=False)
-    return gen[0, len(prompt):].tolist()
+    return hf_greedy(model, [prompt], NEW_TOKENS)[0]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -81,40 +64,51 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
         hf = json.load(f)
     vocab, row_width = hf["vocab_size"], hf["kv_lora_rank"] + hf["qk_rope_head_dim"]
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pool_log = str(tmp_path / "kv_pool.log")
+    pool_log, collective_log = str(tmp_path / "kv_pool.log"), str(tmp_path / "collectives.log")
     monkeypatch.setenv(KV_POOL_LOG_ENV, pool_log)  # the workers inherit it at start
+    expert_parallel = engine_kwargs.get("ep_size", 1) > 1
+    if expert_parallel:
+        monkeypatch.setenv("SP_CORE_COLLECTIVE_LOG", collective_log)
     engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, **engine_kwargs)
     try:
         # prompt log-probabilities at every position, ragged batch
-        outs = _generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+        outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
                          return_logprob=True, logprob_start_len=0, top_logprobs_num=vocab)
-        diff = max((_rows(o["meta_info"], vocab) - _hf_logprobs(hf_model, p)).abs().max().item()
-                   for o, p in zip(outs, PROMPTS))
+        served = [distributions(o["meta_info"], vocab) for o in outs]
+        diff = max((got - hf_logprobs(hf_model, p)).abs().max().item() for got, p in zip(served, PROMPTS))
         print(f"{config}: prompt logprobs max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
+        if "index_topk" in hf:  # negative control: the same weights with dense attention are far off
+            dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, index_topk=64).eval()
+            far = max((got - hf_logprobs(dense, p)).abs().max().item() for got, p in zip(served, PROMPTS))
+            print(f"{config}: vs transformers with dense attention (index_topk 64) {far:.2e}")
+            assert far > 1e-1
+        if expert_parallel:  # the core's EP mode under SP: the MoE's all-to-alls ran, on every worker
+            ops = {(pid, op) for pid, op, *_ in read_collectives(collective_log, ("GroupCoordinator", "torch"))}
+            assert len({pid for pid, op in ops if op == "all_to_all"}) == tp, ops
 
         # greedy decode (absorbed MLA over the cached latent rows, plain TP)
-        outs = _generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
+        outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
                                                            "ignore_eos": True})
         for p, o in zip(PROMPTS, outs):
             assert o["output_ids"] == _hf_greedy(hf_model, p), f"greedy tokens differ for prompt {p}"
 
         # radix cache: the prefix first, then prefix + suffix extends over the cached prefix
-        _generate(engine, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+        generate(engine, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
         prompt = PREFIX + SUFFIX
-        second = _generate(engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+        second = generate(engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
                            return_logprob=True, logprob_start_len=len(PREFIX), top_logprobs_num=vocab)[0]
         meta = second["meta_info"]
         assert meta["cached_tokens"] == len(PREFIX), meta["cached_tokens"]
-        diff = (_rows(meta, vocab) - _hf_logprobs(hf_model, prompt)[len(PREFIX):]).abs().max().item()
+        diff = (distributions(meta, vocab) - hf_logprobs(hf_model, prompt)[len(PREFIX):]).abs().max().item()
         print(f"{config}: radix-cache hit of {meta['cached_tokens']} tokens, max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
 
         if concurrent:  # 8 at once (prefill and decode share batches) vs one at a time
             params = {"temperature": 0.0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
-            together = _generate(engine, CONCURRENT, sampling_params=params, return_logprob=True)
+            together = generate(engine, CONCURRENT, sampling_params=params, return_logprob=True)
             for p, o in zip(CONCURRENT, together):
-                alone = _generate(engine, [p], sampling_params=params, return_logprob=True)[0]
+                alone = generate(engine, [p], sampling_params=params, return_logprob=True)[0]
                 assert o["output_ids"] == alone["output_ids"], f"prompt of {len(p)} tokens"
                 got = torch.tensor([lp for lp, *_ in o["meta_info"]["output_token_logprobs"]])
                 want = torch.tensor([lp for lp, *_ in alone["meta_info"]["output_token_logprobs"]])
@@ -130,7 +124,9 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
 
 
 def _resolve(model_dir, extra):
-    """In the engine host: sglang's own server-argument resolution with the adapter enabled."""
+    """In the engine host: sglang's own server-argument resolution with the adapter enabled; (error or None,
+    the model config overrides and attention backend it resolved)."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
     from sglang.srt.server_args import ServerArgs
 
     from sp_core_sglang import cpu_env, plugin
@@ -141,9 +137,10 @@ def _resolve(model_dir, extra):
                       disable_cuda_graph=True, skip_tokenizer_init=True, grammar_backend="none", **extra)
     try:
         args.resolve_once()
-        return None
     except ValueError as err:
-        return str(err)
+        return str(err), None, None
+    view = resolved_view(args)
+    return None, view.json_model_override_args, view.attention_backend
 
 
 @pytest.mark.parametrize("extra, flag", [
@@ -159,24 +156,33 @@ def test_unsupported_options_refused_at_start_up(extra, flag, tmp_path_factory):
     model_dir = str(tmp_path_factory.getbasetemp() / "options-v3")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         make_checkpoint("deepseek-v3", model_dir)
-    error = engine_process.call(_resolve, model_dir, extra)
+    error, _, _ = engine_process.call(_resolve, model_dir, extra)
     if flag is None:
         assert error is None, error
     else:
         assert error is not None and flag in error and "\n" not in error, error
 
 
-def test_v32_refused_at_start_up_not_served_dense(tmp_path_factory):
-    """V3.2 is not served by the adapter yet: a one-line refusal, never a dense (index_topk-ignoring) fallback."""
+def test_v32_kept_off_sglangs_gpu_only_dsa_path(tmp_path_factory):
+    """sglang 0.5.23 would treat the V3.2 checkpoint as DSA (a dsa backend / DSATokenToKVPool, GPU-only
+    resolution steps); the adapter moves index_topk under its own key through sglang's
+    --json-model-override-args, keeping any override the user gave, and the backend asked for."""
+    import json as json_
+
     from sp_core_sglang import engine_process
+    from sp_core_sglang.options import HIDDEN_INDEX_TOPK
 
     model_dir = make_checkpoint("deepseek-v32", str(tmp_path_factory.mktemp("v32") / "v32"))
-    error = engine_process.call(_resolve, model_dir, {})
-    assert error is not None and "DeepseekV32ForCausalLM" in error and "\n" not in error, error
+    error, overrides, backend = engine_process.call(_resolve, model_dir,
+                                                    {"json_model_override_args": '{"rms_norm_eps": 1e-6}'})
+    assert error is None, error
+    assert json_.loads(overrides) == {"rms_norm_eps": 1e-6, "index_topk": None, HIDDEN_INDEX_TOPK: 3}
+    assert backend == "torch_native"
 
 
 def test_cli_logits_sglang_deepseek(tmp_path):
-    """`sp-core logits --engine sglang` on DeepSeek-V3 at tp 2 (SP on by default) equals transformers."""
+    """`sp-core logits --engine sglang --moe-parallel ep` on DeepSeek-V3 at tp 2 (SP on by default; sglang's
+    --ep-size 2) equals transformers."""
     from safetensors.torch import load_file
 
     from sp_core.cli import main
@@ -186,12 +192,9 @@ def test_cli_logits_sglang_deepseek(tmp_path):
     prompts_path, out = tmp_path / "prompts.json", tmp_path / "out.safetensors"
     prompts_path.write_text(json.dumps(PROMPTS))
     assert main(["logits", "--model", model_dir, "--prompts", str(prompts_path), "--out", str(out),
-                 "--engine", "sglang", "--tp", "2"]) == 0
+                 "--engine", "sglang", "--tp", "2", "--moe-parallel", "ep"]) == 0
     got = load_file(str(out))
     ref = reference_logprobs(model_dir, PROMPTS)
     diff = max((got[f"logprobs.{i}"] - r).abs().max().item() for i, r in enumerate(ref))
-    print(f"sp-core logits --engine sglang deepseek-v3 tp 2: max |d| vs transformers {diff:.2e}")
+    print(f"sp-core logits --engine sglang --moe-parallel ep deepseek-v3 tp 2: max |d| vs transformers {diff:.2e}")
     assert diff <= 1e-4
-    code = main(["logits", "--model", make_checkpoint("deepseek-v32", str(tmp_path / "v32")), "--prompts",
-                 str(prompts_path), "--out", str(tmp_path / "v32.safetensors"), "--engine", "sglang"])
-    assert code != 0  # V3.2: refused with a reason, before any engine starts

@@ -17,6 +17,7 @@ import torch
 
 from sp_core.tiny import make_checkpoint
 from support.multirank import run_ranks
+from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
@@ -32,17 +33,6 @@ CONCURRENT = [[int(t) for t in torch.randint(0, 100, (n,), generator=torch.Gener
               for n in (5, 1, 40, 3, 23, 2, 17, 9)]
 
 
-def _hf_greedy(model, prompts, new_tokens):
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-            out.append(gen[0, len(p):].tolist())
-    return out
-
-
 class Served:
     def __init__(self, engine, model_dir, log_path):
         self.engine, self.model_dir, self.log_path = engine, model_dir, log_path
@@ -51,13 +41,8 @@ class Served:
 
     def collectives(self):
         """Counter of (pid, op, rows) logged by the workers since the last call (the log is cleared)."""
-        if not os.path.exists(self.log_path):
-            return collections.Counter()
-        with open(self.log_path) as f:
-            lines = [line.split(" ") for line in f.read().splitlines()]
-        os.remove(self.log_path)
-        assert {route for *_, route in lines} == {"GroupCoordinator"}, "collectives bypassed sglang's communicator"
-        return collections.Counter((pid, op, int(shape.strip("()").split(",")[0])) for pid, op, shape, _ in lines)
+        return collections.Counter((pid, op, int(shape.strip("()").split(",")[0]))
+                                   for pid, op, shape, _ in read_collectives(self.log_path))
 
 
 @pytest.fixture(scope="module")
@@ -84,34 +69,12 @@ def hf_model(served):
     return AutoModelForCausalLM.from_pretrained(served.model_dir, dtype=torch.float32).eval()
 
 
-def _hf_logprobs(model, prompt):
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
-
-
-def _rows(meta, vocab):
-    """The distributions sglang returned, in position order: input entries (None where the position's
-    hidden state came from the cache) then the last position's."""
-    entries = list(meta["input_top_logprobs"][1:]) + [meta["output_top_logprobs"][0]]
-    rows = torch.full((len(entries), vocab), float("nan"))
-    for j, entry in enumerate(entries):
-        for logprob, token_id, _ in entry:
-            rows[j, int(token_id)] = float(logprob)
-    assert not torch.isnan(rows).any()
-    return rows
-
-
-def _generate(served, prompts, **kwargs):
-    out = served.engine.generate(input_ids=prompts, **kwargs)
-    return out if isinstance(out, list) else [out]
-
-
 def test_chunked_prefill_then_radix_cache_hit_equal_transformers(served, hf_model):
     served.collectives()
     # 40 tokens in chunks of 16: three extends, the 2nd and 3rd over the cached earlier chunks
-    first = _generate(served, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+    first = generate(served.engine, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
                       return_logprob=True, logprob_start_len=0, top_logprobs_num=served.vocab)[0]
-    diff = (_rows(first["meta_info"], served.vocab) - _hf_logprobs(hf_model, PREFIX)).abs().max().item()
+    diff = (distributions(first["meta_info"], served.vocab) - hf_logprobs(hf_model, PREFIX)).abs().max().item()
     sp_rows = [rows for (_, op, rows) in served.collectives() if op == "reduce_scatter"]
     print(f"chunked prefill: max |d logprob| vs transformers {diff:.2e}; SP rows per forward {sorted(set(sp_rows))}")
     assert diff <= 1e-4
@@ -119,12 +82,12 @@ def test_chunked_prefill_then_radix_cache_hit_equal_transformers(served, hf_mode
 
     # the prefix is now in the radix cache: the second request extends only its suffix
     prompt = PREFIX + SUFFIX
-    second = _generate(served, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+    second = generate(served.engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
                        return_logprob=True, logprob_start_len=len(PREFIX), top_logprobs_num=served.vocab)[0]
     meta = second["meta_info"]
     assert meta["cached_tokens"] == len(PREFIX), meta["cached_tokens"]
-    got = _rows(meta, served.vocab)  # positions len(PREFIX) .. len(prompt) - 1
-    want = _hf_logprobs(hf_model, prompt)[len(PREFIX):]
+    got = distributions(meta, served.vocab)  # positions len(PREFIX) .. len(prompt) - 1
+    want = hf_logprobs(hf_model, prompt)[len(PREFIX):]
     diff = (got - want).abs().max().item()
     sp_rows = [rows for (_, op, rows) in served.collectives() if op == "reduce_scatter"]
     print(f"radix cache hit of {meta['cached_tokens']} tokens: max |d logprob| vs transformers {diff:.2e}")
@@ -134,9 +97,9 @@ def test_chunked_prefill_then_radix_cache_hit_equal_transformers(served, hf_mode
 
 def test_concurrent_mixed_lengths_greedy_equal_transformers(served, hf_model):
     served.collectives()
-    outs = _generate(served, CONCURRENT, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
+    outs = generate(served.engine, CONCURRENT, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
                                                           "ignore_eos": True})
-    want = _hf_greedy(hf_model, CONCURRENT, NEW_TOKENS)
+    want = hf_greedy(hf_model, CONCURRENT, NEW_TOKENS)
     for i, (out, tokens) in enumerate(zip(outs, want)):
         assert out["output_ids"] == tokens, f"prompt {i} ({len(CONCURRENT[i])} tokens): {out['output_ids']} vs {tokens}"
     # one rank's forwards: each SP forward issues one reduce-scatter per row-parallel layer and one for the

@@ -131,8 +131,10 @@ def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> L
     return result
 
 
-def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
-    cfg = check_model(model_dir, tp)  # the core's checkpoint check, before sglang's workers can fail on it
+def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
+             moe_parallel: str = "tp") -> List[torch.Tensor]:
+    """``moe_parallel`` "ep": sglang's ``--ep-size tp`` (the adapter's MoE then runs expert parallelism)."""
+    cfg = check_model(model_dir, tp, moe_parallel)  # the core's checkpoint check, before sglang's workers can fail on it
     check_prompts(prompts, cfg.vocab_size)
     cfg.check_prompt_lengths(prompts)
     if dtype not in ENGINE_DTYPES:
@@ -144,6 +146,7 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
         # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Min tokens 0: tiny prompts run SP too.
         engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
                               enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True,
+                              **({"ep_size": tp} if moe_parallel == "ep" and tp > 1 else {}),
                               **({"max_total_tokens": pool} if platform.device_type() == "cpu" else {}))
     except ValueError as err:  # sglang's own validation of the server arguments
         raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None

@@ -34,14 +34,27 @@ _SGLANG_CPU_PADDED = {"num_attention_heads": "original_num_attention_heads",
                       "moe_intermediate_size": "original_moe_intermediate_size"}
 
 
-def checkpoint_config(hf_config) -> ModelConfig:
+def checkpoint_config(hf_config, moe_parallel: str = "tp") -> ModelConfig:
     hf = hf_config.to_dict()
     for name, original in _SGLANG_CPU_PADDED.items():
         if hf.get(original) is not None:
             hf[name] = hf.pop(original)
     if hf.get(HIDDEN_INDEX_TOPK) is not None:  # V3.2: kept away from sglang's DSA path (options.py)
         hf["index_topk"] = hf.pop(HIDDEN_INDEX_TOPK)
-    return ModelConfig.from_dict(hf)
+    return ModelConfig.from_dict(hf, moe_parallel)
+
+
+def moe_parallel_of(parallel) -> str:
+    """The core's MoE mode from sglang's ``--ep-size``: 1 -> experts TP-sharded ("tp"); the whole TP group ->
+    expert parallelism ("ep", n_routed_experts / t whole experts per rank, as sglang's EP without an a2a
+    backend). sglang itself requires ep_size * moe_dp_size == tp_size."""
+    ep, tp = getattr(parallel, "moe_ep_size", 1), getattr(parallel, "tp_size", 1)
+    if ep <= 1:
+        return "tp"
+    if ep != tp:
+        raise ModelError(f"sp_core's MoE runs expert parallelism over the whole TP group: --ep-size {ep} must be 1 "
+                         f"or the tp size {tp} (no --moe-dp-size)")
+    return "ep"
 
 
 def sp_min_tokens() -> int:
@@ -94,7 +107,7 @@ class SPCoreForCausalLM(CausalLM):
         _check_parallelism(parallel, quant_config)
         tp_group = get_tp_group()
         mpu.bind(tp_group.device_group, communicator=tp_group)
-        cfg = checkpoint_config(config)
+        cfg = checkpoint_config(config, moe_parallel_of(parallel))
         super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
         self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
