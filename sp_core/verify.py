@@ -88,11 +88,12 @@ def _error_status(err: Exception) -> str:
 
 
 def _settings(tps, cfg=None, engine_name="core"):
-    """(tp, SP, moe_parallel) rows; MoE models in the core also run expert parallelism (mode b) with SP."""
+    """(tp, SP, moe_parallel) rows; MoE models in the engines that take it (the core; sglang, as its
+    --ep-size) also run expert parallelism (mode b) with SP."""
     for tp in tps:
         for sp in ((False,) if tp == 1 else (False, True)):
             yield tp, sp, "tp"
-    if engine_name == "core" and cfg is not None and cfg.moe is not None:
+    if engine_name in engines.MOE_PARALLEL_ENGINES and cfg is not None and cfg.moe is not None:
         for tp in tps:
             if tp > 1:
                 yield tp, True, "ep"

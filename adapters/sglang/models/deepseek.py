@@ -1,16 +1,20 @@
-"""DeepSeek V2 / V2-Lite / V3 (and V3.2, see ``DeepseekV32ForCausalLM``) on sglang: the core's layers, MLA
-through sglang's attention backend and its MLA KV pool.
+"""DeepSeek V2 / V2-Lite / V3 / V3.2 on sglang: the core's layers, MLA through sglang's attention backend and
+its MLA KV pool.
 
 sglang picks the pool by architecture name: ``MLATokenToKVPool``, one row ``[kv_lat | k_pe]``
 (kv_lora_rank + qk_rope_head_dim values) per token and layer. Every rank writes the same row: the
 latent is gathered (under SP) or computed on all tokens (SP off) before it reaches the cache.
 
-Attention runs in the absorbed form in every forward mode (``MultiHeadLatentAttention.forward_absorbed``):
-one ``RadixAttention`` per layer with this rank's heads, head dim kv_lora + rope, one key head and value
-dim kv_lora, as sglang's own ``attn_mqa``. sglang's torch_native backend (the CPU one) reads keys and
-values back from the pool in extend as well, so the expanded form (per-head k, v) cannot run there:
-the pool holds no per-head keys. W_UK / W_UV are this rank's heads of ``kv_b_proj``, split once after
-loading (``post_load_weights``).
+Attention runs in the absorbed form in every forward mode: the model builder gives each MLA layer a
+``RadixLatentKernel`` (a ``LatentAttentionKernel``) on one ``RadixAttention`` with this rank's heads, head
+dim kv_lora + rope, one key head and value dim kv_lora, as sglang's own ``attn_mqa``. sglang's
+torch_native backend (the CPU one) reads keys and values back from the pool in extend as well, so the
+expanded form (per-head k, v) cannot run there: the pool holds no per-head keys. W_UK / W_UV are this
+rank's heads of ``kv_b_proj``, split once after loading (``post_load_weights``).
+
+V3.2: the kernel also carries the layer's index-key cache (``index_keys.py``); the indexer's selection is
+then a set of KV slots per query, and the kernel attends over those slots' rows only. sglang's own DSA
+path (GPU-only) is kept out of the way at start-up (``options.py``).
 """
 from __future__ import annotations
 
