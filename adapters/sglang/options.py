@@ -66,11 +66,16 @@ def serve_dsa_through_the_adapter(server_args, previous) -> None:
     from transformers import PretrainedConfig
 
     view = resolving_view(server_args)
-    hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
+    try:
+        hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
+    except (OSError, ValueError):  # no readable config.json: sglang's own steps report it
+        return
     architectures = hf.get("architectures") or []
     if not architectures or architectures[0] != "DeepseekV32ForCausalLM" or hf.get("index_topk") is None:
         return
     overrides = json.loads(view.json_model_override_args or "{}")
+    if HIDDEN_INDEX_TOPK in overrides:  # resolved before
+        return
     if overrides.get("index_topk", hf["index_topk"]) is None:
         raise ValueError("sp_core's DeepseekV32ForCausalLM needs index_topk; do not override it to null")
     overrides[HIDDEN_INDEX_TOPK] = overrides.pop("index_topk", hf["index_topk"])
