@@ -287,8 +287,9 @@ def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], unavaila
     """Train in Megatron -> export -> transformers and sglang load the export; two rows (fewer when an
     engine turns out unable to run: it joins ``unavailable``)."""
     tp = ROUND_TRIP_TP
-    trained_row = Row("round-trip", "megatron (trained)", tp, True, notes=["reference: transformers loading the export"])
-    served_row = Row("round-trip", "sglang (export)", tp, True, notes=["reference: transformers loading the export"])
+    reference_note = "reference: transformers loading the export"
+    trained_row = Row("round-trip", "megatron (trained)", tp, True, notes=[reference_note])
+    served_row = Row("round-trip", "sglang (export)", tp, True, notes=[reference_note])
     exported = os.path.join(workdir, "round-trip-export")
 
     def train():
@@ -326,7 +327,9 @@ def _max(values) -> Optional[float]:
 
 def _tokens(rows: List[Row]) -> str:
     differ = [_setting(r) for r in rows if r.tokens_equal is False]
-    return "—" if all(r.tokens_equal is None for r in rows) else ("equal" if not differ else "DIFF " + ",".join(differ))
+    if all(r.tokens_equal is None for r in rows):
+        return "—"
+    return "equal" if not differ else "DIFF " + ",".join(differ)
 
 
 def _status(rows: List[Row]) -> str:
@@ -451,6 +454,7 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     code = EXIT_FAIL if failed else (EXIT_UNAVAILABLE if unavailable else 0)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": [asdict(r) for r in rows], "verdict": verdict, "passed": code == 0, "exit_code": code,
+            json.dump({"rows": [asdict(r) for r in rows], "verdict": verdict, "notes": notes, "passed": code == 0,
+                       "exit_code": code,
                        "unavailable": unavailable, "tolerance": TOLERANCE, "sp_tolerance": SP_TOLERANCE}, f, indent=1)
     return code

@@ -125,7 +125,8 @@ def _collective_counts(dirs):
                     hidden, positions, batch, n = _layer_inputs(model)
                     layer = model.model.layers[1]
                     with torch.no_grad(), collectives.counting() as attn:
-                        h, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(hidden), positions, batch))
+                        h, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(hidden), positions,
+                                                                          batch))
                     with torch.no_grad(), collectives.counting() as moe:
                         layer.mlp(layer.post_attention_layernorm(hidden + h), n)
                     out[name, sp, mode] = {"mla": dict(attn), "mla_gathered": gathered, "moe": dict(moe)}

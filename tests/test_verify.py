@@ -83,7 +83,10 @@ def test_disagreeing_engine_fails(tmp_path, monkeypatch, capsys):
 def _stand_in_engines():
     """Test stand-ins for the three engines: transformers' log-probabilities, shifted by a different small
     constant per call (so that every row has its own number; argmax and tolerances unchanged)."""
-    reference = functools.lru_cache(maxsize=None)(lambda model_dir: verify.reference_logprobs(model_dir, verify.PROMPTS))
+    @functools.lru_cache(maxsize=None)
+    def reference(model_dir):
+        return verify.reference_logprobs(model_dir, verify.PROMPTS)
+
     calls = []
 
     def logprobs(model_dir, prompts, tp, sequence_parallel, dtype, **_):
@@ -123,7 +126,8 @@ def test_default_output_fits_on_a_screen(tmp_path, monkeypatch, capsys):
         lines.setdefault((r["model"], r["engine"] + ("" if r["moe"] == "tp" else f" moe={r['moe']}")), []).append(r)
     body = table[header + 1:header + 1 + len(lines)]
     for (model, engine), line_rows in lines.items():
-        line = next(line for line in body if line.startswith(f"{model} ") and line[len(model):].strip().startswith(engine + " "))
+        line = next(line for line in body
+                    if line.startswith(f"{model} ") and line[len(model):].strip().startswith(engine + " "))
         for r in line_rows:
             assert f"{r['vs_reference']:.1e}" in line, (r, line)
         for key in ("vs_core_tp1", "vs_sp_off"):
