@@ -16,7 +16,7 @@ from sp_core.cli import main
 from sp_core.tiny import make_checkpoint
 
 OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "round-trip ", "PASS", "FAIL", "not run:",
-                "sp-core verify: framework output")
+                "note:", "sp-core verify: framework output")
 MAX_LINES = 60  # issue 12: the default verify output on a 2-core machine
 
 
