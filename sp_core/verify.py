@@ -189,7 +189,8 @@ def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], defa
                      if tp not in left_out]
     if default_matrix:
         notes += _default_matrix_notes(models, tps, usable)
-    notes += [f"{engine_name} does not run {', '.join(names)} yet (the core does)" for engine_name, names in not_yet.items()]
+    notes += [f"{engine_name} does not run {', '.join(names)} yet (the core does)"
+              for engine_name, names in not_yet.items()]
     return rows, notes
 
 
@@ -254,7 +255,7 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
     core_tp1: Dict[str, list] = {}
     core_tp1_seconds: Dict[str, float] = {}
     ran: List[Row] = []
-    for row in rows:
+    for index, row in enumerate(rows):
         if row.engine in unavailable:
             continue
         model_dir = models[row.model]
@@ -270,6 +271,7 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
                                  usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32, **moe))
         if not ran_here:
             usable.pop(row.engine, None)
+            progress.total -= len({_line_key(r) for r in rows[index + 1:] if r.engine == row.engine} - {_line_key(row)})
             continue
         ran.append(row)
         if got is None:
@@ -431,7 +433,8 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
     rows = run_rows(rows, models, usable, unavailable, progress)
-    trip = trip and {"megatron", "sglang"} <= set(usable)
+    if trip and not {"megatron", "sglang"} <= set(usable):
+        trip, progress.total = False, progress.total - 2
     if trip:
         trip_model = args.model or make_checkpoint("qwen3-train", os.path.join(workdir, "qwen3-train"))
         rows += round_trip(trip_model, workdir, usable, unavailable, progress)
