@@ -198,15 +198,16 @@ def _default_matrix_notes(models: Dict[str, str], tps: List[int], usable: Dict[s
     notes = []
     for engine_name, engine in usable.items():
         skips = DEFAULT_MATRIX_SKIPS.get(engine_name, {})
+        skipped_tps = sorted(set(skips.get("tps", ())) & set(tps))
+        skipped_models = [m for m in skips.get("models", ()) if m in models]
         cap = getattr(engine, "max_default_tp", lambda: None)()
         capped = sorted(tp for tp in tps if cap is not None and tp > cap)
-        parts = [f"tp {','.join(map(str, sorted(set(skips.get('tps', ())) & set(tps))))}"] if set(
-            skips.get("tps", ())) & set(tps) else []
-        parts += [m for m in skips.get("models", ()) if m in models]
-        if capped:
-            parts.append(f"tp {','.join(map(str, capped))} (one rank per core on this {cap}-core CPU)")
+        parts = [f"at tp {','.join(map(str, skipped_tps))}"] if skipped_tps else []
+        parts += [f"on {' and '.join(skipped_models)}"] if skipped_models else []
+        parts += [f"at tp {','.join(map(str, capped))} (one rank per core on this {cap}-core CPU)"] if capped else []
         if parts:
-            notes.append(f"{engine_name} {', '.join(parts)} left out of the default matrix (--tp {DEFAULT_TP} runs it)")
+            notes.append(f"{engine_name} {', '.join(parts)}: left out of the default matrix "
+                         f"(an explicit --tp runs it, e.g. --tp {DEFAULT_TP})")
     return notes
 
 
