@@ -112,9 +112,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="compare every engine x tp x SP setting with transformers and each other")
     p.add_argument("--model", default=None, metavar="DIR",
-                   help="checkpoint directory (default: the embedded tiny Qwen2 and Qwen3 checkpoints)")
+                   help="checkpoint directory (default: the embedded tiny Qwen2, Qwen3 and DeepSeek checkpoints)")
     p.add_argument("--tp", type=tp_list, default=None, metavar="N,N",
-                   help=f"comma-separated tp sizes (default: {verify.DEFAULT_TP}; on CPU, sglang within the cores)")
+                   help=f"comma-separated tp sizes (default: {verify.DEFAULT_TP}, less what other rows cover: sglang at tp 1 "
+                        f"and on DeepSeek V2 / V2-Lite, and on CPU beyond the cores; an explicit --tp runs all of it)")
     p.add_argument("--engines", type=name_list, default=list(verify.DEFAULT_ENGINES), metavar="NAME,NAME",
                    help=f"engines to verify; each must be able to run (default: {','.join(verify.DEFAULT_ENGINES)})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON (default: none)")

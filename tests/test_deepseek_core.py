@@ -18,7 +18,8 @@ from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from sp_core.tiny import DEEPSEEK_MODELS
 from support.checkpoints import make_checkpoint, reference_logprobs
-from support.multirank import run_ranks
+from support.compare import max_diff, rel
+from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # a packed ragged batch with a 1-token prompt (10 tokens)
 ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only SP padding
@@ -78,16 +79,10 @@ def _rank(dirs, tp):
                 model = load_model(dirs[name], moe_parallel=mode)
                 out["logprobs"][name, sp, mode] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
                 out["grads"][name, sp, mode] = _gradients(model)
-    from sp_core.memory import _measure_rank
-
-    from sp_core.mpu import collectives
-
     mpu.set_sequence_parallel(tp > 1)
-    out["saved_bytes"] = {}  # mode -> layer type -> bytes on each rank
-    for mode in MODES:
-        mine = _measure_rank(dirs["deepseek-v3"], MEMORY_TOKENS, mode)
-        every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
-        out["saved_bytes"][mode] = {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
+    # mode -> layer type -> bytes on each rank
+    out["saved_bytes"] = {mode: saved_bytes_on_every_rank(dirs["deepseek-v3"], MEMORY_TOKENS, moe_parallel=mode)
+                          for mode in MODES}
     if tp == 2:
         out.update(_tp2_extras(dirs))
     return out
@@ -121,23 +116,20 @@ def _collective_counts(dirs):
     from sp_core.mpu import collectives
 
     out = {}
-    os.environ["SP_CORE_COLLECTIVE_LOG"] = dirs["log"] + f".{mpu.tp_rank()}"
-    for name in DEEPSEEK_MODELS:
-        for sp in (True, False):
-            mpu.set_sequence_parallel(sp)
-            for mode in MODES:
-                model = load_model(dirs[name], moe_parallel=mode)
-                hidden, positions, batch, n = _layer_inputs(model)
-                layer = model.model.layers[1]
-                open(os.environ["SP_CORE_COLLECTIVE_LOG"], "w").close()
-                with torch.no_grad(), collectives.counting() as attn:
-                    h = layer.self_attn(layer.input_layernorm(hidden), positions, batch)
-                with open(os.environ["SP_CORE_COLLECTIVE_LOG"]) as f:
-                    gathered = [line.split()[2] for line in f if " all_gather " in line]  # "<pid> <op> <shape> <route>"
-                with torch.no_grad(), collectives.counting() as moe:
-                    layer.mlp(layer.post_attention_layernorm(hidden + h), n)
-                out[name, sp, mode] = {"mla": dict(attn), "mla_gathered": gathered, "moe": dict(moe)}
-    del os.environ["SP_CORE_COLLECTIVE_LOG"]
+    with collective_log(dirs["log"]) as gathered_by:
+        for name in DEEPSEEK_MODELS:
+            for sp in (True, False):
+                mpu.set_sequence_parallel(sp)
+                for mode in MODES:
+                    model = load_model(dirs[name], moe_parallel=mode)
+                    hidden, positions, batch, n = _layer_inputs(model)
+                    layer = model.model.layers[1]
+                    with torch.no_grad(), collectives.counting() as attn:
+                        h, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(hidden), positions,
+                                                                          batch))
+                    with torch.no_grad(), collectives.counting() as moe:
+                        layer.mlp(layer.post_attention_layernorm(hidden + h), n)
+                    out[name, sp, mode] = {"mla": dict(attn), "mla_gathered": gathered, "moe": dict(moe)}
     return out
 
 
@@ -210,24 +202,9 @@ class _UnfusedMLA(MultiHeadLatentAttention):
             mla.gathered_latent_up = saved
 
 
-_RUNS = {}
-
-
 @pytest.fixture(scope="module")
 def runs(dirs):
-    def get(tp):
-        if tp not in _RUNS:
-            _RUNS[tp] = run_ranks(tp, _rank, dirs, tp)[0]
-        return _RUNS[tp]
-    return get
-
-
-def _max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return launches_per_tp(_rank, dirs)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -236,15 +213,15 @@ def test_logprobs_equal_transformers(runs, refs, tp):
     for (name, sp, mode), batches in got.items():
         for batch, ref in zip(batches, refs[name]):
             assert [x.shape for x in batch] == [x.shape for x in ref]
-            diff = _max_diff(batch, ref)
+            diff = max_diff(batch, ref)
             assert diff <= 1e-4, f"{name} tp={tp} sp={sp} moe={mode}: |d logprob| {diff}"
     for name in DEEPSEEK_MODELS:
         for i in range(2):
             if tp > 1:
-                diff = _max_diff(got[name, True, "tp"][i], got[name, False, "tp"][i])
+                diff = max_diff(got[name, True, "tp"][i], got[name, False, "tp"][i])
                 assert diff <= 1e-5, f"{name} tp={tp}: SP on vs off {diff}"
             for sp in ((False, True) if tp > 1 else (False,)):
-                diff = _max_diff(got[name, sp, "tp"][i], got[name, sp, "ep"][i])
+                diff = max_diff(got[name, sp, "tp"][i], got[name, sp, "ep"][i])
                 assert diff <= 1e-5, f"{name} tp={tp} sp={sp}: MoE mode (a) vs (b) {diff}"
 
 
@@ -271,9 +248,9 @@ def test_gradients_equal_tp1(runs, tp):
             assert ref[key].abs().max() > 0, f"{key}: zero gradient at t=1 (a check that cannot fail)"
         for key in ref:
             where = f"{name} tp={tp} sp={sp} moe={mode}: gradient of {key}"
-            assert _rel(grads[key], ref[key]) <= 1e-5, where + (f" ({_named(key)})" if _named(key) else "")
+            assert rel(grads[key], ref[key]) <= 1e-5, where + (f" ({_named(key)})" if _named(key) else "")
             if "kv_a_proj_with_mqa.weight" in key:
-                assert _rel(grads[key][rope_rows], ref[key][rope_rows]) <= 1e-5, where + " rope rows (k_pe)"
+                assert rel(grads[key][rope_rows], ref[key][rope_rows]) <= 1e-5, where + " rope rows (k_pe)"
 
 
 def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
@@ -305,7 +282,7 @@ def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
         core = base[name, False, "tp"]
         assert core.keys() == hf_grads.keys()
         for key, grad in core.items():
-            assert _rel(grad, hf_grads[key]) <= 1e-5, f"{name} t=1 vs transformers: {key}"
+            assert rel(grad, hf_grads[key]) <= 1e-5, f"{name} t=1 vs transformers: {key}"
 
 
 def test_k_pe_gradient_summed_exactly_once(runs):
@@ -315,10 +292,10 @@ def test_k_pe_gradient_summed_exactly_once(runs):
     controls = runs(2)["controls"]
     latent, rope = slice(0, 16), slice(16, 24)
     for sp in (True, False):
-        assert _rel(controls[sp, "right"], ref) <= 1e-5
+        assert rel(controls[sp, "right"], ref) <= 1e-5
         for how in ("never", "twice"):
-            assert _rel(controls[sp, how][rope], ref[rope]) > 1e-2, f"sp={sp} k_pe summed {how}: not caught"
-            assert _rel(controls[sp, how][latent], ref[latent]) <= 1e-5, f"sp={sp} {how}: latent rows changed"
+            assert rel(controls[sp, how][rope], ref[rope]) > 1e-2, f"sp={sp} k_pe summed {how}: not caught"
+            assert rel(controls[sp, how][latent], ref[latent]) <= 1e-5, f"sp={sp} {how}: latent rows changed"
 
 
 def test_fused_latent_gather_equals_unfused(runs):
@@ -362,13 +339,13 @@ def test_checkpoint_forms_and_export(runs, refs, dirs):
 
     extras = runs(2)
     for form in ("v3-fused", "v3-mtp"):
-        assert _max_diff(extras["forms"][form], refs["deepseek-v3"][0]) <= 1e-4, form
+        assert max_diff(extras["forms"][form], refs["deepseek-v3"][0]) <= 1e-4, form
     with safe_open(os.path.join(dirs["export"], "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys and "model.layers.1.mlp.gate.e_score_correction_bias" in keys
     assert not any(k.endswith("experts.gate_up_proj") or "gate_up_proj" in k for k in keys)
     exported = reference_logprobs(dirs["export"], RAGGED)  # transformers loads the core's export
-    assert _max_diff(exported, refs["deepseek-v3"][0]) <= 1e-5
+    assert max_diff(exported, refs["deepseek-v3"][0]) <= 1e-5
 
 
 def test_parameters_carry_gradient_tags(runs):
@@ -476,7 +453,7 @@ def test_cli_logits_core(dirs, refs, tmp_path):
     assert main(["logits", "--model", dirs["deepseek-v2"], "--prompts", str(prompts), "--out", out,
                  "--tp", "2", "--moe-parallel", "ep"]) == 0
     got = load_file(out)
-    assert _max_diff([got[f"logprobs.{i}"] for i in range(len(RAGGED))], refs["deepseek-v2"][0]) <= 1e-4
+    assert max_diff([got[f"logprobs.{i}"] for i in range(len(RAGGED))], refs["deepseek-v2"][0]) <= 1e-4
 
 
 def test_routing_margins_leave_room(dirs):

@@ -17,7 +17,8 @@ from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
-from support.multirank import run_ranks
+from support.compare import max_diff, rel
+from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 
 INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
@@ -137,13 +138,9 @@ def _rank(dirs, tp):
         out["grads"][sp], out["lm_untouched"][sp] = _lm_gradients(model)
         out["score_grads"][sp] = _score_loss_gradients(model)
         out["flops"][sp] = _indexer_flops(model)
-    from sp_core.memory import _measure_rank
-    from sp_core.mpu import collectives
-
     mpu.set_sequence_parallel(tp > 1)
-    mine = _measure_rank(dirs["v32"], MEMORY_TOKENS)  # one sequence longer than index_topk: sparse attention
-    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
-    out["saved_bytes"] = {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
+    # one sequence longer than index_topk: sparse attention
+    out["saved_bytes"] = saved_bytes_on_every_rank(dirs["v32"], MEMORY_TOKENS)
     if tp == 2:
         out["counts"] = _collective_counts(dirs)
         mpu.set_sequence_parallel(True)
@@ -178,8 +175,7 @@ def _collective_counts(dirs):
     from sp_core.mpu import collectives
 
     out = {}
-    log = os.environ["SP_CORE_COLLECTIVE_LOG"] = dirs["log"] + f".{mpu.tp_rank()}"
-    try:
+    with collective_log(dirs["log"]) as gathered_by:
         for sp in (True, False):
             mpu.set_sequence_parallel(sp)
             for arch in ("v32", "v3"):
@@ -187,40 +183,20 @@ def _collective_counts(dirs):
                 for name, prompts in (("long", LONG), ("short", SHORT)):
                     embedded, positions, _, batch, _ = _inputs(model, prompts)
                     layer = model.model.layers[1]
-                    open(log, "w").close()
                     with torch.no_grad(), collectives.counting() as counts:
-                        layer.self_attn(layer.input_layernorm(embedded), positions, batch)
-                    with open(log) as f:
-                        # "<pid> <op> <shape> <route>"
-                        gathered = [line.split()[2] for line in f if " all_gather " in line]
+                        _, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(embedded), positions,
+                                                                          batch))
                     out[arch, sp, name] = (dict(counts), gathered)
                 embedded, positions, _, batch, _ = _inputs(model, LONG)
                 with collectives.counting() as counts:  # forward and backward: the indexer adds no backward op
                     layer.self_attn(layer.input_layernorm(embedded), positions, batch).sum().backward()
                 out[arch, sp, "backward"] = dict(counts)
-    finally:
-        del os.environ["SP_CORE_COLLECTIVE_LOG"]
     return out
-
-
-_RUNS = {}
 
 
 @pytest.fixture(scope="module")
 def runs(dirs):
-    def get(tp):
-        if tp not in _RUNS:
-            _RUNS[tp] = run_ranks(tp, _rank, dirs, tp)[0]
-        return _RUNS[tp]
-    return get
-
-
-def _max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return launches_per_tp(_rank, dirs)
 
 
 # transformers' index-score math (DeepseekV32Indexer.forward, which runs under no-grad and returns only
@@ -278,11 +254,11 @@ def test_logprobs_equal_transformers(runs, refs, tp):
     for sp, batches in got.items():
         for name, batch in batches.items():
             assert [x.shape for x in batch] == [x.shape for x in ref[name]]
-            diff = _max_diff(batch, ref[name])
+            diff = max_diff(batch, ref[name])
             assert diff <= 1e-4, f"tp={tp} sp={sp} {name}: |d logprob| {diff}"
     if tp > 1:
         for name in ("long", "short"):
-            assert _max_diff(got[True][name], got[False][name]) <= 1e-5, f"tp={tp} {name}: SP on vs off"
+            assert max_diff(got[True][name], got[False][name]) <= 1e-5, f"tp={tp} {name}: SP on vs off"
 
 
 def test_sparse_attention_changes_the_result(runs, dirs):
@@ -293,8 +269,8 @@ def test_sparse_attention_changes_the_result(runs, dirs):
     with torch.no_grad():
         ref = [torch.log_softmax(dense(torch.tensor([p])).logits[0], -1) for p in LONG]
     got = runs(1)["logprobs"][False]["long"]
-    assert _max_diff(got[:1], ref[:1]) > 1e-1  # 9 tokens, rows 3.. sparse
-    assert _max_diff([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref]) <= 1e-4  # dense rows agree
+    assert max_diff(got[:1], ref[:1]) > 1e-1  # 9 tokens, rows 3.. sparse
+    assert max_diff([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref]) <= 1e-4  # dense rows agree
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -339,7 +315,7 @@ def test_tp1_gradients_equal_transformers_autograd(runs, hf):
     for key, grad in core.items():
         if ".indexer." not in key:
             assert grad.abs().max() > 0, key
-        assert _rel(grad, hf_grads[key]) <= 1e-5, f"t=1 vs transformers: {key}"
+        assert rel(grad, hf_grads[key]) <= 1e-5, f"t=1 vs transformers: {key}"
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -349,7 +325,7 @@ def test_gradients_equal_tp1(runs, tp):
     for sp, grads in got["grads"].items():
         assert grads.keys() == base.keys() and got["lm_untouched"][sp], f"tp={tp} sp={sp}"
         for key, ref in base.items():
-            assert _rel(grads[key], ref) <= 1e-5, f"tp={tp} sp={sp}: gradient of {key}"
+            assert rel(grads[key], ref) <= 1e-5, f"tp={tp} sp={sp}: gradient of {key}"
 
 
 def test_score_loss_gradients_tp1_equal_transformers(runs, hf):
@@ -375,7 +351,7 @@ def test_score_loss_gradients_tp1_equal_transformers(runs, hf):
     assert len(core) == 10
     for key, grad in core.items():
         ref = hf.get_parameter(key).grad
-        assert ref.abs().max() > 0 and _rel(grad, ref) <= 1e-5, key
+        assert ref.abs().max() > 0 and rel(grad, ref) <= 1e-5, key
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -387,11 +363,11 @@ def test_score_loss_gradients_and_tags(runs, tp):
     got = runs(tp)["score_grads"]
     for sp, grads in got.items():
         for key, ref in base.items():
-            assert _rel(grads["tagged"][key], ref) <= 1e-5, f"tp={tp} sp={sp}: {key}"
+            assert rel(grads["tagged"][key], ref) <= 1e-5, f"tp={tp} sp={sp}: {key}"
             wrong = grads["unsummed"][key] if sp else grads["always_summed"][key]
-            assert _rel(wrong, ref) > 1e-2, f"tp={tp} sp={sp}: a wrong tag on {key} not caught"
+            assert rel(wrong, ref) > 1e-2, f"tp={tp} sp={sp}: a wrong tag on {key} not caught"
             if not sp:
-                assert _rel(wrong, tp * ref) <= 1e-5  # summing the replicated indexer: t x the gradient
+                assert rel(wrong, tp * ref) <= 1e-5  # summing the replicated indexer: t x the gradient
     if tp == 2:
         tags = runs(2)["tags"]  # of a bfloat16 model
         assert len(tags) == 10 and all(sp and not partitioned for sp, partitioned, _ in tags.values()), tags
@@ -406,9 +382,9 @@ def test_bfloat16_and_row_blocks(runs, refs):
     run = runs(2)
     ref = refs["long"]
     assert all(x.isfinite().all() for x in run["bf16"])
-    dense_rows = _max_diff([x[:INDEX_TOPK] for x in run["bf16"]], [r[:INDEX_TOPK] for r in ref])
+    dense_rows = max_diff([x[:INDEX_TOPK] for x in run["bf16"]], [r[:INDEX_TOPK] for r in ref])
     print(f"bfloat16 at t=2 SP: max |d logprob| vs float32 transformers {dense_rows:.3e} before index_topk, "
-          f"{_max_diff(run['bf16'], ref):.3e} over all rows")
+          f"{max_diff(run['bf16'], ref):.3e} over all rows")
     assert dense_rows <= 0.3
     whole, rows = run["blocks"]
     assert whole.dtype == torch.int32 and whole.shape == (22, INDEX_TOPK) and torch.equal(whole, rows)
@@ -511,7 +487,7 @@ def test_cli_logits_and_memory(dirs, refs, tmp_path, capsys):
     out = str(tmp_path / "out.safetensors")
     assert main(["logits", "--model", dirs["v32"], "--prompts", str(prompts), "--out", out, "--tp", "2"]) == 0
     got = load_file(out)
-    assert _max_diff([got[f"logprobs.{i}"] for i in range(len(LONG))], refs["long"]) <= 1e-4
+    assert max_diff([got[f"logprobs.{i}"] for i in range(len(LONG))], refs["long"]) <= 1e-4
     capsys.readouterr()
     assert main(["memory", "--model", dirs["v32"], "--tp", "2", "--tokens", "64"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -7,6 +7,7 @@ from sp_core.mpu import platform
 from sp_core.layers.sharding import gather_full
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
+from support.compare import max_diff, rel
 from support.multirank import run_ranks
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # includes a 1-token prompt
@@ -31,10 +32,6 @@ def _logprobs_sp_on_and_off(dirs):
     return out
 
 
-def _max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_logprobs_equal_transformers(checkpoints, tp):
     got = run_ranks(tp, _logprobs_sp_on_and_off, checkpoints)
@@ -43,12 +40,12 @@ def test_logprobs_equal_transformers(checkpoints, tp):
         for sp in (False, True):
             for batch in range(2):
                 assert [x.shape for x in got[0][name, sp][batch]] == [x.shape for x in ref[batch]]
-                diff = _max_diff(got[0][name, sp][batch], ref[batch])
+                diff = max_diff(got[0][name, sp][batch], ref[batch])
                 assert diff <= 1e-4, f"{name} tp={tp} sp={sp} batch {batch}: |d logprob| {diff}"
             for rank in range(1, tp):  # every rank ends with the same logits
-                assert _max_diff(got[rank][name, sp][0], got[0][name, sp][0]) == 0
+                assert max_diff(got[rank][name, sp][0], got[0][name, sp][0]) == 0
         for batch in range(2):
-            diff = _max_diff(got[0][name, True][batch], got[0][name, False][batch])
+            diff = max_diff(got[0][name, True][batch], got[0][name, False][batch])
             assert diff <= 1e-5, f"{name} tp={tp}: SP on vs off {diff}"
 
 
@@ -65,10 +62,6 @@ def _gradients(model_dir, sum_sequence_parallel=True):
         for shard, full in gather_full(param, param.grad).items():
             grads[f"{name}:{shard}"] = full.cpu()
     return grads
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -95,15 +88,15 @@ def test_gradients_with_sp_equal_tp1(checkpoints, name, tp):
     for key, grad in base.items():
         core_name, shard = key.split(":")
         hf_name = core_to_hf(core_name, None if shard == "None" else shard)
-        assert _rel(grad, hf_grads[hf_name].grad) <= 1e-5, f"t=1 vs transformers: {hf_name}"
+        assert rel(grad, hf_grads[hf_name].grad) <= 1e-5, f"t=1 vs transformers: {hf_name}"
 
     got = run_ranks(tp, _gradients, d)[0]
     assert got.keys() == base.keys()
     for key in base:
-        assert _rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP: gradient of {key}"
+        assert rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP: gradient of {key}"
     off = run_ranks(tp, _gradients, d, sequence_parallel=False)[0]
     for key in base:
-        assert _rel(off[key], base[key]) <= 1e-5, f"{name} tp={tp} no SP: gradient of {key}"
+        assert rel(off[key], base[key]) <= 1e-5, f"{name} tp={tp} no SP: gradient of {key}"
 
 
 def test_sequence_parallel_tag_matters(checkpoints):
@@ -111,7 +104,7 @@ def test_sequence_parallel_tag_matters(checkpoints):
     d = checkpoints["qwen3-train"]
     base = run_ranks(1, _gradients, d)[0]
     unsummed = run_ranks(2, _gradients, d, False)[0]
-    wrong = {k for k in base if _rel(unsummed[k], base[k]) > 1e-3}
+    wrong = {k for k in base if rel(unsummed[k], base[k]) > 1e-3}
     assert wrong and all("layernorm" in k or k.startswith("model.norm") for k in wrong), wrong
 
 
@@ -141,8 +134,8 @@ def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(checkpoint
     got = run_ranks(2, _bf16_logprobs, checkpoints["qwen3"])[0]
     decided = 0
     for g, r in zip(got, ref):
-        rel = ((g - r).norm() / r.norm()).item()
-        assert rel <= 1e-2, f"bf16 relative error {rel}"
+        error = ((g - r).norm() / r.norm()).item()
+        assert error <= 1e-2, f"bf16 relative error {error}"
         # A random tiny model has near-ties that bf16 rounding may flip: greedy tokens must agree
         # wherever float32's top-1 leads top-2 by more than bf16's error scale (0.1 in logprob).
         top2 = r.topk(2, -1).values

@@ -2,8 +2,9 @@
 import pytest
 
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.compare import max_diff, rel
 from support.multirank import run_ranks
-from test_qwen_core import _gradients, _max_diff, _rel
+from test_qwen_core import _gradients
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,8 @@ def _logprobs(model_dir):
 def test_logprobs_at_tp8(ckpts):
     got = run_ranks(8, _logprobs, ckpts["qwen3-tp8"])[0]
     ref = reference_logprobs(ckpts["qwen3-tp8"], PROMPTS)
-    assert _max_diff(got[True], ref) <= 1e-4 and _max_diff(got[False], ref) <= 1e-4
-    assert _max_diff(got[True], got[False]) <= 1e-5
+    assert max_diff(got[True], ref) <= 1e-4 and max_diff(got[False], ref) <= 1e-4
+    assert max_diff(got[True], got[False]) <= 1e-5
 
 
 def test_gradients_at_tp8_equal_tp1(ckpts):
@@ -35,7 +36,7 @@ def test_gradients_at_tp8_equal_tp1(ckpts):
     base = run_ranks(1, _gradients, d)[0]
     got = run_ranks(8, _gradients, d)[0]
     for key in base:
-        assert _rel(got[key], base[key]) <= 1e-5, f"tp=8 SP: gradient of {key}"
+        assert rel(got[key], base[key]) <= 1e-5, f"tp=8 SP: gradient of {key}"
 
 
 def test_megatron_training_at_tp8_equals_tp1(ckpts):
@@ -46,7 +47,7 @@ def test_megatron_training_at_tp8_equals_tp1(ckpts):
     got = engine.train_steps(d, 8, True, 3, capture_grads=True)
     assert max(abs(a - b) for a, b in zip(got["losses"], base["losses"])) <= 1e-5
     for key, grad in base["grads0"].items():
-        assert _rel(got["grads0"][key], grad) <= 1e-5, key
+        assert rel(got["grads0"][key], grad) <= 1e-5, key
 
 
 DEEPSEEK_TP8 = ("deepseek-v3-tp8", "deepseek-v32-tp8")
@@ -94,8 +95,8 @@ def test_deepseek_at_tp8(deepseek_ckpts):
         for mode in MOE_MODES:
             for sp in (False, True):
                 for lp, want in zip(got[name, mode, sp, "logprobs"], ref):
-                    assert _max_diff(lp, want) <= 1e-4, f"{name} {mode} SP={sp}"
+                    assert max_diff(lp, want) <= 1e-4, f"{name} {mode} SP={sp}"
             grads, want = got[name, mode, "grads"], base[name, mode, "grads"]
             assert grads.keys() == want.keys()
             for key in want:
-                assert _rel(grads[key], want[key]) <= 1e-5, f"{name} {mode}: gradient of {key}"
+                assert rel(grads[key], want[key]) <= 1e-5, f"{name} {mode}: gradient of {key}"

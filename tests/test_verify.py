@@ -1,9 +1,12 @@
 """`sp-core verify`: a reduced matrix passes; an engine asked for that cannot run is exit 3; a disagreeing
 engine fails it; the terminal stays quiet; no working files are left behind."""
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,8 +15,9 @@ from sp_core import verify
 from sp_core.cli import main
 from sp_core.tiny import make_checkpoint
 
-OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "PASS", "FAIL", "not run:", "note:",
-                "sp-core verify: framework output")
+OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "round-trip ", "PASS", "FAIL", "not run:",
+                "note:", "sp-core verify: framework output")
+MAX_LINES = 60  # issue 12: the default verify output on a 2-core machine
 
 
 def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
@@ -45,11 +49,10 @@ def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
     assert all(r["vs_reference"] <= 1e-4 and r["tokens_equal"] for r in rows)
     assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"] and r["moe"] == "tp")
     core_tp1 = [r for r in rows if r["engine"] == "core" and r["tp"] == 1]
-    assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself...
-    assert all(line.split()[5] == "—" for line in proc.stdout.splitlines() if line.startswith(("qwen2 ", "qwen3 ")) and line.split()[1] == "core"
-               and line.split()[2] == "1")  # ...shown as a dash, not 0
+    assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself
     assert data["exit_code"] == 3 and data["unavailable"] == {"sglang": data["unavailable"]["sglang"]}
     assert "PASS: all 28 rows within tolerance" in proc.stdout
+    assert len(output.splitlines()) <= MAX_LINES, output
     assert [p for p in os.listdir(tmp) if p.startswith("sp-core")] == []  # no litter (torch caches aside)
     log = [line for line in output.splitlines() if line.startswith("sp-core verify: framework output")]
     assert len(log) == 1 and "Apex" in open(log[0].split()[-1]).read()  # Megatron's warnings: in the log only
@@ -75,3 +78,61 @@ def test_disagreeing_engine_fails(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "FAIL: 3 of 3 rows out of tolerance" in out
     assert os.path.isdir(tmp_path / "kept")  # --keep: the working directory stays
+
+
+def _stand_in_engines():
+    """Test stand-ins for the three engines: transformers' log-probabilities, shifted by a different small
+    constant per call (so that every row has its own number; argmax and tolerances unchanged)."""
+    @functools.lru_cache(maxsize=None)
+    def reference(model_dir):
+        return verify.reference_logprobs(model_dir, verify.PROMPTS)
+
+    calls = []
+
+    def logprobs(model_dir, prompts, tp, sequence_parallel, dtype, **_):
+        calls.append(model_dir)
+        return [x + 1e-6 * len(calls) for x in reference(model_dir)]
+
+    def train_and_export(model_dir, out_dir, tp, sequence_parallel, steps, prompts):
+        shutil.copytree(model_dir, out_dir)
+        return logprobs(out_dir, prompts, tp, sequence_parallel, None)
+
+    return {"core": SimpleNamespace(logprobs=logprobs),
+            "megatron": SimpleNamespace(logprobs=logprobs, train_and_export=train_and_export),
+            "sglang": SimpleNamespace(logprobs=logprobs, max_default_tp=lambda: 2)}  # as on a 2-core CPU
+
+
+def test_default_output_fits_on_a_screen(tmp_path, monkeypatch, capsys):
+    """The default matrix (every engine and embedded model, the round trip; sglang within 2 cores) prints its
+    progress, table and verdict in at most 60 lines, and every row's comparisons are in the table: each row's
+    |d logprob| against transformers in its setting's column, the worst against the core at tp 1 and against
+    SP off per line; the core at tp 1 is never compared with itself."""
+    monkeypatch.setattr(verify, "check_engines", lambda names: (_stand_in_engines(), {}))
+    monkeypatch.setenv("SP_CORE_LOG_DIR", str(tmp_path / "logs"))
+    report = tmp_path / "report.json"
+    code = main(["verify", "--json", str(report)])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert code == 0, output
+    assert len(output.splitlines()) <= MAX_LINES, f"{len(output.splitlines())} lines:\n{output}"
+    rows = json.loads(report.read_text())["rows"]
+    assert {r["model"] for r in rows} == set(verify.DEFAULT_MODELS) | {"round-trip"}
+    assert {r["engine"] for r in rows} == {"core", "megatron", "sglang", "megatron (trained)", "sglang (export)"}
+    assert f"PASS: all {len(rows)} rows within tolerance" in captured.out
+    table = captured.out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("model "))
+    lines = {}
+    for r in rows:
+        lines.setdefault((r["model"], r["engine"] + ("" if r["moe"] == "tp" else f" moe={r['moe']}")), []).append(r)
+    body = table[header + 1:header + 1 + len(lines)]
+    for (model, engine), line_rows in lines.items():
+        line = next(line for line in body
+                    if line.startswith(f"{model} ") and line[len(model):].strip().startswith(engine + " "))
+        for r in line_rows:
+            assert f"{r['vs_reference']:.1e}" in line, (r, line)
+        for key in ("vs_core_tp1", "vs_sp_off"):
+            values = [r[key] for r in line_rows if r[key] is not None]
+            assert (f"{max(values):.1e}" if values else "—") in line, (key, line)
+    assert all(r["vs_core_tp1"] is None for r in rows if r["engine"] == "core" and r["tp"] == 1)
+    assert all(r["vs_core_tp1"] is not None for r in rows if r["engine"] in ("core", "megatron", "sglang") and
+               not (r["engine"] == "core" and r["tp"] == 1 and r["moe"] == "tp"))

@@ -1,6 +1,8 @@
-"""Multi-rank test harness: the library's launcher with a test-sized timeout."""
+"""Multi-rank test harness: the library's launcher with a test-sized timeout, one launch per tp for a test
+module, and what several modules do inside their ranks."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from sp_core.mpu import launch
@@ -19,3 +21,53 @@ def run_ranks(world: int, fn, *args, tp=None, sequence_parallel: bool = True, ti
 
         pytest.skip(f"needs {world} devices; this machine has {platform.device_count()}")
     return launch.run_ranks(world, fn, *args, tp=tp, sequence_parallel=sequence_parallel, timeout=timeout)
+
+
+def launches_per_tp(rank_fn, *args):
+    """``get(tp)``: rank 0's result of ``rank_fn(*args, tp)`` on ``tp`` ranks, launched once per tp and
+    kept (hold it in a module-scoped fixture: a test module computes everything one tp needs in one launch,
+    because starting gloo ranks on 2 cores is the expensive part)."""
+    results = {}
+
+    def get(tp: int):
+        if tp not in results:
+            results[tp] = run_ranks(tp, rank_fn, *args, tp)[0]
+        return results[tp]
+
+    return get
+
+
+# -- inside a rank ---------------------------------------------------------------------------------------
+
+def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
+    """{"dense": [bytes per rank], "sparse": [...]}: bytes one dense / one MoE (or sparse-attention) decoder
+    layer saves for backward, measured on every rank (``sp_core.memory``) and gathered."""
+    import torch
+
+    from sp_core.memory import _measure_rank
+    from sp_core.mpu import collectives
+
+    mine = _measure_rank(model_dir, tokens, **kwargs)
+    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
+    return {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
+
+
+@contextlib.contextmanager
+def collective_log(prefix: str):
+    """Inside a rank: every sp_core collective is logged to ``<prefix>.<tp rank>`` (SP_CORE_COLLECTIVE_LOG)
+    within the block, which yields ``gathered(fn) -> (fn(), shapes)``: runs ``fn()`` and returns its result and
+    the shapes it all-gathered, e.g. ["(5,48)"]."""
+    from sp_core import mpu
+
+    path = os.environ["SP_CORE_COLLECTIVE_LOG"] = f"{prefix}.{mpu.tp_rank()}"
+
+    def gathered(fn):
+        open(path, "w").close()
+        result = fn()
+        with open(path) as f:
+            return result, [line.split()[2] for line in f if " all_gather " in line]  # "<pid> <op> <shape> <route>"
+
+    try:
+        yield gathered
+    finally:
+        del os.environ["SP_CORE_COLLECTIVE_LOG"]
