@@ -167,17 +167,21 @@ class MultiHeadLatentAttention(torch.nn.Module):
         else:
             q, kv, k_pe = gathered_latent_up(latent, self.latent_widths,
                                              [self.q_b_proj.weight, self.kv_b_proj.weight, None])
+        selected = None
+        if self.indexer is not None:
+            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
+        return self.o_proj(self.attend(q, kv, k_pe, positions, batch, selected).flatten(-2))
+
+    def attend(self, q, kv, k_pe, positions, batch, selected=None) -> torch.Tensor:
+        """Attention of this rank's heads over all tokens, from the up-projected ``q`` [T, heads*qk] and
+        ``kv`` [T, heads*(nope+v)] and the roped shared key ``k_pe`` [T, rope]: [T, heads, v]."""
         heads = self.num_local_heads
         q_nope, q_pe = q.unflatten(-1, (heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
         q = torch.cat([q_nope, self.rotary.rotate(positions, q_pe)], dim=-1)
         k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
-        selected = None
-        if self.indexer is not None:
-            selected = self.indexer(hidden, latent[:, : self.q_lora_rank], local_positions, batch)
         sparse = {} if selected is None else {"topk_indices": selected}
-        out = self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
-        return self.o_proj(out.flatten(-2))
+        return self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
 
     def forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """As ``forward``, through ``latent_kernel`` (the absorbed form), with the weights ``absorb()``
