@@ -18,6 +18,7 @@ from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.multirank import run_ranks
+from support.precision import assert_bf16_matches_float32
 
 INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
@@ -69,7 +70,7 @@ def _inputs(model, prompts):
     if _sp():
         ids, positions = mpu.pad_1d(ids), mpu.pad_1d(positions)
     local = mpu.scatter_to_sp(positions) if _sp() else positions
-    rows = torch.arange(positions.shape[0])
+    rows = torch.arange(positions.shape[0], device=positions.device)
     return model.model.embed_tokens(ids), positions, local, batch, (mpu.scatter_to_sp(rows) if _sp() else rows)
 
 
@@ -87,7 +88,7 @@ def _lm_gradients(model):
 
 def score_loss_weights(rows, total):
     """Fixed coefficients of the test's loss on the index scores, by (batch row, key row)."""
-    return torch.sin(0.37 * rows[:, None].float() + 0.11 * torch.arange(total)[None, :].float() + 1)
+    return torch.sin(0.37 * rows[:, None].float() + 0.11 * torch.arange(total, device=rows.device)[None, :].float() + 1)
 
 
 def _score_loss_gradients(model):
@@ -142,16 +143,18 @@ def _rank(dirs, tp):
 
     mpu.set_sequence_parallel(tp > 1)
     mine = _measure_rank(dirs["v32"], MEMORY_TOKENS)  # one sequence longer than index_topk: sparse attention
-    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
+    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device()))
     out["saved_bytes"] = {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
+    if tp > 1:  # the serving dtype, SP on
+        mpu.set_sequence_parallel(True)
+        model = load_model(dirs["v32"], dtype=torch.bfloat16)
+        out["bf16"] = prompt_logprobs(model, LONG)
     if tp == 2:
+        out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
+                           p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
         out["counts"] = _collective_counts(dirs)
         mpu.set_sequence_parallel(True)
         out["blocks"] = _selection_in_row_blocks(load_model(dirs["v32"]))
-        model = load_model(dirs["v32"], dtype=torch.bfloat16)
-        out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
-                           p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
-        out["bf16"] = prompt_logprobs(model, LONG)
     return out
 
 
@@ -413,6 +416,19 @@ def test_bfloat16_and_row_blocks(runs, refs):
     whole, rows = run["blocks"]
     assert whole.dtype == torch.int32 and whole.shape == (22, INDEX_TOPK) and torch.equal(whole, rows)
     assert (whole[21] == -1).all() and (whole[9] == torch.tensor([9, -1, -1], dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(runs, refs, tp):
+    """V3.2 in bf16 at t = 2 / 4 with SP against float32 transformers, on the rows before index_topk (every
+    key kept: the attention is V3's). Later rows are only printed: the tiny model's index-score margins
+    (~0.07) lie within bf16 rounding of its scores, so bf16 may select other keys than float32 there
+    (measured on CPU: relative error 6.4e-3 at t = 2, 4.6e-2 at t = 4, with greedy tokens flipped)."""
+    got, ref = runs(tp)["bf16"], refs["long"]
+    overall = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
+    rel = assert_bf16_matches_float32([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref],
+                                      f"V3.2 tp={tp}, rows before index_topk", min_decided=4)
+    print(f"V3.2 bf16 tp={tp}: relative error {rel:.2e} before index_topk, {overall:.2e} over all rows")
 
 
 @pytest.mark.parametrize("tp", [2, 4])
