@@ -82,27 +82,26 @@ class _ExpertInputGEMMs(torch.autograd.Function):
         return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
 
 
-COMBINE_CHUNKS = 32  # no-grad combine: float32 row blocks of ~1/32 of the expert output at a time
+COMBINE_BLOCKS = 8  # no-grad combine: token blocks, each un-permuting 1/8 of the expert rows at a time
 
 
 def _combine(y: torch.Tensor, slots: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
     """Per-token sums of the expert outputs ``y`` (one row per (token, k) slot in ``slots``, flat index
-    token * top_k + k).
-
-    With autograd and every slot present it un-permutes and sums over k, which saves only the
+    token * top_k + k). With every slot present it un-permutes and sums over k, which saves only the
     permutation for backward (``index_add`` would also save ``y``, a [tokens * top_k, H] tensor). Without
-    autograd (prefill) the un-permuted copy would double the largest buffer of the layer: the rows are
-    added into a float32 sum in blocks instead (float32 accumulation, as the sum over k does)."""
-    token = slots // top_k
-    if not torch.is_grad_enabled():
-        out = torch.zeros(num_tokens, y.shape[-1], dtype=torch.float32, device=y.device)
-        block = max(1, -(-y.shape[0] // COMBINE_CHUNKS))
-        for start in range(0, y.shape[0], block):
-            out.index_add_(0, token[start:start + block], y[start:start + block].float())
-        return out.to(y.dtype)
-    if slots.shape[0] == num_tokens * top_k:
-        return y[slots.argsort()].view(num_tokens, top_k, y.shape[-1]).sum(1)
-    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, token, y)
+    autograd (prefill) it does the same per block of tokens, so that no second [tokens * top_k, H] copy of
+    the layer's largest buffer exists (same sums, same order)."""
+    if slots.shape[0] != num_tokens * top_k:
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, slots // top_k, y)
+    where = slots.argsort()  # the row of y that holds each (token, k) slot
+    if torch.is_grad_enabled():
+        return y[where].view(num_tokens, top_k, y.shape[-1]).sum(1)
+    out = y.new_empty(num_tokens, y.shape[-1])
+    block = max(1, -(-num_tokens // COMBINE_BLOCKS))
+    for start in range(0, num_tokens, block):
+        stop = min(num_tokens, start + block)
+        out[start:stop] = y[where[start * top_k:stop * top_k]].view(stop - start, top_k, y.shape[-1]).sum(1)
+    return out
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
