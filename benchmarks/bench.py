@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.timing import timed as _timed  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
@@ -29,31 +30,6 @@ def qwen3_config(layers: int):
 
     return ModelConfig.from_dict(dict(SHAPE, architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,
                                       max_position_embeddings=40960))
-
-
-def _timed(fn, iters: int, warmup: int = 3):
-    """Median milliseconds of fn() (device events), and peak bytes allocated during one call."""
-    from sp_core.mpu import collectives, platform
-
-    for _ in range(warmup):
-        fn()
-    platform.synchronize()
-    collectives.barrier()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    platform.synchronize()
-    before = torch.cuda.memory_allocated()
-    platform.reset_peak_memory()
-    fn()
-    platform.synchronize()
-    peak = platform.max_memory_allocated() - before
-    return statistics.median(times), peak
 
 
 def ceilings():
@@ -99,7 +75,7 @@ CATEGORIES = (("collective", ("nccl", "memcpy", "cross_device", "symm_mem", "bar
               ("norm+rotary", ("rms", "norm", "rope")))
 
 
-def kernel_categories(fn, iters: int = 3) -> dict:
+def kernel_categories(fn, iters: int = 3, categories=CATEGORIES) -> dict:
     """Device time per kernel category (ms per call) over ``iters`` profiled calls; sums may exceed the
     wall time where kernels overlap (collectives beside GEMMs)."""
     from torch.profiler import ProfilerActivity, profile
@@ -110,13 +86,13 @@ def kernel_categories(fn, iters: int = 3) -> dict:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    totals = {name: 0.0 for name, _ in CATEGORIES}
+    totals = {name: 0.0 for name, _ in categories}
     totals["other"] = 0.0
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = evt.key.lower()
-        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        category = next((c for c, keys in categories if any(k in name for k in keys)), "other")
         totals[category] += evt.self_device_time_total / 1e3 / iters
     return {k: round(v, 3) for k, v in totals.items()}
 

@@ -115,9 +115,12 @@ def _decoder_layers(cfg: ModelConfig) -> Dict[str, torch.nn.Module]:
 
 
 def _measure_rank(model_dir: str, tokens: int, moe_parallel: str = "tp") -> Dict[str, int]:
+    from sp_core.mpu import platform
+
     cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
     torch.manual_seed(0)  # replicated weights (the router's) equal on every rank
-    return {kind: _saved_bytes(layer, cfg, tokens) for kind, layer in _decoder_layers(cfg).items()}
+    with torch.device(platform.current_device()):  # the collectives' device (NCCL needs the GPU's tensors)
+        return {kind: _saved_bytes(layer, cfg, tokens) for kind, layer in _decoder_layers(cfg).items()}
 
 
 def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:

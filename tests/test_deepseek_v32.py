@@ -19,6 +19,7 @@ from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
+from support.precision import assert_bf16_matches_float32
 
 INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
@@ -70,7 +71,7 @@ def _inputs(model, prompts):
     if _sp():
         ids, positions = mpu.pad_1d(ids), mpu.pad_1d(positions)
     local = mpu.scatter_to_sp(positions) if _sp() else positions
-    rows = torch.arange(positions.shape[0])
+    rows = torch.arange(positions.shape[0], device=positions.device)
     return model.model.embed_tokens(ids), positions, local, batch, (mpu.scatter_to_sp(rows) if _sp() else rows)
 
 
@@ -88,7 +89,7 @@ def _lm_gradients(model):
 
 def score_loss_weights(rows, total):
     """Fixed coefficients of the test's loss on the index scores, by (batch row, key row)."""
-    return torch.sin(0.37 * rows[:, None].float() + 0.11 * torch.arange(total)[None, :].float() + 1)
+    return torch.sin(0.37 * rows[:, None].float() + 0.11 * torch.arange(total, device=rows.device)[None, :].float() + 1)
 
 
 def _score_loss_gradients(model):
@@ -141,14 +142,16 @@ def _rank(dirs, tp):
     mpu.set_sequence_parallel(tp > 1)
     # one sequence longer than index_topk: sparse attention
     out["saved_bytes"] = saved_bytes_on_every_rank(dirs["v32"], MEMORY_TOKENS)
+    if tp > 1:  # the serving dtype, SP on
+        mpu.set_sequence_parallel(True)
+        model = load_model(dirs["v32"], dtype=torch.bfloat16)
+        out["bf16"] = prompt_logprobs(model, LONG)
     if tp == 2:
+        out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
+                           p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
         out["counts"] = _collective_counts(dirs)
         mpu.set_sequence_parallel(True)
         out["blocks"] = _selection_in_row_blocks(load_model(dirs["v32"]))
-        model = load_model(dirs["v32"], dtype=torch.bfloat16)
-        out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
-                           p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
-        out["bf16"] = prompt_logprobs(model, LONG)
     return out
 
 
@@ -392,6 +395,22 @@ def test_bfloat16_and_row_blocks(runs, refs):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
+def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(runs, refs, tp):
+    """V3.2 in bf16 at t = 2 / 4 with SP (sequences longer than index_topk: sparse attention) against float32
+    transformers: relative error <= 1e-2, greedy tokens equal where float32 decides clearly. Measured on
+    NCCL (4 x H200): 7.0e-3 at t = 2, 7.4e-3 at t = 4. On gloo (CPU) at t = 4 the rows after index_topk reach
+    4.6e-2 with a flipped greedy token: the tiny model's index-score margins (~0.07) lie within bf16 rounding,
+    so bf16 may select other keys; there only the rows before index_topk (every key kept) are asserted."""
+    got, ref = runs(tp)["bf16"], refs["long"]
+    rel = assert_bf16_matches_float32([g[:INDEX_TOPK] for g in got], [r[:INDEX_TOPK] for r in ref],
+                                      f"V3.2 tp={tp}, rows before index_topk", min_decided=4)
+    overall = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
+    print(f"V3.2 bf16 tp={tp}: relative error {rel:.2e} before index_topk, {overall:.2e} over all rows")
+    if not (tp == 4 and platform.backend() == "gloo"):
+        assert_bf16_matches_float32(got, ref, f"V3.2 tp={tp}, all rows")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 def test_saved_bytes_shrink_by_t(runs, tp):
     """Bytes saved for backward per rank by a V3.2 layer (sparse attention, indexer without gradient)
     under SP <= 1.05 x (t = 1 bytes) / t, dense and MoE layer."""
@@ -485,7 +504,8 @@ def test_cli_logits_and_memory(dirs, refs, tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(LONG))
     out = str(tmp_path / "out.safetensors")
-    assert main(["logits", "--model", dirs["v32"], "--prompts", str(prompts), "--out", out, "--tp", "2"]) == 0
+    assert main(["logits", "--model", dirs["v32"], "--prompts", str(prompts), "--out", out, "--tp", "2",
+                 "--dtype", "float32"]) == 0  # the GPU default is bf16
     got = load_file(out)
     assert max_diff([got[f"logprobs.{i}"] for i in range(len(LONG))], refs["long"]) <= 1e-4
     capsys.readouterr()

@@ -195,3 +195,29 @@ def test_sp_for_an_architecture_the_core_lacks_fails_at_start(tmp_path):
     print(message)
     assert "\n" not in message.strip(), message
     assert "--enable-layernorm-sp" in message and "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message
+
+
+def test_sp_threshold_default_comes_per_family_from_the_measured_crossover(monkeypatch):
+    """The SP_CORE_SP_MIN_TOKENS default: the crossover measured for the model family and tp size on
+    this platform (DeepSeek's, not Qwen's, for MLA models); the fallback where none was measured; the
+    variable wins when set; a bad value is one error line."""
+    from sp_core.models import ModelConfig, ModelError
+    from sp_core.mpu import crossover, platform
+    from sp_core.tiny import hf_config
+    from sp_core_sglang.models import causal_lm
+
+    qwen, deepseek = (ModelConfig.from_dict(hf_config(name).to_dict()) for name in ("qwen3", "deepseek-v3"))
+    monkeypatch.delenv(causal_lm.SP_MIN_TOKENS_ENV, raising=False)
+    monkeypatch.setattr(platform, "backend", lambda: "nccl")
+    monkeypatch.setattr(crossover, "SP_PREFILL_MIN_TOKENS", {"qwen": {"nccl:2": 32768, "nccl:4": 8192},
+                                                             "deepseek": {"nccl:2": 4096, "nccl:4": 2048}})
+    assert causal_lm.sp_min_tokens(qwen, 2) == 32768 and causal_lm.sp_min_tokens(qwen, 4) == 8192
+    assert causal_lm.sp_min_tokens(deepseek, 2) == 4096 and causal_lm.sp_min_tokens(deepseek, 4) == 2048
+    assert causal_lm.sp_min_tokens(deepseek, 8) == causal_lm.DEFAULT_SP_MIN_TOKENS  # t = 8 not measured
+    monkeypatch.setattr(platform, "backend", lambda: "gloo")  # no CPU crossover: the fallback
+    assert causal_lm.sp_min_tokens(deepseek, 4) == causal_lm.DEFAULT_SP_MIN_TOKENS
+    monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "0")
+    assert causal_lm.sp_min_tokens(deepseek, 4) == 0
+    monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "lots")
+    with pytest.raises(ModelError, match="SP_CORE_SP_MIN_TOKENS='lots': expected a non-negative integer"):
+        causal_lm.sp_min_tokens(qwen, 2)

@@ -189,13 +189,18 @@ class MultiHeadLatentAttention(torch.nn.Module):
         if self.absorbed:
             return self._forward_absorbed(hidden, positions, batch)
         local_positions, latent, q_nope, q_pe, kv, k_pe = self._project(hidden, positions, self.kv_b_proj.weight)
+        out = self.attend(q_nope, q_pe, kv, k_pe, batch, **self._sparse(hidden, latent, local_positions, batch))
+        return self.o_proj(out.flatten(-2))
+
+    def attend(self, q_nope, q_pe, kv, k_pe, batch, **sparse) -> torch.Tensor:
+        """The expanded form's attention of this rank's heads over all tokens, from q_nope / roped q_pe
+        [T, heads, nope | rope], the up-projected ``kv`` [T, heads*(nope+v)] and the roped shared key
+        ``k_pe`` [T, rope]: [T, heads, v]."""
         heads = self.num_local_heads
         k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
-        out = self.kernel(q, k, v, batch, scale=self.softmax_scale,
-                          **self._sparse(hidden, latent, local_positions, batch))
-        return self.o_proj(out.flatten(-2))
+        return self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
 
     def _forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """As ``forward``, through the ``LatentAttentionKernel`` (the absorbed form), with the weights

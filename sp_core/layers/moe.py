@@ -82,13 +82,26 @@ class _ExpertInputGEMMs(torch.autograd.Function):
         return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
 
 
+COMBINE_BLOCKS = 8  # no-grad combine: token blocks, each un-permuting 1/8 of the expert rows at a time
+
+
 def _combine(y: torch.Tensor, slots: torch.Tensor, top_k: int, num_tokens: int) -> torch.Tensor:
     """Per-token sums of the expert outputs ``y`` (one row per (token, k) slot in ``slots``, flat index
     token * top_k + k). With every slot present it un-permutes and sums over k, which saves only the
-    permutation for backward (``index_add`` would also save ``y``, a [tokens * top_k, H] tensor)."""
-    if slots.shape[0] == num_tokens * top_k:
-        return y[slots.argsort()].view(num_tokens, top_k, y.shape[-1]).sum(1)
-    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, slots // top_k, y)
+    permutation for backward (``index_add`` would also save ``y``, a [tokens * top_k, H] tensor). Without
+    autograd (prefill) it does the same per block of tokens, so that no second [tokens * top_k, H] copy of
+    the layer's largest buffer exists (same sums, same order)."""
+    if slots.shape[0] != num_tokens * top_k:
+        return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, slots // top_k, y)
+    where = slots.argsort()  # the row of y that holds each (token, k) slot
+    if torch.is_grad_enabled():
+        return y[where].view(num_tokens, top_k, y.shape[-1]).sum(1)
+    out = y.new_empty(num_tokens, y.shape[-1])
+    block = max(1, -(-num_tokens // COMBINE_BLOCKS))
+    for start in range(0, num_tokens, block):
+        stop = min(num_tokens, start + block)
+        out[start:stop] = y[where[start * top_k:stop * top_k]].view(stop - start, top_k, y.shape[-1]).sum(1)
+    return out
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -164,11 +177,8 @@ class MoE(torch.nn.Module):
                 out = out + self.shared_experts(hidden[:held])
             return _pad_rows(out, hidden.shape[0])
         if sp:  # mode (a): one g on the hidden state and the routing (padding rows carry no routing)
-            pad = hidden.shape[0] - held
-            x, weights, ids = mpu.gather_from_sp_packed(
-                hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
-            partial = self._sharded_experts_on_gathered(x[:num_tokens], hidden, ids[:num_tokens], weights[:num_tokens])
-            return mpu.reduce_scatter_to_sp(_pad_rows(partial, x.shape[0]))
+            partial = self._sharded_experts_on_gathered(hidden, ids, weights, held, num_tokens)
+            return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * mpu.tp_size()))
         # SP off: every rank holds all tokens and routes them identically
         x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
         partial = self._local_experts(x, ids, weights)
@@ -198,14 +208,24 @@ class MoE(torch.nn.Module):
         y = self.experts(x[tokens], rows, scale=weights.reshape(-1)[slots])
         return _combine(y, slots, self.top_k, x.shape[0])
 
-    def _sharded_experts_on_gathered(self, x_all, x_shard, ids, weights) -> torch.Tensor:
-        """Mode (a) under SP: routed + shared partial outputs for all tokens, saving only the token shard."""
+    def _sharded_experts_on_gathered(self, hidden, ids, weights, held: int, num_tokens: int) -> torch.Tensor:
+        """Mode (a) under SP: one g on [hidden | routing weights | expert ids] of this rank's shard (``held``
+        real rows), then routed + shared partial outputs for all ``num_tokens`` tokens, saving only the
+        token shard. The gathered tokens are dropped once the input GEMMs have read them."""
+        pad = hidden.shape[0] - held
+        x_all, weights, ids = mpu.gather_from_sp_packed(
+            hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
+        weights, ids = weights[:num_tokens], ids[:num_tokens]
         slots, rows = self._sort_slots(ids)
         tokens = slots // self.top_k
         shared = self.shared_experts.gate_up_proj.weight if self.shared_experts is not None else None
-        h_routed, h_shared = _ExpertInputGEMMs.apply(x_all, x_shard, tokens, rows, self.experts.gate_up_proj, shared)
+        h_routed, h_shared = _ExpertInputGEMMs.apply(x_all[:num_tokens], hidden, tokens, rows,
+                                                     self.experts.gate_up_proj, shared)
+        del x_all  # the largest buffer SP adds; nothing below reads it (backward re-gathers the shard)
         y = self.experts.activate_and_down(h_routed, rows, scale=weights.reshape(-1)[slots])
-        out = _combine(y, slots, self.top_k, x_all.shape[0])
+        del h_routed
+        out = _combine(y, slots, self.top_k, num_tokens)
+        del y
         return out + self.shared_experts.activate_and_down(h_shared) if shared is not None else out
 
     def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -224,8 +244,13 @@ class MoE(torch.nn.Module):
         # received: per source rank, rows grouped by local expert -> regroup by local expert
         local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
         by_expert = local_expert.argsort(stable=True)
-        y = self.experts(received[by_expert], got_per_expert.sum(0), scale=received_weights[by_expert, 0])
-        back = mpu.all_to_all_tp(y[by_expert.argsort()], recv_rows, send_rows)
+        # each [rows, H] buffer is released as soon as the next one exists (prefill keeps at most two)
+        received = received[by_expert]
+        y = self.experts(received, got_per_expert.sum(0), scale=received_weights[by_expert, 0])
+        del received
+        y = y[by_expert.argsort()]
+        back = mpu.all_to_all_tp(y, recv_rows, send_rows)
+        del y
         return _combine(back, slots, self.top_k, x.shape[0])
 
     # ---- checkpoint hooks (keys relative to ``mlp.experts.``) -----------------------------------------

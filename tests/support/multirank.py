@@ -20,7 +20,8 @@ def run_ranks(world: int, fn, *args, tp=None, sequence_parallel: bool = True, ti
         import pytest
 
         pytest.skip(f"needs {world} devices; this machine has {platform.device_count()}")
-    return launch.run_ranks(world, fn, *args, tp=tp, sequence_parallel=sequence_parallel, timeout=timeout)
+    return launch.run_ranks(world, _ResultsOnCPU(fn), *args, tp=tp, sequence_parallel=sequence_parallel,
+                            timeout=timeout)
 
 
 def launches_per_tp(rank_fn, *args):
@@ -45,10 +46,10 @@ def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
     import torch
 
     from sp_core.memory import _measure_rank
-    from sp_core.mpu import collectives
+    from sp_core.mpu import collectives, platform
 
     mine = _measure_rank(model_dir, tokens, **kwargs)
-    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]]))
+    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device()))
     return {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
 
 
@@ -71,3 +72,26 @@ def collective_log(prefix: str):
         yield gathered
     finally:
         del os.environ["SP_CORE_COLLECTIVE_LOG"]
+
+
+class _ResultsOnCPU:
+    """``fn`` whose result comes back with every tensor on the CPU: a rank's device tensors do not
+    outlive the rank (NCCL runs), and the tests compare them with CPU references."""
+
+    def __init__(self, fn):
+        self.fn, self.__name__ = fn, getattr(fn, "__name__", "the function")
+
+    def __call__(self, *args):
+        return _on_cpu(self.fn(*args))
+
+
+def _on_cpu(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value

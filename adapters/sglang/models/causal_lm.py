@@ -15,13 +15,15 @@ import torch
 from sp_core import mpu
 from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
+from sp_core.mpu import crossover
 from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
 from sp_core_sglang.options import HIDDEN_INDEX_TOPK
 
 SP_MIN_TOKENS_ENV = "SP_CORE_SP_MIN_TOKENS"
-# Below this many tokens a prefill batch runs plain TP: for small batches reduce-scatter + all-gather
-# lose to one all-reduce (vLLM's SP pass keeps such a threshold). docs/benchmarks.md: on H100 / H200,
-# Qwen3-8B-shaped layers, SP loses at 4096 tokens (t = 2: x1.12) and wins from 8192 (x0.93; t = 4: x0.80).
+# Below the threshold a prefill batch runs plain TP: for small batches reduce-scatter + all-gather lose to
+# one all-reduce (vLLM's SP pass keeps such a threshold). Its default is the crossover measured for the
+# model family at this tp size on this platform (sp_core.mpu.crossover, docs/benchmarks.md); where none
+# was measured (another platform or tp size), this fallback: the first-round H100 / H200 crossover.
 DEFAULT_SP_MIN_TOKENS = 8192
 
 
@@ -57,10 +59,12 @@ def moe_parallel_of(parallel) -> str:
     return "ep"
 
 
-def sp_min_tokens() -> int:
+def sp_min_tokens(cfg: ModelConfig, t: int) -> int:
+    """``SP_CORE_SP_MIN_TOKENS`` if set, else the measured crossover for ``cfg``'s family at tp size ``t``."""
     raw = os.environ.get(SP_MIN_TOKENS_ENV, "").strip()
     if not raw:
-        return DEFAULT_SP_MIN_TOKENS
+        measured = crossover.sp_prefill_min_tokens(t, crossover.family(cfg))
+        return DEFAULT_SP_MIN_TOKENS if measured is None else measured
     if not raw.isdigit():
         raise ModelError(f"{SP_MIN_TOKENS_ENV}={raw!r}: expected a non-negative integer (a token count)")
     return int(raw)
@@ -111,7 +115,7 @@ class SPCoreForCausalLM(CausalLM):
         super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
         self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
-        self.sp_min_tokens = sp_min_tokens()
+        self.sp_min_tokens = sp_min_tokens(cfg, mpu.tp_size())
 
     @staticmethod
     def _attention_kernels(cfg: ModelConfig, prefix: str):
