@@ -19,15 +19,18 @@ __all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_promp
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
-                  moe_parallel: str = "tp") -> List[torch.Tensor]:
+                  moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, sequence_parallel=sequence_parallel)[0]
+    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, deterministic,
+                     sequence_parallel=sequence_parallel)[0]
 
 
-def _core_rank(model_dir, prompts, dtype, moe_parallel="tp"):
+def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False):
+    from sp_core import mpu
     from sp_core.runtime import load_model, prompt_logprobs
 
+    mpu.set_deterministic(deterministic)
     return prompt_logprobs(load_model(model_dir, dtype, moe_parallel), prompts)
 
 
@@ -49,7 +52,7 @@ def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
 
 def available() -> Dict[str, object]:
     """name -> engine module (or entry point to one). An engine has ``logprobs(model_dir, prompts, tp,
-    sequence_parallel, dtype) -> [Tensor]``; the megatron engine also has ``train(args) -> int``."""
+    sequence_parallel, dtype, deterministic=False) -> [Tensor]``; the megatron engine also has ``train(args) -> int``."""
     engines: Dict[str, object] = {"core": SimpleNamespace(logprobs=core_logprobs)}
     for ep in metadata.entry_points(group="sp_core.engines"):
         engines[ep.name] = ep

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sp_core.layers.attention import expand_kv
+from sp_core import mpu
+from sp_core.layers.attention import PackedBatch, expand_kv, packed_causal_attention
 from sp_core.models import ModelError
 
 
@@ -72,8 +73,13 @@ def document_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 def megatron_attention(q, k, v, batch: MegatronBatch) -> torch.Tensor:
     """Attention within each of the b columns of an [s, b] token grid, causal, restricted by the mask or
-    the document boundaries when there are any (rows past s*b: SP padding)."""
+    the document boundaries when there are any (rows past s*b: SP padding).
+
+    In the deterministic mode an unmasked batch runs the core's own kernel on each sequence, laid out
+    sequence after sequence: the call the core engine and sglang's prefill make for that sequence."""
     s, b = batch.seq_length, batch.micro_batch_size
+    if batch.allowed is None and mpu.deterministic():
+        return _per_sequence_core_kernel(q, k, v, s, b)
 
     def grid(x):  # [s*b, heads, d] -> [b, heads, s, d]
         return x[: s * b].unflatten(0, (s, b)).permute(1, 2, 0, 3)
@@ -84,4 +90,13 @@ def megatron_attention(q, k, v, batch: MegatronBatch) -> torch.Tensor:
     else:
         out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=batch.allowed)
     out = out.permute(2, 0, 1, 3).flatten(0, 1)
+    return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
+
+
+def _per_sequence_core_kernel(q, k, v, s: int, b: int) -> torch.Tensor:
+    def by_sequence(x):  # [s*b, heads, d] s-major -> [b*s, heads, d], each sequence contiguous
+        return x[: s * b].unflatten(0, (s, b)).transpose(0, 1).reshape(s * b, *x.shape[1:])
+
+    out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v), PackedBatch([s] * b))
+    out = out.unflatten(0, (b, s)).transpose(0, 1).reshape(s * b, *out.shape[1:])
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out

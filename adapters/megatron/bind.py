@@ -25,3 +25,4 @@ def bind_tensor_parallel_group(config) -> None:
         raise ModelError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but Megatron's "
                          f"tensor-parallel group has {size} ranks")
     mpu.bind(group, sequence_parallel=config.sequence_parallel)
+    mpu.set_deterministic(getattr(config, "deterministic_mode", False))  # Megatron's own switch

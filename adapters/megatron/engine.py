@@ -28,14 +28,17 @@ def _init_megatron(tp: int) -> None:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
 
-def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32):
-    """An SPCoreGPTModel on this rank's device, initialised from ``model_dir``."""
+def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32,
+                deterministic: bool = False):
+    """An SPCoreGPTModel on this rank's device, initialised from ``model_dir``; ``deterministic``:
+    Megatron's ``deterministic_mode``."""
     from sp_core.mpu import platform
     from sp_core_megatron.config import transformer_config_from_hf
     from sp_core_megatron.model import SPCoreGPTModel
 
     _init_megatron(tp)
-    config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype)
+    config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype,
+                                        deterministic_mode=deterministic)
     with torch.device(platform.current_device()):
         return SPCoreGPTModel(config)
 
@@ -56,14 +59,15 @@ def model_logprobs(model, prompts) -> List[torch.Tensor]:
     return out
 
 
-def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype):
-    model = build_model(model_dir, tp, sequence_parallel, dtype).eval()
+def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype, deterministic=False):
+    model = build_model(model_dir, tp, sequence_parallel, dtype, deterministic).eval()
     return model_logprobs(model, prompts)
 
 
-def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
+             deterministic: bool = False) -> List[torch.Tensor]:
     check_available()
-    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype,
+    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype, deterministic,
                      sequence_parallel=sequence_parallel)[0]
 
 
@@ -80,7 +84,7 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine
-    model = build_model(model_dir, tp, sequence_parallel)
+    model = build_model(model_dir, tp, sequence_parallel, deterministic=settings.get("deterministic", False))
     log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
@@ -107,6 +111,9 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
                      capture_grads, sequence_parallel=sequence_parallel)[0]
 
 
-def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: bool, steps: int, prompts):
-    """For the round trip: train, export to ``out_dir``, return the trained model's log-probabilities."""
-    return train_steps(model_dir, tp, sequence_parallel, steps, out_dir=out_dir, prompts=prompts)["logprobs"]
+def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: bool, steps: int, prompts,
+                     deterministic: bool = False):
+    """For the round trip: train, export to ``out_dir``, return the trained model's log-probabilities
+    (``deterministic``: Megatron's ``deterministic_mode``, in training and in that forward)."""
+    return train_steps(model_dir, tp, sequence_parallel, steps, out_dir=out_dir, prompts=prompts,
+                       deterministic=deterministic)["logprobs"]

@@ -132,8 +132,9 @@ def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> L
 
 
 def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
-             moe_parallel: str = "tp") -> List[torch.Tensor]:
-    """``moe_parallel`` "ep": sglang's ``--ep-size tp`` (the adapter's MoE then runs expert parallelism)."""
+             moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
+    """``moe_parallel`` "ep": sglang's ``--ep-size tp`` (the adapter's MoE then runs expert parallelism).
+    ``deterministic``: sglang's ``--enable-deterministic-inference`` (the core's deterministic mode)."""
     cfg = check_model(model_dir, tp, moe_parallel)  # the core's checkpoint check, before sglang's workers can fail on it
     check_prompts(prompts, cfg.vocab_size)
     cfg.check_prompt_lengths(prompts)
@@ -147,6 +148,7 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
         engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
                               enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True,
                               **({"ep_size": tp} if moe_parallel == "ep" and tp > 1 else {}),
+                              enable_deterministic_inference=deterministic,
                               **({"max_total_tokens": pool} if platform.device_type() == "cpu" else {}))
     except ValueError as err:  # sglang's own validation of the server arguments
         raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None

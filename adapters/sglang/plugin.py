@@ -32,9 +32,10 @@ def enable() -> None:
     from sglang.srt.models.registry import ModelRegistry
 
     from sp_core.models import SUPPORTED_ARCHITECTURES
-    from sp_core_sglang import options
+    from sp_core_sglang import deterministic, options
 
     ModelRegistry.register(MODELS_PACKAGE, overwrite=True, strict=True)
     layernorm_sp.SP_SUPPORTED_ARCHITECTURES = layernorm_sp.SP_SUPPORTED_ARCHITECTURES | frozenset(
         SUPPORTED_ARCHITECTURES)
     options.register()
+    deterministic.register()

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from sp_core import mpu
-from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
+from sp_core.layers import ParallelLMHead, batch_invariant, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
 from sp_core.models.deepseek import DeepseekModel
 from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
@@ -33,6 +33,7 @@ class CausalLM(torch.nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
+    @batch_invariant.when_deterministic
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise.
         Token ids are not validated here (a host sync per forward): entry points check the prompts
@@ -42,6 +43,7 @@ class CausalLM(torch.nn.Module):
             input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
         return self.model(input_ids, positions, batch, num_tokens)
 
+    @batch_invariant.when_deterministic
     def local_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Logits of all T tokens over this rank's vocabulary block: [T, ceil(V/t)]."""
         hidden = self.hidden_states(input_ids, positions, batch)

@@ -21,11 +21,13 @@ from sp_core.mpu.operators import (
 from sp_core.mpu.parallel_state import (
     ParallelStateError,
     bind,
+    deterministic,
     destroy,
     initialize,
     is_initialized,
     sequence_parallel,
     sequence_parallel_active,
+    set_deterministic,
     set_sequence_parallel,
     tp_group,
     tp_rank,

@@ -5,6 +5,24 @@ sglang's GroupCoordinator), the sum all-reduce, all-gather and reduce-scatter go
 the framework's custom all-reduce and CUDA-graph-safe paths apply; the rest (max all-reduce, async
 starts for backward overlap, broadcast) stays on torch.distributed, which serving does not use.
 
+In the deterministic mode (``parallel_state.set_deterministic``) every sum over TP -- the all-reduce of
+f-bar and f's backward, the reduce-scatter of g-bar and g's backward -- takes each element's sum in rank
+order, whichever rank owns it, so that a row's value does not depend on how the batch was split:
+
+    collective                  who sums row i (owned by rank d)         order of the t terms
+    ring reduce-scatter         passed d+1 -> d+2 -> ... -> d            x[d+1] + ... + x[t-1] + x[0] + ... + x[d]
+    ring all-reduce             its reduce-scatter phase, as above       as above, d = the chunk's owner
+    tree / halving-doubling     the algorithm's pairing of ranks         depends on size, algorithm, channels
+    invariant reduce-scatter    all-to-all of the partial chunks, then   x[0] + x[1] + ... + x[t-1]
+                                rank d sums what it received locally     (always)
+    invariant all-reduce        invariant reduce-scatter + all-gather    x[0] + x[1] + ... + x[t-1]
+
+A ring's sum starts after the owner, so the same row gets a different rotation of the terms -- and a
+different rounding -- when a different rank owns it: SP on vs off (all-reduce vs reduce-scatter), or a
+batch whose size moves the row to another token shard (vLLM #56377). With t = 2 the two terms commute
+exactly; from t = 3 they do not. The invariant pair moves the same bytes as a ring reduce-scatter
+((t-1)/t of the tensor per rank), plus an all-gather for the all-reduce, as a ring all-reduce does.
+
 Every call is counted (``counts()``), and appended to the file named by SP_CORE_COLLECTIVE_LOG when
 set, as ``<pid> <op> <shape> <route>`` (route: the communicator's class name, or ``torch``), so tests
 can prove which collectives a forward issued and through what, also inside worker processes.
@@ -69,6 +87,8 @@ def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or max) over TP, in a new tensor."""
     if ps.tp_size() == 1:
         return x
+    if op == "sum" and ps.deterministic():
+        return invariant_all_reduce(x)
     communicator = ps.communicator() if op == "sum" else None
     _record("all_reduce", x, communicator)
     out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
@@ -147,6 +167,8 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
     t = ps.tp_size()
     if t == 1:
         return Pending(x)
+    if ps.deterministic():
+        return Pending(invariant_reduce_scatter(x))
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
     group = ps.tp_group()
@@ -180,6 +202,8 @@ def gather_to_first(x: torch.Tensor):
 
 def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     """Sum over TP, then keep this rank's contiguous 1/t of dim 0."""
+    if ps.tp_size() > 1 and ps.deterministic():
+        return invariant_reduce_scatter(x)
     if ps.tp_size() > 1 and ps.communicator() is not None:
         return _reduce_scatter_through(ps.communicator(), x)
     return reduce_scatter_start(x).wait()
@@ -204,8 +228,9 @@ def _wait(works: list) -> None:
 
 def _fusion(op: str, rows: int, t: int) -> str:
     """``async_tp.choose``, except that a bound framework communicator keeps the plain collectives
-    (they go through it, as the framework would issue them)."""
-    return "off" if ps.communicator() is not None else async_tp.choose(op, rows, t)
+    (they go through it, as the framework would issue them), and so does the deterministic mode (its
+    sums are the invariant ones; a fused ring sums in the owner's order)."""
+    return "off" if ps.communicator() is not None or ps.deterministic() else async_tp.choose(op, rows, t)
 
 
 def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
@@ -250,7 +275,7 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
     a = a.contiguous()
     impl = _fusion("matmul_reduce_scatter", a.shape[0], t)
     if impl == "off":
-        if ps.communicator() is not None:
+        if ps.communicator() is not None or ps.deterministic():
             return Pending(reduce_scatter(a @ b))
         return reduce_scatter_start(a @ b)
     _record("reduce_scatter", a)
@@ -278,6 +303,62 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return matmul_reduce_scatter_start(a, b).wait()
+def _sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
+    """``parts[0] + parts[1] + ... + parts[t-1]``, left to right (bf16 / fp16 accumulate in float32)."""
+    wide = parts.float() if parts.dtype in (torch.bfloat16, torch.float16) else parts
+    total = wide[0].clone()
+    for term in wide[1:]:
+        total += term
+    return total.to(parts.dtype)
+
+
+def _exchange_chunks(x: torch.Tensor) -> torch.Tensor:
+    """All-to-all of equal chunks: chunk r of ``x`` (dim 0) goes to rank r; returns the chunks received,
+    in rank order. Through the bound communicator when it has ``all_to_all_single``."""
+    out = torch.empty_like(x)
+    communicator = ps.communicator()
+    if communicator is not None and hasattr(communicator, "all_to_all_single"):
+        communicator.all_to_all_single(out, x)
+    else:
+        dist.all_to_all_single(out, x, group=ps.tp_group())
+    return out
+
+
+def invariant_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP in rank order, keeping this rank's contiguous 1/t of dim 0 (the deterministic mode's
+    reduce-scatter; see the table above): each rank receives every rank's partial of its rows and adds
+    them up locally, left to right."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    _check_divisible(x, "reduce_scatter")
+    _record("reduce_scatter", x, ps.communicator())
+    parts = _exchange_chunks(x.contiguous())
+    activity.leave_collective()
+    return _sum_in_rank_order(parts.view((t, x.shape[0] // t) + tuple(x.shape[1:])))
+
+
+def invariant_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over TP in rank order, on every rank (the deterministic mode's all-reduce): the invariant
+    reduce-scatter of the flattened tensor (padded to a multiple of t), then an all-gather."""
+    t = ps.tp_size()
+    if t == 1:
+        return x
+    communicator = ps.communicator()
+    _record("all_reduce", x, communicator)
+    flat = x.contiguous().view(-1)
+    padded = -(-flat.numel() // t) * t
+    flat = torch.cat([flat, flat.new_zeros(padded - flat.numel())]) if padded > flat.numel() else flat
+    mine = _sum_in_rank_order(_exchange_chunks(flat).view(t, padded // t))
+    out = torch.empty_like(flat)
+    if communicator is not None:
+        communicator.all_gather_into_tensor(out, mine)
+    else:
+        _all_gather_tensor(out, mine, group=ps.tp_group())
+    activity.leave_collective()
+    return out[: x.numel()].view(x.shape)
+
+
 def all_gather_packed(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """``all_gather`` of several tensors with equal dim 0 (any dtypes) in ONE collective: each row's bytes
     are concatenated, gathered, and split back (e.g. the MoE's hidden state with its routing)."""

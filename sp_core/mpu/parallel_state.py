@@ -4,6 +4,12 @@ Either ``initialize`` creates the TP group (standalone use, tests, the CLI) or `
 framework already made (the adapters; nothing is created), optionally with the framework's own
 communicator for that group (sglang's GroupCoordinator), which ``collectives`` then calls. Layers ask
 ``sequence_parallel_active()``; no SP flag travels through forward signatures.
+
+The deterministic mode (``set_deterministic``, off by default) is the other switch kept here: with it on,
+sums over TP are taken in rank order whichever rank owns a row (``collectives``) and GEMMs compute each
+row in fixed-size blocks (``sp_core.layers.batch_invariant``), so a token's log-probabilities do not
+depend on the batch around it, nor on the framework that runs the core. Megatron's ``deterministic_mode``
+and sglang's ``--enable-deterministic-inference`` turn it on through the adapters.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ class _State:
     sequence_parallel: bool
     owns_group: bool
     communicator: Optional[Any] = None
+    deterministic: bool = False
 
 
 _STATE: Optional[_State] = None
@@ -128,6 +135,17 @@ def tp_size() -> int:
 def sequence_parallel_active() -> bool:
     """The one switch that layers read."""
     return _state().sequence_parallel
+
+
+def deterministic() -> bool:
+    """Whether the deterministic (batch-invariant) mode is on."""
+    return _STATE is not None and _STATE.deterministic
+
+
+def set_deterministic(active: bool) -> None:
+    """The one entry point of the deterministic mode: batch-invariant collectives and GEMMs (slower;
+    docs/benchmarks.md has the cost). Stays until set again or the state is re-initialised."""
+    _state().deterministic = bool(active)
 
 
 def set_sequence_parallel(active: bool) -> None:

@@ -5,6 +5,8 @@ Sequence parallelism follows sglang's ``--enable-layernorm-sp``: on for plain pr
 (``ForwardMode.EXTEND``, as upstream's ``layernorm_sp.runs_sp``) of at least ``SP_CORE_SP_MIN_TOKENS``
 tokens; every other mode (decode, MIXED chunked prefill + decode, TARGET_VERIFY, SPLIT_PREFILL, ...) runs
 plain TP. Collectives go through sglang's TP ``GroupCoordinator`` (bound into ``sp_core.mpu``).
+sglang's ``--enable-deterministic-inference`` turns on the core's deterministic mode (invariant collectives,
+batch-invariant GEMMs -- sglang's logits processor included -- and the core's attention in prefill).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import torch
 
 from sp_core import mpu
+from sp_core.layers import batch_invariant
 from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
 from sp_core.mpu import crossover
@@ -105,12 +108,13 @@ class SPCoreForCausalLM(CausalLM):
     def __init__(self, config, quant_config=None, prefix: str = ""):
         from sglang.srt.distributed import get_tp_group
         from sglang.srt.layers.logits_processor import LogitsProcessor
-        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.runtime_context import get_exec, get_parallel
 
         parallel = get_parallel()
         _check_parallelism(parallel, quant_config)
         tp_group = get_tp_group()
         mpu.bind(tp_group.device_group, communicator=tp_group)
+        mpu.set_deterministic(get_exec().deterministic.enable_deterministic_inference)
         cfg = checkpoint_config(config, moe_parallel_of(parallel))
         super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
@@ -130,6 +134,7 @@ class SPCoreForCausalLM(CausalLM):
                                                                          self.sp_min_tokens)
 
     @torch.no_grad()
+    @batch_invariant.when_deterministic
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch,
                 input_embeds=None, get_embedding: bool = False, **unused):
         if input_embeds is not None or get_embedding:
