@@ -81,6 +81,13 @@ def _add_sp_flag(p: argparse.ArgumentParser) -> None:
                    default=None, help="sequence parallelism on or off (default: on when tp > 1)")
 
 
+def _add_deterministic_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--deterministic", action="store_true",
+                   help=f"the deterministic mode (Megatron's deterministic_mode, sglang's "
+                        f"--enable-deterministic-inference): batch-invariant collectives and GEMMs, {what} "
+                        f"(default: off)")
+
+
 def _add_moe_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-parallel", choices=("tp", "ep"), default="tp",
                    help="MoE layers (DeepSeek): tp = every rank holds 1/t of every expert (default); "
@@ -105,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sp_flag(p)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    _add_deterministic_flag(p, "so that the megatron and sglang engines give bit-identical log-probabilities")
     p.add_argument("--force", action="store_true",
                    help="allow --out to overwrite an input or land inside the checkpoint directory (default: refuse)")
     _common(p)
@@ -124,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
                         "when both engines are verified)")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep the working files (checkpoints, export) in this new directory (default: removed)")
+    _add_deterministic_flag(p, "and a 'bitwise' column: megatron and sglang must agree bit for bit")
     _common(p)
 
     p = sub.add_parser("memory", help="the paper's activation-memory formulas, and bytes saved for backward")
@@ -244,9 +253,11 @@ def cmd_logits(args) -> int:
     prompts = engines.read_prompts(args.prompts, cfg)
     engine = engines.get(args.engine)
     dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
-    moe = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
+    options = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
+    if args.deterministic:
+        options["deterministic"] = True
     console.announce("logits")
-    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype, **moe)
+    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype, **options)
     engines.check_finite(logprobs)
     _save_atomic({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
     console.say(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}")

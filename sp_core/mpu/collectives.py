@@ -314,13 +314,10 @@ def _sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
 
 def _exchange_chunks(x: torch.Tensor) -> torch.Tensor:
     """All-to-all of equal chunks: chunk r of ``x`` (dim 0) goes to rank r; returns the chunks received,
-    in rank order. Through the bound communicator when it has ``all_to_all_single``."""
+    in rank order. Always on torch.distributed over the bound group, also when a framework communicator
+    is bound: sglang's ``GroupCoordinator.all_to_all_single`` is a CUDA-only op (it fails on CPU)."""
     out = torch.empty_like(x)
-    communicator = ps.communicator()
-    if communicator is not None and hasattr(communicator, "all_to_all_single"):
-        communicator.all_to_all_single(out, x)
-    else:
-        dist.all_to_all_single(out, x, group=ps.tp_group())
+    dist.all_to_all_single(out, x, group=ps.tp_group())
     return out
 
 
@@ -332,7 +329,7 @@ def invariant_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if t == 1:
         return x
     _check_divisible(x, "reduce_scatter")
-    _record("reduce_scatter", x, ps.communicator())
+    _record("reduce_scatter", x)
     parts = _exchange_chunks(x.contiguous())
     activity.leave_collective()
     return _sum_in_rank_order(parts.view((t, x.shape[0] // t) + tuple(x.shape[1:])))
