@@ -1,0 +1,165 @@
+"""The deterministic mode (issue 20): Megatron and sglang give bit-identical log-probabilities, with SP on
+and off, and a sequence's log-probabilities do not depend on the batch around it.
+
+CPU, float32, the real engines. Few launches: one 2-rank Megatron run trains (deterministic_mode), exports,
+and checks its own micro-batch invariance; one sglang tp 2 engine (--enable-deterministic-inference,
+--enable-layernorm-sp) serves the export; `sp-core logits --deterministic` runs both engines at tp 1.
+Negative controls: the default mode on the same Megatron model is not batch-invariant; torch's own CPU
+matmul is not (measured here). Sums over TP at t = 4 are in tests/test_operators.py.
+"""
+import collections
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sp_core import mpu
+from sp_core.layers import batch_invariant
+from sp_core.mpu.parallel_state import single_rank
+from sp_core.tiny import PROMPTS, make_checkpoint
+from support.multirank import run_ranks
+
+LONG = [int(t) for t in torch.randint(0, 100, (17,), generator=torch.Generator().manual_seed(3))]
+# 8 requests at once, 1 to 30 tokens, LONG among them
+CONCURRENT = [[int(t) for t in torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))]
+              for n in (5, 1, 30, 3)] + [LONG] + [[7, 7, 2], [int(t) for t in range(40, 62)], [9]]
+SP_MIN_TOKENS = 8  # sglang: batches of fewer tokens run plain TP (SP off), the others SP
+MICRO_BATCH = 4
+
+
+def test_plain_cpu_matmul_depends_on_rows_blocked_gemms_do_not():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(48, 64, generator=g)
+    full = x @ w.t()
+    assert any(not torch.equal((x[:m] @ w.t()), full[:m]) for m in range(1, 12)), \
+        "negative control: torch's CPU matmul came out batch-invariant on this machine"
+    with single_rank():
+        mpu.set_deterministic(True)
+        with batch_invariant.gemms():
+            blocked = F.linear(x, w)
+            bias = torch.randn(96, generator=g)
+            for m in range(1, 41):
+                assert torch.equal(F.linear(x[:m], w), blocked[:m]), m
+                assert torch.equal(x[:m] @ w.t(), blocked[:m]), m
+                assert torch.equal(torch.matmul(x[:m].view(1, m, 64), w.t())[0], blocked[:m]), m
+                assert torch.equal(torch.addmm(bias, x[:m], w.t()), blocked[:m] + bias), m
+    torch.testing.assert_close(blocked, full, rtol=1e-5, atol=1e-5)  # the same product
+
+
+def _micro_batch_logits(model, prompt):
+    """Local-vocab logits of ``prompt`` alone (b = 1) and as sequence 0 of a micro-batch of 4 (b = 4)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    others = torch.randint(0, model.hf_config.vocab_size, (MICRO_BATCH - 1, len(prompt)),
+                           generator=torch.Generator().manual_seed(11)).to(device)
+    batch = torch.cat([ids, others])
+    positions = torch.arange(len(prompt), device=device)
+    with torch.no_grad():
+        alone = model(ids, positions.unsqueeze(0), None)[0]
+        inside = model(batch, positions.expand(MICRO_BATCH, -1), None)[0]
+    return alone, inside
+
+
+def _train_export_check(model_dir, out_dir, prompts):
+    from sp_core_megatron import cpu_training, training
+    from sp_core_megatron.engine import build_model, model_logprobs
+    from sp_core_megatron.export import export_hf_checkpoint
+
+    cpu_training.enable()
+    model = build_model(model_dir, 2, True, deterministic=True)  # Megatron's deterministic_mode
+    assert mpu.deterministic()
+    _, losses, _ = training.train(model, 2, seq_length=16, micro_batch_size=2, clip_grad=0.0)
+    model.eval()
+    export_hf_checkpoint(model, out_dir)
+    trained = model_logprobs(model, prompts)
+    # 2 tokens: alone, its GEMMs have 2 rows, which torch's CPU kernels compute differently from 8 (in the
+    # default mode here, sequences of 1 and 2 tokens at tp 2 changed in a micro-batch of 4; 3 to 12 did not)
+    short = [7, 60]
+    invariant = all(torch.equal(*_micro_batch_logits(model, p)) for p in (short, PROMPTS[0], LONG))
+    mpu.set_deterministic(False)
+    default_invariant = torch.equal(*_micro_batch_logits(model, short))
+    return trained, invariant, default_invariant
+
+
+def _reduce_scatters(log_path):
+    """reduce-scatters logged by the workers since the last call (the log is cleared)."""
+    if not os.path.exists(log_path):
+        return 0
+    with open(log_path) as f:
+        ops = collections.Counter(line.split(" ")[1] for line in f.read().splitlines())
+    os.remove(log_path)
+    return ops["reduce_scatter"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(tmp_path, monkeypatch):
+    """tp 2: train in Megatron (SP on, deterministic_mode), export, serve in sglang
+    (--enable-deterministic-inference, layernorm SP): sglang's log-probabilities are torch.equal to the
+    trained Megatron model's own, with SP on (batches of >= 8 tokens) and off (shorter ones), and to the
+    megatron engine's with SP off on the export; a prompt alone == inside 8 concurrent requests; Megatron:
+    a sequence alone == inside a micro-batch of 4 (and, the negative control, not in the default mode)."""
+    from sp_core import engines
+    from sp_core_sglang.engine import logprobs_for_prompts, start_engine
+
+    model_dir = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
+    export = str(tmp_path / "export")
+    prompts = PROMPTS + [LONG]
+    trained, invariant, default_invariant = run_ranks(2, _train_export_check, model_dir, export, prompts)[0]
+    assert invariant, "Megatron, deterministic: a sequence alone != inside a micro-batch of 4"
+    assert not default_invariant, "negative control: the default mode came out batch-invariant here"
+    megatron_sp_off = engines.get("megatron").logprobs(export, prompts, 2, False, torch.float32, deterministic=True)
+
+    with open(os.path.join(export, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    log_path = str(tmp_path / "collectives.log")
+    monkeypatch.setenv("SP_CORE_COLLECTIVE_LOG", log_path)  # the workers inherit it at start
+    engine = start_engine(export, 2, adapter=True, sp_min_tokens=SP_MIN_TOKENS, enable_layernorm_sp=True,
+                          enable_deterministic_inference=True, disable_radix_cache=True)
+    try:
+        _reduce_scatters(log_path)
+        short_alone = [logprobs_for_prompts(engine, [p], vocab)[0] for p in PROMPTS]  # < 8 tokens: SP off
+        assert _reduce_scatters(log_path) == 0, "short prompts alone should run plain TP"
+        together = logprobs_for_prompts(engine, prompts, vocab)  # 28 tokens: SP
+        assert _reduce_scatters(log_path) > 0, "the batch should run SP"
+        long_alone = logprobs_for_prompts(engine, [LONG], vocab)[0]  # 17 tokens: SP
+        assert _reduce_scatters(log_path) > 0, "a prompt of 17 tokens alone should run SP"
+        concurrent = logprobs_for_prompts(engine, CONCURRENT, vocab)
+    finally:
+        engine.shutdown()
+
+    for i, (p, want) in enumerate(zip(prompts, trained)):
+        assert torch.equal(together[i], want), f"sglang SP on != Megatron (trained, SP on), prompt {i}"
+        assert torch.equal(together[i], megatron_sp_off[i]), f"sglang SP on != megatron engine SP off, prompt {i}"
+    for i, got in enumerate(short_alone):
+        assert torch.equal(got, megatron_sp_off[i]), f"sglang SP off != megatron engine SP off, prompt {i}"
+    assert torch.equal(concurrent[CONCURRENT.index(LONG)], long_alone), \
+        "sglang SP: a prompt inside 8 concurrent requests != the prompt alone"
+    assert torch.equal(long_alone, trained[-1]), "sglang SP, a prompt alone != Megatron"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_cli_logits_deterministic_megatron_equals_sglang_tp1(tmp_path):
+    """`sp-core logits --deterministic` as a user runs it, Qwen2 at tp 1: the two files are torch.equal."""
+    from safetensors.torch import load_file
+
+    from sp_core.cli import main
+
+    model_dir = make_checkpoint("qwen2", str(tmp_path / "qwen2"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS + [LONG]))
+    outs = {}
+    for engine in ("megatron", "sglang"):
+        outs[engine] = str(tmp_path / f"{engine}.safetensors")
+        assert main(["logits", "--model", model_dir, "--prompts", str(prompts), "--out", outs[engine],
+                     "--engine", engine, "--deterministic"]) == 0
+    megatron, sglang = load_file(outs["megatron"]), load_file(outs["sglang"])
+    assert sorted(megatron) == sorted(sglang) == [f"logprobs.{i}" for i in range(len(PROMPTS) + 1)]
+    for key in megatron:
+        assert torch.equal(megatron[key], sglang[key]), key
