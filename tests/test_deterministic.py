@@ -163,3 +163,30 @@ def test_cli_logits_deterministic_megatron_equals_sglang_tp1(tmp_path):
     assert sorted(megatron) == sorted(sglang) == [f"logprobs.{i}" for i in range(len(PROMPTS) + 1)]
     for key in megatron:
         assert torch.equal(megatron[key], sglang[key]), key
+
+
+def test_verify_bitwise_column_fails_a_pair_that_differs_in_the_last_bit(tmp_path):
+    """`verify --deterministic`'s judgement, with stand-in engines around transformers' own numbers: a
+    megatron / sglang pair one ulp apart (well within the 1e-4 tolerance) fails; an equal pair passes."""
+    from types import SimpleNamespace
+
+    from sp_core import verify
+
+    model_dir = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
+    reference = verify.reference_logprobs(model_dir, PROMPTS)
+    seen = []
+
+    def engine(nudge):
+        def logprobs(model_dir, prompts, tp, sp, dtype, deterministic=False):
+            seen.append(deterministic)
+            return [torch.nextafter(r, r + 1) if nudge and tp == 2 and sp else r.clone() for r in reference]
+        return SimpleNamespace(logprobs=logprobs)
+
+    usable = {"megatron": engine(False), "sglang": engine(True)}
+    rows, _ = verify.plan({"qwen3": model_dir}, [1, 2], usable, default_matrix=False)
+    rows = verify.run_rows(rows, {"qwen3": model_dir}, usable, {}, deterministic=True)
+    assert all(seen) and len(rows) == 6
+    bitwise = {(r.engine, r.tp, r.sp): (r.bitwise, r.passed) for r in rows}
+    assert bitwise[("megatron", 2, True)] == bitwise[("sglang", 2, True)] == (False, False)
+    assert all(v == (True, True) for k, v in bitwise.items() if k[1:] != (2, True))
+    assert "bitwise" in verify.table(rows, deterministic=True).splitlines()[0]
