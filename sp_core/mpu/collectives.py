@@ -303,6 +303,8 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return matmul_reduce_scatter_start(a, b).wait()
+
+
 def _sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
     """``parts[0] + parts[1] + ... + parts[t-1]``, left to right (bf16 / fp16 accumulate in float32)."""
     wide = parts.float() if parts.dtype in (torch.bfloat16, torch.float16) else parts
