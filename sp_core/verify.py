@@ -49,6 +49,7 @@ class Row:
     seconds: float = 0.0
     status: str = "ok"  # ok | FAIL: ... | error: ...
     moe: str = "tp"  # MoE models: how the experts are split (ModelConfig.moe_parallel)
+    bitwise: Optional[bool] = None  # --deterministic: this megatron / sglang pair of one setting is torch.equal
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -80,6 +81,8 @@ def judge(row: Row) -> None:
         problems.append(f"vs SP off {row.vs_sp_off:.1e} > {SP_TOLERANCE:g}")
     if not row.tokens_equal:
         problems.append("greedy tokens differ")
+    if row.bitwise is False:
+        problems.append("megatron and sglang differ bitwise")
     row.status = "FAIL: " + "; ".join(problems) if problems else "ok"
 
 
@@ -251,9 +254,11 @@ def _attempt(row: Row, progress: Progress, unavailable: Dict[str, str], engine_n
 
 
 def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object], unavailable: Dict[str, str],
-             progress: Progress, prompts=PROMPTS) -> List[Row]:
+             progress: Progress, prompts=PROMPTS, deterministic: bool = False) -> List[Row]:
     """Run the rows; returns those of engines that could run (an engine that turns out unable to run
-    moves from ``usable`` to ``unavailable`` with its reason, and its rows are dropped)."""
+    moves from ``usable`` to ``unavailable`` with its reason, and its rows are dropped). ``deterministic``:
+    every engine in the deterministic mode, and each megatron / sglang pair of rows compared bit for bit."""
+    mode = {"deterministic": True} if deterministic else {}
     results: Dict[Tuple[str, str, int, bool, str], list] = {}
     references: Dict[str, list] = {}
     core_tp1: Dict[str, list] = {}
@@ -267,10 +272,10 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
             references[row.model] = reference_logprobs(model_dir, prompts)
             if "core" in usable:  # the core at tp 1 first: every other row is compared with it too
                 start = time.time()
-                core_tp1[row.model] = usable["core"].logprobs(model_dir, prompts, 1, False, torch.float32)
+                core_tp1[row.model] = usable["core"].logprobs(model_dir, prompts, 1, False, torch.float32, **mode)
                 core_tp1_seconds[row.model] = time.time() - start
         is_core_tp1 = row.engine == "core" and row.tp == 1 and row.moe == "tp"
-        moe = {"moe_parallel": row.moe} if row.moe != "tp" else {}
+        moe = dict(mode, **({"moe_parallel": row.moe} if row.moe != "tp" else {}))
         got, ran_here = _attempt(row, progress, unavailable, row.engine, lambda: core_tp1[row.model] if is_core_tp1 else
                                  usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32, **moe))
         if not ran_here:
@@ -285,15 +290,33 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
         results[(row.model, row.engine, row.tp, row.sp, row.moe)] = got
         _score(row, got, references[row.model], core_tp1=None if is_core_tp1 else core_tp1.get(row.model),
                sp_off=results.get((row.model, row.engine, row.tp, False, row.moe)) if row.sp else None)
+        if deterministic:
+            _mark_bitwise_pair(row, ran, results)
         progress.done(row)
     return ran
 
 
+def _mark_bitwise_pair(row: Row, ran: List[Row], results) -> None:
+    """When ``row`` completes a megatron / sglang pair of one setting: both rows' ``bitwise``, torch.equal."""
+    other = {"megatron": "sglang", "sglang": "megatron"}.get(row.engine)
+    setting = (row.model, row.tp, row.sp, row.moe)
+    partner = next((r for r in ran if r.engine == other and (r.model, r.tp, r.sp, r.moe) == setting), None)
+    theirs = results.get((row.model, other, row.tp, row.sp, row.moe))
+    if partner is None or theirs is None:
+        return
+    mine = results[(row.model, row.engine, row.tp, row.sp, row.moe)]
+    row.bitwise = partner.bitwise = all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    for r in (row, partner):
+        if r.passed and not r.bitwise:
+            judge(r)
+
+
 def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], unavailable: Dict[str, str],
-               progress: Progress, prompts=PROMPTS) -> List[Row]:
+               progress: Progress, prompts=PROMPTS, deterministic: bool = False) -> List[Row]:
     """Train in Megatron -> export -> transformers and sglang load the export; two rows (fewer when an
     engine turns out unable to run: it joins ``unavailable``)."""
     tp = ROUND_TRIP_TP
+    mode = {"deterministic": True} if deterministic else {}
     reference_note = "reference: transformers loading the export"
     trained_row = Row("round-trip", "megatron (trained)", tp, True, notes=[reference_note])
     served_row = Row("round-trip", "sglang (export)", tp, True, notes=[reference_note])
@@ -301,7 +324,7 @@ def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], unavaila
 
     def train():
         trained = usable["megatron"].train_and_export(model_dir, exported, tp=tp, sequence_parallel=True,
-                                                      steps=ROUND_TRIP_STEPS, prompts=prompts)
+                                                      steps=ROUND_TRIP_STEPS, prompts=prompts, **mode)
         return trained, reference_logprobs(exported, prompts)  # transformers loading the export
 
     result, ran_here = _attempt(trained_row, progress, unavailable, "megatron", train)
@@ -314,10 +337,14 @@ def round_trip(model_dir: str, workdir: str, usable: Dict[str, object], unavaila
     _score(trained_row, trained, reference)
     progress.done(trained_row)
     served, ran_here = _attempt(served_row, progress, unavailable, "sglang",
-                                lambda: usable["sglang"].logprobs(exported, prompts, tp, True, torch.float32))
+                                lambda: usable["sglang"].logprobs(exported, prompts, tp, True, torch.float32, **mode))
     if not ran_here:
         return [trained_row]
     if served is not None:
+        if deterministic:
+            served_row.bitwise = trained_row.bitwise = all(torch.equal(a, b) for a, b in zip(served, trained))
+            if trained_row.passed and not trained_row.bitwise:
+                judge(trained_row)
         _score(served_row, served, reference, other=("the Megatron model's own log-probabilities", trained))
         progress.done(served_row)
     return [trained_row, served_row]
@@ -353,11 +380,21 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def table(rows: List[Row]) -> str:
+def _bitwise(rows: List[Row]) -> str:
+    marks = [r.bitwise for r in rows if r.bitwise is not None]
+    return "—" if not marks else ("true" if all(marks) else "FALSE")
+
+
+BITWISE_COLUMN = ("bitwise", 7, _bitwise)  # --deterministic: megatron == sglang, torch.equal, on every pair
+
+
+def table(rows: List[Row], deterministic: bool = False) -> str:
     """One line per model x engine. A column per tp / SP setting holds max |d logprob| against transformers
     (blank: not run; '!' marks a row out of tolerance or failed); after them, the worst of each other
     comparison over the line's settings ('—': none, e.g. the core at tp 1 is not compared with itself),
-    greedy tokens, seconds and the status. Failed rows are listed below the table, one line each."""
+    greedy tokens (with ``deterministic``: whether every megatron / sglang pair is bitwise equal), seconds
+    and the status. Failed rows are listed below the table, one line each."""
+    columns = SUMMARY_COLUMNS[:-1] + [BITWISE_COLUMN] + SUMMARY_COLUMNS[-1:] if deterministic else SUMMARY_COLUMNS
     settings = sorted({(r.tp, r.sp) for r in rows})
     names = [_setting(Row("", "", tp, sp)) for tp, sp in settings]
     lines: Dict[Tuple[str, str], List[Row]] = {}
@@ -367,7 +404,7 @@ def table(rows: List[Row]) -> str:
     engine_w = max([6] + [len(e) for _, e in lines])
     cell_w = max([8] + [len(n) for n in names])
     out = [f"{'model':<{model_w}} {'engine':<{engine_w}} " + " ".join(f"{n:>{cell_w}}" for n in names) + " "
-           + " ".join(f"{h:>{w}}" for h, w, _ in SUMMARY_COLUMNS) + "  status"]
+           + " ".join(f"{h:>{w}}" for h, w, _ in columns) + "  status"]
     for (model, engine), line_rows in lines.items():
         by_setting = {(r.tp, r.sp): r for r in line_rows}
         cells = []
@@ -376,7 +413,7 @@ def table(rows: List[Row]) -> str:
             cell = "" if r is None else (_num(r.vs_reference) + ("" if r.passed else "!")
                                          if r.vs_reference is not None else ("error" if not r.passed else "—"))
             cells.append(f"{cell:>{cell_w}}")
-        summary = [f"{fn(line_rows):>{w}}" for _, w, fn in SUMMARY_COLUMNS]
+        summary = [f"{fn(line_rows):>{w}}" for _, w, fn in columns]
         out.append(f"{model:<{model_w}} {engine:<{engine_w}} " + " ".join(cells) + " " + " ".join(summary)
                    + f"  {_status(line_rows)}")
     for r in rows:
@@ -436,21 +473,23 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     started = time.time()
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
-    rows = run_rows(rows, models, usable, unavailable, progress)
+    deterministic = getattr(args, "deterministic", False)
+    rows = run_rows(rows, models, usable, unavailable, progress, deterministic=deterministic)
     if trip and not {"megatron", "sglang"} <= set(usable):
         trip, progress.total = False, progress.total - 2
     if trip:
         trip_model = args.model or make_checkpoint("qwen3-train", os.path.join(workdir, "qwen3-train"))
-        rows += round_trip(trip_model, workdir, usable, unavailable, progress)
+        rows += round_trip(trip_model, workdir, usable, unavailable, progress, deterministic=deterministic)
     progress.close()
     failed = [r for r in rows if not r.passed]
     verdict = (f"FAIL: {len(failed)} of {len(rows)} rows out of tolerance or failed" if failed else
                f"PASS: all {len(rows)} rows within tolerance")
-    verdict += (f" (vs transformers and core tp1 <= {TOLERANCE:g}, SP on vs off <= {SP_TOLERANCE:g}); "
+    verdict += (f" (vs transformers and core tp1 <= {TOLERANCE:g}, SP on vs off <= {SP_TOLERANCE:g}"
+                f"{'; megatron == sglang bitwise' if deterministic else ''}); "
                 f"{time.time() - started:.0f} s")
     out = console.out()
     if rows:
-        print(table(rows), file=out)
+        print(table(rows, deterministic), file=out)
     print(verdict, file=out)
     for note in notes:
         print(f"note: {note}", file=out)
