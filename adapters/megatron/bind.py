@@ -24,4 +24,15 @@ def bind_tensor_parallel_group(config) -> None:
     if size != config.tensor_model_parallel_size:
         raise ModelError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but Megatron's "
                          f"tensor-parallel group has {size} ranks")
+    if (getattr(config, "expert_model_parallel_size", 1) or 1) > 1:
+        # the core's expert parallelism all-to-alls over the TP group: Megatron's expert-parallel group
+        # (over which its DDP and optimizer treat expert gradients) must be that same group
+        import torch.distributed as dist
+
+        expert_group = parallel_state.get_expert_model_parallel_group()
+        if dist.get_process_group_ranks(expert_group) != dist.get_process_group_ranks(group):
+            raise ModelError(f"Megatron's expert-parallel group {dist.get_process_group_ranks(expert_group)} is not "
+                             f"the tensor-parallel group {dist.get_process_group_ranks(group)}; sp-core's expert "
+                             f"parallelism needs expert_model_parallel_size = tensor_model_parallel_size and the "
+                             f"default rank order")
     mpu.bind(group, sequence_parallel=config.sequence_parallel)

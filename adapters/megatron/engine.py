@@ -21,21 +21,26 @@ def check_available() -> None:
                                 f"pip install 'sp-core[megatron]'") from None
 
 
-def _init_megatron(tp: int) -> None:
+def _init_megatron(tp: int, moe_parallel: str = "tp") -> None:
+    """Megatron's groups; with the core's expert parallelism, Megatron's expert-parallel group is the TP
+    group (expert_model_parallel_size = tp, expert_tensor_parallel_size = 1)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        experts = dict(expert_model_parallel_size=tp, expert_tensor_parallel_size=1) if moe_parallel == "ep" else {}
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, **experts)
 
 
-def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32):
+def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32,
+                moe_parallel: str = "tp", **config_overrides):
     """An SPCoreGPTModel on this rank's device, initialised from ``model_dir``."""
     from sp_core.mpu import platform
     from sp_core_megatron.config import transformer_config_from_hf
     from sp_core_megatron.model import SPCoreGPTModel
 
-    _init_megatron(tp)
-    config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype)
+    _init_megatron(tp, moe_parallel)
+    config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype,
+                                        moe_parallel=moe_parallel, **config_overrides)
     with torch.device(platform.current_device()):
         return SPCoreGPTModel(config)
 
@@ -56,14 +61,15 @@ def model_logprobs(model, prompts) -> List[torch.Tensor]:
     return out
 
 
-def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype):
-    model = build_model(model_dir, tp, sequence_parallel, dtype).eval()
+def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype, moe_parallel="tp"):
+    model = build_model(model_dir, tp, sequence_parallel, dtype, moe_parallel).eval()
     return model_logprobs(model, prompts)
 
 
-def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype) -> List[torch.Tensor]:
+def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
+             moe_parallel: str = "tp") -> List[torch.Tensor]:
     check_available()
-    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype,
+    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype, moe_parallel,
                      sequence_parallel=sequence_parallel)[0]
 
 
@@ -80,7 +86,8 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine
-    model = build_model(model_dir, tp, sequence_parallel)
+    model = build_model(model_dir, tp, sequence_parallel, settings.get("dtype", torch.float32),
+                        settings.get("moe_parallel", "tp"), **settings.get("config", {}))
     log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
@@ -102,7 +109,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
     from sp_core.engines import check_model
 
     check_available()
-    check_model(model_dir, tp)
+    check_model(model_dir, tp, settings.get("moe_parallel", "tp"))
     return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,
                      capture_grads, sequence_parallel=sequence_parallel)[0]
 

@@ -11,7 +11,7 @@ from sp_core import mpu
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
-from sp_core_megatron.config import check_supported
+from sp_core_megatron.config import check_supported, check_supported_for_model, moe_parallel_mode
 
 
 def megatron_attention_for(layer_index: int):
@@ -32,7 +32,8 @@ class SPCoreGPTModel(MegatronModule):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         bind_tensor_parallel_group(config)
-        hf = ModelConfig.from_pretrained(config.sp_core_hf_model)
+        hf = ModelConfig.from_pretrained(config.sp_core_hf_model, moe_parallel_mode(config))
+        check_supported_for_model(config, hf)
         self.hf_config = hf
         with torch.device(parameter_device(config)):
             self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_attention_for)

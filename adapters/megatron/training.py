@@ -56,9 +56,16 @@ def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0):
 
 
 def full_gradients(model) -> Dict[str, torch.Tensor]:
-    """Every parameter's gradient (Megatron's main_grad), gathered over TP, by Hugging Face name."""
+    """Every parameter's gradient (Megatron's main_grad), gathered over TP, by Hugging Face name; routed
+    experts per expert, as their MoE layers export them."""
     out = {}
+    for name, module in model.language_model.named_modules():
+        if hasattr(module, "export_expert_tensors"):
+            for key, grad in module.export_expert_tensors(grads=True).items():
+                out[f"{name}.experts.{key}"] = grad.float().clone()
     for name, param in model.language_model.named_parameters():
+        if ".mlp.experts." in f".{name}":
+            continue
         grad = getattr(param, "main_grad", None)
         grad = param.grad if grad is None else grad
         for shard, full in gather_full(param, grad).items():
