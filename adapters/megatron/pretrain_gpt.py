@@ -114,6 +114,20 @@ def check_args_against_checkpoint(args) -> None:
                          f"({hf.max_position_embeddings}, max_position_embeddings)")
 
 
+def use_the_wheels_dataset_helpers() -> None:
+    """Start-up change: megatron.training compiles megatron/core/datasets/helpers.cpp with ``make`` in the
+    installed package on rank 0 (Megatron-LM's repository has the Makefile). The megatron-core wheel ships
+    the module compiled (``helpers_cpp``) and no Makefile, so ``make`` fails and rank 0 exits. When the
+    compiled module imports, there is nothing to compile."""
+    from megatron.core.datasets import utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return  # a source checkout: let Megatron compile it
+    utils.compile_helpers = lambda: None
+
+
 def main() -> int:
     from megatron.core.enums import ModelType
     from megatron.training import get_args, pretrain
@@ -122,6 +136,7 @@ def main() -> int:
 
     from sp_core_megatron.provider import make_model_provider
 
+    use_the_wheels_dataset_helpers()
     parse_and_validate_args(extra_args_provider=extra_args_provider)
     args = get_args()
     if args.sp_core:
