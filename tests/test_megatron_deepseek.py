@@ -31,10 +31,16 @@ def _fresh_groups():
         parallel_state.destroy_model_parallel()
 
 
+def _exported(arch, mode, sp):
+    """The runs whose trained model is exported and compared with transformers: every architecture with
+    TP-sharded experts, and V3 with expert parallelism."""
+    return sp and (mode == "tp" or arch == "deepseek-v3")
+
+
 def _train_every_setting(dirs, tp, dtype, export_root):
     """In each rank: every setting of ``_settings(tp)`` for STEPS steps; rank 0 returns losses and step-0
-    gradients (HF names, full tensors); with ``export_root`` the tp-mode SP runs also export and return the
-    trained model's own log-probabilities of PROMPTS."""
+    gradients (HF names, full tensors); with ``export_root`` the ``_exported`` runs also export and return
+    the trained model's own log-probabilities of PROMPTS, and every rank the collectives its export issued."""
     from sp_core import mpu
     from sp_core_megatron import cpu_training, engine, training
     from sp_core_megatron.export import export_hf_checkpoint
@@ -47,11 +53,13 @@ def _train_every_setting(dirs, tp, dtype, export_root):
         _, losses, grads = training.train(model, STEPS, clip_grad=engine.clip_grad_default(),
                                           capture_step0_grads=True)
         run = {"losses": losses, "grads0": grads}
-        if export_root and mode == "tp" and sp:
+        if export_root and _exported(arch, mode, sp):
             model.eval()
             run["logprobs"] = engine.model_logprobs(model, PROMPTS)
-            export_hf_checkpoint(model, f"{export_root}/{arch}")
-        out[(arch, mode, sp)] = run if mpu.tp_rank() == 0 else None
+            with mpu.counting_collectives() as issued:
+                export_hf_checkpoint(model, f"{export_root}/{arch}-{mode}")
+            run["export_issued"] = dict(issued)
+        out[(arch, mode, sp)] = run if mpu.tp_rank() == 0 else {"export_issued": run.get("export_issued")}
     return out
 
 
@@ -106,8 +114,10 @@ def _check_equal(base, got, tol, what, relative_loss=False):
 
 
 def test_training_at_tp2_equals_tp1_and_round_trip(dirs, tmp_path):
+    from safetensors.torch import load_file
+
     base = run_ranks(1, _train_every_setting, dirs, 1, torch.float32, None, timeout=300)[0]
-    got = run_ranks(2, _train_every_setting, dirs, 2, torch.float32, str(tmp_path / "export"), timeout=300)[0]
+    got, other_rank = run_ranks(2, _train_every_setting, dirs, 2, torch.float32, str(tmp_path / "export"), timeout=300)
     for arch, mode, sp in _settings(2):
         ref = base[(arch, "tp", False)]
         assert ref["losses"][-1] < ref["losses"][0], f"{arch}: the loss should fall on the built-in stream"
@@ -117,12 +127,15 @@ def test_training_at_tp2_equals_tp1_and_round_trip(dirs, tmp_path):
     grads = base[("deepseek-v3", "tp", False)]["grads0"]
     for piece in ("mlp.gate.weight", "mlp.experts.0.gate_proj", "kv_a_proj_with_mqa", "q_a_layernorm"):
         assert any(piece in k and grads[k].abs().max() > 0 for k in grads), piece
-    # round trip: the export of the trained model loads in transformers and gives the model's own logprobs
-    for arch in ARCHS:
-        mine = got[(arch, "tp", True)]["logprobs"]
-        ref = reference_logprobs(str(tmp_path / "export" / arch), PROMPTS)
-        diff = max((a - b).abs().max().item() for a, b in zip(mine, ref))
-        assert diff <= 1e-5, f"{arch}: transformers on the export vs the trained Megatron model: {diff:.2e}"
+    # round trip: the export of the trained model (one writer; per-expert tensors and the router bias under
+    # the checkpoint's own names) loads in transformers and gives the trained model's own log-probabilities
+    for arch, mode, sp in filter(lambda s: _exported(*s), _settings(2)):
+        out = str(tmp_path / "export" / f"{arch}-{mode}")
+        assert set(other_rank[(arch, mode, sp)]["export_issued"]) == {"gather"}, "TP rank 1 only sends its slices"
+        assert load_file(f"{out}/model.safetensors").keys() == load_file(f"{dirs[arch]}/model.safetensors").keys()
+        mine = got[(arch, mode, sp)]["logprobs"]
+        diff = max((a - b).abs().max().item() for a, b in zip(mine, reference_logprobs(out, PROMPTS)))
+        assert diff <= 1e-5, f"{arch} moe={mode}: transformers on the export vs the trained Megatron model: {diff:.2e}"
 
 
 def test_router_bias_update_exports_and_padding_counts_nowhere(dirs, tmp_path):
@@ -138,6 +151,29 @@ def test_router_bias_update_exports_and_padding_counts_nowhere(dirs, tmp_path):
 
     exported = load_file(str(tmp_path / "t2" / "model.safetensors"))
     assert torch.equal(exported["model.layers.1.mlp.gate.e_score_correction_bias"], two["after"][0])
+
+
+def test_checkpoint_check_names_expert_tensors(dirs, tmp_path):
+    """The pre-start check reads expert tensors too: a missing expert and a wrong expert shape are one line."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sp_core.engines import check_model
+    from sp_core.models import ModelError
+
+    check_model(dirs["deepseek-v2-lite"], 2, "ep")
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs["deepseek-v2-lite"], bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    tensors["model.layers.1.mlp.experts.5.down_proj.weight"] = tensors["model.layers.1.mlp.experts.5.down_proj.weight"][:, :8].contiguous()
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError) as err:
+        check_model(str(bad), 2)
+    line = str(err.value)
+    assert "\n" not in line and "missing: model.layers.1.mlp.experts.3.up_proj.weight" in line
+    assert "wrong shape: model.layers.1.mlp.experts.5.down_proj.weight [64, 8] (expected [64, 16])" in line
 
 
 def test_logits_engine_megatron_expert_parallel(dirs, tmp_path):
