@@ -238,3 +238,37 @@ def test_training_equality_on_gpu(dirs, tp, dtype):
                                           f"{arch} moe={mode} SP={sp} t={tp} {dtype}", relative_loss=dtype == "bfloat16")
         print(f"{arch} moe={mode} SP={sp} t={tp} {dtype}: max loss difference {loss:.2e}, worst step-0 grad {grad:.2e} "
               f"({name})", flush=True)
+
+
+def _gpt_model_logprobs(dirs, tp):
+    """megatron.core's own GPTModel with the core's DeepSeek layers (ModuleSpec), weights by HF name."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+
+    from sp_core.layers import gather_vocab
+    from sp_core_megatron import (cpu_training, get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model,
+                                  transformer_config_from_hf)
+
+    cpu_training.enable()
+    out = {}
+    for arch in ARCHS:
+        _fresh_groups()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        config = transformer_config_from_hf(dirs[arch], tp=tp, sequence_parallel=True)
+        model = GPTModel(config, get_sp_core_block_spec(config.num_layers), **gpt_model_args(config))
+        load_hf_into_gpt_model(model, dirs[arch])
+        out[arch] = []
+        with torch.no_grad():
+            for prompt in PROMPTS:
+                padded = prompt + [0] * (-len(prompt) % tp)  # Megatron's SP needs s divisible by tp (causal)
+                logits = model(torch.tensor([padded]), torch.arange(len(padded)).unsqueeze(0), None)[0]
+                out[arch].append(torch.log_softmax(gather_vocab(logits, config.vocab_size), -1)[: len(prompt)])
+    return out
+
+
+def test_gpt_model_with_core_deepseek_layer_spec_equals_transformers(dirs):
+    got = run_ranks(2, _gpt_model_logprobs, dirs, 2)[0]
+    for arch in ARCHS:
+        diff = max((a - b).abs().max().item() for a, b in zip(got[arch], reference_logprobs(dirs[arch], PROMPTS)))
+        assert diff <= 1e-4, f"{arch}: GPTModel + the core's layers (tp 2, SP) vs transformers: {diff:.2e}"
