@@ -50,9 +50,10 @@ def _train_every_setting(dirs, tp, dtype, export_root):
     for arch, mode, sp in _settings(tp):
         _fresh_groups()
         model = engine.build_model(dirs[arch], tp, sp, dtype, mode)
+        norms = []
         _, losses, grads = training.train(model, STEPS, clip_grad=engine.clip_grad_default(),
-                                          capture_step0_grads=True)
-        run = {"losses": losses, "grads0": grads}
+                                          capture_step0_grads=True, grad_norms=norms)
+        run = {"losses": losses, "grads0": grads, "grad_norms": norms}
         if export_root and _exported(arch, mode, sp):
             model.eval()
             run["logprobs"] = engine.model_logprobs(model, PROMPTS)
@@ -110,6 +111,10 @@ def _check_equal(base, got, tol, what, relative_loss=False):
     assert got["grads0"].keys() == base["grads0"].keys(), f"{what}: {set(got['grads0']) ^ set(base['grads0'])}"
     worst_grad = max((_rel(got["grads0"][k], g), k) for k, g in base["grads0"].items())
     assert worst_grad[0] <= tol, f"{what}: step-0 gradient of {worst_grad[1]} off by {worst_grad[0]:.2e} relative"
+    # Megatron's gradient norm (clipping's input) counts every parameter once: expert-parallel experts on
+    # every rank, replicated ones once
+    for a, b in zip(got["grad_norms"], base["grad_norms"]):
+        assert abs(a - b) <= tol * b, f"{what}: Megatron's grad norm {got['grad_norms']} vs {base['grad_norms']}"
     return worst_loss, worst_grad
 
 

@@ -74,8 +74,10 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
 
 
 def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
-          clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False):
-    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads)."""
+          clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False,
+          grad_norms: Optional[List[float]] = None):
+    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads);
+    ``grad_norms``: a list that gets each step's gradient norm (Megatron's, over every parameter once)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.mpu import platform
@@ -95,6 +97,10 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
         if capture_step0_grads and step == 0:
             grads0 = full_gradients(model)
         _, grad_norm, _ = optimizer.step()
+        if grad_norm is None:  # no clipping (CPU): Megatron's optimizer computes the norm only to clip
+            grad_norm = optimizer.get_grad_norm()
+        if grad_norms is not None:
+            grad_norms.append(float(grad_norm))
         loss = float(out[0]["lm loss"])
         losses.append(loss)
         if log:

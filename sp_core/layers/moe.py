@@ -26,8 +26,10 @@ Two parallel modes over the TP group, picked by ``expert_parallel``:
     them; that costs 3 * H * I_shared parameters per rank.
 
 Parameters carry Megatron's attributes: routed experts in (a) are ``tensor_model_parallel`` with
-``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` and ``expert_parallel``
-(Megatron's marker for expert parameters, whose gradients are complete on the owner).
+``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` (Megatron's marker for
+expert parameters, whose gradients are complete on the owner and reduced over expert-data-parallel
+ranks only), ``expert_parallel``, and ``tensor_model_parallel`` with ``partition_dim`` 0 (each TP rank
+holds its own block of experts, so a gradient norm counts them on every rank).
 
 Checkpoints: ``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors`` take and
 give the routed experts under their Hugging Face names relative to ``mlp.experts.``; the gate and the
@@ -136,7 +138,9 @@ class MoE(torch.nn.Module):
         self.first_expert = mpu.tp_rank() * self.local_experts
         self.experts = GroupedExperts(self.local_experts, hidden_size, self.intermediate_size, dtype)
         for param in self.experts.parameters():  # whole experts: complete gradients on the owner
-            param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
+            param.allreduce, param.expert_parallel = False, True
+            # unique to this TP rank (its block of experts, dim 0): counted once per rank in a gradient norm
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
         self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
         if self.shared_experts is not None:  # replicated, applied to the token shard
             gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
