@@ -3,7 +3,8 @@ finalize_model_grads and optimizer): t = 2 equals t = 1 in both MoE modes, the e
 transformers, Megatron's aux-loss-free bias update runs on the core's router, SP padding is routed
 nowhere. One rank launch per world size runs every architecture and mode (Megatron's groups are rebuilt
 per mode). On CPU: gloo, float32. On CUDA (``test_training_equality_on_gpu``): NCCL, bfloat16 and float32."""
-import json
+
+import os
 
 import pytest
 import torch
@@ -50,10 +51,12 @@ def _train_every_setting(dirs, tp, dtype, export_root):
     for arch, mode, sp in _settings(tp):
         _fresh_groups()
         model = engine.build_model(dirs[arch], tp, sp, dtype, mode)
+        untrained = engine.model_logprobs(model.eval(), PROMPTS)  # `sp-core logits --engine megatron`'s path
+        model.train()
         norms = []
         _, losses, grads = training.train(model, STEPS, clip_grad=engine.clip_grad_default(),
                                           capture_step0_grads=True, grad_norms=norms)
-        run = {"losses": losses, "grads0": grads, "grad_norms": norms}
+        run = {"losses": losses, "grads0": grads, "grad_norms": norms, "untrained": untrained}
         if export_root and _exported(arch, mode, sp):
             model.eval()
             run["logprobs"] = engine.model_logprobs(model, PROMPTS)
@@ -61,6 +64,20 @@ def _train_every_setting(dirs, tp, dtype, export_root):
                 export_hf_checkpoint(model, f"{export_root}/{arch}-{mode}")
             run["export_issued"] = dict(issued)
         out[(arch, mode, sp)] = run if mpu.tp_rank() == 0 else {"export_issued": run.get("export_issued")}
+    return out
+
+
+def _every_check(dirs, tp, dtype, root):
+    """One rank launch per world size: the training runs, and on CPU the router bias, the dist checkpoint
+    (saved at t = 2, loaded at t = 1: run t = 2 first) and megatron.core's GPTModel with the core's layers."""
+    out = {"runs": _train_every_setting(dirs, tp, dtype, f"{root}/export" if tp == 2 else None)}
+    if root is not None:
+        out["bias"] = _router_bias_and_padding(dirs["deepseek-v3"], tp, f"{root}/bias-t{tp}")
+        saving = tp == 2
+        out["dist"] = _dist_checkpoint(dirs["deepseek-v3"], tp, "ep" if saving else "tp",
+                                       f"{root}/dist" if saving else None, None if saving else f"{root}/dist")
+        if tp == 2:
+            out["gpt_model"] = _gpt_model_logprobs(dirs, tp)
     return out
 
 
@@ -118,24 +135,32 @@ def _check_equal(base, got, tol, what, relative_loss=False):
     return worst_loss, worst_grad
 
 
-def test_training_at_tp2_equals_tp1_and_round_trip(dirs, tmp_path):
+@pytest.fixture(scope="module")
+def launches(dirs, tmp_path_factory):
+    """The two rank launches (t = 2 first: it saves the dist checkpoint that t = 1 loads)."""
+    root = str(tmp_path_factory.mktemp("megatron-deepseek-out"))
+    os.makedirs(f"{root}/dist")  # Megatron's dist_checkpointing.save wants the directory to exist
+    two = run_ranks(2, _every_check, dirs, 2, torch.float32, root, timeout=600)
+    one = run_ranks(1, _every_check, dirs, 1, torch.float32, root, timeout=600)[0]
+    return {"root": root, 1: one, 2: two[0], "other_rank": two[1]}
+
+
+def test_training_at_tp2_equals_tp1_and_round_trip(dirs, launches):
     from safetensors.torch import load_file
 
-    base = run_ranks(1, _train_every_setting, dirs, 1, torch.float32, None, timeout=300)[0]
-    got, other_rank = run_ranks(2, _train_every_setting, dirs, 2, torch.float32, str(tmp_path / "export"), timeout=300)
+    base, got, other_rank = launches[1]["runs"], launches[2]["runs"], launches["other_rank"]["runs"]
     for arch, mode, sp in _settings(2):
         ref = base[(arch, "tp", False)]
         assert ref["losses"][-1] < ref["losses"][0], f"{arch}: the loss should fall on the built-in stream"
         _check_equal(ref, got[(arch, mode, sp)], 1e-5, f"{arch} moe={mode} SP={sp}")
-    # a gradient rule broken for one parameter family must show: the router's gate is SP-tagged, the experts
-    # are not; every family has a non-zero gradient here
+    # a gradient rule broken for one parameter family must show: every family has a non-zero gradient here
     grads = base[("deepseek-v3", "tp", False)]["grads0"]
     for piece in ("mlp.gate.weight", "mlp.experts.0.gate_proj", "kv_a_proj_with_mqa", "q_a_layernorm"):
         assert any(piece in k and grads[k].abs().max() > 0 for k in grads), piece
     # round trip: the export of the trained model (one writer; per-expert tensors and the router bias under
     # the checkpoint's own names) loads in transformers and gives the trained model's own log-probabilities
     for arch, mode, sp in filter(lambda s: _exported(*s), _settings(2)):
-        out = str(tmp_path / "export" / f"{arch}-{mode}")
+        out = f"{launches['root']}/export/{arch}-{mode}"
         assert set(other_rank[(arch, mode, sp)]["export_issued"]) == {"gather"}, "TP rank 1 only sends its slices"
         assert load_file(f"{out}/model.safetensors").keys() == load_file(f"{dirs[arch]}/model.safetensors").keys()
         mine = got[(arch, mode, sp)]["logprobs"]
@@ -143,19 +168,46 @@ def test_training_at_tp2_equals_tp1_and_round_trip(dirs, tmp_path):
         assert diff <= 1e-5, f"{arch} moe={mode}: transformers on the export vs the trained Megatron model: {diff:.2e}"
 
 
-def test_router_bias_update_exports_and_padding_counts_nowhere(dirs, tmp_path):
+def test_megatron_logprobs_equal_transformers(dirs, launches):
+    """The megatron engine's log-probabilities (what `sp-core logits --engine megatron` writes) at t = 1 and
+    t = 2, SP on and off, both MoE modes, against transformers."""
+    for tp in (1, 2):
+        for (arch, mode, sp), run in launches[tp]["runs"].items():
+            ref = reference_logprobs(dirs[arch], PROMPTS)
+            diff = max((a - b).abs().max().item() for a, b in zip(run["untrained"], ref))
+            assert diff <= 1e-4, f"{arch} t={tp} moe={mode} SP={sp}: {diff:.2e} vs transformers"
+
+
+def test_router_bias_update_exports_and_padding_counts_nowhere(launches):
     """Megatron's update moves the bias the same way at t = 1 and t = 2 (token counts summed over TP); the
     export carries it; 15 real tokens x top-k are counted whatever the SP padding."""
-    one = run_ranks(1, _router_bias_and_padding, dirs["deepseek-v3"], 1, str(tmp_path / "t1"))[0]
-    two = run_ranks(2, _router_bias_and_padding, dirs["deepseek-v3"], 2, str(tmp_path / "t2"))[0]
+    from safetensors.torch import load_file
+
+    one, two = launches[1]["bias"], launches[2]["bias"]
     assert all((a - b).abs().max() > 0 for a, b in zip(one["after"], one["before"])), "the bias did not move"
     for a, b in zip(one["after"], two["after"]):
         assert torch.equal(a, b), "t = 2 moved the bias differently from t = 1"
     assert one["counted"] == two["counted"] == [15.0 * one["top_k"]] * len(one["counted"])
-    from safetensors.torch import load_file
-
-    exported = load_file(str(tmp_path / "t2" / "model.safetensors"))
+    exported = load_file(f"{launches['root']}/bias-t2/model.safetensors")
     assert torch.equal(exported["model.layers.1.mlp.gate.e_score_correction_bias"], two["after"][0])
+
+
+def test_dist_checkpoint_of_expert_parallel_training_loads_with_experts_split_over_tp(dirs, launches):
+    """Saved at t = 2 with whole experts per rank (after two steps that also moved the router bias), loaded
+    at t = 1 with TP-split experts: the trained model's own log-probabilities come back."""
+    trained, loaded = launches[2]["dist"], launches[1]["dist"]
+    untrained = reference_logprobs(dirs["deepseek-v3"], PROMPTS)
+    assert max((a - b).abs().max().item() for a, b in zip(trained, untrained)) > 1e-3, "training changed nothing"
+    diff = max((a - b).abs().max().item() for a, b in zip(loaded, trained))
+    assert diff <= 1e-5, f"the dist checkpoint reloaded at t = 1: {diff:.2e}"
+
+
+def test_gpt_model_with_core_deepseek_layer_spec_equals_transformers(dirs, launches):
+    """megatron.core's own GPTModel with the core's DeepSeek layers (ModuleSpec) at t = 2 with SP."""
+    for arch in ARCHS:
+        got = launches[2]["gpt_model"][arch]
+        diff = max((a - b).abs().max().item() for a, b in zip(got, reference_logprobs(dirs[arch], PROMPTS)))
+        assert diff <= 1e-4, f"{arch}: GPTModel + the core's layers (tp 2, SP) vs transformers: {diff:.2e}"
 
 
 def test_checkpoint_check_names_expert_tensors(dirs, tmp_path):
@@ -181,46 +233,36 @@ def test_checkpoint_check_names_expert_tensors(dirs, tmp_path):
     assert "wrong shape: model.layers.1.mlp.experts.5.down_proj.weight [64, 8] (expected [64, 16])" in line
 
 
-def test_logits_engine_megatron_expert_parallel(dirs, tmp_path):
-    """The command as a user types it (verify covers every architecture x tp x SP with the tp mode)."""
-    prompts = tmp_path / "p.json"
-    prompts.write_text(json.dumps(PROMPTS))
-    out = str(tmp_path / "o.safetensors")
-    assert main(["logits", "--engine", "megatron", "--model", dirs["deepseek-v32"], "--prompts", str(prompts),
-                 "--out", out, "--tp", "2", "--moe-parallel", "ep"]) == 0
-    from safetensors.torch import load_file
-
-    got = load_file(out)
-    for i, ref in enumerate(reference_logprobs(dirs["deepseek-v32"], PROMPTS)):
-        assert (got[f"logprobs.{i}"] - ref).abs().max() <= 1e-4
-
-
-def _unsupported(model_dir):
-    from megatron.core import parallel_state
-
-    from sp_core.models import ModelError
-    from sp_core_megatron import SPCoreGPTModel, transformer_config_from_hf
-    from sp_core_megatron.config import check_supported
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    errors = []
-    for overrides in (dict(moe_expert_capacity_factor=1.25),
-                      dict(expert_model_parallel_size=2, expert_tensor_parallel_size=2),
-                      dict(moe_router_enable_expert_bias=True)):  # V2's router has no bias to update
-        try:
-            config = transformer_config_from_hf(model_dir, tp=2, sequence_parallel=True)
-            for name, value in overrides.items():
-                object.__setattr__(config, name, value)
-            check_supported(config)
-            SPCoreGPTModel(config)
-        except ModelError as err:
-            errors.append(str(err))
-    return errors
+def test_train_command_with_expert_parallelism_exports_for_transformers(dirs, tmp_path, capfd):
+    """`sp-core train` on a DeepSeek checkpoint, as a user types it (V2-Lite: plain q_proj, greedy routing)."""
+    out = str(tmp_path / "trained")
+    assert main(["train", "--model", dirs["deepseek-v2-lite"], "--tp", "2", "--moe-parallel", "ep", "--steps", "2",
+                 "--seq-length", "16", "--out", out]) == 0
+    err = capfd.readouterr().err
+    assert "tp 2 | sequence parallel on" in err and "step 2/2 | loss " in err
+    ref = reference_logprobs(out, PROMPTS)  # transformers loads the per-expert export
+    assert len(ref) == len(PROMPTS) and all(torch.isfinite(r).all() for r in ref)
 
 
 def test_unsupported_moe_settings_fail_at_start_up(dirs):
-    errors = run_ranks(2, _unsupported, dirs["deepseek-v2"])[0]
-    assert len(errors) == 3 and all("\n" not in e for e in errors), errors
+    """One line each: a capacity factor, an expert-parallel layout other than the two the core has, and
+    Megatron's bias update on a router without a bias (V2). These checks need no process group."""
+    from sp_core.models import ModelConfig, ModelError
+    from sp_core_megatron import transformer_config_from_hf
+    from sp_core_megatron.config import check_supported, check_supported_for_model
+
+    errors = []
+    for overrides in (dict(moe_expert_capacity_factor=1.25),
+                      dict(expert_model_parallel_size=2, expert_tensor_parallel_size=2),
+                      dict(moe_router_enable_expert_bias=True)):
+        config = transformer_config_from_hf(dirs["deepseek-v2"], tp=2, sequence_parallel=True)
+        for name, value in overrides.items():
+            object.__setattr__(config, name, value)
+        with pytest.raises(ModelError) as err:
+            check_supported(config)
+            check_supported_for_model(config, ModelConfig.from_pretrained(dirs["deepseek-v2"]))
+        errors.append(str(err.value))
+    assert all("\n" not in e for e in errors), errors
     assert "dropless" in errors[0] and "moe_expert_capacity_factor=1.25" in errors[0]
     assert "expert_model_parallel_size=2 with expert_tensor_parallel_size=2" in errors[1]
     assert "e_score_correction_bias" in errors[2]
@@ -272,13 +314,6 @@ def _gpt_model_logprobs(dirs, tp):
     return out
 
 
-def test_gpt_model_with_core_deepseek_layer_spec_equals_transformers(dirs):
-    got = run_ranks(2, _gpt_model_logprobs, dirs, 2)[0]
-    for arch in ARCHS:
-        diff = max((a - b).abs().max().item() for a, b in zip(got[arch], reference_logprobs(dirs[arch], PROMPTS)))
-        assert diff <= 1e-4, f"{arch}: GPTModel + the core's layers (tp 2, SP) vs transformers: {diff:.2e}"
-
-
 def _dist_checkpoint(model_dir, tp, mode, save_dir=None, load_dir=None):
     """Megatron's dist_checkpointing: save after two training steps (bias updated too), or load; returns
     the model's log-probabilities of PROMPTS."""
@@ -297,16 +332,3 @@ def _dist_checkpoint(model_dir, tp, mode, save_dir=None, load_dir=None):
         dist_checkpointing.save(model.sharded_state_dict(), save_dir)
     model.eval()
     return engine.model_logprobs(model, PROMPTS)
-
-
-def test_dist_checkpoint_of_expert_parallel_training_loads_with_experts_split_over_tp(dirs, tmp_path):
-    """Saved at t = 2 with whole experts per rank, loaded at t = 1 with TP-split experts: experts, router
-    bias and every other tensor come back (the trained model's own log-probabilities)."""
-    save_dir = tmp_path / "dist"
-    save_dir.mkdir()
-    trained = run_ranks(2, _dist_checkpoint, dirs["deepseek-v3"], 2, "ep", str(save_dir))[0]
-    loaded = run_ranks(1, _dist_checkpoint, dirs["deepseek-v3"], 1, "tp", None, str(save_dir))[0]
-    untrained = reference_logprobs(dirs["deepseek-v3"], PROMPTS)
-    assert max((a - b).abs().max().item() for a, b in zip(trained, untrained)) > 1e-3, "training changed nothing"
-    diff = max((a - b).abs().max().item() for a, b in zip(loaded, trained))
-    assert diff <= 1e-5, f"the dist checkpoint reloaded at t = 1: {diff:.2e}"
