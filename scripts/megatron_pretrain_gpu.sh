@@ -4,8 +4,9 @@
 #      20 iterations each for a small Qwen3-shaped and a small DeepSeek-V3-shaped checkpoint;
 #   2. the DeepSeek training-equality test on NCCL (t = 2 and 4, bfloat16 and float32).
 # Needs the megatron-core 0.19.2 cp312 wheel in .whl/ (carried). Logs go to $OUT (default out/megatron_gpu).
-#   bash scripts/megatron_pretrain_gpu.sh            # everything
-#   bash scripts/megatron_pretrain_gpu.sh pretrain   # step 1 only;  ... equality: step 2 only
+#   bash scripts/megatron_pretrain_gpu.sh pretrain   # step 1 (about 4 minutes)
+#   bash scripts/megatron_pretrain_gpu.sh equality   # step 2 (about 5 minutes; 4 GPUs for t = 4)
+#   bash scripts/megatron_pretrain_gpu.sh            # both (may exceed a 10-minute call: run them apart)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/megatron_gpu}
@@ -49,7 +50,7 @@ pretrain() {  # name, then Megatron's shape flags for that checkpoint
   local name=$1; shift
   local log="$OUT/pretrain_${name}.log"
   echo "== pretrain() with --sp-core: $name (log: $log)"
-  timeout 900 python3 -m torch.distributed.run --nproc-per-node 2 --master-port 29517 \
+  timeout 270 python3 -m torch.distributed.run --nproc-per-node 2 --master-port 29517 \
     -m sp_core_megatron.pretrain_gpt \
     --sp-core --sp-core-hf-model "$CKPT/$name" \
     --tensor-model-parallel-size 2 --sequence-parallel \
@@ -79,7 +80,7 @@ fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = equality ]; then
   echo "== DeepSeek training equality on NCCL ($NGPU GPUs; t = 4 needs 4)"
-  timeout 1200 python3 -m pytest tests/test_megatron_deepseek.py -k gpu -v -s -p no:cacheprovider \
+  timeout 540 python3 -m pytest tests/test_megatron_deepseek.py -k gpu -v -s -p no:cacheprovider \
     >"$OUT/equality_gpu.log" 2>&1
   rc=$?
   grep -E "max loss difference|PASSED|FAILED|SKIPPED|passed|failed" "$OUT/equality_gpu.log" | tail -n 40
