@@ -59,7 +59,7 @@ pretrain() {  # name, then Megatron's shape flags for that checkpoint
     --train-iters 20 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 2 --clip-grad 1.0 \
     --bf16 --transformer-impl local --no-gradient-accumulation-fusion --no-rope-fusion --normalization RMSNorm --swiglu \
     --disable-bias-linear --untie-embeddings-and-output-weights --position-embedding-type rope \
-    --log-interval 1 --eval-iters 0 --seed 1234 "$@" >"$log" 2>&1
+    --log-interval 1 --eval-iters 0 --eval-interval 1000 --seed 1234 "$@" >"$log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || { tail -n 40 "$log" >&2; fail "pretrain $name exited with $rc"; }
   python3 - "$log" "$name" <<'EOF' || fail "pretrain $name: no falling loss in Megatron's iteration log"

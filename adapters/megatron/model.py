@@ -25,12 +25,17 @@ class SPCoreGPTModel(MegatronModule):
     ``packed_seq_params`` (THD, b = 1): documents attend only to themselves and their positions
     restart at 0 (``position_ids`` are then ignored, as Megatron's rotary does)."""
 
-    def __init__(self, config, pre_process: bool = True, post_process: bool = True):
+    def __init__(self, config, pre_process: bool = True, post_process: bool = True, pg_collection=None):
         check_supported(config)
         if not (pre_process and post_process):
             raise ModelError("sp-core does not support pipeline stages yet: build with pre_process=post_process=True")
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
+        if pg_collection is None:  # Megatron-LM's training loop reads the model's groups (as GPTModel's)
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
         bind_tensor_parallel_group(config)
         hf = ModelConfig.from_pretrained(config.sp_core_hf_model, moe_parallel_mode(config))
         check_supported_for_model(config, hf)
