@@ -160,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty --out, or the input checkpoint itself (default: refuse)")
     _common(p)
+    _add_moe_flag(p)
     return parser
 
 
@@ -299,8 +300,8 @@ def cmd_train(args) -> int:
     check_output_dir(args.out, "--out", model_dir=args.model, force=args.force)
     engine = engines.get("megatron")
     engine.check_available()
-    cfg = engines.check_model(args.model, args.tp)
-    engines.check_engine("megatron", cfg)
+    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
+    engines.check_engine("megatron", cfg, args.moe_parallel)
     if args.seq_length > cfg.max_position_embeddings:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")
@@ -309,7 +310,8 @@ def cmd_train(args) -> int:
     console.say(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
                 f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
     result = engine.train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
-                                seq_length=args.seq_length, micro_batch_size=args.micro_batch_size)
+                                seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                                moe_parallel=args.moe_parallel)
     console.say(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}")
     return 0
 

@@ -12,7 +12,6 @@ import torch
 
 from sp_core.errors import EngineUnavailable, NonFiniteError
 from sp_core.models import ModelConfig, ModelError
-from sp_core.models.config import DEEPSEEK_ARCHITECTURES
 
 __all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_prompts", "check_model",
            "check_finite"]
@@ -34,10 +33,9 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False
     return prompt_logprobs(load_model(model_dir, dtype, moe_parallel), prompts)
 
 
-# Architectures an engine does not run yet: Megatron's DeepSeek adapter (issue 16) has not landed; sglang
-# serves V2 / V3 but not V3.2's sparse attention over cached index keys.
-NOT_YET = {"megatron": DEEPSEEK_ARCHITECTURES}
-MOE_PARALLEL_ENGINES = ("core", "sglang")  # engines that take --moe-parallel ep (sglang: as its --ep-size)
+# Architectures an engine does not run yet (none at the moment: every engine runs every supported one).
+NOT_YET: Dict[str, tuple] = {}
+MOE_PARALLEL_ENGINES = ("core", "megatron", "sglang")  # engines that take --moe-parallel ep (sglang: as its --ep-size)
 
 
 def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:

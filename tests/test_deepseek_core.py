@@ -451,7 +451,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         ("deepseek-v2", lambda c: c.pop("num_experts_per_tok"), (), "num_experts_per_tok is missing"),
         ("deepseek-v3", lambda c: c.update(quantization_config={"quant_method": "fp8"}), (),
          "quantised checkpoints (quantization_config: fp8) are not supported"),
-        ("deepseek-v3", lambda c: None, ("--engine", "megatron"), "does not run DeepseekV3ForCausalLM yet"),
     ]
     for name, edit, extra, message in cases:
         line = run(_bad(tmp_path, name, edit), *extra)

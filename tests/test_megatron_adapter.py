@@ -117,8 +117,9 @@ def _extension_points(model_dir):
 
 def test_spec_flag_and_unsupported_settings(ckpts):
     errors = run_ranks(2, _extension_points, ckpts["qwen3-train"])[0]
-    assert len(errors) == 3 and all("\n" not in e and "use 1" in e for e in errors), errors
-    assert "context parallelism" in errors[0] and "pipeline" in errors[1] and "expert" in errors[2]
+    assert len(errors) == 3 and all("\n" not in e for e in errors) and all("use 1" in e for e in errors[:2]), errors
+    assert "context parallelism" in errors[0] and "pipeline" in errors[1]
+    assert "expert_model_parallel_size=2 with expert_tensor_parallel_size=2" in errors[2]  # only EP = tp, ETP = 1
 
 
 def _gpt_model_with_core_layers(sp):

@@ -233,7 +233,7 @@ def _export_roundtrip_and_errors(ref):
         assert moe.gate.weight.sequence_parallel and not moe.gate.weight.tensor_model_parallel
         for param in (moe.experts.gate_up_proj, moe.experts.down_proj):
             if mode:  # whole experts: Megatron's expert-parameter marker, no TP split, no SP sum
-                assert param.allreduce is False and param.expert_parallel and not param.tensor_model_parallel
+                assert param.allreduce is False and param.expert_parallel and param.tensor_model_parallel and param.partition_dim == 0
                 assert not getattr(param, "sequence_parallel", False)
             else:
                 assert param.tensor_model_parallel and param.partition_dim == (1 if param is moe.experts.gate_up_proj else 2)

@@ -41,17 +41,18 @@ def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
     data = json.loads(report.read_text())
     rows = data["rows"]
     # Qwen2, Qwen3: 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang. DeepSeek V2, V2-Lite, V3,
-    # V3.2: the core's 3 and tp 2 SP on with expert parallelism (megatron does not run them yet: one note line)
-    assert len(rows) == 28 and all(r["status"] == "ok" for r in rows), rows
+    # V3.2: 2 engines x (3, and tp 2 SP on with expert parallelism)
+    assert len(rows) == 44 and all(r["status"] == "ok" for r in rows), rows
     assert sorted({r["model"] for r in rows if r["moe"] == "ep"}) == ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3",
                                                                      "deepseek-v32"]
-    assert "megatron does not run deepseek-v2, deepseek-v2-lite, deepseek-v3, deepseek-v32 yet" in proc.stdout
+    assert "megatron does not run" not in proc.stdout
+    assert len([r for r in rows if r["engine"] == "megatron" and r["model"].startswith("deepseek")]) == 16
     assert all(r["vs_reference"] <= 1e-4 and r["tokens_equal"] for r in rows)
     assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"] and r["moe"] == "tp")
     core_tp1 = [r for r in rows if r["engine"] == "core" and r["tp"] == 1]
     assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself
     assert data["exit_code"] == 3 and data["unavailable"] == {"sglang": data["unavailable"]["sglang"]}
-    assert "PASS: all 28 rows within tolerance" in proc.stdout
+    assert "PASS: all 44 rows within tolerance" in proc.stdout
     assert len(output.splitlines()) <= MAX_LINES, output
     assert [p for p in os.listdir(tmp) if p.startswith("sp-core")] == []  # no litter (torch caches aside)
     log = [line for line in output.splitlines() if line.startswith("sp-core verify: framework output")]

@@ -21,6 +21,24 @@ class MegatronBatch:
     micro_batch_size: int
     allowed: Optional[torch.Tensor] = None
     """[b or 1, 1, s, s] bool, True = may attend; None = plain causal attention."""
+    document_starts: Optional[torch.Tensor] = None
+    """Packed documents (THD, b = 1): ``cu_seqlens``; None otherwise."""
+
+    @property
+    def seq_lens(self):
+        """The longest sequence first (what DeepSeek-V3.2's indexer reads to decide whether it selects)."""
+        return [self.seq_length] * self.micro_batch_size
+
+    def sequence_ids(self, total: int, device=None) -> torch.Tensor:
+        """[total]: which sequence (column b, or packed document) each s-major token row belongs to; -1 for
+        SP padding rows. Within one sequence the rows are in position order, so row order is causal order."""
+        rows = torch.arange(total, device=device)
+        real = rows < self.seq_length * self.micro_batch_size
+        if self.document_starts is not None:
+            ids = document_index(self.document_starts.to(device), total)
+        else:
+            ids = rows % self.micro_batch_size
+        return torch.where(real, ids, torch.full_like(ids, -1))
 
     @classmethod
     def from_megatron(cls, seq_length: int, micro_batch_size: int, device, attention_mask=None,
@@ -40,7 +58,7 @@ class MegatronBatch:
             # a row with nothing left to attend to (padding) keeps its diagonal instead of giving NaN
             diagonal = torch.eye(seq_length, dtype=torch.bool, device=device)
             allowed = (allowed & ~attention_mask.bool()) | diagonal
-        return cls(seq_length, micro_batch_size, allowed)
+        return cls(seq_length, micro_batch_size, allowed, cu_seqlens)
 
 
 def packed_cu_seqlens(packed_seq_params, micro_batch_size: int) -> Optional[torch.Tensor]:
@@ -71,32 +89,51 @@ def document_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tenso
     return torch.arange(num_tokens, device=cu_seqlens.device) - cu_seqlens.to(doc.dtype)[doc]
 
 
-def megatron_attention(q, k, v, batch: MegatronBatch) -> torch.Tensor:
-    """Attention within each of the b columns of an [s, b] token grid, causal, restricted by the mask or
-    the document boundaries when there are any (rows past s*b: SP padding).
+def selected_keys_grid(topk_indices: torch.Tensor, s: int, b: int) -> torch.Tensor:
+    """DeepSeek-V3.2's selection (int32 [rows, k]: for each s-major row the rows it may attend to, -1 for
+    none) as a bool mask [b, 1, s, s] over each column's own tokens."""
+    total = s * b
+    rows = topk_indices[:total].long()
+    chosen = torch.zeros(total, total + 1, dtype=torch.bool, device=rows.device)
+    chosen.scatter_(1, torch.where(rows >= 0, rows, total), True)
+    # [s, b, s, b] -> the (query column == key column) blocks -> [b, s, s]
+    per_column = chosen[:, :total].view(s, b, s, b).diagonal(dim1=1, dim2=3).permute(2, 0, 1)
+    return per_column.unsqueeze(1)
 
-    In the deterministic mode an unmasked batch runs the core's own kernel on each sequence, laid out
-    sequence after sequence: the call the core engine and sglang's prefill make for that sequence."""
+
+def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = None,
+                       topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention within each of the b columns of an [s, b] token grid, causal, restricted by the mask or
+    the document boundaries when there are any (rows past s*b: SP padding). ``scale``: the softmax scale
+    (MLA's); ``topk_indices``: DeepSeek-V3.2's selected keys (attention.py's kernel interface).
+
+    In the deterministic mode an unmasked batch without a V3.2 selection runs the core's own kernel on each
+    sequence, laid out sequence after sequence: the call the core engine and sglang's prefill make for it."""
     s, b = batch.seq_length, batch.micro_batch_size
-    if batch.allowed is None and mpu.deterministic():
-        return _per_sequence_core_kernel(q, k, v, s, b)
+    if batch.allowed is None and topk_indices is None and mpu.deterministic():
+        return _per_sequence_core_kernel(q, k, v, s, b, scale)
 
     def grid(x):  # [s*b, heads, d] -> [b, heads, s, d]
         return x[: s * b].unflatten(0, (s, b)).permute(1, 2, 0, 3)
 
     k, v = expand_kv(q, k), expand_kv(q, v)
-    if batch.allowed is None:
-        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True)
+    allowed = batch.allowed
+    if topk_indices is not None:
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        selected = selected_keys_grid(topk_indices, s, b) & causal
+        allowed = selected if allowed is None else allowed & selected
+    if allowed is None:
+        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=batch.allowed)
+        out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=allowed, scale=scale)
     out = out.permute(2, 0, 1, 3).flatten(0, 1)
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
 
 
-def _per_sequence_core_kernel(q, k, v, s: int, b: int) -> torch.Tensor:
+def _per_sequence_core_kernel(q, k, v, s: int, b: int, scale: Optional[float]) -> torch.Tensor:
     def by_sequence(x):  # [s*b, heads, d] s-major -> [b*s, heads, d], each sequence contiguous
         return x[: s * b].unflatten(0, (s, b)).transpose(0, 1).reshape(s * b, *x.shape[1:])
 
-    out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v), PackedBatch([s] * b))
+    out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v), PackedBatch([s] * b), scale=scale)
     out = out.unflatten(0, (b, s)).transpose(0, 1).reshape(s * b, *out.shape[1:])
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out

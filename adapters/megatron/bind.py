@@ -24,5 +24,15 @@ def bind_tensor_parallel_group(config) -> None:
     if size != config.tensor_model_parallel_size:
         raise ModelError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but Megatron's "
                          f"tensor-parallel group has {size} ranks")
+    if (getattr(config, "expert_model_parallel_size", 1) or 1) > 1:
+        # the core's expert parallelism all-to-alls over the TP group: Megatron's expert-parallel group (over
+        # which its DDP and optimizer treat expert gradients) must be that same group, as Megatron's default
+        # rank order makes it when expert_model_parallel_size = tp and expert_tensor_parallel_size = 1
+        ep_rank, ep_size = parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+        if (ep_rank, ep_size) != (parallel_state.get_tensor_model_parallel_rank(), size):
+            raise ModelError(f"Megatron's expert-parallel group (rank {ep_rank} of {ep_size}) is not the tensor-parallel "
+                             f"group (rank {parallel_state.get_tensor_model_parallel_rank()} of {size}); sp-core's "
+                             f"expert parallelism needs expert_model_parallel_size = tensor_model_parallel_size, "
+                             f"expert_tensor_parallel_size = 1 and Megatron's default rank order")
     mpu.bind(group, sequence_parallel=config.sequence_parallel)
     mpu.set_deterministic(getattr(config, "deterministic_mode", False))  # Megatron's own switch

@@ -21,24 +21,28 @@ def check_available() -> None:
                                 f"pip install 'sp-core[megatron]'") from None
 
 
-def _init_megatron(tp: int) -> None:
+def _init_megatron(tp: int, moe_parallel: str = "tp") -> None:
+    """Megatron's groups; with the core's expert parallelism, Megatron's expert-parallel group is the TP
+    group (expert_model_parallel_size = tp, expert_tensor_parallel_size = 1)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        experts = dict(expert_model_parallel_size=tp, expert_tensor_parallel_size=1) if moe_parallel == "ep" else {}
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, **experts)
 
 
 def build_model(model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype = torch.float32,
-                deterministic: bool = False):
+                moe_parallel: str = "tp", deterministic: bool = False, **config_overrides):
     """An SPCoreGPTModel on this rank's device, initialised from ``model_dir``; ``deterministic``:
     Megatron's ``deterministic_mode``."""
     from sp_core.mpu import platform
     from sp_core_megatron.config import transformer_config_from_hf
     from sp_core_megatron.model import SPCoreGPTModel
 
-    _init_megatron(tp)
+    _init_megatron(tp, moe_parallel)
     config = transformer_config_from_hf(model_dir, tp, sequence_parallel, params_dtype=dtype,
-                                        deterministic_mode=deterministic)
+                                        moe_parallel=moe_parallel, deterministic_mode=deterministic,
+                                        **config_overrides)
     with torch.device(platform.current_device()):
         return SPCoreGPTModel(config)
 
@@ -59,16 +63,16 @@ def model_logprobs(model, prompts) -> List[torch.Tensor]:
     return out
 
 
-def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype, deterministic=False):
-    model = build_model(model_dir, tp, sequence_parallel, dtype, deterministic).eval()
+def _logprobs_rank(model_dir, prompts, tp, sequence_parallel, dtype, moe_parallel="tp", deterministic=False):
+    model = build_model(model_dir, tp, sequence_parallel, dtype, moe_parallel, deterministic).eval()
     return model_logprobs(model, prompts)
 
 
 def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
-             deterministic: bool = False) -> List[torch.Tensor]:
+             moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
     check_available()
-    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype, deterministic,
-                     sequence_parallel=sequence_parallel)[0]
+    return run_ranks(tp, _logprobs_rank, model_dir, prompts, tp, sequence_parallel, dtype, moe_parallel,
+                     deterministic, sequence_parallel=sequence_parallel)[0]
 
 
 def clip_grad_default() -> float:
@@ -84,7 +88,9 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine
-    model = build_model(model_dir, tp, sequence_parallel, deterministic=settings.get("deterministic", False))
+    model = build_model(model_dir, tp, sequence_parallel, settings.get("dtype", torch.float32),
+                        settings.get("moe_parallel", "tp"), settings.get("deterministic", False),
+                        **settings.get("config", {}))
     log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
@@ -106,7 +112,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
     from sp_core.engines import check_model
 
     check_available()
-    check_model(model_dir, tp)
+    check_model(model_dir, tp, settings.get("moe_parallel", "tp"))
     return run_ranks(tp, _train_rank, model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings,
                      capture_grads, sequence_parallel=sequence_parallel)[0]
 

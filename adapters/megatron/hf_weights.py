@@ -14,6 +14,7 @@ The name mapping (``{i}``: layer index; the core's layer sits at ``.layer`` insi
 | model.layers.{i}.mlp.down_proj.weight             | decoder.layers.{i}.layer.mlp.down_proj.weight         |
 | model.norm.weight                                 | decoder.final_layernorm.weight                        |
 | lm_head.weight                                    | output_layer.weight (absent when tied: share_embeddings_and_output_weights) |
+| model.layers.{i}.{self_attn,mlp}.* (DeepSeek)     | decoder.layers.{i}.layer.{self_attn,mlp}.* (the core's names; routed experts go through the MoE layer's loader, per expert or fused) |
 
 Megatron's vocabulary-parallel embedding and output layer need a vocabulary divisible by tp: GPTModel
 gets the padded size (``gpt_model_args``); the padding rows are zero, and their logits are not part
@@ -34,6 +35,8 @@ from sp_core.models.checkpoint import hf_to_core, iter_hf_tensors
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_EXPERTS = ".mlp.experts."
+_MOE = re.compile(r"^decoder\.layers\.(\d+)\.layer\.mlp$")
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -65,17 +68,33 @@ def gpt_model_name(hf_name: str) -> Tuple[str, str]:
 def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
     """Load this rank's slice of every tensor of the checkpoint in ``model_dir`` into ``model``
     (a GPTModel with ``get_sp_core_block_spec``); one-line error naming missing / unexpected tensors."""
-    params: Dict[str, torch.nn.Parameter] = dict(model.named_parameters())
+    # parameters and persistent buffers (V3's e_score_correction_bias); routed experts load through their MoE
+    params: Dict[str, torch.Tensor] = {n: t for n, t in model.state_dict(keep_vars=True).items()
+                                       if _EXPERTS not in f".{n}" and not n.endswith("._extra_state")}
+    experts = {f"model.layers.{m.group(1)}.mlp.experts.": module for name, module in model.named_modules()
+               if hasattr(module, "load_expert_tensor") and (m := _MOE.match(name))}
     expected = {(n, s) for n, p in params.items() for s in ([x.name for x in p.shards] if hasattr(p, "shards") else [None])}
     seen, unexpected = set(), []
     for hf_name, tensor in iter_hf_tensors(model_dir):
         if _IGNORED.search(hf_name):
+            continue
+        if _EXPERTS in hf_name:
+            prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
+            try:
+                experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
+            except KeyError:
+                unexpected.append(hf_name)
+            except ValueError as err:
+                raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
             continue
         try:
             name, shard = gpt_model_name(hf_name)
         except ModelError:
             unexpected.append(hf_name)
             continue
+        unfused = _LAYER.sub(r"decoder.layers.\1.layer.\2", hf_name)
+        if (name, shard) not in expected and (unfused, None) in expected:  # DeepSeek-V2-Lite's own q_proj
+            name, shard = unfused, None
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
@@ -92,6 +111,7 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
                 raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
         seen.add((name, shard))
     missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in expected - seen)
+    missing += sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
     if missing or unexpected:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \
                 (["checkpoint tensors the GPTModel lacks: " + ", ".join(sorted(unexpected))] if unexpected else [])

@@ -1,5 +1,10 @@
 """ModuleSpecs for megatron.core users who build their own GPTModel: the core's decoder layer as a
-Megatron transformer layer, and the core's RMSNorm (SP-tagged) as the block's final norm."""
+Megatron transformer layer, and the core's RMSNorm (SP-tagged) as the block's final norm.
+
+Qwen2 / Qwen3 layers are described by Megatron's config alone. DeepSeek layers (MLA, dense MLP or MoE
+per layer, V3.2's indexer) are built from the checkpoint's config.json (``config.sp_core_hf_model``, set
+by ``transformer_config_from_hf``): the whole attention module and the whole MLP / MoE module are the
+core's, since Megatron's MLA accepts only its own linear classes for the down-projections."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,6 +18,8 @@ from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 from sp_core import mpu
 from sp_core.layers import RMSNorm
 from sp_core.models import ModelConfig
+from sp_core.models.config import DEEPSEEK_ARCHITECTURES
+from sp_core.models.deepseek import DeepseekDecoderLayer
 from sp_core.models.qwen import qwen_decoder_layer
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
@@ -45,9 +52,28 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
         if rope_theta is None:  # from the config when it came from transformer_config_from_hf
             rope_theta = getattr(config, "rotary_base", None) or DEFAULT_ROPE_THETA
             rope_scaling = getattr(config, "rope_scaling_config", None)
+        checkpoint = self._deepseek_config(config)
         with torch.device(parameter_device(config)):
-            self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
-                                            dtype=config.params_dtype, attention_kernel=megatron_attention)
+            if checkpoint is not None:
+                self.layer = DeepseekDecoderLayer(checkpoint, checkpoint.layer_types[layer_number - 1],
+                                                  dtype=config.params_dtype, attention_kernel=megatron_attention)
+            else:
+                self.layer = qwen_decoder_layer(model_config_from_megatron(config, rope_theta, rope_scaling),
+                                                dtype=config.params_dtype, attention_kernel=megatron_attention)
+
+    @staticmethod
+    def _deepseek_config(config) -> Optional[ModelConfig]:
+        """The checkpoint's config when it is a DeepSeek one (its layers need more than Megatron's fields)."""
+        from sp_core_megatron.config import check_supported_for_model, moe_parallel_mode
+
+        model_dir = getattr(config, "sp_core_hf_model", None)
+        if not model_dir:
+            return None
+        checkpoint = ModelConfig.from_pretrained(model_dir, moe_parallel_mode(config))
+        if checkpoint.architecture not in DEEPSEEK_ARCHITECTURES:
+            return None
+        check_supported_for_model(config, checkpoint)
+        return checkpoint
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """For Megatron's dist_checkpointing: global (Hugging Face) shapes, this rank's offsets."""
@@ -65,7 +91,11 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
             else:
                 positions = torch.arange(s, device=hidden_states.device).repeat_interleave(b)  # s-major tokens
             batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params)
-            out = self.layer(hidden_states.reshape(rows * b, h), positions, batch)
+            tokens = hidden_states.reshape(rows * b, h)
+            if isinstance(self.layer, DeepseekDecoderLayer):  # Megatron's SP needs s divisible by t: no padding
+                out = self.layer(tokens, positions, batch, s * b)
+            else:
+                out = self.layer(tokens, positions, batch)
         return out.view(rows, b, h), None
 
 

@@ -11,7 +11,7 @@ from sp_core import mpu
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
-from sp_core_megatron.config import check_supported
+from sp_core_megatron.config import check_supported, check_supported_for_model, moe_parallel_mode
 
 
 def megatron_attention_for(layer_index: int):
@@ -25,14 +25,20 @@ class SPCoreGPTModel(MegatronModule):
     ``packed_seq_params`` (THD, b = 1): documents attend only to themselves and their positions
     restart at 0 (``position_ids`` are then ignored, as Megatron's rotary does)."""
 
-    def __init__(self, config, pre_process: bool = True, post_process: bool = True):
+    def __init__(self, config, pre_process: bool = True, post_process: bool = True, pg_collection=None):
         check_supported(config)
         if not (pre_process and post_process):
             raise ModelError("sp-core does not support pipeline stages yet: build with pre_process=post_process=True")
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
+        if pg_collection is None:  # Megatron-LM's training loop reads the model's groups (as GPTModel's)
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
         bind_tensor_parallel_group(config)
-        hf = ModelConfig.from_pretrained(config.sp_core_hf_model)
+        hf = ModelConfig.from_pretrained(config.sp_core_hf_model, moe_parallel_mode(config))
+        check_supported_for_model(config, hf)
         self.hf_config = hf
         with torch.device(parameter_device(config)):
             self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_attention_for)

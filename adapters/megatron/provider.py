@@ -14,11 +14,13 @@ def get_sp_core_model_spec() -> ModuleSpec:
     return ModuleSpec(module=SPCoreGPTModel)
 
 
-def build_model(config, pre_process: bool = True, post_process: bool = True):
-    """For megatron.core users: the core's model when ``config.sp_core`` is set."""
+def build_model(config, pre_process: bool = True, post_process: bool = True, pg_collection=None):
+    """For megatron.core users: the core's model when ``config.sp_core`` is set. ``pg_collection``:
+    Megatron's process groups (default: those of ``megatron.core.parallel_state``)."""
     if not getattr(config, "sp_core", False):
         raise ValueError("config.sp_core is off; build Megatron's own GPTModel instead")
-    return build_module(get_sp_core_model_spec(), config=config, pre_process=pre_process, post_process=post_process)
+    return build_module(get_sp_core_model_spec(), config=config, pre_process=pre_process, post_process=post_process,
+                        pg_collection=pg_collection)
 
 
 def make_model_provider(fallback: Callable, config_from_args: Optional[Callable] = None) -> Callable:
@@ -38,7 +40,8 @@ def make_model_provider(fallback: Callable, config_from_args: Optional[Callable]
             from megatron.training.arguments import core_transformer_config_from_args as make_config
         else:
             make_config = config_from_args
-        return build_model(as_sp_core_config(make_config(margs), margs.sp_core_hf_model), pre_process, post_process)
+        return build_model(as_sp_core_config(make_config(margs), margs.sp_core_hf_model), pre_process, post_process,
+                           kwargs.get("pg_collection"))
 
     return model_provider
 

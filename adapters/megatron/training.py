@@ -56,9 +56,16 @@ def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0):
 
 
 def full_gradients(model) -> Dict[str, torch.Tensor]:
-    """Every parameter's gradient (Megatron's main_grad), gathered over TP, by Hugging Face name."""
+    """Every parameter's gradient (Megatron's main_grad), gathered over TP, by Hugging Face name; routed
+    experts per expert, as their MoE layers export them."""
     out = {}
+    for name, module in model.language_model.named_modules():
+        if hasattr(module, "export_expert_tensors"):
+            for key, grad in module.export_expert_tensors(grads=True).items():
+                out[f"{name}.experts.{key}"] = grad.float().clone()
     for name, param in model.language_model.named_parameters():
+        if ".mlp.experts." in f".{name}":
+            continue
         grad = getattr(param, "main_grad", None)
         grad = param.grad if grad is None else grad
         for shard, full in gather_full(param, grad).items():
@@ -67,8 +74,10 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
 
 
 def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
-          clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False):
-    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads)."""
+          clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False,
+          grad_norms: Optional[List[float]] = None):
+    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads);
+    ``grad_norms``: a list that gets each step's gradient norm (Megatron's, over every parameter once)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.mpu import platform
@@ -88,6 +97,10 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
         if capture_step0_grads and step == 0:
             grads0 = full_gradients(model)
         _, grad_norm, _ = optimizer.step()
+        if grad_norm is None:  # no clipping (CPU): Megatron's optimizer computes the norm only to clip
+            grad_norm = optimizer.get_grad_norm()
+        if grad_norms is not None:
+            grad_norms.append(float(grad_norm))
         loss = float(out[0]["lm loss"])
         losses.append(loss)
         if log:

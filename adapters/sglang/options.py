@@ -5,7 +5,7 @@ worker starts -- a worker's error would kill the launcher instead):
 - V3.2 on sglang's ordinary MLA path. sglang 0.5.23 treats every checkpoint whose architecture is in its DSA
   list and whose config has ``index_topk`` as DSA (``configs/model_config.py::is_deepseek_dsa``): it then
   forces the ``dsa`` attention backend unless one is given, page size 64, GPU-only resolution steps
-  (``torch.cuda.get_device_capability()`` in ``model_hook.py``: on CPU every V3.2 launch fails there) and
+  (the CUDA device-capability query in ``model_hook.py``: on CPU every V3.2 launch fails there) and
   its ``DSATokenToKVPool`` (fp8 index keys, index_head_dim 128). The adapter serves V3.2's indexer and
   sparse attention itself (index keys cached per KV slot, ``index_keys.py``), so it hides ``index_topk``
   from that detection through sglang's own ``--json-model-override-args``: ``index_topk`` is set to null

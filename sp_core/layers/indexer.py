@@ -145,7 +145,11 @@ class BatchIndexKeys:
 
 
 def sequence_ids(batch, total: int, device=None) -> torch.Tensor:
-    """[total]: the packed sequence each row of the batch belongs to; -1 for SP padding rows."""
+    """[total]: the packed sequence each row of the batch belongs to; -1 for SP padding rows. A framework's
+    batch whose rows are laid out otherwise (Megatron's s-major [s, b]) says so with ``batch.sequence_ids``;
+    within a sequence, rows must be in position order."""
+    if hasattr(batch, "sequence_ids"):
+        return batch.sequence_ids(total, device)
     lens = torch.tensor(list(batch.seq_lens), dtype=torch.long, device=device)
     sequence = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
     return F.pad(sequence, (0, total - sequence.shape[0]), value=-1)

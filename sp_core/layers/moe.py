@@ -26,8 +26,10 @@ Two parallel modes over the TP group, picked by ``expert_parallel``:
     them; that costs 3 * H * I_shared parameters per rank.
 
 Parameters carry Megatron's attributes: routed experts in (a) are ``tensor_model_parallel`` with
-``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` and ``expert_parallel``
-(Megatron's marker for expert parameters, whose gradients are complete on the owner).
+``partition_dim`` 1 (gate_up) / 2 (down); in (b) they are ``allreduce = False`` (Megatron's marker for
+expert parameters, whose gradients are complete on the owner and reduced over expert-data-parallel
+ranks only), ``expert_parallel``, and ``tensor_model_parallel`` with ``partition_dim`` 0 (each TP rank
+holds its own block of experts, so a gradient norm counts them on every rank).
 
 Checkpoints: ``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors`` take and
 give the routed experts under their Hugging Face names relative to ``mlp.experts.``; the gate and the
@@ -45,7 +47,7 @@ from sp_core import mpu
 from sp_core.layers.experts import GroupedExperts, SharedExperts, grouped_linear, grouped_weight_grad
 from sp_core.layers.linear import _divide
 from sp_core.layers.router import Router, RouterConfig, count_per_expert
-from sp_core.layers.sharding import Shard, gather_full, mark_partitioned, mark_sequence_parallel
+from sp_core.layers.sharding import Shard, gather_full, gather_full_to_first, mark_partitioned, mark_sequence_parallel
 from sp_core.mpu import collectives
 from sp_core.mpu.platform import amp_backward, amp_forward
 
@@ -136,7 +138,9 @@ class MoE(torch.nn.Module):
         self.first_expert = mpu.tp_rank() * self.local_experts
         self.experts = GroupedExperts(self.local_experts, hidden_size, self.intermediate_size, dtype)
         for param in self.experts.parameters():  # whole experts: complete gradients on the owner
-            param.tensor_model_parallel, param.allreduce, param.expert_parallel = False, False, True
+            param.allreduce, param.expert_parallel = False, True
+            # unique to this TP rank (its block of experts, dim 0): counted once per rank in a gradient norm
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
         self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
         if self.shared_experts is not None:  # replicated, applied to the token shard
             gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
@@ -299,20 +303,35 @@ class MoE(torch.nn.Module):
         return [f"{e}.{p}_proj.weight" for e in range(self.num_experts) for p in _PROJECTIONS
                 if (e, p) not in self._loaded]
 
-    def export_expert_tensors(self, grads: bool = False) -> Dict[str, torch.Tensor]:
-        """Full per-expert tensors (or gradients) under HF names; collective: every TP rank calls it."""
+    def export_expert_tensors(self, grads: bool = False, to_first: bool = False) -> Optional[Dict[str, torch.Tensor]]:
+        """Full per-expert tensors (or gradients) under HF names; collective: every TP rank calls it.
+        ``to_first``: gathered onto TP rank 0 only (None elsewhere), for an export that one rank writes."""
         def values(param):
             if not grads:
                 return param.detach()
-            return param.grad if param.grad is not None else torch.zeros_like(param)
+            grad = getattr(param, "main_grad", None)  # Megatron's DDP accumulates there
+            grad = param.grad if grad is None else grad
+            return grad if grad is not None else torch.zeros_like(param)
 
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        I = self.intermediate_size
         if self.expert_parallel:
-            full_gate_up, full_down = collectives.all_gather(values(gate_up)), collectives.all_gather(values(down))
-            I = self.intermediate_size
+            gather = collectives.gather_to_first if to_first else collectives.all_gather
+            full_gate_up, full_down = gather(values(gate_up).contiguous()), gather(values(down).contiguous())
+            if full_gate_up is None:
+                return None
             parts = {"gate": full_gate_up[:, :I], "up": full_gate_up[:, I:], "down": full_down}
         else:
-            pieces = gather_full(gate_up, values(gate_up))
-            parts = {"gate": pieces["gate"], "up": pieces["up"], "down": gather_full(down, values(down))[None]}
+            gather = gather_full_to_first if to_first else gather_full
+            pieces, down_full = gather(gate_up, values(gate_up)), gather(down, values(down))
+            if pieces is None:
+                return None
+            parts = {"gate": pieces["gate"], "up": pieces["up"], "down": down_full[None]}
         return {f"{e}.{p}_proj.weight": parts[p][e].contiguous().cpu()
+                for e in range(self.num_experts) for p in _PROJECTIONS}
+
+    def expert_tensor_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """HF name (relative to ``mlp.experts.``) -> full shape of every routed-expert tensor (no communication)."""
+        hidden, inter = self.experts.gate_up_proj.shape[2], self.intermediate_size
+        return {f"{e}.{p}_proj.weight": ((hidden, inter) if p == "down" else (inter, hidden))
                 for e in range(self.num_experts) for p in _PROJECTIONS}

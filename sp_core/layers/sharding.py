@@ -79,9 +79,10 @@ def gather_full(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> D
     return _full_tensors(param, collectives.all_gather(local))
 
 
-def gather_full_to_first(param: torch.Tensor) -> Optional[Dict[Optional[str], torch.Tensor]]:
+def gather_full_to_first(param: torch.Tensor, values: Optional[torch.Tensor] = None
+                         ) -> Optional[Dict[Optional[str], torch.Tensor]]:
     """``gather_full`` onto TP rank 0 only; the other ranks send their slices and get None."""
-    values = param.detach()
+    values = (param if values is None else values).detach()
     if getattr(param, "shards", None) is None:
         return {None: values} if ps.tp_rank() == 0 else None
     every_rank = collectives.gather_to_first(values.transpose(0, param.partition_dim).contiguous())

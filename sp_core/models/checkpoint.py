@@ -135,27 +135,49 @@ def expected_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
     return out
 
 
+def _expected_expert_shapes(model: torch.nn.Module, found: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """HF name -> full shape of every routed-expert tensor ``model`` loads: per expert, or the fused
+    ``experts.gate_up_proj`` [E, 2I, H] / ``experts.down_proj`` [E, H, I] where the checkpoint has those."""
+    out = {}
+    for prefix, moe in _expert_owners(model).items():
+        per_expert = moe.expert_tensor_shapes()
+        if any(prefix + key in found for key in ("gate_up_proj", "down_proj")):
+            hidden, inter = per_expert["0.down_proj.weight"]
+            out[prefix + "gate_up_proj"] = (moe.num_experts, 2 * inter, hidden)
+            out[prefix + "down_proj"] = (moe.num_experts, hidden, inter)
+        else:
+            out.update({prefix + key: shape for key, shape in per_expert.items()})
+    return out
+
+
 def check_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     """One-line error for a checkpoint whose tensors do not match ``model`` (missing, unexpected, wrong
-    shape) or whose files are unreadable: the check that runs before any rank or engine starts."""
-    expected = expected_shapes(model)
+    shape; routed experts included) or whose files are unreadable: the check that runs before any rank or
+    engine starts."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     found = {name: shape for name, shape in checkpoint_shapes(model_dir).items()
              if not _IGNORED.search(name) and not (tied and name == "lm_head.weight")
-             and _EXPERTS not in name and not _beyond_layers(model, name)}
+             and not _beyond_layers(model, name)}
+    expected = expected_shapes(model)
+    expected.update(_expected_expert_shapes(model, found))
     parts = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
     if missing:
-        parts.append("missing: " + ", ".join(missing))
+        parts.append("missing: " + _some(missing))
     if unexpected:
-        parts.append("unexpected: " + ", ".join(unexpected))
+        parts.append("unexpected: " + _some(unexpected))
     if wrong:
         parts.append("wrong shape: " + ", ".join(f"{n} {list(found[n])} (expected {list(expected[n])})"
-                                                 for n in wrong))
+                                                 for n in wrong[:8]) + (", ..." if len(wrong) > 8 else ""))
     if parts:
         raise ModelError("checkpoint does not match the model; " + "; ".join(parts))
+
+
+def _some(names: List[str], limit: int = 12) -> str:
+    """A list of tensor names that stays one readable line (a checkpoint has thousands of experts)."""
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
@@ -240,34 +262,43 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size ("5G
 
 
 def _exported_tensors(model: torch.nn.Module):
-    """(core name, shard, HF name, full shape) of every tensor a one-writer export writes."""
+    """(core name, tensor, shard, HF name, full shape) of every parameter and persistent buffer a one-writer
+    export writes; routed experts excluded (``_exported_experts``)."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, tensor in _tensors(model).items():
         if tied and name == "lm_head.weight":
             continue
-        for shard, shape in full_shapes(param).items():
-            yield name, param, shard, core_to_hf(name, shard), shape
+        for shard, shape in full_shapes(tensor).items():
+            yield name, tensor, shard, core_to_hf(name, shard), shape
+
+
+def _exported_experts(model: torch.nn.Module):
+    """(HF prefix, MoE module, {HF name relative to the prefix: full shape}) of every MoE layer's routed experts."""
+    for prefix, moe in _expert_owners(model).items():
+        yield prefix, moe, moe.expert_tensor_shapes()
 
 
 def _export_stream(model: torch.nn.Module):
     """(plan: [(HF name, bytes)], tensors: iterator of (HF name, full tensor on TP rank 0 / None elsewhere)).
 
-    Dense models gather each parameter onto TP rank 0 only. Models with routed experts (exported per
-    expert by their MoE layers) or persistent buffers (the router's bias) go through
-    ``export_state_dict``, which gathers onto every rank: one full copy per rank, for now."""
-    if _expert_owners(model) or any(not isinstance(t, torch.nn.Parameter) for t in _tensors(model).values()):
-        state = export_state_dict(model)
-        return ([(k, v.numel() * v.element_size()) for k, v in state.items()], iter(state.items()))
-
+    Every tensor is gathered onto TP rank 0 only: one collective per parameter or buffer, and one per MoE
+    layer for its routed experts (per expert, under their HF names)."""
     def gathered():
         current_name, full = None, None
-        for name, param, shard, hf_name, _ in _exported_tensors(model):
+        for name, tensor, shard, hf_name, _ in _exported_tensors(model):
             if current_name != name:  # one collective per parameter, all its shards at once
-                full, current_name = gather_full_to_first(param), name
+                full, current_name = gather_full_to_first(tensor), name
             yield hf_name, (None if full is None else full[shard])
+        for prefix, moe, shapes in _exported_experts(model):
+            experts = moe.export_expert_tensors(to_first=True)
+            for key in shapes:
+                yield prefix + key, (None if experts is None else experts[key])
 
-    plan = [(hf_name, param.element_size() * int(torch.Size(shape).numel()))
-            for _, param, _, hf_name, shape in _exported_tensors(model)]
+    plan = [(hf_name, tensor.element_size() * int(torch.Size(shape).numel()))
+            for _, tensor, _, hf_name, shape in _exported_tensors(model)]
+    for prefix, moe, shapes in _exported_experts(model):
+        size = moe.experts.gate_up_proj.element_size()
+        plan += [(prefix + key, size * int(torch.Size(shape).numel())) for key, shape in shapes.items()]
     return plan, gathered()
 
 
@@ -292,7 +323,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
     one ``model.safetensors``, or files of at most ``max_shard_bytes`` plus
     ``model.safetensors.index.json``. Collective over the TP group: each tensor is gathered onto TP
     rank 0, which writes; the other ranks only send their slices (they never hold a full tensor) and
-    write nothing (MoE models: see ``_export_stream``). At most one file's tensors are held at a time.
+    write nothing. Routed experts are written per expert, under their HF names, as transformers saves
+    them. At most one file's tensors are held at a time.
     Returns the paths written (empty on the other ranks). Under data parallelism call it on one replica
     only (``sp_core_megatron``'s ``export_hf_checkpoint`` does).
 
