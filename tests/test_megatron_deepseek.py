@@ -278,13 +278,18 @@ def _gpu_baseline(dirs, dtype: str):
 
 
 def _check_bf16_no_worse_than_t1(ref32, own, got, what):
-    """bfloat16 at t > 1 against the float32 t = 1 run: losses within 1e-2 relative, and each step-0 gradient
-    no further from float32 than max(1e-2, 2 x bfloat16 t = 1's own distance). A per-tensor 1e-2 against
-    bfloat16 t = 1 is no test of TP-SP: an expert with a handful of tokens differs by ~3e-2 between two
-    summation orders of the same bf16 math (measured: 3.3e-2 on 4 x H200). What TP-SP must not do is add
-    error beyond bfloat16's own."""
-    worst_loss = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref32["losses"]))
-    assert worst_loss <= 1e-2, f"{what}: losses {got['losses']} vs float32 t=1 {ref32['losses']}"
+    """bfloat16 at t > 1 against the float32 t = 1 run: each loss and each step-0 gradient no further from
+    float32 than max(1e-2, 2 x bfloat16 t = 1's own distance), relative. A per-tensor 1e-2 against bfloat16
+    t = 1 is no test of TP-SP: an expert with a handful of tokens differs by ~3e-2 between two summation
+    orders of the same bf16 math (measured: 3.3e-2 on 4 x H200), and V3.2's top-k selection and the routers'
+    choices flip under bf16 rounding (V3.2's loss: 1.9e-2 from float32 at t = 2). What TP-SP must not do is
+    add error beyond bfloat16's own."""
+    def loss_distance(run):
+        return max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref32["losses"]))
+
+    worst_loss = loss_distance(got)
+    assert worst_loss <= max(1e-2, 2 * loss_distance(own)), \
+        f"{what}: losses {got['losses']} vs float32 t=1 {ref32['losses']} (bfloat16 t=1: {own['losses']})"
     assert got["grads0"].keys() == ref32["grads0"].keys()
     worst = (0.0, "", 0.0)
     for key, want in ref32["grads0"].items():
