@@ -97,9 +97,8 @@ def kernel_categories(fn, iters: int = 3, categories=CATEGORIES) -> dict:
     return {k: round(v, 3) for k, v in totals.items()}
 
 
-def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
-    from sp_core import mpu
-    from sp_core.layers import PackedBatch
+def random_qwen3_stack(layers: int):
+    """(config, ``layers`` Qwen3-8B-shaped decoder layers with random bf16 weights on the GPU)."""
     from sp_core.models.qwen import qwen_decoder_layer
 
     torch.manual_seed(0)
@@ -108,6 +107,14 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
         stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=torch.bfloat16) for _ in range(layers))
     for p in stack.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    return cfg, stack
+
+
+def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
+    from sp_core import mpu
+    from sp_core.layers import PackedBatch
+
+    cfg, stack = random_qwen3_stack(layers)
     tflops, busbw = ceilings()
     t = mpu.tp_size()
     rows = []

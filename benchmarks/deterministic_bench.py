@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.bench import SHAPE, _timed, device_name, qwen3_config  # noqa: E402
+from benchmarks.bench import SHAPE, _timed, device_name, random_qwen3_stack  # noqa: E402
 
 LENGTHS = (1, 2, 5, 17, 64, 129, 200, 255)  # the tiny checkpoints' context is 256
 MIXED = (5, 1, 250, 3, 64, 2, 129, 9)  # the 8 requests a prompt joins (batch invariance)
@@ -98,14 +98,8 @@ def batch_invariance(model_dir: str, tp: int, vocab: int, log) -> dict:
 def _cost_rank(layers: int, tokens_list, iters: int):
     from sp_core import mpu
     from sp_core.layers import PackedBatch, batch_invariant
-    from sp_core.models.qwen import qwen_decoder_layer
 
-    torch.manual_seed(0)
-    cfg = qwen3_config(layers)
-    with torch.device("cuda"):
-        stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=torch.bfloat16) for _ in range(layers))
-    for p in stack.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    cfg, stack = random_qwen3_stack(layers)
     t = mpu.tp_size()
     mpu.set_sequence_parallel(True)
     rows = []

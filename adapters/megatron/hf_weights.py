@@ -30,7 +30,7 @@ import torch
 from sp_core import mpu
 from sp_core.layers.sharding import load_full
 from sp_core.models import ModelError
-from sp_core.models.checkpoint import hf_to_core, iter_hf_tensors
+from sp_core.models.checkpoint import hf_to_core, iter_hf_tensors, load_expert_tensor
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
@@ -79,13 +79,8 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         if _IGNORED.search(hf_name):
             continue
         if _EXPERTS in hf_name:
-            prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
-            try:
-                experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
-            except KeyError:
+            if not load_expert_tensor(experts, hf_name, tensor):
                 unexpected.append(hf_name)
-            except ValueError as err:
-                raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
             continue
         try:
             name, shard = gpt_model_name(hf_name)

@@ -75,6 +75,21 @@ def _open(path: str):
                          f"it may be truncated or corrupt") from None
 
 
+def load_expert_tensor(experts: Dict[str, torch.nn.Module], hf_name: str, tensor: torch.Tensor) -> bool:
+    """Load the routed-expert tensor ``hf_name`` into its MoE block (``experts``: name prefix ending in
+    ".mlp.experts." -> block); False when no block takes that name."""
+    prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
+    if prefix not in experts:
+        return False
+    try:
+        experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
+    except KeyError:
+        return False
+    except ValueError as err:
+        raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
+    return True
+
+
 def iter_hf_tensors(model_dir: str) -> Iterator[Tuple[str, torch.Tensor]]:
     for path in checkpoint_files(model_dir):
         with _open(path) as f:
@@ -194,16 +209,8 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
         if _IGNORED.search(hf_name) or (tied and hf_name == "lm_head.weight") or _beyond_layers(model, hf_name):
             continue
         if _EXPERTS in hf_name:
-            prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
-            if prefix not in experts:
+            if not load_expert_tensor(experts, hf_name, tensor):
                 unexpected.append(hf_name)
-                continue
-            try:
-                experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
-            except KeyError:
-                unexpected.append(hf_name)
-            except ValueError as err:
-                raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
             continue
         name, shard = _core_name(hf_name, expected)
         if (name, shard) not in expected:
