@@ -6,9 +6,10 @@ from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack
 from support.checkpoints import make_checkpoint
+from support.compare import rel
 from support.host_sync import count_host_syncs
 from support.multirank import run_ranks
-from test_qwen_core import RAGGED, _gradients, _rel
+from test_qwen_core import RAGGED, _gradients
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_gradients_with_fewer_kv_heads_than_tp_equal_tp1(checkpoints, name, tp, 
     base = run_ranks(1, _gradients, d)[0]
     got = run_ranks(tp, _gradients, d, sequence_parallel=sp)[0]
     for key in base:
-        assert _rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP={sp}: gradient of {key}"
+        assert rel(got[key], base[key]) <= 1e-5, f"{name} tp={tp} SP={sp}: gradient of {key}"
 
 
 def _autocast_loss_and_grads(model_dir):
