@@ -5,6 +5,7 @@ nowhere. One rank launch per world size runs every architecture and mode (Megatr
 per mode). On CPU: gloo, float32. On CUDA (``test_training_equality_on_gpu``): NCCL, bfloat16 and float32."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -277,13 +278,28 @@ def _gpu_baseline(dirs, dtype: str):
     return _GPU_BASELINES[dtype]
 
 
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+
+
+def _bf16_units(grads):
+    """Step-0 gradients as the bfloat16 check compares them: each tensor alone, except the routed experts,
+    concatenated per layer and projection (``layers.1.mlp.experts.*.gate_proj.weight``)."""
+    units = {}
+    for key in sorted(grads, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")]):
+        units.setdefault(_ROUTED_EXPERT.sub(".mlp.experts.*.", key), []).append(grads[key].flatten())
+    return {unit: torch.cat(parts) for unit, parts in units.items()}
+
+
 def _check_bf16_no_worse_than_t1(ref32, own, got, what):
     """bfloat16 at t > 1 against the float32 t = 1 run: each loss and each step-0 gradient no further from
     float32 than max(1e-2, 2 x bfloat16 t = 1's own distance), relative. A per-tensor 1e-2 against bfloat16
     t = 1 is no test of TP-SP: an expert with a handful of tokens differs by ~3e-2 between two summation
     orders of the same bf16 math (measured: 3.3e-2 on 4 x H200), and V3.2's top-k selection and the routers'
-    choices flip under bf16 rounding (V3.2's loss: 1.9e-2 from float32 at t = 2). What TP-SP must not do is
-    add error beyond bfloat16's own."""
+    choices flip under bf16 rounding (V3.2's loss: 1.9e-2 from float32 at t = 2). So the routed experts are
+    compared per layer and projection, all experts together: one token more or less in a small expert moved
+    V3.2's expert 6 to 6.4e-2 at t = 2 against 2.8e-2 at t = 1 (4 x H200), while a TP-SP error in the expert
+    path would show in every expert. Each expert alone is held to 1e-5 by the float32 run. What TP-SP must
+    not do is add error beyond bfloat16's own."""
     def loss_distance(run):
         return max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref32["losses"]))
 
@@ -291,9 +307,10 @@ def _check_bf16_no_worse_than_t1(ref32, own, got, what):
     assert worst_loss <= max(1e-2, 2 * loss_distance(own)), \
         f"{what}: losses {got['losses']} vs float32 t=1 {ref32['losses']} (bfloat16 t=1: {own['losses']})"
     assert got["grads0"].keys() == ref32["grads0"].keys()
+    want_units, own_units, got_units = (_bf16_units(run["grads0"]) for run in (ref32, own, got))
     worst = (0.0, "", 0.0)
-    for key, want in ref32["grads0"].items():
-        mine, single = _rel(got["grads0"][key], want), _rel(own["grads0"][key], want)
+    for key, want in want_units.items():
+        mine, single = _rel(got_units[key], want), _rel(own_units[key], want)
         assert mine <= max(1e-2, 2 * single), \
             f"{what}: step-0 gradient of {key}: {mine:.2e} from float32 t=1 (bfloat16 t=1: {single:.2e})"
         worst = max(worst, (mine, key, single))
