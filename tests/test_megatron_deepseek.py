@@ -296,9 +296,9 @@ def _check_bf16_no_worse_than_t1(ref32, own, got, what):
     t = 1 is no test of TP-SP: an expert with a handful of tokens differs by ~3e-2 between two summation
     orders of the same bf16 math (measured: 3.3e-2 on 4 x H200), and V3.2's top-k selection and the routers'
     choices flip under bf16 rounding (V3.2's loss: 1.9e-2 from float32 at t = 2). So the routed experts are
-    compared per layer and projection, all experts together: one token more or less in a small expert moved
-    V3.2's expert 6 to 6.4e-2 at t = 2 against 2.8e-2 at t = 1 (4 x H200), while a TP-SP error in the expert
-    path would show in every expert. Each expert alone is held to 1e-5 by the float32 run. What TP-SP must
+    compared per layer and projection, all experts together: alone, V3.2's expert 6 was 6.4e-2 from float32
+    at t = 2 against 2.8e-2 at t = 1 (4 x H200; a flipped choice moves a small expert's gradient that much),
+    while a TP-SP error in the expert path would show in every expert. Each expert alone is held to 1e-5 by the float32 run. What TP-SP must
     not do is add error beyond bfloat16's own."""
     def loss_distance(run):
         return max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref32["losses"]))
