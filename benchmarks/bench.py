@@ -103,30 +103,38 @@ def random_qwen3_stack(layers: int):
 
     torch.manual_seed(0)
     cfg = qwen3_config(layers)
-    with torch.device("cuda"):
+    from sp_core.mpu import platform
+
+    with torch.device(platform.current_device()):
         stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=torch.bfloat16) for _ in range(layers))
     for p in stack.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return cfg, stack
 
 
-def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
+def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None):
     from sp_core import mpu
     from sp_core.layers import PackedBatch
 
+    from sp_core.mpu import platform
+
     cfg, stack = random_qwen3_stack(layers)
+    device = platform.current_device()
     tflops, busbw = ceilings()
     t = mpu.tp_size()
     rows = []
     for tokens in tokens_list:
-        positions = torch.arange(tokens, device="cuda")
+        positions = torch.arange(tokens, device=device)
         batch = PackedBatch([tokens])
         result = {"tokens": tokens, "tp": t}
         for label, sp, env in VARIANTS:
+            if variants is not None and label not in variants:
+                result[f"{label}_ms"] = result[f"{label}_peak_bytes"] = float("nan")  # not run
+                continue
             os.environ.update(env)
             mpu.set_sequence_parallel(sp)
             n = tokens // t if sp else tokens
-            x = torch.randn(n, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=train)
+            x = torch.randn(n, cfg.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=train)
             grad = torch.randn_like(x)
 
             def run():
@@ -159,10 +167,11 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
     return rows
 
 
-def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=()):
+def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None):
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), timeout=900)[0]
+    return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), variants,
+                     timeout=900)[0]
 
 
 def device_name() -> str:
@@ -194,7 +203,7 @@ def markdown(results: dict) -> str:
                       "| t | tokens | variant | wall ms | " + " | ".join(results["categories"]) + " |",
                       "|---|---|---|---|" + "---|" * len(results["categories"])]
             for r in profiled:
-                for label in ("tp", "sp", "async_sp"):
+                for label in (v for v in ("tp", "sp", "async_sp") if f"{v}_kernels" in r):
                     k = r[f"{label}_kernels"]
                     lines.append(f"| {r['tp']} | {r['tokens']} | {label} | {r[f'{label}_ms']:.2f} | "
                                  + " | ".join(f"{k[c]:.2f}" for c in results["categories"]) + " |")
@@ -250,9 +259,14 @@ def main():
     parser.add_argument("--megatron", action="store_true", help="also compare with megatron-core's own SP")
     parser.add_argument("--only-megatron", action="store_true", help="skip the core's TP vs TP-SP runs")
     parser.add_argument("--profile-tokens", default="", help="token counts to profile by kernel category")
+    parser.add_argument("--variants", default=",".join(v for v, _, _ in VARIANTS),
+                        help="which of the core's variants to time (the others are reported as nan)")
     parser.add_argument("--out", default="out")
     parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - {v for v, _, _ in VARIANTS})
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose among {[v for v, _, _ in VARIANTS]}")
     if args.plot_only:
         with open(args.plot_only) as f:
             plot(json.load(f), os.path.join(os.path.dirname(args.plot_only), "benchmarks.png"))
@@ -262,7 +276,7 @@ def main():
     results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
                "prefill": [], "train": [], "megatron": [],
-               "categories": [c for c, _ in CATEGORIES] + ["other"],
+               "categories": [c for c, _ in CATEGORIES] + ["other"], "variants": args.variants.split(","),
                "async_tp_table": __import__("sp_core.mpu.async_tp", fromlist=["table"]).table()}
     for t in tps:
         if t > torch.cuda.device_count():
@@ -271,7 +285,10 @@ def main():
         for kind, tokens, train in (() if args.only_megatron else
                                     (("prefill", args.tokens, False), ("train", args.train_tokens, True))):
             profile = [int(x) for x in args.profile_tokens.split(",") if x]
-            rows = bench_core(t, args.layers, [int(x) for x in tokens.split(",")], args.iters, train, profile)
+            tokens_list = [int(x) for x in tokens.split(",") if x]
+            if not tokens_list:
+                continue
+            rows = bench_core(t, args.layers, tokens_list, args.iters, train, profile, args.variants.split(","))
             results[kind] += rows
             for r in rows:
                 print(f"{kind} t={t} T={r['tokens']}: old TP {r['old_tp_ms']:.2f} SP {r['old_sp_ms']:.2f} "
