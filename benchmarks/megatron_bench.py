@@ -4,21 +4,62 @@ and loss (Megatron's); only the decoder layers differ. Forward + backward, bf16,
 
 Megatron's local spec needs an SP-capable norm without apex / Transformer Engine: the test-support
 SequenceParallelNorm (tests/support/megatron_cpu.py) stands in for apex's FusedLayerNorm. Without TE,
-Megatron's attention is its unfused DotProductAttention; sp-core uses torch SDPA (flash)."""
+Megatron's attention is its unfused DotProductAttention (s x s scores stored); sp-core uses torch SDPA
+(flash). The variant "native_sdpa" gives Megatron's layers the same SDPA call (``SDPACoreAttention``, a
+bench-only core_attention) so that the comparison is of the layers, not of attention:
+
+    python benchmarks/megatron_bench.py --tp 4 --tokens 2048 --iters 10 --out $OUT   # -> megatron.json / .md
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from benchmarks.bench import SHAPE, _timed  # noqa: E402
 
+# variant -> the attention kernel it runs (printed next to every number)
+ATTENTION = {
+    "native": "Megatron DotProductAttention (local spec, unfused: baddbmm + softmax + bmm, s x s scores)",
+    "native_sdpa": "torch SDPA is_causal (flash on sm90) in Megatron's local spec (bench-only SDPACoreAttention)",
+    "core": "torch SDPA is_causal (flash on sm90), sp_core_megatron.batch.megatron_attention",
+}
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Bench-only core_attention for Megatron's local spec: torch SDPA, causal, KV heads repeated to the
+    query heads (as the core does, which keeps SDPA on its flash kernel). Megatron's interface: q, k, v
+    ``[s, b, heads, d]`` -> ``[s, b, heads * d]``."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused):
+        super().__init__()
+        self.softmax_scale = softmax_scale  # None: SDPA's d^-0.5, as DotProductAttention's default
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPACoreAttention (bench-only) takes causal attention without a mask, bias or packing")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).flatten(2)
+
 
 def _config(layers: int, tp: int):
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from sp_core.mpu import platform
 
     return TransformerConfig(
         num_layers=layers, hidden_size=SHAPE["hidden_size"], num_attention_heads=SHAPE["num_attention_heads"],
@@ -27,7 +68,8 @@ def _config(layers: int, tp: int):
         gated_linear_unit=True, add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, sequence_parallel=True, bf16=True, params_dtype=torch.bfloat16,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False)
+        bias_dropout_fusion=False, apply_rope_fusion=False,
+        use_cpu_initialization=platform.device_type() == "cpu")
 
 
 def _model(variant: str, layers: int, tp: int, tokens: int):
@@ -37,33 +79,44 @@ def _model(variant: str, layers: int, tp: int, tokens: int):
     from sp_core_megatron import get_sp_core_block_spec
     from support.megatron_cpu import SequenceParallelNorm, local_gpt_layer_spec
 
+    from sp_core.mpu import platform
+
     config = _config(layers, tp)
-    if variant == "native":
-        spec = TransformerBlockSubmodules(layer_specs=[local_gpt_layer_spec(qk_layernorm=True, normalization="RMSNorm")]
-                                          * layers, layer_norm=SequenceParallelNorm)
+    if variant in ("native", "native_sdpa"):
+        layer = local_gpt_layer_spec(qk_layernorm=True, normalization="RMSNorm")
+        if variant == "native_sdpa":
+            layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        spec = TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelNorm)
         kwargs = dict(position_embedding_type="rope", rotary_base=int(SHAPE["rope_theta"]))
     else:
         spec = get_sp_core_block_spec(layers, rope_theta=SHAPE["rope_theta"])
         kwargs = dict(position_embedding_type="none")
-    with torch.device("cuda"):
+    with torch.device(platform.current_device()):
         model = GPTModel(config, spec, vocab_size=SHAPE["vocab_size"], max_sequence_length=tokens, **kwargs)
-    return model.cuda()
+    return model.to(platform.current_device())
 
 
-def _rank(layers: int, tokens_list, iters: int):
+def _rank(layers: int, tokens_list, iters: int, variants=("native", "core")):
     from megatron.core import parallel_state, tensor_parallel
 
     from sp_core import mpu
+    from sp_core.mpu import platform
 
+    if platform.device_type() == "cpu":
+        from support.megatron_cpu import install_megatron_cpu_shims
+
+        install_megatron_cpu_shims()
+    device = platform.current_device()
     tp = mpu.tp_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     rows = []
     for tokens in tokens_list:
         row = {"tp": tp, "tokens": tokens}
-        ids = torch.randint(0, SHAPE["vocab_size"], (1, tokens), device="cuda")
-        positions = torch.arange(tokens, device="cuda").unsqueeze(0)
-        for variant in ("native", "core"):
+        ids = torch.randint(0, SHAPE["vocab_size"], (1, tokens), device=device)
+        positions = torch.arange(tokens, device=device).unsqueeze(0)
+        row["attention"] = {v: ATTENTION[v] for v in variants}
+        for variant in variants:
             try:
                 model = _model(variant, layers, tp, tokens)
 
@@ -82,7 +135,55 @@ def _rank(layers: int, tokens_list, iters: int):
     return rows
 
 
-def run(tp: int, layers: int, tokens_list, iters: int):
+def run(tp: int, layers: int, tokens_list, iters: int, variants=("native", "core")):
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _rank, layers, tokens_list, iters, timeout=900)[0]
+    return run_ranks(tp, _rank, layers, tokens_list, iters, tuple(variants), timeout=900)[0]
+
+
+def markdown(rows, device: str, command: str) -> str:
+    lines = [f"Card: {device}; torch {torch.__version__}; command: `{command}`", "",
+             "| t | tokens | variant | attention | ms | peak MiB | core / variant time | core / variant memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for v in r["attention"]:
+            err = f" (error: {r[f'{v}_error']})" if f"{v}_error" in r else ""
+            lines.append(f"| {r['tp']} | {r['tokens']} | {v}{err} | {r['attention'][v]} | {r[f'{v}_ms']:.2f} | "
+                         f"{r[f'{v}_peak_bytes'] / 2**20:.0f} | {r['core_ms'] / r[f'{v}_ms']:.3f} | "
+                         f"{r['core_peak_bytes'] / max(r[f'{v}_peak_bytes'], 1):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Training step inside Megatron: native layers vs sp-core's")
+    parser.add_argument("--tp", default="4")
+    parser.add_argument("--tokens", default="2048")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--variants", default="native,native_sdpa,core")
+    parser.add_argument("--out", default="out")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(ATTENTION))
+    if unknown or "core" not in variants:
+        parser.error(f"--variants: unknown {unknown} or no 'core'; choose among {list(ATTENTION)}, with core")
+    from sp_core.mpu import platform
+
+    os.makedirs(args.out, exist_ok=True)
+    device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if platform.device_type() == "cuda"
+              else platform.device_type())
+    command = " ".join(["python"] + sys.argv)
+    rows = []
+    for t in (int(x) for x in args.tp.split(",")):
+        rows += run(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, variants)
+    with open(os.path.join(args.out, "megatron.json"), "w") as f:
+        json.dump(dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), command=command,
+                       shape=SHAPE, layers=args.layers, rows=rows), f, indent=1)
+    text = markdown(rows, device, command)
+    with open(os.path.join(args.out, "megatron.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
