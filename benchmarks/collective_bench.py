@@ -216,7 +216,8 @@ def compare(paths, tp: int, tokens: int) -> str:
         by = {r["op"]: r["ms"] for r in res["rows"] if r["tp"] == tp and r["tokens"] == tokens}
         if not by:
             continue
-        env = " ".join(f"{k}={v}" for k, v in res["env"].items() if k.startswith("NCCL_") and k != "NCCL_NVLS_ENABLE")
+        env = " ".join(f"{k}={v}" for k, v in res["env"].items()
+                       if k.startswith("NCCL_") and k != "NCCL_NVLS_ENABLE" and not k.startswith("NCCL_DEBUG"))
         lines.append(f"| {res['label']} | {env or '-'} | "
                      f"{by['core_pair']:.3f} | {by['core_ar']:.3f} | {by['core_pair'] / by['core_ar']:.3f} | "
                      f"{by['core_pair_chain8']:.3f} | {by['core_ar_chain8']:.3f} | "
