@@ -4,7 +4,7 @@
 #   1. collectives alone (benchmarks/collective_bench.py): AG + RS of [T, 4096] bf16 vs one all-reduce,
 #      through sp_core.mpu and through raw torch.distributed, T = 2K / 8K / 32K, t = 2 and 4 under NCCL's
 #      default, then t = 4 with NCCL_ALGO=Ring and with NCCL_PROTO=Simple (multicast stays off);
-#   2. bench.py at t = 4, 8K prefill and training, strong TP vs TP-SP, by default and under the NCCL
+#   2. bench.py at t = 4, 8K prefill (no grad), strong TP vs TP-SP, by default and under the NCCL
 #      setting the microbenchmark found fastest for the chained pair (NCCL_ALGO=Ring when that is the default);
 #   3. inside Megatron at t = 4, 2K tokens: Megatron-native (its unfused attention), Megatron-native with
 #      torch SDPA (the core's attention kernel), and the core (benchmarks/megatron_bench.py).
@@ -65,11 +65,11 @@ PICK=$(python3 benchmarks/collective_bench.py --compare "$OUT"/collectives_*.jso
 note "NCCL setting for the second bench.py run: $PICK"
 
 # 2. the layers: strong TP vs TP-SP (async TP is off at t = 4 by the decision table, so "sp" is what users get)
-BENCH=(python3 benchmarks/bench.py --tp 4 --tokens 8192 --train-tokens 8192 --iters 10 --profile-tokens 8192
+BENCH=(python3 benchmarks/bench.py --tp 4 --tokens 8192 --train-tokens "" --iters 10 --profile-tokens 8192
        --variants tp,sp)
-step bench_default 170 "${BENCH[@]}" --out "$OUT/bench_default"
+step bench_default 150 "${BENCH[@]}" --out "$OUT/bench_default"
 # shellcheck disable=SC2086
-step bench_picked 170 env $PICK "${BENCH[@]}" --out "$OUT/bench_picked"
+step bench_picked 150 env $PICK "${BENCH[@]}" --out "$OUT/bench_picked"
 
 # 3. inside Megatron, t = 4, 2K tokens: which attention each side runs is in every row
 step megatron 170 python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --iters 10 \
@@ -78,7 +78,7 @@ step megatron 170 python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --it
 python3 - "$OUT" "$PICK" <<'EOF' >>"$SUMMARY" 2>&1
 import json, os, sys
 out, pick = sys.argv[1], sys.argv[2]
-print("\n## bench.py, t = 4, 8K tokens (strong baseline; ms, median of 10)\n")
+print("\n## bench.py, t = 4, 8K-token prefill (strong baseline; ms, median of 10; kernel ms per call, rank 0)\n")
 print("| NCCL | pass | strong TP ms | TP-SP ms | SP/TP | TP kernels (gemm / attn / norm / other / collective incl. waiting) | SP kernels |")
 print("|---|---|---|---|---|---|---|")
 for label, env in (("bench_default", "default"), ("bench_picked", pick)):
