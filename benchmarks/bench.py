@@ -97,6 +97,33 @@ def kernel_categories(fn, iters: int = 3, categories=CATEGORIES) -> dict:
     return {k: round(v, 3) for k, v in totals.items()}
 
 
+def host_side(fn, iters: int = 5) -> dict:
+    """Host milliseconds to enqueue one call (median, device idle at the start) and the number of host
+    syncs inside it (torch's sync debug mode). A call whose enqueue time reaches its device time is
+    launch-bound: the GPU waits on Python, and more, smaller ops cost wall time that no kernel shows."""
+    import statistics
+    import warnings
+
+    enqueue = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        enqueue.append((time.perf_counter() - begin) * 1e3)
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"enqueue_ms": round(statistics.median(enqueue), 3), "host_syncs": len(syncs),
+            "first_sync": syncs[0] if syncs else ""}
+
+
 def random_qwen3_stack(layers: int):
     """(config, ``layers`` Qwen3-8B-shaped decoder layers with random bf16 weights on the GPU)."""
     from sp_core.models.qwen import qwen_decoder_layer
@@ -148,6 +175,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
                 ms, peak = _timed(run, iters)
                 if tokens in profile_tokens and label in ("tp", "sp", "async_sp"):
                     result[f"{label}_kernels"] = kernel_categories(run)
+                    result[f"{label}_host"] = host_side(run)
             for p in stack.parameters():
                 p.grad = None
             result[f"{label}_ms"], result[f"{label}_peak_bytes"] = ms, peak
@@ -208,6 +236,15 @@ def markdown(results: dict) -> str:
                     lines.append(f"| {r['tp']} | {r['tokens']} | {label} | {r[f'{label}_ms']:.2f} | "
                                  + " | ".join(f"{k[c]:.2f}" for c in results["categories"]) + " |")
             lines.append("")
+            hosted = [(r, v) for r in profiled for v in ("tp", "sp", "async_sp") if f"{v}_host" in r]
+            if hosted:
+                lines += ["Host side (rank 0): milliseconds to enqueue one call, and host syncs inside it:", "",
+                          "| t | tokens | variant | wall ms | enqueue ms | host syncs | first sync |", "|---|---|---|---|---|---|---|"]
+                for r, v in hosted:
+                    h = r[f"{v}_host"]
+                    lines.append(f"| {r['tp']} | {r['tokens']} | {v} | {r[f'{v}_ms']:.2f} | {h['enqueue_ms']:.2f} | "
+                                 f"{h['host_syncs']} | {h['first_sync']} |")
+                lines.append("")
     rows = results.get("megatron") or []
     if rows:
         lines += [f"### Training inside Megatron, {results['layers']} layers", "",
@@ -229,16 +266,23 @@ def plot(results: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    import math
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = (("async_sp_over_tp", "o", "-", "(SP + async TP) / strong TP"), ("sp_over_tp", "s", ":", "SP / strong TP"),
+              ("old_sp_over_tp", "x", "--", "old SP / old TP"))
     for ax, kind in zip(axes, ("prefill", "train")):
         for t in sorted({r["tp"] for r in results.get(kind, [])}):
             rows = [r for r in results[kind] if r["tp"] == t]
-            line, = ax.plot([r["tokens"] for r in rows], [r["async_sp_over_tp"] for r in rows], marker="o",
-                            label=f"t={t}: (SP + async TP) / strong TP")
-            ax.plot([r["tokens"] for r in rows], [r["old_sp_over_tp"] for r in rows], marker="x", ls="--",
-                    color=line.get_color(), label=f"t={t}: old SP / old TP")
+            color = None
+            for key, marker, style, label in series:  # variants not run (--variants) are nan: not drawn
+                points = [(r["tokens"], r[key]) for r in rows if math.isfinite(r[key])]
+                if points:
+                    line, = ax.plot(*zip(*points), marker=marker, ls=style, color=color, label=f"t={t}: {label}")
+                    color = line.get_color()
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
+        if ax.get_lines()[:-1]:
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
         ax.set_ylabel("TP-SP time / TP time")
         ax.legend(fontsize=7)
