@@ -23,7 +23,10 @@ class Board:
 
     def text(self, rank: int) -> str:
         raw = bytes(self.texts[rank * TEXT_BYTES:(rank + 1) * TEXT_BYTES])
-        return raw.split(b"\0", 1)[0].decode(errors="replace") or "starting"
+        text = raw.split(b"\0", 1)[0].decode(errors="replace") or "starting"
+        if text.startswith("in ") and self.since[rank] == 0.0:  # left the collective, nothing new written
+            return "computing after " + text[3:]
+        return text
 
     def waiting_since(self, rank: int) -> float:
         return self.since[rank]
@@ -43,9 +46,10 @@ def doing(text: str) -> None:
     """Record what this rank is doing now (outside a collective)."""
     if _BOARD is None:
         return
-    data = text.encode()[:TEXT_BYTES - 1]
-    start = _RANK * TEXT_BYTES
-    _BOARD.texts[start:start + TEXT_BYTES] = data + b"\0" * (TEXT_BYTES - len(data))
+    data = text.encode()[:TEXT_BYTES - 1] + b"\0"
+    # memmove, not slice assignment: this runs around every collective, and a ctypes slice store costs
+    # as much as a small kernel launch
+    ctypes.memmove(ctypes.addressof(_BOARD.texts) + _RANK * TEXT_BYTES, data, len(data))
 
 
 def enter_collective(op: str, shape=None) -> None:
@@ -64,7 +68,4 @@ def leave_collective() -> None:
         return
     _DEPTH -= 1
     if _DEPTH == 0:
-        _BOARD.since[_RANK] = 0.0
-        start = _RANK * TEXT_BYTES
-        current = bytes(_BOARD.texts[start:start + TEXT_BYTES]).split(b"\0", 1)[0].decode(errors="replace")
-        doing("computing after " + current[3:] if current.startswith("in ") else current)
+        _BOARD.since[_RANK] = 0.0  # Board.text reads "in X" with no entry time as "computing after X"
