@@ -19,6 +19,7 @@ from sp_core.runtime import load_model, pack, prompt_logprobs
 from sp_core.tiny import DEEPSEEK_MODELS
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
+from support.hf_gradients import packed_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 
@@ -275,28 +276,8 @@ def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
     from transformers import AutoModelForCausalLM
 
     base = runs(1)["grads"]
-    ids = torch.tensor([tok for p in RAGGED for tok in p])
-    labels = torch.roll(ids, -1)
     for name in DEEPSEEK_MODELS:
-        hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32)
-        loss, start = 0, 0
-        for p in RAGGED:
-            logits = hf(torch.tensor([p])).logits[0]
-            loss = loss + F.cross_entropy(logits, labels[start:start + len(p)], reduction="sum")
-            start += len(p)
-        loss.backward()
-        hf_grads = {}
-        for key, param in hf.named_parameters():
-            if key.endswith("mlp.experts.gate_up_proj"):  # fused in memory: [E, 2I, H] = cat(gate, up)
-                for e, g in enumerate(param.grad):
-                    gate, up = g.chunk(2, dim=0)
-                    hf_grads[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                    hf_grads[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-            elif key.endswith("mlp.experts.down_proj"):
-                for e, g in enumerate(param.grad):
-                    hf_grads[key.replace("down_proj", f"{e}.down_proj.weight")] = g
-            else:
-                hf_grads[key] = param.grad
+        hf_grads = packed_lm_gradients(AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32), RAGGED)
         core = base[name, False, "tp"]
         assert core.keys() == hf_grads.keys()
         for key, grad in core.items():
