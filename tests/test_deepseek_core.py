@@ -19,7 +19,7 @@ from sp_core.runtime import load_model, pack, prompt_logprobs
 from sp_core.tiny import DEEPSEEK_MODELS
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
-from support.hf_gradients import packed_lm_gradients
+from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 
@@ -61,17 +61,6 @@ def refs(dirs):
             for name in DEEPSEEK_MODELS}
 
 
-def _gradients(model):
-    """Full gradient of every parameter (HF names, per-expert keys) after one loss backward."""
-    from sp_core.models.checkpoint import export_state_dict
-
-    model.train()
-    ids, positions, batch = pack(RAGGED, platform.current_device())
-    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-    mpu.allreduce_sequence_parallel_grads(model.parameters())
-    return export_state_dict(model, grads=True)
-
-
 def _rank(dirs, tp):
     out = {"logprobs": {}, "grads": {}}
     for name in DEEPSEEK_MODELS:
@@ -80,7 +69,7 @@ def _rank(dirs, tp):
             for mode in MODES:
                 model = load_model(dirs[name], moe_parallel=mode)
                 out["logprobs"][name, sp, mode] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
-                out["grads"][name, sp, mode] = _gradients(model)
+                out["grads"][name, sp, mode] = core_lm_gradients(model, RAGGED)
     mpu.set_sequence_parallel(tp > 1)
     # mode -> layer type -> bytes on each rank
     out["saved_bytes"] = {mode: saved_bytes_on_every_rank(dirs["deepseek-v3"], MEMORY_TOKENS, moe_parallel=mode)
@@ -165,7 +154,7 @@ def _k_pe_controls(dirs):
         for how in ("right", "never", "twice"):
             mla.gathered_latent_up = right if how == "right" else wrong(how)
             try:
-                grads = _gradients(load_model(dirs["deepseek-v3"]))
+                grads = core_lm_gradients(load_model(dirs["deepseek-v3"]), RAGGED)
             finally:
                 mla.gathered_latent_up = right
             out[sp, how] = grads[K_PE_CHECKED]
@@ -277,7 +266,8 @@ def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
 
     base = runs(1)["grads"]
     for name in DEEPSEEK_MODELS:
-        hf_grads = packed_lm_gradients(AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32), RAGGED)
+        hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32)
+        hf_grads = transformers_lm_gradients(hf, RAGGED)
         core = base[name, False, "tp"]
         assert core.keys() == hf_grads.keys()
         for key, grad in core.items():

@@ -18,7 +18,7 @@ from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
-from support.hf_gradients import packed_lm_gradients
+from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 
@@ -78,14 +78,8 @@ def _inputs(model, prompts):
 
 def _lm_gradients(model):
     """Full gradient of every parameter after one LM-loss backward, and whether the indexer got none."""
-    from sp_core.models.checkpoint import export_state_dict
-
-    model.train()
-    ids, positions, batch = pack(LONG, platform.current_device())
-    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-    mpu.allreduce_sequence_parallel_grads(model.parameters())
-    untouched = all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
-    return export_state_dict(model, grads=True), untouched
+    grads = core_lm_gradients(model, LONG)
+    return grads, all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
 
 
 def score_loss_weights(rows, total):
@@ -292,7 +286,7 @@ def test_short_sequences_give_v3_exactly(runs, tp):
 def test_tp1_gradients_equal_transformers_autograd(runs, hf):
     """LM-loss gradients of every parameter at t = 1 against transformers' autograd; the indexer gets none
     there (top-k is discrete; transformers runs it under no-grad) and none in the core."""
-    hf_grads = packed_lm_gradients(hf, LONG)
+    hf_grads = transformers_lm_gradients(hf, LONG)
     indexer = [k for k in hf_grads if ".indexer." in k]
     assert len(indexer) == 2 * 5 and all(hf_grads[k] is None for k in indexer)
     hf_grads.update((k, torch.zeros_like(hf.get_parameter(k))) for k in indexer)

@@ -1,13 +1,30 @@
-"""Reference gradients from transformers' own model, under the checkpoint's per-expert names."""
+"""LM-loss gradients of ragged prompts packed into one row, under the checkpoint's names (per-expert keys):
+the core's, and transformers' own model's (the independent reference)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from sp_core import mpu
+from sp_core.mpu import platform
+from sp_core.runtime import pack
 
-def packed_lm_gradients(hf, prompts) -> dict:
-    """Gradients of the summed cross-entropy of ``prompts``, each run alone, against the labels of all of
-    them packed into one row and rolled by one (the core's ragged loss). Fused experts are split into the
+
+def core_lm_gradients(model, prompts) -> dict:
+    """Full gradient of every parameter of the core ``model`` after one backward of the summed loss of
+    ``prompts`` packed into one row (labels rolled by one), the sequence-parallel gradients summed."""
+    from sp_core.models.checkpoint import export_state_dict
+
+    model.train()
+    ids, positions, batch = pack(prompts, platform.current_device())
+    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
+    mpu.allreduce_sequence_parallel_grads(model.parameters())
+    return export_state_dict(model, grads=True)
+
+
+def transformers_lm_gradients(hf, prompts) -> dict:
+    """The same gradients from transformers' model ``hf``: each prompt run alone, against the labels of all
+    of them packed into one row and rolled by one. Fused experts are split into the
     checkpoint's ``experts.{e}.{gate,up,down}_proj.weight``; a parameter that got no gradient maps to None."""
     ids = torch.tensor([tok for p in prompts for tok in p])
     labels = torch.roll(ids, -1)
