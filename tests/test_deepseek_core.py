@@ -17,7 +17,7 @@ from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from sp_core.tiny import DEEPSEEK_MODELS
-from support.checkpoints import make_checkpoint, reference_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
@@ -388,18 +388,6 @@ def test_config_matches_transformers():
         ModelConfig.from_dict(v3)
 
 
-def _bad(tmp_path, name, edit):
-    src = tmp_path / f"{name}-src"
-    if not src.exists():
-        make_checkpoint(name, str(src))
-    d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from sp_core.cli import main
 
@@ -424,10 +412,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
          "quantised checkpoints (quantization_config: fp8) are not supported"),
     ]
     for name, edit, extra, message in cases:
-        line = run(_bad(tmp_path, name, edit), *extra)
+        line = run(with_edited_config(tmp_path, name, edit), *extra)
         assert message in line, line
-    assert "use --moe-parallel tp" in run(_bad(tmp_path, "deepseek-v3", lambda c: c.update(n_routed_experts=6, n_group=3)),
-                                          "--tp", "4", "--moe-parallel", "ep")
+    six_experts = with_edited_config(tmp_path, "deepseek-v3", lambda c: c.update(n_routed_experts=6, n_group=3))
+    assert "use --moe-parallel tp" in run(six_experts, "--tp", "4", "--moe-parallel", "ep")
 
 
 def test_cli_logits_core(dirs, refs, tmp_path):

@@ -7,7 +7,6 @@ t = 2 collective counts and the negative controls -- and the tests below check t
 """
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
-from support.checkpoints import make_checkpoint, reference_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
@@ -423,18 +422,6 @@ def test_collective_counts(runs):
             assert counts[arch, False, name] == ({"all_reduce": 1}, []), (arch, name)  # SP off: indexer replicated
 
 
-def _bad(tmp_path, edit):
-    src = tmp_path / "v32-src"
-    if not src.exists():
-        make_checkpoint("deepseek-v32", str(src))
-    d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
 def test_config_fields():
     """V3.2 follows its saved mlp_layer_types (transformers' V3.2 does; V3 refuses a disagreeing list) and
     always ropes MLA interleaved; its indexer fields and defaults are transformers'."""
@@ -465,7 +452,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         (lambda c: c.update(index_topk=0), "index_topk must be a positive integer, got 0"),
     ]
     for edit, message in cases:
-        model = _bad(tmp_path, edit)
+        model = with_edited_config(tmp_path, "deepseek-v32", edit)
         for command in (["logits", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o.st")],
                         ["memory", "--model", model, "--tp", "2", "--tokens", "8"]):
             capsys.readouterr()
