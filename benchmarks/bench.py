@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.timing import timed as _timed  # noqa: E402
+from benchmarks.timing import plot_ratios, timed as _timed  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
@@ -259,38 +260,18 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    import math
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     series = (("async_sp_over_tp", "o", "-", "(SP + async TP) / strong TP"), ("sp_over_tp", "s", ":", "SP / strong TP"),
               ("old_sp_over_tp", "x", "--", "old SP / old TP"))
-    for ax, kind in zip(axes, ("prefill", "train")):
-        for t in sorted({r["tp"] for r in results.get(kind, [])}):
-            rows = [r for r in results[kind] if r["tp"] == t]
-            color = None
-            for key, marker, style, label in series:  # variants not run (--variants) are nan: not drawn
-                points = [(r["tokens"], r[key]) for r in rows if math.isfinite(r[key])]
-                if points:
-                    line, = ax.plot(*zip(*points), marker=marker, ls=style, color=color, label=f"t={t}: {label}")
-                    color = line.get_color()
-        ax.axhline(1.0, color="grey", lw=0.8)
-        if ax.get_lines()[:-1]:
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("TP-SP time / TP time")
-        ax.legend(fontsize=7)
-        ax.set_title(kind)
-    fig.suptitle(results["device"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+
+    def curves(ax, t, rows):
+        color = None
+        for key, marker, style, label in series:  # variants not run (--variants) are nan: not drawn
+            points = [(r["tokens"], r[key]) for r in rows if math.isfinite(r[key])]
+            if points:
+                line, = ax.plot(*zip(*points), marker=marker, ls=style, color=color, label=f"t={t}: {label}")
+                color = line.get_color()
+
+    return plot_ratios(results, path, curves)
 
 
 def main():

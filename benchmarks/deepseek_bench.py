@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import plot_ratios, timed  # noqa: E402
 
 V3 = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
           qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8,
@@ -358,33 +358,16 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: str) -> bool:
-    try:
-        import matplotlib
+    def curves(ax, t, rows):
+        tokens = [r["tokens"] for r in rows]
+        for moe, marker in (("tp", "o"), ("ep", "s")):
+            line, = ax.plot(tokens, [r[f"sp_{moe}_over_tp_{moe}"] for r in rows], marker=marker,
+                            label=f"t={t} MoE {moe}: latent SP / TP")
+            ax.plot(tokens, [r[f"sph_{moe}_over_tp_{moe}"] for r in rows], marker=marker, ls="--",
+                    color=line.get_color(), label=f"t={t} MoE {moe}: hidden SP / TP")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in zip(axes, ("prefill", "train")):
-        for t in sorted({r["tp"] for r in results.get(kind, [])}):
-            rows = sorted((r for r in results[kind] if r["tp"] == t), key=lambda r: r["tokens"])
-            for moe, marker in (("tp", "o"), ("ep", "s")):
-                line, = ax.plot([r["tokens"] for r in rows], [r[f"sp_{moe}_over_tp_{moe}"] for r in rows], marker=marker,
-                                label=f"t={t} MoE {moe}: latent SP / TP")
-                ax.plot([r["tokens"] for r in rows], [r[f"sph_{moe}_over_tp_{moe}"] for r in rows], marker=marker,
-                        ls="--", color=line.get_color(), label=f"t={t} MoE {moe}: hidden SP / TP")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.axhline(0.9, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("TP-SP time / TP time")
-        ax.legend(fontsize=6)
-        ax.set_title(f"DeepSeek-V3 layers, {kind}")
-    fig.suptitle(results["device"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return plot_ratios(results, path, curves, "DeepSeek-V3 layers, ", figsize=(11, 4), legend_fontsize=6,
+                       guides=(1.0, 0.9))
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmarks: median milliseconds and peak activation memory of one call."""
+"""Timing shared by the benchmarks: median milliseconds and peak activation memory of one call, and the
+plot of the resulting TP-SP / TP time ratios."""
 from __future__ import annotations
 
 import statistics
@@ -39,3 +40,34 @@ def timed(fn, iters: int, warmup: int = 3):
     platform.synchronize()
     peak = platform.max_memory_allocated() - before if cuda else 0
     return statistics.median(times), peak
+
+
+def plot_ratios(results: dict, path: str, curves, title_prefix: str = "", figsize=(10, 4), legend_fontsize=7,
+                guides=(1.0,)) -> bool:
+    """Write a PNG to ``path``: one panel per phase (``results["prefill"]``, ``results["train"]``) of TP-SP
+    time / TP time against tokens (log 2), ``curves(ax, t, rows)`` drawing the rows of each t (sorted by
+    tokens), grey lines at ``guides`` (the first solid, the rest dotted). False where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=figsize)
+    for ax, kind in zip(axes, ("prefill", "train")):
+        for t in sorted({r["tp"] for r in results.get(kind, [])}):
+            curves(ax, t, sorted((r for r in results[kind] if r["tp"] == t), key=lambda r: r["tokens"]))
+        drawn = bool(ax.get_lines())  # no log axis on a panel with nothing drawn (every variant skipped)
+        for i, y in enumerate(guides):
+            ax.axhline(y, color="grey", lw=0.8, ls="-" if i == 0 else ":")
+        if drawn:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("TP-SP time / TP time")
+        ax.legend(fontsize=legend_fontsize)
+        ax.set_title(f"{title_prefix}{kind}")
+    fig.suptitle(results["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True

@@ -17,8 +17,9 @@ from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from sp_core.tiny import DEEPSEEK_MODELS
-from support.checkpoints import make_checkpoint, reference_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
+from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 
@@ -60,17 +61,6 @@ def refs(dirs):
             for name in DEEPSEEK_MODELS}
 
 
-def _gradients(model):
-    """Full gradient of every parameter (HF names, per-expert keys) after one loss backward."""
-    from sp_core.models.checkpoint import export_state_dict
-
-    model.train()
-    ids, positions, batch = pack(RAGGED, platform.current_device())
-    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-    mpu.allreduce_sequence_parallel_grads(model.parameters())
-    return export_state_dict(model, grads=True)
-
-
 def _rank(dirs, tp):
     out = {"logprobs": {}, "grads": {}}
     for name in DEEPSEEK_MODELS:
@@ -79,7 +69,7 @@ def _rank(dirs, tp):
             for mode in MODES:
                 model = load_model(dirs[name], moe_parallel=mode)
                 out["logprobs"][name, sp, mode] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
-                out["grads"][name, sp, mode] = _gradients(model)
+                out["grads"][name, sp, mode] = core_lm_gradients(model, RAGGED)
     mpu.set_sequence_parallel(tp > 1)
     # mode -> layer type -> bytes on each rank
     out["saved_bytes"] = {mode: saved_bytes_on_every_rank(dirs["deepseek-v3"], MEMORY_TOKENS, moe_parallel=mode)
@@ -164,7 +154,7 @@ def _k_pe_controls(dirs):
         for how in ("right", "never", "twice"):
             mla.gathered_latent_up = right if how == "right" else wrong(how)
             try:
-                grads = _gradients(load_model(dirs["deepseek-v3"]))
+                grads = core_lm_gradients(load_model(dirs["deepseek-v3"]), RAGGED)
             finally:
                 mla.gathered_latent_up = right
             out[sp, how] = grads[K_PE_CHECKED]
@@ -275,28 +265,9 @@ def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
     from transformers import AutoModelForCausalLM
 
     base = runs(1)["grads"]
-    ids = torch.tensor([tok for p in RAGGED for tok in p])
-    labels = torch.roll(ids, -1)
     for name in DEEPSEEK_MODELS:
         hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32)
-        loss, start = 0, 0
-        for p in RAGGED:
-            logits = hf(torch.tensor([p])).logits[0]
-            loss = loss + F.cross_entropy(logits, labels[start:start + len(p)], reduction="sum")
-            start += len(p)
-        loss.backward()
-        hf_grads = {}
-        for key, param in hf.named_parameters():
-            if key.endswith("mlp.experts.gate_up_proj"):  # fused in memory: [E, 2I, H] = cat(gate, up)
-                for e, g in enumerate(param.grad):
-                    gate, up = g.chunk(2, dim=0)
-                    hf_grads[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                    hf_grads[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-            elif key.endswith("mlp.experts.down_proj"):
-                for e, g in enumerate(param.grad):
-                    hf_grads[key.replace("down_proj", f"{e}.down_proj.weight")] = g
-            else:
-                hf_grads[key] = param.grad
+        hf_grads = transformers_lm_gradients(hf, RAGGED)
         core = base[name, False, "tp"]
         assert core.keys() == hf_grads.keys()
         for key, grad in core.items():
@@ -417,18 +388,6 @@ def test_config_matches_transformers():
         ModelConfig.from_dict(v3)
 
 
-def _bad(tmp_path, name, edit):
-    src = tmp_path / f"{name}-src"
-    if not src.exists():
-        make_checkpoint(name, str(src))
-    d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from sp_core.cli import main
 
@@ -453,10 +412,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
          "quantised checkpoints (quantization_config: fp8) are not supported"),
     ]
     for name, edit, extra, message in cases:
-        line = run(_bad(tmp_path, name, edit), *extra)
+        line = run(with_edited_config(tmp_path, name, edit), *extra)
         assert message in line, line
-    assert "use --moe-parallel tp" in run(_bad(tmp_path, "deepseek-v3", lambda c: c.update(n_routed_experts=6, n_group=3)),
-                                          "--tp", "4", "--moe-parallel", "ep")
+    six_experts = with_edited_config(tmp_path, "deepseek-v3", lambda c: c.update(n_routed_experts=6, n_group=3))
+    assert "use --moe-parallel tp" in run(six_experts, "--tp", "4", "--moe-parallel", "ep")
 
 
 def test_cli_logits_core(dirs, refs, tmp_path):

@@ -7,7 +7,6 @@ t = 2 collective counts and the negative controls -- and the tests below check t
 """
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ import torch.nn.functional as F
 from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.runtime import load_model, pack, prompt_logprobs
-from support.checkpoints import make_checkpoint, reference_logprobs
+from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
+from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 
@@ -77,14 +77,8 @@ def _inputs(model, prompts):
 
 def _lm_gradients(model):
     """Full gradient of every parameter after one LM-loss backward, and whether the indexer got none."""
-    from sp_core.models.checkpoint import export_state_dict
-
-    model.train()
-    ids, positions, batch = pack(LONG, platform.current_device())
-    model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-    mpu.allreduce_sequence_parallel_grads(model.parameters())
-    untouched = all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
-    return export_state_dict(model, grads=True), untouched
+    grads = core_lm_gradients(model, LONG)
+    return grads, all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
 
 
 def score_loss_weights(rows, total):
@@ -114,17 +108,23 @@ def _score_loss_gradients(model):
             "always_summed": {n: collectives.all_reduce(g) for n, g in raw.items()}}
 
 
+def _indexer_inputs(model, prompts):
+    """Layer 1's indexer and its arguments (normed hidden, query latent, local positions, batch) for ``prompts``."""
+    layer = model.model.layers[1]
+    attn = layer.self_attn
+    with torch.no_grad():
+        embedded, _, local, batch, _ = _inputs(model, prompts)
+        x = layer.input_layernorm(embedded)
+        return attn.indexer, (x, attn.latent(x, local)[:, : attn.q_lora_rank], local, batch)
+
+
 def _indexer_flops(model):
     """FLOPs of one layer's indexer forward on this rank (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    layer = model.model.layers[1]
-    with torch.no_grad():
-        embedded, _, local, batch, _ = _inputs(model, FLOP_PROMPTS)
-        x = layer.input_layernorm(embedded)
-        q_latent = layer.self_attn.latent(x, local)[:, : layer.self_attn.q_lora_rank]
-        with FlopCounterMode(display=False) as counter:
-            selected = layer.self_attn.indexer(x, q_latent, local, batch)
+    indexer, args = _indexer_inputs(model, FLOP_PROMPTS)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        selected = indexer(*args)
     assert selected is not None and selected.shape == (24, INDEX_TOPK)
     return counter.get_total_flops()
 
@@ -159,15 +159,12 @@ def _selection_in_row_blocks(model):
     """The selection scored in blocks of one query row (a long context's memory bound) vs in one block."""
     from sp_core.layers import indexer
 
-    layer = model.model.layers[1]
+    layer_indexer, args = _indexer_inputs(model, LONG)
     with torch.no_grad():
-        embedded, _, local, batch, _ = _inputs(model, LONG)
-        x = layer.input_layernorm(embedded)
-        q_latent = layer.self_attn.latent(x, local)[:, : layer.self_attn.q_lora_rank]
-        whole = layer.self_attn.indexer(x, q_latent, local, batch)
+        whole = layer_indexer(*args)
         saved, indexer.SCORE_BLOCK_BYTES = indexer.SCORE_BLOCK_BYTES, 1
         try:
-            rows = layer.self_attn.indexer(x, q_latent, local, batch)
+            rows = layer_indexer(*args)
         finally:
             indexer.SCORE_BLOCK_BYTES = saved
     return whole, rows
@@ -288,30 +285,10 @@ def test_short_sequences_give_v3_exactly(runs, tp):
 def test_tp1_gradients_equal_transformers_autograd(runs, hf):
     """LM-loss gradients of every parameter at t = 1 against transformers' autograd; the indexer gets none
     there (top-k is discrete; transformers runs it under no-grad) and none in the core."""
-    ids = torch.tensor([tok for p in LONG for tok in p])
-    labels = torch.roll(ids, -1)
-    hf.zero_grad(set_to_none=True)
-    loss, start = 0, 0
-    for p in LONG:
-        logits = hf(torch.tensor([p])).logits[0]
-        loss = loss + F.cross_entropy(logits, labels[start:start + len(p)], reduction="sum")
-        start += len(p)
-    loss.backward()
-    hf_grads = {}
-    for key, param in hf.named_parameters():
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
-        if key.endswith("mlp.experts.gate_up_proj"):  # fused in memory: [E, 2I, H] = cat(gate, up)
-            for e, g in enumerate(grad):
-                gate, up = g.chunk(2, dim=0)
-                hf_grads[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                hf_grads[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-        elif key.endswith("mlp.experts.down_proj"):
-            for e, g in enumerate(grad):
-                hf_grads[key.replace("down_proj", f"{e}.down_proj.weight")] = g
-        else:
-            hf_grads[key] = grad
+    hf_grads = transformers_lm_gradients(hf, LONG)
     indexer = [k for k in hf_grads if ".indexer." in k]
-    assert len(indexer) == 2 * 5 and all(hf.get_parameter(k).grad is None for k in indexer)
+    assert len(indexer) == 2 * 5 and all(hf_grads[k] is None for k in indexer)
+    hf_grads.update((k, torch.zeros_like(hf.get_parameter(k))) for k in indexer)
     run = runs(1)
     core = run["grads"][False]
     assert core.keys() == hf_grads.keys() and run["lm_untouched"][False]
@@ -445,18 +422,6 @@ def test_collective_counts(runs):
             assert counts[arch, False, name] == ({"all_reduce": 1}, []), (arch, name)  # SP off: indexer replicated
 
 
-def _bad(tmp_path, edit):
-    src = tmp_path / "v32-src"
-    if not src.exists():
-        make_checkpoint("deepseek-v32", str(src))
-    d = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
-    shutil.copytree(src, d)
-    cfg = json.loads((d / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    return str(d)
-
-
 def test_config_fields():
     """V3.2 follows its saved mlp_layer_types (transformers' V3.2 does; V3 refuses a disagreeing list) and
     always ropes MLA interleaved; its indexer fields and defaults are transformers'."""
@@ -487,7 +452,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         (lambda c: c.update(index_topk=0), "index_topk must be a positive integer, got 0"),
     ]
     for edit, message in cases:
-        model = _bad(tmp_path, edit)
+        model = with_edited_config(tmp_path, "deepseek-v32", edit)
         for command in (["logits", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o.st")],
                         ["memory", "--model", model, "--tp", "2", "--tokens", "8"]):
             capsys.readouterr()

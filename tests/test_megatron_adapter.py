@@ -7,6 +7,7 @@ import torch
 
 from sp_core.cli import main
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.compare import max_diff, rel
 from support.multirank import run_ranks
 
 STEPS = 5
@@ -24,10 +25,6 @@ def _train(model_dir, tp, sp, out_dir=None, prompts=None):
     return engine.train_steps(model_dir, tp, sp, STEPS, out_dir=out_dir, prompts=prompts, capture_grads=True)
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("name", ["qwen2-train", "qwen3-train"])
 def test_training_at_tp2_equals_tp1(ckpts, name, tmp_path):
     base = _train(ckpts[name], 1, False)
@@ -39,10 +36,9 @@ def test_training_at_tp2_equals_tp1(ckpts, name, tmp_path):
             assert abs(a - b) <= 1e-5, f"{name} SP={sp} step {step}: loss {a} vs {b}"
         assert got["grads0"].keys() == base["grads0"].keys()
         for key, grad in base["grads0"].items():
-            assert _rel(got["grads0"][key], grad) <= 1e-5, f"{name} SP={sp}: step-0 gradient of {key}"
+            assert rel(got["grads0"][key], grad) <= 1e-5, f"{name} SP={sp}: step-0 gradient of {key}"
         # the export loads in transformers and gives the adapter's own log-probabilities
-        ref = reference_logprobs(out_dir, PROMPTS)
-        diff = max((x - y).abs().max().item() for x, y in zip(got["logprobs"], ref))
+        diff = max_diff(got["logprobs"], reference_logprobs(out_dir, PROMPTS))
         assert diff <= 1e-4, f"{name} SP={sp}: exported model vs adapter {diff}"
 
 
@@ -84,7 +80,7 @@ def test_replicated_parameters_keep_their_sequence_parallel_tag(ckpts):
             assert sp, f"{name} is replicated but not tagged sequence_parallel"
     # what the tag buys: without it finalize_model_grads leaves the norm gradients as partial sums
     base = _train(d, 1, False)["grads0"]
-    wrong = {k for k in base if _rel(untagged[k], base[k]) > 1e-3}
+    wrong = {k for k in base if rel(untagged[k], base[k]) > 1e-3}
     assert wrong and all("layernorm" in k or k == "model.norm.weight" for k in wrong), wrong
 
 
@@ -167,7 +163,7 @@ def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
         for a, b in zip(on[rank][0], off[rank][0]):
             assert abs(a - b) <= 1e-5, (on[rank][0], off[rank][0])
         for name, grad in off[rank][1].items():
-            assert _rel(on[rank][1][name], grad) <= 1e-5, f"rank {rank}: {name}"
+            assert rel(on[rank][1][name], grad) <= 1e-5, f"rank {rank}: {name}"
 
 
 def test_train_command_reports_progress_and_exports(ckpts, tmp_path, capfd):

@@ -12,6 +12,7 @@ import torch
 
 from sp_core.cli import main
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.compare import max_diff, rel
 from support.multirank import run_ranks
 
 ARCHS = ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "deepseek-v32")
@@ -117,17 +118,13 @@ def dirs(tmp_path_factory):
     return {name: make_checkpoint(name, str(root / name)) for name in ARCHS}
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
 def _check_equal(base, got, tol, what, relative_loss=False):
     """Losses within ``tol`` (absolute; relative to the loss with ``relative_loss``) and every step-0 gradient
     within ``tol`` relative to its largest entry. Returns the worst values seen."""
     worst_loss = max(abs(a - b) / (abs(b) if relative_loss else 1.0) for a, b in zip(got["losses"], base["losses"]))
     assert worst_loss <= tol, f"{what}: losses {got['losses']} vs {base['losses']}"
     assert got["grads0"].keys() == base["grads0"].keys(), f"{what}: {set(got['grads0']) ^ set(base['grads0'])}"
-    worst_grad = max((_rel(got["grads0"][k], g), k) for k, g in base["grads0"].items())
+    worst_grad = max((rel(got["grads0"][k], g), k) for k, g in base["grads0"].items())
     assert worst_grad[0] <= tol, f"{what}: step-0 gradient of {worst_grad[1]} off by {worst_grad[0]:.2e} relative"
     # Megatron's gradient norm (clipping's input) counts every parameter once: expert-parallel experts on
     # every rank, replicated ones once
@@ -165,7 +162,7 @@ def test_training_at_tp2_equals_tp1_and_round_trip(dirs, launches):
         assert set(other_rank[(arch, mode, sp)]["export_issued"]) == {"gather"}, "TP rank 1 only sends its slices"
         assert load_file(f"{out}/model.safetensors").keys() == load_file(f"{dirs[arch]}/model.safetensors").keys()
         mine = got[(arch, mode, sp)]["logprobs"]
-        diff = max((a - b).abs().max().item() for a, b in zip(mine, reference_logprobs(out, PROMPTS)))
+        diff = max_diff(mine, reference_logprobs(out, PROMPTS))
         assert diff <= 1e-5, f"{arch} moe={mode}: transformers on the export vs the trained Megatron model: {diff:.2e}"
 
 
@@ -175,7 +172,7 @@ def test_megatron_logprobs_equal_transformers(dirs, launches):
     for tp in (1, 2):
         for (arch, mode, sp), run in launches[tp]["runs"].items():
             ref = reference_logprobs(dirs[arch], PROMPTS)
-            diff = max((a - b).abs().max().item() for a, b in zip(run["untrained"], ref))
+            diff = max_diff(run["untrained"], ref)
             assert diff <= 1e-4, f"{arch} t={tp} moe={mode} SP={sp}: {diff:.2e} vs transformers"
 
 
@@ -198,8 +195,8 @@ def test_dist_checkpoint_of_expert_parallel_training_loads_with_experts_split_ov
     at t = 1 with TP-split experts: the trained model's own log-probabilities come back."""
     trained, loaded = launches[2]["dist"], launches[1]["dist"]
     untrained = reference_logprobs(dirs["deepseek-v3"], PROMPTS)
-    assert max((a - b).abs().max().item() for a, b in zip(trained, untrained)) > 1e-3, "training changed nothing"
-    diff = max((a - b).abs().max().item() for a, b in zip(loaded, trained))
+    assert max_diff(trained, untrained) > 1e-3, "training changed nothing"
+    diff = max_diff(loaded, trained)
     assert diff <= 1e-5, f"the dist checkpoint reloaded at t = 1: {diff:.2e}"
 
 
@@ -207,7 +204,7 @@ def test_gpt_model_with_core_deepseek_layer_spec_equals_transformers(dirs, launc
     """megatron.core's own GPTModel with the core's DeepSeek layers (ModuleSpec) at t = 2 with SP."""
     for arch in ARCHS:
         got = launches[2]["gpt_model"][arch]
-        diff = max((a - b).abs().max().item() for a, b in zip(got, reference_logprobs(dirs[arch], PROMPTS)))
+        diff = max_diff(got, reference_logprobs(dirs[arch], PROMPTS))
         assert diff <= 1e-4, f"{arch}: GPTModel + the core's layers (tp 2, SP) vs transformers: {diff:.2e}"
 
 
@@ -310,7 +307,7 @@ def _check_bf16_no_worse_than_t1(ref32, own, got, what):
     want_units, own_units, got_units = (_bf16_units(run["grads0"]) for run in (ref32, own, got))
     worst = (0.0, "", 0.0)
     for key, want in want_units.items():
-        mine, single = _rel(got_units[key], want), _rel(own_units[key], want)
+        mine, single = rel(got_units[key], want), rel(own_units[key], want)
         assert mine <= max(1e-2, 2 * single), \
             f"{what}: step-0 gradient of {key}: {mine:.2e} from float32 t=1 (bfloat16 t=1: {single:.2e})"
         worst = max(worst, (mine, key, single))

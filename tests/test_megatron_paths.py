@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from support.compare import max_diff, rel
 from support.host_sync import count_host_syncs
 from support.multirank import run_ranks
 
@@ -25,10 +26,6 @@ def ckpts(tmp_path_factory):
     dirs["qwen3-v100"] = make_checkpoint("qwen3", str(root / "qwen3-v100"), vocab_size=100,
                                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
     return dirs
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _packed_batch():
@@ -91,7 +88,7 @@ def test_packed_documents_equal_each_document_alone(ckpts):
     assert (masked - ref).abs().max() <= 1e-4, f"block-diagonal mask vs documents alone: {(masked - ref).abs().max()}"
     assert not syncs, f"the packed training step waited on the device: {syncs}"
     for key, grad in base[3].items():
-        assert _rel(grads[key], grad) <= 1e-5, f"tp 2 + SP vs t = 1: gradient of {key}"
+        assert rel(grads[key], grad) <= 1e-5, f"tp 2 + SP vs t = 1: gradient of {key}"
 
 
 # -- megatron.core's GPTModel with the core's layers, from a Hugging Face checkpoint ---------------
@@ -158,10 +155,6 @@ def _gpt_run(model_dir, tp, sp, save_dir=None, load_dir=None):
     return fields, logprobs, packed_loss, grads
 
 
-def _max_diff(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
-
-
 def _expected_fields(model_dir):
     hf = json.load(open(os.path.join(model_dir, "config.json")))
     qwen3 = hf["architectures"] == ["Qwen3ForCausalLM"]
@@ -190,16 +183,16 @@ def test_gpt_model_with_core_layers_from_hf_equals_transformers(ckpts, tmp_path)
         runs[name] = fields, logprobs, packed_loss, grads = run_ranks(
             2, _gpt_run, d, 2, True, dist_dir if name == "qwen3-v100" else None)[0]
         assert fields == _expected_fields(d)
-        assert _max_diff(logprobs, reference_logprobs(d, PROMPTS)) <= 1e-4, f"{name}: GPTModel + core layers"
+        assert max_diff(logprobs, reference_logprobs(d, PROMPTS)) <= 1e-4, f"{name}: GPTModel + core layers"
         assert (packed_loss - _reference_doc_losses(d)).abs().max() <= 1e-4, f"{name}: packed documents"
     d = ckpts["qwen3-v100"]
     _, logprobs, _, base = run_ranks(1, _gpt_run, d, 1, False, None, dist_dir)[0]  # resumed from the tp 2 save
-    assert _max_diff(logprobs, reference_logprobs(d, PROMPTS)) <= 1e-4, "tp 2 dist checkpoint loaded at tp 1"
+    assert max_diff(logprobs, reference_logprobs(d, PROMPTS)) <= 1e-4, "tp 2 dist checkpoint loaded at tp 1"
     grads = runs["qwen3-v100"][3]
     assert any("q_norm" in k for k in base) and not any("q_layernorm" in k or "k_layernorm" in k for k in base)
     assert grads.keys() == base.keys()
     for key, grad in base.items():
-        assert _rel(grads[key], grad) <= 1e-5, f"GPTModel + core layers tp 2 + SP vs t = 1: gradient of {key}"
+        assert rel(grads[key], grad) <= 1e-5, f"GPTModel + core layers tp 2 + SP vs t = 1: gradient of {key}"
 
 
 # -- distributed checkpoints: save at tp 2, resume at tp 2 and at tp 1 ------------------------------
@@ -285,4 +278,4 @@ def test_export_has_one_writer_and_shards_with_an_index(ckpts, tmp_path):
     assert exported.keys() == original.keys()
     for name, tensor in original.items():
         assert torch.equal(exported[name], tensor), name
-    assert _max_diff(reference_logprobs(out, PROMPTS), reference_logprobs(d, PROMPTS)) <= 1e-5  # transformers reads it
+    assert max_diff(reference_logprobs(out, PROMPTS), reference_logprobs(d, PROMPTS)) <= 1e-5  # transformers reads it

@@ -63,12 +63,9 @@ def deepseek_ckpts(tmp_path_factory):
 def _deepseek_rank(dirs):
     """Log-probabilities (SP on / off, T = 11 and T = 1 < t) and SP-on gradients of every parameter,
     for each model and MoE mode."""
-    import torch
-
     from sp_core import mpu
-    from sp_core.models.checkpoint import export_state_dict
-    from sp_core.mpu import platform
-    from sp_core.runtime import load_model, pack, prompt_logprobs
+    from sp_core.runtime import load_model, prompt_logprobs
+    from support.gradients import core_lm_gradients
 
     out = {}
     for name, d in dirs.items():
@@ -77,11 +74,7 @@ def _deepseek_rank(dirs):
                 mpu.set_sequence_parallel(sp)
                 model = load_model(d, moe_parallel=mode)
                 out[name, mode, sp, "logprobs"] = [prompt_logprobs(model, PROMPTS), prompt_logprobs(model, [[11]])]
-            model.train()
-            ids, positions, batch = pack(PROMPTS, platform.current_device())
-            model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-            mpu.allreduce_sequence_parallel_grads(model.parameters())
-            out[name, mode, "grads"] = export_state_dict(model, grads=True)
+            out[name, mode, "grads"] = core_lm_gradients(model, PROMPTS)
     return out
 
 

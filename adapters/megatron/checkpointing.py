@@ -63,14 +63,23 @@ def _pieces(param):
         offset += shard.local
 
 
-def _piece_builder(param, prefix: str, name: str, sharded_offsets: Offsets, dp_rank: int):
-    dim, lead = param.partition_dim, len(sharded_offsets)
-    if lead > 1:
+def _layer_axes(sharded_offsets: Offsets) -> int:
+    """How many axes Megatron prepends (0, or 1: the layer); more are refused."""
+    if len(sharded_offsets) > 1:
         raise ValueError(f"sharded_offsets {tuple(sharded_offsets)}: at most one prepended axis (the layer) is supported")
+    return len(sharded_offsets)
+
+
+def _refuse_flattened_range(flattened_range) -> None:
+    if flattened_range is not None:
+        raise ValueError("sp-core's checkpoint pieces do not support flattened ranges (distributed optimizer)")
+
+
+def _piece_builder(param, prefix: str, name: str, sharded_offsets: Offsets, dp_rank: int):
+    dim, lead = param.partition_dim, _layer_axes(sharded_offsets)
 
     def build(key, data, replica_id, flattened_range):
-        if flattened_range is not None:
-            raise ValueError("sp-core's checkpoint pieces do not support flattened ranges (distributed optimizer)")
+        _refuse_flattened_range(flattened_range)
         built = {}
         for shard, local_offset, start, rows in _pieces(param):
             # the layer axis as a leading dim of size 1 (prepend_axis_num is for regular grids only;
@@ -116,13 +125,10 @@ def _expert_pieces(name: str, data: torch.Tensor):
 
 def _expert_block_builder(param, name: str, sharded_offsets: Offsets, dp_rank: int):
     """Expert parallelism: this rank holds experts [r * E_local, (r + 1) * E_local) of E = E_local * t."""
-    lead = len(sharded_offsets)
-    if lead > 1:
-        raise ValueError(f"sharded_offsets {tuple(sharded_offsets)}: at most one prepended axis (the layer) is supported")
+    lead = _layer_axes(sharded_offsets)
 
     def build(key, data, replica_id, flattened_range):
-        if flattened_range is not None:
-            raise ValueError("sp-core's checkpoint pieces do not support flattened ranges (distributed optimizer)")
+        _refuse_flattened_range(flattened_range)
         local = data.shape[0]
         built = {}
         for piece_name, piece in _expert_pieces(name, data).items():

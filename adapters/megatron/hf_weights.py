@@ -28,9 +28,9 @@ from typing import Dict, Tuple
 import torch
 
 from sp_core import mpu
-from sp_core.layers.sharding import load_full
 from sp_core.models import ModelError
-from sp_core.models.checkpoint import hf_to_core, iter_hf_tensors, load_expert_tensor
+from sp_core.models.checkpoint import (expected_pieces, hf_to_core, iter_hf_tensors, load_expert_tensor, load_piece,
+                                       missing_expert_tensors)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
@@ -73,7 +73,7 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
                                        if _EXPERTS not in f".{n}" and not n.endswith("._extra_state")}
     experts = {f"model.layers.{m.group(1)}.mlp.experts.": module for name, module in model.named_modules()
                if hasattr(module, "load_expert_tensor") and (m := _MOE.match(name))}
-    expected = {(n, s) for n, p in params.items() for s in ([x.name for x in p.shards] if hasattr(p, "shards") else [None])}
+    expected = expected_pieces(params)
     seen, unexpected = set(), []
     for hf_name, tensor in iter_hf_tensors(model_dir):
         if _IGNORED.search(hf_name):
@@ -100,13 +100,10 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
             param.zero_()
             param[: block.shape[0]].copy_(block)
         else:
-            try:
-                load_full(param, tensor.to(param.dtype), shard)
-            except ValueError as err:
-                raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
+            load_piece(param, hf_name, tensor, shard)
         seen.add((name, shard))
     missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in expected - seen)
-    missing += sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
+    missing += missing_expert_tensors(experts)
     if missing or unexpected:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \
                 (["checkpoint tensors the GPTModel lacks: " + ", ".join(sorted(unexpected))] if unexpected else [])

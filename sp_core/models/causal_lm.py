@@ -13,7 +13,8 @@ from sp_core import mpu
 from sp_core.layers import ParallelLMHead, batch_invariant, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
 from sp_core.models.deepseek import DeepseekModel
-from sp_core.models.qwen import KernelForLayer, QwenModel, packed_causal_attention_for
+from sp_core.models.qwen import QwenModel
+from sp_core.models.stack import KernelForLayer, packed_causal_attention_for
 
 _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel,
            "DeepseekV2ForCausalLM": DeepseekModel, "DeepseekV3ForCausalLM": DeepseekModel,

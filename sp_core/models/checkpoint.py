@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -88,6 +88,26 @@ def load_expert_tensor(experts: Dict[str, torch.nn.Module], hf_name: str, tensor
     except ValueError as err:
         raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
     return True
+
+
+def missing_expert_tensors(experts: Dict[str, torch.nn.Module]) -> List[str]:
+    """HF names of the routed-expert tensors that ``load_expert_tensor`` has not filled yet."""
+    return sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
+
+
+def expected_pieces(params: Dict[str, torch.Tensor]) -> Set[Tuple[str, Optional[str]]]:
+    """(parameter name, packed piece or None) of every piece the checkpoint must fill."""
+    return {(name, shard) for name, p in params.items()
+            for shard in ([s.name for s in p.shards] if hasattr(p, "shards") else [None])}
+
+
+def load_piece(param: torch.Tensor, hf_name: str, tensor: torch.Tensor, shard: Optional[str]) -> None:
+    """This rank's slice of checkpoint tensor ``hf_name`` into ``param`` (its ``shard`` piece, or whole);
+    one-line error on a shape mismatch."""
+    try:
+        load_full(param, tensor.to(param.dtype), shard)
+    except ValueError as err:
+        raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
 
 
 def iter_hf_tensors(model_dir: str) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -200,8 +220,7 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
     params = _tensors(model)
     experts = _expert_owners(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    expected = {(name, shard) for name, p in params.items()
-                for shard in ([s.name for s in p.shards] if hasattr(p, "shards") else [None])}
+    expected = expected_pieces(params)
     if tied:
         expected.discard(("lm_head.weight", None))
     seen, unexpected = set(), []
@@ -219,13 +238,10 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
         param = params[name]
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
-        try:
-            load_full(param, tensor.to(param.dtype), shard)
-        except ValueError as err:
-            raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
+        load_piece(param, hf_name, tensor, shard)
         seen.add((name, shard))
     missing = sorted(core_to_hf(n, s) for n, s in expected - seen)
-    missing += sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
+    missing += missing_expert_tensors(experts)
     if missing or unexpected:
         parts = []
         if missing:

@@ -6,16 +6,16 @@ V3.2's MLA attends only to the keys its DSA indexer selects.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
-from sp_core.layers import DecoderLayer, RMSNorm, SwiGLUMLP, VocabParallelEmbedding
+from sp_core.layers import DecoderLayer, SwiGLUMLP
 from sp_core.layers.attention import AttentionKernel, packed_causal_attention
 from sp_core.layers.indexer import LightningIndexer
 from sp_core.layers.mla import LatentAttentionKernel, MultiHeadLatentAttention
 from sp_core.models.config import ModelConfig
-from sp_core.models.qwen import KernelForLayer, packed_causal_attention_for
+from sp_core.models.stack import DecoderStack, KernelForLayer, packed_causal_attention_for
 
 
 def deepseek_indexer(cfg: ModelConfig, dtype=None, keys=None) -> LightningIndexer:
@@ -65,21 +65,9 @@ class DeepseekDecoderLayer(DecoderLayer):
         self.is_moe = is_moe
 
 
-class DeepseekModel(torch.nn.Module):
-    """Embedding, decoder layers, final norm (HF's ``model.*``)."""
+class DeepseekModel(DecoderStack):
+    """Embedding, DeepSeek decoder layers (dense or MoE, per ``cfg.layer_types``), final norm (HF's ``model.*``)."""
 
     def __init__(self, cfg: ModelConfig, dtype=None, attention_kernel: KernelForLayer = packed_causal_attention_for):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = torch.nn.ModuleList(DeepseekDecoderLayer(cfg, kind, dtype, attention_kernel(i))
-                                          for i, kind in enumerate(cfg.layer_types))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch,
-                num_tokens: Optional[int] = None) -> torch.Tensor:
-        """num_tokens: real tokens before SP padding (default: all of ``input_ids``)."""
-        num_tokens = input_ids.shape[0] if num_tokens is None else num_tokens
-        hidden = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden, positions, batch, num_tokens)
-        return self.norm(hidden)
+        super().__init__(cfg, lambda i: DeepseekDecoderLayer(cfg, cfg.layer_types[i], dtype, attention_kernel(i)),
+                         dtype=dtype)

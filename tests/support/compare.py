@@ -8,5 +8,6 @@ def max_diff(a, b) -> float:
 
 
 def rel(a, b) -> float:
-    """max |a - b| / max |b| (b all zero: the absolute difference, over 1e-30)."""
+    """max |a - b| / max |b| in float32, bf16 tensors too (b all zero: the absolute difference, over 1e-30)."""
+    a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
