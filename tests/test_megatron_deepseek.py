@@ -288,20 +288,24 @@ def _bf16_units(grads):
 
 
 def _check_bf16_no_worse_than_t1(ref32, own, got, what):
-    """bfloat16 at t > 1 against the float32 t = 1 run: each loss and each step-0 gradient no further from
-    float32 than max(1e-2, 2 x bfloat16 t = 1's own distance), relative. A per-tensor 1e-2 against bfloat16
+    """bfloat16 at t > 1 against the float32 t = 1 run: the first 3 losses and each step-0 gradient no further
+    from float32 than max(1e-2, 2 x bfloat16 t = 1's own distance), relative. A per-tensor 1e-2 against bfloat16
     t = 1 is no test of TP-SP: an expert with a handful of tokens differs by ~3e-2 between two summation
     orders of the same bf16 math (measured: 3.3e-2 on 4 x H200), and V3.2's top-k selection and the routers'
     choices flip under bf16 rounding (V3.2's loss: 1.9e-2 from float32 at t = 2). So the routed experts are
     compared per layer and projection, all experts together: alone, V3.2's expert 6 was 6.4e-2 from float32
     at t = 2 against 2.8e-2 at t = 1 (4 x H200; a flipped choice moves a small expert's gradient that much),
-    while a TP-SP error in the expert path would show in every expert. Each expert alone is held to 1e-5 by the float32 run. What TP-SP must
-    not do is add error beyond bfloat16's own."""
-    def loss_distance(run):
-        return max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref32["losses"]))
+    while a TP-SP error in the expert path would show in every expert. Each expert alone is held to 1e-5 by
+    the float32 run. What TP-SP must not do is add error beyond bfloat16's own."""
+    def loss_distance(run, steps=None):
+        return max(abs(a - b) / abs(b) for a, b in list(zip(run["losses"], ref32["losses"]))[:steps])
 
-    worst_loss = loss_distance(got)
-    assert worst_loss <= max(1e-2, 2 * loss_distance(own)), \
+    # The first 3 steps: no further than bfloat16 t = 1. Later steps drift apart chaotically in V3.2 (its
+    # top-k selection): the same configuration (t = 2, moe=tp) gave step-3 losses 5.827 and 5.880 in two
+    # calls on 4 x H200 (9e-3 apart; step 0 bit-equal, parting from step 1 on), against bfloat16 t = 1's
+    # 9.2e-3 from float32; they are held to a sanity bound (3e-2) only.
+    early, worst_loss = loss_distance(got, 3), loss_distance(got)
+    assert early <= max(1e-2, 2 * loss_distance(own, 3)) and worst_loss <= 3e-2, \
         f"{what}: losses {got['losses']} vs float32 t=1 {ref32['losses']} (bfloat16 t=1: {own['losses']})"
     assert got["grads0"].keys() == ref32["grads0"].keys()
     want_units, own_units, got_units = (_bf16_units(run["grads0"]) for run in (ref32, own, got))
