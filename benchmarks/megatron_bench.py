@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from benchmarks.bench import SHAPE, _timed  # noqa: E402
+from benchmarks.bench import CATEGORIES, SHAPE, _timed, host_side, kernel_categories  # noqa: E402
 
 # variant -> the attention kernel it runs (printed next to every number)
 ATTENTION = {
@@ -96,7 +96,7 @@ def _model(variant: str, layers: int, tp: int, tokens: int):
     return model.to(platform.current_device())
 
 
-def _rank(layers: int, tokens_list, iters: int, variants=("native", "core")):
+def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), profile=False):
     from megatron.core import parallel_state, tensor_parallel
 
     from sp_core import mpu
@@ -126,6 +126,8 @@ def _rank(layers: int, tokens_list, iters: int, variants=("native", "core")):
 
                 ms, peak = _timed(step, iters)
                 row[f"{variant}_ms"], row[f"{variant}_peak_bytes"] = ms, peak
+                if profile and platform.device_type() == "cuda":
+                    row[f"{variant}_kernels"], row[f"{variant}_host"] = kernel_categories(step), host_side(step)
             except Exception as err:  # noqa: BLE001 - record and go on to the next point
                 row[f"{variant}_error"] = f"{type(err).__name__}: {err}"[:300]
                 row[f"{variant}_ms"], row[f"{variant}_peak_bytes"] = float("nan"), 1
@@ -135,10 +137,10 @@ def _rank(layers: int, tokens_list, iters: int, variants=("native", "core")):
     return rows
 
 
-def run(tp: int, layers: int, tokens_list, iters: int, variants=("native", "core")):
+def run(tp: int, layers: int, tokens_list, iters: int, variants=("native", "core"), profile=False):
     from sp_core.mpu.launch import run_ranks
 
-    return run_ranks(tp, _rank, layers, tokens_list, iters, tuple(variants), timeout=900)[0]
+    return run_ranks(tp, _rank, layers, tokens_list, iters, tuple(variants), profile, timeout=900)[0]
 
 
 def markdown(rows, device: str, command: str) -> str:
@@ -151,6 +153,16 @@ def markdown(rows, device: str, command: str) -> str:
             lines.append(f"| {r['tp']} | {r['tokens']} | {v}{err} | {r['attention'][v]} | {r[f'{v}_ms']:.2f} | "
                          f"{r[f'{v}_peak_bytes'] / 2**20:.0f} | {r['core_ms'] / r[f'{v}_ms']:.3f} | "
                          f"{r['core_peak_bytes'] / max(r[f'{v}_peak_bytes'], 1):.3f} |")
+    profiled = [(r, v) for r in rows for v in r["attention"] if f"{v}_kernels" in r]
+    if profiled:
+        names = [c for c, _ in CATEGORIES] + ["other"]
+        lines += ["", "Kernel ms per step by category (rank 0; collectives include waiting) and the host's enqueue ms:", "",
+                  "| t | tokens | variant | wall ms | " + " | ".join(names) + " | enqueue ms | host syncs |",
+                  "|---|---|---|---|" + "---|" * len(names) + "---|---|"]
+        for r, v in profiled:
+            k, h = r[f"{v}_kernels"], r[f"{v}_host"]
+            lines.append(f"| {r['tp']} | {r['tokens']} | {v} | {r[f'{v}_ms']:.2f} | " + " | ".join(f"{k[c]:.2f}" for c in names)
+                         + f" | {h['enqueue_ms']:.2f} | {h['host_syncs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,6 +174,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--variants", default="native,native_sdpa,core")
     parser.add_argument("--out", default="out")
+    parser.add_argument("--profile", action="store_true", help="kernel time by category and host enqueue time (CUDA)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(ATTENTION))
@@ -175,7 +188,7 @@ def main():
     command = " ".join(["python"] + sys.argv)
     rows = []
     for t in (int(x) for x in args.tp.split(",")):
-        rows += run(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, variants)
+        rows += run(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, variants, args.profile)
     with open(os.path.join(args.out, "megatron.json"), "w") as f:
         json.dump(dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), command=command,
                        shape=SHAPE, layers=args.layers, rows=rows), f, indent=1)
