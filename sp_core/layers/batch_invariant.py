@@ -4,15 +4,19 @@ rows are in the call.
 torch's CPU matmul is not batch-invariant (measured on the 2-core CPU machine, torch 2.13, float32,
 K = 64 .. 4096): with M rows, the rows past the last multiple of 4 come out differently for M < 12
 (M = 1 takes a GEMV path; M = 2, 3 and the tails of 5-7 and 9-11 rows another kernel), up to 2e-4
-apart at K = 4096. GPU libraries pick tiles and split-K by the shape too. So in the deterministic mode
-every GEMM on activations computes its rows in blocks of a fixed number of rows, the last one padded
-with zeros: every call has the same shape, and each row's sum runs in the same order whatever the batch
-(16-row blocks on CPU, measured invariant for M = 1 .. 80; 128 on accelerators).
+apart at K = 4096. GPU libraries pick tiles and split-K by the shape too. So in the deterministic mode every GEMM on
+activations goes through ``mm``: on CUDA with Triton, one launch of a kernel with fixed tiles and no
+split-K (``sp_core.layers.triton_batch_invariant``, whose docstring says why that is batch-invariant);
+elsewhere (CPU, Ascend, CUDA without Triton or with SP_CORE_FUSED=0) its rows are computed in blocks of
+a fixed number of rows, the last one padded with zeros: every call has the same shape, and each row's
+sum runs in the same order whatever the batch (16-row blocks on CPU, measured invariant for M = 1 .. 80;
+128 on accelerators).
 
 ``gemms()`` is entered by the model's forward (``CausalLM``) and by an adapter around framework code
 that computes on the model's activations (sglang's logits processor); it intercepts ``F.linear``,
-``matmul`` / ``@`` with a 2-D right operand, ``mm`` and ``addmm``. Backward GEMMs are not blocked (a
-weight gradient sums over the batch by definition).
+``matmul`` / ``@`` with a 2-D right operand, ``mm`` and ``addmm``. In backward, the input gradient of an
+intercepted GEMM is computed the same way (row by row); the weight gradient is a plain torch GEMM (it
+sums over the batch by definition).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from sp_core.mpu import parallel_state as ps
+from sp_core.mpu import parallel_state as ps, platform
 
 CPU_BLOCK_ROWS = 16
 ACCELERATOR_BLOCK_ROWS = 128
@@ -45,8 +49,42 @@ def blocked_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.mm(block, b) for block in a.split(size)])[:rows]
 
 
+class _KernelMatmul(torch.autograd.Function):
+    """``a @ b`` through ``platform.batch_invariant_matmul``; backward: the input gradient through it
+    too, the weight gradient with torch."""
+
+    @staticmethod
+    def forward(ctx, a, b, kernel):
+        ctx.kernel = kernel
+        ctx.save_for_backward(a, b)
+        return kernel(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = ctx.kernel(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = a.t().mm(grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batch-invariant ``a @ b`` for 2-D ``a`` [M, K] and ``b`` [K, N]: the one-launch kernel where the
+    platform has one, else ``blocked_mm``."""
+    kernel = platform.batch_invariant_matmul(a.device)
+    if kernel is not None:
+        if torch.is_autocast_enabled(a.device.type):  # what torch.mm would compute in
+            dtype = torch.get_autocast_dtype(a.device.type)
+            a, b = a.to(dtype), b.to(dtype)
+        if a.dtype == b.dtype and a.dtype in _KERNEL_DTYPES and a.device == b.device:
+            return _KernelMatmul.apply(a, b, kernel)
+    return blocked_mm(a, b)
+
+
 def _matmul_2d_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    out = blocked_mm(a.reshape(-1, a.shape[-1]), b)
+    out = mm(a.reshape(-1, a.shape[-1]), b)
     return out.view(*a.shape[:-1], b.shape[-1])
 
 
@@ -58,7 +96,7 @@ def _linear(x, weight, bias=None):
 def _addmm(bias, a, b, *, beta=1, alpha=1):
     if beta != 1 or alpha != 1:
         return None
-    return blocked_mm(a, b) + bias
+    return mm(a, b) + bias
 
 
 def _is_gemm(a, b) -> bool:
@@ -75,7 +113,7 @@ class BatchInvariantGemms(TorchFunctionMode):
                 and _is_gemm(args[0], args[1]):
             return _matmul_2d_right(args[0], args[1])
         if func in (torch.mm, torch.Tensor.mm) and not kwargs and _is_gemm(args[0], args[1]):
-            return blocked_mm(args[0], args[1])
+            return mm(args[0], args[1])
         if func in (torch.addmm, torch.Tensor.addmm) and len(args) == 3 and _is_gemm(args[1], args[2]) \
                 and args[1].dim() == 2 and set(kwargs) <= {"beta", "alpha"}:
             out = _addmm(*args, **kwargs)

@@ -157,6 +157,21 @@ def _fused_qk_norm_rope():
     return None
 
 
+def batch_invariant_matmul(device: torch.device):
+    """``(a [M, K], b [K, N]) -> a @ b`` on ``device`` whose rows do not depend on M, in one launch, or
+    None (the deterministic mode then computes in fixed blocks of rows with torch). Triton on CUDA."""
+    return _batch_invariant_matmul() if device.type == "cuda" and fused_kernels_enabled() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_invariant_matmul():
+    if _has_triton():
+        from sp_core.layers import triton_batch_invariant
+
+        return triton_batch_invariant.matmul
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _has_triton() -> bool:
     try:
