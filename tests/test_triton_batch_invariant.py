@@ -132,3 +132,38 @@ def test_kernel_equals_matmul_and_rows_do_not_depend_on_the_batch():
 
 def test_deterministic_mode_with_the_kernel(tmp_path):
     assert "mode ok" in _interpret(MODE_CHECK, str(tmp_path / "qwen3"))
+
+
+def test_kernel_compiles_for_h100_with_tensor_cores():
+    """Compiled for sm_90 here (Triton's own ptxas, no GPU): bf16 / fp16 tiles use wgmma and fit H100's
+    227 KiB of shared memory; float32 stays off TF32 (FMA, no MMA)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import torch
+    from sp_core.layers import triton_batch_invariant as tbi
+
+    names = tbi._matmul_kernel.arg_names
+    assert tbi._matmul_kernel.do_not_specialize == ["M"] or names.index("M") in tbi._matmul_kernel.do_not_specialize
+    for dtype, short, n, k in ((torch.bfloat16, "bf16", 1536, 4096), (torch.bfloat16, "bf16", 512, 4000),
+                               (torch.float16, "fp16", 4096, 3072), (torch.float32, "fp32", 1536, 4096)):
+        tiles = tbi.tiles_for(dtype, n, k)
+        # a [M, K] @ W^T as F.linear passes it: unit strides along K, M left unspecialised
+        constants = dict(stride_ak=1, stride_bk=1, stride_cn=1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                         BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, EVEN_K=k % tiles.block_k == 0,
+                         PRECISION="ieee" if dtype == torch.float32 else None)
+        signature = {name: "constexpr" if name in constants else f"*{short}" if name.endswith("_ptr") else "i32"
+                     for name in names}
+        aligned = ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_am", "stride_bn", "stride_cm")
+        source = ASTSource(tbi._matmul_kernel, signature, {(names.index(c),): v for c, v in constants.items()},
+                           {(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
+        ptx = kernel.asm["ptx"]
+        assert kernel.metadata.shared <= 227 * 1024, (short, tiles, kernel.metadata.shared)
+        if dtype == torch.float32:
+            assert "wgmma" not in ptx and "tf32" not in ptx and "fma.rn.f32" in ptx, tiles
+        else:
+            mma = {"bf16": "bf16", "fp16": "f16"}[short]
+            assert f".f32.{mma}.{mma}" in ptx and "wgmma.mma_async" in ptx, (short, tiles)
