@@ -11,7 +11,7 @@
    the kernel must not use TF32);
 2. speed on one GPU: the kernel vs torch.matmul (cuBLAS) vs the blocked path it replaces (128-row
    blocks) on the linears of a Qwen3-8B layer at t = 1, 2, 4 and M = 8192 tokens: ms, TFLOP/s, kernel /
-   cuBLAS;
+   cuBLAS; and the kernel with other fixed tiles (SWEEP), to choose ``tiles_for``'s from;
 3. the mode on the model (benchmarks/deterministic_bench.py's functions), SP on, NCCL, at each --tp:
    core engine vs Megatron engine ``torch.equal`` in the deterministic mode (tiny Qwen3, prompts of 1 to
    255 tokens), the core's prefill of a prompt alone vs inside 8 mixed requests, and the cost: 4
@@ -41,6 +41,9 @@ TOKENS = 8192
 WINDOW_ROWS = (1, 2, 3, 5, 8, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 1024, 2047, 4096, 5000,
                8191, 8192)
 OFFSETS = (0, 1, 7, 64, 127, 128, 1000, 3001)
+SWEEP = {"128x128x64 w4 s4": (128, 128, 64, 4, 4), "128x128x64 w8 s4": (128, 128, 64, 8, 4),
+         "128x256x64 w8 s3": (128, 256, 64, 8, 3), "128x256x64 w8 s4": (128, 256, 64, 8, 4),
+         "64x256x64 w4 s4": (64, 256, 64, 4, 4)}
 
 
 def linears(t: int):
@@ -79,6 +82,7 @@ def invariance(kernel, n: int, k: int, dtype, log) -> dict:
 
 
 def speed(kernel, t: int, iters: int, log) -> list:
+    from sp_core.layers import triton_batch_invariant as tbi
     from sp_core.layers.batch_invariant import blocked_mm
 
     rows = []
@@ -91,11 +95,15 @@ def speed(kernel, t: int, iters: int, log) -> list:
                           ("blocked", lambda: blocked_mm(x, w.t()))):
             row[f"{label}_ms"] = timed(fn, iters)[0]
             row[f"{label}_tflops"] = flop / row[f"{label}_ms"] / 1e9
+        row["kernel_tiles"] = "x".join(map(str, tbi.tiles_for(torch.bfloat16, n, k)[:3]))
+        row["sweep_ms"] = {name: timed(lambda: tbi.matmul(x, w.t(), tbi.Tiles(*tiles)), iters)[0]
+                           for name, tiles in SWEEP.items()}
         row["kernel_over_cublas"] = row["kernel_ms"] / row["cublas_ms"]
         row["blocked_over_cublas"] = row["blocked_ms"] / row["cublas_ms"]
         log(f"  t={t} {name} M={TOKENS} N={n} K={k}: cuBLAS {row['cublas_ms']:.3f} ms "
             f"({row['cublas_tflops']:.0f} TFLOP/s), kernel {row['kernel_ms']:.3f} ms ({row['kernel_tflops']:.0f}), "
-            f"blocked {row['blocked_ms']:.3f} ms; kernel / cuBLAS {row['kernel_over_cublas']:.3f}")
+            f"blocked {row['blocked_ms']:.3f} ms; kernel / cuBLAS {row['kernel_over_cublas']:.3f}; other tiles: "
+            + ", ".join(f"{name} {ms:.3f}" for name, ms in row["sweep_ms"].items()))
         rows.append(row)
     layer = {key: sum(r[f"{key}_ms"] for r in rows) for key in ("cublas", "kernel", "blocked")}
     log(f"  t={t} one layer's four GEMMs: kernel / cuBLAS {layer['kernel'] / layer['cublas']:.3f}, "
@@ -121,6 +129,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['tp']} | {r['linear']} | {r['n']} | {r['k']} | {r['cublas_ms']:.3f} | "
                      f"{r['kernel_ms']:.3f} | {r['blocked_ms']:.3f} | **{r['kernel_over_cublas']:.3f}** | "
                      f"{r['blocked_over_cublas']:.3f} |")
+    lines += ["", "**The kernel with other fixed tiles (ms; the kernel above uses `tiles_for`'s)**", "",
+              "| t | linear | tiles_for | " + " | ".join(SWEEP) + " |", "|---|---|---|" + "---|" * len(SWEEP)]
+    for r in results["speed"]:
+        lines.append(f"| {r['tp']} | {r['linear']} | {r['kernel_tiles']} | "
+                     + " | ".join(f"{r['sweep_ms'][name]:.3f}" for name in SWEEP) + " |")
     if results["equality"] or results["invariance_model"]:
         lines += ["", "**The mode on a tiny Qwen3, SP on, bf16**", "",
                   "| t | core vs Megatron engine `torch.equal` | prefill alone == inside 8 requests |", "|---|---|---|"]
