@@ -114,8 +114,8 @@ def speed(kernel, t: int, iters: int, log) -> list:
 def markdown(results: dict) -> str:
     lines = [f"Card: {results['device']}; torch {results['torch']}; triton {results['triton']}; {results['date']}; "
              f"command: `{results['command']}`", "",
-             f"**Batch invariance on one GPU: windows of M = 1 .. {TOKENS} rows at offsets {', '.join(map(str, OFFSETS))}"
-             f" vs the full {TOKENS}-row product (`torch.equal`)**", "",
+             f"**Batch invariance on one GPU: windows of M = 1 .. {TOKENS} rows at offsets "
+             f"{', '.join(map(str, OFFSETS))} vs the full {TOKENS}-row product (`torch.equal`)**", "",
              "| dtype | N | K | windows | kernel: windows that differ | cuBLAS: windows that differ | "
              "kernel error | cuBLAS error |", "|---|---|---|---|---|---|---|---|"]
     for r in results["invariance"]:
@@ -198,6 +198,7 @@ def main() -> int:
     if args.model and tps:
         from sp_core.tiny import make_checkpoint
 
+        torch.cuda.empty_cache()  # GPU 0 is rank 0's too
         log(f"3. the mode on the model, t = {tps} [{time.time() - start:.0f} s]")
         model_dir = make_checkpoint("qwen3", os.path.join(tempfile.mkdtemp(prefix="sp-core-bi-"), "qwen3"))
         with open(os.path.join(model_dir, "config.json")) as f:

@@ -4,13 +4,13 @@ rows are in the call.
 torch's CPU matmul is not batch-invariant (measured on the 2-core CPU machine, torch 2.13, float32,
 K = 64 .. 4096): with M rows, the rows past the last multiple of 4 come out differently for M < 12
 (M = 1 takes a GEMV path; M = 2, 3 and the tails of 5-7 and 9-11 rows another kernel), up to 2e-4
-apart at K = 4096. GPU libraries pick tiles and split-K by the shape too. So in the deterministic mode every GEMM on
-activations goes through ``mm``: on CUDA with Triton, one launch of a kernel with fixed tiles and no
-split-K (``sp_core.layers.triton_batch_invariant``, whose docstring says why that is batch-invariant);
-elsewhere (CPU, Ascend, CUDA without Triton or with SP_CORE_FUSED=0) its rows are computed in blocks of
-a fixed number of rows, the last one padded with zeros: every call has the same shape, and each row's
-sum runs in the same order whatever the batch (16-row blocks on CPU, measured invariant for M = 1 .. 80;
-128 on accelerators).
+apart at K = 4096. GPU libraries pick tiles and split-K by the shape too. So in the deterministic mode
+every GEMM on activations goes through ``mm``: on CUDA with Triton, one launch of a kernel with fixed
+tiles and no split-K (``sp_core.layers.triton_batch_invariant``, whose docstring says why that is
+batch-invariant); elsewhere (CPU, Ascend, CUDA without Triton or with SP_CORE_FUSED=0) its rows are
+computed in blocks of a fixed number of rows, the last one padded with zeros: every call has the same
+shape, and each row's sum runs in the same order whatever the batch (16-row blocks on CPU, measured
+invariant for M = 1 .. 80; 128 on accelerators).
 
 ``gemms()`` is entered by the model's forward (``CausalLM``) and by an adapter around framework code
 that computes on the model's activations (sglang's logits processor); it intercepts ``F.linear``,
