@@ -134,10 +134,11 @@ def test_deterministic_mode_with_the_kernel(tmp_path):
     assert "mode ok" in _interpret(MODE_CHECK, str(tmp_path / "qwen3"))
 
 
-def test_kernel_compiles_for_h100_with_tensor_cores():
-    """Compiled for sm_90 here (Triton's own ptxas, no GPU): bf16 / fp16 tiles use wgmma and fit H100's
-    227 KiB of shared memory; float32 stays off TF32 (FMA, no MMA)."""
-    triton = pytest.importorskip("triton")
+def _compile_for_h100(dtype, tiles, even_k: bool, a_aligned: bool) -> str:
+    """PTX of the kernel for sm_90, specialised as Triton's launcher would for a [M, K] @ W^T (unit
+    strides along K; M left unspecialised); ``a_aligned``: a's rows 16-byte aligned (not so for a row
+    alone at an odd offset when K * itemsize is not a multiple of 16)."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -145,25 +146,43 @@ def test_kernel_compiles_for_h100_with_tensor_cores():
     from sp_core.layers import triton_batch_invariant as tbi
 
     names = tbi._matmul_kernel.arg_names
-    assert tbi._matmul_kernel.do_not_specialize == ["M"] or names.index("M") in tbi._matmul_kernel.do_not_specialize
-    for dtype, short, n, k in ((torch.bfloat16, "bf16", 1536, 4096), (torch.bfloat16, "bf16", 512, 4000),
-                               (torch.float16, "fp16", 4096, 3072), (torch.float32, "fp32", 1536, 4096)):
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    constants = dict(stride_ak=1, stride_bk=1, stride_cn=1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                     BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, EVEN_K=even_k,
+                     PRECISION="ieee" if dtype == torch.float32 else None)
+    signature = {name: "constexpr" if name in constants else f"*{short}" if name.endswith("_ptr") else "i32"
+                 for name in names}
+    aligned = ("b_ptr", "c_ptr", "N", "K", "stride_bn", "stride_cm") + (("a_ptr", "stride_am") if a_aligned else ())
+    source = ASTSource(tbi._matmul_kernel, signature, {(names.index(c),): v for c, v in constants.items()},
+                       {(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
+    assert kernel.metadata.shared <= 227 * 1024, (dtype, tiles, kernel.metadata.shared)  # H100's limit
+    return kernel.asm["ptx"]
+
+
+def test_kernel_compiles_for_h100_with_tensor_cores():
+    """Compiled for sm_90 here (Triton's own ptxas, no GPU): bf16 / fp16 tiles use wgmma and fit H100's
+    227 KiB of shared memory, with the same MMA instruction whether a's rows are aligned or not (a row
+    alone at any offset runs the same arithmetic); float32 stays off TF32 (FMA, no MMA)."""
+    pytest.importorskip("triton")
+    import re
+
+    import torch
+    from sp_core.layers import triton_batch_invariant as tbi
+
+    kernel = tbi._matmul_kernel
+    assert kernel.do_not_specialize == ["M"] or kernel.arg_names.index("M") in kernel.do_not_specialize
+    for dtype, n, k in ((torch.bfloat16, 1536, 4096), (torch.bfloat16, 512, 4000), (torch.float16, 4096, 3072),
+                        (torch.float32, 1536, 4096)):
         tiles = tbi.tiles_for(dtype, n, k)
-        # a [M, K] @ W^T as F.linear passes it: unit strides along K, M left unspecialised
-        constants = dict(stride_ak=1, stride_bk=1, stride_cn=1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                         BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m, EVEN_K=k % tiles.block_k == 0,
-                         PRECISION="ieee" if dtype == torch.float32 else None)
-        signature = {name: "constexpr" if name in constants else f"*{short}" if name.endswith("_ptr") else "i32"
-                     for name in names}
-        aligned = ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_am", "stride_bn", "stride_cm")
-        source = ASTSource(tbi._matmul_kernel, signature, {(names.index(c),): v for c, v in constants.items()},
-                           {(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
-        ptx = kernel.asm["ptx"]
-        assert kernel.metadata.shared <= 227 * 1024, (short, tiles, kernel.metadata.shared)
+        ptx = _compile_for_h100(dtype, tiles, k % tiles.block_k == 0, a_aligned=True)
         if dtype == torch.float32:
             assert "wgmma" not in ptx and "tf32" not in ptx and "fma.rn.f32" in ptx, tiles
-        else:
-            mma = {"bf16": "bf16", "fp16": "f16"}[short]
-            assert f".f32.{mma}.{mma}" in ptx and "wgmma.mma_async" in ptx, (short, tiles)
+            continue
+        mma = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+        instructions = set(re.findall(r"wgmma\.mma_async\S*|mma\.sync\S*", ptx))
+        assert instructions == {f"wgmma.mma_async.sync.aligned.m64n{tiles.block_n}k16.f32.{mma}.{mma}"}, instructions
+        if dtype == torch.bfloat16 and n == 1536:
+            unaligned = _compile_for_h100(dtype, tiles, True, a_aligned=False)
+            assert set(re.findall(r"wgmma\.mma_async\S*|mma\.sync\S*", unaligned)) == instructions
