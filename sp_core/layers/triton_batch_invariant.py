@@ -16,10 +16,11 @@ padding past M, which re-reads valid rows) do not enter row i's sum. Only which 
 with M or with the row's offset, and every tile runs the same instructions. M is not specialised on
 (``do_not_specialize``), so M = 1 compiles the same kernel as M = 8192.
 
-``tl.dot`` accumulates in float32; float32 inputs use ``input_precision="ieee"`` (no TF32), so float32
-products are exact-rounded as on the CPU. Inference and forward only: ``sp_core.layers.batch_invariant``
-wraps it for autograd and chooses it on CUDA; CPU (and CUDA without Triton) keeps the blocked torch path.
-Tested against ``torch.matmul`` on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+``tl.dot`` accumulates in float32; float32 inputs use ``input_precision="ieee"`` (FMA, inputs not
+rounded to TF32). No autograd here: ``sp_core.layers.batch_invariant`` wraps it and chooses it on CUDA;
+CPU (and CUDA without Triton) keeps the blocked torch path. Tested on CPU through Triton's interpreter
+(TRITON_INTERPRET=1) and by compiling for sm_90 (tests/test_triton_batch_invariant.py); on GPUs by
+benchmarks/batch_invariant_bench.py.
 """
 from __future__ import annotations
 
