@@ -270,9 +270,21 @@ _GPU_BASELINES = {}  # dtype -> the t = 1 runs, shared by the t = 2 and t = 4 co
 
 
 def _gpu_baseline(dirs, dtype: str):
-    if dtype not in _GPU_BASELINES:
-        _GPU_BASELINES[dtype] = run_ranks(1, _train_every_setting, dirs, 1, getattr(torch, dtype), None, timeout=600)[0]
-    return _GPU_BASELINES[dtype]
+    key = (dtype, dirs["deepseek-v32"])
+    if key not in _GPU_BASELINES:
+        _GPU_BASELINES[key] = run_ranks(1, _train_every_setting, dirs, 1, getattr(torch, dtype), None, timeout=600)[0]
+    return _GPU_BASELINES[key]
+
+
+def _bf16_dirs(dirs):
+    """The checkpoints of the bfloat16 comparison: V3.2 keeps every key (index_topk 64 >= the 32-token
+    training sequences). Its sparse top-k turns bf16 rounding into flipped selections: the step-0 gradient of
+    q_b_proj was 1.5e-1 from float32 at t = 1 and 3.9e-1 at t = 2 in one call, within bounds in two others
+    (4 x H200) -- a draw, not a test of TP-SP. The sparse selection under TP-SP is held to 1e-5 in float32."""
+    dense = os.path.join(os.path.dirname(dirs["deepseek-v32"]), "deepseek-v32-all-keys")
+    if not os.path.isdir(dense):
+        make_checkpoint("deepseek-v32", dense, index_topk=64)
+    return dict(dirs, **{"deepseek-v32": dense})
 
 
 _ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
@@ -322,11 +334,14 @@ def _check_bf16_no_worse_than_t1(ref32, own, got, what):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_training_equality_on_gpu(dirs, tp, dtype):
     """The same equality on CUDA devices (NCCL): float32 against t = 1 within 1e-5; bfloat16 no further from
-    the float32 t = 1 run than bfloat16 at t = 1 is (``_check_bf16_no_worse_than_t1``)."""
+    the float32 t = 1 run than bfloat16 at t = 1 is (``_check_bf16_no_worse_than_t1``), V3.2 with every key
+    kept (``_bf16_dirs``)."""
     from sp_core.mpu import platform
 
     if platform.device_type() != "cuda":
         pytest.skip("needs CUDA devices (NCCL); the CPU equality runs in test_training_at_tp2_equals_tp1_and_round_trip")
+    if dtype == "bfloat16":
+        dirs = _bf16_dirs(dirs)
     base = _gpu_baseline(dirs, dtype)
     got = run_ranks(tp, _train_every_setting, dirs, tp, getattr(torch, dtype), None, timeout=600)[0]
     for arch, mode, sp in _settings(tp):
