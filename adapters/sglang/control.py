@@ -44,14 +44,13 @@ def handle_rpc_request(original, scheduler, recv_req):
     if handler is None:
         return original(scheduler, recv_req)
     from sglang.srt.managers.io_struct import RpcReqOutput
-    from torch.distributed import barrier
 
     message = ""
     try:
         handler(scheduler, **(recv_req.parameters or {}))
     except Exception as err:  # noqa: BLE001 - sent back to the caller, as sglang's own handler does
         message = f"{recv_req.method}: {err}"
-    barrier(group=scheduler.tp_group.cpu_group)
+    scheduler.tp_group.barrier()  # sglang's GroupCoordinator: a barrier on its CPU group, as sglang's handler
     return RpcReqOutput(success=not message, message=message)
 
 
