@@ -242,3 +242,19 @@ def test_sp_threshold_default_comes_per_family_from_the_measured_crossover(monke
     monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "lots")
     with pytest.raises(ModelError, match="SP_CORE_SP_MIN_TOKENS='lots': expected a non-negative integer"):
         causal_lm.sp_min_tokens(qwen, 2)
+
+
+def test_sp_evidence_check_fails_where_sp_did_not_run_as_asked():
+    """``logprobs``' check of the workers' collectives (what verify's sglang SP rows rest on), on made-up logs:
+    SP on needs reduce-scatters from every worker; SP off, from none."""
+    from collections import Counter
+
+    from sp_core_sglang.engine import check_sequence_parallel_ran
+
+    sp = {1: Counter(reduce_scatter=5, all_gather=5), 2: Counter(reduce_scatter=5, all_gather=5)}
+    tp = {1: Counter(all_reduce=5), 2: Counter(all_reduce=5)}
+    check_sequence_parallel_ran(sp, 2, True)
+    check_sequence_parallel_ran(tp, 2, False)
+    for collectives, asked in ((tp, True), ({1: sp[1], 2: tp[2]}, True), ({}, True), (sp, False)):
+        with pytest.raises(RuntimeError, match="SP"):
+            check_sequence_parallel_ran(collectives, 2, asked)
