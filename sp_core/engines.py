@@ -50,7 +50,9 @@ def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
 
 def available() -> Dict[str, object]:
     """name -> engine module (or entry point to one). An engine has ``logprobs(model_dir, prompts, tp,
-    sequence_parallel, dtype, deterministic=False) -> [Tensor]``; the megatron engine also has ``train(args) -> int``."""
+    sequence_parallel, dtype, deterministic=False) -> [Tensor]``; the megatron engine also has ``train(args) -> int``;
+    an engine may offer ``reusing()``, a context inside which ``logprobs`` keeps what it started for the next call
+    with the same checkpoint (``verify`` runs its rows inside it)."""
     engines: Dict[str, object] = {"core": SimpleNamespace(logprobs=core_logprobs)}
     for ep in metadata.entry_points(group="sp_core.engines"):
         engines[ep.name] = ep

@@ -11,6 +11,7 @@ an engine that was asked for cannot run here (one line per engine says why); 2 f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -474,12 +475,15 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
     deterministic = getattr(args, "deterministic", False)
-    rows = run_rows(rows, models, usable, unavailable, progress, deterministic=deterministic)
-    if trip and not {"megatron", "sglang"} <= set(usable):
-        trip, progress.total = False, progress.total - 2
-    if trip:
-        trip_model = args.model or make_checkpoint("qwen3-train", os.path.join(workdir, "qwen3-train"))
-        rows += round_trip(trip_model, workdir, usable, unavailable, progress, deterministic=deterministic)
+    with contextlib.ExitStack() as reuse:  # engines that offer it keep one engine per checkpoint across rows
+        for engine in list(usable.values()):
+            reuse.enter_context(getattr(engine, "reusing", contextlib.nullcontext)())
+        rows = run_rows(rows, models, usable, unavailable, progress, deterministic=deterministic)
+        if trip and not {"megatron", "sglang"} <= set(usable):
+            trip, progress.total = False, progress.total - 2
+        if trip:
+            trip_model = args.model or make_checkpoint("qwen3-train", os.path.join(workdir, "qwen3-train"))
+            rows += round_trip(trip_model, workdir, usable, unavailable, progress, deterministic=deterministic)
     progress.close()
     failed = [r for r in rows if not r.passed]
     verdict = (f"FAIL: {len(failed)} of {len(rows)} rows out of tolerance or failed" if failed else

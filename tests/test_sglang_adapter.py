@@ -1,7 +1,7 @@
 """sp_core's sglang adapter inside the real sglang.Engine (CPU, float32, torch_native attention).
 
-Each engine start costs ~15-25 s on this machine, so one module-scoped engine per setting serves
-several checks. Collectives are counted through SP_CORE_COLLECTIVE_LOG, which sp_core.mpu appends to
+Each engine start costs ~15-50 s on this machine, so one module-scoped engine per model and tp serves
+several checks, its SP-off and SP-on settings too (switched through ``sp_core_sglang.control``). Collectives are counted through SP_CORE_COLLECTIVE_LOG, which sp_core.mpu appends to
 from sglang's worker processes: "<pid> <op> <shape> <route>" per collective.
 """
 import collections
@@ -26,9 +26,10 @@ NEW_TOKENS = 8
 # mixed lengths, a 1-token prompt among them (fewer tokens than ranks under SP)
 MIXED_PROMPTS = [[int(t) for t in torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(n))]
                  for n in (5, 1, 13, 3, 8, 2, 17, 6)]
-# (model, tp, SP, SP_CORE_SP_MIN_TOKENS); one engine each
+# (model, tp, SP, SP_CORE_SP_MIN_TOKENS); one engine per model and tp: its SP-off and SP-on settings share it,
+# SP switched through the adapter's collective_rpc (sp_core_sglang.control)
 SETTINGS = [("qwen2", 1, False, 0), ("qwen2", 2, False, 0), ("qwen2", 2, True, 0),
-            ("qwen3", 1, False, 0), ("qwen3", 2, False, 0), ("qwen3", 2, True, 4)]
+            ("qwen3", 1, False, 0), ("qwen3", 2, False, 4), ("qwen3", 2, True, 4)]
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,33 @@ def _start(model_dir, tp, log_path, adapter=True, sp_min_tokens=0, **kwargs):
                             disable_radix_cache=True, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def engines():
+    """The running engine, by (model, tp, SP_CORE_SP_MIN_TOKENS): one at a time, shut down at the end."""
+    running = {}
+    yield running
+    for engine, _ in running.values():
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module", params=SETTINGS,
                 ids=[f"{n}-tp{t}-sp{'on' if s else 'off'}" for n, t, s, _ in SETTINGS])
-def served(request, checkpoints, tmp_path_factory):
+def served(request, checkpoints, engines, tmp_path_factory):
+    from sp_core_sglang import control
+
     name, tp, sp, sp_min_tokens = request.param
     ckpt = checkpoints[name]
-    log_path = str(tmp_path_factory.mktemp("log") / "collectives.log")
-    engine = _start(ckpt["dir"], tp, log_path, sp_min_tokens=sp_min_tokens, enable_layernorm_sp=sp)
-    try:
-        yield Served(engine, request.param, ckpt, log_path)
-    finally:
-        engine.shutdown()
+    key = (name, tp, sp_min_tokens)
+    if key not in engines:
+        for engine, _ in engines.values():
+            engine.shutdown()
+        engines.clear()
+        log_path = str(tmp_path_factory.mktemp("log") / "collectives.log")
+        engines[key] = _start(ckpt["dir"], tp, log_path, sp_min_tokens=sp_min_tokens, enable_layernorm_sp=tp > 1), log_path
+    engine, log_path = engines[key]
+    if tp > 1:
+        control.set_sequence_parallel(engine, sp)
+    yield Served(engine, request.param, ckpt, log_path)
 
 
 def _generate(engine, prompts, return_logprob=False):
@@ -124,6 +141,10 @@ def test_collectives_show_sp_in_prefill_only(served):
     with_decode = served.collectives()
     if served.tp == 1:
         assert not prefill and not with_decode, "tp 1 issues no collectives"
+        from sp_core_sglang import control
+
+        with pytest.raises(Exception, match="started without --enable-layernorm-sp"):
+            control.set_sequence_parallel(served.engine, True)  # SP only where sglang's checks of the flag ran
         return
     assert not prefill - with_decode, "the generation's prefill should repeat the first request's collectives"
     decode = with_decode - prefill
@@ -221,3 +242,19 @@ def test_sp_threshold_default_comes_per_family_from_the_measured_crossover(monke
     monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "lots")
     with pytest.raises(ModelError, match="SP_CORE_SP_MIN_TOKENS='lots': expected a non-negative integer"):
         causal_lm.sp_min_tokens(qwen, 2)
+
+
+def test_sp_evidence_check_fails_where_sp_did_not_run_as_asked():
+    """``logprobs``' check of the workers' collectives (what verify's sglang SP rows rest on), on made-up logs:
+    SP on needs reduce-scatters from every worker; SP off, from none."""
+    from collections import Counter
+
+    from sp_core_sglang.engine import check_sequence_parallel_ran
+
+    sp = {1: Counter(reduce_scatter=5, all_gather=5), 2: Counter(reduce_scatter=5, all_gather=5)}
+    tp = {1: Counter(all_reduce=5), 2: Counter(all_reduce=5)}
+    check_sequence_parallel_ran(sp, 2, True)
+    check_sequence_parallel_ran(tp, 2, False)
+    for collectives, asked in ((tp, True), ({1: sp[1], 2: tp[2]}, True), ({}, True), (sp, False)):
+        with pytest.raises(RuntimeError, match="SP"):
+            check_sequence_parallel_ran(collectives, 2, asked)

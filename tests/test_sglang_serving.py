@@ -186,3 +186,58 @@ def test_engine_shutdown_spares_the_launchers_helpers(served):
     run_ranks(2, _rank_pid)
     assert _launcher_helpers() == helpers, "the launcher had to start new helpers"
     assert engine_process.call(_in_process_shutdown_kills_the_launchers_helpers) is False
+
+
+
+def _descendants(root: int):
+    """pid -> parent pid of every live descendant of ``root``."""
+    import psutil
+
+    try:
+        return {p.pid: p.ppid() for p in psutil.Process(root).children(recursive=True) if _alive(p.pid)}
+    except psutil.NoSuchProcess:
+        return {}
+
+
+def _alive_of(pids):
+    return sorted(p for p in pids if _alive(p))
+
+
+def test_sigterm_during_an_engine_start_leaves_no_sglang_process(tmp_path):
+    """`sp-core logits --engine sglang`, sent SIGTERM while sglang's workers are starting: the command ends
+    (exit 143) and every process it had started -- the engine host, sglang's schedulers and detokenizer --
+    is gone within seconds (the host's process group ends with it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
+    (tmp_path / "prompts.json").write_text("[[1, 2, 3]]")
+    cmd = [sys.executable, "-m", "sp_core.cli", "logits", "--model", model_dir, "--prompts",
+           str(tmp_path / "prompts.json"), "--out", str(tmp_path / "out.safetensors"), "--engine", "sglang", "--tp", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # until the host's children (sglang's processes) exist
+            tree = _descendants(proc.pid)
+            seen |= set(tree)
+            if sum(1 for ppid in tree.values() if ppid != proc.pid) >= 3:  # 2 schedulers + the detokenizer
+                break
+            assert proc.poll() is None, proc.communicate()[0].decode()[-2000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("sglang's worker processes did not appear within 300 s")
+        seen |= set(_descendants(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        deadline = time.monotonic() + 20
+        while _alive_of(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _alive_of(seen) == [], "processes left behind after SIGTERM"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _alive_of(seen):
+            os.kill(pid, signal.SIGKILL)

@@ -7,10 +7,13 @@ host process (``engine_process``), never in the caller's.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -18,7 +21,7 @@ import torch
 from sp_core.engines import EngineUnavailable, check_model, check_prompts
 from sp_core.models import ModelError
 from sp_core.mpu import platform
-from sp_core_sglang import cpu_backend, cpu_env, engine_process, plugin
+from sp_core_sglang import control, cpu_backend, cpu_env, engine_process, plugin
 from sp_core_sglang.models.causal_lm import SP_MIN_TOKENS_ENV
 
 ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -41,7 +44,10 @@ def check_available() -> None:
 @contextlib.contextmanager
 def _adapter_env(adapter: bool, sp_min_tokens: Optional[int]) -> Iterator[None]:
     """The adapter's switches for the engine's worker processes, which inherit them when spawned."""
-    updates = {plugin.ENABLE_ENV: "1" if adapter else None}
+    if adapter:
+        updates: Dict[str, Optional[str]] = dict(plugin.ENGINE_ENV)
+    else:
+        updates = {key: None for key, value in plugin.ENGINE_ENV.items() if os.environ.get(key) == value}
     if sp_min_tokens is not None:
         updates[SP_MIN_TOKENS_ENV] = str(sp_min_tokens)
     before = {k: os.environ.get(k) for k in updates}
@@ -131,10 +137,119 @@ def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> L
     return result
 
 
+class _Served:
+    """One engine of ``logprobs`` and the collective log its workers append to (SP_CORE_COLLECTIVE_LOG):
+    the evidence of which collectives each request issued."""
+
+    def __init__(self, key, engine, log_dir: str, sequence_parallel_allowed: bool):
+        self.key, self.engine, self.log_dir = key, engine, log_dir
+        self.sequence_parallel_allowed = sequence_parallel_allowed
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.log_dir, "collectives.log")
+
+    def collectives(self) -> Dict[int, collections.Counter]:
+        """worker pid -> Counter of collective ops logged since the last call (the log is cleared)."""
+        if not os.path.exists(self.log_path):
+            return {}
+        with open(self.log_path) as f:
+            lines = f.read().split()
+        os.remove(self.log_path)
+        per_pid: Dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        for pid, op in zip(lines[0::4], lines[1::4]):
+            per_pid[int(pid)][op] += 1
+        return per_pid
+
+    def shutdown(self) -> None:
+        try:
+            self.engine.shutdown()
+        finally:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+_KEPT: Optional[_Served] = None  # inside ``reusing()``: the engine kept for the next call
+_REUSING = False
+
+
+@contextlib.contextmanager
+def reusing() -> Iterator[None]:
+    """Inside, ``logprobs`` keeps its engine for the next call with the same checkpoint, tp, dtype, MoE mode
+    and deterministic mode: an engine start costs far more than the requests (tens of seconds on a CPU),
+    and one engine started with ``--enable-layernorm-sp`` serves both SP settings, switched per call
+    (``control.set_sequence_parallel``). ``sp-core verify`` runs its rows inside it."""
+    global _REUSING
+    _REUSING = True
+    try:
+        yield
+    finally:
+        _REUSING = False
+        _release()
+
+
+def _release() -> None:
+    global _KEPT
+    if _KEPT is not None:
+        kept, _KEPT = _KEPT, None
+        kept.shutdown()
+
+
+def _serve(key, model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.dtype, moe_parallel: str,
+           deterministic: bool, pool: int) -> _Served:
+    # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Reusing: started with SP allowed, so
+    # that the same engine serves SP off and on. Min tokens 0: tiny prompts run SP too.
+    allow_sp = tp > 1 and (sequence_parallel or _REUSING)
+    log_dir = tempfile.mkdtemp(prefix="sp-core-sglang-")
+    try:
+        with _collective_log(os.path.join(log_dir, "collectives.log")):
+            engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
+                                  enable_layernorm_sp=allow_sp, disable_radix_cache=True,
+                                  **({"ep_size": tp} if moe_parallel == "ep" and tp > 1 else {}),
+                                  enable_deterministic_inference=deterministic,
+                                  **({"max_total_tokens": pool} if platform.device_type() == "cpu" else {}))
+    except ValueError as err:  # sglang's own validation of the server arguments
+        shutil.rmtree(log_dir, ignore_errors=True)
+        raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None
+    except BaseException:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        raise
+    return _Served(key, engine, log_dir, allow_sp)
+
+
+@contextlib.contextmanager
+def _collective_log(path: str) -> Iterator[None]:
+    """SP_CORE_COLLECTIVE_LOG for the workers about to be spawned (they inherit the environment)."""
+    before = os.environ.get("SP_CORE_COLLECTIVE_LOG")
+    os.environ["SP_CORE_COLLECTIVE_LOG"] = path
+    try:
+        yield
+    finally:
+        _set_env({"SP_CORE_COLLECTIVE_LOG": before})
+
+
+def check_sequence_parallel_ran(collectives: Dict[int, collections.Counter], tp: int, sequence_parallel: bool) -> None:
+    """The evidence that a request ran with SP as asked: with SP every one of the ``tp`` workers issued
+    reduce-scatters (SP's g-bar, which plain TP never issues); without SP none did."""
+    if tp == 1:
+        return
+    scattered = [pid for pid, ops in collectives.items() if ops["reduce_scatter"]]
+    if sequence_parallel and len(scattered) != tp:
+        raise RuntimeError(f"SP was asked for, but {len(scattered)} of {tp} sglang workers reduce-scattered "
+                           f"({_ops_text(collectives)}): the adapter's SP did not run")
+    if not sequence_parallel and scattered:
+        raise RuntimeError(f"SP off was asked for, but sglang workers reduce-scattered ({_ops_text(collectives)})")
+
+
+def _ops_text(collectives: Dict[int, collections.Counter]) -> str:
+    return "; ".join(f"pid {pid}: {dict(ops)}" for pid, ops in collectives.items()) or "no collectives"
+
+
 def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
              moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
     """``moe_parallel`` "ep": sglang's ``--ep-size tp`` (the adapter's MoE then runs expert parallelism).
-    ``deterministic``: sglang's ``--enable-deterministic-inference`` (the core's deterministic mode)."""
+    ``deterministic``: sglang's ``--enable-deterministic-inference`` (the core's deterministic mode).
+    At tp > 1 the workers' collectives are checked: SP ran exactly where asked (``check_sequence_parallel_ran``)."""
+    global _KEPT
     cfg = check_model(model_dir, tp, moe_parallel)  # the core's checkpoint check, before sglang's workers can fail on it
     check_prompts(prompts, cfg.vocab_size)
     cfg.check_prompt_lengths(prompts)
@@ -143,16 +258,23 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
     check_available()
     # the KV pool holds every prompt plus its one generated token at once (radix cache off)
     pool = sum(len(p) + 1 for p in prompts) + 64
+    key = (os.path.realpath(model_dir), tp, dtype, moe_parallel, deterministic, pool)
+    if _KEPT is not None and _KEPT.key != key:
+        _release()
+    served = _KEPT if _KEPT is not None else _serve(key, model_dir, tp, sequence_parallel, dtype, moe_parallel,
+                                                   deterministic, pool)
+    keep = False
     try:
-        # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Min tokens 0: tiny prompts run SP too.
-        engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],
-                              enable_layernorm_sp=sequence_parallel and tp > 1, disable_radix_cache=True,
-                              **({"ep_size": tp} if moe_parallel == "ep" and tp > 1 else {}),
-                              enable_deterministic_inference=deterministic,
-                              **({"max_total_tokens": pool} if platform.device_type() == "cpu" else {}))
-    except ValueError as err:  # sglang's own validation of the server arguments
-        raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None
-    try:
-        return logprobs_for_prompts(engine, prompts, cfg.vocab_size)
+        if served.sequence_parallel_allowed:
+            control.set_sequence_parallel(served.engine, sequence_parallel)
+        served.collectives()  # clear
+        result = logprobs_for_prompts(served.engine, prompts, cfg.vocab_size)
+        check_sequence_parallel_ran(served.collectives(), tp, sequence_parallel)
+        keep = _REUSING
+        return result
     finally:
-        engine.shutdown()
+        if keep:
+            _KEPT = served
+        else:
+            _KEPT = None
+            served.shutdown()

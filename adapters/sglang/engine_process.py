@@ -6,7 +6,12 @@ in a scheduler kills that process outright. In the caller's process that would t
 children too -- for example the fork server and resource tracker of ``sp_core.mpu.launch``, after which
 the next ``run_ranks`` fails. So engines live in one helper process, the *engine host*: spawned on first
 use, reused for later engines (it imports sglang once), ended at exit or when its caller goes away.
-``RemoteEngine`` forwards ``generate`` and ``shutdown`` to it.
+``RemoteEngine`` forwards ``generate``, ``collective_rpc`` and ``shutdown`` to it.
+
+The host leads a process group of its own, which sglang's processes (schedulers, detokenizer) join when it
+spawns them. Ending the host ends that group: at the caller's exit (``close``, also after Ctrl-C or SIGTERM
+in the middle of an engine start, when the host cannot answer) and, from a watchdog thread in the host,
+as soon as the caller is gone (killed outright), so that no sglang process outlives the command.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ import atexit
 import multiprocessing
 import os
 import pickle
+import signal
+import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
 CALL_TIMEOUT = float(os.environ.get("SP_CORE_ENGINE_TIMEOUT", "900"))
+CLOSE_GRACE = 10.0  # seconds an idle host gets to shut its engines down before its process group is killed
 
 
 class EngineProcessDied(RuntimeError):
@@ -26,13 +34,17 @@ class EngineProcessDied(RuntimeError):
 
 
 class RemoteEngine:
-    """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)`` and ``shutdown()`` as sglang's."""
+    """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)``, ``collective_rpc(method, **kwargs)``
+    and ``shutdown()`` as sglang's."""
 
     def __init__(self, host: "_Host", engine_id: int):
         self._host, self._id = host, engine_id
 
     def generate(self, **kwargs) -> Any:
         return self._host.request("generate", self._id, kwargs)
+
+    def collective_rpc(self, method: str, **kwargs) -> None:
+        self._host.request("rpc", self._id, method, kwargs)
 
     def shutdown(self) -> None:
         if self._id is not None:
@@ -45,7 +57,7 @@ class _Host:
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
         self._conn, child_end = ctx.Pipe()
         # not a daemon: sglang's Engine starts processes of its own
-        self.process = ctx.Process(target=_serve, args=(child_end,), name="sp-core-sglang-engines")
+        self.process = ctx.Process(target=_serve, args=(child_end, os.getpid()), name="sp-core-sglang-engines")
         self.process.start()
         child_end.close()
 
@@ -76,16 +88,27 @@ class _Host:
                                  f"its output above says why")
 
     def close(self) -> None:
+        """Ask the host to shut its engines down; a host that does not end within ``CLOSE_GRACE`` (busy
+        starting an engine) is killed with its process group, sglang's processes included."""
         if self.process.is_alive():
             try:
                 self._conn.send(("close",))
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(timeout=60)
+            self.process.join(timeout=CLOSE_GRACE)
+        _kill_group(self.process.pid)
         if self.process.is_alive():
             self.process.kill()
-            self.process.join()
+        self.process.join()
         self._conn.close()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL to the host's process group (what is left of it: sglang's workers end with the host)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 _HOST: Optional[_Host] = None
@@ -132,9 +155,20 @@ def _portable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
 
 
-def _serve(conn) -> None:
+def _end_with_caller(caller_pid: int) -> None:
+    """The host's watchdog: when the caller is gone (its children are re-parented), end the host's process
+    group at once -- an engine start in progress would otherwise leave sglang's processes running."""
+    while os.getppid() == caller_pid:
+        time.sleep(0.5)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _serve(conn, caller_pid: int) -> None:
     from sp_core.mpu import platform
     from sp_core_sglang import cpu_env
+
+    os.setpgid(0, 0)  # a group of its own (module docstring)
+    threading.Thread(target=_end_with_caller, args=(caller_pid,), name="end-with-caller", daemon=True).start()
 
     if platform.device_type() == "cpu":
         cpu_env.apply_cpu_engine_env(1)  # before anything imports sglang; each engine sets its own tp
@@ -169,6 +203,9 @@ def _handle(engines: Dict[int, Any], op: str, args) -> Any:
     if op == "generate":
         engine_id, kwargs = args
         return engines[engine_id].generate(**kwargs)
+    if op == "rpc":
+        engine_id, method, kwargs = args
+        return engines[engine_id].collective_rpc(method, **kwargs)
     if op == "shutdown":
         engines.pop(args[0]).shutdown()
         return None

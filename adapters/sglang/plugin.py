@@ -4,6 +4,12 @@ every process it starts (engine, each TP scheduler, detokenizer).
 Opt-in: nothing happens unless the environment has ``SP_CORE_SGLANG=1``, so with sp-core installed and
 the variable unset sglang behaves exactly as before. When enabled, sp_core's model classes replace
 sglang's for the architectures the core supports, and ``--enable-layernorm-sp`` accepts them.
+
+Start-up: sglang builds its model registry by importing every module of ``sglang.srt.models`` (~260, a few
+seconds in each worker, and the "Ignore import error" lines). sglang's ``SGLANG_EXTERNAL_MODEL_PACKAGE``
+("defer default model imports to speed up startup when using external models") registers one package
+instead and imports the defaults only when an architecture is not found in it; ``ENGINE_ENV`` is what an
+engine serving through the adapter sets for its workers (``engine.start_engine``).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import os
 
 ENABLE_ENV = "SP_CORE_SGLANG"
 MODELS_PACKAGE = "sp_core_sglang.models"
+ENGINE_ENV = {ENABLE_ENV: "1", "SGLANG_EXTERNAL_MODEL_PACKAGE": MODELS_PACKAGE}
 
 
 def requested() -> bool:
@@ -29,13 +36,16 @@ def enable() -> None:
     decoding, pp = 1) still run; the allowlist is read when they run, so extending it here suffices.
     """
     from sglang.srt.layers import layernorm_sp
-    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.models.registry import ModelRegistry, import_model_classes
 
     from sp_core.models import SUPPORTED_ARCHITECTURES
-    from sp_core_sglang import deterministic, options
+    from sp_core_sglang import control, deterministic, options
 
-    ModelRegistry.register(MODELS_PACKAGE, overwrite=True, strict=True)
+    ours = import_model_classes(MODELS_PACKAGE, strict=True)
+    if any(ModelRegistry.models.get(arch) is not cls for arch, cls in ours.items()):  # not registered at import
+        ModelRegistry.register(MODELS_PACKAGE, overwrite=True, strict=True)
     layernorm_sp.SP_SUPPORTED_ARCHITECTURES = layernorm_sp.SP_SUPPORTED_ARCHITECTURES | frozenset(
         SUPPORTED_ARCHITECTURES)
     options.register()
     deterministic.register()
+    control.register()

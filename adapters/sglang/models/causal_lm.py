@@ -118,7 +118,8 @@ class SPCoreForCausalLM(CausalLM):
         cfg = checkpoint_config(config, moe_parallel_of(parallel))
         super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
-        self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
+        # allowed: started with --enable-layernorm-sp; enabled: the run-time switch (control.py), on by default
+        self.sequence_parallel_allowed = self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
         self.sp_min_tokens = sp_min_tokens(cfg, mpu.tp_size())
 
     @staticmethod
