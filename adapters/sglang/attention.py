@@ -44,17 +44,10 @@ class RadixAttentionKernel(torch.nn.Module):
         return F.pad(out, (0, 0, 0, 0, 0, padded - n)) if padded > n else out
 
     def _as_the_core(self, q, k, v, forward_batch) -> torch.Tensor:
-        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
-        from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
-
-        pool = get_token_to_kv_pool()
-        pool.set_kv_buffer(self.attn, KVWriteLoc.for_batch(forward_batch), k, v)
+        pool = write_kv(self.attn, forward_batch, k, v)
         key_cache, value_cache = pool.get_key_buffer(self.attn.layer_id), pool.get_value_buffer(self.attn.layer_id)
-        req_to_token = get_req_to_token_pool().req_to_token
         out, start = [], 0
-        for req, total, new in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
-                                   forward_batch.extend_seq_lens.tolist()):
-            slots = req_to_token[req, :total]
+        for slots, total, new in cached_requests(forward_batch):
             rows = q.new_zeros((total,) + tuple(q.shape[1:]))
             rows[total - new:] = q[start:start + new]
             seq = packed_causal_attention(rows, key_cache[slots].to(q.dtype), value_cache[slots].to(q.dtype),
@@ -62,3 +55,25 @@ class RadixAttentionKernel(torch.nn.Module):
             out.append(seq[total - new:])
             start += new
         return torch.cat(out)
+
+
+def write_kv(attn, forward_batch, k: torch.Tensor, v: torch.Tensor):
+    """Writes the batch's new keys and values to sglang's KV pool (what ``RadixAttention`` does before
+    attending) and returns the pool."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+    pool = get_token_to_kv_pool()
+    pool.set_kv_buffer(attn, KVWriteLoc.for_batch(forward_batch), k, v)
+    return pool
+
+
+def cached_requests(forward_batch):
+    """(KV slots of the whole sequence, its length, how many of its tokens are new in this batch) for each
+    request of an EXTEND batch, in batch order; its cached prefix comes first."""
+    from sglang.srt.model_executor.forward_context import get_req_to_token_pool
+
+    req_to_token = get_req_to_token_pool().req_to_token
+    return [(req_to_token[req, :total], total, new)
+            for req, total, new in zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist(),
+                                       forward_batch.extend_seq_lens.tolist())]

@@ -14,9 +14,11 @@ invariant for M = 1 .. 80; 128 on accelerators).
 
 ``gemms()`` is entered by the model's forward (``CausalLM``) and by an adapter around framework code
 that computes on the model's activations (sglang's logits processor); it intercepts ``F.linear``,
-``matmul`` / ``@`` with a 2-D right operand, ``mm`` and ``addmm``. In backward, the input gradient of an
-intercepted GEMM is computed the same way (row by row); the weight gradient is a plain torch GEMM (it
-sums over the batch by definition).
+``matmul`` / ``@`` with a 2-D right operand, ``mm``, ``addmm`` and the MoE experts' ``_grouped_mm``
+(torch's CPU grouped GEMM is not batch-invariant either: a row's result changes with the number of rows
+in its group, that is with which other tokens picked the same expert; each group goes through ``mm``
+instead). In backward, the input gradient of an intercepted GEMM is computed the same way (row by row);
+the weight gradient is a plain torch GEMM (it sums over the batch by definition).
 """
 from __future__ import annotations
 
@@ -99,6 +101,14 @@ def _addmm(bias, a, b, *, beta=1, alpha=1):
     return mm(a, b) + bias
 
 
+def _grouped_mm(x, weight, offs):
+    """``torch._grouped_mm(x [N, K], weight [G, K, out], offs)`` group by group through ``mm`` (``offs``,
+    the groups' cumulative ends, is read on the host)."""
+    ends = offs.tolist()
+    pieces = [mm(x[start:end], weight[g]) for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
+    return torch.cat(pieces) if pieces else x.new_empty(0, weight.shape[-1])
+
+
 def _is_gemm(a, b) -> bool:
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 2 and b.dim() == 2
             and a.is_floating_point())
@@ -119,6 +129,9 @@ class BatchInvariantGemms(TorchFunctionMode):
             out = _addmm(*args, **kwargs)
             if out is not None:
                 return out
+        if func is torch._grouped_mm and len(args) == 2 and set(kwargs) == {"offs"} and args[0].dim() == 2 \
+                and args[1].dim() == 3 and args[0].is_floating_point():
+            return _grouped_mm(*args, **kwargs)
         return func(*args, **kwargs)
 
 

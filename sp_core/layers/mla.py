@@ -18,7 +18,9 @@ Absorbed form (serving with a latent KV cache): with a ``LatentAttentionKernel``
 attention runs over the cached row ``[kv_lat | k_pe]`` itself, one key head shared by all query heads:
 q_nope is multiplied by W_UK (this rank's heads' k_nope rows of ``kv_b_proj``) into the latent space, the
 values are kv_lat, and the output goes through W_UV (the heads' v rows). Exactly the expanded attention,
-regrouped.
+regrouped. A ``LatentAttentionKernel`` may instead hand back the batch's whole sequences from its cache
+(``cached_sequences``; sglang's does in the deterministic mode's prefill): the layer then computes the
+expanded form over them with the core's kernel, as training computes the same tokens, bit for bit.
 
 V3.2: an ``indexer`` (indexer.py) picks, per query row, the keys the attention may use; it takes the
 attention input and this rank's rows of the q latent, and the kernel gets its selection as
@@ -26,13 +28,14 @@ attention input and this rank's rows of the q latent, and the kernel gets its se
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
-from sp_core.layers.attention import AttentionKernel, packed_causal_attention
+from sp_core.layers.attention import AttentionKernel, PackedBatch, packed_causal_attention
 from sp_core.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, _divide
 from sp_core.layers.norm import RMSNorm
 from sp_core.layers.rotary import RotaryEmbedding
@@ -86,6 +89,17 @@ def gathered_latent_up(latent: torch.Tensor, widths: List[int], weights: List[Op
     return tuple(F.linear(x, w) if w is not None else x for x, w in zip(pieces, weights))
 
 
+@dataclass
+class CachedSequences:
+    """A batch's sequences read back from an MLA cache: ``rows`` [R, kv_lora + rope], the rows
+    ``[kv_lat | k_pe]`` of every sequence (its cached prefix, then its new tokens), sequence after sequence;
+    ``seq_lens`` their lengths; ``query_rows`` [n] (long) where the batch's n tokens sit among them."""
+
+    rows: torch.Tensor
+    seq_lens: List[int]
+    query_rows: torch.Tensor
+
+
 class LatentAttentionKernel(torch.nn.Module):
     """``kernel(q [T, heads, kv_lora + rope], row [T, kv_lora + rope], batch, scale, topk_indices=None)
     -> [T, heads, kv_lora]``: attention of every head over the rows ``[kv_lat | k_pe]`` (the MLA cache
@@ -97,6 +111,12 @@ class LatentAttentionKernel(torch.nn.Module):
     None: the keys of the batch itself."""
 
     index_keys = None
+
+    def cached_sequences(self, row: torch.Tensor, batch) -> Optional[CachedSequences]:
+        """Stores the batch's new rows ``row`` [T, kv_lora + rope] (SP padding past the batch's tokens) and
+        returns its whole sequences from the cache, for the layer to compute the expanded form over them;
+        None (this default): the kernel computes the attention itself, in the absorbed form."""
+        return None
 
 
 class MultiHeadLatentAttention(torch.nn.Module):
@@ -192,22 +212,40 @@ class MultiHeadLatentAttention(torch.nn.Module):
         out = self.attend(q_nope, q_pe, kv, k_pe, batch, **self._sparse(hidden, latent, local_positions, batch))
         return self.o_proj(out.flatten(-2))
 
-    def attend(self, q_nope, q_pe, kv, k_pe, batch, **sparse) -> torch.Tensor:
+    def attend(self, q_nope, q_pe, kv, k_pe, batch, kernel: Optional[AttentionKernel] = None, **sparse) -> torch.Tensor:
         """The expanded form's attention of this rank's heads over all tokens, from q_nope / roped q_pe
         [T, heads, nope | rope], the up-projected ``kv`` [T, heads*(nope+v)] and the roped shared key
-        ``k_pe`` [T, rope]: [T, heads, v]."""
+        ``k_pe`` [T, rope]: [T, heads, v]. ``kernel``: an attention kernel other than the layer's own."""
         heads = self.num_local_heads
         k_nope, v = kv.unflatten(-1, (heads, self.nope + self.v_head_dim)).split([self.nope, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
-        return self.kernel(q, k, v, batch, scale=self.softmax_scale, **sparse)
+        return (kernel or self.kernel)(q, k, v, batch, scale=self.softmax_scale, **sparse)
+
+    def _attend_cached(self, q_nope, q_pe, cached: CachedSequences) -> torch.Tensor:
+        """The expanded form over sequences read back from the cache: each cached row up-projected by
+        ``kv_b_proj`` (the GEMM training runs on the same latent), the core's kernel over each whole
+        sequence, the batch's query rows placed among them (the others zero; their outputs dropped).
+        [T, heads, v], zero past the batch's tokens (SP padding)."""
+        n, total = cached.query_rows.shape[0], q_nope.shape[0]
+        kv_lat, k_pe = cached.rows.split([self.kv_lora_rank, self.rope], dim=-1)
+        rows = cached.rows.shape[0]
+        q_nope_rows = q_nope.new_zeros((rows,) + tuple(q_nope.shape[1:])).index_copy(0, cached.query_rows, q_nope[:n])
+        q_pe_rows = q_pe.new_zeros((rows,) + tuple(q_pe.shape[1:])).index_copy(0, cached.query_rows, q_pe[:n])
+        out = self.attend(q_nope_rows, q_pe_rows, F.linear(kv_lat, self.kv_b_proj.weight), k_pe,
+                          PackedBatch(cached.seq_lens), kernel=packed_causal_attention)[cached.query_rows]
+        return F.pad(out, (0, 0, 0, 0, 0, total - n))
 
     def _forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """As ``forward``, through the ``LatentAttentionKernel`` (the absorbed form), with the weights
         ``absorb()`` kept (views of ``kv_b_proj``'s weight before it is called)."""
         w_uk, w_uv = self.absorbed_weights() if self.w_uk is None else (self.w_uk, self.w_uv)
         local_positions, latent, q_nope, q_pe, kv_lat, k_pe = self._project(hidden, positions, None)
+        row = torch.cat([kv_lat, k_pe], dim=-1)
+        sparse = self._sparse(hidden, latent, local_positions, batch)
+        cached = None if sparse else self.kernel.cached_sequences(row, batch)
+        if cached is not None:
+            return self.o_proj(self._attend_cached(q_nope, q_pe, cached).flatten(-2))
         q_latent = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)
-        out = self.kernel(q_latent, torch.cat([kv_lat, k_pe], dim=-1), batch, self.softmax_scale,
-                          **self._sparse(hidden, latent, local_positions, batch))
+        out = self.kernel(q_latent, row, batch, self.softmax_scale, **sparse)
         return self.o_proj(torch.einsum("thc,hvc->thv", out, w_uv).flatten(-2))

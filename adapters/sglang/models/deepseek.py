@@ -5,12 +5,16 @@ sglang picks the pool by architecture name: ``MLATokenToKVPool``, one row ``[kv_
 (kv_lora_rank + qk_rope_head_dim values) per token and layer. Every rank writes the same row: the
 latent is gathered (under SP) or computed on all tokens (SP off) before it reaches the cache.
 
-Attention runs in the absorbed form in every forward mode: the model builder gives each MLA layer a
+Attention runs in the absorbed form in every forward mode but one: the model builder gives each MLA layer a
 ``RadixLatentKernel`` (a ``LatentAttentionKernel``) on one ``RadixAttention`` with this rank's heads, head
 dim kv_lora + rope, one key head and value dim kv_lora, as sglang's own ``attn_mqa``. sglang's
 torch_native backend (the CPU one) reads keys and values back from the pool in extend as well, so the
 expanded form (per-head k, v) cannot run there: the pool holds no per-head keys. W_UK / W_UV are this
-rank's heads of ``kv_b_proj``, split once after loading (``post_load_weights``).
+rank's heads of ``kv_b_proj``, split once after loading (``post_load_weights``). The exception: in the
+deterministic mode (``--enable-deterministic-inference``) a prefill batch writes its rows to the pool and
+hands each request's whole sequence back to the layer (``cached_sequences``), which up-projects the cached
+latents and runs the core's expanded-form kernel, one sequence at a time: the call Megatron makes for that
+sequence, so the log-probabilities are training's, bit for bit (the absorbed form regroups the same sums).
 
 V3.2: the kernel also carries the layer's index-key cache (``index_keys.py``); the indexer's selection is
 then a set of KV slots per query, and the kernel attends over those slots' rows only. sglang's own DSA
@@ -25,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
-from sp_core.layers.mla import LatentAttentionKernel
+from sp_core.layers.mla import CachedSequences, LatentAttentionKernel
 from sp_core.models import ModelConfig, ModelError
+from sp_core_sglang.attention import cached_requests, write_kv
 from sp_core_sglang.index_keys import SglangIndexKeys
 from sp_core_sglang.models.causal_lm import SPCoreForCausalLM
 
@@ -57,6 +62,23 @@ class RadixLatentKernel(LatentAttentionKernel):
             out = self._sparse(q[:n], row, batch.forward_batch, topk_indices[:n])
         out = out.reshape(n, heads, -1)
         return F.pad(out, (0, 0, 0, 0, 0, padded - n)) if padded > n else out
+
+    def cached_sequences(self, row: torch.Tensor, batch) -> Optional[CachedSequences]:
+        """In the deterministic mode's prefill: the batch's rows written to the pool, each request's
+        whole sequence read back (see the module docstring); None otherwise."""
+        forward_batch = batch.forward_batch
+        if not (mpu.deterministic() and forward_batch.forward_mode.is_extend()):
+            return None
+        n = batch.num_tokens
+        pool = write_kv(self.attn, forward_batch, row[:n].unsqueeze(1), row[:n, : self.kv_lora_rank].unsqueeze(1))
+        cache = pool.get_key_buffer(self.attn.layer_id)
+        rows, seq_lens, query_rows, start = [], [], [], 0
+        for slots, total, new in cached_requests(forward_batch):
+            rows.append(cache[slots].squeeze(1))
+            seq_lens.append(total)
+            query_rows.append(torch.arange(start + total - new, start + total, device=row.device))
+            start += total
+        return CachedSequences(torch.cat(rows).to(row.dtype), seq_lens, torch.cat(query_rows))
 
     def _sparse(self, q: torch.Tensor, row: torch.Tensor, forward_batch, slots: torch.Tensor) -> torch.Tensor:
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
