@@ -12,6 +12,13 @@ computed in blocks of a fixed number of rows, the last one padded with zeros: ev
 shape, and each row's sum runs in the same order whatever the batch (16-row blocks on CPU, measured
 invariant for M = 1 .. 80; 128 on accelerators).
 
+Elementwise ops are not all batch-invariant on CPU either: ATen runs a contiguous tensor through its
+vector kernel in chunks and the last few elements through the scalar one, and for ``sigmoid`` the two
+differ in the last bit (measured: AVX2, torch 2.13; exp, cos, sin, tanh, log, sqrt, rsqrt agreed). So a
+token's router score depended on how many tokens the batch held. ``elementwise(fn, x)`` runs such an op on
+fixed blocks of rows (used by the MoE router; the SwiGLU activations act on strided halves of gate_up,
+which ATen loops over row by row, and need nothing).
+
 ``gemms()`` is entered by the model's forward (``CausalLM``) and by an adapter around framework code
 that computes on the model's activations (sglang's logits processor); it intercepts ``F.linear``,
 ``matmul`` / ``@`` with a 2-D right operand, ``mm``, ``addmm`` and the MoE experts' ``_grouped_mm``
@@ -83,6 +90,17 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dtype == b.dtype and a.dtype in _KERNEL_DTYPES and a.device == b.device:
             return _KernelMatmul.apply(a, b, kernel)
     return blocked_mm(a, b)
+
+
+def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn`` over the rows of a 2-D ``x``; inside ``gemms()`` on CPU, in fixed
+    blocks of rows (the last zero-padded), so that each element takes the same kernel path whatever the
+    number of rows."""
+    rows, size = x.shape[0], CPU_BLOCK_ROWS
+    if not _active or x.device.type != "cpu" or rows == 0:
+        return fn(x)
+    padded = F.pad(x, (0, 0, 0, -rows % size))
+    return torch.cat([fn(block) for block in padded.split(size)])[:rows]
 
 
 def _matmul_2d_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

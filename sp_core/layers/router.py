@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from sp_core.layers import batch_invariant
 from sp_core.layers.sharding import mark_sequence_parallel
 
 _FLOAT32_BUFFERS = ("e_score_correction_bias", "local_tokens_per_expert")
@@ -104,7 +105,7 @@ class Router(torch.nn.Module):
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())
         if cfg.topk_method == "noaux_tc":
-            scores = logits.sigmoid()
+            scores = batch_invariant.elementwise(torch.sigmoid, logits)
             choice = scores + self.e_score_correction_bias
             group_scores = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group).topk(2, dim=-1)[0].sum(-1)
             choice = _keep_best_groups(choice, group_scores, cfg, float("-inf"))
