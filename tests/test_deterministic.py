@@ -1,10 +1,10 @@
 """The deterministic mode (issue 20): Megatron and sglang give bit-identical log-probabilities, with SP on
 and off, and a sequence's log-probabilities do not depend on the batch around it.
 
-CPU, float32, the real engines. Few launches: per model (Qwen3, DeepSeek-V3), one 2-rank Megatron run trains
-(deterministic_mode), exports, computes its log-probabilities with SP on and off and checks its own
-micro-batch invariance; one sglang tp 2 engine (--enable-deterministic-inference, --enable-layernorm-sp)
-serves the export; `sp-core logits --deterministic` runs both engines at tp 1 (Qwen2).
+CPU, float32, the real engines. Few launches: one 2-rank Megatron run, for each model (Qwen3, DeepSeek-V3),
+trains (deterministic_mode), exports, computes its log-probabilities with SP on and off and checks its own
+micro-batch invariance; per model one sglang tp 2 engine (--enable-deterministic-inference,
+--enable-layernorm-sp) serves the export; `sp-core logits --deterministic` runs both engines at tp 1 (Qwen2).
 Negative controls: the default mode on the same Megatron model is not batch-invariant; torch's own CPU
 matmul is not (measured here). Sums over TP at t = 4 are in tests/test_operators.py.
 """
@@ -29,6 +29,7 @@ CONCURRENT = [[int(t) for t in torch.randint(0, 100, (n,), generator=torch.Gener
               for n in (5, 1, 30, 3)] + [LONG] + [[7, 7, 2], [int(t) for t in range(40, 62)], [9]]
 SP_MIN_TOKENS = 8  # sglang: batches of fewer tokens run plain TP (SP off), the others SP
 MICRO_BATCH = 4
+ARCHS = ("qwen3", "deepseek-v3")
 
 
 def test_plain_cpu_matmul_depends_on_rows_blocked_gemms_do_not():
@@ -62,6 +63,18 @@ def _micro_batch_logits(model, prompt):
         alone = model(ids, positions.unsqueeze(0), None)[0]
         inside = model(batch, positions.expand(MICRO_BATCH, -1), None)[0]
     return alone, inside
+
+
+def _train_export_checks(model_dirs, out_dirs, prompts):
+    """In each rank, for every model in turn (Megatron's groups rebuilt): ``_train_export_check``."""
+    from megatron.core import parallel_state
+
+    results = {}
+    for arch in ARCHS:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        results[arch] = _train_export_check(model_dirs[arch], out_dirs[arch], prompts)
+    return results
 
 
 def _train_export_check(model_dir, out_dir, prompts):
@@ -98,11 +111,23 @@ def _reduce_scatters(log_path):
     return ops["reduce_scatter"]
 
 
+@pytest.fixture(scope="module")
+def trained_in_megatron(tmp_path_factory):
+    """One 2-rank Megatron launch for every model of ARCHS: arch -> (export dir, ``_train_export_check``'s
+    results)."""
+    root = tmp_path_factory.mktemp("megatron")
+    dirs = {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS}
+    exports = {arch: str(root / f"{arch}-export") for arch in ARCHS}
+    results = run_ranks(2, _train_export_checks, dirs, exports, PROMPTS + [LONG])[0]
+    return {arch: (exports[arch], results[arch]) for arch in ARCHS}
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
 @pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
-@pytest.mark.parametrize("arch", ["qwen3", "deepseek-v3"])
-def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, trained_in_megatron, tmp_path,
+                                                                         monkeypatch):
     """tp 2: train in Megatron (SP on, deterministic_mode), export, serve in sglang
     (--enable-deterministic-inference, layernorm SP): sglang's log-probabilities are torch.equal to the
     trained Megatron model's own, with SP on (batches of >= 8 tokens) and off (shorter ones, against the
@@ -112,11 +137,8 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     whatever tokens the batch holds)."""
     from sp_core_sglang.engine import logprobs_for_prompts, start_engine
 
-    model_dir = make_checkpoint(arch, str(tmp_path / arch))
-    export = str(tmp_path / "export")
     prompts = PROMPTS + [LONG]
-    trained, trained_sp_off, invariant, default_invariant = run_ranks(2, _train_export_check, model_dir, export,
-                                                                      prompts)[0]
+    export, (trained, trained_sp_off, invariant, default_invariant) = trained_in_megatron[arch]
     assert invariant, "Megatron, deterministic: a sequence alone != inside a micro-batch of 4"
     assert not default_invariant, "negative control: the default mode came out batch-invariant here"
     assert all(torch.equal(a, b) for a, b in zip(trained, trained_sp_off)), "Megatron: SP on != SP off"
