@@ -51,6 +51,33 @@ def test_plain_cpu_matmul_depends_on_rows_blocked_gemms_do_not():
     torch.testing.assert_close(blocked, full, rtol=1e-5, atol=1e-5)  # the same product
 
 
+def test_cpu_grouped_mm_and_sigmoid_depend_on_rows_blocked_ones_do_not():
+    """The MoE's two other batch-dependent CPU kernels (measured here): the experts' grouped GEMM (a token's
+    row changes with how many tokens share its expert) and the V3 router's sigmoid (ATen's scalar tail)."""
+    g = torch.Generator().manual_seed(0)
+    w, x, logits = torch.randn(4, 64, 32, generator=g), torch.randn(40, 64, generator=g), torch.randn(80, 8, generator=g)
+
+    def grouped(rows, first):  # expert 0 gets ``first`` rows, experts 1-3 ten each
+        x_rows = torch.cat([x[:first], x[10:40]])
+        return torch._grouped_mm(x_rows, w, offs=torch.tensor([first] + rows).cumsum(0).to(torch.int32))
+
+    def changes(fn):
+        full = fn(10)
+        return [n for n in range(1, 10) if not torch.equal(fn(n)[:n], full[:n]) or not torch.equal(fn(n)[n:], full[10:])]
+
+    def sigmoid_changes(fn):
+        full = fn(logits)
+        return [m for m in range(1, 80) if not torch.equal(fn(logits[:m]), full[:m])]
+
+    assert changes(lambda n: grouped([10, 10, 10], n)), "negative control: CPU _grouped_mm came out batch-invariant"
+    assert sigmoid_changes(torch.sigmoid), "negative control: CPU sigmoid came out batch-invariant"
+    with single_rank():
+        mpu.set_deterministic(True)
+        with batch_invariant.gemms():
+            assert changes(lambda n: grouped([10, 10, 10], n)) == []
+            assert sigmoid_changes(lambda t: batch_invariant.elementwise(torch.sigmoid, t)) == []
+
+
 def _micro_batch_logits(model, prompt):
     """Local-vocab logits of ``prompt`` alone (b = 1) and as sequence 0 of a micro-batch of 4 (b = 4)."""
     device = next(model.parameters()).device
