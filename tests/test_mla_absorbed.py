@@ -116,8 +116,8 @@ def test_cached_sequences_give_the_expanded_form_bit_for_bit():
     with torch.no_grad(), batch_invariant.gemms():
         alone_a = mla(a, torch.arange(11), PackedBatch([11]))
         alone_b = mla(b, torch.arange(5), PackedBatch([5]))
-        # a causal attention row of a 6-token sequence is not bit-equal to the same row of 11 tokens (the CPU
-        # kernel's inner GEMMs change with the key count): the first chunk's reference is its own sequence
+        # a causal attention row of a 6-token sequence is not bit-equal to the same row of 11 tokens (torch's
+        # CPU attention, measured): the first chunk's reference is its own sequence
         alone_a = torch.cat([mla(a[:6], torch.arange(6), PackedBatch([6])), alone_a[6:]])
         outs = {}
         for expand, serving in served.items():
