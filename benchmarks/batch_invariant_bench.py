@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks import deterministic_bench  # noqa: E402
 from benchmarks.bench import SHAPE, device_name  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.timing import tee_log, timed  # noqa: E402
 
 TOKENS = 8192
 WINDOW_ROWS = (1, 2, 3, 5, 8, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 1024, 2047, 4096, 5000,
@@ -162,13 +162,7 @@ def main() -> int:
     parser.add_argument("--no-model", dest="model", action="store_false", help="skip part 3")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.txt"), "a")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = tee_log(args.out)
 
     import triton
 

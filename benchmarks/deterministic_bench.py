@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.bench import SHAPE, _timed, device_name, random_qwen3_stack  # noqa: E402
+from benchmarks.timing import tee_log  # noqa: E402
 
 LENGTHS = (1, 2, 5, 17, 64, 129, 200, 255)  # the tiny checkpoints' context is 256
 MIXED = (5, 1, 250, 3, 64, 2, 129, 9)  # the 8 requests a prompt joins (batch invariance)
@@ -179,13 +180,7 @@ def main() -> int:
     parser.add_argument("--no-cost", dest="cost", action="store_false", help="skip check 3 (the cost)")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.txt"), "a")
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = tee_log(args.out)
 
     from sp_core.tiny import make_checkpoint
 

@@ -71,3 +71,19 @@ def plot_ratios(results: dict, path: str, curves, title_prefix: str = "", figsiz
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
+
+
+def tee_log(out_dir: str):
+    """A ``log(line)`` that prints each line and appends it to ``out_dir``/log.txt (flushed at once, so a
+    device call cut short still returns what ran)."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.txt"), "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return log
