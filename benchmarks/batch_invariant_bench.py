@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks import deterministic_bench  # noqa: E402
 from benchmarks.bench import SHAPE, device_name  # noqa: E402
-from benchmarks.timing import tee_log, timed  # noqa: E402
+from benchmarks.timing import save_results, tee_log, timed  # noqa: E402
 
 TOKENS = 8192
 WINDOW_ROWS = (1, 2, 3, 5, 8, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 1024, 2047, 4096, 5000,
@@ -142,13 +142,7 @@ def markdown(results: dict) -> str:
             inv = [r["deterministic"] for r in results["invariance_model"] if r["tp"] == t]
             lines.append(f"| {t} | {eq[0] if eq else 'not run'} | {inv[0] if inv else 'not run'} |")
     if results["cost"]:
-        lines += ["", f"**Cost: prefill of {results['layers']} Qwen3-8B-shaped layers, SP on, bf16, median of "
-                  f"{results['iters']}**", "",
-                  "| t | tokens | default ms | deterministic ms (kernel) | **deterministic / default** | "
-                  "deterministic ms (blocked GEMMs) | blocked / default |", "|---|---|---|---|---|---|---|"]
-        for r in results["cost"]:
-            lines.append(f"| {r['tp']} | {r['tokens']} | {r['default_ms']:.2f} | {r['deterministic_ms']:.2f} | "
-                         f"**{r['ratio']:.3f}** | {r['deterministic_blocked_ms']:.2f} | {r['blocked_ratio']:.3f} |")
+        lines += deterministic_bench.cost_table(results)
     return "\n".join(lines) + "\n"
 
 
@@ -204,11 +198,8 @@ def main() -> int:
         for t in tps:
             results["cost"] += deterministic_bench.cost(t, args.layers, [TOKENS], args.iters, log)
     log(f"done in {time.time() - start:.0f} s")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     md = markdown(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
+    save_results(args.out, results, md)
     log(md)
     failed = [f"kernel not batch-invariant: {r}" for r in results["invariance"] if r["kernel_differ"]]
     failed += [f"kernel error: {r}" for r in results["invariance"]

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.bench import SHAPE, _timed, device_name, random_qwen3_stack  # noqa: E402
-from benchmarks.timing import tee_log  # noqa: E402
+from benchmarks.timing import save_results, tee_log  # noqa: E402
 
 LENGTHS = (1, 2, 5, 17, 64, 129, 200, 255)  # the tiny checkpoints' context is 256
 MIXED = (5, 1, 250, 3, 64, 2, 129, 9)  # the 8 requests a prompt joins (batch invariance)
@@ -161,13 +161,19 @@ def markdown(results: dict) -> str:
     for r in results["invariance"]:
         lines.append(f"| {r['model']} | {r['tp']} | {r['default']} | {r['deterministic']} | "
                      f"{r['deterministic_sp_on_vs_off']} |")
-    lines += ["", f"**Cost: prefill of {results['layers']} Qwen3-8B-shaped layers, SP on, bf16, median of "
-              f"{results['iters']}**", "", "| t | tokens | default ms | deterministic ms | **deterministic / default** | "
-              "deterministic, blocked GEMMs ms | blocked / default |", "|---|---|---|---|---|---|---|"]
+    lines += cost_table(results)
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(results: dict) -> list:
+    """The mode's cost rows (``cost``'s results) as Markdown lines, led by a blank line and the title."""
+    lines = ["", f"**Cost: prefill of {results['layers']} Qwen3-8B-shaped layers, SP on, bf16, median of "
+             f"{results['iters']}**", "", "| t | tokens | default ms | deterministic ms | **deterministic / default** | "
+             "deterministic, blocked GEMMs ms | blocked / default |", "|---|---|---|---|---|---|---|"]
     for r in results["cost"]:
         lines.append(f"| {r['tp']} | {r['tokens']} | {r['default_ms']:.2f} | {r['deterministic_ms']:.2f} | "
                      f"**{r['ratio']:.3f}** | {r['deterministic_blocked_ms']:.2f} | {r['blocked_ratio']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> int:
@@ -199,11 +205,8 @@ def main() -> int:
             results["invariance"].append(dict(batch_invariance(model_dir, t, vocab, log), model=name))
     for t in tps if args.cost else ():
         results["cost"] += cost(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, log)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     md = markdown(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
+    save_results(args.out, results, md)
     log(md)
     failed = [r for r in results["equality"] if r["deterministic"] and not r["equal"]]
     failed += [r for r in results["invariance"] if not (r["deterministic"] and r["deterministic_sp_on_vs_off"])]

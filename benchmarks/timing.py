@@ -87,3 +87,14 @@ def tee_log(out_dir: str):
         log_file.flush()
 
     return log
+
+
+def save_results(out_dir: str, results: dict, markdown: str) -> None:
+    """``results.json`` and ``results.md`` under ``out_dir``."""
+    import json
+    import os
+
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown)
