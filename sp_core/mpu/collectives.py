@@ -117,6 +117,16 @@ def _check_divisible(x: torch.Tensor, what: str) -> None:
         )
 
 
+def _rows_times(x: torch.Tensor, t: int) -> torch.Tensor:
+    """An empty output of ``t`` times x's rows (an all-gather's)."""
+    return x.new_empty((x.shape[0] * t,) + tuple(x.shape[1:]))
+
+
+def _rows_over(x: torch.Tensor, t: int) -> torch.Tensor:
+    """An empty output of 1/t of x's rows (a reduce-scatter's)."""
+    return x.new_empty((x.shape[0] // t,) + tuple(x.shape[1:]))
+
+
 class Pending:
     """A collective in flight (``async_op``): ``wait()`` returns its result. Lets a caller overlap the
     communication with independent compute, e.g. a GEMM."""
@@ -139,14 +149,14 @@ def all_gather_start(x: torch.Tensor) -> Pending:
         return Pending(x)
     _record("all_gather", x)
     x = x.contiguous()
-    out = torch.empty((x.shape[0] * t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _rows_times(x, t)
     return Pending(out, _all_gather_tensor(out, x, group=ps.tp_group(), async_op=True))
 
 
 def _all_gather_through(communicator, x: torch.Tensor) -> torch.Tensor:
     _record("all_gather", x, communicator)
     x = x.contiguous()
-    out = torch.empty((x.shape[0] * ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _rows_times(x, ps.tp_size())
     communicator.all_gather_into_tensor(out, x)
     activity.leave_collective()
     return out
@@ -156,7 +166,7 @@ def _reduce_scatter_through(communicator, x: torch.Tensor) -> torch.Tensor:
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x, communicator)
     x = x.contiguous()
-    out = torch.empty((x.shape[0] // ps.tp_size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _rows_over(x, ps.tp_size())
     communicator.reduce_scatter_tensor(out, x)
     activity.leave_collective()
     return out
@@ -174,7 +184,7 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
     group = ps.tp_group()
     x = x.contiguous()
     wide = x.float() if _gloo(group) and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
-    out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=wide.dtype, device=x.device)
+    out = _rows_over(wide, t)
     work = _reduce_scatter_tensor(out, wide, group=group, async_op=True)
     return Pending(out, work, x.dtype if wide.dtype != x.dtype else None)
 
@@ -188,7 +198,7 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
         return _all_gather_through(ps.communicator(), x)
     _record("all_gather", x)
     x = x.contiguous()
-    out = torch.empty((x.shape[0] * t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _rows_times(x, t)
     _all_gather_tensor(out, x, group=ps.tp_group())  # not async_op + wait(): NCCL's work object and
     activity.leave_collective()                      # stream event cost ~30 us a call (4 x H200)
     return out
@@ -223,7 +233,7 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
     x = x.contiguous()
-    out = torch.empty((x.shape[0] // t,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    out = _rows_over(x, t)
     _reduce_scatter_tensor(out, x, group=group)  # synchronous, as all_gather
     activity.leave_collective()
     return out
