@@ -75,16 +75,17 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
 
 def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
           clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False,
-          grad_norms: Optional[List[float]] = None):
-    """Run ``steps`` optimizer steps on the built-in stream. Returns (DDP model, losses, step-0 grads);
-    ``grad_norms``: a list that gets each step's gradient norm (Megatron's, over every parameter once)."""
+          grad_norms: Optional[List[float]] = None, seed: int = 1234):
+    """Run ``steps`` optimizer steps on the built-in stream (its sequences drawn with ``seed``). Returns
+    (DDP model, losses, step-0 grads); ``grad_norms``: a list that gets each step's gradient norm
+    (Megatron's, over every parameter once)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.mpu import platform
 
     ddp, optimizer = wrap_for_training(model, lr=lr, clip_grad=clip_grad)
     data = token_stream(model.language_model.config.vocab_size, seq_length, micro_batch_size,
-                        platform.current_device())
+                        platform.current_device(), seed=seed)
     forward_backward = get_forward_backward_func()
     losses: List[float] = []
     grads0 = None
