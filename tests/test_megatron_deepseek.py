@@ -190,6 +190,54 @@ def test_router_bias_update_exports_and_padding_counts_nowhere(launches):
     assert torch.equal(exported["model.layers.1.mlp.gate.e_score_correction_bias"], two["after"][0])
 
 
+DP_RUNS = {"ddp": dict(optimizer="sgd", lr=0.5),  # SGD: Adam's update would hide a gradient's scale
+           "distributed optimizer": dict(optimizer="adam", lr=1e-2, distributed_optimizer=True)}  # Adam only
+
+
+def _dp_runs():
+    """Megatron's distributed optimizer wraps CUDA tensors only (cpu_training's "not covered")."""
+    from sp_core.mpu import platform
+
+    return [name for name in DP_RUNS if platform.device_type() == "cuda" or name == "ddp"]
+
+
+def _data_parallel_runs(model_dir, tp, micro_batch_size):
+    """V3 trained 3 steps on the global batch of 4 sequences, each DP rank on its share: with Megatron's DDP
+    (losses and step-0 gradients) and with its distributed optimizer (losses; each rank holds only its shard
+    of the gradients). t = 1: one rank; t = 2: TP 2 x DP 2 with the core's expert parallelism."""
+    from sp_core import mpu
+    from sp_core_megatron import cpu_training, engine, training
+
+    cpu_training.enable()
+    out = {}
+    for name in _dp_runs():
+        settings = DP_RUNS[name]
+        _fresh_groups()
+        model = engine.build_model(model_dir, tp, tp > 1, torch.float32, "ep" if tp > 1 else "tp")
+        _, losses, grads = training.train(model, 3, micro_batch_size=micro_batch_size, clip_grad=0.0,
+                                          capture_step0_grads=name == "ddp", **settings)
+        out[name] = {"losses": losses, "grads0": grads}
+    return out if mpu.tp_rank() == 0 else None
+
+
+def test_data_parallel_with_expert_parallelism_and_the_distributed_optimizer(dirs):
+    """TP 2 x DP 2 (4 ranks) with the core's expert parallelism, Megatron's DDP and its distributed optimizer:
+    the same losses and step-0 gradients as one rank on the whole global batch. Expert gradients are reduced
+    over Megatron's expert data-parallel group (the DP ranks that hold the same experts), the rest over DP.
+    On CPU the DDP run only (``_dp_runs``)."""
+    one = run_ranks(1, _data_parallel_runs, dirs["deepseek-v3"], 1, 4, timeout=600)[0]
+    four = run_ranks(4, _data_parallel_runs, dirs["deepseek-v3"], 2, 2, tp=2, timeout=600)
+    for name in _dp_runs():
+        assert one[name]["losses"][-1] < one[name]["losses"][0] - 1e-2, f"{name}: the loss should fall"
+        for replica in (four[0], four[2]):  # the leaders of the two TP groups: both report the global loss
+            diff = max(abs(a - b) for a, b in zip(replica[name]["losses"], one[name]["losses"]))
+            assert diff <= 1e-5, f"DP 2 x TP 2, {name}: losses {replica[name]['losses']} vs one rank {one[name]['losses']}"
+    got, ref = four[0]["ddp"]["grads0"], one["ddp"]["grads0"]
+    assert got.keys() == ref.keys()
+    worst = max((rel(got[k], g), k) for k, g in ref.items())
+    assert worst[0] <= 1e-5, f"DP 2 x TP 2: step-0 gradient of {worst[1]} off by {worst[0]:.2e} relative"
+
+
 def test_dist_checkpoint_of_expert_parallel_training_loads_with_experts_split_over_tp(dirs, launches):
     """Saved at t = 2 with whole experts per rank (after two steps that also moved the router bias), loaded
     at t = 1 with TP-split experts: the trained model's own log-probabilities come back."""

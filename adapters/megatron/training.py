@@ -41,18 +41,31 @@ def forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0):
-    """(DDP-wrapped model, optimizer), as Megatron's training loop sets them up (fp32, no distributed optimizer)."""
+def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0, optimizer: str = "adam",
+                      distributed_optimizer: bool = False):
+    """(DDP-wrapped model, optimizer), as Megatron's training loop sets them up (fp32 main weights;
+    ``distributed_optimizer``: Megatron's, its state and gradients sharded over data-parallel ranks)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = model.config
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=False), model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer),
+                                  model)
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=clip_grad, bf16=config.bf16,
-                        params_dtype=config.params_dtype, use_distributed_optimizer=False), [ddp])
+        OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, clip_grad=clip_grad, bf16=config.bf16,
+                        params_dtype=config.params_dtype, use_distributed_optimizer=distributed_optimizer), [ddp])
     return ddp, optimizer
+
+
+def data_parallel_share(stream: Iterator[dict], micro_batch_size: int) -> Iterator[dict]:
+    """This data-parallel rank's rows of a stream of global batches (``micro_batch_size`` x DP rows each), as
+    Megatron's sampler hands each DP rank its own part of the global batch."""
+    from megatron.core import parallel_state
+
+    first = parallel_state.get_data_parallel_rank() * micro_batch_size
+    for batch in stream:
+        yield {key: rows[first:first + micro_batch_size] for key, rows in batch.items()}
 
 
 def full_gradients(model) -> Dict[str, torch.Tensor]:
@@ -73,19 +86,40 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _mean_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
+    """The loss of the whole global batch, as Megatron's training log reports it (the DP ranks' mean)."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return loss
+    loss = loss.detach().clone()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss / dp
+
+
 def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
           clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False,
-          grad_norms: Optional[List[float]] = None, seed: int = 1234):
-    """Run ``steps`` optimizer steps on the built-in stream (its sequences drawn with ``seed``). Returns
-    (DDP model, losses, step-0 grads); ``grad_norms``: a list that gets each step's gradient norm
-    (Megatron's, over every parameter once)."""
+          grad_norms: Optional[List[float]] = None, seed: int = 1234, optimizer: str = "adam",
+          distributed_optimizer: bool = False):
+    """Run ``steps`` optimizer steps on the built-in stream (its sequences drawn with ``seed``; each
+    data-parallel rank takes its ``micro_batch_size`` rows of a global batch). Returns (DDP model, losses,
+    step-0 grads); ``grad_norms``: a list that gets each step's gradient norm (Megatron's, over every
+    parameter once)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.mpu import platform
 
-    ddp, optimizer = wrap_for_training(model, lr=lr, clip_grad=clip_grad)
-    data = token_stream(model.language_model.config.vocab_size, seq_length, micro_batch_size,
-                        platform.current_device(), seed=seed)
+    if capture_step0_grads and distributed_optimizer:
+        raise ValueError("capture_step0_grads reads whole gradients; with the distributed optimizer each rank "
+                         "holds only its shard of them (use distributed_optimizer=False)")
+    ddp, optimizer = wrap_for_training(model, lr=lr, clip_grad=clip_grad, optimizer=optimizer,
+                                       distributed_optimizer=distributed_optimizer)
+    data = data_parallel_share(
+        token_stream(model.language_model.config.vocab_size, seq_length,
+                     micro_batch_size * parallel_state.get_data_parallel_world_size(), platform.current_device(),
+                     seed=seed), micro_batch_size)
     forward_backward = get_forward_backward_func()
     losses: List[float] = []
     grads0 = None
@@ -102,7 +136,7 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
             grad_norm = optimizer.get_grad_norm()
         if grad_norms is not None:
             grad_norms.append(float(grad_norm))
-        loss = float(out[0]["lm loss"])
+        loss = float(_mean_over_data_parallel(out[0]["lm loss"]))
         losses.append(loss)
         if log:
             rate = seq_length * micro_batch_size / (time.time() - start)
