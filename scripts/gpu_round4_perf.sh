@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Round 4 of issue 19, one device call on 4 GPUs: the host-side cut (fewer ops per layer) measured against
+# the code before it, in the same call, plus the DeepSeek DP x EP / distributed-optimizer test on NCCL.
+#   1. tests/test_megatron_deepseek.py -k data_parallel (TP 2 x DP 2, the distributed optimizer on CUDA);
+#   2. bench.py, strong TP vs TP-SP, t = 4 and 2, prefill 2K / 8K / 32K and training 8K (this tree), then
+#      t = 4 2K / 8K and training 8K with the tree in before/ (if present: `git archive <commit> sp_core adapters
+#      benchmarks | tar -x -C before`, carried);
+#   3. inside Megatron, t = 4, 2K tokens, with the profile (host enqueue, kernels by category): this tree,
+#      then before/;
+#   4. benchmarks/host_overhead.py at t = 4 (ops, collectives and host time per layer).
+# Needs the megatron-core 0.19.2 cp312 wheel in .whl/ (carried). Everything goes to $OUT:
+#   OUT=$OUT bash scripts/gpu_round4_perf.sh        (about 8-9 minutes; stops starting steps after BUDGET s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/round4}
+BUDGET=${BUDGET:-560}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# shellcheck source=/dev/null
+source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
+
+step() {  # name, timeout s, command...: run under a timeout capped by what is left of BUDGET; log to $OUT/name.log
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then note "== $name: SKIPPED (budget of $BUDGET s spent)"; return 1; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local begin=$SECONDS
+  echo "== $name (timeout $limit s; log $OUT/$name.log)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  note "== $name: rc $rc, $((SECONDS - begin)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+  [ $rc -eq 0 ] || tail -n 15 "$OUT/$name.log" | tee -a "$SUMMARY"
+  return $rc
+}
+before() {  # the same command in the tree before the change (before/), its adapters in place of this tree's
+  mkdir -p /tmp/before_site && ln -sfn "$PWD/before/adapters/megatron" /tmp/before_site/sp_core_megatron
+  (cd before && PYTHONPATH="$PWD:/tmp/before_site:/tmp/site" "$@")
+}
+
+python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
+  ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
+  | tee -a "$SUMMARY"
+[ -d before ] && note "before/: $(cat before/COMMIT 2>/dev/null)"
+
+step dp_test 150 python3 -m pytest tests/test_megatron_deepseek.py -k data_parallel -v -s -p no:cacheprovider
+step bench_after 170 python3 benchmarks/bench.py --tp 4,2 --tokens 2048,8192,32768 --train-tokens 8192 \
+  --variants tp,sp --iters 10 --profile-tokens 8192 --out "$OUT/bench_after"
+step megatron_after 80 python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --profile --out "$OUT/megatron_after"
+if [ -d before ]; then
+  step megatron_before 80 before python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --profile \
+    --out "$OUT/megatron_before"
+  step bench_before 100 before python3 benchmarks/bench.py --tp 4 --tokens 2048,8192 --train-tokens 8192 \
+    --variants tp,sp --iters 10 --out "$OUT/bench_before"
+fi
+step host_overhead 80 python3 benchmarks/host_overhead.py --tp 4 --out "$OUT/host_overhead"
+note "round4: done in $SECONDS s"
