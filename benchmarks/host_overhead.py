@@ -1,0 +1,267 @@
+"""Host-side cost of one Qwen3 decoder layer: what Python and the dispatcher do per call, apart from the
+kernels. A launch-bound step (the GPU waiting on the host, docs/benchmarks.md "Round 3") gets faster only
+by issuing fewer ops, or cheaper ones; this counts them.
+
+Per variant, on rank 0: ATen ops dispatched (a TorchDispatchMode counter; forward and backward apart),
+autograd nodes the forward records, collectives issued (c10d ops seen by the same counter, so Megatron's
+own collectives count too), and host microseconds per layer call (median of --reps):
+
+    core_tp_prefill / core_sp_prefill   the core's layer, no grad, SP off / on (serving's prefill)
+    core_tp_train / core_sp_train       the core's layer, forward + backward, SP off / on
+    megatron_core                       the core's layer through the Megatron adapter's spec (SPCoreTransformerLayer)
+    megatron_native_sdpa                Megatron-native's TransformerLayer (local spec) with torch SDPA attention
+    megatron_native                     Megatron-native's TransformerLayer with its unfused DotProductAttention
+                                        (on CPU given the causal mask, which on GPU it builds each call)
+
+The megatron_* variants run forward + backward with Megatron's ``sequence_parallel`` (t > 1) on [s/t, 1, h];
+Megatron's rotary table is computed once per model, outside the layer, as GPTModel does.
+
+Host time: on CUDA, the wall time to enqueue one call with the device idle at its start (the call's host
+cost as long as it does not wait on the device); on CPU, the calling thread's CPU time per call (waits on
+peer ranks in gloo excluded), with tiny shapes so that compute is negligible; wall time is reported too.
+
+    python benchmarks/host_overhead.py --tp 1,2 --out out/host          # CPU, gloo, tiny shapes
+    python benchmarks/host_overhead.py --tp 4 --out $OUT                # 4 GPUs, Qwen3-8B-shaped, 2K tokens
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.bench import SHAPE, device_name, random_qwen3_stack  # noqa: E402
+from benchmarks.timing import save_results  # noqa: E402
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+            vocab_size=128, rms_norm_eps=1e-6, rope_theta=1e6)
+CORE_VARIANTS = ("core_tp_prefill", "core_sp_prefill", "core_tp_train", "core_sp_train")
+MEGATRON_VARIANTS = ("megatron_core", "megatron_native_sdpa", "megatron_native")
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "symm_mem")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher's Python mode, by name (views and no-op ``to`` /
+    ``contiguous`` that return their input without dispatching are not ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _split(ops: collections.Counter) -> tuple[int, int]:
+    """(ATen ops, collectives) in a counter."""
+    coll = sum(n for name, n in ops.items() if name.split(".")[0] in COLLECTIVE_NAMESPACES)
+    return sum(ops.values()) - coll, coll
+
+
+def autograd_nodes(out: torch.Tensor) -> int:
+    """Nodes of the graph that backward from ``out`` runs (AccumulateGrad of the parameters included)."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return len(seen)
+
+
+def _host_seconds(fn) -> tuple[float, float]:
+    """(host seconds, wall seconds) of one ``fn()``: see the module docstring."""
+    from sp_core.mpu import platform
+
+    if platform.device_type() != "cpu":
+        platform.synchronize()
+        begin = time.perf_counter()
+        fn()
+        host = time.perf_counter() - begin
+        platform.synchronize()
+        return host, time.perf_counter() - begin
+    begin, begin_cpu = time.perf_counter(), time.thread_time()
+    fn()
+    return time.thread_time() - begin_cpu, time.perf_counter() - begin
+
+
+def measure(forward, grad=None, reps: int = 100, warmup: int = 5) -> dict:
+    """Counts and host time of ``forward()`` (then ``out.backward(grad)`` when ``grad`` is given)."""
+    from sp_core.mpu import collectives
+
+    def call():
+        out = forward()
+        if grad is not None:
+            out.backward(grad)
+
+    for _ in range(warmup):
+        call()
+    with OpCounter() as fwd:
+        out = forward()
+    result = {"autograd_nodes": autograd_nodes(out) if grad is not None else 0}
+    bwd = OpCounter()
+    if grad is not None:
+        with bwd:
+            out.backward(grad)
+    del out
+    result["aten_fwd"], result["collectives_fwd"] = _split(fwd.ops)
+    result["aten_bwd"], result["collectives_bwd"] = _split(bwd.ops)
+    result["ops_fwd"], result["ops_bwd"] = dict(fwd.ops.most_common()), dict(bwd.ops.most_common())
+    collectives.barrier()
+    host, wall = zip(*(_host_seconds(call) for _ in range(reps)))
+    result["host_us"] = round(statistics.median(host) * 1e6, 1)
+    result["wall_us"] = round(statistics.median(wall) * 1e6, 1)
+    return result
+
+
+def _core_variants(shape: dict, tokens: int, dtype, reps: int, variants) -> dict:
+    from sp_core import mpu
+    from sp_core.layers import PackedBatch
+    from sp_core.mpu import platform
+
+    _, (layer,) = random_qwen3_stack(1, shape, dtype)
+    device, t = platform.current_device(), mpu.tp_size()
+    positions, batch = torch.arange(tokens, device=device), PackedBatch([tokens])
+    out = {}
+    for name in CORE_VARIANTS:
+        if name not in variants:
+            continue
+        sp, train = "_sp_" in name, name.endswith("_train")
+        mpu.set_sequence_parallel(sp)
+        x = torch.randn(tokens // t if sp and t > 1 else tokens, shape["hidden_size"], device=device, dtype=dtype,
+                        requires_grad=train)
+        with torch.set_grad_enabled(train):
+            out[name] = measure(lambda: layer(x, positions, batch), torch.randn_like(x) if train else None, reps)
+        layer.zero_grad(set_to_none=True)
+    mpu.set_sequence_parallel(True)
+    return out
+
+
+@contextlib.contextmanager
+def _cpu_shim_mode_off():
+    """Without the CPU shims' TorchFunctionMode (it intercepts every torch call and would add its own cost to
+    both sides' host time); megatron_native is given its causal mask so that it needs none of it."""
+    from sp_core_megatron import cpu_training
+
+    mode = cpu_training._MODE
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
+def _megatron_variants(shape: dict, tokens: int, dtype, reps: int, variants) -> dict:
+    from benchmarks.megatron_bench import _model, setup_megatron_rank
+    from sp_core.mpu import platform
+
+    tp = setup_megatron_rank()
+    device, cpu = platform.current_device(), platform.device_type() == "cpu"
+    rows = tokens // tp if tp > 1 else tokens
+    out = {}
+    for name in MEGATRON_VARIANTS:
+        if name not in variants:
+            continue
+        variant = name[len("megatron_"):]
+        model = _model(variant, 1, tp, tokens, shape, dtype)
+        layer = model.decoder.layers[0]
+        x = torch.randn(rows, 1, shape["hidden_size"], device=device, dtype=dtype, requires_grad=True)
+        kwargs = {}
+        if variant != "core":
+            kwargs["rotary_pos_emb"] = model.rotary_pos_emb(tokens)
+            if cpu and variant == "native":
+                kwargs["attention_mask"] = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(1)
+        with _cpu_shim_mode_off() if cpu else contextlib.nullcontext():
+            out[name] = measure(lambda: layer(x, **kwargs)[0], torch.randn_like(x), reps)
+        model = layer = None
+    return out
+
+
+def _rank(shape: dict, tokens: int, dtype, reps: int, variants) -> dict:
+    from sp_core import mpu
+
+    results = {"tp": mpu.tp_size()}
+    results.update(_core_variants(shape, tokens, dtype, reps, variants))
+    if any(v in variants for v in MEGATRON_VARIANTS):
+        results.update(_megatron_variants(shape, tokens, dtype, reps, variants))
+    return results
+
+
+def run(tp: int, shape: dict, tokens: int, dtype, reps: int, variants) -> dict:
+    from sp_core.mpu.launch import run_ranks
+
+    return run_ranks(tp, _rank, shape, tokens, dtype, reps, tuple(variants), timeout=900)[0]
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Device: {results['device']}; torch {results['torch']}; {results['date']}; shape {results['shape_name']}, "
+             f"{results['tokens']} tokens, {results['dtype']}; host time = {results['host_time']}; "
+             f"command: `{results['command']}`", "",
+             "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | wall µs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        for name in CORE_VARIANTS + MEGATRON_VARIANTS:
+            r = row.get(name)
+            if r is None:
+                continue
+            lines.append(f"| {row['tp']} | {name} | {r['aten_fwd']} | {r['aten_bwd']} | {r['autograd_nodes']} | "
+                         f"{r['collectives_fwd']} + {r['collectives_bwd']} | {r['host_us']:.0f} | {r['wall_us']:.0f} |")
+    ratios = [(row["tp"], native, row["megatron_core"]["host_us"] / row[native]["host_us"])
+              for row in results["rows"] for native in ("megatron_native_sdpa", "megatron_native")
+              if "megatron_core" in row and native in row]
+    if ratios:
+        lines += ["", "Host time inside Megatron, the core's layer over Megatron-native's (forward + backward):", "",
+                  "| t | against | core / native host time |", "|---|---|---|"]
+        lines += [f"| {t} | {native} | {ratio:.3f} |" for t, native, ratio in ratios]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    from sp_core.mpu import platform
+
+    cuda = platform.device_type() == "cuda"
+    parser = argparse.ArgumentParser(description="Host-side cost (ops, collectives, µs) of one decoder layer")
+    parser.add_argument("--tp", default="4" if cuda else "1,2")
+    parser.add_argument("--shape", choices=("qwen3-8b", "tiny"), default="qwen3-8b" if cuda else "tiny")
+    parser.add_argument("--tokens", type=int, default=2048 if cuda else 16)
+    parser.add_argument("--reps", type=int, default=50 if cuda else 200)
+    parser.add_argument("--variants", default=",".join(CORE_VARIANTS + MEGATRON_VARIANTS))
+    parser.add_argument("--out", default="out/host_overhead")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(CORE_VARIANTS + MEGATRON_VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose among {list(CORE_VARIANTS + MEGATRON_VARIANTS)}")
+    shape = SHAPE if args.shape == "qwen3-8b" else TINY
+    dtype = torch.bfloat16 if cuda else torch.float32  # gloo sums bf16 through float32: an extra cast on CPU
+    os.makedirs(args.out, exist_ok=True)
+    results = {"device": device_name() if cuda else platform.device_type(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+               "shape_name": args.shape, "shape": shape, "tokens": args.tokens, "dtype": str(dtype).split(".")[-1],
+               "host_time": "enqueue wall time (device idle at start)" if platform.device_type() != "cpu"
+               else "calling thread's CPU time", "rows": []}
+    for t in (int(x) for x in args.tp.split(",")):
+        row = run(t, shape, args.tokens, dtype, args.reps, variants)
+        results["rows"].append(row)
+        print(f"t={t}: " + ", ".join(f"{v} {row[v]['aten_fwd']}+{row[v]['aten_bwd']} ops {row[v]['host_us']:.0f} us"
+                                     for v in CORE_VARIANTS + MEGATRON_VARIANTS if v in row), flush=True)
+    text = markdown(results)
+    save_results(args.out, results, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
