@@ -332,6 +332,11 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``reduce_scatter(a @ b)`` now: unfused, the synchronous collective (as ``all_gather``: an async
+    start and its wait cost host time that nothing overlaps here)."""
+    t = ps.tp_size()
+    if t > 1 and _fusion("matmul_reduce_scatter", a.shape[0], t) == "off":
+        return reduce_scatter(a @ b)
     return matmul_reduce_scatter_start(a, b).wait()
 
 
