@@ -65,7 +65,7 @@ def _config(layers: int, tp: int, shape: dict = SHAPE, dtype: torch.dtype = torc
         num_layers=layers, hidden_size=shape["hidden_size"], num_attention_heads=shape["num_attention_heads"],
         num_query_groups=shape["num_key_value_heads"], kv_channels=shape["head_dim"],
         ffn_hidden_size=shape["intermediate_size"], normalization="RMSNorm", layernorm_epsilon=shape["rms_norm_eps"],
-        gated_linear_unit=True, add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, sequence_parallel=tp > 1, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False,

@@ -23,17 +23,27 @@ def _divide(total: int, t: int, what: str) -> int:
     return total // t
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features]; a 2-D x (token-major, the usual case) as it is: a view is an op too, and
+    every op costs host time."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _shaped_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[rows, n] back to x's leading dims (rows free: a gather or a scatter changed them)."""
+    return out if x.dim() == 2 else out.view(-1, *x.shape[1:-1], out.shape[-1])
+
+
 def _gathered_input_linear(x_shard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """g(x) @ W^T + b (the forward of ``_GatheredInputLinear``; alone where no gradient is recorded)."""
-    _, out = collectives.all_gather_matmul(x_shard.reshape(-1, x_shard.shape[-1]), weight.t())
-    out = out.view(-1, *x_shard.shape[1:-1], weight.shape[0])
+    _, out = collectives.all_gather_matmul(_rows(x_shard), weight.t())
+    out = _shaped_like(out, x_shard)
     return out + bias if bias is not None else out
 
 
 def _reduce_scattered_output_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g-bar(x @ W^T) (the forward of ``_ReduceScatteredOutputLinear``; alone where no gradient is recorded)."""
-    out = collectives.matmul_reduce_scatter(x.reshape(-1, x.shape[-1]), weight.t())
-    return out.view(-1, *x.shape[1:-1], weight.shape[0])
+    return _shaped_like(collectives.matmul_reduce_scatter(_rows(x), weight.t()), x)
 
 
 class _GatheredInputLinear(torch.autograd.Function):
@@ -57,12 +67,12 @@ class _GatheredInputLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_2d = _rows(grad_out)
         reducing = collectives.matmul_reduce_scatter_start(grad_2d, weight)
         x_all = gathering.wait()
-        grad_weight = grad_2d.t() @ x_all.reshape(-1, x_all.shape[-1])
+        grad_weight = grad_2d.t() @ _rows(x_all)
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return reducing.wait().view_as(x_shard), grad_weight, grad_bias
+        return _shaped_like(reducing.wait(), x_shard), grad_weight, grad_bias
 
 
 class _ReduceScatteredOutputLinear(torch.autograd.Function):
@@ -79,9 +89,9 @@ class _ReduceScatteredOutputLinear(torch.autograd.Function):
     @amp_backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_all, grad_in = collectives.all_gather_matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight)
-        grad_weight = grad_all.t() @ x.reshape(-1, x.shape[-1])
-        return grad_in.view_as(x), grad_weight
+        grad_all, grad_in = collectives.all_gather_matmul(_rows(grad_out), weight)
+        grad_weight = grad_all.t() @ _rows(x)
+        return _shaped_like(grad_in, x), grad_weight
 
 
 class ColumnParallelLinear(torch.nn.Module):
