@@ -26,7 +26,6 @@ peer ranks in gloo excluded), with tiny shapes so that compute is negligible; wa
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import os
 import statistics
@@ -34,49 +33,18 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from benchmarks.bench import SHAPE, device_name, random_qwen3_stack  # noqa: E402
 from benchmarks.timing import save_results  # noqa: E402
+from support.op_counts import count_ops  # noqa: E402
 
 TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
             vocab_size=128, rms_norm_eps=1e-6, rope_theta=1e6)
 CORE_VARIANTS = ("core_tp_prefill", "core_sp_prefill", "core_tp_train", "core_sp_train")
 MEGATRON_VARIANTS = ("megatron_core", "megatron_native_sdpa", "megatron_native")
-COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "symm_mem")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every op that reaches the dispatcher's Python mode, by name (views and no-op ``to`` /
-    ``contiguous`` that return their input without dispatching are not ops)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _split(ops: collections.Counter) -> tuple[int, int]:
-    """(ATen ops, collectives) in a counter."""
-    coll = sum(n for name, n in ops.items() if name.split(".")[0] in COLLECTIVE_NAMESPACES)
-    return sum(ops.values()) - coll, coll
-
-
-def autograd_nodes(out: torch.Tensor) -> int:
-    """Nodes of the graph that backward from ``out`` runs (AccumulateGrad of the parameters included)."""
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return len(seen)
 
 
 def _host_seconds(fn) -> tuple[float, float]:
@@ -106,17 +74,7 @@ def measure(forward, grad=None, reps: int = 100, warmup: int = 5) -> dict:
 
     for _ in range(warmup):
         call()
-    with OpCounter() as fwd:
-        out = forward()
-    result = {"autograd_nodes": autograd_nodes(out) if grad is not None else 0}
-    bwd = OpCounter()
-    if grad is not None:
-        with bwd:
-            out.backward(grad)
-    del out
-    result["aten_fwd"], result["collectives_fwd"] = _split(fwd.ops)
-    result["aten_bwd"], result["collectives_bwd"] = _split(bwd.ops)
-    result["ops_fwd"], result["ops_bwd"] = dict(fwd.ops.most_common()), dict(bwd.ops.most_common())
+    result = count_ops(forward, grad)
     collectives.barrier()
     host, wall = zip(*(_host_seconds(call) for _ in range(reps)))
     result["host_us"] = round(statistics.median(host) * 1e6, 1)

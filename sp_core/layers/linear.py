@@ -163,8 +163,10 @@ class RowParallelLinear(torch.nn.Module):
                 out = _ReduceScatteredOutputLinear.apply(x, self.weight)
             else:
                 out = _reduce_scattered_output_linear(x, self.weight)
-        else:
+        elif torch.is_grad_enabled():
             out = mpu.reduce_from_tp(F.linear(x, self.weight))
+        else:  # f-bar's plain all-reduce, into the partial product this layer just made (no copy of it)
+            out = collectives.all_reduce(F.linear(x, self.weight), in_place=True)
         return out + self.bias if self.bias is not None else out
 
 

@@ -83,15 +83,17 @@ def _gloo(group) -> bool:
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) over TP, in a new tensor."""
+def all_reduce(x: torch.Tensor, op: str = "sum", in_place: bool = False) -> torch.Tensor:
+    """Sum (or max) over TP, in a new tensor; with ``in_place``, into a contiguous ``x`` itself where the
+    route allows (for a partial result that the caller owns and drops: no copy). Use the returned tensor."""
     if ps.tp_size() == 1:
         return x
     if op == "sum" and ps.deterministic():
         return invariant_all_reduce(x)
     communicator = ps.communicator() if op == "sum" else None
     _record("all_reduce", x, communicator)
-    out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
+    # the communicator may reduce in place: the caller's x stays intact unless it gave it away
+    out = x if in_place and x.is_contiguous() else x.contiguous().clone()
     if communicator is not None:
         out = communicator.all_reduce(out)
         activity.leave_collective()
