@@ -17,8 +17,9 @@ The megatron_* variants run forward + backward with Megatron's ``sequence_parall
 Megatron's rotary table is computed once per model, outside the layer, as GPTModel does.
 
 Host time: on CUDA, the wall time to enqueue one call with the device idle at its start (the call's host
-cost as long as it does not wait on the device); on CPU, the calling thread's CPU time per call (waits on
-peer ranks in gloo excluded), with tiny shapes so that compute is negligible; wall time is reported too.
+cost as long as it does not wait on the device: the host syncs inside one call are counted too), and the
+device time per call (events) as wall time; on CPU, the calling thread's CPU time per call (waits on peer
+ranks in gloo excluded), with tiny shapes so that compute is negligible, and the wall time.
 
     python benchmarks/host_overhead.py --tp 1,2 --out out/host          # CPU, gloo, tiny shapes
     python benchmarks/host_overhead.py --tp 4 --out $OUT                # 4 GPUs, Qwen3-8B-shaped, 2K tokens
@@ -47,17 +48,8 @@ CORE_VARIANTS = ("core_tp_prefill", "core_sp_prefill", "core_tp_train", "core_sp
 MEGATRON_VARIANTS = ("megatron_core", "megatron_native_sdpa", "megatron_native")
 
 
-def _host_seconds(fn) -> tuple[float, float]:
-    """(host seconds, wall seconds) of one ``fn()``: see the module docstring."""
-    from sp_core.mpu import platform
-
-    if platform.device_type() != "cpu":
-        platform.synchronize()
-        begin = time.perf_counter()
-        fn()
-        host = time.perf_counter() - begin
-        platform.synchronize()
-        return host, time.perf_counter() - begin
+def _cpu_seconds(fn) -> tuple[float, float]:
+    """(the calling thread's CPU seconds, wall seconds) of one ``fn()``."""
     begin, begin_cpu = time.perf_counter(), time.thread_time()
     fn()
     return time.thread_time() - begin_cpu, time.perf_counter() - begin
@@ -65,7 +57,9 @@ def _host_seconds(fn) -> tuple[float, float]:
 
 def measure(forward, grad=None, reps: int = 100, warmup: int = 5) -> dict:
     """Counts and host time of ``forward()`` (then ``out.backward(grad)`` when ``grad`` is given)."""
-    from sp_core.mpu import collectives
+    from benchmarks.bench import host_side
+    from benchmarks.timing import timed
+    from sp_core.mpu import collectives, platform
 
     def call():
         out = forward()
@@ -76,9 +70,15 @@ def measure(forward, grad=None, reps: int = 100, warmup: int = 5) -> dict:
         call()
     result = count_ops(forward, grad)
     collectives.barrier()
-    host, wall = zip(*(_host_seconds(call) for _ in range(reps)))
-    result["host_us"] = round(statistics.median(host) * 1e6, 1)
-    result["wall_us"] = round(statistics.median(wall) * 1e6, 1)
+    if platform.device_type() == "cuda":  # enqueue time and host syncs (bench.host_side), device wall time
+        host = host_side(call, reps)
+        wall_ms, _ = timed(call, reps, warmup=0)
+        result.update(host_us=round(host["enqueue_ms"] * 1e3, 1), wall_us=round(wall_ms * 1e3, 1),
+                      host_syncs=host["host_syncs"], first_sync=host["first_sync"])
+        return result
+    host, wall = zip(*(_cpu_seconds(call) for _ in range(reps)))
+    result.update(host_us=round(statistics.median(host) * 1e6, 1), wall_us=round(statistics.median(wall) * 1e6, 1),
+                  host_syncs=0)
     return result
 
 
@@ -168,15 +168,16 @@ def markdown(results: dict) -> str:
     lines = [f"Device: {results['device']}; torch {results['torch']}; {results['date']}; shape {results['shape_name']}, "
              f"{results['tokens']} tokens, {results['dtype']}; host time = {results['host_time']}; "
              f"command: `{results['command']}`", "",
-             "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | wall µs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | wall µs | "
+             "host syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for name in CORE_VARIANTS + MEGATRON_VARIANTS:
             r = row.get(name)
             if r is None:
                 continue
             lines.append(f"| {row['tp']} | {name} | {r['aten_fwd']} | {r['aten_bwd']} | {r['autograd_nodes']} | "
-                         f"{r['collectives_fwd']} + {r['collectives_bwd']} | {r['host_us']:.0f} | {r['wall_us']:.0f} |")
+                         f"{r['collectives_fwd']} + {r['collectives_bwd']} | {r['host_us']:.0f} | {r['wall_us']:.0f} | "
+                         f"{r['host_syncs']} |")
     ratios = [(row["tp"], native, row["megatron_core"]["host_us"] / row[native]["host_us"])
               for row in results["rows"] for native in ("megatron_native_sdpa", "megatron_native")
               if "megatron_core" in row and native in row]
@@ -209,7 +210,7 @@ def main():
     results = {"device": device_name() if cuda else platform.device_type(), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
                "shape_name": args.shape, "shape": shape, "tokens": args.tokens, "dtype": str(dtype).split(".")[-1],
-               "host_time": "enqueue wall time (device idle at start)" if platform.device_type() != "cpu"
+               "host_time": "enqueue time (device idle at start); wall = device time (events)" if cuda
                else "calling thread's CPU time", "rows": []}
     for t in (int(x) for x in args.tp.split(",")):
         row = run(t, shape, args.tokens, dtype, args.reps, variants)

@@ -76,8 +76,8 @@ def counting() -> Iterator[Dict[str, int]]:
         result.update({k: v for k, v in after.items() if v})
 
 
-def _gloo(group) -> bool:
-    return dist.get_backend(group) == "gloo"
+def _gloo() -> bool:
+    return ps.tp_backend() == "gloo"
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -100,7 +100,7 @@ def all_reduce(x: torch.Tensor, op: str = "sum", in_place: bool = False) -> torc
         return out
     op = _REDUCE_OPS[op]
     group = ps.tp_group()
-    if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
+    if _gloo() and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
         wide = out.float()
         dist.all_reduce(wide, op=op, group=group)
         activity.leave_collective()
@@ -185,7 +185,7 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
     _record("reduce_scatter", x)
     group = ps.tp_group()
     x = x.contiguous()
-    wide = x.float() if _gloo(group) and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
+    wide = x.float() if _gloo() and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
     out = _rows_over(wide, t)
     work = _reduce_scatter_tensor(out, wide, group=group, async_op=True)
     return Pending(out, work, x.dtype if wide.dtype != x.dtype else None)
@@ -230,7 +230,7 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if ps.communicator() is not None:
         return _reduce_scatter_through(ps.communicator(), x)
     group = ps.tp_group()
-    if _gloo(group) and x.dtype == torch.bfloat16:  # gloo sums bf16 too coarsely: the float32 route
+    if _gloo() and x.dtype == torch.bfloat16:  # gloo sums bf16 too coarsely: the float32 route
         return reduce_scatter_start(x).wait()
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
