@@ -1,6 +1,6 @@
-"""Host-side cost of one decoder layer (Qwen3; DeepSeek-V3's MoE layer): what Python and the dispatcher do per call, apart from the
-kernels. A launch-bound step (the GPU waiting on the host, docs/benchmarks.md "Round 3") gets faster only
-by issuing fewer ops, or cheaper ones; this counts them.
+"""Host-side cost of one decoder layer (Qwen3; DeepSeek-V3's MoE layer): what Python and the dispatcher do
+per call, apart from the kernels. A launch-bound step (the GPU waiting on the host, docs/benchmarks.md
+"Round 3") gets faster only by issuing fewer ops, or cheaper ones; this counts them.
 
 Per variant, on rank 0: ATen ops dispatched (a TorchDispatchMode counter; forward and backward apart),
 autograd nodes the forward records, collectives issued (c10d ops seen by the same counter, so Megatron's
@@ -221,11 +221,11 @@ def run(tp: int, setting: Setting) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Device: {results['device']}; torch {results['torch']}; {results['date']}; shape {results['shape_name']}, "
-             f"{results['tokens']} tokens, {results['dtype']}; host time = {results['host_time']}; "
+    lines = [f"Device: {results['device']}; torch {results['torch']}; {results['date']}; "
+             f"shape {results['shape_name']}, {results['tokens']} tokens, {results['dtype']}; host time = {results['host_time']}; "
              f"command: `{results['command']}`", "",
-             "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | wall µs | "
-             "host syncs |", "|---|---|---|---|---|---|---|---|---|"]
+             "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | "
+             "wall µs | host syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for name in ALL_VARIANTS:
             r = row.get(name)
@@ -256,8 +256,8 @@ def main():
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--out", default="out/host_overhead")
     parser.add_argument("--cprofile", action="store_true",
-                        help="also write rank 0's cProfile of 20 calls per variant to OUT/cprofile/ (on CUDA, backward "
-                        "runs in autograd's device thread, which it does not see)")
+                        help="also write rank 0's cProfile of 20 calls per variant to OUT/cprofile/ (on CUDA, "
+                        "backward runs in autograd's device thread, which it does not see)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(ALL_VARIANTS))

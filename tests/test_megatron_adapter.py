@@ -196,8 +196,10 @@ def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
     # partial gradients (2 all-reduces, which Megatron leaves to finalize_model_grads)
     for sp, (core, native, issued) in ((True, on[0][2]), (False, off[0][2])):
         for phase in ("fwd", "bwd"):
-            assert core[f"aten_{phase}"] <= native[f"aten_{phase}"], (sp, phase, core[f"ops_{phase}"], native[f"ops_{phase}"])
-        assert (core["collectives_fwd"], core["collectives_bwd"]) == (native["collectives_fwd"], native["collectives_bwd"] + 2)
+            assert core[f"aten_{phase}"] <= native[f"aten_{phase}"], (sp, phase, core[f"ops_{phase}"],
+                                                                      native[f"ops_{phase}"])
+        assert (core["collectives_fwd"], core["collectives_bwd"]) == (native["collectives_fwd"],
+                                                                      native["collectives_bwd"] + 2)
         assert issued == ({"all_gather": 6, "reduce_scatter": 4, "all_reduce": 2} if sp else {"all_reduce": 6}), issued
 
 
