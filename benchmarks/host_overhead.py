@@ -222,8 +222,8 @@ def run(tp: int, setting: Setting) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"Device: {results['device']}; torch {results['torch']}; {results['date']}; "
-             f"shape {results['shape_name']}, {results['tokens']} tokens, {results['dtype']}; host time = {results['host_time']}; "
-             f"command: `{results['command']}`", "",
+             f"shape {results['shape_name']}, {results['tokens']} tokens, {results['dtype']}; "
+             f"host time = {results['host_time']}; command: `{results['command']}`", "",
              "| t | variant | ATen ops fwd | ATen ops bwd | autograd nodes | collectives fwd + bwd | host µs | "
              "wall µs | host syncs |", "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
