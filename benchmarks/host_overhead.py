@@ -75,15 +75,23 @@ class Setting:
 
 
 def _cprofile_text(call, calls: int = 20, top: int = 40) -> str:
-    """cProfile of ``calls`` calls of ``call``, the ``top`` functions by own time."""
+    """cProfile of ``calls`` calls of ``call``, the ``top`` functions by own time; then torch.profiler's ops by
+    self CPU time, which also sees the autograd threads (on CUDA the backward runs in one; cProfile misses it)."""
     import cProfile
     import io
     import pstats
+
+    from torch.profiler import ProfilerActivity, profile
 
     profiler = cProfile.Profile()
     profiler.runcall(lambda: [call() for _ in range(calls)])
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    with profile(activities=[ProfilerActivity.CPU]) as ops:
+        for _ in range(calls):
+            call()
+    text.write(f"\ntorch.profiler, {calls} calls, CPU ops by self time:\n")
+    text.write(ops.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     return text.getvalue()
 
 
@@ -256,8 +264,8 @@ def main():
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--out", default="out/host_overhead")
     parser.add_argument("--cprofile", action="store_true",
-                        help="also write rank 0's cProfile of 20 calls per variant to OUT/cprofile/ (on CUDA, "
-                        "backward runs in autograd's device thread, which it does not see)")
+                        help="also write rank 0's cProfile and torch.profiler CPU-op table of 20 calls per variant "
+                        "to OUT/cprofile/")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
