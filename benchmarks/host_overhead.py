@@ -125,6 +125,18 @@ def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
     return result
 
 
+def _report(name: str, result: dict) -> dict:
+    """``result``, announced by rank 0 as it comes (a long GPU call shows how far it got)."""
+    from sp_core import mpu
+    from sp_core.mpu import launch
+
+    if mpu.tp_rank() == 0:
+        launch.progress(f"t={mpu.tp_size()} {name}: {result['aten_fwd']} + {result['aten_bwd']} ATen ops, "
+                        f"{result['collectives_fwd']} + {result['collectives_bwd']} collectives, "
+                        f"host {result['host_us']:.0f} us, wall {result['wall_us']:.0f} us")
+    return result
+
+
 def _layer_variants(prefix: str, layer, hidden_size: int, setting: Setting) -> dict:
     """``{prefix}_{tp|sp}_{prefill|train}`` among ``variants``: ``layer(x, positions, batch, tokens)`` on this
     rank's rows of one packed sequence, SP off / on, no grad / forward + backward."""
@@ -143,8 +155,8 @@ def _layer_variants(prefix: str, layer, hidden_size: int, setting: Setting) -> d
         x = torch.randn(tokens // t if sp and t > 1 else tokens, hidden_size, device=device, dtype=setting.dtype,
                         requires_grad=train)
         with torch.set_grad_enabled(train):
-            out[name] = measure(lambda: layer(x, positions, batch, tokens), torch.randn_like(x) if train else None,
-                                setting)
+            out[name] = _report(name, measure(lambda: layer(x, positions, batch, tokens),
+                                              torch.randn_like(x) if train else None, setting))
         layer.zero_grad(set_to_none=True)
     mpu.set_sequence_parallel(True)
     return out
@@ -204,7 +216,7 @@ def _megatron_variants(setting: Setting) -> dict:
             if cpu and variant == "native":
                 kwargs["attention_mask"] = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu(1)
         with _cpu_shim_mode_off() if cpu else contextlib.nullcontext():
-            out[name] = measure(lambda: layer(x, **kwargs)[0], torch.randn_like(x), setting)
+            out[name] = _report(name, measure(lambda: layer(x, **kwargs)[0], torch.randn_like(x), setting))
         model = layer = None
     return out
 
@@ -287,11 +299,8 @@ def main():
                 with open(os.path.join(args.out, "cprofile", f"t{t}_{name}.txt"), "w") as f:
                     f.write(row[name].pop("cprofile"))
         results["rows"].append(row)
-        print(f"t={t}: " + ", ".join(f"{v} {row[v]['aten_fwd']}+{row[v]['aten_bwd']} ops {row[v]['host_us']:.0f} us"
-                                     for v in ALL_VARIANTS if v in row), flush=True)
-    text = markdown(results)
-    save_results(args.out, results, text)
-    print(text)
+        save_results(args.out, results, markdown(results))  # after each t: a call cut short keeps what ran
+    print(markdown(results))
 
 
 if __name__ == "__main__":
