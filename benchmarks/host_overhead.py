@@ -23,8 +23,8 @@ cost as long as it does not wait on the device: the host syncs inside one call a
 device time per call (events) as wall time; on CPU, the calling thread's CPU time per call (waits on peer
 ranks in gloo excluded), with tiny shapes so that compute is negligible, and the wall time.
 
-    python benchmarks/host_overhead.py --tp 1,2 --out out/host          # CPU, gloo, tiny shapes
-    python benchmarks/host_overhead.py --tp 4 --out $OUT                # 4 GPUs, Qwen3-8B-shaped, 2K tokens
+    python benchmarks/host_overhead.py --tp 1,2 --variants all --out out/host   # CPU, gloo, tiny shapes
+    python benchmarks/host_overhead.py --tp 4 --out $OUT         # 4 GPUs, Qwen3-8B-shaped, 2K tokens (+ --variants all)
 """
 from __future__ import annotations
 
@@ -272,14 +272,16 @@ def main():
     parser.add_argument("--tp", default="4" if cuda else "1,2")
     parser.add_argument("--shape", choices=("qwen3-8b", "tiny"), default="qwen3-8b" if cuda else "tiny")
     parser.add_argument("--tokens", type=int, default=2048 if cuda else 16)
-    parser.add_argument("--reps", type=int, default=50 if cuda else 200)
-    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--reps", type=int, default=30 if cuda else 200)
+    parser.add_argument("--variants", default=",".join(CORE_VARIANTS + MEGATRON_VARIANTS),
+                        help="comma-separated, or 'all' (adds the DeepSeek-V3 MoE layer: on GPU a V3-sized layer, "
+                        "~10 s more to build and time)")
     parser.add_argument("--out", default="out/host_overhead")
     parser.add_argument("--cprofile", action="store_true",
                         help="also write rank 0's cProfile and torch.profiler CPU-op table of 20 calls per variant "
                         "to OUT/cprofile/")
     args = parser.parse_args()
-    variants = args.variants.split(",")
+    variants = list(ALL_VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = sorted(set(variants) - set(ALL_VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose among {list(ALL_VARIANTS)}")
