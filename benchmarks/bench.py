@@ -26,10 +26,10 @@ SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, he
              intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
 
 
-def qwen3_config(layers: int):
+def qwen3_config(layers: int, shape: dict = SHAPE):
     from sp_core.models import ModelConfig
 
-    return ModelConfig.from_dict(dict(SHAPE, architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,
+    return ModelConfig.from_dict(dict(shape, architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,
                                       max_position_embeddings=40960))
 
 
@@ -125,16 +125,17 @@ def host_side(fn, iters: int = 5) -> dict:
             "first_sync": syncs[0] if syncs else ""}
 
 
-def random_qwen3_stack(layers: int):
-    """(config, ``layers`` Qwen3-8B-shaped decoder layers with random bf16 weights on the GPU)."""
+def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
+    """(config, ``layers`` Qwen3 decoder layers of ``shape`` (Qwen3-8B's by default) with random weights of
+    ``dtype`` on this rank's device)."""
     from sp_core.models.qwen import qwen_decoder_layer
 
     torch.manual_seed(0)
-    cfg = qwen3_config(layers)
+    cfg = qwen3_config(layers, shape)
     from sp_core.mpu import platform
 
     with torch.device(platform.current_device()):
-        stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=torch.bfloat16) for _ in range(layers))
+        stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=dtype) for _ in range(layers))
     for p in stack.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return cfg, stack

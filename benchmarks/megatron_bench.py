@@ -56,23 +56,24 @@ class SDPACoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).flatten(2)
 
 
-def _config(layers: int, tp: int):
+def _config(layers: int, tp: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from sp_core.mpu import platform
 
     return TransformerConfig(
-        num_layers=layers, hidden_size=SHAPE["hidden_size"], num_attention_heads=SHAPE["num_attention_heads"],
-        num_query_groups=SHAPE["num_key_value_heads"], kv_channels=SHAPE["head_dim"],
-        ffn_hidden_size=SHAPE["intermediate_size"], normalization="RMSNorm", layernorm_epsilon=1e-6,
-        gated_linear_unit=True, add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, sequence_parallel=True, bf16=True, params_dtype=torch.bfloat16,
+        num_layers=layers, hidden_size=shape["hidden_size"], num_attention_heads=shape["num_attention_heads"],
+        num_query_groups=shape["num_key_value_heads"], kv_channels=shape["head_dim"],
+        ffn_hidden_size=shape["intermediate_size"], normalization="RMSNorm", layernorm_epsilon=shape["rms_norm_eps"],
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, qk_layernorm=True, hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp, sequence_parallel=tp > 1, bf16=dtype == torch.bfloat16, params_dtype=dtype,
         gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False,
         use_cpu_initialization=platform.device_type() == "cpu")
 
 
-def _model(variant: str, layers: int, tp: int, tokens: int):
+def _model(variant: str, layers: int, tp: int, tokens: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -81,22 +82,24 @@ def _model(variant: str, layers: int, tp: int, tokens: int):
 
     from sp_core.mpu import platform
 
-    config = _config(layers, tp)
+    config = _config(layers, tp, shape, dtype)
     if variant in ("native", "native_sdpa"):
         layer = local_gpt_layer_spec(qk_layernorm=True, normalization="RMSNorm")
         if variant == "native_sdpa":
             layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
         spec = TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelNorm)
-        kwargs = dict(position_embedding_type="rope", rotary_base=int(SHAPE["rope_theta"]))
+        kwargs = dict(position_embedding_type="rope", rotary_base=int(shape["rope_theta"]))
     else:
-        spec = get_sp_core_block_spec(layers, rope_theta=SHAPE["rope_theta"])
+        spec = get_sp_core_block_spec(layers, rope_theta=shape["rope_theta"])
         kwargs = dict(position_embedding_type="none")
     with torch.device(platform.current_device()):
-        model = GPTModel(config, spec, vocab_size=SHAPE["vocab_size"], max_sequence_length=tokens, **kwargs)
+        model = GPTModel(config, spec, vocab_size=shape["vocab_size"], max_sequence_length=tokens, **kwargs)
     return model.to(platform.current_device())
 
 
-def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), profile=False):
+def setup_megatron_rank() -> int:
+    """In a launched rank: Megatron's parallel state over sp_core's TP size (and, on CPU, the test-support
+    shims megatron-core needs there); returns the TP size."""
     from megatron.core import parallel_state, tensor_parallel
 
     from sp_core import mpu
@@ -106,10 +109,17 @@ def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), pro
         from support.megatron_cpu import install_megatron_cpu_shims
 
         install_megatron_cpu_shims()
-    device = platform.current_device()
     tp = mpu.tp_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    return tp
+
+
+def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), profile=False):
+    from sp_core.mpu import platform
+
+    tp = setup_megatron_rank()
+    device = platform.current_device()
     rows = []
     for tokens in tokens_list:
         row = {"tp": tp, "tokens": tokens}

@@ -152,7 +152,34 @@ def _gpt_model_with_core_layers(sp):
             grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
         optimizer.step()
         losses.append(float(out[0]["lm loss"]))
-    return losses, grads
+    return losses, grads, _one_layer_op_counts(config)
+
+
+def _one_layer_op_counts(config):
+    """What one decoder layer's forward + backward dispatches (benchmarks/host_overhead.py measures the
+    time): the core's layer from the spec, and Megatron-native's local-spec layer of the same config (both
+    outside DDP, whose gradient hooks would add their own ops)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from sp_core import mpu
+    from sp_core_megatron import get_sp_core_block_spec
+    from support.megatron_cpu import SequenceParallelNorm, local_gpt_layer_spec
+    from support.op_counts import count_ops
+
+    core_model = GPTModel(config, get_sp_core_block_spec(2), vocab_size=64, max_sequence_length=16,
+                          position_embedding_type="none")
+    layer = local_gpt_layer_spec(qk_layernorm=True, normalization="RMSNorm")
+    native = GPTModel(config, TransformerBlockSubmodules(layer_specs=[layer] * 2, layer_norm=SequenceParallelNorm),
+                      vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
+    s, b = 16, 2
+    x = torch.randn(s // mpu.tp_size() if config.sequence_parallel else s, b, config.hidden_size, requires_grad=True)
+    with mpu.counting_collectives() as issued:
+        core = count_ops(lambda: core_model.decoder.layers[0](x)[0], torch.ones_like(x))
+    rope = native.rotary_pos_emb(s)
+    reference = count_ops(lambda: native.decoder.layers[0](x, attention_mask=None, rotary_pos_emb=rope)[0],
+                          torch.ones_like(x))
+    return core, reference, dict(issued)
 
 
 def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
@@ -164,6 +191,16 @@ def test_megatron_gpt_model_with_core_layer_spec_sp_on_equals_off():
             assert abs(a - b) <= 1e-5, (on[rank][0], off[rank][0])
         for name, grad in off[rank][1].items():
             assert rel(on[rank][1][name], grad) <= 1e-5, f"rank {rank}: {name}"
+    # host work per layer (issue 19): the core's layer dispatches no more ATen ops than Megatron's own, forward
+    # and backward; it issues Megatron's collectives plus, in backward, the sums of the q/k-norm weights'
+    # partial gradients (2 all-reduces, which Megatron leaves to finalize_model_grads)
+    for sp, (core, native, issued) in ((True, on[0][2]), (False, off[0][2])):
+        for phase in ("fwd", "bwd"):
+            assert core[f"aten_{phase}"] <= native[f"aten_{phase}"], (sp, phase, core[f"ops_{phase}"],
+                                                                      native[f"ops_{phase}"])
+        assert (core["collectives_fwd"], core["collectives_bwd"]) == (native["collectives_fwd"],
+                                                                      native["collectives_bwd"] + 2)
+        assert issued == ({"all_gather": 6, "reduce_scatter": 4, "all_reduce": 2} if sp else {"all_reduce": 6}), issued
 
 
 def test_train_command_reports_progress_and_exports(ckpts, tmp_path, capfd):

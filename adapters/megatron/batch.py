@@ -113,8 +113,8 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     if batch.allowed is None and topk_indices is None and mpu.deterministic():
         return _per_sequence_core_kernel(q, k, v, s, b, scale)
 
-    def grid(x):  # [s*b, heads, d] -> [b, heads, s, d]
-        return x[: s * b].unflatten(0, (s, b)).permute(1, 2, 0, 3)
+    def grid(x):  # [s*b (+ SP padding), heads, d] -> [b, heads, s, d]
+        return (x if x.shape[0] == s * b else x[: s * b]).unflatten(0, (s, b)).permute(1, 2, 0, 3)
 
     k, v = expand_kv(q, k), expand_kv(q, v)
     allowed = batch.allowed

@@ -7,6 +7,7 @@ by ``transformer_config_from_hf``): the whole attention module and the whole MLP
 core's, since Megatron's MLA accepts only its own linear classes for the down-projections."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -89,7 +90,7 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
             if cu_seqlens is not None:
                 positions = document_positions(cu_seqlens, s)
             else:
-                positions = torch.arange(s, device=hidden_states.device).repeat_interleave(b)  # s-major tokens
+                positions = _s_major_positions(s, b, hidden_states.device)
             batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params)
             tokens = hidden_states.reshape(rows * b, h)
             if isinstance(self.layer, DeepseekDecoderLayer):  # Megatron's SP needs s divisible by t: no padding
@@ -97,6 +98,13 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
             else:
                 out = self.layer(tokens, positions, batch)
         return out.view(rows, b, h), None
+
+
+@functools.lru_cache(maxsize=8)
+def _s_major_positions(s: int, b: int, device: torch.device) -> torch.Tensor:
+    """The position of each row of an [s, b] token grid viewed as [s*b]: built once, not by every layer of
+    every step (nothing writes to it; the rotary saves it for backward, where a write would be caught)."""
+    return torch.arange(s, device=device).repeat_interleave(b)
 
 
 class SPCoreFinalNorm(RMSNorm):

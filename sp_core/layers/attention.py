@@ -95,7 +95,7 @@ class SelfAttention(torch.nn.Module):
         super().__init__()
         shards = head_split(num_heads, num_kv_heads, head_dim)
         self.head_dim = head_dim
-        self.q_size, self.kv_size = shards[0].local, shards[1].local
+        self.q_heads, self.kv_heads = shards[0].local // head_dim, shards[1].local // head_dim  # on this rank
         self.qkv_proj = ColumnParallelLinear.packed(hidden_size, shards, bias=qkv_bias, dtype=dtype)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, dtype=dtype)
         self.q_norm = RMSNorm(head_dim, eps, per_head_on_tp_shard=True, dtype=dtype) if qk_norm else None
@@ -104,9 +104,7 @@ class SelfAttention(torch.nn.Module):
         self.kernel = kernel
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.unflatten(-1, (-1, self.head_dim))
-        k = k.unflatten(-1, (-1, self.head_dim))
-        v = v.unflatten(-1, (-1, self.head_dim))
+        heads = self.qkv_proj(hidden).unflatten(-1, (-1, self.head_dim))  # [T, q + k + v heads, d]: one view
+        q, k, v = heads.split([self.q_heads, self.kv_heads, self.kv_heads], dim=-2)
         q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         return self.o_proj(self.kernel(q, k, v, batch).flatten(-2))

@@ -23,6 +23,29 @@ def _divide(total: int, t: int, what: str) -> int:
     return total // t
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features]; a 2-D x (token-major, the usual case) as it is: a view is an op too, and
+    every op costs host time."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _shaped_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[rows, n] back to x's leading dims (rows free: a gather or a scatter changed them)."""
+    return out if x.dim() == 2 else out.view(-1, *x.shape[1:-1], out.shape[-1])
+
+
+def _gathered_input_linear(x_shard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """g(x) @ W^T + b (the forward of ``_GatheredInputLinear``; alone where no gradient is recorded)."""
+    _, out = collectives.all_gather_matmul(_rows(x_shard), weight.t())
+    out = _shaped_like(out, x_shard)
+    return out + bias if bias is not None else out
+
+
+def _reduce_scattered_output_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g-bar(x @ W^T) (the forward of ``_ReduceScatteredOutputLinear``; alone where no gradient is recorded)."""
+    return _shaped_like(collectives.matmul_reduce_scatter(_rows(x), weight.t()), x)
+
+
 class _GatheredInputLinear(torch.autograd.Function):
     """y = g(x) @ W^T + b, saving the token shard x (not the gathered input) for backward.
 
@@ -37,21 +60,19 @@ class _GatheredInputLinear(torch.autograd.Function):
     def forward(ctx, x_shard, weight, bias):
         ctx.save_for_backward(x_shard, weight)
         ctx.has_bias = bias is not None
-        _, out = collectives.all_gather_matmul(x_shard.reshape(-1, x_shard.shape[-1]), weight.t())
-        out = out.view(-1, *x_shard.shape[1:-1], weight.shape[0])
-        return out + bias if bias is not None else out
+        return _gathered_input_linear(x_shard, weight, bias)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
         gathering = collectives.all_gather_start(x_shard)
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_2d = _rows(grad_out)
         reducing = collectives.matmul_reduce_scatter_start(grad_2d, weight)
         x_all = gathering.wait()
-        grad_weight = grad_2d.t() @ x_all.reshape(-1, x_all.shape[-1])
+        grad_weight = grad_2d.t() @ _rows(x_all)
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return reducing.wait().view_as(x_shard), grad_weight, grad_bias
+        return _shaped_like(reducing.wait(), x_shard), grad_weight, grad_bias
 
 
 class _ReduceScatteredOutputLinear(torch.autograd.Function):
@@ -62,16 +83,15 @@ class _ReduceScatteredOutputLinear(torch.autograd.Function):
     @amp_forward
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        out = collectives.matmul_reduce_scatter(x.reshape(-1, x.shape[-1]), weight.t())
-        return out.view(-1, *x.shape[1:-1], weight.shape[0])
+        return _reduce_scattered_output_linear(x, weight)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_all, grad_in = collectives.all_gather_matmul(grad_out.reshape(-1, grad_out.shape[-1]), weight)
-        grad_weight = grad_all.t() @ x.reshape(-1, x.shape[-1])
-        return grad_in.view_as(x), grad_weight
+        grad_all, grad_in = collectives.all_gather_matmul(_rows(grad_out), weight)
+        grad_weight = grad_all.t() @ _rows(x)
+        return _shaped_like(grad_in, x), grad_weight
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -93,6 +113,7 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def _make_parameters(self, input_size: int, shards: Sequence[Shard], bias: bool, dtype) -> None:
         self.shards: List[Shard] = list(shards)
+        self._replicated_rows = any(s.replicas > 1 for s in self.shards)
         local = sum(s.local for s in self.shards)
         self.input_size, self.output_size_per_partition = input_size, local
         self.weight = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
@@ -106,7 +127,7 @@ class ColumnParallelLinear(torch.nn.Module):
     def _summed_over_replicas(self, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Rows that several ranks hold alike (KV heads fewer than t) each see only this rank's query
         heads, so their gradient is summed over those ranks; other rows pass through untouched."""
-        if param is None or not torch.is_grad_enabled() or all(s.replicas == 1 for s in self.shards):
+        if param is None or not self._replicated_rows or not torch.is_grad_enabled():
             return param
         pieces = param.split([s.local for s in self.shards])
         return torch.cat([mpu.copy_to_replicas(p, s.replicas) for p, s in zip(pieces, self.shards)])
@@ -114,7 +135,9 @@ class ColumnParallelLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self._summed_over_replicas(self.weight), self._summed_over_replicas(self.bias)
         if mpu.sequence_parallel_active():
-            return _GatheredInputLinear.apply(x, weight, bias)
+            if torch.is_grad_enabled():
+                return _GatheredInputLinear.apply(x, weight, bias)
+            return _gathered_input_linear(x, weight, bias)
         return F.linear(mpu.copy_to_tp(x), weight, bias)
 
 
@@ -136,9 +159,14 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if mpu.sequence_parallel_active():
-            out = _ReduceScatteredOutputLinear.apply(x, self.weight)
-        else:
+            if torch.is_grad_enabled():
+                out = _ReduceScatteredOutputLinear.apply(x, self.weight)
+            else:
+                out = _reduce_scattered_output_linear(x, self.weight)
+        elif torch.is_grad_enabled():
             out = mpu.reduce_from_tp(F.linear(x, self.weight))
+        else:  # f-bar's plain all-reduce, into the partial product this layer just made (no copy of it)
+            out = collectives.all_reduce(F.linear(x, self.weight), in_place=True)
         return out + self.bias if self.bias is not None else out
 
 

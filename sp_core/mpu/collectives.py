@@ -76,29 +76,31 @@ def counting() -> Iterator[Dict[str, int]]:
         result.update({k: v for k, v in after.items() if v})
 
 
-def _gloo(group) -> bool:
-    return dist.get_backend(group) == "gloo"
+def _gloo() -> bool:
+    return ps.tp_backend() == "gloo"
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
-def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) over TP, in a new tensor."""
+def all_reduce(x: torch.Tensor, op: str = "sum", in_place: bool = False) -> torch.Tensor:
+    """Sum (or max) over TP, in a new tensor; with ``in_place``, into a contiguous ``x`` itself where the
+    route allows (for a partial result that the caller owns and drops: no copy). Use the returned tensor."""
     if ps.tp_size() == 1:
         return x
     if op == "sum" and ps.deterministic():
         return invariant_all_reduce(x)
     communicator = ps.communicator() if op == "sum" else None
     _record("all_reduce", x, communicator)
-    out = x.contiguous().clone()  # the communicator may reduce in place; the caller's x stays intact
+    # the communicator may reduce in place: the caller's x stays intact unless it gave it away
+    out = x if in_place and x.is_contiguous() else x.contiguous().clone()
     if communicator is not None:
         out = communicator.all_reduce(out)
         activity.leave_collective()
         return out
     op = _REDUCE_OPS[op]
     group = ps.tp_group()
-    if _gloo(group) and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
+    if _gloo() and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
         wide = out.float()
         dist.all_reduce(wide, op=op, group=group)
         activity.leave_collective()
@@ -183,7 +185,7 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
     _record("reduce_scatter", x)
     group = ps.tp_group()
     x = x.contiguous()
-    wide = x.float() if _gloo(group) and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
+    wide = x.float() if _gloo() and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
     out = _rows_over(wide, t)
     work = _reduce_scatter_tensor(out, wide, group=group, async_op=True)
     return Pending(out, work, x.dtype if wide.dtype != x.dtype else None)
@@ -228,7 +230,7 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if ps.communicator() is not None:
         return _reduce_scatter_through(ps.communicator(), x)
     group = ps.tp_group()
-    if _gloo(group) and x.dtype == torch.bfloat16:  # gloo sums bf16 too coarsely: the float32 route
+    if _gloo() and x.dtype == torch.bfloat16:  # gloo sums bf16 too coarsely: the float32 route
         return reduce_scatter_start(x).wait()
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
@@ -332,6 +334,11 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``reduce_scatter(a @ b)`` now: unfused, the synchronous collective (as ``all_gather``: an async
+    start and its wait cost host time that nothing overlaps here)."""
+    t = ps.tp_size()
+    if t > 1 and _fusion("matmul_reduce_scatter", a.shape[0], t) == "off":
+        return reduce_scatter(a @ b)
     return matmul_reduce_scatter_start(a, b).wait()
 
 

@@ -12,7 +12,8 @@ Function each, and the two edges of the sequence-parallel region.
     g, many  gather_from_sp_packed one all-gather| reduce-scatter of each gradient
     a2a      all_to_all_tp         all-to-all    | all-to-all with the splits swapped (expert dispatch)
 
-All act on dim 0 (tokens). Under no-grad they are plain collectives.
+All act on dim 0 (tokens). Where autograd records nothing (no-grad, or an input that needs no gradient)
+they are the plain forward collectives, called without an autograd Function (serving's host cost).
 """
 from __future__ import annotations
 
@@ -148,34 +149,49 @@ class _AllToAll(torch.autograd.Function):
         return c.all_to_all(grad, recv_rows, send_rows), None, None
 
 
+def _recorded(x: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``x`` (else an operator needs no backward)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
     """f: the input of a TP region (identity forward, all-reduce of the gradient)."""
-    return _CopyToTP.apply(x) if ps.tp_size() > 1 else x
+    return _CopyToTP.apply(x) if ps.tp_size() > 1 and _recorded(x) else x
 
 
 def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
     """f-bar: sum the partial outputs of a TP region (all-reduce forward, identity backward)."""
-    return _ReduceFromTP.apply(x) if ps.tp_size() > 1 else x
+    if ps.tp_size() == 1:
+        return x
+    return _ReduceFromTP.apply(x) if _recorded(x) else c.all_reduce(x)
 
 
 def gather_from_sp(x: torch.Tensor) -> torch.Tensor:
     """g: token shard -> all tokens, into a TP region whose ranks each produce a partial gradient."""
-    return _GatherFromSP.apply(x) if ps.tp_size() > 1 else x
+    if ps.tp_size() == 1:
+        return x
+    return _GatherFromSP.apply(x) if _recorded(x) else c.all_gather(x)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
     """g-bar: partial sums over all tokens -> the summed token shard."""
-    return _ReduceScatterToSP.apply(x) if ps.tp_size() > 1 else x
+    if ps.tp_size() == 1:
+        return x
+    return _ReduceScatterToSP.apply(x) if _recorded(x) else c.reduce_scatter(x)
 
 
 def scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
     """Replicated tokens -> this rank's token shard."""
-    return _ScatterToSP.apply(x) if ps.tp_size() > 1 else x
+    if ps.tp_size() == 1:
+        return x
+    return _ScatterToSP.apply(x) if _recorded(x) else c.split(x)
 
 
 def gather_to_replicated(x: torch.Tensor) -> torch.Tensor:
     """Token shard -> all tokens, for computation that every rank then repeats identically."""
-    return _GatherToReplicated.apply(x) if ps.tp_size() > 1 else x
+    if ps.tp_size() == 1:
+        return x
+    return _GatherToReplicated.apply(x) if _recorded(x) else c.all_gather(x)
 
 
 def gather_from_sp_packed(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -36,6 +36,7 @@ class _State:
     owns_group: bool
     communicator: Optional[Any] = None
     deterministic: bool = False
+    backend: Optional[str] = None  # the group's collective backend, asked once (collectives ask per call)
 
 
 _STATE: Optional[_State] = None
@@ -63,7 +64,8 @@ def initialize(tp_size: int, sequence_parallel: bool = True, backend: Optional[s
         group = dist.new_group(ranks)  # every rank must call new_group for every group
         if rank in ranks:
             mine = group
-    _STATE = _State(mine, rank % tp_size, tp_size, sequence_parallel and tp_size > 1, owns_group=True)
+    _STATE = _State(mine, rank % tp_size, tp_size, sequence_parallel and tp_size > 1, owns_group=True,
+                    backend=dist.get_backend(mine))
 
 
 def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, communicator: Any = None) -> None:
@@ -79,7 +81,8 @@ def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, co
         size, rank = 1, 0
     else:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-    _STATE = _State(group, rank, size, sequence_parallel and size > 1, owns_group=False, communicator=communicator)
+    _STATE = _State(group, rank, size, sequence_parallel and size > 1, owns_group=False, communicator=communicator,
+                    backend=dist.get_backend(group) if group is not None else None)
 
 
 @contextlib.contextmanager
@@ -117,6 +120,11 @@ def _state() -> _State:
 
 def tp_group() -> Optional[dist.ProcessGroup]:
     return _state().group
+
+
+def tp_backend() -> Optional[str]:
+    """The TP group's collective backend ("nccl", "gloo", ...; None without a group)."""
+    return _state().backend
 
 
 def communicator() -> Any:

@@ -26,6 +26,12 @@ def device_type() -> str:
         if forced not in ("cuda", "npu", "cpu"):
             raise ValueError(f"SP_CORE_DEVICE={forced!r} is not supported; use cuda, npu or cpu")
         return forced
+    return _detected_device_type()
+
+
+@functools.lru_cache(maxsize=None)
+def _detected_device_type() -> str:
+    """The accelerator this process sees (asked once: layers ask on every call)."""
     if torch.cuda.is_available():
         return "cuda"
     if _has_npu():
@@ -211,31 +217,36 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
-def _amp_wrapped(fn, kind: str, device: str):
-    wrap = torch.amp.custom_fwd if kind == "forward" else torch.amp.custom_bwd
-    return wrap(fn, device_type=device)
-
-
 def amp_forward(forward):
     """``torch.amp.custom_fwd`` for this platform's device: an autograd Function's forward records the
-    autocast state it ran under, so that its backward (``amp_backward``) runs under the same state."""
+    autocast state it ran under, so that its backward (``amp_backward``) runs under the same state.
+    Written out rather than wrapping torch's pair, whose backward enters an autocast context on every
+    call even where autocast is off in both passes (a host cost on every collective's backward)."""
 
     @functools.wraps(forward)
-    def wrapper(*args, **kwargs):
-        return _amp_wrapped(forward, "forward", device_type())(*args, **kwargs)
+    def wrapper(ctx, *args, **kwargs):
+        device = device_type()
+        ctx.amp_state = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return forward(ctx, *args, **kwargs)
 
     return wrapper
 
 
 def amp_backward(backward):
-    """``torch.amp.custom_bwd`` for this platform's device (see ``amp_forward``)."""
+    """``torch.amp.custom_bwd`` for this platform's device (see ``amp_forward``): the backward runs under
+    the forward's autocast state; where autocast is off then and now, there is nothing to enter."""
 
     @functools.wraps(backward)
-    def wrapper(*args, **kwargs):
-        return _amp_wrapped(backward, "backward", device_type())(*args, **kwargs)
+    def wrapper(ctx, *args, **kwargs):
+        device, enabled, dtype = ctx.amp_state
+        if not enabled and not torch.is_autocast_enabled(device):
+            return backward(ctx, *args, **kwargs)
+        with torch.autocast(device_type=device, enabled=enabled, dtype=dtype):
+            return backward(ctx, *args, **kwargs)
 
     return wrapper
+
+
 def grouped_mm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm(x, weight)`` runs here: CPU (torch >= 2.13, measured) takes float32 and
     bfloat16, CUDA bfloat16 on sm90 (H100 / H200; ragged groups, empty ones included, need no padding in
