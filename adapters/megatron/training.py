@@ -86,18 +86,6 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _mean_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
-    """The loss of the whole global batch, as Megatron's training log reports it (the DP ranks' mean)."""
-    from megatron.core import parallel_state
-
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return loss
-    loss = loss.detach().clone()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return loss / dp
-
-
 def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr: float = 1e-3,
           clip_grad: float = 1.0, log: Optional[Callable[[str], None]] = None, capture_step0_grads: bool = False,
           grad_norms: Optional[List[float]] = None, seed: int = 1234, optimizer: str = "adam",
@@ -109,7 +97,7 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from sp_core.mpu import platform
+    from sp_core.mpu import collectives, platform
 
     if capture_step0_grads and distributed_optimizer:
         raise ValueError("capture_step0_grads reads whole gradients; with the distributed optimizer each rank "
@@ -136,7 +124,8 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
             grad_norm = optimizer.get_grad_norm()
         if grad_norms is not None:
             grad_norms.append(float(grad_norm))
-        loss = float(_mean_over_data_parallel(out[0]["lm loss"]))
+        # the loss of the whole global batch, as Megatron's training log reports it (the DP ranks' mean)
+        loss = float(collectives.mean_over_group(out[0]["lm loss"], parallel_state.get_data_parallel_group()))
         losses.append(loss)
         if log:
             rate = seq_length * micro_batch_size / (time.time() - start)

@@ -450,3 +450,14 @@ def barrier() -> None:
         activity.enter_collective("barrier")
         dist.barrier(group=ps.tp_group())
         activity.leave_collective()
+
+
+def mean_over_group(x: torch.Tensor, group) -> torch.Tensor:
+    """x's mean over a framework's own ``group`` (not TP: e.g. a loss over Megatron's data-parallel ranks),
+    in a new tensor; not counted among the TP collectives."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return x
+    out = x.detach().clone()
+    dist.all_reduce(out, group=group)
+    return out / size
