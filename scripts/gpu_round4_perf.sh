@@ -4,7 +4,7 @@
 #   1. tests/test_megatron_deepseek.py -k data_parallel (TP 2 x DP 2, the distributed optimizer on CUDA);
 #   2. bench.py, strong TP vs TP-SP, t = 4 and 2, prefill 2K / 8K / 32K and training 8K (this tree), then
 #      t = 4 2K / 8K and training 8K with the tree in before/ (if present: `git archive <commit> sp_core adapters
-#      benchmarks | tar -x -C before`, carried);
+#      benchmarks tests/support | tar -x -C before`, carried);
 #   3. inside Megatron, t = 4, 2K tokens, with the profile (host enqueue, kernels by category): this tree,
 #      then before/;
 #   4. benchmarks/host_overhead.py at t = 4 (ops, collectives and host time per layer).
@@ -14,6 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/round4}
 BUDGET=${BUDGET:-560}
+TP=${TP:-$(python3 -c 'import torch; print(4 if torch.cuda.device_count() >= 4 else torch.cuda.device_count())')}
+# the t of steps 3 and 4; step 2 also runs t = 2 when TP is 4
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -44,15 +46,17 @@ python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {
   | tee -a "$SUMMARY"
 [ -d before ] && note "before/: $(cat before/COMMIT 2>/dev/null)"
 
-step dp_test 150 python3 -m pytest tests/test_megatron_deepseek.py -k data_parallel -v -s -p no:cacheprovider
-step bench_after 170 python3 benchmarks/bench.py --tp 4,2 --tokens 2048,8192,32768 --train-tokens 8192 \
+[ "$TP" -ge 4 ] && step dp_test 150 python3 -m pytest tests/test_megatron_deepseek.py -k data_parallel -v -s -p no:cacheprovider
+BENCH_TP=$TP; [ "$TP" = 4 ] && BENCH_TP=4,2
+step bench_after 170 python3 benchmarks/bench.py --tp "$BENCH_TP" --tokens 2048,8192,32768 --train-tokens 8192 \
   --variants tp,sp --iters 10 --profile-tokens 8192 --out "$OUT/bench_after"
-step megatron_after 80 python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --profile --out "$OUT/megatron_after"
+step megatron_after 80 python3 benchmarks/megatron_bench.py --tp "$TP" --tokens 2048 --profile --out "$OUT/megatron_after"
 if [ -d before ]; then
-  step megatron_before 80 before python3 benchmarks/megatron_bench.py --tp 4 --tokens 2048 --profile \
+  step megatron_before 80 before python3 benchmarks/megatron_bench.py --tp "$TP" --tokens 2048 --profile \
     --out "$OUT/megatron_before"
-  step bench_before 100 before python3 benchmarks/bench.py --tp 4 --tokens 2048,8192 --train-tokens 8192 \
+  step bench_before 100 before python3 benchmarks/bench.py --tp "$TP" --tokens 2048,8192 --train-tokens 8192 \
     --variants tp,sp --iters 10 --out "$OUT/bench_before"
 fi
-step host_overhead 80 python3 benchmarks/host_overhead.py --tp 4 --out "$OUT/host_overhead"
+step host_overhead 80 python3 benchmarks/host_overhead.py --tp "$TP" --out "$OUT/host_overhead"
 note "round4: done in $SECONDS s"
+tar -C "$OUT" -czf "$OUT/all.tgz" --exclude all.tgz . 2>/dev/null  # the device tool returns few files: all in one
