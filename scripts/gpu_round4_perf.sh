@@ -36,10 +36,10 @@ step() {  # name, timeout s, command...: run under a timeout capped by what is l
   [ $rc -eq 0 ] || tail -n 15 "$OUT/$name.log" | tee -a "$SUMMARY"
   return $rc
 }
-before() {  # the same command in the tree before the change (before/), its adapters in place of this tree's
+BEFORE=(env -C before PYTHONPATH="$PWD/before:/tmp/before_site:/tmp/site")  # the tree before the change
+if [ -d before ]; then  # its adapters in place of this tree's
   mkdir -p /tmp/before_site && ln -sfn "$PWD/before/adapters/megatron" /tmp/before_site/sp_core_megatron
-  (cd before && PYTHONPATH="$PWD:/tmp/before_site:/tmp/site" "$@")
-}
+fi
 
 python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
   ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
@@ -52,9 +52,9 @@ step bench_after 170 python3 benchmarks/bench.py --tp "$BENCH_TP" --tokens 2048,
   --variants tp,sp --iters 10 --profile-tokens 8192 --out "$OUT/bench_after"
 step megatron_after 80 python3 benchmarks/megatron_bench.py --tp "$TP" --tokens 2048 --profile --out "$OUT/megatron_after"
 if [ -d before ]; then
-  step megatron_before 80 before python3 benchmarks/megatron_bench.py --tp "$TP" --tokens 2048 --profile \
+  step megatron_before 80 "${BEFORE[@]}" python3 benchmarks/megatron_bench.py --tp "$TP" --tokens 2048 --profile \
     --out "$OUT/megatron_before"
-  step bench_before 100 before python3 benchmarks/bench.py --tp "$TP" --tokens 2048,8192 --train-tokens 8192 \
+  step bench_before 100 "${BEFORE[@]}" python3 benchmarks/bench.py --tp "$TP" --tokens 2048,8192 --train-tokens 8192 \
     --variants tp,sp --iters 10 --out "$OUT/bench_before"
 fi
 step host_overhead 80 python3 benchmarks/host_overhead.py --tp "$TP" --out "$OUT/host_overhead"
