@@ -284,7 +284,7 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
         return gathered, out
     # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
     r, n = ps.tp_rank(), a_shard.shape[0]
-    gathered = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:]))
+    gathered = _rows_times(a_shard, t)
     out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
     gathered[r * n:(r + 1) * n].copy_(a_shard)
     for step in range(t):
@@ -300,6 +300,17 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
 def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
     """``reduce_scatter(a @ b)``, the reduce-scatter fused with the GEMM where ``async_tp.choose`` says
     it pays (done when returned), else the GEMM then the reduce-scatter in flight. g-bar's forward."""
+    return _matmul_reduce_scatter(a, b, in_flight=True)
+
+
+def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``reduce_scatter(a @ b)`` now: unfused, the synchronous collective (as ``all_gather``: an async
+    start and its wait cost host time that nothing overlaps here)."""
+    return _matmul_reduce_scatter(a, b, in_flight=False).wait()
+
+
+def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) -> Pending:
+    """Both of the above; ``in_flight``: leave the unfused reduce-scatter in flight (where the route allows)."""
     t = ps.tp_size()
     if t == 1:
         return Pending(a @ b)
@@ -307,7 +318,7 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
     a = a.contiguous()
     impl = _fusion("matmul_reduce_scatter", a.shape[0], t)
     if impl == "off":
-        if ps.communicator() is not None or ps.deterministic():
+        if not in_flight or ps.communicator() is not None or ps.deterministic():
             return Pending(reduce_scatter(a @ b))
         return reduce_scatter_start(a @ b)
     _record("reduce_scatter", a)
@@ -331,15 +342,6 @@ def matmul_reduce_scatter_start(a: torch.Tensor, b: torch.Tensor) -> Pending:
         keep += [partial, incoming]  # alive until their transfers are waited on
         works = _exchange(partial, incoming)
     raise AssertionError("unreachable")
-
-
-def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``reduce_scatter(a @ b)`` now: unfused, the synchronous collective (as ``all_gather``: an async
-    start and its wait cost host time that nothing overlaps here)."""
-    t = ps.tp_size()
-    if t > 1 and _fusion("matmul_reduce_scatter", a.shape[0], t) == "off":
-        return reduce_scatter(a @ b)
-    return matmul_reduce_scatter_start(a, b).wait()
 
 
 def _sum_in_rank_order(parts: torch.Tensor) -> torch.Tensor:
