@@ -15,28 +15,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/round3}
 BUDGET=${BUDGET:-450}  # seconds; a step is given at most what is left of it
-mkdir -p "$OUT"
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
 
 ls .whl/megatron_core-*cp312*.whl >/dev/null 2>&1 || note "WARNING: no megatron-core cp312 wheel in .whl/: step 3 will fail"
 # shellcheck source=/dev/null
 source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
-
-step() {  # name, timeout s, command...: run under a timeout capped by what is left of BUDGET; log to $OUT/name.log
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 20 ]; then note "== $name: SKIPPED (budget of $BUDGET s spent)"; return 1; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local begin=$SECONDS
-  echo "== $name (timeout $limit s; log $OUT/$name.log)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  note "== $name: rc $rc, $((SECONDS - begin)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
-  [ $rc -eq 0 ] || tail -n 15 "$OUT/$name.log" | tee -a "$SUMMARY"
-  return $rc
-}
 
 {
   python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",

@@ -16,26 +16,11 @@ OUT=${OUT:-out/round4}
 BUDGET=${BUDGET:-560}
 TP=${TP:-$(python3 -c 'import torch; print(4 if torch.cuda.device_count() >= 4 else torch.cuda.device_count())')}
 # the t of steps 3 and 4; step 2 also runs t = 2 when TP is 4
-mkdir -p "$OUT"
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
 # shellcheck source=/dev/null
 source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
 
-step() {  # name, timeout s, command...: run under a timeout capped by what is left of BUDGET; log to $OUT/name.log
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 20 ]; then note "== $name: SKIPPED (budget of $BUDGET s spent)"; return 1; fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local begin=$SECONDS
-  echo "== $name (timeout $limit s; log $OUT/$name.log)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  note "== $name: rc $rc, $((SECONDS - begin)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
-  [ $rc -eq 0 ] || tail -n 15 "$OUT/$name.log" | tee -a "$SUMMARY"
-  return $rc
-}
 BEFORE=(env -C before PYTHONPATH="$PWD/before:/tmp/before_site:/tmp/site")  # the tree before the change
 if [ -d before ]; then  # its adapters in place of this tree's
   mkdir -p /tmp/before_site && ln -sfn "$PWD/before/adapters/megatron" /tmp/before_site/sp_core_megatron
