@@ -4,7 +4,7 @@ sp_core.mpu.async_tp reads (docs/async_tp.md holds the committed one).
     python benchmarks/async_tp_bench.py --tp 2,4 --out $OUT      # -> $OUT/async_tp.json, async_tp_table.json
 
 For each tp size, op and Qwen3-8B-shaped linear layer, and all-token row counts M, times the unfused
-form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring",
+form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring", "split",
 "symm_mem"), forward, median of --iters (device events). A fused form is chosen for an op from the
 M at which it beats "off" by at least 2% on every layer of that op (the fastest such form).
 """
@@ -98,7 +98,7 @@ def main():
     rows_list = [int(x) for x in args.rows.split(",")]
     measured, errors, table = [], {}, {}
     for t in (int(x) for x in args.tp.split(",")):
-        measured += run_ranks(t, _rank, ("off", "ring"), rows_list, args.iters, timeout=300)[0]
+        measured += run_ranks(t, _rank, ("off", "ring", "split"), rows_list, args.iters, timeout=300)[0]
         if platform.symmetric_memory_ops_available():
             try:  # separately: a failure here must not lose the other measurements
                 measured += run_ranks(t, _rank, ("symm_mem",), rows_list, args.iters, timeout=180)[0]

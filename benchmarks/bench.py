@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.timing import plot_ratios, timed as _timed  # noqa: E402
+from sp_core.mpu.async_tp import IMPLS as ASYNC_TP_IMPLS  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
@@ -141,7 +142,8 @@ def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = to
     return cfg, stack
 
 
-def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None):
+def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
+                     async_tp: str = "auto"):
     from sp_core import mpu
     from sp_core.layers import PackedBatch
 
@@ -161,6 +163,8 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
                 result[f"{label}_ms"] = result[f"{label}_peak_bytes"] = float("nan")  # not run
                 continue
             os.environ.update(env)
+            if label == "async_sp":
+                os.environ["SP_CORE_ASYNC_TP"] = async_tp
             mpu.set_sequence_parallel(sp)
             n = tokens // t if sp else tokens
             x = torch.randn(n, cfg.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=train)
@@ -197,11 +201,12 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
     return rows
 
 
-def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None):
+def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
+               async_tp: str = "auto"):
     from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), variants,
-                     timeout=900)[0]
+                     async_tp, timeout=900)[0]
 
 
 def device_name() -> str:
@@ -287,6 +292,8 @@ def main():
     parser.add_argument("--profile-tokens", default="", help="token counts to profile by kernel category")
     parser.add_argument("--variants", default=",".join(v for v, _, _ in VARIANTS),
                         help="which of the core's variants to time (the others are reported as nan)")
+    parser.add_argument("--async-tp", default="auto", choices=("auto",) + ASYNC_TP_IMPLS,
+                        help="what the async_sp variant runs: the decision table (auto) or one form everywhere")
     parser.add_argument("--out", default="out")
     parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
     args = parser.parse_args()
@@ -303,7 +310,8 @@ def main():
                "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
                "prefill": [], "train": [], "megatron": [],
                "categories": [c for c, _ in CATEGORIES] + ["other"], "variants": args.variants.split(","),
-               "async_tp_table": __import__("sp_core.mpu.async_tp", fromlist=["table"]).table()}
+               "async_tp_table": __import__("sp_core.mpu.async_tp", fromlist=["table"]).table(),
+               "async_tp": args.async_tp}
     for t in tps:
         if t > torch.cuda.device_count():
             print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)
@@ -314,7 +322,8 @@ def main():
             tokens_list = [int(x) for x in tokens.split(",") if x]
             if not tokens_list:
                 continue
-            rows = bench_core(t, args.layers, tokens_list, args.iters, train, profile, args.variants.split(","))
+            rows = bench_core(t, args.layers, tokens_list, args.iters, train, profile, args.variants.split(","),
+                              args.async_tp)
             results[kind] += rows
             for r in rows:
                 print(f"{kind} t={t} T={r['tokens']}: old TP {r['old_tp_ms']:.2f} SP {r['old_sp_ms']:.2f} "

@@ -33,14 +33,19 @@ def _column_row(dtype_name, impl, rows_per_rank):
 def _fused_equals_unfused(dtype_name, impl):
     from sp_core.mpu import collectives
 
-    exchanges = []
-    real_exchange = collectives._exchange
+    exchanges, scatters = [], []
+    real_exchange, real_scatter = collectives._exchange, collectives._reduce_scatter_tensor
     collectives._exchange = lambda *a: exchanges.append(1) or real_exchange(*a)
+    collectives._reduce_scatter_tensor = lambda out, x, **kw: scatters.append(out.shape) or real_scatter(out, x, **kw)
     plain, plain_issued = _column_row(dtype_name, "off", 6)
     assert not exchanges, "the unfused path must not use the ring"
+    plain_scatters, scatters[:] = list(scatters), []
     fused, fused_issued = _column_row(dtype_name, impl, 6)
     if impl == "ring":  # t - 1 hops per fused op: column fwd + bwd, row fwd + bwd
         assert len(exchanges) == 4 * (mpu.tp_size() - 1), len(exchanges)
+    if impl == "split":  # each reduce-scatter (row fwd, column bwd) as two halves of the columns
+        assert sorted(scatters) == sorted(s[:-1] + (s[-1] // 2,) for s in plain_scatters for _ in (0, 1)), \
+            (scatters, plain_scatters)
     tol = 1e-5 if dtype_name == "float32" else 2e-2
     for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{impl} vs unfused: {name}")
@@ -53,8 +58,14 @@ def test_ring_async_tp_equals_unfused(world):
     assert run_ranks(world, _fused_equals_unfused, "float32", "ring") == [True] * world
 
 
-def test_ring_async_tp_bf16():
-    assert run_ranks(2, _fused_equals_unfused, "bfloat16", "ring") == [True] * 2
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_async_tp_equals_unfused(world):
+    assert run_ranks(world, _fused_equals_unfused, "float32", "split") == [True] * world
+
+
+@pytest.mark.parametrize("impl", ["ring", "split"])
+def test_async_tp_bf16(impl):
+    assert run_ranks(2, _fused_equals_unfused, "bfloat16", impl) == [True] * 2
 
 
 def test_symm_mem_async_tp_equals_unfused():

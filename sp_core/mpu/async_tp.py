@@ -11,8 +11,11 @@ named there) and returns the implementation for one call:
                 stream while the GEMM runs on this one (any backend; gloo on CPU)
     "symm_mem"  torch's symmetric-memory fused_all_gather_matmul / fused_matmul_reduce_scatter
                 (CUDA copy engines over NVLink; no multicast)
+    "split"     the plain collective in flight beside part of the GEMM: the all-gather while this
+                rank's own rows are multiplied; the reduce-scatter in two halves of the output columns,
+                the first half's in flight while the second half's GEMM runs (any backend)
 
-SP_CORE_ASYNC_TP=auto (default) | off | ring | symm_mem forces one everywhere (tests, benchmarks);
+SP_CORE_ASYNC_TP=auto (default) | off | ring | symm_mem | split forces one everywhere (tests, benchmarks);
 SP_CORE_ASYNC_TP_TABLE=path.json replaces the table (re-tuning on another card).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Dict, List
 
 from sp_core.mpu import platform
 
-IMPLS = ("off", "ring", "symm_mem")
+IMPLS = ("off", "ring", "symm_mem", "split")
 OPS = ("all_gather_matmul", "matmul_reduce_scatter")
 
 # "collective backend:tp size" -> op -> [[rows, impl], ...] ascending: from ``rows`` all-token rows on, ``impl``

@@ -183,12 +183,30 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
         return Pending(invariant_reduce_scatter(x))
     _check_divisible(x, "reduce_scatter")
     _record("reduce_scatter", x)
-    group = ps.tp_group()
-    x = x.contiguous()
+    return Pending(*_reduce_scatter_in_flight(x.contiguous()))
+
+
+def _reduce_scatter_in_flight(x: torch.Tensor):
+    """(out, work, dtype to return) of an async reduce-scatter of a contiguous ``x``, not counted."""
     wide = x.float() if _gloo() and x.dtype == torch.bfloat16 else x  # gloo sums bf16 too coarsely
-    out = _rows_over(wide, t)
-    work = _reduce_scatter_tensor(out, wide, group=group, async_op=True)
-    return Pending(out, work, x.dtype if wide.dtype != x.dtype else None)
+    out = _rows_over(wide, ps.tp_size())
+    work = _reduce_scatter_tensor(out, wide, group=ps.tp_group(), async_op=True)
+    return out, work, x.dtype if wide.dtype != x.dtype else None
+
+
+class _HalvesPending(Pending):
+    """Two reduce-scatters in flight, each over half of the output columns: ``wait()`` joins them."""
+
+    def __init__(self, halves: list):
+        self._halves = halves
+
+    def wait(self) -> torch.Tensor:
+        outs = []
+        for out, work, dtype in self._halves:
+            work.wait()
+            outs.append(out if dtype is None else out.to(dtype))
+        activity.leave_collective()
+        return torch.cat(outs, -1)
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -282,10 +300,20 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
             a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
         activity.leave_collective()
         return gathered, out
-    # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
     r, n = ps.tp_rank(), a_shard.shape[0]
-    gathered = _rows_times(a_shard, t)
     out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
+    if impl == "split":  # the whole gather in flight while this rank's own rows are multiplied
+        gathered = _rows_times(a_shard, t)
+        work = _all_gather_tensor(gathered, a_shard, group=ps.tp_group(), async_op=True)
+        torch.matmul(a_shard, b, out=out[r * n:(r + 1) * n])
+        work.wait()
+        activity.leave_collective()
+        for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
+            if hi > lo:
+                torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
+        return gathered, out
+    # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
+    gathered = _rows_times(a_shard, t)
     gathered[r * n:(r + 1) * n].copy_(a_shard)
     for step in range(t):
         src = (r - step) % t
@@ -317,6 +345,8 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
     _check_divisible(a, "reduce_scatter")
     a = a.contiguous()
     impl = _fusion("matmul_reduce_scatter", a.shape[0], t)
+    if impl == "split" and b.shape[-1] % 2 != 0:
+        impl = "off"
     if impl == "off":
         if not in_flight or ps.communicator() is not None or ps.deterministic():
             return Pending(reduce_scatter(a @ b))
@@ -326,6 +356,11 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
         out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
         activity.leave_collective()
         return Pending(out)
+    if impl == "split":  # the first half of the columns reduce-scatters while the second half's GEMM runs
+        half = b.shape[-1] // 2
+        pending = _HalvesPending([_reduce_scatter_in_flight(a @ b[..., :half]),
+                                  _reduce_scatter_in_flight(a @ b[..., half:])])
+        return pending if in_flight else Pending(pending.wait())
     # ring: the partial sum for rank d starts at rank d + 1 and gains one term per hop, ending at d
     r, n = ps.tp_rank(), a.shape[0] // t
     keep, works, incoming = [], [], None

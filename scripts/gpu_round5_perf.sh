@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Round 5 of issue 19, one device call (2 or 4 GPUs): the "split" async-TP form (the plain NCCL collective in
+# flight beside part of the GEMM) measured per op and end to end against strong TP, in the same call.
+#   1. tests/test_fused.py on NCCL (split, ring, symm_mem against the unfused layers; bf16);
+#   2. benchmarks/async_tp_bench.py: off / ring / split / symm_mem per Qwen3-8B linear and M -> a decision table;
+#   3. bench.py, strong TP vs TP-SP vs TP-SP + async TP with that table (prefill 2K / 8K / 32K, training 8K);
+#   4. bench.py with split forced everywhere (prefill 8K / 32K, training 8K), strong TP again beside it.
+#   OUT=$OUT bash scripts/gpu_round5_perf.sh        (about 9 minutes; stops starting steps after BUDGET s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/round5}
+BUDGET=${BUDGET:-560}
+TP=${TP:-$(python3 -c 'import torch; n = torch.cuda.device_count(); print("4,2" if n >= 4 else n)')}
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
+# shellcheck source=/dev/null
+source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
+python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
+  ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
+  | tee -a "$SUMMARY"
+
+step fused_tests 90 python3 -m pytest tests/test_fused.py -v -p no:cacheprovider
+step async_tp 150 python3 benchmarks/async_tp_bench.py --tp "$TP" --rows 2048,4096,8192,16384,32768 --out "$OUT/async_tp"
+TABLE="$OUT/async_tp/async_tp_table.json"
+[ -f "$TABLE" ] || TABLE=""
+step bench_table 200 env SP_CORE_ASYNC_TP_TABLE="$TABLE" python3 benchmarks/bench.py --tp "$TP" \
+  --tokens 2048,8192,32768 --train-tokens 8192 --variants tp,sp,async_sp --iters 10 --profile-tokens 8192 \
+  --out "$OUT/bench_table"
+step bench_split 150 python3 benchmarks/bench.py --tp "$TP" --tokens 8192,32768 --train-tokens 8192 \
+  --variants tp,async_sp --async-tp split --iters 10 --profile-tokens 8192 --out "$OUT/bench_split"
+note "round5: done in $SECONDS s"
+tar -C "$OUT" -czf "$OUT/all.tgz" --exclude all.tgz . 2>/dev/null  # the device tool returns few files: all in one
