@@ -5,8 +5,8 @@ sp_core.mpu.async_tp reads (docs/async_tp.md holds the committed one).
 
 For each tp size, op and Qwen3-8B-shaped linear layer, and all-token row counts M, times the unfused
 form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring", "split",
-"symm_mem"), forward, median of --iters (device events). A fused form is chosen for an op from the
-M at which it beats "off" by at least 2% on every layer of that op (the fastest such form).
+"copy_engine", "symm_mem"), forward, median of --iters (device events). A fused form is chosen for an
+op from the M at which it beats "off" by at least 2% on every layer of that op (the fastest such form).
 """
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def main():
         measured += run_ranks(t, _rank, ("off", "ring", "split"), rows_list, args.iters, timeout=300)[0]
         if platform.symmetric_memory_ops_available():
             try:  # separately: a failure here must not lose the other measurements
-                measured += run_ranks(t, _rank, ("symm_mem",), rows_list, args.iters, timeout=180)[0]
+                measured += run_ranks(t, _rank, ("copy_engine", "symm_mem"), rows_list, args.iters, timeout=180)[0]
             except RankFailed as err:
-                errors[f"tp{t} symm_mem"] = f"{err.error_type}: {err.error_message}"[:2000]
+                errors[f"tp{t} symmetric memory"] = f"{err.error_type}: {err.error_message}"[:2000]
         decided = decide(measured, t)
         if decided:
             table[f"{platform.backend()}:{t}"] = decided

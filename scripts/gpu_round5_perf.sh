@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Round 5 of issue 19, one device call (2 or 4 GPUs): the "split" async-TP form (the plain NCCL collective in
-# flight beside part of the GEMM) measured per op and end to end against strong TP, in the same call.
-#   1. tests/test_fused.py on NCCL (split, ring, symm_mem against the unfused layers; bf16);
-#   2. benchmarks/async_tp_bench.py: off / ring / split / symm_mem per Qwen3-8B linear and M -> a decision table;
+# Round 5 of issue 19, one device call (2 or 4 GPUs): the async-TP forms "split" (the plain NCCL collective in
+# flight beside part of the GEMM) and "copy_engine" (peers' rows moved by the copy engines, no SMs taken)
+# measured per op and end to end against strong TP, in the same call.
+#   1. tests/test_fused.py on NCCL (every form against the unfused layers; bf16);
+#   2. benchmarks/async_tp_bench.py: every form per Qwen3-8B linear and M -> a decision table;
 #   3. bench.py, strong TP vs TP-SP vs TP-SP + async TP with that table (prefill 2K / 8K / 32K, training 8K);
-#   4. bench.py with split forced everywhere (prefill 8K / 32K, training 8K), strong TP again beside it.
+#   4. bench.py with ASYNC (default copy_engine) forced everywhere (prefill 8K / 32K, training 8K), strong TP
+#      again beside it.
 #   OUT=$OUT bash scripts/gpu_round5_perf.sh        (about 9 minutes; stops starting steps after BUDGET s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ TABLE="$OUT/async_tp/async_tp_table.json"
 step bench_table 200 env SP_CORE_ASYNC_TP_TABLE="$TABLE" python3 benchmarks/bench.py --tp "$TP" \
   --tokens 2048,8192,32768 --train-tokens 8192 --variants tp,sp,async_sp --iters 10 --profile-tokens 8192 \
   --out "$OUT/bench_table"
-step bench_split 150 python3 benchmarks/bench.py --tp "$TP" --tokens 8192,32768 --train-tokens 8192 \
-  --variants tp,async_sp --async-tp split --iters 10 --profile-tokens 8192 --out "$OUT/bench_split"
+step bench_forced 150 python3 benchmarks/bench.py --tp "$TP" --tokens 8192,32768 --train-tokens 8192 \
+  --variants tp,async_sp --async-tp "${ASYNC:-copy_engine}" --iters 10 --profile-tokens 8192 --out "$OUT/bench_forced"
 note "round5: done in $SECONDS s"
 tar -C "$OUT" -czf "$OUT/all.tgz" --exclude all.tgz . 2>/dev/null  # the device tool returns few files: all in one

@@ -68,10 +68,17 @@ def test_async_tp_bf16(impl):
     assert run_ranks(2, _fused_equals_unfused, "bfloat16", impl) == [True] * 2
 
 
-def test_symm_mem_async_tp_equals_unfused():
+@pytest.mark.parametrize("impl", ["symm_mem", "copy_engine"])
+def test_symmetric_memory_async_tp_equals_unfused(impl):
     if not platform.symmetric_memory_ops_available():
-        pytest.skip("torch's symmetric-memory ops need CUDA")
-    assert run_ranks(2, _fused_equals_unfused, "bfloat16", "symm_mem") == [True] * 2
+        pytest.skip("symmetric memory needs CUDA")
+    assert run_ranks(2, _fused_equals_unfused, "bfloat16", impl) == [True] * 2
+
+
+def test_copy_engine_at_four_ranks_float32():
+    if not platform.symmetric_memory_ops_available() or torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 CUDA devices")
+    assert run_ranks(4, _fused_equals_unfused, "float32", "copy_engine") == [True] * 4
 
 
 def test_decision_follows_the_table(monkeypatch, tmp_path):

@@ -6,16 +6,19 @@ GEMM plus a launch and a handshake, so for few tokens the unfused form wins. ``c
 measured crossover (``TABLE``, docs/async_tp.md; written by benchmarks/async_tp_bench.py on the card
 named there) and returns the implementation for one call:
 
-    "off"       the plain collective, then (or after) the GEMM
-    "ring"      chunks passed around the ranks with point-to-point sends on the communicator's own
-                stream while the GEMM runs on this one (any backend; gloo on CPU)
-    "symm_mem"  torch's symmetric-memory fused_all_gather_matmul / fused_matmul_reduce_scatter
-                (CUDA copy engines over NVLink; no multicast)
-    "split"     the plain collective in flight beside part of the GEMM: the all-gather while this
-                rank's own rows are multiplied; the reduce-scatter in two halves of the output columns,
-                the first half's in flight while the second half's GEMM runs (any backend)
+    "off"          the plain collective, then (or after) the GEMM
+    "ring"         chunks passed around the ranks with point-to-point sends on the communicator's own
+                   stream while the GEMM runs on this one (any backend; gloo on CPU)
+    "split"        the plain collective in flight beside part of the GEMM: the all-gather while this
+                   rank's own rows are multiplied; the reduce-scatter in two halves of the output
+                   columns, the first half's in flight while the second half's GEMM runs (any backend)
+    "copy_engine"  ours over symmetric memory (``mpu.copy_engine``): peers' rows move by the CUDA copy
+                   engines on a side stream while this rank's GEMM runs, so the transfer takes no SMs
+    "symm_mem"     torch's symmetric-memory fused_all_gather_matmul / fused_matmul_reduce_scatter
+                   (CUDA copy engines over NVLink; no multicast)
 
-SP_CORE_ASYNC_TP=auto (default) | off | ring | symm_mem | split forces one everywhere (tests, benchmarks);
+SP_CORE_ASYNC_TP=auto (default) | off | ring | split | copy_engine | symm_mem forces one everywhere
+(tests, benchmarks);
 SP_CORE_ASYNC_TP_TABLE=path.json replaces the table (re-tuning on another card).
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Dict, List
 
 from sp_core.mpu import platform
 
-IMPLS = ("off", "ring", "symm_mem", "split")
+IMPLS = ("off", "ring", "split", "copy_engine", "symm_mem")
+CUDA_ONLY = ("symm_mem", "copy_engine")
 OPS = ("all_gather_matmul", "matmul_reduce_scatter")
 
 # "collective backend:tp size" -> op -> [[rows, impl], ...] ascending: from ``rows`` all-token rows on, ``impl``
@@ -65,8 +69,8 @@ def choose(op: str, rows: int, t: int) -> str:
         raise ValueError(f"SP_CORE_ASYNC_TP={forced!r} is not supported; use auto, {', '.join(IMPLS)}")
     if t == 1:
         return "off"
-    if forced == "symm_mem" and not platform.symmetric_memory_ops_available():
-        raise ValueError("SP_CORE_ASYNC_TP=symm_mem needs CUDA and torch's symm_mem ops; use ring or off")
+    if forced in CUDA_ONLY and not platform.symmetric_memory_ops_available():
+        raise ValueError(f"SP_CORE_ASYNC_TP={forced} needs CUDA and torch's symmetric memory; use split, ring or off")
     if forced != "auto":
         return forced
     impl = "off"
@@ -75,6 +79,6 @@ def choose(op: str, rows: int, t: int) -> str:
             impl = str(step_impl)
     if impl not in IMPLS:
         raise ValueError(f"async-TP table names {impl!r} for {op} at t={t}; use one of {', '.join(IMPLS)}")
-    if impl == "symm_mem" and not platform.symmetric_memory_ops_available():
+    if impl in CUDA_ONLY and not platform.symmetric_memory_ops_available():
         return "off"
     return impl

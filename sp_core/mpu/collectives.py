@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 import torch.distributed as dist
 
-from sp_core.mpu import activity, async_tp
+from sp_core.mpu import activity, async_tp, copy_engine
 from sp_core.mpu import parallel_state as ps
 
 _COUNTS: Dict[str, int] = collections.Counter()
@@ -301,6 +301,10 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
         activity.leave_collective()
         return gathered, out
     r, n = ps.tp_rank(), a_shard.shape[0]
+    if impl == "copy_engine":
+        gathered, out = copy_engine.all_gather_matmul(a_shard, b, ps.tp_group().group_name, t, r)
+        activity.leave_collective()
+        return gathered, out
     out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
     if impl == "split":  # the whole gather in flight while this rank's own rows are multiplied
         gathered = _rows_times(a_shard, t)
@@ -354,6 +358,10 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
     _record("reduce_scatter", a)
     if impl == "symm_mem":
         out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
+        activity.leave_collective()
+        return Pending(out)
+    if impl == "copy_engine":
+        out = copy_engine.matmul_reduce_scatter(a, b, ps.tp_group().group_name, t, ps.tp_rank())
         activity.leave_collective()
         return Pending(out)
     if impl == "split":  # the first half of the columns reduce-scatters while the second half's GEMM runs

@@ -1,0 +1,92 @@
+"""Async TP with the copy engines (CUDA): the rows another rank needs move by cudaMemcpy over NVLink from
+or into a symmetric-memory workspace, on a side stream, while this stream multiplies. NCCL's kernels
+take SMs from the GEMM beside them (on H200 a collective in flight hid almost nothing: docs/async_tp.md);
+a copy engine takes none.
+
+One workspace per TP group, grown (collectively: every rank has the same shapes under SP) to the
+largest call. Two device barriers per call: the first keeps a peer from writing into, or reading, a
+buffer that an earlier call still uses; the second marks every rank's rows as in place.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Tuple
+
+import torch
+
+
+class _Workspace:
+    def __init__(self, group_name: str):
+        self.group_name, self.nbytes, self.handle = group_name, 0, None
+
+    def grown_to(self, nbytes: int):
+        if nbytes > self.nbytes:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.cuda.current_device())
+            self.handle, self.nbytes = symm_mem.rendezvous(self.buffer, self.group_name), nbytes
+        return self.handle
+
+
+_WORKSPACES: Dict[str, _Workspace] = {}
+
+
+def _workspace(group_name: str, nbytes: int):
+    if group_name not in _WORKSPACES:
+        _WORKSPACES[group_name] = _Workspace(group_name)
+    return _WORKSPACES[group_name].grown_to(nbytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(all_gather(shard), all_gather(shard) @ b): this rank's rows are multiplied while the others' copy in."""
+    n = shard.shape[0]
+    hdl = _workspace(group_name, shard.numel() * shard.element_size())
+    hdl.barrier(channel=0)
+    hdl.get_buffer(r, shard.shape, shard.dtype).copy_(shard)
+    hdl.barrier(channel=1)
+    here, side = torch.cuda.current_stream(), _side_stream(shard.device.index)
+    gathered = shard.new_empty((n * t,) + tuple(shard.shape[1:]))
+    out = shard.new_empty((n * t, b.shape[-1]))
+    side.wait_stream(here)
+    with torch.cuda.stream(side):
+        for step in range(1, t):
+            peer = (r + step) % t
+            gathered[peer * n:(peer + 1) * n].copy_(hdl.get_buffer(peer, shard.shape, shard.dtype))
+    gathered[r * n:(r + 1) * n].copy_(shard)
+    torch.matmul(shard, b, out=out[r * n:(r + 1) * n])
+    here.wait_stream(side)
+    for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
+        if hi > lo:
+            torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
+    return gathered, out
+
+
+def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int) -> torch.Tensor:
+    """reduce_scatter(a @ b): each peer's rows are multiplied first and pushed into its workspace slot for
+    this rank while the next GEMM runs; this rank's own rows last, then the peers' slots added to them."""
+    n, width = a.shape[0] // t, b.shape[-1]
+    hdl = _workspace(group_name, t * n * width * a.element_size())
+    hdl.barrier(channel=0)
+    here, side = torch.cuda.current_stream(), _side_stream(a.device.index)
+    in_flight: List[torch.Tensor] = []  # alive until the side stream has copied them
+    for step in range(1, t):
+        peer = (r + step) % t
+        partial = a[peer * n:(peer + 1) * n] @ b
+        side.wait_stream(here)
+        with torch.cuda.stream(side):
+            hdl.get_buffer(peer, (t, n, width), a.dtype)[r].copy_(partial)
+        in_flight.append(partial)
+    mine = a[r * n:(r + 1) * n] @ b
+    here.wait_stream(side)
+    hdl.barrier(channel=1)
+    slots = hdl.get_buffer(r, (t, n, width), a.dtype)
+    for source in range(t):
+        if source != r:
+            mine += slots[source]
+    return mine
