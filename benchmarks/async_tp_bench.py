@@ -5,8 +5,9 @@ sp_core.mpu.async_tp reads (docs/async_tp.md holds the committed one).
 
 For each tp size, op and Qwen3-8B-shaped linear layer, and all-token row counts M, times the unfused
 form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring", "split",
-"copy_engine", "symm_mem"), forward, median of --iters (device events). A fused form is chosen for an
-op from the M at which it beats "off" by at least 2% on every layer of that op (the fastest such form).
+"copy_engine", "symm_mem"), forward, median of --iters (device events). At each M an op gets the fused
+form whose time summed over the op's layers beats "off" by at least 2% (the fastest such), else "off";
+--decide-from re-decides from several calls' measurements, averaged.
 """
 from __future__ import annotations
 
@@ -60,24 +61,25 @@ def _rank(impls, rows_list, iters):
 
 
 def decide(rows_measured, t: int):
-    """{op: [[M, impl], ...]} for one tp size: at each measured M, the fused form that beats "off" by 2%
-    on every layer of the op with the least total time, else "off"."""
+    """{op: [[M, impl], ...]} for one tp size: at each measured M, the fused form whose time summed over the
+    op's layers (what a decoder layer spends in that op) beats "off" by 2%, the fastest such; else "off".
+    Repeated measurements of one (form, layer, M) -- several calls' files -- are averaged first."""
     entries = {}
     for op in ("all_gather_matmul", "matmul_reduce_scatter"):
         mine = [r for r in rows_measured if r["tp"] == t and r["op"] == op]
-        timed = {(r["impl"], r["layer"], r["rows"]): r["ms"] for r in mine}
+        samples = {}
+        for r in mine:
+            samples.setdefault((r["impl"], r["layer"], r["rows"]), []).append(r["ms"])
+        timed = {key: sum(ms) / len(ms) for key, ms in samples.items()}
         steps = []
         for rows in sorted({r["rows"] for r in mine}):
             layer_names = sorted({r["layer"] for r in mine if r["rows"] == rows})
-            best, best_ms = "off", None
+            off_ms = sum(timed[("off", name, rows)] for name in layer_names)
+            best, best_ms = "off", MARGIN * off_ms
             for impl in sorted({r["impl"] for r in mine} - {"off"}):
                 keys = [(impl, name, rows) for name in layer_names]
-                if not all(k in timed and ("off",) + k[1:] in timed for k in keys):
-                    continue
-                if all(timed[k] < MARGIN * timed[("off",) + k[1:]] for k in keys):
-                    total = sum(timed[k] for k in keys)
-                    if best_ms is None or total < best_ms:
-                        best, best_ms = impl, total
+                if all(k in timed for k in keys) and sum(timed[k] for k in keys) < best_ms:
+                    best, best_ms = impl, sum(timed[k] for k in keys)
             steps.append([rows, best])
         if any(impl != "off" for _, impl in steps):
             entries[op] = steps
@@ -90,7 +92,17 @@ def main():
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default="out")
+    parser.add_argument("--decide-from", default="", help="comma-separated async_tp.json files of earlier calls: "
+                        "write the table from their averaged measurements, measure nothing")
     args = parser.parse_args()
+    if args.decide_from:
+        measured = []
+        for path in args.decide_from.split(","):
+            with open(path) as f:
+                measured += json.load(f)["measured"]
+        table = {f"nccl:{t}": decide(measured, t) for t in sorted({r["tp"] for r in measured})}
+        print(json.dumps({k: v for k, v in table.items() if v}))
+        return
     from sp_core.mpu import platform
     from sp_core.mpu.launch import RankFailed, run_ranks
 

@@ -36,11 +36,12 @@ OPS = ("all_gather_matmul", "matmul_reduce_scatter")
 
 # "collective backend:tp size" -> op -> [[rows, impl], ...] ascending: from ``rows`` all-token rows on, ``impl``
 # (until the next step). Below the first step, or with no entry: never fuse. Measured with
-# Qwen3-8B-shaped layers; docs/async_tp.md has the card, the command and the raw timings.
-# 4 x H100 (NVLink, multicast off), 2026-11-27: fusing won on every layer of an op only for the
-# all-gather+GEMM at t = 2 from 32K rows; at t = 4 each fused call pays ~0.7 ms of fixed cost.
+# Qwen3-8B-shaped layers; docs/async_tp.md has the cards, the commands and the raw timings.
+# t = 2: 2 x H200 (NVLink, multicast off), 2026-11-28, two calls averaged (async_tp_bench.py --decide-from).
+# t = 4: 4 x H100, 2026-11-27, before the copy-engine form existed: fusing never paid there.
 TABLE: Dict[str, Dict[str, List[List[object]]]] = {
-    "nccl:2": {"all_gather_matmul": [[32768, "symm_mem"]]},
+    "nccl:2": {"all_gather_matmul": [[8192, "split"], [16384, "copy_engine"]],
+               "matmul_reduce_scatter": [[4096, "copy_engine"]]},
 }
 
 

@@ -18,13 +18,20 @@ import torch
 class _Workspace:
     def __init__(self, group_name: str):
         self.group_name, self.nbytes, self.handle = group_name, 0, None
+        self.outgrown: List[tuple] = []
 
     def grown_to(self, nbytes: int):
         if nbytes > self.nbytes:
             import torch.distributed._symmetric_memory as symm_mem
 
-            self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=torch.cuda.current_device())
-            self.handle, self.nbytes = symm_mem.rendezvous(self.buffer, self.group_name), nbytes
+            # A peer's copies from the old buffer may still be queued: let every device drain before the
+            # (host-side, collective) rendezvous, and keep the old buffer, freed only with the process.
+            torch.cuda.synchronize()
+            if self.handle is not None:
+                self.outgrown.append((self.buffer, self.handle))
+            size = 1 << max(nbytes - 1, 1).bit_length()  # powers of two: few growths as batches vary
+            self.buffer = symm_mem.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
+            self.handle, self.nbytes = symm_mem.rendezvous(self.buffer, self.group_name), size
         return self.handle
 
 
