@@ -6,7 +6,8 @@
 #   2. benchmarks/async_tp_bench.py: every form per Qwen3-8B linear and M -> a decision table;
 #   3. bench.py, strong TP vs TP-SP vs TP-SP + async TP with that table (prefill 2K / 8K / 32K, training 8K);
 #   4. bench.py with ASYNC (default copy_engine) forced everywhere (prefill 8K / 32K, training 8K), strong TP
-#      again beside it.
+#      again beside it;
+#   5. with MEGATRON_TP set: megatron_bench.py at that t, 2K tokens, profiled.
 #   OUT=$OUT bash scripts/gpu_round5_perf.sh        (about 9 minutes; stops starting steps after BUDGET s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,8 @@ step bench_table 200 env SP_CORE_ASYNC_TP_TABLE="$TABLE" python3 benchmarks/benc
   --out "$OUT/bench_table"
 step bench_forced 150 python3 benchmarks/bench.py --tp "$TP" --tokens 8192,32768 --train-tokens 8192 \
   --variants tp,async_sp --async-tp "${ASYNC:-copy_engine}" --iters 10 --profile-tokens 8192 --out "$OUT/bench_forced"
+if [ -n "${MEGATRON_TP:-}" ]; then  # 5. inside Megatron, 2K tokens, core vs native (unfused / SDPA), profiled
+  step megatron 100 python3 benchmarks/megatron_bench.py --tp "$MEGATRON_TP" --tokens 2048 --profile --out "$OUT/megatron"
+fi
 note "round5: done in $SECONDS s"
 tar -C "$OUT" -czf "$OUT/all.tgz" --exclude all.tgz . 2>/dev/null  # the device tool returns few files: all in one
