@@ -38,10 +38,14 @@ OPS = ("all_gather_matmul", "matmul_reduce_scatter")
 # (until the next step). Below the first step, or with no entry: never fuse. Measured with
 # Qwen3-8B-shaped layers; docs/async_tp.md has the cards, the commands and the raw timings.
 # t = 2: 2 x H200 (NVLink, multicast off), 2026-11-28, two calls averaged (async_tp_bench.py --decide-from).
-# t = 4: 4 x H100, 2026-11-27, before the copy-engine form existed: fusing never paid there.
+# t = 4: 4 x H200, 2026-11-28, one call; its rule also chose "split" for the all-gather at 8K rows, which in
+# the same call made prefill faster (x1.078 -> x1.016 of TP) but training slower (x1.080 -> x1.128): left off
+# below 16K rows until more samples settle it.
 TABLE: Dict[str, Dict[str, List[List[object]]]] = {
     "nccl:2": {"all_gather_matmul": [[8192, "split"], [16384, "copy_engine"]],
                "matmul_reduce_scatter": [[4096, "copy_engine"]]},
+    "nccl:4": {"all_gather_matmul": [[16384, "split"]],
+               "matmul_reduce_scatter": [[16384, "copy_engine"]]},
 }
 
 
