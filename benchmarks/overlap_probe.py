@@ -6,9 +6,8 @@ For each Qwen3-8B-shaped linear under SP, at M all-token rows, forward, median m
     comm[:g]        the all-gather / reduce-scatter alone, on group g
     off             the collective, then the GEMM (or the GEMM, then the collective): today's default
     split:g         the collective in flight on group g beside part of the GEMM (sp_core's "split" form)
-    ce              copy engines instead of SM kernels: symmetric-memory buffers, peers' rows copied with
-                    cudaMemcpy over NVLink on a side stream while this stream multiplies (our own, one
-                    rendezvous per buffer size, two device barriers per call)
+    ce              copy engines instead of SM kernels: sp_core.mpu.copy_engine (the "copy_engine" form;
+                    round 5's probe call ran a first copy of it that lived in this file)
 
 Groups g: "default" (the TP group), "hp" (a high-priority NCCL stream), "cta4" / "cta8" / "cta16" (NCCL's
 max_ctas: the collective's kernel takes at most that many SMs from the GEMM).
@@ -44,71 +43,14 @@ def _groups(t: int) -> dict:
     return made
 
 
-class CopyEngine:
-    """All-gather and reduce-scatter over symmetric memory with copy-engine transfers."""
-
-    def __init__(self, group_name: str):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        self.symm_mem, self.group_name, self.bufs = symm_mem, group_name, {}
-        self.side = torch.cuda.Stream()
-
-    def _handle(self, numel: int, dtype):
-        if numel not in self.bufs:
-            buf = self.symm_mem.empty(numel, dtype=dtype, device="cuda")
-            self.bufs[numel] = (buf, self.symm_mem.rendezvous(buf, self.group_name))
-        return self.bufs[numel][1]
-
-    def all_gather_matmul(self, shard, b, t, r):
-        n = shard.shape[0]
-        hdl = self._handle(shard.numel(), shard.dtype)
-        hdl.barrier(channel=0)  # the peers have read what this buffer held last time
-        hdl.get_buffer(r, shard.shape, shard.dtype).copy_(shard)
-        hdl.barrier(channel=1)  # every rank's shard is in place
-        cur = torch.cuda.current_stream()
-        gathered = shard.new_empty((n * t, shard.shape[1]))
-        out = shard.new_empty((n * t, b.shape[1]))
-        self.side.wait_stream(cur)
-        with torch.cuda.stream(self.side):
-            for step in range(1, t):
-                p = (r + step) % t
-                gathered[p * n:(p + 1) * n].copy_(hdl.get_buffer(p, shard.shape, shard.dtype))
-        gathered[r * n:(r + 1) * n].copy_(shard)
-        torch.matmul(shard, b, out=out[r * n:(r + 1) * n])
-        cur.wait_stream(self.side)
-        for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):
-            if hi > lo:
-                torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
-        return out
-
-    def matmul_reduce_scatter(self, a, b, t, r):
-        n, width = a.shape[0] // t, b.shape[1]
-        hdl = self._handle(t * n * width, a.dtype)
-        hdl.barrier(channel=0)  # this rank has summed what the peers pushed last time
-        cur = torch.cuda.current_stream()
-        for step in range(1, t):
-            d = (r + step) % t
-            partial = a[d * n:(d + 1) * n] @ b
-            self.side.wait_stream(cur)
-            with torch.cuda.stream(self.side):
-                hdl.get_buffer(d, (t, n, width), a.dtype)[r].copy_(partial)  # push into d's slot for r
-                partial.record_stream(self.side)
-        out = a[r * n:(r + 1) * n] @ b
-        cur.wait_stream(self.side)
-        hdl.barrier(channel=1)  # every peer's push has landed
-        mine = hdl.get_buffer(r, (t, n, width), a.dtype)
-        for s in range(t):
-            if s != r:
-                out += mine[s]
-        return out
-
-
 def _rank(rows_list, iters):
     from sp_core import mpu
 
+    from sp_core.mpu import copy_engine
+
     t, r = mpu.tp_size(), mpu.tp_rank()
     groups = _groups(t)
-    ce = CopyEngine((mpu.tp_group() or dist.group.WORLD).group_name)
+    group_name = mpu.tp_group().group_name
     found = []
 
     def ag(x, group):
@@ -149,7 +91,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: ag(x, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split(groups[g])
                 cases["off"] = off
-                cases["ce"] = lambda: ce.all_gather_matmul(x, b, t, r)
+                cases["ce"] = lambda: copy_engine.all_gather_matmul(x, b, group_name, t, r)
             else:
                 a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
                 cases["gemm"] = lambda: a @ b
@@ -172,7 +114,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: rs_start(y, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split_rs(groups[g])
                 cases["off"] = off_rs
-                cases["ce"] = lambda: ce.matmul_reduce_scatter(a, b, t, r)
+                cases["ce"] = lambda: copy_engine.matmul_reduce_scatter(a, b, group_name, t, r)
             for case, fn in cases.items():
                 try:
                     ms, _ = timed(fn, iters, warmup=5)
@@ -182,25 +124,6 @@ def _rank(rows_list, iters):
                     continue
                 found.append(dict(tp=t, op=op, layer=name, rows=rows, case=case, ms=ms))
     return found
-
-
-def check_ce():
-    """The copy-engine forms equal the plain ones (bf16 tolerance) before they are timed."""
-    from sp_core import mpu
-    from sp_core.mpu import collectives
-
-    t, r = mpu.tp_size(), mpu.tp_rank()
-    ce = CopyEngine((mpu.tp_group() or dist.group.WORLD).group_name)
-    torch.manual_seed(r)
-    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
-    want = collectives.all_gather(x) @ b
-    torch.testing.assert_close(ce.all_gather_matmul(x, b, t, r), want)
-    a = torch.randn(256 * t, 64, device="cuda", dtype=torch.bfloat16)
-    want = collectives.reduce_scatter(a @ b)
-    got = ce.matmul_reduce_scatter(a, b, t, r)
-    torch.testing.assert_close(got.float(), want.float(), atol=0.5, rtol=2e-2)
-    return True
 
 
 def main():
@@ -214,7 +137,6 @@ def main():
 
     t = args.tp or torch.cuda.device_count()
     os.makedirs(args.out, exist_ok=True)
-    print("copy-engine forms equal the plain ones:", run_ranks(t, check_ce, timeout=120), flush=True)
     found = run_ranks(t, _rank, [int(x) for x in args.rows.split(",")], args.iters, timeout=400)[0]
     with open(os.path.join(args.out, "overlap_probe.json"), "w") as f:
         json.dump(dict(device=f"{t} x {torch.cuda.get_device_name(0)}", measured=found), f, indent=1)

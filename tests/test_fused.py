@@ -101,6 +101,41 @@ def test_decision_follows_the_table(monkeypatch, tmp_path):
         async_tp.choose("all_gather_matmul", 8192, 4)
 
 
+def _measured(tp, op, layer, rows, impl, ms):
+    return dict(tp=tp, op=op, layer=layer, rows=rows, impl=impl, ms=ms)
+
+
+def test_table_rule_sums_an_ops_layers_and_averages_calls():
+    """benchmarks/async_tp_bench.py's rule: a form is chosen at an M when its time summed over the op's
+    layers beats "off" by 2 %, also where one layer alone loses; repeated measurements are averaged."""
+    from benchmarks.async_tp_bench import decide
+
+    op = "matmul_reduce_scatter"
+    one_call = [_measured(2, op, "o_proj", 8192, "off", 1.0), _measured(2, op, "down_proj", 8192, "off", 2.0),
+                _measured(2, op, "o_proj", 8192, "split", 1.05), _measured(2, op, "down_proj", 8192, "split", 1.7),
+                _measured(2, op, "o_proj", 4096, "off", 1.0), _measured(2, op, "down_proj", 4096, "off", 1.0),
+                _measured(2, op, "o_proj", 4096, "split", 0.99), _measured(2, op, "down_proj", 4096, "split", 0.99)]
+    # 8192: split 2.75 < 0.98 * 3.0 although o_proj alone loses; 4096: 1.98 is not below 0.98 * 2.0
+    assert decide(one_call, 2) == {op: [[4096, "off"], [8192, "split"]]}
+    assert decide(one_call, 4) == {}
+    other_call = [dict(r, ms=r["ms"] * (1.3 if r["impl"] == "split" and r["rows"] == 8192 else 1.0))
+                  for r in one_call]
+    # averaged with a call where split took 3.575 at 8192: (2.75 + 3.575) / 2 = 3.16 > 2.94
+    assert decide(one_call + other_call, 2) == {}
+
+
+def test_forms_that_need_cuda_are_refused_elsewhere(monkeypatch):
+    if platform.symmetric_memory_ops_available():
+        pytest.skip("symmetric memory is available here")
+    for impl in ("copy_engine", "symm_mem"):
+        monkeypatch.setenv("SP_CORE_ASYNC_TP", impl)
+        with pytest.raises(ValueError, match=f"SP_CORE_ASYNC_TP={impl} needs CUDA"):
+            async_tp.choose("all_gather_matmul", 8192, 2)
+    monkeypatch.delenv("SP_CORE_ASYNC_TP")
+    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.backend()}:2": {"all_gather_matmul": [[1, "copy_engine"]]}})
+    assert async_tp.choose("all_gather_matmul", 8192, 2) == "off"  # a table's CUDA form falls back quietly
+
+
 KERNEL_CHECK = r"""
 import torch
 from sp_core.layers import triton_kernels as tk
