@@ -74,6 +74,8 @@ def decide(rows_measured, t: int):
         steps = []
         for rows in sorted({r["rows"] for r in mine}):
             layer_names = sorted({r["layer"] for r in mine if r["rows"] == rows})
+            if not all(("off", name, rows) in timed for name in layer_names):
+                continue  # a layer without its unfused time (merged files of other sizes): no decision here
             off_ms = sum(timed[("off", name, rows)] for name in layer_names)
             best, best_ms = "off", MARGIN * off_ms
             for impl in sorted({r["impl"] for r in mine} - {"off"}):

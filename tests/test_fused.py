@@ -14,8 +14,9 @@ from sp_core.mpu import async_tp, platform
 from support.multirank import run_ranks
 
 
-def _column_row(dtype_name, impl, rows_per_rank):
-    """Column then row layer under SP, forward + backward, with SP_CORE_ASYNC_TP=impl."""
+def _column_row(dtype_name, impl, rows_per_rank, autocast=False):
+    """Column then row layer under SP, forward + backward, with SP_CORE_ASYNC_TP=impl; with ``autocast``,
+    float32 parameters under bf16 autocast (the mixed-precision training path)."""
     os.environ["SP_CORE_ASYNC_TP"] = impl
     dtype, device = getattr(torch, dtype_name), platform.current_device()
     torch.manual_seed(0)
@@ -23,11 +24,19 @@ def _column_row(dtype_name, impl, rows_per_rank):
     row = RowParallelLinear(12 * mpu.tp_size(), 8, dtype=dtype).to(device)
     torch.manual_seed(1 + mpu.tp_rank())
     x = torch.randn(rows_per_rank, 8, dtype=dtype, device=device, requires_grad=True)
-    with mpu.counting_collectives() as issued:
+    with mpu.counting_collectives() as issued, torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         y = row(torch.nn.functional.silu(column(x)))
         y.backward(torch.randn_like(y))
     grads = [p.grad for p in list(column.parameters()) + list(row.parameters())]
     return [t.detach().float().cpu() for t in [y, x.grad] + grads], issued
+
+
+def _fused_equals_unfused_under_autocast(impl):
+    plain, _ = _column_row("float32", "off", 6, autocast=True)
+    fused, _ = _column_row("float32", impl, 6, autocast=True)
+    for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=f"{impl} vs unfused under autocast: {name}")
+    return True
 
 
 def _fused_equals_unfused(dtype_name, impl):
@@ -68,6 +77,13 @@ def test_async_tp_bf16(impl):
     assert run_ranks(2, _fused_equals_unfused, "bfloat16", impl) == [True] * 2
 
 
+@pytest.mark.parametrize("impl", ["ring", "split"])
+def test_async_tp_under_autocast(impl):
+    """float32 weights, bf16 autocast: the fused forms' GEMMs (``out=``, which autocast does not see) get
+    the operands autocast would give them, as the unfused form's ``@`` does."""
+    assert run_ranks(2, _fused_equals_unfused_under_autocast, impl) == [True] * 2
+
+
 @pytest.mark.parametrize("impl", ["symm_mem", "copy_engine"])
 def test_symmetric_memory_async_tp_equals_unfused(impl):
     if not platform.symmetric_memory_ops_available():
@@ -75,10 +91,17 @@ def test_symmetric_memory_async_tp_equals_unfused(impl):
     assert run_ranks(2, _fused_equals_unfused, "bfloat16", impl) == [True] * 2
 
 
-def test_copy_engine_at_four_ranks_float32():
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_copy_engine_at_four_ranks(dtype_name):
     if not platform.symmetric_memory_ops_available() or torch.cuda.device_count() < 4:
         pytest.skip("needs 4 CUDA devices")
-    assert run_ranks(4, _fused_equals_unfused, "float32", "copy_engine") == [True] * 4
+    assert run_ranks(4, _fused_equals_unfused, dtype_name, "copy_engine") == [True] * 4
+
+
+def test_copy_engine_under_autocast():
+    if not platform.symmetric_memory_ops_available():
+        pytest.skip("symmetric memory needs CUDA")
+    assert run_ranks(2, _fused_equals_unfused_under_autocast, "copy_engine") == [True] * 2
 
 
 def test_decision_follows_the_table(monkeypatch, tmp_path):

@@ -198,15 +198,27 @@ class _HalvesPending(Pending):
     """Two reduce-scatters in flight, each over half of the output columns: ``wait()`` joins them."""
 
     def __init__(self, halves: list):
-        self._halves = halves
+        self._halves, self._joined = halves, None
 
     def wait(self) -> torch.Tensor:
-        outs = []
-        for out, work, dtype in self._halves:
-            work.wait()
-            outs.append(out if dtype is None else out.to(dtype))
-        activity.leave_collective()
-        return torch.cat(outs, -1)
+        if self._joined is None:
+            outs = []
+            for out, work, dtype in self._halves:
+                work.wait()
+                outs.append(out if dtype is None else out.to(dtype))
+            activity.leave_collective()
+            self._joined, self._halves = torch.cat(outs, -1), None
+        return self._joined
+
+
+def _as_autocast_would(a: torch.Tensor, b: torch.Tensor):
+    """The GEMM operands autocast would hand ``a @ b``: the fused forms multiply with ``out=`` (or in
+    torch's fused ops), which autocast does not see -- fp32 weights under bf16 autocast would not match."""
+    kind = a.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        return a.to(dtype), b.to(dtype)
+    return a, b
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +306,7 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     if impl == "off":
         gathered = all_gather(a_shard)
         return gathered, gathered @ b
+    a_shard, b = _as_autocast_would(a_shard, b)
     _record("all_gather", a_shard)
     if impl == "symm_mem":
         gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
@@ -355,6 +368,7 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
         if not in_flight or ps.communicator() is not None or ps.deterministic():
             return Pending(reduce_scatter(a @ b))
         return reduce_scatter_start(a @ b)
+    a, b = _as_autocast_would(a, b)
     _record("reduce_scatter", a)
     if impl == "symm_mem":
         out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)

@@ -5,7 +5,9 @@ a copy engine takes none.
 
 One workspace per TP group, grown (collectively: every rank has the same shapes under SP) to the
 largest call. Two device barriers per call: the first keeps a peer from writing into, or reading, a
-buffer that an earlier call still uses; the second marks every rank's rows as in place.
+buffer that an earlier call still uses; the second marks every rank's rows as in place. That protocol
+assumes the calls of a group come in one stream order, as the layers issue them (autograd runs a
+backward on its forward's stream); it needs every TP rank on one host with CUDA peer access.
 """
 from __future__ import annotations
 
@@ -18,20 +20,29 @@ import torch
 class _Workspace:
     def __init__(self, group_name: str):
         self.group_name, self.nbytes, self.handle = group_name, 0, None
-        self.outgrown: List[tuple] = []
 
     def grown_to(self, nbytes: int):
-        if nbytes > self.nbytes:
+        if nbytes > self.nbytes or self.handle is None:
             import torch.distributed._symmetric_memory as symm_mem
 
-            # A peer's copies from the old buffer may still be queued: let every device drain before the
-            # (host-side, collective) rendezvous, and keep the old buffer, freed only with the process.
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"copy_engine async TP: its workspace must grow to {nbytes} bytes, which cannot happen during "
+                    "CUDA graph capture; run one call of the largest size before capturing, or set "
+                    "SP_CORE_ASYNC_TP=off")
+            # A peer's copies from the old buffer may still be queued: every device drains before the
+            # (host-side, collective) rendezvous, after which no rank reads the old buffer and it can go.
             torch.cuda.synchronize()
-            if self.handle is not None:
-                self.outgrown.append((self.buffer, self.handle))
             size = 1 << max(nbytes - 1, 1).bit_length()  # powers of two: few growths as batches vary
-            self.buffer = symm_mem.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
-            self.handle, self.nbytes = symm_mem.rendezvous(self.buffer, self.group_name), size
+            buffer = symm_mem.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
+            try:
+                handle = symm_mem.rendezvous(buffer, self.group_name)
+            except Exception as err:
+                raise RuntimeError(
+                    "copy_engine async TP needs every TP rank on one host with CUDA peer access (the symmetric-"
+                    f"memory rendezvous failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                    "set SP_CORE_ASYNC_TP=split or off") from err
+            self.buffer, self.handle, self.nbytes = buffer, handle, size
         return self.handle
 
 
@@ -76,7 +87,7 @@ def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int) -> torch.Tensor:
     """reduce_scatter(a @ b): each peer's rows are multiplied first and pushed into its workspace slot for
-    this rank while the next GEMM runs; this rank's own rows last, then the peers' slots added to them."""
+    this rank while the next GEMM runs; this rank's own rows last, then the t slots summed."""
     n, width = a.shape[0] // t, b.shape[-1]
     hdl = _workspace(group_name, t * n * width * a.element_size())
     hdl.barrier(channel=0)
@@ -93,7 +104,5 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: 
     here.wait_stream(side)
     hdl.barrier(channel=1)
     slots = hdl.get_buffer(r, (t, n, width), a.dtype)
-    for source in range(t):
-        if source != r:
-            mine += slots[source]
-    return mine
+    slots[r].copy_(mine)
+    return slots.sum(0)  # one rounding, the same order whichever rank owns the rows (as the invariant sum)
