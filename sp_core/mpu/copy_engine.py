@@ -20,6 +20,7 @@ import torch
 class _Workspace:
     def __init__(self, group_name: str):
         self.group_name, self.nbytes, self.handle = group_name, 0, None
+        self.outgrown: List[tuple] = []
 
     def grown_to(self, nbytes: int):
         if nbytes > self.nbytes or self.handle is None:
@@ -31,8 +32,11 @@ class _Workspace:
                     "CUDA graph capture; run one call of the largest size before capturing, or set "
                     "SP_CORE_ASYNC_TP=off")
             # A peer's copies from the old buffer may still be queued: every device drains before the
-            # (host-side, collective) rendezvous, after which no rank reads the old buffer and it can go.
+            # (host-side, collective) rendezvous. The old buffer is kept (freed with the process): a run that
+            # freed it at once hung (docs/async_tp.md); freeing it after the rendezvous was not run on GPUs.
             torch.cuda.synchronize()
+            if self.handle is not None:
+                self.outgrown.append((self.buffer, self.handle))
             size = 1 << max(nbytes - 1, 1).bit_length()  # powers of two: few growths as batches vary
             buffer = symm_mem.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
             try:
@@ -87,7 +91,7 @@ def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int) -> torch.Tensor:
     """reduce_scatter(a @ b): each peer's rows are multiplied first and pushed into its workspace slot for
-    this rank while the next GEMM runs; this rank's own rows last, then the t slots summed."""
+    this rank while the next GEMM runs; this rank's own rows last, then the peers' slots added to them."""
     n, width = a.shape[0] // t, b.shape[-1]
     hdl = _workspace(group_name, t * n * width * a.element_size())
     hdl.barrier(channel=0)
@@ -104,5 +108,10 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: 
     here.wait_stream(side)
     hdl.barrier(channel=1)
     slots = hdl.get_buffer(r, (t, n, width), a.dtype)
-    slots[r].copy_(mine)
-    return slots.sum(0)  # one rounding, the same order whichever rank owns the rows (as the invariant sum)
+    # t - 1 roundings in bf16, in an order that depends on which rank owns the rows from t = 3 on (the
+    # deterministic mode never fuses). One rounding (slots.sum) would not depend on it; it was not run on
+    # the GPUs, so the measured form stays.
+    for source in range(t):
+        if source != r:
+            mine += slots[source]
+    return mine
