@@ -11,10 +11,11 @@ backward on its forward's stream); it needs every TP rank on one host with CUDA 
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Tuple
 
 import torch
+
+from sp_core.mpu import platform
 
 
 class _Workspace:
@@ -26,7 +27,7 @@ class _Workspace:
         if nbytes > self.nbytes or self.handle is None:
             import torch.distributed._symmetric_memory as symm_mem
 
-            if torch.cuda.is_current_stream_capturing():
+            if platform.capturing_graph():
                 raise RuntimeError(
                     f"copy_engine async TP: its workspace must grow to {nbytes} bytes, which cannot happen during "
                     "CUDA graph capture; run one call of the largest size before capturing, or set "
@@ -34,11 +35,11 @@ class _Workspace:
             # A peer's copies from the old buffer may still be queued: every device drains before the
             # (host-side, collective) rendezvous. The old buffer is kept (freed with the process): a run that
             # freed it at once hung (docs/async_tp.md); freeing it after the rendezvous was not run on GPUs.
-            torch.cuda.synchronize()
+            platform.synchronize()
             if self.handle is not None:
                 self.outgrown.append((self.buffer, self.handle))
             size = 1 << max(nbytes - 1, 1).bit_length()  # powers of two: few growths as batches vary
-            buffer = symm_mem.empty(size, dtype=torch.uint8, device=torch.cuda.current_device())
+            buffer = symm_mem.empty(size, dtype=torch.uint8, device=platform.current_device())
             try:
                 handle = symm_mem.rendezvous(buffer, self.group_name)
             except Exception as err:
@@ -59,11 +60,6 @@ def _workspace(group_name: str, nbytes: int):
     return _WORKSPACES[group_name].grown_to(nbytes)
 
 
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device)
-
-
 def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(all_gather(shard), all_gather(shard) @ b): this rank's rows are multiplied while the others' copy in."""
@@ -72,11 +68,11 @@ def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: 
     hdl.barrier(channel=0)
     hdl.get_buffer(r, shard.shape, shard.dtype).copy_(shard)
     hdl.barrier(channel=1)
-    here, side = torch.cuda.current_stream(), _side_stream(shard.device.index)
+    here, side = platform.current_stream(), platform.side_stream(shard.device.index)
     gathered = shard.new_empty((n * t,) + tuple(shard.shape[1:]))
     out = shard.new_empty((n * t, b.shape[-1]))
     side.wait_stream(here)
-    with torch.cuda.stream(side):
+    with platform.on_stream(side):
         for step in range(1, t):
             peer = (r + step) % t
             gathered[peer * n:(peer + 1) * n].copy_(hdl.get_buffer(peer, shard.shape, shard.dtype))
@@ -95,13 +91,13 @@ def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: 
     n, width = a.shape[0] // t, b.shape[-1]
     hdl = _workspace(group_name, t * n * width * a.element_size())
     hdl.barrier(channel=0)
-    here, side = torch.cuda.current_stream(), _side_stream(a.device.index)
+    here, side = platform.current_stream(), platform.side_stream(a.device.index)
     in_flight: List[torch.Tensor] = []  # alive until the side stream has copied them
     for step in range(1, t):
         peer = (r + step) % t
         partial = a[peer * n:(peer + 1) * n] @ b
         side.wait_stream(here)
-        with torch.cuda.stream(side):
+        with platform.on_stream(side):
             hdl.get_buffer(peer, (t, n, width), a.dtype)[r].copy_(partial)
         in_flight.append(partial)
     mine = a[r * n:(r + 1) * n] @ b

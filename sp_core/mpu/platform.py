@@ -208,6 +208,31 @@ def rotary_in_float32() -> bool:
     return device_type() == "cpu" or not fused_kernels_enabled()
 
 
+def _stream_module():
+    """torch.cuda or torch.npu: whose streams ``current_stream`` / ``side_stream`` / ``on_stream`` are."""
+    return torch.npu if device_type() == "npu" else torch.cuda
+
+
+def current_stream():
+    return _stream_module().current_stream()
+
+
+@functools.lru_cache(maxsize=None)
+def side_stream(device_index: int):
+    """A second stream on this device, made once: for transfers beside the compute stream (async TP)."""
+    return _stream_module().Stream(device=device_index)
+
+
+def on_stream(stream):
+    """A context in which ops run on ``stream``."""
+    return _stream_module().stream(stream)
+
+
+def capturing_graph() -> bool:
+    """Whether the current stream is being captured into a CUDA graph."""
+    return device_type() == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def current_device() -> torch.device:
     kind = device_type()
     if kind == "cuda":
