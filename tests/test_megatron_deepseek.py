@@ -86,7 +86,6 @@ def _every_check(dirs, tp, dtype, root):
 def _router_bias_and_padding(model_dir, tp, export_dir):
     """Megatron's aux-loss-free update (moe_router_enable_expert_bias) on the core's router, and the load
     count of one batch whose last SP shard holds a padding row."""
-    from sp_core import mpu
     from sp_core_megatron import cpu_training, engine, training
     from sp_core_megatron.export import export_hf_checkpoint
 

@@ -311,25 +311,34 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     if impl == "symm_mem":
         gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
             a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
-        activity.leave_collective()
-        return gathered, out
-    r, n = ps.tp_rank(), a_shard.shape[0]
-    if impl == "copy_engine":
-        gathered, out = copy_engine.all_gather_matmul(a_shard, b, ps.tp_group().group_name, t, r)
-        activity.leave_collective()
-        return gathered, out
+    elif impl == "copy_engine":
+        gathered, out = copy_engine.all_gather_matmul(a_shard, b, ps.tp_group().group_name, t, ps.tp_rank())
+    elif impl == "split":
+        gathered, out = _split_all_gather_matmul(a_shard, b, t, ps.tp_rank())
+    else:
+        gathered, out = _ring_all_gather_matmul(a_shard, b, t, ps.tp_rank())
+    activity.leave_collective()
+    return gathered, out
+
+
+def _split_all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, t: int, r: int):
+    """The whole gather in flight while this rank's own rows are multiplied, then the other ranks' rows."""
+    n = a_shard.shape[0]
     out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
-    if impl == "split":  # the whole gather in flight while this rank's own rows are multiplied
-        gathered = _rows_times(a_shard, t)
-        work = _all_gather_tensor(gathered, a_shard, group=ps.tp_group(), async_op=True)
-        torch.matmul(a_shard, b, out=out[r * n:(r + 1) * n])
-        work.wait()
-        activity.leave_collective()
-        for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
-            if hi > lo:
-                torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
-        return gathered, out
-    # ring: at step s this rank holds rank (r - s)'s shard; multiply it while passing it on
+    gathered = _rows_times(a_shard, t)
+    work = _all_gather_tensor(gathered, a_shard, group=ps.tp_group(), async_op=True)
+    torch.matmul(a_shard, b, out=out[r * n:(r + 1) * n])
+    work.wait()
+    for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
+        if hi > lo:
+            torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
+    return gathered, out
+
+
+def _ring_all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, t: int, r: int):
+    """At step s this rank holds rank (r - s)'s shard: it multiplies it while passing it on."""
+    n = a_shard.shape[0]
+    out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
     gathered = _rows_times(a_shard, t)
     gathered[r * n:(r + 1) * n].copy_(a_shard)
     for step in range(t):
@@ -338,7 +347,6 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
             if step < t - 1 else []
         torch.matmul(gathered[src * n:(src + 1) * n], b, out=out[src * n:(src + 1) * n])
         _wait(works)
-    activity.leave_collective()
     return gathered, out
 
 
@@ -370,21 +378,29 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
         return reduce_scatter_start(a @ b)
     a, b = _as_autocast_would(a, b)
     _record("reduce_scatter", a)
+    if impl == "split":  # leaves the collective when waited on
+        pending = _split_matmul_reduce_scatter(a, b)
+        return pending if in_flight else Pending(pending.wait())
     if impl == "symm_mem":
         out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
-        activity.leave_collective()
-        return Pending(out)
-    if impl == "copy_engine":
+    elif impl == "copy_engine":
         out = copy_engine.matmul_reduce_scatter(a, b, ps.tp_group().group_name, t, ps.tp_rank())
-        activity.leave_collective()
-        return Pending(out)
-    if impl == "split":  # the first half of the columns reduce-scatters while the second half's GEMM runs
-        half = b.shape[-1] // 2
-        pending = _HalvesPending([_reduce_scatter_in_flight(a @ b[..., :half]),
-                                  _reduce_scatter_in_flight(a @ b[..., half:])])
-        return pending if in_flight else Pending(pending.wait())
-    # ring: the partial sum for rank d starts at rank d + 1 and gains one term per hop, ending at d
-    r, n = ps.tp_rank(), a.shape[0] // t
+    else:
+        out = _ring_matmul_reduce_scatter(a, b, t, ps.tp_rank())
+    activity.leave_collective()
+    return Pending(out)
+
+
+def _split_matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> Pending:
+    """The first half of the output columns reduce-scatters while the second half's GEMM runs."""
+    half = b.shape[-1] // 2
+    return _HalvesPending([_reduce_scatter_in_flight(a @ b[..., :half]),
+                           _reduce_scatter_in_flight(a @ b[..., half:])])
+
+
+def _ring_matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, t: int, r: int) -> torch.Tensor:
+    """The partial sum for rank d starts at rank d + 1 and gains one term per hop, ending at d."""
+    n = a.shape[0] // t
     keep, works, incoming = [], [], None
     for step in range(t):
         dest = (r - 1 - step) % t
@@ -393,8 +409,7 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
             _wait(works)
             partial += incoming
         if step == t - 1:
-            activity.leave_collective()
-            return Pending(partial)
+            return partial
         incoming = torch.empty_like(partial)
         keep += [partial, incoming]  # alive until their transfers are waited on
         works = _exchange(partial, incoming)
