@@ -80,8 +80,9 @@ def decide(rows_measured, t: int):
             best, best_ms = "off", MARGIN * off_ms
             for impl in sorted({r["impl"] for r in mine} - {"off"}):
                 keys = [(impl, name, rows) for name in layer_names]
-                if all(k in timed for k in keys) and sum(timed[k] for k in keys) < best_ms:
-                    best, best_ms = impl, sum(timed[k] for k in keys)
+                total = sum(timed[k] for k in keys) if all(k in timed for k in keys) else None
+                if total is not None and total < best_ms:
+                    best, best_ms = impl, total
             steps.append([rows, best])
         if any(impl != "off" for _, impl in steps):
             entries[op] = steps

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.timing import plot_ratios, timed as _timed  # noqa: E402
-from sp_core.mpu.async_tp import IMPLS as ASYNC_TP_IMPLS  # noqa: E402
+from sp_core.mpu import async_tp  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
@@ -143,7 +143,7 @@ def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = to
 
 
 def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
-                     async_tp: str = "auto"):
+                     async_tp_form: str = "auto"):
     from sp_core import mpu
     from sp_core.layers import PackedBatch
 
@@ -164,7 +164,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
                 continue
             os.environ.update(env)
             if label == "async_sp":
-                os.environ["SP_CORE_ASYNC_TP"] = async_tp
+                os.environ["SP_CORE_ASYNC_TP"] = async_tp_form
             mpu.set_sequence_parallel(sp)
             n = tokens // t if sp else tokens
             x = torch.randn(n, cfg.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=train)
@@ -202,11 +202,11 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
 
 
 def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
-               async_tp: str = "auto"):
+               async_tp_form: str = "auto"):
     from sp_core.mpu.launch import run_ranks
 
     return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), variants,
-                     async_tp, timeout=900)[0]
+                     async_tp_form, timeout=900)[0]
 
 
 def device_name() -> str:
@@ -292,7 +292,7 @@ def main():
     parser.add_argument("--profile-tokens", default="", help="token counts to profile by kernel category")
     parser.add_argument("--variants", default=",".join(v for v, _, _ in VARIANTS),
                         help="which of the core's variants to time (the others are reported as nan)")
-    parser.add_argument("--async-tp", default="auto", choices=("auto",) + ASYNC_TP_IMPLS,
+    parser.add_argument("--async-tp", default="auto", choices=("auto",) + async_tp.IMPLS,
                         help="what the async_sp variant runs: the decision table (auto) or one form everywhere")
     parser.add_argument("--out", default="out")
     parser.add_argument("--plot-only", default=None, help="re-plot a results.json")
@@ -310,7 +310,7 @@ def main():
                "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
                "prefill": [], "train": [], "megatron": [],
                "categories": [c for c, _ in CATEGORIES] + ["other"], "variants": args.variants.split(","),
-               "async_tp_table": __import__("sp_core.mpu.async_tp", fromlist=["table"]).table(),
+               "async_tp_table": async_tp.table(),
                "async_tp": args.async_tp}
     for t in tps:
         if t > torch.cuda.device_count():

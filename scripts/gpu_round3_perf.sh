@@ -19,12 +19,10 @@ BUDGET=${BUDGET:-450}  # seconds; a step is given at most what is left of it
 source scripts/gpu_steps.sh
 
 ls .whl/megatron_core-*cp312*.whl >/dev/null 2>&1 || note "WARNING: no megatron-core cp312 wheel in .whl/: step 3 will fail"
-# shellcheck source=/dev/null
-source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
+set_up_device
 
 {
-  python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
-    ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")'
+  machine
   env | grep -E '^(NCCL_|TORCH_NCCL_|CUDA_DEVICE_MAX|TORCH_SYMM|NVSHMEM_)' | sort
   nvidia-smi topo -m
   nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv

@@ -18,17 +18,13 @@ TP=${TP:-$(python3 -c 'import torch; print(4 if torch.cuda.device_count() >= 4 e
 # the t of steps 3 and 4; step 2 also runs t = 2 when TP is 4
 # shellcheck source=scripts/gpu_steps.sh
 source scripts/gpu_steps.sh
-# shellcheck source=/dev/null
-source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
+set_up_device
 
 BEFORE=(env -C before PYTHONPATH="$PWD/before:/tmp/before_site:/tmp/site")  # the tree before the change
 if [ -d before ]; then  # its adapters in place of this tree's
   mkdir -p /tmp/before_site && ln -sfn "$PWD/before/adapters/megatron" /tmp/before_site/sp_core_megatron
 fi
 
-python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
-  ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
-  | tee -a "$SUMMARY"
 [ -d before ] && note "before/: $(cat before/COMMIT 2>/dev/null)"
 
 [ "$TP" -ge 4 ] && step dp_test 150 python3 -m pytest tests/test_megatron_deepseek.py -k data_parallel -v -s -p no:cacheprovider

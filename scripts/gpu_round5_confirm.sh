@@ -10,11 +10,7 @@ BUDGET=${BUDGET:-480}
 TP=${TP:-2}
 # shellcheck source=scripts/gpu_steps.sh
 source scripts/gpu_steps.sh
-# shellcheck source=/dev/null
-source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
-python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
-  ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
-  | tee -a "$SUMMARY"
+set_up_device
 
 step bench_table_a 120 python3 benchmarks/bench.py --tp "$TP" --tokens 2048,8192,32768 --train-tokens 8192 \
   --variants tp,sp,async_sp --iters 10 --profile-tokens 8192 --out "$OUT/bench_table_a"

@@ -16,11 +16,7 @@ BUDGET=${BUDGET:-560}
 TP=${TP:-$(python3 -c 'import torch; n = torch.cuda.device_count(); print("4,2" if n >= 4 else n)')}
 # shellcheck source=scripts/gpu_steps.sh
 source scripts/gpu_steps.sh
-# shellcheck source=/dev/null
-source benchmarks/device_setup.sh || { note "FAILED: benchmarks/device_setup.sh"; exit 1; }
-python3 -c 'import torch, sys; print(f"python {sys.version.split()[0]} | torch {torch.__version__} | NCCL",
-  ".".join(map(str, torch.cuda.nccl.version())), f"| {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")' \
-  | tee -a "$SUMMARY"
+set_up_device
 
 step fused_tests 90 python3 -m pytest tests/test_fused.py -v -p no:cacheprovider
 step async_tp 150 python3 benchmarks/async_tp_bench.py --tp "$TP" --rows 2048,4096,8192,16384,32768 --out "$OUT/async_tp"

@@ -31,11 +31,15 @@ def _column_row(dtype_name, impl, rows_per_rank, autocast=False):
     return [t.detach().float().cpu() for t in [y, x.grad] + grads], issued
 
 
+def _assert_same(fused, plain, tol, what):
+    for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{what}: {name}")
+
+
 def _fused_equals_unfused_under_autocast(impl):
     plain, _ = _column_row("float32", "off", 6, autocast=True)
     fused, _ = _column_row("float32", impl, 6, autocast=True)
-    for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=f"{impl} vs unfused under autocast: {name}")
+    _assert_same(fused, plain, 2e-2, f"{impl} vs unfused under autocast")
     return True
 
 
@@ -55,9 +59,7 @@ def _fused_equals_unfused(dtype_name, impl):
     if impl == "split":  # each reduce-scatter (row fwd, column bwd) as two halves of the columns
         assert sorted(scatters) == sorted(s[:-1] + (s[-1] // 2,) for s in plain_scatters for _ in (0, 1)), \
             (scatters, plain_scatters)
-    tol = 1e-5 if dtype_name == "float32" else 2e-2
-    for name, a, b in zip(["output", "input grad", "column weight", "column bias", "row weight"], fused, plain):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{impl} vs unfused: {name}")
+    _assert_same(fused, plain, 1e-5 if dtype_name == "float32" else 2e-2, f"{impl} vs unfused")
     assert fused_issued == plain_issued, (fused_issued, plain_issued)
     return True
 

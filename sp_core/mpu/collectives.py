@@ -311,24 +311,26 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
     if impl == "symm_mem":
         gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
             a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
-    elif impl == "copy_engine":
-        gathered, out = copy_engine.all_gather_matmul(a_shard, b, ps.tp_group().group_name, t, ps.tp_rank())
-    elif impl == "split":
-        gathered, out = _split_all_gather_matmul(a_shard, b, t, ps.tp_rank())
+    elif impl in ("split", "copy_engine"):
+        gathered, out = _gather_beside_own_rows(a_shard, b, t, ps.tp_rank(), impl)
     else:
         gathered, out = _ring_all_gather_matmul(a_shard, b, t, ps.tp_rank())
     activity.leave_collective()
     return gathered, out
 
 
-def _split_all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor, t: int, r: int):
-    """The whole gather in flight while this rank's own rows are multiplied, then the other ranks' rows."""
+def _gather_beside_own_rows(a_shard: torch.Tensor, b: torch.Tensor, t: int, r: int, impl: str):
+    """The whole gather in flight while this rank's own rows are multiplied, then the other ranks' rows.
+    "split" and "copy_engine" differ only in the transfer: an async NCCL all-gather, or copy-engine copies."""
     n = a_shard.shape[0]
     out = a_shard.new_empty((n * t,) + tuple(a_shard.shape[1:-1]) + (b.shape[-1],))
     gathered = _rows_times(a_shard, t)
-    work = _all_gather_tensor(gathered, a_shard, group=ps.tp_group(), async_op=True)
+    if impl == "copy_engine":
+        wait = copy_engine.all_gather_start(a_shard, gathered, ps.tp_group().group_name, t, r)
+    else:
+        wait = _all_gather_tensor(gathered, a_shard, group=ps.tp_group(), async_op=True).wait
     torch.matmul(a_shard, b, out=out[r * n:(r + 1) * n])
-    work.wait()
+    wait()
     for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
         if hi > lo:
             torch.matmul(gathered[lo:hi], b, out=out[lo:hi])

@@ -11,7 +11,7 @@ backward on its forward's stream); it needs every TP rank on one host with CUDA 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
@@ -60,29 +60,22 @@ def _workspace(group_name: str, nbytes: int):
     return _WORKSPACES[group_name].grown_to(nbytes)
 
 
-def all_gather_matmul(shard: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(all_gather(shard), all_gather(shard) @ b): this rank's rows are multiplied while the others' copy in."""
+def all_gather_start(shard: torch.Tensor, gathered: torch.Tensor, group_name: str, t: int, r: int):
+    """Start filling ``gathered`` (t x shard's rows) with every rank's shard: this rank's own rows now, the
+    others' copied in on the side stream. Returns the wait: after it, this stream may read ``gathered``."""
     n = shard.shape[0]
     hdl = _workspace(group_name, shard.numel() * shard.element_size())
     hdl.barrier(channel=0)
     hdl.get_buffer(r, shard.shape, shard.dtype).copy_(shard)
     hdl.barrier(channel=1)
     here, side = platform.current_stream(), platform.side_stream(shard.device.index)
-    gathered = shard.new_empty((n * t,) + tuple(shard.shape[1:]))
-    out = shard.new_empty((n * t, b.shape[-1]))
     side.wait_stream(here)
     with platform.on_stream(side):
         for step in range(1, t):
             peer = (r + step) % t
             gathered[peer * n:(peer + 1) * n].copy_(hdl.get_buffer(peer, shard.shape, shard.dtype))
     gathered[r * n:(r + 1) * n].copy_(shard)
-    torch.matmul(shard, b, out=out[r * n:(r + 1) * n])
-    here.wait_stream(side)
-    for lo, hi in ((0, r * n), ((r + 1) * n, t * n)):  # the other ranks' rows, before and after ours
-        if hi > lo:
-            torch.matmul(gathered[lo:hi], b, out=out[lo:hi])
-    return gathered, out
+    return lambda: here.wait_stream(side)
 
 
 def matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group_name: str, t: int, r: int) -> torch.Tensor:
