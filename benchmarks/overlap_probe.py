@@ -6,8 +6,8 @@ For each Qwen3-8B-shaped linear under SP, at M all-token rows, forward, median m
     comm[:g]        the all-gather / reduce-scatter alone, on group g
     off             the collective, then the GEMM (or the GEMM, then the collective): today's default
     split:g         the collective in flight on group g beside part of the GEMM (sp_core's "split" form)
-    ce              copy engines instead of SM kernels: sp_core.mpu.copy_engine (the "copy_engine" form;
-                    round 5's probe call ran a first copy of it that lived in this file)
+    ce              copy engines instead of SM kernels: sp_core's "copy_engine" form (round 5's probe call
+                    ran a first copy of it that lived in this file)
 
 Groups g: "default" (the TP group), "hp" (a high-priority NCCL stream), "cta4" / "cta8" / "cta16" (NCCL's
 max_ctas: the collective's kernel takes at most that many SMs from the GEMM).
@@ -46,11 +46,11 @@ def _groups(t: int) -> dict:
 def _rank(rows_list, iters):
     from sp_core import mpu
 
-    from sp_core.mpu import copy_engine
+    from sp_core.mpu import collectives
 
+    os.environ["SP_CORE_ASYNC_TP"] = "copy_engine"  # what collectives' fused ops run (the "ce" cases)
     t, r = mpu.tp_size(), mpu.tp_rank()
     groups = _groups(t)
-    group_name = mpu.tp_group().group_name
     found = []
 
     def ag(x, group):
@@ -91,7 +91,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: ag(x, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split(groups[g])
                 cases["off"] = off
-                cases["ce"] = lambda: copy_engine.all_gather_matmul(x, b, group_name, t, r)
+                cases["ce"] = lambda: collectives.all_gather_matmul(x, b)
             else:
                 a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
                 cases["gemm"] = lambda: a @ b
@@ -114,7 +114,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: rs_start(y, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split_rs(groups[g])
                 cases["off"] = off_rs
-                cases["ce"] = lambda: copy_engine.matmul_reduce_scatter(a, b, group_name, t, r)
+                cases["ce"] = lambda: collectives.matmul_reduce_scatter(a, b)
             for case, fn in cases.items():
                 try:
                     ms, _ = timed(fn, iters, warmup=5)
