@@ -47,6 +47,50 @@ def test_long_run_that_progresses_is_not_a_hang():
     assert run_ranks(2, _busy_but_progressing, 80, hang_timeout=2, timeout=120) == [True, True]
 
 
+def _every_collective_then_compute(form, seconds):
+    """Each public collective of ``collectives`` once (every fused form through ``form``), then compute
+    that issues none for longer than the hang limit. Returns the collectives this rank called."""
+    import inspect
+
+    from sp_core.mpu import activity, collectives as c
+
+    os.environ["SP_CORE_ASYNC_TP"] = form
+    x, w = torch.ones(4, 3), torch.ones(3, 2)
+    calls = {
+        "all_reduce": lambda: (c.all_reduce(x), c.all_reduce(x, op="max")),
+        "all_gather": lambda: c.all_gather(x),
+        "all_gather_start": lambda: c.all_gather_start(x).wait(),
+        "reduce_scatter": lambda: c.reduce_scatter(x),
+        "reduce_scatter_start": lambda: c.reduce_scatter_start(x).wait(),
+        "gather_to_first": lambda: c.gather_to_first(x),
+        "invariant_reduce_scatter": lambda: c.invariant_reduce_scatter(x),
+        "invariant_all_reduce": lambda: c.invariant_all_reduce(x),
+        "all_gather_packed": lambda: c.all_gather_packed([x, x.int()]),
+        "all_to_all": lambda: c.all_to_all(x, [2, 2], [2, 2]),
+        "broadcast_object": lambda: c.broadcast_object({"a": 1}),
+        "barrier": lambda: c.barrier(),
+        "all_gather_matmul": lambda: c.all_gather_matmul(x, w),
+        "matmul_reduce_scatter": lambda: c.matmul_reduce_scatter(x, w),
+        "matmul_reduce_scatter_start": lambda: c.matmul_reduce_scatter_start(x, w).wait(),
+        "mean_over_group": lambda: c.mean_over_group(x, None),
+    }
+    for call in calls.values():
+        call()
+    depth = activity._DEPTH
+    time.sleep(seconds)
+    public = {name for name, f in vars(c).items() if inspect.isfunction(f) and f.__module__ == c.__name__
+              and not name.startswith("_") and name not in ("counts", "counting", "split")}
+    return sorted(public - set(calls)), depth
+
+
+@pytest.mark.parametrize("form", ["off", "ring", "split"])
+def test_every_collective_leaves_the_activity_board(form):
+    """A rank that computes after any collective (all_to_all and gather_to_first once never left the board)
+    is not taken for hung: 3 s of compute under a 1.5 s limit pass, with every collective called."""
+    results = run_ranks(2, _every_collective_then_compute, form, 3.0, hang_timeout=1.5, timeout=120)
+    assert results == [([], 0), ([], 0)], f"public collectives not exercised, and the board's depth: {results}"
+
+
 # --- the real command, killed from outside --------------------------------------------------------
 
 def _session_processes(sid):

@@ -85,3 +85,11 @@ def test_setup_installs_what_the_test_extra_declares():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     missing = [name for name in sorted(wanted) if not re.search(rf"\b{re.escape(name)}\b", setup)]
     assert not missing, f"scripts/setup.sh does not install {missing}"
+
+
+def test_the_activity_board_is_entered_in_one_place():
+    """Only collectives._start marks a rank as waiting in a collective (every caller leaves in a finally);
+    a collective that entered and never left made the hang detector kill a working run."""
+    callers = {str(p.relative_to(ROOT)): len(re.findall(r"\benter_collective\(", _code(p))) for p in LIBRARY}
+    callers = {name: n for name, n in callers.items() if n and not name.endswith("mpu/activity.py")}
+    assert callers == {"sp_core/mpu/collectives.py": 1, "sp_core/mpu/launch.py": 1}, callers

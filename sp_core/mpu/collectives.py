@@ -47,16 +47,30 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _record(op: str, tensor: torch.Tensor, communicator=None) -> None:
-    """Count the collective and mark this rank as waiting in it (``activity``: the hang detector)."""
-    _COUNTS[op] += 1
-    activity.enter_collective(op, tensor.shape)
-    path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
-    if path:
-        route = type(communicator).__name__ if communicator is not None else "torch"
-        shape = str(tuple(tensor.shape)).replace(" ", "")
-        with open(path, "a") as log:
-            log.write(f"{os.getpid()} {op} {shape} {route}\n")
+def _start(op: str, tensor, communicator=None) -> None:
+    """Count the collective and mark this rank as waiting in it (``activity``: the hang detector). Only
+    ``_issued`` and ``Pending`` call it, and both leave in a ``finally``: a rank never stays "waiting"
+    after a collective returned or raised (the hang detector would kill a run that is still working)."""
+    if tensor is not None:
+        _COUNTS[op] += 1
+        path = os.environ.get("SP_CORE_COLLECTIVE_LOG")
+        if path:
+            route = type(communicator).__name__ if communicator is not None else "torch"
+            shape = str(tuple(tensor.shape)).replace(" ", "")
+            with open(path, "a") as log:
+                log.write(f"{os.getpid()} {op} {shape} {route}\n")
+    activity.enter_collective(op, None if tensor is None else tensor.shape)
+
+
+@contextlib.contextmanager
+def _issued(op: str, tensor=None, communicator=None) -> Iterator[None]:
+    """The one door of every blocking collective: counted (unless ``tensor`` is None), on the activity
+    board while inside, left in a ``finally``."""
+    _start(op, tensor, communicator)
+    try:
+        yield
+    finally:
+        activity.leave_collective()
 
 
 def counts() -> Dict[str, int]:
@@ -91,23 +105,17 @@ def all_reduce(x: torch.Tensor, op: str = "sum", in_place: bool = False) -> torc
     if op == "sum" and ps.deterministic():
         return invariant_all_reduce(x)
     communicator = ps.communicator() if op == "sum" else None
-    _record("all_reduce", x, communicator)
     # the communicator may reduce in place: the caller's x stays intact unless it gave it away
     out = x if in_place and x.is_contiguous() else x.contiguous().clone()
-    if communicator is not None:
-        out = communicator.all_reduce(out)
-        activity.leave_collective()
+    with _issued("all_reduce", x, communicator):
+        if communicator is not None:
+            return communicator.all_reduce(out)
+        if _gloo() and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
+            wide = out.float()
+            dist.all_reduce(wide, op=_REDUCE_OPS[op], group=ps.tp_group())
+            return wide.to(out.dtype)
+        dist.all_reduce(out, op=_REDUCE_OPS[op], group=ps.tp_group())
         return out
-    op = _REDUCE_OPS[op]
-    group = ps.tp_group()
-    if _gloo() and out.dtype == torch.bfloat16:  # gloo reduces bf16 too coarsely: go via fp32
-        wide = out.float()
-        dist.all_reduce(wide, op=op, group=group)
-        activity.leave_collective()
-        return wide.to(out.dtype)
-    dist.all_reduce(out, op=op, group=group)
-    activity.leave_collective()
-    return out
 
 
 def _check_divisible(x: torch.Tensor, what: str) -> None:
@@ -131,17 +139,30 @@ def _rows_over(x: torch.Tensor, t: int) -> torch.Tensor:
 
 class Pending:
     """A collective in flight (``async_op``): ``wait()`` returns its result. Lets a caller overlap the
-    communication with independent compute, e.g. a GEMM."""
+    communication with independent compute, e.g. a GEMM. Started through ``_start``; the wait leaves."""
 
     def __init__(self, out: torch.Tensor, work=None, dtype: torch.dtype | None = None):
         self._out, self._work, self._dtype = out, work, dtype
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            self._work.wait()
-            self._work = None
-            activity.leave_collective()
+            work, self._work = self._work, None
+            try:
+                work.wait()
+            finally:
+                activity.leave_collective()
         return self._out if self._dtype is None else self._out.to(self._dtype)
+
+
+def _in_flight(op: str, x: torch.Tensor, launch) -> Pending:
+    """A ``Pending`` of ``launch()`` (which returns its arguments), entered on the board before the launch
+    and left by its wait -- or now, if the launch itself raises."""
+    _start(op, x)
+    try:
+        return launch()
+    except BaseException:
+        activity.leave_collective()
+        raise
 
 
 def all_gather_start(x: torch.Tensor) -> Pending:
@@ -149,28 +170,26 @@ def all_gather_start(x: torch.Tensor) -> Pending:
     t = ps.tp_size()
     if t == 1:
         return Pending(x)
-    _record("all_gather", x)
     x = x.contiguous()
     out = _rows_times(x, t)
-    return Pending(out, _all_gather_tensor(out, x, group=ps.tp_group(), async_op=True))
+    return _in_flight("all_gather", x,
+                      lambda: Pending(out, _all_gather_tensor(out, x, group=ps.tp_group(), async_op=True)))
 
 
 def _all_gather_through(communicator, x: torch.Tensor) -> torch.Tensor:
-    _record("all_gather", x, communicator)
     x = x.contiguous()
     out = _rows_times(x, ps.tp_size())
-    communicator.all_gather_into_tensor(out, x)
-    activity.leave_collective()
+    with _issued("all_gather", x, communicator):
+        communicator.all_gather_into_tensor(out, x)
     return out
 
 
 def _reduce_scatter_through(communicator, x: torch.Tensor) -> torch.Tensor:
     _check_divisible(x, "reduce_scatter")
-    _record("reduce_scatter", x, communicator)
     x = x.contiguous()
     out = _rows_over(x, ps.tp_size())
-    communicator.reduce_scatter_tensor(out, x)
-    activity.leave_collective()
+    with _issued("reduce_scatter", x, communicator):
+        communicator.reduce_scatter_tensor(out, x)
     return out
 
 
@@ -182,8 +201,8 @@ def reduce_scatter_start(x: torch.Tensor) -> Pending:
     if ps.deterministic():
         return Pending(invariant_reduce_scatter(x))
     _check_divisible(x, "reduce_scatter")
-    _record("reduce_scatter", x)
-    return Pending(*_reduce_scatter_in_flight(x.contiguous()))
+    x = x.contiguous()
+    return _in_flight("reduce_scatter", x, lambda: Pending(*_reduce_scatter_in_flight(x)))
 
 
 def _reduce_scatter_in_flight(x: torch.Tensor):
@@ -202,12 +221,13 @@ class _HalvesPending(Pending):
 
     def wait(self) -> torch.Tensor:
         if self._joined is None:
-            outs = []
-            for out, work, dtype in self._halves:
-                work.wait()
-                outs.append(out if dtype is None else out.to(dtype))
-            activity.leave_collective()
-            self._joined, self._halves = torch.cat(outs, -1), None
+            halves, self._halves = self._halves, None
+            try:
+                for _, work, _ in halves:
+                    work.wait()
+            finally:
+                activity.leave_collective()
+            self._joined = torch.cat([out if dtype is None else out.to(dtype) for out, _, dtype in halves], -1)
         return self._joined
 
 
@@ -228,11 +248,10 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
         return x
     if ps.communicator() is not None:
         return _all_gather_through(ps.communicator(), x)
-    _record("all_gather", x)
     x = x.contiguous()
     out = _rows_times(x, t)
-    _all_gather_tensor(out, x, group=ps.tp_group())  # not async_op + wait(): NCCL's work object and
-    activity.leave_collective()                      # stream event cost ~30 us a call (4 x H200)
+    with _issued("all_gather", x):  # not async_op + wait(): NCCL's work object and stream event cost
+        _all_gather_tensor(out, x, group=ps.tp_group())  # ~30 us a call (4 x H200)
     return out
 
 
@@ -242,11 +261,11 @@ def gather_to_first(x: torch.Tensor):
     t = ps.tp_size()
     if t == 1:
         return x
-    _record("gather", x)
     group = ps.tp_group()
     x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(t)] if ps.tp_rank() == 0 else None
-    dist.gather(x, pieces, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    with _issued("gather", x):
+        dist.gather(x, pieces, dst=_global_rank(group, 0), group=group)
     return torch.cat(pieces) if pieces is not None else None
 
 
@@ -263,11 +282,10 @@ def reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if _gloo() and x.dtype == torch.bfloat16:  # gloo sums bf16 too coarsely: the float32 route
         return reduce_scatter_start(x).wait()
     _check_divisible(x, "reduce_scatter")
-    _record("reduce_scatter", x)
     x = x.contiguous()
     out = _rows_over(x, t)
-    _reduce_scatter_tensor(out, x, group=group)  # synchronous, as all_gather
-    activity.leave_collective()
+    with _issued("reduce_scatter", x):
+        _reduce_scatter_tensor(out, x, group=group)  # synchronous, as all_gather
     return out
 
 
@@ -307,15 +325,14 @@ def all_gather_matmul(a_shard: torch.Tensor, b: torch.Tensor):
         gathered = all_gather(a_shard)
         return gathered, gathered @ b
     a_shard, b = _as_autocast_would(a_shard, b)
-    _record("all_gather", a_shard)
-    if impl == "symm_mem":
-        gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
-            a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
-    elif impl in ("split", "copy_engine"):
-        gathered, out = _gather_beside_own_rows(a_shard, b, t, ps.tp_rank(), impl)
-    else:
-        gathered, out = _ring_all_gather_matmul(a_shard, b, t, ps.tp_rank())
-    activity.leave_collective()
+    with _issued("all_gather", a_shard):
+        if impl == "symm_mem":
+            gathered, (out,) = torch.ops.symm_mem.fused_all_gather_matmul(
+                a_shard, [b], 0, ps.tp_group().group_name, return_A=True)
+        elif impl in ("split", "copy_engine"):
+            gathered, out = _gather_beside_own_rows(a_shard, b, t, ps.tp_rank(), impl)
+        else:
+            gathered, out = _ring_all_gather_matmul(a_shard, b, t, ps.tp_rank())
     return gathered, out
 
 
@@ -379,17 +396,16 @@ def _matmul_reduce_scatter(a: torch.Tensor, b: torch.Tensor, in_flight: bool) ->
             return Pending(reduce_scatter(a @ b))
         return reduce_scatter_start(a @ b)
     a, b = _as_autocast_would(a, b)
-    _record("reduce_scatter", a)
     if impl == "split":  # leaves the collective when waited on
-        pending = _split_matmul_reduce_scatter(a, b)
+        pending = _in_flight("reduce_scatter", a, lambda: _split_matmul_reduce_scatter(a, b))
         return pending if in_flight else Pending(pending.wait())
-    if impl == "symm_mem":
-        out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
-    elif impl == "copy_engine":
-        out = copy_engine.matmul_reduce_scatter(a, b, ps.tp_group().group_name, t, ps.tp_rank())
-    else:
-        out = _ring_matmul_reduce_scatter(a, b, t, ps.tp_rank())
-    activity.leave_collective()
+    with _issued("reduce_scatter", a):
+        if impl == "symm_mem":
+            out = torch.ops.symm_mem.fused_matmul_reduce_scatter(a, b, "sum", 0, ps.tp_group().group_name)
+        elif impl == "copy_engine":
+            out = copy_engine.matmul_reduce_scatter(a, b, ps.tp_group().group_name, t, ps.tp_rank())
+        else:
+            out = _ring_matmul_reduce_scatter(a, b, t, ps.tp_rank())
     return Pending(out)
 
 
@@ -444,9 +460,8 @@ def invariant_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
     if t == 1:
         return x
     _check_divisible(x, "reduce_scatter")
-    _record("reduce_scatter", x)
-    parts = _exchange_chunks(x.contiguous())
-    activity.leave_collective()
+    with _issued("reduce_scatter", x):
+        parts = _exchange_chunks(x.contiguous())
     return _sum_in_rank_order(parts.view((t, x.shape[0] // t) + tuple(x.shape[1:])))
 
 
@@ -457,17 +472,16 @@ def invariant_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if t == 1:
         return x
     communicator = ps.communicator()
-    _record("all_reduce", x, communicator)
     flat = x.contiguous().view(-1)
     padded = -(-flat.numel() // t) * t
     flat = torch.cat([flat, flat.new_zeros(padded - flat.numel())]) if padded > flat.numel() else flat
-    mine = _sum_in_rank_order(_exchange_chunks(flat).view(t, padded // t))
-    out = torch.empty_like(flat)
-    if communicator is not None:
-        communicator.all_gather_into_tensor(out, mine)
-    else:
-        _all_gather_tensor(out, mine, group=ps.tp_group())
-    activity.leave_collective()
+    with _issued("all_reduce", x, communicator):
+        mine = _sum_in_rank_order(_exchange_chunks(flat).view(t, padded // t))
+        out = torch.empty_like(flat)
+        if communicator is not None:
+            communicator.all_gather_into_tensor(out, mine)
+        else:
+            _all_gather_tensor(out, mine, group=ps.tp_group())
     return out[: x.numel()].view(x.shape)
 
 
@@ -492,10 +506,10 @@ def all_to_all(x: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[in
     (``recv_rows[r]`` from rank r). Split sizes vary per call (expert dispatch)."""
     if ps.tp_size() == 1:
         return x
-    _record("all_to_all", x)
     x = x.contiguous()
     out = x.new_empty((sum(recv_rows),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=ps.tp_group())
+    with _issued("all_to_all", x):
+        dist.all_to_all_single(out, x, list(recv_rows), list(send_rows), group=ps.tp_group())
     return out
 
 
@@ -515,17 +529,15 @@ def broadcast_object(obj, src: int = 0):
         return obj
     box = [obj]
     group = ps.tp_group()
-    activity.enter_collective("broadcast_object")
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
-    activity.leave_collective()
+    with _issued("broadcast_object"):
+        dist.broadcast_object_list(box, src=_global_rank(group, src), group=group)
     return box[0]
 
 
 def barrier() -> None:
     if ps.tp_size() > 1:
-        activity.enter_collective("barrier")
-        dist.barrier(group=ps.tp_group())
-        activity.leave_collective()
+        with _issued("barrier"):
+            dist.barrier(group=ps.tp_group())
 
 
 def mean_over_group(x: torch.Tensor, group) -> torch.Tensor:
@@ -535,5 +547,6 @@ def mean_over_group(x: torch.Tensor, group) -> torch.Tensor:
     if size == 1:
         return x
     out = x.detach().clone()
-    dist.all_reduce(out, group=group)
+    with _issued("all_reduce over a framework group"):
+        dist.all_reduce(out, group=group)
     return out / size

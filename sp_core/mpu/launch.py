@@ -132,8 +132,10 @@ def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results,
         activity.doing(f"running {getattr(fn, '__name__', 'the function')}")
         out = fn(*args)
         activity.enter_collective("the barrier after the function")
-        dist.barrier()  # rank 0 hosts the rendezvous store: no rank may tear it down while others still use it
-        activity.leave_collective()
+        try:
+            dist.barrier()  # rank 0 hosts the rendezvous store: no rank may tear it down while others use it
+        finally:
+            activity.leave_collective()
         activity.doing("returning its result")
         buffer = io.BytesIO()  # torch.save, not shared-memory tensors: the rank may exit before we read
         torch.save(out, buffer)
