@@ -51,6 +51,7 @@ class Row:
     status: str = "ok"  # ok | FAIL: ... | error: ...
     moe: str = "tp"  # MoE models: how the experts are split (ModelConfig.moe_parallel)
     bitwise: Optional[bool] = None  # --deterministic: this megatron / sglang pair of one setting is torch.equal
+    sp_bitwise: Optional[bool] = None  # --deterministic, SP-on rows: torch.equal to the same engine with SP off
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -84,6 +85,8 @@ def judge(row: Row) -> None:
         problems.append("greedy tokens differ")
     if row.bitwise is False:
         problems.append("megatron and sglang differ bitwise")
+    if row.sp_bitwise is False:
+        problems.append("SP on and off differ bitwise")
     row.status = "FAIL: " + "; ".join(problems) if problems else "ok"
 
 
@@ -91,16 +94,17 @@ def _error_status(err: Exception) -> str:
     return f"error: {getattr(err, 'error_message', '') or err}".splitlines()[0][:200]
 
 
-def _settings(tps, cfg=None, engine_name="core"):
-    """(tp, SP, moe_parallel) rows; MoE models in the engines that take it (the core; sglang, as its
-    --ep-size) also run expert parallelism (mode b) with SP."""
+def _settings(tps, cfg=None, engine_name="core", deterministic=False):
+    """(tp, SP, moe_parallel) rows, SP off before SP on; MoE models in the engines that take it (the core;
+    sglang, as its --ep-size) also run expert parallelism (mode b) with SP (``deterministic``: and without,
+    so that SP on and off are compared bit for bit)."""
     for tp in tps:
         for sp in ((False,) if tp == 1 else (False, True)):
             yield tp, sp, "tp"
     if engine_name in engines.MOE_PARALLEL_ENGINES and cfg is not None and cfg.moe is not None:
         for tp in tps:
-            if tp > 1:
-                yield tp, True, "ep"
+            for sp in ((False, True) if deterministic else (True,)) if tp > 1 else ():
+                yield tp, sp, "ep"
 
 
 def _engine(row: Row) -> str:
@@ -174,7 +178,8 @@ def check_engines(names: List[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
 DEFAULT_MATRIX_SKIPS = {"sglang": {"tps": (1,), "models": ("deepseek-v2", "deepseek-v2-lite"), "moe": ("ep",)}}
 
 
-def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], default_matrix: bool):
+def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], default_matrix: bool,
+         deterministic: bool = False):
     """The rows to run, and notes about settings left out (of the default matrix, or models an engine
     does not run yet)."""
     rows, notes, not_yet = [], [], {}
@@ -191,7 +196,7 @@ def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], defa
                 continue
             cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
             left_out = {tp for tp in tps if cap is not None and tp > cap} | set(skips.get("tps", ())) & set(tps)
-            rows += [Row(model_name, engine_name, tp, sp, moe=moe) for tp, sp, moe in _settings(tps, cfg, engine_name)
+            rows += [Row(model_name, engine_name, tp, sp, moe=moe) for tp, sp, moe in _settings(tps, cfg, engine_name, deterministic)
                      if tp not in left_out and moe not in skips.get("moe", ())]
     if default_matrix:
         notes += _default_matrix_notes(models, tps, usable)
@@ -289,8 +294,11 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
         if is_core_tp1:
             row.seconds = core_tp1_seconds[row.model]
         results[(row.model, row.engine, row.tp, row.sp, row.moe)] = got
+        sp_off = results.get((row.model, row.engine, row.tp, False, row.moe)) if row.sp else None
+        if deterministic and sp_off is not None:  # the mode's promise: SP on and off agree bit for bit
+            row.sp_bitwise = all(torch.equal(a, b) for a, b in zip(got, sp_off))
         _score(row, got, references[row.model], core_tp1=None if is_core_tp1 else core_tp1.get(row.model),
-               sp_off=results.get((row.model, row.engine, row.tp, False, row.moe)) if row.sp else None)
+               sp_off=sp_off)
         if deterministic:
             _mark_bitwise_pair(row, ran, results, promised=not _has_sparse_selection(model_dir))
         progress.done(row)
@@ -485,7 +493,8 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
                 engines.check_model(model_dir, tp)
             except Exception as err:
                 raise type(err)(f"{'the embedded ' + name + ' checkpoint: ' if not args.model else ''}{err}") from None
-    rows, notes = plan(models, tps, usable, default_matrix)
+    deterministic = getattr(args, "deterministic", False)
+    rows, notes = plan(models, tps, usable, default_matrix, deterministic)
     trip = args.round_trip and {"megatron", "sglang"} <= set(usable)
     if not rows and not trip and not unavailable:
         raise UsageError("nothing to verify: the matrix of engines x tp sizes is empty")
@@ -493,7 +502,6 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     started = time.time()
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
-    deterministic = getattr(args, "deterministic", False)
     with contextlib.ExitStack() as reuse:  # engines that offer it keep one engine per checkpoint across rows
         for engine in list(usable.values()):
             reuse.enter_context(getattr(engine, "reusing", contextlib.nullcontext)())
@@ -508,7 +516,7 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     verdict = (f"FAIL: {len(failed)} of {len(rows)} rows out of tolerance or failed" if failed else
                f"PASS: all {len(rows)} rows within tolerance")
     verdict += (f" (vs transformers and core tp1 <= {TOLERANCE:g}, SP on vs off <= {SP_TOLERANCE:g}"
-                f"{'; megatron == sglang bitwise' if deterministic else ''}); "
+                f"{'; megatron == sglang and SP on == SP off bitwise' if deterministic else ''}); "
                 f"{time.time() - started:.0f} s")
     out = console.out()
     if rows:

@@ -2,8 +2,8 @@
 and off, and a sequence's log-probabilities do not depend on the batch around it.
 
 CPU, float32, the real engines. Few launches: one 2-rank Megatron run, for each model (Qwen3, DeepSeek-V3),
-trains (deterministic_mode), exports, computes its log-probabilities with SP on and off and checks its own
-micro-batch invariance; per model one sglang tp 2 engine (--enable-deterministic-inference,
+trains (deterministic_mode), exports, computes its log-probabilities with SP on and off (DeepSeek-V3 also
+with expert parallelism) and checks its own micro-batch invariance; per model one sglang tp 2 engine (--enable-deterministic-inference,
 --enable-layernorm-sp) serves the export; `sp-core logits --deterministic` runs both engines at tp 1 (Qwen2).
 Negative controls: the default mode on the same Megatron model is not batch-invariant; torch's own CPU
 matmul is not (measured here). Sums over TP at t = 4 are in tests/test_operators.py.
@@ -125,7 +125,22 @@ def _train_export_check(model_dir, out_dir, prompts):
     invariant = all(torch.equal(*_micro_batch_logits(model, p)) for p in (short, PROMPTS[0], LONG))
     mpu.set_deterministic(False)
     default_invariant = torch.equal(*_micro_batch_logits(model, short))
-    return trained, trained_sp_off, invariant, default_invariant
+    return trained, trained_sp_off, invariant, default_invariant, _expert_parallel_sp_on_off(model_dir, prompts)
+
+
+def _expert_parallel_sp_on_off(model_dir, prompts):
+    """MoE models with expert parallelism (moe=ep), deterministic_mode: whether SP on and off give
+    torch.equal log-probabilities (None for a dense model)."""
+    from sp_core.models import ModelConfig
+    from sp_core_megatron.engine import build_model, model_logprobs
+
+    if ModelConfig.from_pretrained(model_dir).moe is None:
+        return None
+    model = build_model(model_dir, 2, True, moe_parallel="ep", deterministic=True).eval()
+    sp_on = model_logprobs(model, prompts)
+    model.config.sequence_parallel = False
+    sp_off = model_logprobs(model, prompts)
+    return all(torch.equal(a, b) for a, b in zip(sp_on, sp_off))
 
 
 def _reduce_scatters(log_path):
@@ -165,10 +180,12 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     from sp_core_sglang.engine import logprobs_for_prompts, start_engine
 
     prompts = PROMPTS + [LONG]
-    export, (trained, trained_sp_off, invariant, default_invariant) = trained_in_megatron[arch]
+    export, (trained, trained_sp_off, invariant, default_invariant, ep_sp_equal) = trained_in_megatron[arch]
     assert invariant, "Megatron, deterministic: a sequence alone != inside a micro-batch of 4"
     assert not default_invariant, "negative control: the default mode came out batch-invariant here"
     assert all(torch.equal(a, b) for a, b in zip(trained, trained_sp_off)), "Megatron: SP on != SP off"
+    assert ep_sp_equal in ((None,) if arch.startswith("qwen") else (True,)), \
+        f"Megatron, deterministic, moe=ep: SP on != SP off ({ep_sp_equal})"
 
     with open(os.path.join(export, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -248,3 +265,28 @@ def test_verify_bitwise_column_fails_a_pair_that_differs_in_the_last_bit(tmp_pat
     at = header.index("bitwise")
     assert [line[at:at + len("bitwise")].strip() for line in lines[:2]] == ["FALSE", "FALSE"]
     assert "bitwise" not in verify.table(rows).splitlines()[0]
+
+
+def test_verify_deterministic_fails_sp_on_that_differs_from_sp_off_in_the_last_bit(tmp_path):
+    """`verify --deterministic` also compares each engine's SP-on row with its SP-off row bit for bit, and
+    runs expert parallelism with SP off for it: a stand-in core whose moe=ep SP-on result is one ulp off
+    its SP-off result (well within the 1e-5 SP tolerance) fails that row only."""
+    from types import SimpleNamespace
+
+    from sp_core import verify
+
+    model_dir = make_checkpoint("deepseek-v3", str(tmp_path / "deepseek-v3"))
+    reference = verify.reference_logprobs(model_dir, PROMPTS)
+
+    def logprobs(model_dir, prompts, tp, sp, dtype, deterministic=False, moe_parallel="tp"):
+        assert deterministic
+        nudge = sp and moe_parallel == "ep"
+        return [torch.nextafter(r, r + 1) if nudge else r.clone() for r in reference]
+
+    usable = {"core": SimpleNamespace(logprobs=logprobs)}
+    rows, _ = verify.plan({"deepseek-v3": model_dir}, [2], usable, default_matrix=False, deterministic=True)
+    assert [(r.tp, r.sp, r.moe) for r in rows] == [(2, False, "tp"), (2, True, "tp"), (2, False, "ep"), (2, True, "ep")]
+    rows = verify.run_rows(rows, {"deepseek-v3": model_dir}, usable, {}, verify.Progress(2), deterministic=True)
+    status = {(r.sp, r.moe): (r.sp_bitwise, r.status) for r in rows}
+    assert status[(True, "ep")] == (False, "FAIL: SP on and off differ bitwise"), status
+    assert status[(True, "tp")] == (True, "ok") and status[(False, "ep")] == (None, "ok"), status

@@ -177,6 +177,43 @@ def _all_checks(refs):
     return worst
 
 
+def _deterministic_expert_parallel(refs):
+    """Mode (b) in the deterministic mode: SP on and off give torch.equal outputs (sglang switches SP per
+    batch, Megatron does not), and SP off keeps transformers' outputs and gradients (the router and the
+    shared experts run on every token; the scatter's backward gathers the rest). Collectives: SP off adds
+    the all-gather of the results to the SP dispatch's four all-to-alls."""
+    from sp_core.layers import batch_invariant
+
+    t = mpu.tp_size()
+    mpu.set_deterministic(True)
+    try:
+        for ref in refs:
+            moe = _core_moe(ref, expert_parallel=True)
+            for case in ref["cases"]:
+                tokens, outs = case["tokens"], {}
+                for sp in (True, False):
+                    what = f"deterministic {ref['variant']} mode b t={t} SP {'on' if sp else 'off'} T={tokens}"
+                    moe.zero_grad()
+                    x = case["x"].clone().requires_grad_(True)
+                    with mpu.sequence_parallel(sp), batch_invariant.gemms():
+                        shard = _shard_with_nan_padding(x, tokens) if sp else x
+                        with mpu.counting_collectives() as issued:
+                            out_shard = moe(shard, tokens)
+                        out = mpu.exit_sequence_parallel(out_shard, tokens)
+                        (out * case["upstream"]).sum().backward()
+                        mpu.allreduce_sequence_parallel_grads(moe.parameters())
+                    outs[sp], counts = out.detach(), issued
+                    _close(out, case["out"], f"{what}: output")
+                    _close(x.grad, case["x_grad"], f"{what}: input gradient")
+                    _compare_grads(_full_grads(moe), case["grads"], f"{what} vs transformers")
+                assert torch.equal(outs[True], outs[False]), \
+                    f"deterministic mode b t={t} T={tokens}: SP on != SP off, max |diff| " \
+                    f"{(outs[True] - outs[False]).abs().max().item():.3g}"
+                assert counts == {"all_to_all": 4, "all_gather": 1}, f"mode b t={t} SP off: collectives {counts}"
+    finally:
+        mpu.set_deterministic(False)
+
+
 def _full_grads(moe):
     """Every MoE parameter's gradient as the full transformers tensor, by transformers' name."""
     grads = {"gate.weight": moe.gate.weight.grad}
@@ -334,6 +371,7 @@ def _checks_and_memory(refs):
     worst = _all_checks(refs)
     if mpu.tp_size() > 1:
         worst["bf16"] = _bfloat16_forward(refs[-1])
+        _deterministic_expert_parallel(refs)
     if mpu.tp_size() == 4:
         _export_roundtrip_and_errors(refs[-1])
     if mpu.tp_size() > 1:

@@ -124,7 +124,9 @@ def _grouped_mm(x, weight, offs):
     the groups' cumulative ends, is read on the host)."""
     ends = offs.tolist()
     pieces = [mm(x[start:end], weight[g]) for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
-    return torch.cat(pieces) if pieces else x.new_empty(0, weight.shape[-1])
+    # no rows (an EP rank that received no tokens): still a product of x and weight, or the backward
+    # would skip this rank's part of the graph -- and the all-to-all in it that the other ranks wait in
+    return torch.cat(pieces) if pieces else x[:0] @ weight[0]
 
 
 def _is_gemm(a, b) -> bool:

@@ -175,6 +175,8 @@ class MoE(torch.nn.Module):
         else:
             held = min(num_tokens, hidden.shape[0])
         ids, weights = self.gate(hidden[:held])
+        if not sp and self.expert_parallel and mpu.deterministic():
+            return _pad_rows(self._dispatch_replicated(hidden[:held], ids, weights), hidden.shape[0])
         if sp and self.expert_parallel:
             out = self._dispatch_to_owners(hidden[:held], ids, weights)
             if self.shared_experts is not None:
@@ -231,6 +233,22 @@ class MoE(torch.nn.Module):
         out = _combine(y, slots, self.top_k, num_tokens)
         del y
         return out + self.shared_experts.activate_and_down(h_shared) if shared is not None else out
+
+    def _dispatch_replicated(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mode (b), SP off, deterministic: each rank dispatches its SP share of the replicated tokens, as
+        under SP, and the results are gathered, so that a token's k expert outputs are summed in top-k order
+        whether SP is on or off (summing each rank's local experts, then the partials over TP, rounds
+        differently: sglang switches SP per batch, Megatron does not). The gradients stay those of SP off:
+        the router and the shared experts run on every token; the scatter's backward gathers the rest."""
+        num_tokens, t = x.shape[0], mpu.tp_size()
+        share = mpu.padded_length(num_tokens) // t
+        mine = max(0, min(share, num_tokens - mpu.tp_rank() * share))
+        x_share = mpu.scatter_to_sp(mpu.pad_to_multiple(x))[:mine]
+        weights_share = mpu.scatter_to_sp(mpu.pad_to_multiple(weights))[:mine]
+        ids_share = mpu.pad_to_multiple(ids)[mpu.tp_rank() * share:][:mine]
+        routed = self._dispatch_to_owners(x_share, ids_share, weights_share)
+        out = mpu.gather_to_replicated(_pad_rows(routed, share))[:num_tokens]
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
 
     def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""
