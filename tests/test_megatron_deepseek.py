@@ -524,3 +524,61 @@ def _dist_checkpoint(model_dir, tp, mode, save_dir=None, load_dir=None):
         dist_checkpointing.save(model.sharded_state_dict(), save_dir)
     model.eval()
     return engine.model_logprobs(model, PROMPTS)
+
+
+# -- V3.2: documents packed by THD or by Megatron's block-diagonal attention_mask ----------------------
+
+V32_DOCS = [[3, 17, 42, 8, 61, 5, 9], [2, 77, 12, 30, 4, 4, 50, 6]]  # 7 + 8 tokens, both > index_topk (3)
+
+
+def _block_diagonal(lens):
+    """Megatron's mask of documents of ``lens`` in one row (True = masked out) and their positions."""
+    doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    return ~allowed, torch.cat([torch.arange(n) for n in lens])
+
+
+def _v32_packed_logprobs(model_dir, tp):
+    """In each rank: the two documents in one row packed by THD and by the block-diagonal attention mask, and
+    a batch of two rows (b = 2: the documents in either order, a mask per row), SP off and (t > 1) on; rank 0
+    returns {(sp, form): log-probs [15 or 2 x 15, V]}, rows in V32_DOCS order."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from sp_core import mpu
+    from sp_core.layers import gather_vocab
+    from sp_core_megatron import cpu_training, engine
+
+    cpu_training.enable()
+    lens = [len(d) for d in V32_DOCS]
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    (mask, positions), (mask2, positions2) = _block_diagonal(lens), _block_diagonal(lens[::-1])
+    ids = torch.tensor([sum(V32_DOCS, []), sum(V32_DOCS[::-1], [])])
+    rows_masks, rows_positions = torch.stack([mask, mask2]).unsqueeze(1), torch.stack([positions, positions2])
+    out = {}
+    for sp in sorted({False, tp > 1}):
+        _fresh_groups()
+        model = engine.build_model(model_dir, tp, sp).eval()
+        vocab = model.language_model.config.vocab_size
+        with torch.no_grad():
+            forms = {"thd": model(ids[:1], None, None, packed_seq_params=packed)[0],
+                     "mask": model(ids[:1], positions[None], mask[None, None])[0]}
+            two = model(ids, rows_positions, rows_masks)
+            forms["mask b=2"] = torch.cat([two[0], two[1, lens[1]:], two[1, :lens[1]]])
+            for form, logits in forms.items():
+                out[(sp, form)] = torch.log_softmax(gather_vocab(logits, vocab).float(), -1)
+    return out if mpu.tp_rank() == 0 else None
+
+
+def test_v32_mask_packed_documents_equal_each_document_alone(dirs):
+    """The indexer picks its top-k among the keys Megatron's attention_mask leaves (as transformers adds the
+    mask to the index scores before top-k): the mask-packed row equals THD packing and each document alone
+    in transformers, t = 1 and 2, SP on and off."""
+    ref = torch.cat(reference_logprobs(dirs["deepseek-v32"], V32_DOCS))
+    ref = {"thd": ref, "mask": ref, "mask b=2": torch.cat([ref, ref])}
+    diffs = {}
+    for tp in (1, 2):
+        for (sp, form), got in run_ranks(tp, _v32_packed_logprobs, dirs["deepseek-v32"], tp)[0].items():
+            diffs[f"t={tp} SP={sp} {form}"] = float((got - ref[form]).abs().max())
+    print("V3.2 packed, max |d logprob| vs each document alone:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    assert len(diffs) == 9 and max(diffs.values()) <= 1e-4, diffs

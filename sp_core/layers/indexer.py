@@ -85,8 +85,8 @@ class LightningIndexer(torch.nn.Module):
         """Index scores of this rank's query rows against every key, float32 ``[rows, T]``, -inf where a key
         is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
         q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
-        sequence = sequence_ids(batch, keys.shape[0], q.device)
-        return self._scores(q, weights, keys, visible_keys(sequence, own_rows(keys.shape[0], q.device)))
+        total = keys.shape[0]
+        return self._scores(q, weights, keys, batch_visible_keys(batch, total, own_rows(total, q.device)))
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
@@ -140,8 +140,17 @@ class BatchIndexKeys:
         total, device = keys.shape[0], keys.device
         rows = own_rows(total, device)
         local = torch.arange(rows.shape[0], device=device)
-        yield KeyGroup(local, keys, torch.arange(total, device=device),
-                       visible_keys(sequence_ids(batch, total, device), rows))
+        yield KeyGroup(local, keys, torch.arange(total, device=device), batch_visible_keys(batch, total, rows))
+
+
+def batch_visible_keys(batch, total: int, rows: torch.Tensor) -> torch.Tensor:
+    """bool ``[len(rows), total]``: the keys each query row may select, causal within its sequence and, where
+    the batch has a mask beside its sequences (``batch.allowed_keys``: Megatron's attention_mask), within
+    what the mask allows: the mask restricts the candidates before top-k, as transformers adds it to the
+    scores."""
+    visible = visible_keys(sequence_ids(batch, total, rows.device), rows)
+    allowed = batch.allowed_keys(rows, total) if hasattr(batch, "allowed_keys") else None
+    return visible if allowed is None else visible & allowed
 
 
 def sequence_ids(batch, total: int, device=None) -> torch.Tensor:
