@@ -57,7 +57,7 @@ class LightningIndexer(torch.nn.Module):
         self.wk = ReplicatedLinear(hidden_size, head_dim, dtype=dtype)
         self.k_norm = LayerNorm(head_dim, K_NORM_EPS, dtype=dtype)
         # float32 whatever the model's dtype, as transformers keeps it (_keep_in_fp32_modules)
-        self.weights_proj = ReplicatedLinear(hidden_size, n_heads, dtype=torch.float32)
+        self.weights_proj = Float32Linear(hidden_size, n_heads, dtype=torch.float32)
         self.rotary = RotaryEmbedding(rope_head_dim, rope_theta, rope_scaling, interleaved=False)
 
     def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,19 @@ class LightningIndexer(torch.nn.Module):
                 ids = group.ids[index].to(torch.int32).masked_fill_(values == float("-inf"), -1)
                 selected[rows, : ids.shape[1]] = ids
         return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
+
+
+class Float32Linear(ReplicatedLinear):
+    """A ReplicatedLinear that keeps its dtype through ``.to(dtype)`` / ``.bfloat16()`` / ``.half()`` (what
+    Megatron's Float16Module calls on the model) and only follows the device: index-score gaps go down to
+    ~7e-4, so bf16 head weights could change the selected keys against transformers."""
+
+    def _apply(self, fn, recurse=True):
+        def device_only(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(device_only, recurse)
 
 
 class KeyGroup(NamedTuple):
