@@ -5,7 +5,8 @@ half-split (neox) rope on the first ``rope_head_dim`` dims of both, and in float
 
     score[s, t] = sum_h weights_proj(x)[s, h] * n_heads^-0.5 * relu(q_h[s] . k[t] * head_dim^-0.5),
 
-causal within each sequence of the packed batch, top-k over the visible keys. The selection is discrete,
+causal within each sequence of the packed batch (and within the batch's mask where it has one: Megatron's
+attention_mask), top-k over the visible keys. The selection is discrete,
 so the LM loss gives the indexer no gradient (transformers runs it under no-grad); ``scores`` is the
 differentiable form for a loss that trains it (DeepSeek's KL against the attention, inputs detached).
 
