@@ -441,6 +441,21 @@ def test_config_fields():
         ModelConfig.from_dict(dict(raw, mlp_layer_types=["dense"]))
 
 
+def test_weights_proj_keeps_float32_through_casts():
+    """``.half()`` / ``.to(dtype)`` cast the indexer but leave weights_proj float32 and its values; a device
+    move still moves it ("meta" stands for another device on a CPU-only machine)."""
+    from sp_core.layers.indexer import LightningIndexer
+
+    indexer = LightningIndexer(64, 24, 8, 16, 8, INDEX_TOPK, 10000.0)
+    before = indexer.weights_proj.weight.detach().clone()
+    for cast, dtype in ((lambda m: m.half(), torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16)):
+        cast(indexer)
+        assert indexer.wq_b.weight.dtype == dtype and indexer.weights_proj.weight.dtype == torch.float32, dtype
+        assert torch.equal(indexer.weights_proj.weight, before), dtype
+    indexer.to("meta")
+    assert indexer.weights_proj.weight.device.type == "meta" and indexer.weights_proj.weight.dtype == torch.float32
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from sp_core.cli import main
 

@@ -524,3 +524,114 @@ def _dist_checkpoint(model_dir, tp, mode, save_dir=None, load_dir=None):
         dist_checkpointing.save(model.sharded_state_dict(), save_dir)
     model.eval()
     return engine.model_logprobs(model, PROMPTS)
+
+
+# -- V3.2: documents packed by THD or by Megatron's block-diagonal attention_mask ----------------------
+
+V32_DOCS = [[3, 17, 42, 8, 61, 5, 9], [2, 77, 12, 30, 4, 4, 50, 6]]  # 7 + 8 tokens, both > index_topk (3)
+
+
+def _block_diagonal(lens):
+    """Megatron's mask of documents of ``lens`` in one row (True = masked out) and their positions."""
+    doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+    return ~allowed, torch.cat([torch.arange(n) for n in lens])
+
+
+def _v32_packed_logprobs(model_dir, tp):
+    """The two documents in one row packed by THD and by the block-diagonal attention mask, and a batch of two
+    rows (b = 2: the documents in either order, a mask per row), SP off and (t > 1) on: {(sp, form): log-probs
+    [15 or 2 x 15, V]}, rows in V32_DOCS order."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from sp_core.layers import gather_vocab
+    from sp_core_megatron import engine
+
+    lens = [len(d) for d in V32_DOCS]
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    (mask, positions), (mask2, positions2) = _block_diagonal(lens), _block_diagonal(lens[::-1])
+    ids = torch.tensor([sum(V32_DOCS, []), sum(V32_DOCS[::-1], [])])
+    rows_masks, rows_positions = torch.stack([mask, mask2]).unsqueeze(1), torch.stack([positions, positions2])
+    out = {}
+    for sp in sorted({False, tp > 1}):
+        _fresh_groups()
+        model = engine.build_model(model_dir, tp, sp).eval()
+        vocab = model.language_model.config.vocab_size
+        with torch.no_grad():
+            forms = {"thd": model(ids[:1], None, None, packed_seq_params=packed)[0],
+                     "mask": model(ids[:1], positions[None], mask[None, None])[0]}
+            two = model(ids, rows_positions, rows_masks)
+            forms["mask b=2"] = torch.cat([two[0], two[1, lens[1]:], two[1, :lens[1]]])
+            for form, logits in forms.items():
+                out[(sp, form)] = torch.log_softmax(gather_vocab(logits, vocab).float(), -1)
+    return out
+
+
+def _in_float16_module(model_dir):
+    """A bf16 model wrapped as Megatron-LM's --bf16 wraps it (Float16Module calls module.bfloat16()): the
+    indexers' weights_proj weights by HF name, and the log-probs of the longer document through the wrapper."""
+    from megatron.core.transformer.module import Float16Module
+
+    from sp_core.layers import gather_vocab
+    from sp_core_megatron import engine
+
+    _fresh_groups()
+    inner = engine.build_model(model_dir, 1, False, torch.bfloat16)
+    model = Float16Module(inner.config, inner).eval()
+    projs = {name: p.detach().clone() for name, p in inner.language_model.named_parameters() if "weights_proj" in name}
+    doc = V32_DOCS[1]
+    with torch.no_grad():
+        logits = model(torch.tensor([doc]), torch.arange(len(doc))[None], None)[0]
+    return projs, torch.log_softmax(gather_vocab(logits, inner.language_model.config.vocab_size).float(), -1)
+
+
+def _v32_rank(model_dir, tp):
+    """In each rank: ``_v32_packed_logprobs``, and at t = 1 ``_in_float16_module``; rank 0 returns them."""
+    from sp_core import mpu
+    from sp_core_megatron import cpu_training
+
+    cpu_training.enable()
+    out = {"packed": _v32_packed_logprobs(model_dir, tp)}
+    if tp == 1:
+        out["float16_module"] = _in_float16_module(model_dir)
+    return out if mpu.tp_rank() == 0 else None
+
+
+@pytest.fixture(scope="module")
+def v32_runs(dirs):
+    return {tp: run_ranks(tp, _v32_rank, dirs["deepseek-v32"], tp)[0] for tp in (1, 2)}
+
+
+def test_v32_mask_packed_documents_equal_each_document_alone(dirs, v32_runs):
+    """The indexer picks its top-k among the keys Megatron's attention_mask leaves (as transformers adds the
+    mask to the index scores before top-k): the mask-packed row equals THD packing and each document alone
+    in transformers, t = 1 and 2, SP on and off."""
+    ref = torch.cat(reference_logprobs(dirs["deepseek-v32"], V32_DOCS))
+    ref = {"thd": ref, "mask": ref, "mask b=2": torch.cat([ref, ref])}
+    diffs = {f"t={tp} SP={sp} {form}": float((got - ref[form]).abs().max())
+             for tp, run in v32_runs.items() for (sp, form), got in run["packed"].items()}
+    print("V3.2 packed, max |d logprob| vs each document alone:", {k: f"{v:.2e}" for k, v in diffs.items()})
+    assert len(diffs) == 9 and max(diffs.values()) <= 1e-4, diffs
+
+
+def test_v32_weights_proj_stays_float32_in_float16_module(dirs, v32_runs):
+    """Megatron-LM's --bf16 (Float16Module: module.bfloat16()) leaves the indexer's weights_proj float32 and
+    bit-equal to the checkpoint (bf16 head weights could flip index-score gaps of ~7e-4); the wrapped model
+    still runs: finite, and within bf16 error of transformers' float32 on the rows before index_topk (every
+    key kept there)."""
+    from safetensors.torch import load_file
+
+    from support.precision import BF16_REL
+
+    projs, logprobs = v32_runs[1]["float16_module"]
+    weights = {k: v for k, v in load_file(f"{dirs['deepseek-v32']}/model.safetensors").items() if "weights_proj" in k}
+    assert sorted(projs) == sorted(weights), (sorted(projs), sorted(weights))
+    for name, weight in projs.items():
+        assert weight.dtype == torch.float32, f"{name} is {weight.dtype} under Float16Module"
+        assert torch.equal(weight, weights[name]), f"{name} lost precision under Float16Module"
+    ref = reference_logprobs(dirs["deepseek-v32"], V32_DOCS[1:])[0]
+    assert logprobs.isfinite().all()
+    dense = slice(0, 3)  # index_topk: these rows keep every key
+    error = ((logprobs[dense] - ref[dense]).norm() / ref[dense].norm()).item()
+    assert error <= BF16_REL, f"bf16 under Float16Module vs float32 transformers: relative error {error:.2e}"

@@ -40,6 +40,19 @@ class MegatronBatch:
             ids = rows % self.micro_batch_size
         return torch.where(real, ids, torch.full_like(ids, -1))
 
+    def allowed_keys(self, rows: torch.Tensor, total: int) -> Optional[torch.Tensor]:
+        """bool [len(rows), total]: the s-major rows the mask lets each of ``rows`` attend to (what
+        DeepSeek-V3.2's indexer may select from); None without a mask. SP padding rows see nothing."""
+        if self.allowed is None:
+            return None
+        s, b = self.seq_length, self.micro_batch_size
+        keys = torch.arange(total, device=rows.device)
+        grid = self.allowed.to(rows.device).expand(b, 1, s, s)[:, 0]  # [b, s, s]
+        r, k = rows.clamp(max=s * b - 1), keys.clamp(max=s * b - 1)
+        seen = grid[(r % b)[:, None], (r // b)[:, None], (k // b)[None, :]]
+        same_column = (r % b)[:, None] == (k % b)[None, :]
+        return seen & same_column & (rows < s * b)[:, None] & (keys < s * b)[None, :]
+
     @classmethod
     def from_megatron(cls, seq_length: int, micro_batch_size: int, device, attention_mask=None,
                       packed_seq_params=None) -> "MegatronBatch":

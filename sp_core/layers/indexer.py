@@ -5,7 +5,8 @@ half-split (neox) rope on the first ``rope_head_dim`` dims of both, and in float
 
     score[s, t] = sum_h weights_proj(x)[s, h] * n_heads^-0.5 * relu(q_h[s] . k[t] * head_dim^-0.5),
 
-causal within each sequence of the packed batch, top-k over the visible keys. The selection is discrete,
+causal within each sequence of the packed batch (and within the batch's mask where it has one: Megatron's
+attention_mask), top-k over the visible keys. The selection is discrete,
 so the LM loss gives the indexer no gradient (transformers runs it under no-grad); ``scores`` is the
 differentiable form for a loss that trains it (DeepSeek's KL against the attention, inputs detached).
 
@@ -57,7 +58,7 @@ class LightningIndexer(torch.nn.Module):
         self.wk = ReplicatedLinear(hidden_size, head_dim, dtype=dtype)
         self.k_norm = LayerNorm(head_dim, K_NORM_EPS, dtype=dtype)
         # float32 whatever the model's dtype, as transformers keeps it (_keep_in_fp32_modules)
-        self.weights_proj = ReplicatedLinear(hidden_size, n_heads, dtype=torch.float32)
+        self.weights_proj = Float32Linear(hidden_size, n_heads, dtype=torch.float32)
         self.rotary = RotaryEmbedding(rope_head_dim, rope_theta, rope_scaling, interleaved=False)
 
     def _rope(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +86,8 @@ class LightningIndexer(torch.nn.Module):
         """Index scores of this rank's query rows against every key, float32 ``[rows, T]``, -inf where a key
         is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
         q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
-        sequence = sequence_ids(batch, keys.shape[0], q.device)
-        return self._scores(q, weights, keys, visible_keys(sequence, own_rows(keys.shape[0], q.device)))
+        total = keys.shape[0]
+        return self._scores(q, weights, keys, batch_visible_keys(batch, total, own_rows(total, q.device)))
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
@@ -110,6 +111,19 @@ class LightningIndexer(torch.nn.Module):
                 ids = group.ids[index].to(torch.int32).masked_fill_(values == float("-inf"), -1)
                 selected[rows, : ids.shape[1]] = ids
         return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
+
+
+class Float32Linear(ReplicatedLinear):
+    """A ReplicatedLinear that keeps its dtype through ``.to(dtype)`` / ``.bfloat16()`` / ``.half()`` (what
+    Megatron's Float16Module calls on the model) and only follows the device: index-score gaps go down to
+    ~7e-4, so bf16 head weights could change the selected keys against transformers."""
+
+    def _apply(self, fn, recurse=True):
+        def device_only(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(device_only, recurse)
 
 
 class KeyGroup(NamedTuple):
@@ -140,8 +154,17 @@ class BatchIndexKeys:
         total, device = keys.shape[0], keys.device
         rows = own_rows(total, device)
         local = torch.arange(rows.shape[0], device=device)
-        yield KeyGroup(local, keys, torch.arange(total, device=device),
-                       visible_keys(sequence_ids(batch, total, device), rows))
+        yield KeyGroup(local, keys, torch.arange(total, device=device), batch_visible_keys(batch, total, rows))
+
+
+def batch_visible_keys(batch, total: int, rows: torch.Tensor) -> torch.Tensor:
+    """bool ``[len(rows), total]``: the keys each query row may select, causal within its sequence and, where
+    the batch has a mask beside its sequences (``batch.allowed_keys``: Megatron's attention_mask), within
+    what the mask allows: the mask restricts the candidates before top-k, as transformers adds it to the
+    scores."""
+    visible = visible_keys(sequence_ids(batch, total, rows.device), rows)
+    allowed = batch.allowed_keys(rows, total) if hasattr(batch, "allowed_keys") else None
+    return visible if allowed is None else visible & allowed
 
 
 def sequence_ids(batch, total: int, device=None) -> torch.Tensor:
