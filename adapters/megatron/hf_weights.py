@@ -93,7 +93,7 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
-        param = params[name]
+        param = expected[(name, shard)]
         if hf_name in _VOCAB_PARALLEL:  # Megatron's layout: contiguous blocks of the padded vocabulary
             rows = param.shape[0]
             block = tensor[mpu.tp_rank() * rows:(mpu.tp_rank() + 1) * rows]
@@ -102,7 +102,7 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         else:
             load_piece(param, hf_name, tensor, shard)
         seen.add((name, shard))
-    missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in expected - seen)
+    missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in set(expected) - seen)
     missing += missing_expert_tensors(experts)
     if missing or unexpected:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \
