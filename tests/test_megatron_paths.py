@@ -4,6 +4,7 @@ own GPTModel with the core's layers loaded from Hugging Face, the export. Refere
 own model classes and the t = 1 run; stand-ins for CUDA-only bits: tests/support/megatron_cpu.py."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -194,6 +195,30 @@ def test_gpt_model_with_core_layers_from_hf_equals_transformers(ckpts, tmp_path)
     assert grads.keys() == base.keys()
     for key, grad in base.items():
         assert rel(grads[key], grad) <= 1e-5, f"GPTModel + core layers tp 2 + SP vs t = 1: gradient of {key}"
+
+
+def _load_into_gpt_model(model_dir):
+    from sp_core_megatron import load_hf_into_gpt_model
+
+    load_hf_into_gpt_model(_gpt_model(model_dir, 1, False), model_dir)
+
+
+def test_load_hf_into_gpt_model_refuses_nan(ckpts, tmp_path):
+    """As the core's loader: one line naming the tensor, a ModelError, which the command line turns into exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from sp_core.cli import _EXIT_BY_ERROR
+    from support.multirank import RankFailed
+
+    d = str(tmp_path / "nan")
+    shutil.copytree(ckpts["qwen3"], d)
+    weights = load_file(os.path.join(d, "model.safetensors"))
+    weights["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("inf")
+    save_file(weights, os.path.join(d, "model.safetensors"))
+    with pytest.raises(RankFailed) as failed:
+        run_ranks(1, _load_into_gpt_model, d)
+    assert failed.value.error_message == "checkpoint tensor model.layers.1.self_attn.k_proj.weight contains NaN or inf"
+    assert _EXIT_BY_ERROR[failed.value.error_type] == 2
 
 
 # -- fewer KV heads than tp: Megatron's gradient norm and clipping -----------------------------------

@@ -103,6 +103,11 @@ def expected_pieces(params: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Optional
             for shard in ([s.name for s in p.shards] if hasattr(p, "shards") else [None])}
 
 
+def refuse_non_finite(hf_name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
+
+
 def load_piece(param: torch.Tensor, hf_name: str, tensor: torch.Tensor, shard: Optional[str]) -> None:
     """This rank's slice of checkpoint tensor ``hf_name`` into ``param`` (its ``shard`` piece, or whole);
     one-line error on a shape mismatch."""
@@ -237,10 +242,8 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
-        param = expected[(name, shard)]
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
-        load_piece(param, hf_name, tensor, shard)
+        refuse_non_finite(hf_name, tensor)
+        load_piece(expected[(name, shard)], hf_name, tensor, shard)
         seen.add((name, shard))
     missing = sorted(core_to_hf(n, s) for n, s in set(expected) - seen)
     missing += missing_expert_tensors(experts)
