@@ -159,15 +159,14 @@ class ColumnParallelLinear(torch.nn.Module):
     def _serve(self, x: torch.Tensor) -> torch.Tensor:
         """No gradient, replicated rows: one GEMM per parameter on the (once gathered) input, rather than a
         copy of the weights per call."""
-        rows = _rows(x)
-        if mpu.sequence_parallel_active():
-            rows, own = collectives.all_gather_matmul(rows, self.weight.t())
-        else:
-            own = rows @ self.weight.t()
-        alike = rows @ self.replicated_weight.t()
+        if not mpu.sequence_parallel_active():
+            return torch.cat([F.linear(x, self.weight, self.bias),
+                              F.linear(x, self.replicated_weight, self.replicated_bias)], dim=-1)
+        x_all, own = collectives.all_gather_matmul(_rows(x), self.weight.t())
+        out = torch.cat([own, x_all @ self.replicated_weight.t()], dim=-1)
         if self.bias is not None:
-            own, alike = own + self.bias, alike + self.replicated_bias
-        return _shaped_like(torch.cat([own, alike], dim=-1), x)
+            out = out + torch.cat([self.bias, self.replicated_bias])
+        return _shaped_like(out, x)
 
 
 class RowParallelLinear(torch.nn.Module):
