@@ -4,6 +4,7 @@ own GPTModel with the core's layers loaded from Hugging Face, the export. Refere
 own model classes and the t = 1 run; stand-ins for CUDA-only bits: tests/support/megatron_cpu.py."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ def ckpts(tmp_path_factory):
     # and RoPE theta 1e6 with linear scaling, which the core's layers must take from the config
     dirs["qwen3-v100"] = make_checkpoint("qwen3", str(root / "qwen3-v100"), vocab_size=100,
                                          rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
+    dirs["qwen2-v100"] = make_checkpoint("qwen2", str(root / "qwen2-v100"), vocab_size=100)
     return dirs
 
 
@@ -59,7 +61,7 @@ def _reference_doc_losses(model_dir):
 
 def _packed_run(model_dir, tp):
     from sp_core import mpu
-    from sp_core.layers.sharding import gather_full
+    from sp_core.layers.sharding import gather_full, packed_name
     from sp_core_megatron import cpu_training, engine
 
     cpu_training.enable()
@@ -72,7 +74,7 @@ def _packed_run(model_dir, tp):
     grads = {}
     for name, param in model.language_model.named_parameters():
         for shard, full in gather_full(param, param.grad).items():
-            grads[f"{name}:{shard}"] = full.clone()
+            grads[f"{packed_name(name)}:{shard}"] = full.clone()
     with torch.no_grad():
         masked = model(ids, positions, mask, labels=labels)
     return loss.detach()[0], masked[0], dict(syncs), grads
@@ -127,7 +129,7 @@ def _gpt_run(model_dir, tp, sp, save_dir=None, load_dir=None):
     from megatron.core import dist_checkpointing
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from sp_core.layers.sharding import gather_full
+    from sp_core.layers.sharding import gather_full, packed_name
     from sp_core_megatron import load_hf_into_gpt_model, training
 
     model = _gpt_model(model_dir, tp, sp)
@@ -151,7 +153,7 @@ def _gpt_run(model_dir, tp, sp, save_dir=None, load_dir=None):
     for name, param in model.named_parameters():
         if name.startswith("decoder."):
             for shard, full in gather_full(param, param.main_grad).items():
-                grads[f"{name}:{shard}"] = full.clone()
+                grads[f"{packed_name(name)}:{shard}"] = full.clone()
     return fields, logprobs, packed_loss, grads
 
 
@@ -193,6 +195,66 @@ def test_gpt_model_with_core_layers_from_hf_equals_transformers(ckpts, tmp_path)
     assert grads.keys() == base.keys()
     for key, grad in base.items():
         assert rel(grads[key], grad) <= 1e-5, f"GPTModel + core layers tp 2 + SP vs t = 1: gradient of {key}"
+
+
+def _load_into_gpt_model(model_dir):
+    from sp_core_megatron import load_hf_into_gpt_model
+
+    load_hf_into_gpt_model(_gpt_model(model_dir, 1, False), model_dir)
+
+
+def test_load_hf_into_gpt_model_refuses_nan(ckpts, tmp_path):
+    """As the core's loader: one line naming the tensor, a ModelError, which the command line turns into exit 2."""
+    from safetensors.torch import load_file, save_file
+
+    from sp_core.cli import _EXIT_BY_ERROR
+    from support.multirank import RankFailed
+
+    d = str(tmp_path / "nan")
+    shutil.copytree(ckpts["qwen3"], d)
+    weights = load_file(os.path.join(d, "model.safetensors"))
+    weights["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("inf")
+    save_file(weights, os.path.join(d, "model.safetensors"))
+    with pytest.raises(RankFailed) as failed:
+        run_ranks(1, _load_into_gpt_model, d)
+    assert failed.value.error_message == "checkpoint tensor model.layers.1.self_attn.k_proj.weight contains NaN or inf"
+    assert _EXIT_BY_ERROR[failed.value.error_type] == 2
+
+
+# -- fewer KV heads than tp: Megatron's gradient norm and clipping -----------------------------------
+
+def _clipped_step(model_dirs, tp):
+    """Per checkpoint: Megatron's gradient norm of one step, and the update its optimizer made (SGD, lr 1,
+    clipped to norm 1: the update is the gradient scaled by 1 / that norm)."""
+    from sp_core.models.checkpoint import export_state_dict
+    from sp_core_megatron import engine, training
+    from support.megatron_cpu import allow_cpu_grad_clipping, install_megatron_cpu_shims
+
+    allow_cpu_grad_clipping()
+    install_megatron_cpu_shims()
+    out = []
+    for d in model_dirs:
+        model = engine.build_model(d, tp, tp == 4)
+        before, norms = export_state_dict(model.language_model), []
+        training.train(model, 1, lr=1.0, clip_grad=1.0, optimizer="sgd", grad_norms=norms)
+        after = export_state_dict(model.language_model)
+        out.append((norms[0], {k: after[k] - before[k] for k in before}))
+    return out
+
+
+def test_grad_norm_and_clipping_count_replicated_kv_heads_once(ckpts):
+    """qwen3: one KV head (2 and 4 holders at tp 2 / 4); qwen2: two (tp 4: 2 holders; qkv bias). Megatron
+    counts a parameter tagged tensor_model_parallel on every TP rank: a KV head counted on each holder
+    inflated the norm and shrank every clipped update against t = 1. tp 2 without SP, tp 4 with SP."""
+    dirs = [ckpts["qwen3-v100"], ckpts["qwen2-v100"]]
+    base = run_ranks(1, _clipped_step, dirs, 1)[0]
+    for tp in (2, 4):
+        got = run_ranks(tp, _clipped_step, dirs, tp, sequence_parallel=tp == 4)[0]
+        for d, (norm, update), (ref_norm, ref_update) in zip(dirs, got, base):
+            assert ref_norm > 1, "the step must clip"
+            assert abs(norm - ref_norm) <= 1e-5 * ref_norm, f"{d} tp {tp}: grad norm {norm} vs t = 1 {ref_norm}"
+            for key, ref in ref_update.items():
+                assert rel(update[key], ref) <= 1e-5, f"{d} tp {tp}: clipped update of {key}"
 
 
 # -- distributed checkpoints: save at tp 2, resume at tp 2 and at tp 1 ------------------------------

@@ -4,7 +4,7 @@ import torch
 
 from sp_core import mpu
 from sp_core.mpu import platform
-from sp_core.layers.sharding import gather_full
+from sp_core.layers.sharding import gather_full, packed_name
 from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
@@ -60,7 +60,7 @@ def _gradients(model_dir, sum_sequence_parallel=True):
     grads = {}
     for name, param in model.named_parameters():
         for shard, full in gather_full(param, param.grad).items():
-            grads[f"{name}:{shard}"] = full.cpu()
+            grads[f"{packed_name(name)}:{shard}"] = full.cpu()
     return grads
 
 

@@ -30,7 +30,7 @@ import torch
 from sp_core import mpu
 from sp_core.models import ModelError
 from sp_core.models.checkpoint import (expected_pieces, hf_to_core, iter_hf_tensors, load_expert_tensor, load_piece,
-                                       missing_expert_tensors)
+                                       missing_expert_tensors, refuse_non_finite)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
@@ -67,7 +67,8 @@ def gpt_model_name(hf_name: str) -> Tuple[str, str]:
 @torch.no_grad()
 def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
     """Load this rank's slice of every tensor of the checkpoint in ``model_dir`` into ``model``
-    (a GPTModel with ``get_sp_core_block_spec``); one-line error naming missing / unexpected tensors."""
+    (a GPTModel with ``get_sp_core_block_spec``); one-line error (ModelError: exit 2 from the command line)
+    naming missing / unexpected tensors or one with NaN or inf."""
     # parameters and persistent buffers (V3's e_score_correction_bias); routed experts load through their MoE
     params: Dict[str, torch.Tensor] = {n: t for n, t in model.state_dict(keep_vars=True).items()
                                        if _EXPERTS not in f".{n}" and not n.endswith("._extra_state")}
@@ -93,7 +94,8 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
-        param = params[name]
+        refuse_non_finite(hf_name, tensor)
+        param = expected[(name, shard)]
         if hf_name in _VOCAB_PARALLEL:  # Megatron's layout: contiguous blocks of the padded vocabulary
             rows = param.shape[0]
             block = tensor[mpu.tp_rank() * rows:(mpu.tp_rank() + 1) * rows]
@@ -102,7 +104,7 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         else:
             load_piece(param, hf_name, tensor, shard)
         seen.add((name, shard))
-    missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in expected - seen)
+    missing = sorted(f"{n}{'.' + s if s else ''}" for n, s in set(expected) - seen)
     missing += missing_expert_tensors(experts)
     if missing or unexpected:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \

@@ -113,32 +113,60 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def _make_parameters(self, input_size: int, shards: Sequence[Shard], bias: bool, dtype) -> None:
         self.shards: List[Shard] = list(shards)
-        self._replicated_rows = any(s.replicas > 1 for s in self.shards)
-        local = sum(s.local for s in self.shards)
-        self.input_size, self.output_size_per_partition = input_size, local
-        self.weight = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
-        mark_partitioned(self.weight, 0, self.shards)
-        self.bias = None
-        if bias:
-            self.bias = torch.nn.Parameter(torch.zeros(local, dtype=dtype))
-            mark_partitioned(self.bias, 0, self.shards)
-        torch.nn.init.normal_(self.weight, std=0.02)
+        own = [s for s in self.shards if s.replicas == 1]
+        alike = [s for s in self.shards if s.replicas > 1]
+        if alike and (not own or self.shards[:len(own)] != own or len({s.replicas for s in alike}) > 1):
+            raise ValueError(f"replicated pieces must follow the others and share one replica count: {self.shards}")
+        self.input_size = input_size
+        self.output_size_per_partition = sum(s.local for s in self.shards)
+        # Rows that several ranks hold alike (KV heads fewer than t) are a parameter of their own, which
+        # only the first holder counts in a gradient norm (sharding.mark_partitioned); it loads and exports
+        # under the packed name (sharding.packed_name).
+        self.replicas = alike[0].replicas if alike else 1
+        self.weight = self._parameter(own, input_size, dtype)
+        self.replicated_weight = self._parameter(alike, input_size, dtype)
+        self.bias = self._parameter(own, None, dtype) if bias else None
+        self.replicated_bias = self._parameter(alike, None, dtype) if bias else None
 
-    def _summed_over_replicas(self, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Rows that several ranks hold alike (KV heads fewer than t) each see only this rank's query
-        heads, so their gradient is summed over those ranks; other rows pass through untouched."""
-        if param is None or not self._replicated_rows or not torch.is_grad_enabled():
-            return param
-        pieces = param.split([s.local for s in self.shards])
-        return torch.cat([mpu.copy_to_replicas(p, s.replicas) for p, s in zip(pieces, self.shards)])
+    @staticmethod
+    def _parameter(shards: List[Shard], input_size: Optional[int], dtype) -> Optional[torch.nn.Parameter]:
+        if not shards:
+            return None
+        local = sum(s.local for s in shards)
+        if input_size is None:
+            param = torch.nn.Parameter(torch.zeros(local, dtype=dtype))
+        else:
+            param = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
+            torch.nn.init.normal_(param, std=0.02)
+        mark_partitioned(param, 0, shards)
+        return param
+
+    def _packed(self, own: Optional[torch.Tensor], alike: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """One tensor of all rows; the replicated rows each see only this rank's query heads, so their
+        gradient is summed over their holders."""
+        return own if alike is None else torch.cat([own, mpu.copy_to_replicas(alike, self.replicas)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._summed_over_replicas(self.weight), self._summed_over_replicas(self.bias)
+        if self.replicated_weight is not None and not torch.is_grad_enabled():
+            return self._serve(x)
+        weight, bias = self._packed(self.weight, self.replicated_weight), self._packed(self.bias, self.replicated_bias)
         if mpu.sequence_parallel_active():
             if torch.is_grad_enabled():
                 return _GatheredInputLinear.apply(x, weight, bias)
             return _gathered_input_linear(x, weight, bias)
         return F.linear(mpu.copy_to_tp(x), weight, bias)
+
+    def _serve(self, x: torch.Tensor) -> torch.Tensor:
+        """No gradient, replicated rows: one GEMM per parameter on the (once gathered) input, rather than a
+        copy of the weights per call."""
+        if not mpu.sequence_parallel_active():
+            return torch.cat([F.linear(x, self.weight, self.bias),
+                              F.linear(x, self.replicated_weight, self.replicated_bias)], dim=-1)
+        x_all, own = collectives.all_gather_matmul(_rows(x), self.weight.t())
+        out = torch.cat([own, x_all @ self.replicated_weight.t()], dim=-1)
+        if self.bias is not None:
+            out = out + torch.cat([self.bias, self.replicated_bias])
+        return _shaped_like(out, x)
 
 
 class RowParallelLinear(torch.nn.Module):

@@ -30,8 +30,17 @@ class Shard:
     replicas: int = 1
 
 
+REPLICATED = "replicated_"  # name prefix of a packed layer's parameter whose rows several ranks hold alike
+
+
 def mark_partitioned(param: torch.nn.Parameter, dim: int, shards: List[Shard]) -> None:
-    param.tensor_model_parallel = True
+    """Megatron's attributes and ``shards``. Megatron counts a parameter tagged ``tensor_model_parallel`` on
+    every TP rank in a gradient norm, any other on TP rank 0 only: rows that ``replicas`` ranks hold alike
+    are tagged on the first of them only (TP rank 0 is always one)."""
+    replicas = {s.replicas for s in shards}
+    if len(replicas) > 1:
+        raise ValueError(f"pieces held by different numbers of ranks need parameters of their own: {shards}")
+    param.tensor_model_parallel = ps.tp_rank() % replicas.pop() == 0
     param.partition_dim = dim
     param.partition_stride = 1
     param.shards = shards
@@ -41,6 +50,13 @@ def mark_sequence_parallel(param: torch.nn.Parameter) -> None:
     """A replicated parameter that sees token shards: its gradient is a partial sum under SP."""
     param.tensor_model_parallel = False
     param.sequence_parallel = True
+
+
+def packed_name(name: str) -> str:
+    """The name a parameter's pieces load and export under: ``x.replicated_weight`` (a packed layer's rows
+    that several ranks hold alike) is ``x.weight``, the rest of that packed tensor."""
+    head, dot, last = name.rpartition(".")
+    return head + dot + last[len(REPLICATED):] if last.startswith(REPLICATED) else name
 
 
 def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optional[str] = None) -> None:

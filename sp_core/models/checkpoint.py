@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> the core's parameters: this rank's slice on load, full tensors on export.
 
-Core parameter names are HF names, except the fused projections (``qkv_proj``, ``gate_up_proj``).
+Core parameter names are HF names, except the fused projections (``qkv_proj``, ``gate_up_proj``; the rows of
+``qkv_proj`` that several ranks hold alike are its ``replicated_weight`` / ``replicated_bias``).
 Persistent buffers (DeepSeek-V3's ``e_score_correction_bias``) load and export like parameters. Routed
 experts (``...mlp.experts.*``, per expert or fused on disk) go through the MoE layer's own hooks
 (``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors``), which know how experts
@@ -15,12 +16,12 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 from sp_core.errors import NonFiniteError
-from sp_core.layers.sharding import full_shapes, gather_full, gather_full_to_first, load_full
+from sp_core.layers.sharding import full_shapes, gather_full, gather_full_to_first, load_full, packed_name
 from sp_core.models.config import ModelError
 
 # HF name piece -> (core name piece, shard name)
@@ -95,10 +96,16 @@ def missing_expert_tensors(experts: Dict[str, torch.nn.Module]) -> List[str]:
     return sorted(prefix + key for prefix, moe in experts.items() for key in moe.missing_expert_tensors())
 
 
-def expected_pieces(params: Dict[str, torch.Tensor]) -> Set[Tuple[str, Optional[str]]]:
-    """(parameter name, packed piece or None) of every piece the checkpoint must fill."""
-    return {(name, shard) for name, p in params.items()
+def expected_pieces(params: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Optional[str]], torch.Tensor]:
+    """(packed name, packed piece or None) -> the parameter holding it, for every piece the checkpoint must
+    fill (``sharding.packed_name``: a packed tensor's replicated rows are a parameter of their own)."""
+    return {(packed_name(name), shard): p for name, p in params.items()
             for shard in ([s.name for s in p.shards] if hasattr(p, "shards") else [None])}
+
+
+def refuse_non_finite(hf_name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
 
 
 def load_piece(param: torch.Tensor, hf_name: str, tensor: torch.Tensor, shard: Optional[str]) -> None:
@@ -222,7 +229,7 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = expected_pieces(params)
     if tied:
-        expected.discard(("lm_head.weight", None))
+        expected.pop(("lm_head.weight", None), None)
     seen, unexpected = set(), []
     for hf_name, tensor in weights:
         if _IGNORED.search(hf_name) or (tied and hf_name == "lm_head.weight") or _beyond_layers(model, hf_name):
@@ -235,12 +242,10 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
         if (name, shard) not in expected:
             unexpected.append(hf_name)
             continue
-        param = params[name]
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
-        load_piece(param, hf_name, tensor, shard)
+        refuse_non_finite(hf_name, tensor)
+        load_piece(expected[(name, shard)], hf_name, tensor, shard)
         seen.add((name, shard))
-    missing = sorted(core_to_hf(n, s) for n, s in expected - seen)
+    missing = sorted(core_to_hf(n, s) for n, s in set(expected) - seen)
     missing += missing_expert_tensors(experts)
     if missing or unexpected:
         parts = []
@@ -252,6 +257,7 @@ def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tens
 
 
 def core_to_hf(name: str, shard: Optional[str]) -> str:
+    name = packed_name(name)
     for hf_piece, (core_piece, shard_name) in _FUSED.items():
         if shard == shard_name and core_piece in name:
             return name.replace(core_piece, hf_piece)

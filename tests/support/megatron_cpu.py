@@ -9,13 +9,35 @@ FusedLayerNorm is not installable here); see ``local_gpt_layer_spec``.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def install_megatron_cpu_shims() -> None:
     from sp_core_megatron import cpu_training
 
     cpu_training.enable()
+
+
+_CLIP_GRADS = "megatron.core.optimizer.clip_grads"
+
+
+class _CpuGradsPassClipAssert(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].dtype == torch.float32
+                and _CLIP_GRADS in (sys._getframe(d).f_globals.get("__name__") for d in range(1, 6))):
+            return "torch.cuda.FloatTensor"
+        return func(*args, **(kwargs or {}))
+
+
+def allow_cpu_grad_clipping() -> None:
+    """Inside a rank, before ``install_megatron_cpu_shims`` (their mode reads its caller's frame, so it must
+    stay on top; it then calls into this one): megatron's own ``clip_grad_by_total_norm_fp32`` runs on CPU
+    gradients. It asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``, its one CUDA assumption that
+    the shims leave (its ``device='cuda'`` buffer they redirect)."""
+    _CpuGradsPassClipAssert().__enter__()  # left on for the life of the rank process
 
 
 # -- the SP-capable norm for specs -------------------------------------------------------------------
