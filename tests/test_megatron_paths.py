@@ -200,12 +200,13 @@ def test_gpt_model_with_core_layers_from_hf_equals_transformers(ckpts, tmp_path)
 def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_dir=None,
                            distributed_optimizer=False):
     """Adam on a global batch of 2 sequences (each data-parallel rank its share); saves the model and the
-    optimizer after step ``save_at`` or resumes there. With Megatron's distributed optimizer its default
-    checkpoint format (``fully_sharded_model_space``) hands the model's tensors flattened ranges."""
+    optimizer after step ``save_at`` or resumes there. With Megatron's distributed optimizer, in its format
+    ``fully_sharded_model_space`` (the default without metadata), which hands the model's tensors flattened
+    ranges. Runs on GPUs too (scripts/megatron_distopt_gpu.sh)."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from sp_core.mpu import collectives
+    from sp_core.mpu import collectives, platform
     from sp_core_megatron import cpu_training, engine, training
     from support.megatron_cpu import adam_state_before_loading, distributed_optimizer_on_cpu
 
@@ -215,13 +216,14 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
     ddp, optimizer = training.wrap_for_training(model, clip_grad=0.0, distributed_optimizer=distributed_optimizer)
     dp = parallel_state.get_data_parallel_world_size()
     data = training.data_parallel_share(
-        training.token_stream(model.language_model.config.vocab_size, 16, 2, "cpu"), 2 // dp)
+        training.token_stream(model.language_model.config.vocab_size, 16, 2, platform.current_device()), 2 // dp)
     start = 0
     if resume_dir:
         if distributed_optimizer:
             adam_state_before_loading(optimizer)
         sharded = {"model": model.sharded_state_dict()}
-        sharded["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                                            metadata=_FLAT_FORMAT)
         loaded = dist_checkpointing.load(sharded, resume_dir)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
@@ -239,9 +241,12 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
         losses.append(float(collectives.mean_over_group(out[0]["lm loss"], parallel_state.get_data_parallel_group())))
         if save_dir and step + 1 == save_at:
             state = {"model": model.sharded_state_dict()}
-            state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+            state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_FLAT_FORMAT)
             dist_checkpointing.save(state, save_dir)
     return losses
+
+
+_FLAT_FORMAT = {"distrib_optim_sharding_type": "fully_sharded_model_space"}  # ignored by the plain optimizer
 
 
 def test_dist_checkpoint_at_tp2_resumes_at_tp2_and_tp1(ckpts, tmp_path):
