@@ -259,20 +259,33 @@ def test_grad_norm_and_clipping_count_replicated_kv_heads_once(ckpts):
 
 # -- distributed checkpoints: save at tp 2, resume at tp 2 and at tp 1 ------------------------------
 
-def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_dir=None):
-    from megatron.core import dist_checkpointing
+def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_dir=None,
+                           distributed_optimizer=False):
+    """Adam on a global batch of 2 sequences (each data-parallel rank its share); saves the model and the
+    optimizer after step ``save_at`` or resumes there. With Megatron's distributed optimizer, in its format
+    ``fully_sharded_model_space`` (the default without metadata), which hands the model's tensors flattened
+    ranges. Runs on GPUs too (scripts/megatron_distopt_gpu.sh)."""
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from sp_core.mpu import collectives, platform
     from sp_core_megatron import cpu_training, engine, training
+    from support.megatron_cpu import adam_state_before_loading, distributed_optimizer_on_cpu
 
     cpu_training.enable()
+    distributed_optimizer_on_cpu()
     model = engine.build_model(model_dir, tp, tp > 1)
-    ddp, optimizer = training.wrap_for_training(model, clip_grad=0.0)
-    data = training.token_stream(model.language_model.config.vocab_size, 16, 2, "cpu")
+    ddp, optimizer = training.wrap_for_training(model, clip_grad=0.0, distributed_optimizer=distributed_optimizer)
+    dp = parallel_state.get_data_parallel_world_size()
+    data = training.data_parallel_share(
+        training.token_stream(model.language_model.config.vocab_size, 16, 2, platform.current_device()), 2 // dp)
     start = 0
     if resume_dir:
+        if distributed_optimizer:
+            adam_state_before_loading(optimizer)
         sharded = {"model": model.sharded_state_dict()}
-        sharded["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)
+        sharded["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True,
+                                                            metadata=_FLAT_FORMAT)
         loaded = dist_checkpointing.load(sharded, resume_dir)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
@@ -284,14 +297,18 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         out = get_forward_backward_func()(forward_step_func=training.forward_step, data_iterator=data, model=[ddp],
-                                          num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=False)
+                                          num_microbatches=1, seq_length=16, micro_batch_size=2 // dp,
+                                          forward_only=False)
         optimizer.step()
-        losses.append(float(out[0]["lm loss"]))
+        losses.append(float(collectives.mean_over_group(out[0]["lm loss"], parallel_state.get_data_parallel_group())))
         if save_dir and step + 1 == save_at:
             state = {"model": model.sharded_state_dict()}
-            state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+            state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_FLAT_FORMAT)
             dist_checkpointing.save(state, save_dir)
     return losses
+
+
+_FLAT_FORMAT = {"distrib_optim_sharding_type": "fully_sharded_model_space"}  # ignored by the plain optimizer
 
 
 def test_dist_checkpoint_at_tp2_resumes_at_tp2_and_tp1(ckpts, tmp_path):
@@ -305,6 +322,20 @@ def test_dist_checkpoint_at_tp2_resumes_at_tp2_and_tp1(ckpts, tmp_path):
         resumed = run_ranks(tp, _train_with_checkpoint, d, tp, 4, 2, None, save_dir)[0]
         for step, (a, b) in enumerate(zip(resumed, uninterrupted[2:]), start=3):
             assert abs(a - b) <= 1e-6, f"resumed at tp {tp}, step {step}: loss {a} vs uninterrupted {b}"
+
+
+def test_dist_checkpoint_with_the_distributed_optimizer_moves_from_dp2_to_tp2(ckpts, tmp_path):
+    """Megatron's distributed optimizer, its default checkpoint format: saved at tp 1 x dp 2 (each rank holds
+    part of each bucket, so the flattened ranges cut parameters and the q / k / v pieces anywhere), resumed
+    at tp 2 x dp 1 (qwen2: packed qkv with bias, gate / up, vocabulary 97 padded to 98): Adam continues
+    as if never stopped."""
+    d = ckpts["qwen2"]
+    save_dir = str(tmp_path / "dist")
+    os.makedirs(save_dir)
+    uninterrupted = run_ranks(2, _train_with_checkpoint, d, 1, 4, 2, save_dir, None, True, tp=1)[0]
+    resumed = run_ranks(2, _train_with_checkpoint, d, 2, 4, 2, None, save_dir, True)[0]
+    for step, (a, b) in enumerate(zip(resumed, uninterrupted[2:]), start=3):
+        assert abs(a - b) <= 1e-5, f"resumed at tp 2, step {step}: loss {a} vs uninterrupted {b}"
 
 
 # -- export: one writer, sharded with an index -------------------------------------------------------

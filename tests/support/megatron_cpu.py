@@ -69,3 +69,58 @@ def local_gpt_layer_spec(**kwargs):
         if getattr(attention, name, None) is not None:
             setattr(attention, name, SequenceParallelNorm)
     return spec
+
+
+# -- the distributed optimizer on CPU ----------------------------------------------------------------
+
+def distributed_optimizer_on_cpu() -> None:
+    """``DistributedOptimizer`` accepts only parameters whose ``Tensor.type()`` names a CUDA type (it
+    checks the string): for calls from ``megatron.*`` a CPU tensor's type reads ``torch.cuda.*``.
+    Everything else it does runs on gloo as is. Also ``_torch_adam_step_is_not_loaded``."""
+    import sys
+
+    original = torch.Tensor.type
+    if getattr(original, "_sp_core_cpu", False):
+        return
+
+    def type_(self, *args, **kwargs):
+        if (not args and not kwargs and self.device.type == "cpu"
+                and sys._getframe(1).f_globals.get("__name__", "").startswith("megatron.")):
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, *args, **kwargs)
+
+    type_._sp_core_cpu = True
+    torch.Tensor.type = type_
+    _torch_adam_step_is_not_loaded()
+
+
+def _torch_adam_step_is_not_loaded() -> None:
+    """Without apex / Transformer Engine (torch Adam: the CPU, and the GPU image), megatron-core's
+    ``_set_main_param_and_optimizer_states`` copies every state key, torch Adam's ``step`` too, from loaded
+    tensors that never hold it (``load_state_dict`` has already set it from the param groups): skip it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            state["step"] = state["step"].clone()
+            tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def adam_state_before_loading(optimizer) -> None:
+    """Without apex / Transformer Engine, ``DistributedOptimizer.state_dict()`` (called by
+    ``sharded_state_dict(is_loading=True)``) asserts one ``step`` among torch Adam's states, which a fresh
+    optimizer has none of: give each parameter zero state at step 0; loading overwrites all of it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for p in group["params"]:
+                if not inner.optimizer.state[p]:
+                    inner.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                                "exp_avg_sq": torch.zeros_like(p)}
