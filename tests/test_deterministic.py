@@ -27,6 +27,7 @@ LONG = [int(t) for t in torch.randint(0, 100, (17,), generator=torch.Generator()
 # 8 requests at once, 1 to 30 tokens, LONG among them
 CONCURRENT = [[int(t) for t in torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(n))]
               for n in (5, 1, 30, 3)] + [LONG] + [[7, 7, 2], [int(t) for t in range(40, 62)], [9]]
+EVEN = [p for p in CONCURRENT if len(p) % 2 == 0]  # 30 and 22 tokens
 SP_MIN_TOKENS = 8  # sglang: batches of fewer tokens run plain TP (SP off), the others SP
 MICRO_BATCH = 4
 ARCHS = ("qwen3", "deepseek-v3")
@@ -123,9 +124,72 @@ def _train_export_check(model_dir, out_dir, prompts):
     # default mode here, sequences of 1 and 2 tokens at tp 2 changed in a micro-batch of 4; 3 to 12 did not)
     short = [7, 60]
     invariant = all(torch.equal(*_micro_batch_logits(model, p)) for p in (short, PROMPTS[0], LONG))
+    packed = _packed_logprobs(model, prompts[:3], model.language_model.config.vocab_size)
     mpu.set_deterministic(False)
     default_invariant = torch.equal(*_micro_batch_logits(model, short))
-    return trained, trained_sp_off, invariant, default_invariant, _expert_parallel_sp_on_off(model_dir, prompts)
+    layer_spec = _gpt_model_with_core_spec(out_dir, EVEN, prompts[:3])
+    return (trained, trained_sp_off, invariant, default_invariant, _expert_parallel_sp_on_off(model_dir, prompts),
+            packed, layer_spec)
+
+
+def _packed_rows(prompts, t):
+    """One row of ``prompts`` packed one after another (a final filler document pads it to a multiple of
+    t, as Megatron's SP needs): ids [1, s], positions restarting at 0 in every document, cu_seqlens."""
+    lengths = [len(p) for p in prompts]
+    filler = -sum(lengths) % t
+    ids = torch.tensor([sum(prompts, []) + [0] * filler])
+    positions = torch.cat([torch.arange(n) for n in lengths + ([filler] if filler else [])]).unsqueeze(0)
+    cu = torch.tensor([0] + lengths + ([filler] if filler else []), dtype=torch.int32).cumsum(0).to(torch.int32)
+    return ids, positions, cu
+
+
+def _packed_logprobs(model, prompts, vocab, forms=("thd", "mask")):
+    """Each prompt's log-probabilities from one packed row: THD (``packed_seq_params``) and Megatron's
+    --reset-attention-mask form (a block-diagonal attention_mask, positions restarting per document)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from sp_core.layers import gather_vocab
+
+    ids, positions, cu = _packed_rows(prompts, mpu.tp_size())
+    s = ids.shape[1]
+    doc = torch.searchsorted(cu[1:], torch.arange(s), right=True)
+    masked_out = ~((doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool).tril())
+    out = {}
+    with torch.no_grad():
+        for form in forms:
+            if form == "thd":
+                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                         max_seqlen_q=s, max_seqlen_kv=s)
+                logits = model(ids, None, None, packed_seq_params=packed)[0]
+            else:
+                logits = model(ids, positions, masked_out.view(1, 1, s, s))[0]
+            logprobs = torch.log_softmax(gather_vocab(logits, vocab).float(), -1)
+            out[form] = [logprobs[lo:hi] for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist())][:len(prompts)]
+    return out
+
+
+def _gpt_model_with_core_spec(export_dir, prompts, packed_prompts):
+    """megatron.core's GPTModel + get_sp_core_block_spec (deterministic_mode, SP) loading the export:
+    log-probabilities of each of ``prompts`` alone (even lengths: Megatron's SP needs s divisible by t, and
+    a padding token would lengthen the sequence the attention kernel sees) and of ``packed_prompts`` THD-packed."""
+    from megatron.core.models.gpt import GPTModel
+
+    from sp_core_megatron import get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model
+    from sp_core_megatron.config import transformer_config_from_hf
+    from sp_core.layers import gather_vocab
+
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    config = transformer_config_from_hf(export_dir, tp=2, sequence_parallel=True, deterministic_mode=True)
+    model = GPTModel(config, get_sp_core_block_spec(config.num_layers), **gpt_model_args(config)).eval()
+    load_hf_into_gpt_model(model, export_dir)
+    alone = []
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = model(torch.tensor([prompt]), torch.arange(len(prompt)).unsqueeze(0), None)[0]
+            alone.append(torch.log_softmax(gather_vocab(logits, config.vocab_size).float(), -1))
+    return alone, _packed_logprobs(model, packed_prompts, config.vocab_size, forms=("thd",))["thd"]
 
 
 def _expert_parallel_sp_on_off(model_dir, prompts):
@@ -134,8 +198,11 @@ def _expert_parallel_sp_on_off(model_dir, prompts):
     from sp_core.models import ModelConfig
     from sp_core_megatron.engine import build_model, model_logprobs
 
+    from megatron.core import parallel_state
+
     if ModelConfig.from_pretrained(model_dir).moe is None:
         return None
+    parallel_state.destroy_model_parallel()  # the expert-parallel groups are set up with the model
     model = build_model(model_dir, 2, True, moe_parallel="ep", deterministic=True).eval()
     sp_on = model_logprobs(model, prompts)
     model.config.sequence_parallel = False
@@ -180,12 +247,17 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     from sp_core_sglang.engine import logprobs_for_prompts, start_engine
 
     prompts = PROMPTS + [LONG]
-    export, (trained, trained_sp_off, invariant, default_invariant, ep_sp_equal) = trained_in_megatron[arch]
+    export, (trained, trained_sp_off, invariant, default_invariant, ep_sp_equal, packed, layer_spec) = \
+        trained_in_megatron[arch]
     assert invariant, "Megatron, deterministic: a sequence alone != inside a micro-batch of 4"
     assert not default_invariant, "negative control: the default mode came out batch-invariant here"
     assert all(torch.equal(a, b) for a, b in zip(trained, trained_sp_off)), "Megatron: SP on != SP off"
     assert ep_sp_equal in ((None,) if arch.startswith("qwen") else (True,)), \
         f"Megatron, deterministic, moe=ep: SP on != SP off ({ep_sp_equal})"
+    for form, got in packed.items():
+        for i, lp in enumerate(got):
+            assert torch.equal(lp, trained[i]), f"Megatron, {form}-packed documents: prompt {i} != the prompt alone"
+    spec_alone, spec_packed = layer_spec
 
     with open(os.path.join(export, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -212,6 +284,11 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     assert torch.equal(concurrent[CONCURRENT.index(LONG)], long_alone), \
         "sglang SP: a prompt inside 8 concurrent requests != the prompt alone"
     assert torch.equal(long_alone, trained[-1]), "sglang SP, a prompt alone != Megatron"
+    for prompt, got in zip(EVEN, spec_alone):
+        assert torch.equal(got, concurrent[CONCURRENT.index(prompt)]), \
+            f"GPTModel + the core's layer spec != sglang, a prompt of {len(prompt)} tokens"
+    for i, got in enumerate(spec_packed):
+        assert torch.equal(got, together[i]), f"GPTModel + the core's layer spec, THD-packed != sglang, prompt {i}"
 
 
 @pytest.mark.timeout(600)

@@ -4,8 +4,9 @@
 ``cu_seqlens`` marking where each document starts). Everything stays on the device: no host sync."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,28 @@ class MegatronBatch:
         seen = grid[(r % b)[:, None], (r // b)[:, None], (k // b)[None, :]]
         same_column = (r % b)[:, None] == (k % b)[None, :]
         return seen & same_column & (rows < s * b)[:, None] & (keys < s * b)[None, :]
+
+    @functools.cached_property
+    def sequence_lengths(self) -> List[int]:
+        """The lengths of the sequences the rows form, column after column (each column's packed documents in
+        order; one sequence per column without a mask): what the deterministic mode runs one at a time. Read
+        on the host once per batch. A mask must be causal within blocks of consecutive tokens (what Megatron's
+        --reset-attention-mask and THD packing build); any other is refused: it has no batch-invariant kernel."""
+        s, b = self.seq_length, self.micro_batch_size
+        if self.allowed is None:
+            return [s] * b
+        lengths = []
+        for column, grid in enumerate(self.allowed.expand(b, 1, s, s)[:, 0]):
+            starts = torch.ones(s, dtype=torch.bool, device=grid.device)
+            starts[1:] = ~grid.diagonal(-1)  # a row that may not see the one before it starts a document
+            doc = starts.cumsum(0)
+            if not torch.equal(grid, (doc[:, None] == doc[None, :]).tril()):
+                raise ModelError(f"the deterministic mode takes attention masks that are causal within documents "
+                                 f"of consecutive tokens (Megatron's --reset-attention-mask, THD packing); column "
+                                 f"{column} of this attention_mask is not")
+            bounds = starts.nonzero().squeeze(1).tolist() + [s]
+            lengths += [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        return lengths
 
     @classmethod
     def from_megatron(cls, seq_length: int, micro_batch_size: int, device, attention_mask=None,
@@ -120,11 +143,12 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     the document boundaries when there are any (rows past s*b: SP padding). ``scale``: the softmax scale
     (MLA's); ``topk_indices``: DeepSeek-V3.2's selected keys (attention.py's kernel interface).
 
-    In the deterministic mode an unmasked batch without a V3.2 selection runs the core's own kernel on each
-    sequence, laid out sequence after sequence: the call the core engine and sglang's prefill make for it."""
+    In the deterministic mode a batch without a V3.2 selection runs the core's own kernel on each sequence
+    (each column, or each packed document: ``MegatronBatch.sequence_lengths``), laid out one after another:
+    the call the core engine and sglang's prefill make for a prompt of it."""
     s, b = batch.seq_length, batch.micro_batch_size
-    if batch.allowed is None and topk_indices is None and mpu.deterministic():
-        return _per_sequence_core_kernel(q, k, v, s, b, scale)
+    if topk_indices is None and mpu.deterministic():
+        return _per_sequence_core_kernel(q, k, v, batch, scale)
 
     def grid(x):  # [s*b (+ SP padding), heads, d] -> [b, heads, s, d]
         return (x if x.shape[0] == s * b else x[: s * b]).unflatten(0, (s, b)).permute(1, 2, 0, 3)
@@ -143,10 +167,13 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
 
 
-def _per_sequence_core_kernel(q, k, v, s: int, b: int, scale: Optional[float]) -> torch.Tensor:
-    def by_sequence(x):  # [s*b, heads, d] s-major -> [b*s, heads, d], each sequence contiguous
+def _per_sequence_core_kernel(q, k, v, batch: MegatronBatch, scale: Optional[float]) -> torch.Tensor:
+    s, b = batch.seq_length, batch.micro_batch_size
+
+    def by_sequence(x):  # [s*b, heads, d] s-major -> [b*s, heads, d], each column contiguous
         return x[: s * b].unflatten(0, (s, b)).transpose(0, 1).reshape(s * b, *x.shape[1:])
 
-    out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v), PackedBatch([s] * b), scale=scale)
+    out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v),
+                                  PackedBatch(batch.sequence_lengths), scale=scale)
     out = out.unflatten(0, (b, s)).transpose(0, 1).reshape(s * b, *out.shape[1:])
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out

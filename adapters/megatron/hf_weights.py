@@ -68,7 +68,8 @@ def gpt_model_name(hf_name: str) -> Tuple[str, str]:
 def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
     """Load this rank's slice of every tensor of the checkpoint in ``model_dir`` into ``model``
     (a GPTModel with ``get_sp_core_block_spec``); one-line error (ModelError: exit 2 from the command line)
-    naming missing / unexpected tensors or one with NaN or inf."""
+    naming missing / unexpected tensors or one with NaN or inf. In Megatron's ``deterministic_mode`` the
+    model's whole forward then runs the core's batch-invariant GEMMs (``deterministic_gpt_model``)."""
     # parameters and persistent buffers (V3's e_score_correction_bias); routed experts load through their MoE
     params: Dict[str, torch.Tensor] = {n: t for n, t in model.state_dict(keep_vars=True).items()
                                        if _EXPERTS not in f".{n}" and not n.endswith("._extra_state")}
@@ -110,3 +111,6 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \
                 (["checkpoint tensors the GPTModel lacks: " + ", ".join(sorted(unexpected))] if unexpected else [])
         raise ModelError(f"{model_dir} does not match the GPTModel; " + "; ".join(parts))
+    from sp_core_megatron.layer_spec import deterministic_gpt_model
+
+    deterministic_gpt_model(model)

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 from sp_core import mpu
-from sp_core.layers import RMSNorm
+from sp_core.layers import RMSNorm, batch_invariant
 from sp_core.models import ModelConfig
 from sp_core.models.config import DEEPSEEK_ARCHITECTURES
 from sp_core.models.deepseek import DeepseekDecoderLayer
@@ -84,7 +84,7 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **unused):
         rows, b, h = hidden_states.shape
-        with mpu.sequence_parallel(self.config.sequence_parallel):
+        with mpu.sequence_parallel(self.config.sequence_parallel), batch_invariant.gemms():
             s = rows * mpu.tp_size() if mpu.sequence_parallel_active() else rows
             cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
             if cu_seqlens is not None:
@@ -111,6 +111,17 @@ class SPCoreFinalNorm(RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
         with torch.device(parameter_device(config)):
             super().__init__(hidden_size, eps, dtype=config.params_dtype)
+
+
+def deterministic_gpt_model(model: torch.nn.Module) -> torch.nn.Module:
+    """In Megatron's ``deterministic_mode``, run the whole forward of ``model`` (a GPTModel with
+    ``get_sp_core_block_spec``) with the core's batch-invariant GEMMs: the core's layers turn them on
+    themselves, Megatron's own output layer only inside this. ``load_hf_into_gpt_model`` applies it; a
+    model loaded otherwise (e.g. from a dist checkpoint) needs this call. Nothing changes in the default mode."""
+    if not getattr(model, "_sp_core_batch_invariant", False):
+        model.forward = batch_invariant.when_deterministic(model.forward)
+        model._sp_core_batch_invariant = True
+    return model
 
 
 def get_sp_core_block_spec(num_layers: int, rope_theta: Optional[float] = None,

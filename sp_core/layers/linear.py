@@ -147,7 +147,9 @@ class ColumnParallelLinear(torch.nn.Module):
         return own if alike is None else torch.cat([own, mpu.copy_to_replicas(alike, self.replicas)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.replicated_weight is not None and not torch.is_grad_enabled():
+        # the deterministic mode keeps the packed GEMM without autograd too: a training forward and serving
+        # then run the same GEMM (a kernel may round a column differently when N changes)
+        if self.replicated_weight is not None and not torch.is_grad_enabled() and not mpu.deterministic():
             return self._serve(x)
         weight, bias = self._packed(self.weight, self.replicated_weight), self._packed(self.bias, self.replicated_bias)
         if mpu.sequence_parallel_active():
