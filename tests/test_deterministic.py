@@ -367,3 +367,20 @@ def test_verify_deterministic_fails_sp_on_that_differs_from_sp_off_in_the_last_b
     status = {(r.sp, r.moe): (r.sp_bitwise, r.status) for r in rows}
     assert status[(True, "ep")] == (False, "FAIL: SP on and off differ bitwise"), status
     assert status[(True, "tp")] == (True, "ok") and status[(False, "ep")] == (None, "ok"), status
+
+
+def test_deterministic_megatron_attention_runs_documents_of_a_mask_and_refuses_other_masks():
+    """The deterministic mode's attention reads the documents of Megatron's --reset-attention-mask (a
+    causal block-diagonal mask, per column) and refuses, in one line, a mask that is not causal within
+    documents of consecutive tokens."""
+    from sp_core.models import ModelError
+    from sp_core_megatron.batch import MegatronBatch
+
+    s = 6
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])  # b = 2: documents 3 + 2 + 1, then one of 6
+    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+    assert MegatronBatch.from_megatron(s, 2, "cpu", ~allowed.unsqueeze(1)).sequence_lengths == [3, 2, 1, 6]
+    assert MegatronBatch.from_megatron(s, 2, "cpu").sequence_lengths == [6, 6]
+    sliding = torch.ones(s, s, dtype=torch.bool).tril() & ~torch.ones(s, s, dtype=torch.bool).tril(-3)  # a window
+    with pytest.raises(ModelError, match="column 0 of this attention_mask is not"):
+        MegatronBatch.from_megatron(s, 1, "cpu", ~sliding.view(1, 1, s, s)).sequence_lengths
