@@ -1,4 +1,4 @@
-"""The ``sp-core`` command: logits, verify and memory (the public surface, DESIGN.md) and train.
+"""The ``sp-core`` command: logits, verify and memory (the public surface: README, "The public commands") and train.
 
 Exit codes: 0 success; 1 verify found rows out of tolerance (or an unexpected error, traceback in the
 log); 2 bad input; 3 an engine or framework that was asked for cannot run here; 4 NaN or inf in the

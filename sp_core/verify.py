@@ -29,7 +29,7 @@ from sp_core.tiny import DEEPSEEK_MODELS, DEEPSEEK_SPARSE_MODELS, PROMPTS, make_
 
 DEFAULT_TP = "1,2,4"
 DEFAULT_ENGINES = ("core", "megatron", "sglang")
-TOLERANCE = 1e-4  # float32, against transformers and the core at tp 1 (DESIGN.md, Verification)
+TOLERANCE = 1e-4  # float32, against transformers and the core at tp 1 (docs/design.md, Verification)
 SP_TOLERANCE = 1e-5  # float32, SP on vs off at the same engine and tp
 CLEAR_MARGIN = 1e-3  # greedy tokens must agree where the reference's top-1 leads top-2 by more
 DEFAULT_MODELS = ("qwen2", "qwen3") + DEEPSEEK_MODELS + DEEPSEEK_SPARSE_MODELS

@@ -1,4 +1,4 @@
-"""Parallel linear layers, with the contracts of DESIGN.md's table.
+"""Parallel linear layers, with the contracts of docs/design.md's table (principle 5; all rows: docs/layers.md).
 
 Column: token shard in (SP) -> all tokens, feature shard out; gathers its input (g).
 Row: all tokens, feature shard in -> token shard out (g-bar under SP, f-bar otherwise).

@@ -1,6 +1,6 @@
 """Multi-head latent attention (DeepSeek V2 / V3): heads split over TP, the small latent gathered.
 
-Under SP (DEEPSEEK.md section 1), on this rank's token shard: the down-projections ``q_a_proj`` and
+Under SP (docs/design.md, principle 5, MLA), on this rank's token shard: the down-projections ``q_a_proj`` and
 ``kv_a_proj_with_mqa`` (replicated weights, gradients summed over TP), their RMSNorms and the rope on the
 shared key ``k_pe``. Then ONE g gathers the latent ``[q_lat | kv_lat | k_pe]`` -- q_lora + kv_lora + rope
 values per token (2112 for DeepSeek-V3, against 7168 for its hidden state). ``q_b_proj`` and ``kv_b_proj``

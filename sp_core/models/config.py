@@ -322,7 +322,7 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
     fields["moe"] = MoEConfig(
         n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=hf.get("n_shared_experts", 1 if v3 else 2),
         moe_intermediate_size=hf.get("moe_intermediate_size", 2048 if v3 else 1407), topk_method=method, n_group=n_group, topk_group=topk_group,
-        # transformers' V2 router ignores norm_topk_prob (DEEPSEEK.md B1); V3 honours it
+        # transformers' V2 router ignores norm_topk_prob (it never renormalises the top-k weights); V3 honours it
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5 if v3 else 1.0)))
     return fields
