@@ -110,7 +110,7 @@ def _expert_block_regions(param, name: str) -> List[_Region]:
     size = _at(shape, 1, shape[1] // len(halves))
     global_shape = _at(size, 0, shape[0] * mpu.tp_size())
     return [_Region(piece, (lambda key, piece=piece: f"{key}.{piece}" if piece else key),
-                    _at(_at(shape, 0, 0), 1, offset), size, global_shape,
+                    _at(_at(shape, 0, 0, 0), 1, offset), size, global_shape,
                     _at(shape, 0, mpu.tp_rank() * shape[0], 0), 0)
             for piece, offset in halves.items()]
 
