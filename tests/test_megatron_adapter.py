@@ -19,10 +19,17 @@ def ckpts(tmp_path_factory):
     return {name: make_checkpoint(name, str(root / name)) for name in ("qwen2-train", "qwen3-train", "qwen2")}
 
 
+_BASELINES = {}  # (checkpoint, tp, SP) -> a run without export: the same tp 1 baseline serves several tests
+
+
 def _train(model_dir, tp, sp, out_dir=None, prompts=None):
     from sp_core_megatron import engine
 
-    return engine.train_steps(model_dir, tp, sp, STEPS, out_dir=out_dir, prompts=prompts, capture_grads=True)
+    if out_dir is not None or prompts is not None:
+        return engine.train_steps(model_dir, tp, sp, STEPS, out_dir=out_dir, prompts=prompts, capture_grads=True)
+    if (model_dir, tp, sp) not in _BASELINES:
+        _BASELINES[(model_dir, tp, sp)] = engine.train_steps(model_dir, tp, sp, STEPS, capture_grads=True)
+    return _BASELINES[(model_dir, tp, sp)]
 
 
 @pytest.mark.parametrize("name", ["qwen2-train", "qwen3-train"])
