@@ -1,7 +1,7 @@
 """Measure where fusing a collective with its GEMM (async TP) pays, and write the decision table that
 sp_core.mpu.async_tp reads (docs/async_tp.md holds the committed one).
 
-    python benchmarks/async_tp_bench.py --tp 2,4 --out $OUT      # -> $OUT/async_tp.json, async_tp_table.json
+    python -m benchmarks.async_tp_bench --tp 2,4 --out $OUT      # -> $OUT/async_tp.json, async_tp_table.json
 
 For each tp size, op and Qwen3-8B-shaped linear layer, and all-token row counts M, times the unfused
 form ("off": all_gather then GEMM / GEMM then reduce_scatter) against each fused one ("ring", "split",
@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks.bench import SHAPE, _timed  # noqa: E402
+from benchmarks.common import SHAPE, header, timed
 
 ROWS = (1024, 2048, 4096, 8192, 16384, 32768)
 MARGIN = 0.98
@@ -53,7 +50,7 @@ def _rank(impls, rows_list, iters):
                 fn = lambda: collectives.matmul_reduce_scatter(x, b)  # noqa: E731
             for impl in impls:
                 os.environ["SP_CORE_ASYNC_TP"] = impl
-                ms, _ = _timed(fn, iters)
+                ms, _ = timed(fn, iters)
                 out.append(dict(tp=t, op=op, layer=name, rows=rows, impl=impl, ms=ms))
             del x
     os.environ["SP_CORE_ASYNC_TP"] = "auto"
@@ -125,8 +122,7 @@ def main():
         for r in measured:
             if r["tp"] == t:
                 print(f"t={t} {r['op']:22s} {r['layer']:12s} M={r['rows']:6d} {r['impl']:8s} {r['ms']:8.3f} ms", flush=True)
-    result = dict(device=f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}", torch=torch.__version__,
-                  command=" ".join(["python"] + sys.argv), measured=measured, errors=errors, table=table)
+    result = header(measured=measured, errors=errors, table=table)
     with open(os.path.join(args.out, "async_tp.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, "async_tp_table.json"), "w") as f:

@@ -2,7 +2,7 @@
 (sp_core/layers/triton_batch_invariant.py), one command, bfloat16:
 
     source benchmarks/device_setup.sh
-    python benchmarks/batch_invariant_bench.py --tp 2,4 --out $OUT
+    python -m benchmarks.batch_invariant_bench --tp 2,4 --out $OUT
 
 1. invariance on one GPU: Qwen3-8B-shaped weights, x of 8192 rows; for windows of M = 1 .. 8192 rows at
    several offsets, ``kernel(x[o:o + M]) == kernel(x)[o:o + M]`` with ``torch.equal`` (bf16 on four
@@ -31,11 +31,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks import deterministic_bench  # noqa: E402
-from benchmarks.bench import SHAPE, device_name  # noqa: E402
-from benchmarks.timing import save_results, tee_log, timed  # noqa: E402
+from benchmarks import deterministic_bench
+from benchmarks.common import SHAPE, header, save_results, tee_log, timed
 
 TOKENS = 8192
 WINDOW_ROWS = (1, 2, 3, 5, 8, 16, 17, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 1024, 2047, 4096, 5000,
@@ -168,10 +165,8 @@ def main() -> int:
         log("FAIL: no batch-invariant kernel on this machine (CUDA + Triton, SP_CORE_FUSED not 0)")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # cuBLAS's float32 contrast in full precision too
-    results = {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-               "iters": args.iters, "layers": args.layers, "invariance": [], "speed": [], "equality": [],
-               "invariance_model": [], "cost": []}
+    results = header(triton=triton.__version__, iters=args.iters, layers=args.layers, invariance=[], speed=[],
+                     equality=[], invariance_model=[], cost=[])
     start = time.time()
     log("1. batch invariance of the kernel (one GPU)")
     bf16 = [(n, k) for _, n, k in linears(4)[:2]] + [(512, 4096), (1536, 4000)]  # small-N tile; K tail

@@ -2,7 +2,7 @@
 megatron-core's own GPTModel with sequence_parallel. One command per machine does the whole
 measurement and writes JSON + Markdown (+ PNG when matplotlib is there) under --out.
 
-    python benchmarks/bench.py --tp 2,4 --tokens 2048,8192,32768 --out $OUT
+    python -m benchmarks.bench --tp 2,4 --tokens 2048,8192,32768 --out $OUT
 
 Shapes: Qwen3-8B-like layers (hidden 4096, 32 heads, 8 KV heads, head_dim 128, FFN 12288), random
 bf16 weights, a few layers. Median of --iters timed with device events after warm-up.
@@ -13,39 +13,13 @@ import argparse
 import json
 import math
 import os
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks.timing import plot_ratios, timed as _timed  # noqa: E402
-from sp_core.mpu import async_tp  # noqa: E402
-
-SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-             intermediate_size=12288, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6)
-
-
-def qwen3_config(layers: int, shape: dict = SHAPE):
-    from sp_core.models import ModelConfig
-
-    return ModelConfig.from_dict(dict(shape, architectures=["Qwen3ForCausalLM"], num_hidden_layers=layers,
-                                      max_position_embeddings=40960))
-
-
-def ceilings():
-    """Measured bf16 matmul rate (TFLOP/s) and all-reduce bus bandwidth (GB/s) over the TP group."""
-    from sp_core.mpu import collectives, parallel_state as ps
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms, _ = _timed(lambda: a @ a, 10)
-    tflops = 2 * 8192 ** 3 / ms / 1e9
-    t = ps.tp_size()
-    buf = torch.randn(128 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 256 MiB
-    ms, _ = _timed(lambda: collectives.all_reduce(buf), 10)
-    busbw = buf.numel() * 2 * 2 * (t - 1) / t / ms / 1e6
-    return tflops, busbw
+from benchmarks import megatron_bench
+from benchmarks.common import (CATEGORY_NAMES, SHAPE, ceilings, header, host_side, kernel_categories,
+                               plot_ratios, random_qwen3_stack, save_results, timed)
+from sp_core.mpu import async_tp
 
 
 def layer_flops(tokens: int, t: int, layers: int) -> float:
@@ -71,82 +45,10 @@ VARIANTS = (("old_tp", False, dict(SP_CORE_FUSED="0", SP_CORE_ASYNC_TP="off")),
             ("sp", True, dict(SP_CORE_FUSED="1", SP_CORE_ASYNC_TP="off")),
             ("async_sp", True, dict(SP_CORE_FUSED="1", SP_CORE_ASYNC_TP="auto")))
 
-CATEGORIES = (("collective", ("nccl", "memcpy", "cross_device", "symm_mem", "barrier")),
-              ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk")),
-              ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
-              ("norm+rotary", ("rms", "norm", "rope")))
-
-
-def kernel_categories(fn, iters: int = 3, categories=CATEGORIES) -> dict:
-    """Device time per kernel category (ms per call) over ``iters`` profiled calls; sums may exceed the
-    wall time where kernels overlap (collectives beside GEMMs)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    totals = {name: 0.0 for name, _ in categories}
-    totals["other"] = 0.0
-    for evt in prof.key_averages():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = evt.key.lower()
-        category = next((c for c, keys in categories if any(k in name for k in keys)), "other")
-        totals[category] += evt.self_device_time_total / 1e3 / iters
-    return {k: round(v, 3) for k, v in totals.items()}
-
-
-def host_side(fn, iters: int = 5) -> dict:
-    """Host milliseconds to enqueue one call (median, device idle at the start) and the number of host
-    syncs inside it (torch's sync debug mode). A call whose enqueue time reaches its device time is
-    launch-bound: the GPU waits on Python, and more, smaller ops cost wall time that no kernel shows."""
-    import statistics
-    import warnings
-
-    enqueue = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        enqueue.append((time.perf_counter() - begin) * 1e3)
-        torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    syncs = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message).lower()]
-    return {"enqueue_ms": round(statistics.median(enqueue), 3), "host_syncs": len(syncs),
-            "first_sync": syncs[0] if syncs else ""}
-
-
-def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
-    """(config, ``layers`` Qwen3 decoder layers of ``shape`` (Qwen3-8B's by default) with random weights of
-    ``dtype`` on this rank's device)."""
-    from sp_core.models.qwen import qwen_decoder_layer
-
-    torch.manual_seed(0)
-    cfg = qwen3_config(layers, shape)
-    from sp_core.mpu import platform
-
-    with torch.device(platform.current_device()):
-        stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=dtype) for _ in range(layers))
-    for p in stack.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    return cfg, stack
-
-
 def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
                      async_tp_form: str = "auto"):
     from sp_core import mpu
     from sp_core.layers import PackedBatch
-
     from sp_core.mpu import platform
 
     cfg, stack = random_qwen3_stack(layers)
@@ -178,7 +80,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
                     h.backward(grad)
 
             with torch.set_grad_enabled(train):
-                ms, peak = _timed(run, iters)
+                ms, peak = timed(run, iters)
                 if tokens in profile_tokens and label in ("tp", "sp", "async_sp"):
                     result[f"{label}_kernels"] = kernel_categories(run)
                     result[f"{label}_host"] = host_side(run)
@@ -207,10 +109,6 @@ def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profi
 
     return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), variants,
                      async_tp_form, timeout=900)[0]
-
-
-def device_name() -> str:
-    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
 
 
 def markdown(results: dict) -> str:
@@ -306,12 +204,9 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     tps = [int(x) for x in args.tp.split(",")]
-    results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(["python"] + sys.argv), "layers": args.layers, "shape": SHAPE,
-               "prefill": [], "train": [], "megatron": [],
-               "categories": [c for c, _ in CATEGORIES] + ["other"], "variants": args.variants.split(","),
-               "async_tp_table": async_tp.table(),
-               "async_tp": args.async_tp}
+    results = header(layers=args.layers, shape=SHAPE, prefill=[], train=[], megatron=[],
+                     categories=CATEGORY_NAMES, variants=args.variants.split(","),
+                     async_tp_table=async_tp.table(), async_tp=args.async_tp)
     for t in tps:
         if t > torch.cuda.device_count():
             print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)
@@ -331,19 +226,14 @@ def main():
                       f"({r['sp_over_tp']:.3f}); SP+async {r['async_sp_ms']:.2f} ({r['async_sp_over_tp']:.3f}); "
                       f"floor {r['floor_ms']:.2f}", flush=True)
         if args.megatron:
-            from benchmarks import megatron_bench
-
             rows = megatron_bench.run(t, args.layers, [int(x) for x in args.train_tokens.split(",")], args.iters)
             results["megatron"] += rows
             for r in rows:
                 print(f"megatron t={t} T={r['tokens']}: native {r['native_ms']:.2f} ms, core {r['core_ms']:.2f} ms "
                       f"({r['core_ms'] / r['native_ms']:.3f}), mem {r['core_peak_bytes'] / r['native_peak_bytes']:.3f}",
                       flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     md = markdown(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
+    save_results(args.out, results, md)
     plot(results, os.path.join(args.out, "benchmarks.png"))
     print(md)
 

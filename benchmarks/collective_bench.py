@@ -2,13 +2,13 @@
 slower than TP's one all-reduce of the same [T, H] tensor on this machine, and is the cost in NCCL or
 in sp_core.mpu's wrappers?
 
-    python benchmarks/collective_bench.py --tp 2,4 --tokens 2048,8192,32768 --label default --out $OUT
-    NCCL_ALGO=Ring python benchmarks/collective_bench.py --tp 4 --label ring --out $OUT
-    python benchmarks/collective_bench.py --compare $OUT/collectives_*.json     # one table, all settings
-    python benchmarks/collective_bench.py --backend gloo --tp 2 --tokens 64 --hidden 32 --iters 3 --out /tmp/c
+    python -m benchmarks.collective_bench --tp 2,4 --tokens 2048,8192,32768 --label default --out $OUT
+    NCCL_ALGO=Ring python -m benchmarks.collective_bench --tp 4 --label ring --out $OUT
+    python -m benchmarks.collective_bench --compare $OUT/collectives_*.json     # one table, all settings
+    python -m benchmarks.collective_bench --backend gloo --tp 2 --tokens 64 --hidden 32 --iters 3 --out /tmp/c
 
 Per tp size t and T, on [T, H] bf16 (H = 4096, Qwen3-8B's hidden size), in one launch of t ranks
-(sp_core.mpu.launch, as bench.py), each op timed alone after a barrier (CUDA events, median of --iters
+(sp_core.mpu.launch, as benchmarks.bench), each op timed alone after a barrier (CUDA events, median of --iters
 after --warmup):
 
     core_ag / core_rs     sp_core.mpu.collectives.all_gather(x[T/t]) / reduce_scatter_start(x[T]).wait():
@@ -31,17 +31,15 @@ ms_last, S = T x H x 2 bytes.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.common import header, save_results
 
 CHAIN = 8
 # torch >= 2.12 renamed the tensor collectives (as sp_core.mpu.collectives resolves them)
@@ -262,14 +260,13 @@ def main():
     from sp_core.mpu import platform
     from sp_core.mpu.launch import run_ranks
 
-    os.makedirs(args.out, exist_ok=True)
     tokens_list = [int(x) for x in args.tokens.split(",")]
     cuda = platform.device_type() == "cuda"
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else "-"
-    result = dict(label=args.label, device=(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-                                            if cuda else "cpu (gloo)"),
-                  torch=torch.__version__, nccl=nccl, backend=platform.backend(), env=nccl_env(),
-                  command=" ".join(["python"] + sys.argv), hidden=args.hidden, dtype=args.dtype, rows=[])
+    result = dict(label=args.label, **header(nccl=nccl, backend=platform.backend(), env=nccl_env(),
+                                             hidden=args.hidden, dtype=args.dtype, rows=[]))
+    if not cuda:
+        result["device"] = f"{result['device']} (gloo)"
     for t in (int(x) for x in args.tp.split(",")):
         if t > platform.device_count() and cuda:
             print(f"skip t={t}: {platform.device_count()} devices", flush=True)
@@ -282,14 +279,10 @@ def main():
                                     timeout=300)[0]
         print(f"t={t}: {time.time() - started:.0f} s", flush=True)
     _add_bandwidth(result["rows"], args.hidden, getattr(torch, args.dtype).itemsize)
-    path = os.path.join(args.out, f"collectives_{args.label}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
     text = table(result)
-    with open(os.path.join(args.out, f"collectives_{args.label}.md"), "w") as f:
-        f.write(text)
+    save_results(args.out, result, text, name=f"collectives_{args.label}")
     print(text)
-    print(f"wrote {path}")
+    print(f"wrote {os.path.join(args.out, f'collectives_{args.label}.json')}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 core's MLA) and TP-SP gathering the 7168-wide hidden state before MLA (TorchTitan's plan, sglang's
 layernorm-SP style), each with MoE mode (a) TP-sharded experts and (b) expert parallelism; the V3.2
 indexer replicated (every rank scores every query row) against split by query rows (the core's); the
-physical floor; the crossover token count. Same output format as bench.py: JSON + Markdown (+ PNG)
+physical floor; the crossover token count. Same output format as benchmarks.bench: JSON + Markdown (+ PNG)
 under --out.
 
-    python benchmarks/deepseek_bench.py --tp 4,2 --tokens 2048,4096,8192,32768 --out $OUT
+    python -m benchmarks.deepseek_bench --tp 4,2 --tokens 2048,4096,8192,32768 --out $OUT
 
 Shapes: DeepSeek-V3 (hidden 7168, 128 heads split over t, q_lora 1536, kv_lora 512, rope 64, nope 128,
 v 128, yarn rope factor 40; 256 routed experts top-8 in 8 groups, topk_group 4, moe_intermediate 2048,
@@ -22,55 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks.timing import plot_ratios, timed  # noqa: E402
-
-V3 = dict(hidden_size=7168, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-          qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8,
-          n_group=8, topk_group=4, moe_intermediate_size=2048, n_shared_experts=1, intermediate_size=18432,
-          first_k_dense_replace=1, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-          routed_scaling_factor=2.5, vocab_size=129280, rms_norm_eps=1e-6, rope_theta=10000.0,
-          max_position_embeddings=163840,
-          rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                            beta_slow=1, mscale=1.0, mscale_all_dim=1.0))
-TINY = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=64, kv_lora_rank=32,
-            qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16, moe_intermediate_size=64,
-            intermediate_size=512)
-
-
-def v3_config(layers: int, tiny: bool, moe_parallel: str):
-    from sp_core.models import ModelConfig
-
-    shape = dict(V3, **(TINY if tiny else {}))
-    return ModelConfig.from_dict(dict(shape, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
-                                      num_hidden_layers=layers), moe_parallel)
+from benchmarks.common import (DEEPSEEK_V3, ceilings, deepseek_v3_config, deepseek_v3_shape, header,
+                               kernel_categories, plot_ratios, random_deepseek_stack, save_results, timed)
 
 
 def _device() -> str:
     from sp_core.mpu import platform
 
     return platform.device_type()
-
-
-def _build_stack(cfg, dtype, device, bias_std: float):
-    from sp_core.models.deepseek import DeepseekDecoderLayer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        stack = torch.nn.ModuleList(DeepseekDecoderLayer(cfg, kind, dtype=dtype) for kind in cfg.layer_types)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    for layer in stack:
-        if layer.is_moe:
-            bias = layer.mlp.gate.e_score_correction_bias
-            bias.copy_(torch.randn(bias.shape, generator=gen) * bias_std)
-    return stack
 
 
 def _routing_stats(stack, x_full: torch.Tensor) -> dict:
@@ -130,7 +93,7 @@ CATEGORIES = (("collective", ("nccl", "memcpy", "cross_device", "all_to_all", "a
 
 def model_flops(T: int, t: int, layers: int, train: bool) -> float:
     """GEMM + attention FLOPs per rank of 1 dense + (layers - 1) MoE layers, each piece split over t."""
-    S = V3
+    S = DEEPSEEK_V3
     H, heads, nope, rope, v = S["hidden_size"], S["num_attention_heads"], S["qk_nope_head_dim"], S["qk_rope_head_dim"], S["v_head_dim"]
     q_lora, kv_lora, I, E, k = S["q_lora_rank"], S["kv_lora_rank"], S["moe_intermediate_size"], S["n_routed_experts"], S["num_experts_per_tok"]
     mla = 2 * T * (H * (q_lora + kv_lora + rope) + q_lora * heads * (nope + rope) + kv_lora * heads * (nope + v)
@@ -144,9 +107,10 @@ def comm_bus_bytes(T: int, t: int, layers: int, train: bool) -> float:
     """Bus bytes per rank of the latent-gather design with MoE mode (a): per layer one all-gather of the
     2112-wide latent and one reduce-scatter of the hidden state (MLA), one all-gather (hidden + routing)
     and one reduce-scatter of the hidden state (MLP / MoE); bf16. Training: x3 (forward, backward)."""
-    H, latent = V3["hidden_size"], V3["q_lora_rank"] + V3["kv_lora_rank"] + V3["qk_rope_head_dim"]
+    S = DEEPSEEK_V3
+    H, latent = S["hidden_size"], S["q_lora_rank"] + S["kv_lora_rank"] + S["qk_rope_head_dim"]
     per_layer = T * 2 * (latent + H) + T * 2 * (H + H)
-    routing = (layers - 1) * T * V3["num_experts_per_tok"] * 8
+    routing = (layers - 1) * T * S["num_experts_per_tok"] * 8
     return (3 if train else 1) * (layers * per_layer + routing) * (t - 1) / t
 
 
@@ -158,7 +122,7 @@ def _indexer_rank(tokens_list, iters: int, tiny: bool) -> list:
     from sp_core.layers import PackedBatch
     from sp_core.layers.indexer import LightningIndexer
 
-    shape = dict(V3, **(TINY if tiny else {}))
+    shape = deepseek_v3_shape(tiny)
     device, t = _device(), mpu.tp_size()
     heads, dim, topk = (4, 32, 64) if tiny else (64, 128, 2048)
     torch.manual_seed(0)
@@ -194,8 +158,8 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
     t = mpu.tp_size()
     rows = {T: {"tokens": T, "tp": t, "train": train} for T in tokens_list}
     for moe in ("tp", "ep"):
-        cfg = v3_config(layers, tiny, moe)
-        stack = _build_stack(cfg, dtype, device, bias_std)
+        cfg = deepseek_v3_config(layers, tiny, moe)
+        stack = random_deepseek_stack(cfg, dtype, device, bias_std)
         if moe == "tp":
             for T in tokens_list:
                 x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(device, dtype)
@@ -221,8 +185,6 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
                 with torch.set_grad_enabled(train):
                     ms, peak = timed(run, iters, warmup=2)
                     if T in profile_tokens and device == "cuda":
-                        from benchmarks.bench import kernel_categories
-
                         rows[T][f"{mode}_{moe}_kernels"] = kernel_categories(run, categories=CATEGORIES)
                 for p in stack.parameters():
                     p.grad = None
@@ -244,8 +206,6 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
     mpu.set_sequence_parallel(True)
     tflops, busbw = None, None
     if device == "cuda":
-        from benchmarks.bench import ceilings
-
         tflops, busbw = ceilings()
     for r in rows.values():
         r["grouped_mm"] = grouped
@@ -393,18 +353,12 @@ def main():
     from sp_core.mpu import platform
 
     gpus = platform.device_count() if platform.device_type() != "cpu" else 64
-    results = {"device": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-                          else "cpu"), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(["python"] + sys.argv), "layers": args.layers,
-               "shape": dict(V3, **(TINY if args.tiny else {})), "prefill": [], "train": [], "indexer": []}
+    results = header(layers=args.layers, shape=deepseek_v3_shape(args.tiny), prefill=[], train=[], indexer=[])
     profile = [int(x) for x in args.profile_tokens.split(",") if x]
 
     def save():
         results["crossover"] = crossover(results["prefill"])
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(markdown(results))
+        save_results(args.out, results, markdown(results))
 
     for t in (int(x) for x in args.tp.split(",")):
         if t > gpus:

@@ -1,7 +1,7 @@
 """GPU check and cost of the deterministic mode (issue 20), one command, NCCL, bfloat16:
 
     source benchmarks/device_setup.sh
-    python benchmarks/deterministic_bench.py --tp 2,4 --out $OUT
+    python -m benchmarks.deterministic_bench --tp 2,4 --out $OUT
     (or in two device calls: --models qwen3 --out $OUT, then --models qwen2 --no-cost --out $OUT)
 
 1. equality: the core engine vs the Megatron engine (``sp-core logits --engine core|megatron``), SP on,
@@ -9,7 +9,7 @@
    deterministic mode (and, for contrast, whether the default mode happens to be equal);
 2. batch invariance of the core's prefill: a prompt alone vs inside a packed batch of 8 mixed-length
    prompts, deterministic and default (SP on), plus SP on vs off in the deterministic mode;
-3. cost: a prefill of Qwen3-8B-shaped layers (benchmarks/bench.py's SHAPE, random bf16 weights), SP on,
+3. cost: a prefill of Qwen3-8B-shaped layers (benchmarks/common.py's SHAPE, random bf16 weights), SP on,
    default mode (the fused collectives where ``async_tp`` says they pay) vs deterministic, same ranks,
    median of --iters: the ratio deterministic / default; the deterministic mode with its one-launch
    Triton GEMM (``platform.batch_invariant_matmul``) and, for contrast, with the blocked torch GEMMs
@@ -28,10 +28,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks.bench import SHAPE, _timed, device_name, random_qwen3_stack  # noqa: E402
-from benchmarks.timing import save_results, tee_log  # noqa: E402
+from benchmarks.common import SHAPE, header, random_qwen3_stack, save_results, tee_log, timed
 
 LENGTHS = (1, 2, 5, 17, 64, 129, 200, 255)  # the tiny checkpoints' context is 256
 MIXED = (5, 1, 250, 3, 64, 2, 129, 9)  # the 8 requests a prompt joins (batch invariance)
@@ -127,7 +124,7 @@ def _cost_rank(layers: int, tokens_list, iters: int):
                 return h
 
             with torch.no_grad():
-                row[f"{label}_ms"], row[f"{label}_peak_bytes"] = _timed(run, iters)
+                row[f"{label}_ms"], row[f"{label}_peak_bytes"] = timed(run, iters)
         mpu.set_deterministic(False)
         platform.batch_invariant_matmul = kernel_choice
         row["ratio"] = row["deterministic_ms"] / row["default_ms"]
@@ -191,9 +188,7 @@ def main() -> int:
     from sp_core.tiny import make_checkpoint
 
     tps = [t for t in (int(x) for x in args.tp.split(",")) if t <= torch.cuda.device_count()]
-    results = {"device": device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(["python"] + sys.argv), "layers": args.layers, "iters": args.iters,
-               "shape": SHAPE, "equality": [], "invariance": [], "cost": []}
+    results = header(layers=args.layers, iters=args.iters, shape=SHAPE, equality=[], invariance=[], cost=[])
     workdir = tempfile.mkdtemp(prefix="sp-core-deterministic-")
     for name in [m for m in args.models.split(",") if m]:
         model_dir = make_checkpoint(name, os.path.join(workdir, name))

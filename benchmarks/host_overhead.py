@@ -9,7 +9,7 @@ own collectives count too), and host microseconds per layer call (median of --re
     core_tp_prefill / core_sp_prefill   the core's layer, no grad, SP off / on (serving's prefill)
     core_tp_train / core_sp_train       the core's layer, forward + backward, SP off / on
     deepseek_*                          the same four for the core's DeepSeek-V3 MoE layer (MLA + MoE with
-                                        TP-sharded experts; deepseek_bench's V3 shape, or its tiny one)
+                                        TP-sharded experts; common.DEEPSEEK_V3, or its tiny one)
     megatron_core                       the core's layer through the Megatron adapter's spec (SPCoreTransformerLayer)
     megatron_native_sdpa                Megatron-native's TransformerLayer (local spec) with torch SDPA attention
     megatron_native                     Megatron-native's TransformerLayer with its unfused DotProductAttention
@@ -23,8 +23,8 @@ cost as long as it does not wait on the device: the host syncs inside one call a
 device time per call (events) as wall time; on CPU, the calling thread's CPU time per call (waits on peer
 ranks in gloo excluded), with tiny shapes so that compute is negligible, and the wall time.
 
-    python benchmarks/host_overhead.py --tp 1,2 --variants all --out out/host   # CPU, gloo, tiny shapes
-    python benchmarks/host_overhead.py --tp 4 --out $OUT         # 4 GPUs, Qwen3-8B-shaped, 2K tokens (+ --variants all)
+    python -m benchmarks.host_overhead --tp 1,2 --variants all --out out/host   # CPU, gloo, tiny shapes
+    python -m benchmarks.host_overhead --tp 4 --out $OUT         # 4 GPUs, Qwen3-8B-shaped, 2K tokens (+ --variants all)
 """
 from __future__ import annotations
 
@@ -32,22 +32,17 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from benchmarks import megatron_bench
+from benchmarks.common import (QWEN3_TINY, SHAPE, deepseek_v3_config, header, host_side, random_deepseek_stack,
+                               random_qwen3_stack, save_results, timed)
+from tests.support.op_counts import count_ops
 
-from benchmarks.bench import SHAPE, device_name, random_qwen3_stack  # noqa: E402
-from benchmarks.timing import save_results  # noqa: E402
-from support.op_counts import count_ops  # noqa: E402
-
-TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-            vocab_size=128, rms_norm_eps=1e-6, rope_theta=1e6)
-SHAPES = {"qwen3-8b": SHAPE, "tiny": TINY}  # DeepSeek: V3's shape, or deepseek_bench's tiny one
+SHAPES = {"qwen3-8b": SHAPE, "tiny": QWEN3_TINY}  # DeepSeek: V3's shape, or common.DEEPSEEK_TINY over it
 CORE_VARIANTS = ("core_tp_prefill", "core_sp_prefill", "core_tp_train", "core_sp_train")
 DEEPSEEK_VARIANTS = ("deepseek_tp_prefill", "deepseek_sp_prefill", "deepseek_tp_train", "deepseek_sp_train")
 MEGATRON_VARIANTS = ("megatron_core", "megatron_native_sdpa", "megatron_native")
@@ -97,8 +92,6 @@ def _cprofile_text(call, calls: int = 20, top: int = 40) -> str:
 
 def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
     """Counts and host time of ``forward()`` (then ``out.backward(grad)`` when ``grad`` is not None)."""
-    from benchmarks.bench import host_side
-    from benchmarks.timing import timed
     from sp_core.mpu import collectives, platform
 
     def call():
@@ -113,7 +106,7 @@ def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
         result["cprofile"] = _cprofile_text(call)
     collectives.barrier()
     reps = setting.reps
-    if platform.device_type() == "cuda":  # enqueue time and host syncs (bench.host_side), device wall time
+    if platform.device_type() == "cuda":  # enqueue time and host syncs (common.host_side), device wall time
         host = host_side(call, reps)
         wall_ms, _ = timed(call, reps, warmup=0)
         result.update(host_us=round(host["enqueue_ms"] * 1e3, 1), wall_us=round(wall_ms * 1e3, 1),
@@ -164,15 +157,14 @@ def _layer_variants(prefix: str, layer, hidden_size: int, setting: Setting) -> d
 
 def _core_variants(setting: Setting) -> dict:
     """The core's Qwen3 layer and, where asked, DeepSeek-V3's MoE layer (MLA + MoE, TP-sharded experts)."""
-    from benchmarks.deepseek_bench import _build_stack, v3_config
     from sp_core.mpu import platform
 
     shape = SHAPES[setting.shape_name]
     _, (layer,) = random_qwen3_stack(1, shape, setting.dtype)
     out = _layer_variants("core", layer, shape["hidden_size"], setting)
     if any(v.startswith("deepseek_") for v in setting.variants):
-        cfg = v3_config(2, setting.shape_name == "tiny", "tp")  # layer 0 dense, layer 1 MoE (first_k_dense_replace = 1)
-        moe_layer = _build_stack(cfg, setting.dtype, platform.current_device(), bias_std=0.01)[1]
+        cfg = deepseek_v3_config(2, setting.shape_name == "tiny", "tp")  # layer 0 dense, layer 1 MoE (first_k_dense_replace = 1)
+        moe_layer = random_deepseek_stack(cfg, setting.dtype, platform.current_device(), bias_std=0.01)[1]
         out.update(_layer_variants("deepseek", moe_layer, cfg.hidden_size, setting))
     return out
 
@@ -195,10 +187,9 @@ def _cpu_shim_mode_off():
 
 
 def _megatron_variants(setting: Setting) -> dict:
-    from benchmarks.megatron_bench import _model, setup_megatron_rank
     from sp_core.mpu import platform
 
-    tp = setup_megatron_rank()
+    tp = megatron_bench.setup_megatron_rank()
     device, cpu = platform.current_device(), platform.device_type() == "cpu"
     shape, tokens = SHAPES[setting.shape_name], setting.tokens
     rows = tokens // tp if tp > 1 else tokens
@@ -207,7 +198,7 @@ def _megatron_variants(setting: Setting) -> dict:
         if name not in setting.variants:
             continue
         variant = name[len("megatron_"):]
-        model = _model(variant, 1, tp, tokens, shape, setting.dtype)
+        model = megatron_bench.build_model(variant, 1, tp, tokens, shape, setting.dtype)
         layer = model.decoder.layers[0]
         x = torch.randn(rows, 1, shape["hidden_size"], device=device, dtype=setting.dtype, requires_grad=True)
         kwargs = {}
@@ -288,11 +279,9 @@ def main():
     shape = SHAPES[args.shape]
     dtype = torch.bfloat16 if cuda else torch.float32  # gloo sums bf16 through float32: an extra cast on CPU
     os.makedirs(args.out, exist_ok=True)
-    results = {"device": device_name() if cuda else platform.device_type(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-               "shape_name": args.shape, "shape": shape, "tokens": args.tokens, "dtype": str(dtype).split(".")[-1],
-               "host_time": "enqueue time (device idle at start); wall = device time (events)" if cuda
-               else "calling thread's CPU time", "rows": []}
+    results = header(shape_name=args.shape, shape=shape, tokens=args.tokens, dtype=str(dtype).split(".")[-1],
+                     host_time="enqueue time (device idle at start); wall = device time (events)" if cuda
+                     else "calling thread's CPU time", rows=[])
     for t in (int(x) for x in args.tp.split(",")):
         row = run(t, Setting(args.shape, args.tokens, dtype, args.reps, tuple(variants), args.cprofile))
         for name in ALL_VARIANTS:  # cProfile texts go to files, not into the JSON

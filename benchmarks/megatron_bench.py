@@ -8,23 +8,16 @@ Megatron's attention is its unfused DotProductAttention (s x s scores stored); s
 (flash). The variant "native_sdpa" gives Megatron's layers the same SDPA call (``SDPACoreAttention``, a
 bench-only core_attention) so that the comparison is of the layers, not of attention:
 
-    python benchmarks/megatron_bench.py --tp 4 --tokens 2048 --iters 10 --out $OUT   # -> megatron.json / .md
+    python -m benchmarks.megatron_bench --tp 4 --tokens 2048 --iters 10 --out $OUT   # -> megatron.json / .md
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-from benchmarks.bench import CATEGORIES, SHAPE, _timed, host_side, kernel_categories  # noqa: E402
+from benchmarks.common import CATEGORY_NAMES, SHAPE, header, host_side, kernel_categories, save_results, timed
 
 # variant -> the attention kernel it runs (printed next to every number)
 ATTENTION = {
@@ -73,14 +66,13 @@ def _config(layers: int, tp: int, shape: dict = SHAPE, dtype: torch.dtype = torc
         use_cpu_initialization=platform.device_type() == "cpu")
 
 
-def _model(variant: str, layers: int, tp: int, tokens: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
+def build_model(variant: str, layers: int, tp: int, tokens: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from sp_core_megatron import get_sp_core_block_spec
-    from support.megatron_cpu import SequenceParallelNorm, local_gpt_layer_spec
-
     from sp_core.mpu import platform
+    from sp_core_megatron import get_sp_core_block_spec
+    from tests.support.megatron_cpu import SequenceParallelNorm, local_gpt_layer_spec
 
     config = _config(layers, tp, shape, dtype)
     if variant in ("native", "native_sdpa"):
@@ -106,7 +98,7 @@ def setup_megatron_rank() -> int:
     from sp_core.mpu import platform
 
     if platform.device_type() == "cpu":
-        from support.megatron_cpu import install_megatron_cpu_shims
+        from tests.support.megatron_cpu import install_megatron_cpu_shims
 
         install_megatron_cpu_shims()
     tp = mpu.tp_size()
@@ -128,13 +120,13 @@ def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), pro
         row["attention"] = {v: ATTENTION[v] for v in variants}
         for variant in variants:
             try:
-                model = _model(variant, layers, tp, tokens)
+                model = build_model(variant, layers, tp, tokens)
 
                 def step():
                     loss = model(ids, positions, None, labels=ids)
                     loss.float().mean().backward()
 
-                ms, peak = _timed(step, iters)
+                ms, peak = timed(step, iters)
                 row[f"{variant}_ms"], row[f"{variant}_peak_bytes"] = ms, peak
                 if profile and platform.device_type() == "cuda":
                     row[f"{variant}_kernels"], row[f"{variant}_host"] = kernel_categories(step), host_side(step)
@@ -165,7 +157,7 @@ def markdown(rows, device: str, command: str) -> str:
                          f"{r['core_peak_bytes'] / max(r[f'{v}_peak_bytes'], 1):.3f} |")
     profiled = [(r, v) for r in rows for v in r["attention"] if f"{v}_kernels" in r]
     if profiled:
-        names = [c for c, _ in CATEGORIES] + ["other"]
+        names = CATEGORY_NAMES
         lines += ["", "Kernel ms per step by category (rank 0; collectives include waiting) and the host's enqueue ms:", "",
                   "| t | tokens | variant | wall ms | " + " | ".join(names) + " | enqueue ms | host syncs |",
                   "|---|---|---|---|" + "---|" * len(names) + "---|---|"]
@@ -190,21 +182,12 @@ def main():
     unknown = sorted(set(variants) - set(ATTENTION))
     if unknown or "core" not in variants:
         parser.error(f"--variants: unknown {unknown} or no 'core'; choose among {list(ATTENTION)}, with core")
-    from sp_core.mpu import platform
-
-    os.makedirs(args.out, exist_ok=True)
-    device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if platform.device_type() == "cuda"
-              else platform.device_type())
-    command = " ".join(["python"] + sys.argv)
-    rows = []
+    results = header(shape=SHAPE, layers=args.layers, rows=[])
     for t in (int(x) for x in args.tp.split(",")):
-        rows += run(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, variants, args.profile)
-    with open(os.path.join(args.out, "megatron.json"), "w") as f:
-        json.dump(dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"), command=command,
-                       shape=SHAPE, layers=args.layers, rows=rows), f, indent=1)
-    text = markdown(rows, device, command)
-    with open(os.path.join(args.out, "megatron.md"), "w") as f:
-        f.write(text)
+        results["rows"] += run(t, args.layers, [int(x) for x in args.tokens.split(",")], args.iters, variants,
+                               args.profile)
+    text = markdown(results["rows"], results["device"], results["command"])
+    save_results(args.out, results, text, name="megatron")
     print(text)
 
 

@@ -1,17 +1,17 @@
 """Bytes saved for backward by one decoder layer per rank (sp-core memory --measure), TP vs TP-SP,
 for a Qwen3-shaped and a DeepSeek-V3-shaped layer; plus the formula at DeepSeek-V3's real shape.
 
-Runs on CPU (gloo ranks); writes docs/memory.md.  Usage: python benchmarks/memory_table.py
+Runs on CPU (gloo ranks); writes docs/memory.md.  Usage, from the repository root:
+
+    python -m benchmarks.memory_table
 """
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from support.checkpoints import make_checkpoint  # noqa: E402
+from sp_core.tiny import make_checkpoint
 
 TOKENS = 1024
 SHAPE = dict(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
@@ -88,7 +88,7 @@ def main():
     lines = ["# Activation memory per rank: TP vs TP-SP", "",
              f"One Qwen3-shaped decoder layer ({json.dumps(SHAPE)}), T = {TOKENS} tokens, bf16 activations,",
              "bytes saved for backward measured with saved-tensor hooks on rank 0 (`sp-core memory --measure`,",
-             "CPU gloo ranks). Reproduce: `python benchmarks/memory_table.py`.", "",
+             "CPU gloo ranks). Reproduce: `python -m benchmarks.memory_table`.", "",
              "| tp | SP | saved bytes / rank | saved / ((bytes at t=1) / t) | paper, selective (bytes) |",
              "|---|---|---|---|---|"]
     for tp, sp, saved, ratio, paper in rows:

@@ -1,4 +1,5 @@
-"""DESIGN.md's rules that a reader can check by looking: where communication and devices live."""
+"""docs/design.md's rules that a reader can check by looking: where communication and devices live; how the
+benchmarks share code."""
 import pathlib
 import re
 
@@ -93,3 +94,58 @@ def test_the_activity_board_is_entered_in_one_place():
     callers = {str(p.relative_to(ROOT)): len(re.findall(r"\benter_collective\(", _code(p))) for p in LIBRARY}
     callers = {name: n for name, n in callers.items() if n and not name.endswith("mpu/activity.py")}
     assert callers == {"sp_core/mpu/collectives.py": 1, "sp_core/mpu/launch.py": 1}, callers
+
+
+def _benchmark_imports() -> dict:
+    """{benchmark module: [(imported benchmarks module, names taken from it), ...]} over benchmarks/**.py."""
+    import ast
+
+    found = {}
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        edges = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("benchmarks"):
+                names = [a.name for a in node.names]
+                if node.module == "benchmarks":  # from benchmarks import megatron_bench
+                    edges += [(f"benchmarks.{n}", []) for n in names]
+                else:
+                    edges.append((node.module, names))
+            elif isinstance(node, ast.Import):
+                edges += [(a.name, []) for a in node.names if a.name.startswith("benchmarks.")]
+        found[module] = edges
+    return found
+
+
+def test_benchmarks_run_as_modules_without_path_edits():
+    """Every benchmark runs as ``python -m benchmarks.NAME`` from the repository root: none edits sys.path."""
+    edits = [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").rglob("*.py") if "sys.path" in _code(p)]
+    assert not edits, f"benchmarks that edit sys.path: {edits}"
+
+
+def test_benchmarks_share_through_common_without_circles_or_privates():
+    """What benchmarks share lives in benchmarks/common.py: no benchmark takes another's ``_private`` name
+    (``from benchmarks.x import _y`` or ``x._y``), and their imports form no circle."""
+    graph = _benchmark_imports()
+    privates = [f"{m}: {target}.{n}" for m, edges in graph.items() for target, names in edges for n in names
+                if n.startswith("_")]
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        for target in {t.rsplit(".", 1)[-1] for edges in graph.values() for t, _ in edges} - {"common"}:
+            privates += [f"{path.relative_to(ROOT)}: {target}.{n}"
+                         for n in re.findall(rf"\b{re.escape(target)}\.(_\w+)", _code(path))]
+    assert not privates, f"benchmarks that take another benchmark's private names: {privates}"
+    circles, state = [], {}
+
+    def visit(module, trail):
+        state[module] = "open"
+        for target, _ in graph.get(module, ()):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(trail[trail.index(target):] + [target]))
+            elif target in graph and target not in state:
+                visit(target, trail + [target])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert not circles, f"circles among the benchmarks' imports: {circles}"

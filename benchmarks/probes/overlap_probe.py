@@ -1,5 +1,9 @@
 """Why does a collective in flight not hide behind the GEMM beside it? A probe for issue 19 (CUDA only).
 
+What it showed (2 x H200, docs/async_tp.md "Round 5"): an NCCL collective beside a GEMM shares the SMs, so
+"split" hid almost nothing (t = 2, 8K rows, qkv_proj: off 0.457 ms, split 0.425); fewer NCCL CTAs or a
+high-priority stream did not help; copy engines (no SMs) did, and became the "copy_engine" form.
+
 For each Qwen3-8B-shaped linear under SP, at M all-token rows, forward, median ms on rank 0:
 
     gemm            the layer's GEMM alone (all rows); gemm_local: this rank's rows only
@@ -12,22 +16,19 @@ For each Qwen3-8B-shaped linear under SP, at M all-token rows, forward, median m
 Groups g: "default" (the TP group), "hp" (a high-priority NCCL stream), "cta4" / "cta8" / "cta16" (NCCL's
 max_ctas: the collective's kernel takes at most that many SMs from the GEMM).
 
-    python benchmarks/overlap_probe.py --rows 8192,16384 --out $OUT    # t = every GPU of the machine
+    python -m benchmarks.probes.overlap_probe --rows 8192,16384 --out $OUT    # t = every GPU of the machine
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from benchmarks.async_tp_bench import layers  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
+from benchmarks.async_tp_bench import layers
+from benchmarks.common import timed
 
 GROUPS = {"hp": dict(high_priority=True), "cta4": dict(max_ctas=4), "cta8": dict(max_ctas=8),
           "cta16": dict(max_ctas=16)}
@@ -45,7 +46,6 @@ def _groups(t: int) -> dict:
 
 def _rank(rows_list, iters):
     from sp_core import mpu
-
     from sp_core.mpu import collectives
 
     os.environ["SP_CORE_ASYNC_TP"] = "copy_engine"  # what collectives' fused ops run (the "ce" cases)
