@@ -163,3 +163,33 @@ def test_missing_reference_framework_is_one_line_exit_3(monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
     code, err, _ = _run(capsys, ["verify", "--engines", "core", "--tp", "1"])
     assert code == 3 and len(err) == 1 and "pip install 'sp-core[verify]'" in err[0], err
+
+
+@pytest.mark.parametrize("engine", ["core", "megatron"])
+def test_nan_in_a_routed_expert_is_exit_2_at_load(tmp_path, capsys, engine):
+    """A NaN in one routed expert (per-expert tensors; the fused form for the core) fails the load with one
+    line, exit 2, and no file, whatever the prompts route to (before: exit 4 when a prompt reached the
+    expert, exit 0 and a file when none did)."""
+    model = make_checkpoint("deepseek-v3", str(tmp_path / "model"))
+    weights = load_file(os.path.join(model, "model.safetensors"))
+    weights["model.layers.1.mlp.experts.7.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, os.path.join(model, "model.safetensors"))
+    fused = str(tmp_path / "fused")
+    shutil.copytree(model, fused)
+    names = sorted(k for k in weights if ".mlp.experts." in k)
+    for proj in ("gate_up_proj", "down_proj"):
+        pieces = [torch.cat([weights[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"],
+                             weights[f"model.layers.1.mlp.experts.{e}.up_proj.weight"]])
+                  if proj == "gate_up_proj" else weights[f"model.layers.1.mlp.experts.{e}.down_proj.weight"]
+                  for e in range(8)]
+        weights[f"model.layers.1.mlp.experts.{proj}"] = torch.stack(pieces)
+    save_file({k: v for k, v in weights.items() if k not in names}, os.path.join(fused, "model.safetensors"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[3], [9]]))
+    for form, path, tensor in [("per expert", model, "model.layers.1.mlp.experts.7.down_proj.weight"),
+                               ("fused", fused, "model.layers.1.mlp.experts.down_proj")][: 2 if engine == "core" else 1]:
+        out = tmp_path / f"{engine}-{form}.safetensors"
+        code, err, _ = _run(capsys, ["logits", "--model", path, "--prompts", str(prompts), "--out", str(out),
+                                     "--engine", engine])
+        assert code == 2 and err[-1].endswith(f"checkpoint tensor {tensor} contains NaN or inf"), (form, err)
+        assert not out.exists()

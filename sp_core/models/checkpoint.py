@@ -82,6 +82,7 @@ def load_expert_tensor(experts: Dict[str, torch.nn.Module], hf_name: str, tensor
     prefix = hf_name[: hf_name.index(_EXPERTS) + len(_EXPERTS)]
     if prefix not in experts:
         return False
+    refuse_non_finite(hf_name, tensor)  # also where no prompt routes to the expert: never a silent result
     try:
         experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
     except KeyError:
