@@ -47,6 +47,8 @@ def work(tmp_path_factory):
     variant("st-wrong-shape", edit_weights=lambda w: w.update({"model.norm.weight": torch.ones(47)}))
     variant("st-missing", edit_weights=lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
     variant("st-nan", edit_weights=lambda w: w["model.norm.weight"].__setitem__(0, float("nan")))
+    variant("st-fp8", edit_weights=lambda w: w.update(
+        {"model.layers.0.mlp.up_proj.weight": w["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)}))
     make_checkpoint("qwen3", str(root / "heads64"), num_attention_heads=64, num_key_value_heads=64)
     (root / "bad-utf8.json").write_bytes(b"[[1, 2, \xff]]")
     (root / "too-long.json").write_text(json.dumps([[1] * 256]))  # max_position_embeddings 256
@@ -100,6 +102,12 @@ CASES = [
     ("truncated safetensors", LOGITS[:2] + ["{root}/st-truncated"] + LOGITS[3:], "truncated or corrupt"),
     ("corrupt safetensors", ["train", "--model", "{root}/st-garbage", "--out", "{root}/t2"], "truncated or corrupt"),
     ("invalid-UTF-8 prompts", LOGITS[:4] + ["{root}/bad-utf8.json"] + LOGITS[5:], "not UTF-8 text"),
+    ("FP8 weights without quantization_config: exit 5 inside a rank", LOGITS[:2] + ["{root}/st-fp8"] + LOGITS[3:],
+     "checkpoint tensor model.layers.0.mlp.up_proj.weight is stored in FP8 (F8_E4M3)"),
+    ("memory --moe-parallel ep on a dense model accepted", ["memory", "--model", M, "--tp", "2", "--tokens", "8",
+                                                            "--moe-parallel", "ep"], "has no MoE layers"),
+    ("train --moe-parallel ep on a dense model: exit 5 after ~25 s", TRAIN + ["--tp", "2", "--moe-parallel", "ep"],
+     "has no MoE layers"),
 ]
 # a bad checkpoint or a too-long prompt: the same one line on every engine, before the engine starts
 # (sglang used to SIGKILL sp-core itself, exit 137)
@@ -107,6 +115,8 @@ for _engine in ("core", "megatron", "sglang"):
     CASES += [
         (f"{_engine}: wrong-shape tensor", LOGITS[:2] + ["{root}/st-wrong-shape"] + LOGITS[3:] + ["--engine", _engine],
          "wrong shape: model.norm.weight [47] (expected [48])"),
+        (f"{_engine}: --moe-parallel ep on a dense model", LOGITS + ["--engine", _engine, "--tp", "2", "--moe-parallel", "ep"],
+         "--moe-parallel ep: Qwen3ForCausalLM here has no MoE layers"),
         (f"{_engine}: missing tensor", LOGITS[:2] + ["{root}/st-missing"] + LOGITS[3:] + ["--engine", _engine, "--tp", "2"],
          "missing: model.layers.1.mlp.up_proj.weight"),
         (f"{_engine}: prompt too long", LOGITS[:4] + ["{root}/too-long.json"] + LOGITS[5:] + ["--engine", _engine],

@@ -151,12 +151,19 @@ def _core_name(hf_name: str, expected) -> Tuple[str, Optional[str]]:
 
 
 def checkpoint_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors headers only (no tensor data)."""
+    """Tensor name -> shape, read from the safetensors headers only (no tensor data). An FP8 tensor is refused
+    here: a quantised checkpoint says so in config.json (refused there), so one without a quantization_config
+    has lost its scales."""
     shapes = {}
     for path in checkpoint_files(model_dir):
         with _open(path) as f:
             for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+                info = f.get_slice(name)
+                if info.get_dtype().startswith("F8"):
+                    raise ModelError(f"checkpoint tensor {name} is stored in FP8 ({info.get_dtype()}) but config.json "
+                                     f"has no quantization_config (its scales); sp-core loads float32 / bfloat16 / "
+                                     f"float16 checkpoints")
+                shapes[name] = tuple(info.get_shape())
     return shapes
 
 

@@ -182,7 +182,11 @@ class ModelConfig:
                                  f"predicted token)")
 
     def check_tp(self, tp: int) -> None:
-        """One-line errors for a tp size this model cannot be split by."""
+        """One-line errors for a tp size this model cannot be split by (and for expert parallelism asked of a
+        model without MoE layers, which every command refuses alike)."""
+        if self.moe_parallel == "ep" and self.moe is None:
+            raise ModelError(f"--moe-parallel ep: {self.architecture} here has no MoE layers; use --moe-parallel tp "
+                             f"(the default) for a dense model")
         if self.num_attention_heads % tp:
             raise ModelError(f"tp {tp} does not divide num_attention_heads ({self.num_attention_heads})")
         kv = self.num_key_value_heads
