@@ -203,3 +203,36 @@ def test_nan_in_a_routed_expert_is_exit_2_at_load(tmp_path, capsys, engine):
                                      "--engine", engine])
         assert code == 2 and err[-1].endswith(f"checkpoint tensor {tensor} contains NaN or inf"), (form, err)
         assert not out.exists()
+
+
+DEEPSEEK_BAD_CONFIG = [  # (key, value, the one line says) -- each exited 1 as "unexpected" or failed in a rank
+    ("num_experts_per_tok", "3", '"num_experts_per_tok" must be a positive integer or null'),
+    ("num_experts_per_tok", 2.5, '"num_experts_per_tok" must be a positive integer or null'),
+    ("n_group", "4", '"n_group" must be a positive integer'),
+    ("kv_lora_rank", "16", '"kv_lora_rank" must be a positive integer'),
+    ("q_lora_rank", "24", '"q_lora_rank" must be a positive integer or null, got \'24\''),
+    ("q_lora_rank", 24.5, '"q_lora_rank" must be a positive integer or null, got 24.5'),
+    ("q_lora_rank", True, '"q_lora_rank" must be a positive integer or null, got True'),
+    ("q_lora_rank", -1, '"q_lora_rank" must be a positive integer or null, got -1'),
+    ("n_routed_experts", "8", '"n_routed_experts" must be a positive integer'),
+    ("moe_intermediate_size", "16", '"moe_intermediate_size" must be a positive integer'),
+    ("first_k_dense_replace", "1", '"first_k_dense_replace" must be a non-negative integer'),
+    ("routed_scaling_factor", "abc", '"routed_scaling_factor" must be a positive number'),
+    ("quantization_config", "fp8", '"quantization_config" must be an object or null'),
+    ("quantization_config", ["fp8"], '"quantization_config" must be an object or null'),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", DEEPSEEK_BAD_CONFIG, ids=[f"{k}={v!r}" for k, v, _ in DEEPSEEK_BAD_CONFIG])
+def test_wrongly_typed_deepseek_config_is_one_line_and_exit_2(tmp_path_factory, capsys, key, value, expected):
+    root = tmp_path_factory.getbasetemp() / "deepseek-v3-config"
+    if not (root / "model" / "config.json").exists():
+        make_checkpoint("deepseek-v3", str(root / "model"))
+    model = tmp_path_factory.mktemp("bad-deepseek")
+    shutil.copytree(root / "model", model, dirs_exist_ok=True)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg[key] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()  # the checkpoint writer's progress
+    code, err, _ = _run(capsys, ["memory", "--model", str(model), "--tp", "1", "--tokens", "8"])
+    assert code == 2 and len(err) == 1 and expected in err[0], err

@@ -115,6 +115,9 @@ class ModelConfig:
         if hf.get("use_sliding_window"):
             raise ModelError("use_sliding_window=true is not supported; supported: full causal attention")
         if hf.get("quantization_config"):
+            if not isinstance(hf["quantization_config"], dict):
+                raise ModelError(f"config.json: \"quantization_config\" must be an object or null, got "
+                                 f"{hf['quantization_config']!r}")
             method = hf["quantization_config"].get("quant_method", "?")
             raise ModelError(f"quantised checkpoints (quantization_config: {method}) are not supported; "
                              f"supported: unquantised float32 / bfloat16 / float16 weights")
@@ -253,10 +256,41 @@ def _check_types(hf: dict) -> None:
                          f"({hf['num_attention_heads']}) and there is no head_dim")
 
 
+# DeepSeek's own keys, by what each must be when present (null: the architecture's default; q_lora_rank null:
+# V2-Lite's plain q_proj)
+_DEEPSEEK_POSITIVE_INTS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                           "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
+                           "topk_group", "moe_layer_freq")  # the indexer's keys: _indexer_fields
+_DEEPSEEK_COUNTS = ("first_k_dense_replace", "n_shared_experts")  # 0 allowed
+_DEEPSEEK_FLAGS = ("norm_topk_prob", "rope_interleave", "mlp_bias")
+
+
+def _check_deepseek_types(hf: dict) -> None:
+    """One line naming the first DeepSeek key of the wrong type or range (as _check_types does for the rest)."""
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _DEEPSEEK_POSITIVE_INTS:
+        if hf.get(key) is not None and not (integer(hf[key]) and hf[key] > 0):
+            raise ModelError(f"config.json: \"{key}\" must be a positive integer or null, got {hf[key]!r}")
+    for key in _DEEPSEEK_COUNTS:
+        if hf.get(key) is not None and not (integer(hf[key]) and hf[key] >= 0):
+            raise ModelError(f"config.json: \"{key}\" must be a non-negative integer or null, got {hf[key]!r}")
+    for key in _DEEPSEEK_FLAGS:
+        if hf.get(key) is not None and not isinstance(hf[key], bool):
+            raise ModelError(f"config.json: \"{key}\" must be true or false, got {hf[key]!r}")
+    factor = hf.get("routed_scaling_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf")):
+        raise ModelError(f"config.json: \"routed_scaling_factor\" must be a positive number, got {factor!r}")
+    if hf.get("topk_method") is not None and not isinstance(hf["topk_method"], str):
+        raise ModelError(f"config.json: \"topk_method\" must be a name, got {hf['topk_method']!r}")
+
+
 def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
     """MLA, MoE, layer types and (V3.2) the DSA indexer of a DeepSeek V2 / V3 / V3.2 config.json, with
     one-line errors for what the math cannot take (the fields and defaults of transformers'
     DeepseekV2Config / DeepseekV3Config / DeepseekV32Config)."""
+    _check_deepseek_types(hf)
     arch = hf["architectures"][0]
     v32 = arch == "DeepseekV32ForCausalLM"
     v3 = arch == "DeepseekV3ForCausalLM" or v32  # V3.2 = V3's MLA and MoE plus the indexer
