@@ -364,8 +364,37 @@ def _run(args) -> int:
                                f"{where}")
 
 
+def _environment_error() -> Optional[str]:
+    """The first SP_CORE_* setting that cannot work, as one line (None when all can): checked before anything
+    reads them, so a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
+    from sp_core.mpu.launch import collective_timeout
+
+    try:
+        collective_timeout()
+    except ValueError as err:
+        return str(err)
+    for name, what in ((MAX_CPU_RANKS_ENV, "a positive integer"), ("SP_CORE_ENGINE_TIMEOUT", "a positive number of seconds")):
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            value = int(raw) if name == MAX_CPU_RANKS_ENV else float(raw)
+        except ValueError:
+            value = 0
+        if not 0 < value < float("inf"):
+            return f"{name}={raw!r}: expected {what}"
+    log_dir = os.environ.get(console.LOG_DIR_ENV)
+    if log_dir and os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        return f"{console.LOG_DIR_ENV}={log_dir!r} is not a directory; expected a directory for the framework logs"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    problem = _environment_error()
+    if problem is not None:
+        print(f"sp-core {args.command}: error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

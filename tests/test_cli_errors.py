@@ -236,3 +236,19 @@ def test_wrongly_typed_deepseek_config_is_one_line_and_exit_2(tmp_path_factory, 
     capsys.readouterr()  # the checkpoint writer's progress
     code, err, _ = _run(capsys, ["memory", "--model", str(model), "--tp", "1", "--tokens", "8"])
     assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+ENVIRONMENT = [  # (variable, value, the one line says) -- each exited 1 as "unexpected" (or a traceback)
+    ("SP_CORE_COLLECTIVE_TIMEOUT", "abc", "SP_CORE_COLLECTIVE_TIMEOUT='abc': expected a positive number of seconds"),
+    ("SP_CORE_MAX_CPU_RANKS", "two", "SP_CORE_MAX_CPU_RANKS='two': expected a positive integer"),
+    ("SP_CORE_ENGINE_TIMEOUT", "soon", "SP_CORE_ENGINE_TIMEOUT='soon': expected a positive number of seconds"),
+    ("SP_CORE_LOG_DIR", "{root}/prompts.json", "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("name,value,expected", ENVIRONMENT, ids=[e[0] for e in ENVIRONMENT])
+def test_mistyped_environment_is_one_line_and_exit_2(work, capsys, monkeypatch, name, value, expected):
+    monkeypatch.setenv(name, value.format(root=work))
+    code, err, _ = _run(capsys, LOGITS[:1] + [a.format(root=work) for a in LOGITS[1:]])
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (work / "out.safetensors").exists()
