@@ -115,9 +115,7 @@ class ModelConfig:
         if hf.get("use_sliding_window"):
             raise ModelError("use_sliding_window=true is not supported; supported: full causal attention")
         if hf.get("quantization_config"):
-            if not isinstance(hf["quantization_config"], dict):
-                raise ModelError(f"config.json: \"quantization_config\" must be an object or null, got "
-                                 f"{hf['quantization_config']!r}")
+            _refuse_wrong(hf, ("quantization_config",), lambda v: isinstance(v, dict), "an object or null")
             method = hf["quantization_config"].get("quant_method", "?")
             raise ModelError(f"quantised checkpoints (quantization_config: {method}) are not supported; "
                              f"supported: unquantised float32 / bfloat16 / float16 weights")
@@ -227,30 +225,36 @@ _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 _OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _refuse_wrong(hf: dict, keys, ok, what: str) -> None:
+    """One line naming the first of ``keys`` set (not null) in ``hf`` whose value fails ``ok``."""
+    for key in keys:
+        if hf.get(key) is not None and not ok(hf[key]):
+            raise ModelError(f"config.json: \"{key}\" must be {what}, got {hf[key]!r}")
+
+
 def _check_types(hf: dict) -> None:
     """One line naming the first key that is missing or of the wrong type."""
-    def positive_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
     for key in _REQUIRED_INTS:
         if key not in hf:
             raise ModelError(f"config.json: missing \"{key}\" (a positive integer)")
-        if not positive_int(hf[key]):
-            raise ModelError(f"config.json: \"{key}\" must be a positive integer, got {hf[key]!r}")
-    for key in _OPTIONAL_INTS:
-        if hf.get(key) is not None and not positive_int(hf[key]):
-            raise ModelError(f"config.json: \"{key}\" must be a positive integer, got {hf[key]!r}")
-    for key in _OPTIONAL_NUMBERS:
-        value = hf.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-                                  or value == float("inf")):
-            raise ModelError(f"config.json: \"{key}\" must be a positive number, got {value!r}")
-    for key in ("tie_word_embeddings", "attention_bias", "use_sliding_window"):
-        if hf.get(key) is not None and not isinstance(hf[key], bool):
-            raise ModelError(f"config.json: \"{key}\" must be true or false, got {hf[key]!r}")
-    for key in ("rope_scaling", "rope_parameters"):
-        if hf.get(key) is not None and not isinstance(hf[key], dict):
-            raise ModelError(f"config.json: \"{key}\" must be an object or null, got {hf[key]!r}")
+        _refuse_wrong(hf, (key,), _positive_int, "a positive integer")
+    _refuse_wrong(hf, _OPTIONAL_INTS, _positive_int, "a positive integer")
+    _refuse_wrong(hf, _OPTIONAL_NUMBERS, _positive_number, "a positive number")
+    _refuse_wrong(hf, ("tie_word_embeddings", "attention_bias", "use_sliding_window"),
+                  lambda v: isinstance(v, bool), "true or false")
+    _refuse_wrong(hf, ("rope_scaling", "rope_parameters"), lambda v: isinstance(v, dict), "an object or null")
     if hf.get("head_dim") is None and hf["hidden_size"] % hf["num_attention_heads"]:
         raise ModelError(f"config.json: hidden_size ({hf['hidden_size']}) is not a multiple of num_attention_heads "
                          f"({hf['num_attention_heads']}) and there is no head_dim")
@@ -267,23 +271,11 @@ _DEEPSEEK_FLAGS = ("norm_topk_prob", "rope_interleave", "mlp_bias")
 
 def _check_deepseek_types(hf: dict) -> None:
     """One line naming the first DeepSeek key of the wrong type or range (as _check_types does for the rest)."""
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in _DEEPSEEK_POSITIVE_INTS:
-        if hf.get(key) is not None and not (integer(hf[key]) and hf[key] > 0):
-            raise ModelError(f"config.json: \"{key}\" must be a positive integer or null, got {hf[key]!r}")
-    for key in _DEEPSEEK_COUNTS:
-        if hf.get(key) is not None and not (integer(hf[key]) and hf[key] >= 0):
-            raise ModelError(f"config.json: \"{key}\" must be a non-negative integer or null, got {hf[key]!r}")
-    for key in _DEEPSEEK_FLAGS:
-        if hf.get(key) is not None and not isinstance(hf[key], bool):
-            raise ModelError(f"config.json: \"{key}\" must be true or false, got {hf[key]!r}")
-    factor = hf.get("routed_scaling_factor")
-    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf")):
-        raise ModelError(f"config.json: \"routed_scaling_factor\" must be a positive number, got {factor!r}")
-    if hf.get("topk_method") is not None and not isinstance(hf["topk_method"], str):
-        raise ModelError(f"config.json: \"topk_method\" must be a name, got {hf['topk_method']!r}")
+    _refuse_wrong(hf, _DEEPSEEK_POSITIVE_INTS, _positive_int, "a positive integer or null")
+    _refuse_wrong(hf, _DEEPSEEK_COUNTS, _non_negative_int, "a non-negative integer or null")
+    _refuse_wrong(hf, _DEEPSEEK_FLAGS, lambda v: isinstance(v, bool), "true or false")
+    _refuse_wrong(hf, ("routed_scaling_factor",), _positive_number, "a positive number")
+    _refuse_wrong(hf, ("topk_method",), lambda v: isinstance(v, str), "a name")
 
 
 def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
