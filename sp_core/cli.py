@@ -177,7 +177,7 @@ def check_tp(tp: int, flag: str = "--tp") -> None:
             raise UsageError(f"{flag} {tp} needs {tp} devices; this machine has {platform.device_count()}")
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = int(os.environ.get(MAX_CPU_RANKS_ENV) or max(8, 4 * cores))
+    limit = _positive_setting(MAX_CPU_RANKS_ENV, int, "a positive integer") or max(8, 4 * cores)
     if tp > limit:
         raise UsageError(f"{flag} {tp} would start {tp} CPU ranks on {cores} cores; at most {limit} here "
                          f"({MAX_CPU_RANKS_ENV} raises the limit)")
@@ -364,36 +364,44 @@ def _run(args) -> int:
                                f"{where}")
 
 
-def _environment_error() -> Optional[str]:
-    """The first SP_CORE_* setting that cannot work, as one line (None when all can): checked before anything
-    reads them, so a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
+def _positive_setting(name: str, parse, what: str):
+    """The environment setting ``name`` parsed by ``parse`` (None when unset); UsageError naming it when it is
+    not a positive finite value."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{name}={raw!r}: expected {what}")
+    return value
+
+
+def _check_environment() -> None:
+    """The SP_CORE_* settings that cannot work, as one line (UsageError): checked before anything reads them,
+    so a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
     from sp_core.mpu.launch import collective_timeout
 
     try:
         collective_timeout()
     except ValueError as err:
-        return str(err)
-    for name, what in ((MAX_CPU_RANKS_ENV, "a positive integer"), ("SP_CORE_ENGINE_TIMEOUT", "a positive number of seconds")):
-        raw = os.environ.get(name)
-        if raw is None:
-            continue
-        try:
-            value = int(raw) if name == MAX_CPU_RANKS_ENV else float(raw)
-        except ValueError:
-            value = 0
-        if not 0 < value < float("inf"):
-            return f"{name}={raw!r}: expected {what}"
+        raise UsageError(str(err)) from None
+    _positive_setting(MAX_CPU_RANKS_ENV, int, "a positive integer")
+    _positive_setting("SP_CORE_ENGINE_TIMEOUT", float, "a positive number of seconds")
     log_dir = os.environ.get(console.LOG_DIR_ENV)
     if log_dir and os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        return f"{console.LOG_DIR_ENV}={log_dir!r} is not a directory; expected a directory for the framework logs"
-    return None
+        raise UsageError(f"{console.LOG_DIR_ENV}={log_dir!r} is not a directory; expected a directory for the "
+                         f"framework logs")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    problem = _environment_error()
-    if problem is not None:
-        print(f"sp-core {args.command}: error: {problem}", file=sys.stderr, flush=True)
+    try:
+        _check_environment()
+    except UsageError as err:
+        print(f"sp-core {args.command}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     previous = None
     try:
