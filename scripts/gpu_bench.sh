@@ -98,9 +98,9 @@ ABOUT[megatron-equality]="check: the DeepSeek training-equality test on NCCL (sc
 SUITES[megatron-equality]='
 megatron_equality 590 env OUT="$OUT/megatron_equality" bash scripts/megatron_pretrain_gpu.sh equality'
 
-ABOUT[megatron-distopt]="check: the distributed optimizer's checkpoint saved at tp 1 x dp 2, resumed at tp 2 (scripts/megatron_distopt_gpu.sh)"
+ABOUT[megatron-distopt]="check: the distributed optimizer's checkpoint saved at tp 1 x dp 2, resumed at tp 2 (scripts/megatron_pretrain_gpu.sh distopt)"
 SUITES[megatron-distopt]='
-megatron_distopt 300 env OUT="$OUT/megatron_distopt" bash scripts/megatron_distopt_gpu.sh'
+megatron_distopt 300 env OUT="$OUT/megatron_distopt" bash scripts/megatron_pretrain_gpu.sh distopt'
 
 ORDER=(tp-vs-sp megatron host-overhead collectives nccl-setting before async-tp-table async-tp async-tp-confirm
        deepseek-async-tp deepseek deterministic batch-invariant check-fused check-deepseek-dp megatron-pretrain

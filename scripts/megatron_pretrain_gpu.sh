@@ -2,11 +2,14 @@
 # On a GPU machine (device tool; kind nvidia-h100-x4: 2 GPUs for pretrain, 4 for the t = 4 equality test):
 #   1. Megatron-LM's own training loop, megatron.training.pretrain(), with --sp-core, TP 2 + SP, mock data,
 #      20 iterations each for a small Qwen3-shaped and a small DeepSeek-V3-shaped checkpoint;
-#   2. the DeepSeek training-equality test on NCCL (t = 2 and 4, bfloat16 and float32).
+#   2. the DeepSeek training-equality test on NCCL (t = 2 and 4, bfloat16 and float32);
+#   3. Megatron's distributed optimizer on NCCL, checkpoint format fully_sharded_model_space (flattened
+#      ranges): saved at tp 1 x dp 2, resumed at tp 2 x dp 1, the losses continue (the CPU test, on GPUs).
 # Needs the megatron-core 0.19.2 cp312 wheel in .whl/ (carried). Logs go to $OUT (default out/megatron_gpu).
 #   bash scripts/megatron_pretrain_gpu.sh pretrain   # step 1 (about 4 minutes)
 #   bash scripts/megatron_pretrain_gpu.sh equality   # step 2 (about 6-8 minutes; 4 GPUs for t = 4)
-#   bash scripts/megatron_pretrain_gpu.sh            # both (may exceed a 10-minute call: run them apart)
+#   bash scripts/megatron_pretrain_gpu.sh distopt    # step 3 (about 2 minutes)
+#   bash scripts/megatron_pretrain_gpu.sh            # all three (may exceed a 10-minute call: run them apart)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/megatron_gpu}
@@ -33,6 +36,7 @@ NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
 # small checkpoints, made by transformers from the embedded tiny presets, widened
 CKPT=/tmp/sp_core_pretrain
+if [ "$WHAT" = all ] || [ "$WHAT" = pretrain ]; then  # only pretrain() reads them
 python3 - "$CKPT" <<'EOF' || fail "could not write the checkpoints"
 import sys
 from sp_core.tiny import make_checkpoint
@@ -45,6 +49,7 @@ make_checkpoint("deepseek-v3", f"{root}/deepseek-v3", vocab_size=1024, hidden_si
                 moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
 print("checkpoints in", root)
 EOF
+fi
 
 pretrain() {  # name, then Megatron's shape flags for that checkpoint
   local name=$1; shift
@@ -78,12 +83,21 @@ if [ "$WHAT" = all ] || [ "$WHAT" = pretrain ]; then
   grep -h "iteration\s*[0-9]*/" "$OUT"/pretrain_*.log | head -n 3
 fi
 
+gpu_test() {  # log name, time limit, lines to show, then pytest's arguments
+  local log="$OUT/$1.log" limit=$2 show=$3; shift 3
+  timeout "$limit" python3 -m pytest "$@" -v -s -p no:cacheprovider >"$log" 2>&1
+  local rc=$?
+  grep -E "$show|PASSED|FAILED|SKIPPED|passed|failed" "$log" | tail -n 40
+  [ $rc -eq 0 ] || fail "$1 failed (log: $log)"
+}
+
 if [ "$WHAT" = all ] || [ "$WHAT" = equality ]; then
   echo "== DeepSeek training equality on NCCL ($NGPU GPUs; t = 4 needs 4)"
-  timeout 570 python3 -m pytest tests/test_megatron_deepseek.py -k gpu -v -s -p no:cacheprovider \
-    >"$OUT/equality_gpu.log" 2>&1
-  rc=$?
-  grep -E "max loss difference|least margin|planted|PASSED|FAILED|SKIPPED|passed|failed" "$OUT/equality_gpu.log" | tail -n 40
-  [ $rc -eq 0 ] || fail "the GPU equality test failed (log: $OUT/equality_gpu.log)"
+  gpu_test equality_gpu 570 "max loss difference|least margin|planted" tests/test_megatron_deepseek.py -k gpu
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = distopt ]; then
+  echo "== the distributed optimizer's checkpoint on NCCL: saved at tp 1 x dp 2, resumed at tp 2 x dp 1"
+  gpu_test distopt_gpu 500 "Error|assert" tests/test_megatron_paths.py -k distributed_optimizer
 fi
 echo "megatron_pretrain_gpu: OK (logs in $OUT)" | tee -a "$OUT/summary.txt"

@@ -264,7 +264,7 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
     """Adam on a global batch of 2 sequences (each data-parallel rank its share); saves the model and the
     optimizer after step ``save_at`` or resumes there. With Megatron's distributed optimizer, in its format
     ``fully_sharded_model_space`` (the default without metadata), which hands the model's tensors flattened
-    ranges. Runs on GPUs too (scripts/megatron_distopt_gpu.sh)."""
+    ranges. Runs on GPUs too (scripts/megatron_pretrain_gpu.sh distopt)."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
