@@ -31,6 +31,7 @@ from sp_core import mpu
 from sp_core.models import ModelError
 from sp_core.models.checkpoint import (expected_pieces, hf_to_core, iter_hf_tensors, load_expert_tensor, load_piece,
                                        missing_expert_tensors, refuse_non_finite)
+from sp_core_megatron.layer_spec import deterministic_gpt_model
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _VOCAB_PARALLEL = {"model.embed_tokens.weight": "embedding.word_embeddings.weight", "lm_head.weight": "output_layer.weight"}
@@ -111,6 +112,4 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         parts = (["GPTModel parameters missing from the checkpoint: " + ", ".join(missing)] if missing else []) + \
                 (["checkpoint tensors the GPTModel lacks: " + ", ".join(sorted(unexpected))] if unexpected else [])
         raise ModelError(f"{model_dir} does not match the GPTModel; " + "; ".join(parts))
-    from sp_core_megatron.layer_spec import deterministic_gpt_model
-
     deterministic_gpt_model(model)
