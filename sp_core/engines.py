@@ -29,8 +29,8 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False
     from sp_core import mpu
     from sp_core.runtime import load_model, prompt_logprobs
 
-    mpu.set_deterministic(deterministic)
-    return prompt_logprobs(load_model(model_dir, dtype, moe_parallel), prompts)
+    parallel = mpu.default_context().replace(deterministic=deterministic)
+    return prompt_logprobs(load_model(model_dir, dtype, moe_parallel, parallel), prompts)
 
 
 # Architectures an engine does not run yet (none at the moment: every engine runs every supported one).
@@ -106,14 +106,14 @@ def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfi
     this process before any rank or engine starts: one-line ModelError otherwise."""
     from sp_core.models import CausalLM
     from sp_core.models.checkpoint import check_checkpoint
-    from sp_core.mpu.parallel_state import single_rank
+    from sp_core.mpu import single_rank
 
     if not os.path.isdir(model_dir):
         raise ModelError(f"{model_dir}: no such checkpoint directory")
     cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
     cfg.check_tp(tp)
-    with single_rank(), torch.device("meta"):
-        model = CausalLM(cfg)
+    with torch.device("meta"):
+        model = CausalLM(cfg, parallel=single_rank())
     check_checkpoint(model, model_dir)
     return cfg
 

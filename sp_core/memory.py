@@ -129,9 +129,10 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
 
     param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     param_ptrs |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
-    rows = mpu.padded_length(tokens) // mpu.tp_size() if mpu.sequence_parallel_active() else tokens
+    p = mpu.default_context()
+    rows = mpu.padded_length(tokens, p) // p.size if p.sequence_parallel_active else tokens
     hidden = torch.randn(rows, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    positions = mpu.pad_1d(torch.arange(tokens)) if mpu.sequence_parallel_active() else torch.arange(tokens)
+    positions = mpu.pad_1d(torch.arange(tokens), p) if p.sequence_parallel_active else torch.arange(tokens)
     storages = {}
 
     def pack(x: torch.Tensor):

@@ -11,11 +11,13 @@ from sp_core.models import CausalLM, ModelConfig, load_hf_checkpoint
 from sp_core.mpu import platform
 
 
-def load_model(model_dir: str, dtype: torch.dtype = torch.float32, moe_parallel: str = "tp") -> CausalLM:
-    """moe_parallel: how MoE layers split experts over TP ("tp" or "ep"; ModelConfig.moe_parallel)."""
+def load_model(model_dir: str, dtype: torch.dtype = torch.float32, moe_parallel: str = "tp",
+               parallel=None) -> CausalLM:
+    """moe_parallel: how MoE layers split experts over TP ("tp" or "ep"; ModelConfig.moe_parallel);
+    ``parallel``: the model's context (default: the one made last)."""
     cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
     with torch.device(platform.current_device()):
-        model = CausalLM(cfg, dtype=dtype)
+        model = CausalLM(cfg, dtype=dtype, parallel=parallel)
     load_hf_checkpoint(model, model_dir)
     return model.eval()
 

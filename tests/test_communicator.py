@@ -4,6 +4,7 @@ import torch
 
 from sp_core import mpu
 from sp_core.mpu import collectives
+from sp_core.mpu.routes import torch_distributed
 from support.multirank import run_ranks
 
 HIDDEN = 6
@@ -40,11 +41,11 @@ def _forward_through_communicator():
 
     from sp_core.layers import ColumnParallelLinear, RowParallelLinear
 
-    t, r = mpu.tp_size(), mpu.tp_rank()
-    comm = RecordingCommunicator(mpu.tp_group(), dist.all_reduce, collectives._all_gather_tensor,
-                                 collectives._reduce_scatter_tensor)
-    mpu.bind(mpu.tp_group(), communicator=comm)
-    dist.all_reduce = collectives._all_gather_tensor = collectives._reduce_scatter_tensor = _refuse
+    t, r = mpu.default_context().size, mpu.default_context().rank
+    comm = RecordingCommunicator(mpu.default_context().group, dist.all_reduce, torch_distributed.all_gather_tensor,
+                                 torch_distributed.reduce_scatter_tensor)
+    mpu.bind(mpu.default_context().group, communicator=comm)
+    dist.all_reduce = torch_distributed.all_gather_tensor = torch_distributed.reduce_scatter_tensor = _refuse
 
     torch.manual_seed(0)  # the same weights and tokens on every rank
     x = torch.randn(5, HIDDEN)
@@ -57,7 +58,7 @@ def _forward_through_communicator():
         results = {}
         for sp in (True, False):
             comm.calls.clear()
-            with mpu.sequence_parallel(sp):
+            with mpu.default_context().sequence_parallel_for(sp):
                 out = mpu.exit_sequence_parallel(down(up(mpu.enter_sequence_parallel(x))), x.shape[0])
             results[sp] = (out, list(comm.calls))
     return want, results, x
@@ -76,10 +77,10 @@ def test_forward_collectives_go_through_the_bound_communicator():
 def _all_reduce_keeps_its_input():
     import torch.distributed as dist
 
-    comm = RecordingCommunicator(mpu.tp_group(), dist.all_reduce, None, None)
-    mpu.bind(mpu.tp_group(), communicator=comm)
-    x = torch.full((3,), float(mpu.tp_rank() + 1))
-    return collectives.all_reduce(x), x, comm.calls
+    comm = RecordingCommunicator(mpu.default_context().group, dist.all_reduce, None, None)
+    mpu.bind(mpu.default_context().group, communicator=comm)
+    x = torch.full((3,), float(mpu.default_context().rank + 1))
+    return collectives.all_reduce(mpu.default_context(), x), x, comm.calls
 
 
 def test_in_place_communicator_leaves_the_callers_tensor_alone():

@@ -22,6 +22,7 @@ from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
+from support.contexts import remake
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # a packed ragged batch with a 1-token prompt (10 tokens)
 ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only SP padding
@@ -65,17 +66,17 @@ def _rank(dirs, tp):
     out = {"logprobs": {}, "grads": {}}
     for name in DEEPSEEK_MODELS:
         for sp in ((False, True) if tp > 1 else (False,)):
-            mpu.set_sequence_parallel(sp)
+            remake(sequence_parallel=sp)
             for mode in MODES:
                 model = load_model(dirs[name], moe_parallel=mode)
                 out["logprobs"][name, sp, mode] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
                 out["grads"][name, sp, mode] = core_lm_gradients(model, RAGGED)
-    mpu.set_sequence_parallel(tp > 1)
+    remake(sequence_parallel=tp > 1)
     # mode -> layer type -> bytes on each rank
     out["saved_bytes"] = {mode: saved_bytes_on_every_rank(dirs["deepseek-v3"], MEMORY_TOKENS, moe_parallel=mode)
                           for mode in MODES}
     if tp > 1:  # the serving dtype: bf16 weights and activations, SP on, both MoE modes
-        mpu.set_sequence_parallel(True)
+        remake(sequence_parallel=True)
         out["bf16"] = {mode: prompt_logprobs(load_model(dirs["deepseek-v3"], torch.bfloat16, moe_parallel=mode), RAGGED)
                        for mode in MODES}
     if tp == 2:
@@ -88,7 +89,7 @@ def _tp2_extras(dirs):
     from sp_core.models.checkpoint import save_hf_checkpoint
 
     out = {"counts": _collective_counts(dirs), "controls": _k_pe_controls(dirs), "fused": _fused_vs_unfused(dirs)}
-    mpu.set_sequence_parallel(True)
+    remake(sequence_parallel=True)
     out["forms"] = {form: prompt_logprobs(load_model(dirs[form], moe_parallel=mode), RAGGED)
                     for form, mode in (("v3-fused", "tp"), ("v3-mtp", "ep"))}
     model = load_model(dirs["deepseek-v3"], moe_parallel="ep")
@@ -101,7 +102,7 @@ def _tp2_extras(dirs):
 def _layer_inputs(model, tokens=RAGGED):
     ids, positions, batch = pack(tokens, platform.current_device())
     n = ids.shape[0]
-    if mpu.sequence_parallel_active():
+    if mpu.default_context().sequence_parallel_active:
         ids, positions = mpu.pad_1d(ids), mpu.pad_1d(positions)
     return model.model.embed_tokens(ids), positions, batch, n
 
@@ -114,15 +115,15 @@ def _collective_counts(dirs):
     with collective_log(dirs["log"]) as gathered_by:
         for name in DEEPSEEK_MODELS:
             for sp in (True, False):
-                mpu.set_sequence_parallel(sp)
+                remake(sequence_parallel=sp)
                 for mode in MODES:
                     model = load_model(dirs[name], moe_parallel=mode)
                     hidden, positions, batch, n = _layer_inputs(model)
                     layer = model.model.layers[1]
-                    with torch.no_grad(), collectives.counting() as attn:
+                    with torch.no_grad(), mpu.counting_collectives() as attn:
                         h, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(hidden), positions,
                                                                           batch))
-                    with torch.no_grad(), collectives.counting() as moe:
+                    with torch.no_grad(), mpu.counting_collectives() as moe:
                         layer.mlp(layer.post_attention_layernorm(hidden + h), n)
                     out[name, sp, mode] = {"mla": dict(attn), "mla_gathered": gathered, "moe": dict(moe)}
     return out
@@ -142,7 +143,7 @@ def _k_pe_controls(dirs):
             # k_pe (the last piece) again, through an operator whose backward does not sum / sums again
             k_pe_local = latent.split(widths, dim=-1)[-1]
             if how == "never":
-                k_pe = mpu.gather_to_replicated(k_pe_local) if mpu.sequence_parallel_active() else k_pe_local
+                k_pe = mpu.gather_to_replicated(k_pe_local) if mpu.default_context().sequence_parallel_active else k_pe_local
             else:
                 k_pe = mpu.copy_to_tp(pieces[-1])
             pieces[-1] = pieces[-1].detach() + k_pe - k_pe.detach()  # same value, the gradient takes the wrong path
@@ -150,7 +151,7 @@ def _k_pe_controls(dirs):
         return latent_up
 
     for sp in (True, False):
-        mpu.set_sequence_parallel(sp)
+        remake(sequence_parallel=sp)
         for how in ("right", "never", "twice"):
             mla.gathered_latent_up = right if how == "right" else wrong(how)
             try:
@@ -163,7 +164,7 @@ def _k_pe_controls(dirs):
 
 def _fused_vs_unfused(dirs):
     """The latent's g fused with q_b_proj / kv_b_proj (saving the shard) against g then two F.linear."""
-    mpu.set_sequence_parallel(True)
+    remake(sequence_parallel=True)
     results = []
     for fused in (True, False):
         model = load_model(dirs["deepseek-v3"]).train()

@@ -20,6 +20,7 @@ from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
+from support.contexts import remake
 
 INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
@@ -62,7 +63,7 @@ def refs(dirs):
 
 
 def _sp():
-    return mpu.sequence_parallel_active()
+    return mpu.default_context().sequence_parallel_active
 
 
 def _inputs(model, prompts):
@@ -105,7 +106,7 @@ def _score_loss_gradients(model):
     raw = {n: p.grad.clone() for n, p in params.items()}
     mpu.allreduce_sequence_parallel_grads(params.values())
     return {"tagged": {n: p.grad.clone() for n, p in params.items()}, "unsummed": raw,
-            "always_summed": {n: collectives.all_reduce(g) for n, g in raw.items()}}
+            "always_summed": {n: collectives.all_reduce(mpu.default_context(), g) for n, g in raw.items()}}
 
 
 def _indexer_inputs(model, prompts):
@@ -132,25 +133,25 @@ def _indexer_flops(model):
 def _rank(dirs, tp):
     out = {"logprobs": {}, "v3_short": {}, "grads": {}, "lm_untouched": {}, "score_grads": {}, "flops": {}}
     for sp in ((False, True) if tp > 1 else (False,)):
-        mpu.set_sequence_parallel(sp)
+        remake(sequence_parallel=sp)
         model = load_model(dirs["v32"])
         out["logprobs"][sp] = {"long": prompt_logprobs(model, LONG), "short": prompt_logprobs(model, SHORT)}
         out["v3_short"][sp] = prompt_logprobs(load_model(dirs["v3"]), SHORT)
         out["grads"][sp], out["lm_untouched"][sp] = _lm_gradients(model)
         out["score_grads"][sp] = _score_loss_gradients(model)
         out["flops"][sp] = _indexer_flops(model)
-    mpu.set_sequence_parallel(tp > 1)
+    remake(sequence_parallel=tp > 1)
     # one sequence longer than index_topk: sparse attention
     out["saved_bytes"] = saved_bytes_on_every_rank(dirs["v32"], MEMORY_TOKENS)
     if tp > 1:  # the serving dtype, SP on
-        mpu.set_sequence_parallel(True)
+        remake(sequence_parallel=True)
         model = load_model(dirs["v32"], dtype=torch.bfloat16)
         out["bf16"] = prompt_logprobs(model, LONG)
     if tp == 2:
         out["tags"] = {n: (getattr(p, "sequence_parallel", False), getattr(p, "tensor_model_parallel", False),
                            p.dtype) for n, p in model.named_parameters() if ".indexer." in n}
         out["counts"] = _collective_counts(dirs)
-        mpu.set_sequence_parallel(True)
+        remake(sequence_parallel=True)
         out["blocks"] = _selection_in_row_blocks(load_model(dirs["v32"]))
     return out
 
@@ -177,18 +178,18 @@ def _collective_counts(dirs):
     out = {}
     with collective_log(dirs["log"]) as gathered_by:
         for sp in (True, False):
-            mpu.set_sequence_parallel(sp)
+            remake(sequence_parallel=sp)
             for arch in ("v32", "v3"):
                 model = load_model(dirs[arch])
                 for name, prompts in (("long", LONG), ("short", SHORT)):
                     embedded, positions, _, batch, _ = _inputs(model, prompts)
                     layer = model.model.layers[1]
-                    with torch.no_grad(), collectives.counting() as counts:
+                    with torch.no_grad(), mpu.counting_collectives() as counts:
                         _, gathered = gathered_by(lambda: layer.self_attn(layer.input_layernorm(embedded), positions,
                                                                           batch))
                     out[arch, sp, name] = (dict(counts), gathered)
                 embedded, positions, _, batch, _ = _inputs(model, LONG)
-                with collectives.counting() as counts:  # forward and backward: the indexer adds no backward op
+                with mpu.counting_collectives() as counts:  # forward and backward: the indexer adds no backward op
                     layer.self_attn(layer.input_layernorm(embedded), positions, batch).sum().backward()
                 out[arch, sp, "backward"] = dict(counts)
     return out

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.layers import batch_invariant
-from sp_core.mpu.parallel_state import single_rank
 from sp_core.tiny import PROMPTS, make_checkpoint
 from support.multirank import run_ranks
+from support.contexts import remake, single_process
 
 LONG = [int(t) for t in torch.randint(0, 100, (17,), generator=torch.Generator().manual_seed(3))]
 # 8 requests at once, 1 to 30 tokens, LONG among them
@@ -39,9 +39,8 @@ def test_plain_cpu_matmul_depends_on_rows_blocked_gemms_do_not():
     full = x @ w.t()
     assert any(not torch.equal((x[:m] @ w.t()), full[:m]) for m in range(1, 12)), \
         "negative control: torch's CPU matmul came out batch-invariant on this machine"
-    with single_rank():
-        mpu.set_deterministic(True)
-        with batch_invariant.gemms():
+    with single_process(deterministic=True):
+        with batch_invariant.gemms(True):
             blocked = F.linear(x, w)
             bias = torch.randn(96, generator=g)
             for m in range(1, 41):
@@ -72,9 +71,8 @@ def test_cpu_grouped_mm_and_sigmoid_depend_on_rows_blocked_ones_do_not():
 
     assert changes(lambda n: grouped([10, 10, 10], n)), "negative control: CPU _grouped_mm came out batch-invariant"
     assert sigmoid_changes(torch.sigmoid), "negative control: CPU sigmoid came out batch-invariant"
-    with single_rank():
-        mpu.set_deterministic(True)
-        with batch_invariant.gemms():
+    with single_process(deterministic=True):
+        with batch_invariant.gemms(True):
             assert changes(lambda n: grouped([10, 10, 10], n)) == []
             assert sigmoid_changes(lambda t: batch_invariant.elementwise(torch.sigmoid, t)) == []
 
@@ -112,7 +110,7 @@ def _train_export_check(model_dir, out_dir, prompts):
 
     cpu_training.enable()
     model = build_model(model_dir, 2, True, deterministic=True)  # Megatron's deterministic_mode
-    assert mpu.deterministic()
+    assert mpu.default_context().deterministic
     _, losses, _ = training.train(model, 2, seq_length=16, micro_batch_size=2, clip_grad=0.0)
     model.eval()
     export_hf_checkpoint(model, out_dir)
@@ -125,8 +123,9 @@ def _train_export_check(model_dir, out_dir, prompts):
     short = [7, 60]
     invariant = all(torch.equal(*_micro_batch_logits(model, p)) for p in (short, PROMPTS[0], LONG))
     packed = _packed_logprobs(model, prompts[:3], model.language_model.config.vocab_size)
-    mpu.set_deterministic(False)
-    default_invariant = torch.equal(*_micro_batch_logits(model, short))
+    default_mode = build_model(model_dir, 2, True, deterministic=False)  # the same weights, Megatron's default mode
+    default_mode.load_state_dict(model.state_dict())
+    default_invariant = torch.equal(*_micro_batch_logits(default_mode, short))
     layer_spec = _gpt_model_with_core_spec(out_dir, EVEN, prompts[:3])
     return (trained, trained_sp_off, invariant, default_invariant, _expert_parallel_sp_on_off(model_dir, prompts),
             packed, layer_spec)
@@ -150,7 +149,7 @@ def _packed_logprobs(model, prompts, vocab, forms=("thd", "mask")):
 
     from sp_core.layers import gather_vocab
 
-    ids, positions, cu = _packed_rows(prompts, mpu.tp_size())
+    ids, positions, cu = _packed_rows(prompts, mpu.default_context().size)
     s = ids.shape[1]
     doc = torch.searchsorted(cu[1:], torch.arange(s), right=True)
     masked_out = ~((doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool).tril())

@@ -19,17 +19,18 @@ def _hang():
     from sp_core import mpu
     from sp_core.mpu import collectives
 
-    if mpu.tp_rank() == 1:
+    if mpu.default_context().rank == 1:
         time.sleep(60)  # never joins the all-reduce
-    collectives.all_reduce(torch.ones(3, 4))
+    collectives.all_reduce(mpu.default_context(), torch.ones(3, 4))
 
 
 def _busy_but_progressing(steps):
+    from sp_core import mpu
     from sp_core.mpu import collectives
 
     total = torch.zeros(1)
     for _ in range(steps):  # a count, not a clock: every rank issues the same collectives
-        total += collectives.all_reduce(torch.ones(1))
+        total += collectives.all_reduce(mpu.default_context(), torch.ones(1))
         time.sleep(0.05)
     return total.item() == 2 * steps
 
@@ -52,27 +53,32 @@ def _every_collective_then_compute(form, seconds):
     that issues none for longer than the hang limit. Returns the collectives this rank called."""
     import inspect
 
+    import dataclasses
+
+    from sp_core import mpu
     from sp_core.mpu import activity, collectives as c
 
-    os.environ["SP_CORE_ASYNC_TP"] = form
+    p = mpu.default_context()
+    p = p.replace(settings=dataclasses.replace(p.settings, async_tp=form))
+    rank_order = p.replace(deterministic=True)  # the deterministic mode's route
     x, w = torch.ones(4, 3), torch.ones(3, 2)
     calls = {
-        "all_reduce": lambda: (c.all_reduce(x), c.all_reduce(x, op="max")),
-        "all_gather": lambda: c.all_gather(x),
-        "all_gather_start": lambda: c.all_gather_start(x).wait(),
-        "reduce_scatter": lambda: c.reduce_scatter(x),
-        "reduce_scatter_start": lambda: c.reduce_scatter_start(x).wait(),
-        "gather_to_first": lambda: c.gather_to_first(x),
-        "invariant_reduce_scatter": lambda: c.invariant_reduce_scatter(x),
-        "invariant_all_reduce": lambda: c.invariant_all_reduce(x),
-        "all_gather_packed": lambda: c.all_gather_packed([x, x.int()]),
-        "all_to_all": lambda: c.all_to_all(x, [2, 2], [2, 2]),
-        "broadcast_object": lambda: c.broadcast_object({"a": 1}),
-        "barrier": lambda: c.barrier(),
-        "all_gather_matmul": lambda: c.all_gather_matmul(x, w),
-        "matmul_reduce_scatter": lambda: c.matmul_reduce_scatter(x, w),
-        "matmul_reduce_scatter_start": lambda: c.matmul_reduce_scatter_start(x, w).wait(),
-        "mean_over_group": lambda: c.mean_over_group(x, None),
+        "all_reduce": lambda: (c.all_reduce(p, x), c.all_reduce(p, x, op="max"), c.all_reduce(rank_order, x),
+                               c.all_reduce(rank_order, x, op="max")),
+        "all_gather": lambda: (c.all_gather(p, x), c.all_gather(rank_order, x)),
+        "all_gather_start": lambda: (c.all_gather_start(p, x).wait(), c.all_gather_start(rank_order, x).wait()),
+        "reduce_scatter": lambda: (c.reduce_scatter(p, x), c.reduce_scatter(rank_order, x)),
+        "reduce_scatter_start": lambda: (c.reduce_scatter_start(p, x).wait(),
+                                         c.reduce_scatter_start(rank_order, x).wait()),
+        "gather_to_first": lambda: c.gather_to_first(p, x),
+        "all_gather_packed": lambda: c.all_gather_packed(p, [x, x.int()]),
+        "all_to_all": lambda: c.all_to_all(p, x, [2, 2], [2, 2]),
+        "broadcast_object": lambda: c.broadcast_object(p, {"a": 1}),
+        "barrier": lambda: c.barrier(p),
+        "all_gather_matmul": lambda: c.all_gather_matmul(p, x, w),
+        "matmul_reduce_scatter": lambda: c.matmul_reduce_scatter(p, x, w),
+        "matmul_reduce_scatter_start": lambda: c.matmul_reduce_scatter_start(p, x, w).wait(),
+        "mean_over_group": lambda: c.mean_over_group(p, x, None),
     }
     for call in calls.values():
         call()
@@ -166,10 +172,10 @@ def _collectives_forever(pid_dir):
     from sp_core import mpu
     from sp_core.mpu import collectives
 
-    with open(os.path.join(pid_dir, str(mpu.tp_rank())), "w") as f:
+    with open(os.path.join(pid_dir, str(mpu.default_context().rank)), "w") as f:
         f.write(str(os.getpid()))
     while True:
-        collectives.all_reduce(torch.ones(4, 8))
+        collectives.all_reduce(mpu.default_context(), torch.ones(4, 8))
 
 
 def test_killed_rank_is_named_with_its_signal_and_activity(tmp_path):

@@ -1,6 +1,7 @@
 """Fused paths against the unfused ones they replace (DESIGN principle 2: a fused g / g-bar is still
 that operator): the async-TP column / row layers (ring decomposition over gloo here, NCCL and symmetric
 memory on GPUs), and the Triton norm / rotary kernels (Triton's interpreter on CPU)."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,21 +9,22 @@ import sys
 import pytest
 import torch
 
-from sp_core import mpu
+from sp_core import mpu, settings
 from sp_core.layers import ColumnParallelLinear, RowParallelLinear
 from sp_core.mpu import async_tp, platform
+from support.contexts import remake
 from support.multirank import run_ranks
 
 
 def _column_row(dtype_name, impl, rows_per_rank, autocast=False):
     """Column then row layer under SP, forward + backward, with SP_CORE_ASYNC_TP=impl; with ``autocast``,
     float32 parameters under bf16 autocast (the mixed-precision training path)."""
-    os.environ["SP_CORE_ASYNC_TP"] = impl
+    remake(settings=dataclasses.replace(mpu.default_context().settings, async_tp=impl))
     dtype, device = getattr(torch, dtype_name), platform.current_device()
     torch.manual_seed(0)
-    column = ColumnParallelLinear(8, 12 * mpu.tp_size(), bias=True, dtype=dtype).to(device)
-    row = RowParallelLinear(12 * mpu.tp_size(), 8, dtype=dtype).to(device)
-    torch.manual_seed(1 + mpu.tp_rank())
+    column = ColumnParallelLinear(8, 12 * mpu.default_context().size, bias=True, dtype=dtype).to(device)
+    row = RowParallelLinear(12 * mpu.default_context().size, 8, dtype=dtype).to(device)
+    torch.manual_seed(1 + mpu.default_context().rank)
     x = torch.randn(rows_per_rank, 8, dtype=dtype, device=device, requires_grad=True)
     with mpu.counting_collectives() as issued, torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         y = row(torch.nn.functional.silu(column(x)))
@@ -44,18 +46,20 @@ def _fused_equals_unfused_under_autocast(impl):
 
 
 def _fused_equals_unfused(dtype_name, impl):
-    from sp_core.mpu import collectives
+    from sp_core.mpu.async_tp import ring
+    from sp_core.mpu.routes import torch_distributed
 
     exchanges, scatters = [], []
-    real_exchange, real_scatter = collectives._exchange, collectives._reduce_scatter_tensor
-    collectives._exchange = lambda *a: exchanges.append(1) or real_exchange(*a)
-    collectives._reduce_scatter_tensor = lambda out, x, **kw: scatters.append(out.shape) or real_scatter(out, x, **kw)
+    real_exchange, real_scatter = ring.exchange, torch_distributed.reduce_scatter_tensor
+    ring.exchange = lambda *a: exchanges.append(1) or real_exchange(*a)
+    torch_distributed.reduce_scatter_tensor = \
+        lambda out, x, **kw: scatters.append(out.shape) or real_scatter(out, x, **kw)
     plain, plain_issued = _column_row(dtype_name, "off", 6)
     assert not exchanges, "the unfused path must not use the ring"
     plain_scatters, scatters[:] = list(scatters), []
     fused, fused_issued = _column_row(dtype_name, impl, 6)
     if impl == "ring":  # t - 1 hops per fused op: column fwd + bwd, row fwd + bwd
-        assert len(exchanges) == 4 * (mpu.tp_size() - 1), len(exchanges)
+        assert len(exchanges) == 4 * (mpu.default_context().size - 1), len(exchanges)
     if impl == "split":  # each reduce-scatter (row fwd, column bwd) as two halves of the columns
         assert sorted(scatters) == sorted(s[:-1] + (s[-1] // 2,) for s in plain_scatters for _ in (0, 1)), \
             (scatters, plain_scatters)
@@ -106,24 +110,27 @@ def test_copy_engine_under_autocast():
     assert run_ranks(2, _fused_equals_unfused_under_autocast, "copy_engine") == [True] * 2
 
 
+def _choose(op, rows, t, env=None):
+    """The form a context of ``t`` ranks with the settings of ``env`` picks (no group needed to choose)."""
+    context = mpu.ParallelContext(size=t, settings=settings.read(env or {}))
+    return async_tp.Policy.for_context(context).choose(op, rows)
+
+
 def test_decision_follows_the_table(monkeypatch, tmp_path):
-    monkeypatch.delenv("SP_CORE_ASYNC_TP", raising=False)
-    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.backend()}:4": {
+    monkeypatch.setattr(async_tp.policy, "TABLE", {f"{platform.backend()}:4": {
         "all_gather_matmul": [[2048, "off"], [8192, "ring"], [65536, "off"]]}})
-    assert async_tp.choose("all_gather_matmul", 8192, 4) == "ring"
-    assert async_tp.choose("all_gather_matmul", 30000, 4) == "ring"
-    assert async_tp.choose("all_gather_matmul", 4096, 4) == "off"
-    assert async_tp.choose("all_gather_matmul", 1024, 4) == "off"  # below the first step
-    assert async_tp.choose("all_gather_matmul", 65536, 4) == "off"
-    assert async_tp.choose("matmul_reduce_scatter", 32768, 4) == "off"  # no entry: never fuse
-    assert async_tp.choose("all_gather_matmul", 32768, 2) == "off"
-    monkeypatch.setenv("SP_CORE_ASYNC_TP", "sometimes")
+    assert _choose("all_gather_matmul", 8192, 4) == "ring"
+    assert _choose("all_gather_matmul", 30000, 4) == "ring"
+    assert _choose("all_gather_matmul", 4096, 4) == "off"
+    assert _choose("all_gather_matmul", 1024, 4) == "off"  # below the first step
+    assert _choose("all_gather_matmul", 65536, 4) == "off"
+    assert _choose("matmul_reduce_scatter", 32768, 4) == "off"  # no entry: never fuse
+    assert _choose("all_gather_matmul", 32768, 2) == "off"
     with pytest.raises(ValueError, match="SP_CORE_ASYNC_TP='sometimes' is not supported; use auto, off, ring"):
-        async_tp.choose("all_gather_matmul", 8192, 4)
-    monkeypatch.setenv("SP_CORE_ASYNC_TP", "auto")
-    monkeypatch.setenv("SP_CORE_ASYNC_TP_TABLE", str(tmp_path / "missing.json"))
+        _choose("all_gather_matmul", 8192, 4, {"SP_CORE_ASYNC_TP": "sometimes"})
     with pytest.raises(ValueError, match="is not a readable JSON decision table"):
-        async_tp.choose("all_gather_matmul", 8192, 4)
+        _choose("all_gather_matmul", 8192, 4, {"SP_CORE_ASYNC_TP": "auto",
+                                                "SP_CORE_ASYNC_TP_TABLE": str(tmp_path / "missing.json")})
 
 
 def _measured(tp, op, layer, rows, impl, ms):
@@ -153,12 +160,10 @@ def test_forms_that_need_cuda_are_refused_elsewhere(monkeypatch):
     if platform.symmetric_memory_ops_available():
         pytest.skip("symmetric memory is available here")
     for impl in ("copy_engine", "symm_mem"):
-        monkeypatch.setenv("SP_CORE_ASYNC_TP", impl)
         with pytest.raises(ValueError, match=f"SP_CORE_ASYNC_TP={impl} needs CUDA"):
-            async_tp.choose("all_gather_matmul", 8192, 2)
-    monkeypatch.delenv("SP_CORE_ASYNC_TP")
-    monkeypatch.setattr(async_tp, "TABLE", {f"{platform.backend()}:2": {"all_gather_matmul": [[1, "copy_engine"]]}})
-    assert async_tp.choose("all_gather_matmul", 8192, 2) == "off"  # a table's CUDA form falls back quietly
+            _choose("all_gather_matmul", 8192, 2, {"SP_CORE_ASYNC_TP": impl})
+    monkeypatch.setattr(async_tp.policy, "TABLE", {f"{platform.backend()}:2": {"all_gather_matmul": [[1, "copy_engine"]]}})
+    assert _choose("all_gather_matmul", 8192, 2) == "off"  # a table's CUDA form falls back quietly
 
 
 KERNEL_CHECK = r"""

@@ -180,7 +180,7 @@ def _one_layer_op_counts(config):
     native = GPTModel(config, TransformerBlockSubmodules(layer_specs=[layer] * 2, layer_norm=SequenceParallelNorm),
                       vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
     s, b = 16, 2
-    x = torch.randn(s // mpu.tp_size() if config.sequence_parallel else s, b, config.hidden_size, requires_grad=True)
+    x = torch.randn(s // mpu.default_context().size if config.sequence_parallel else s, b, config.hidden_size, requires_grad=True)
     with mpu.counting_collectives() as issued:
         core = count_ops(lambda: core_model.decoder.layers[0](x)[0], torch.ones_like(x))
     rope = native.rotary_pos_emb(s)

@@ -65,7 +65,7 @@ def _train_every_setting(dirs, tp, dtype, export_root):
             with mpu.counting_collectives() as issued:
                 export_hf_checkpoint(model, f"{export_root}/{arch}-{mode}")
             run["export_issued"] = dict(issued)
-        out[(arch, mode, sp)] = run if mpu.tp_rank() == 0 else {"export_issued": run.get("export_issued")}
+        out[(arch, mode, sp)] = run if mpu.default_context().rank == 0 else {"export_issued": run.get("export_issued")}
     return out
 
 
@@ -107,7 +107,7 @@ def _router_bias_and_padding(model_dir, tp, export_dir):
         model(ids, torch.arange(15).unsqueeze(0), None, labels=ids)
     from sp_core.mpu import collectives
 
-    counted = [float(collectives.all_reduce(r.local_tokens_per_expert.clone()).sum()) for r in routers]
+    counted = [float(collectives.all_reduce(mpu.default_context(), r.local_tokens_per_expert.clone()).sum()) for r in routers]
     return {"before": before, "after": after, "counted": counted, "top_k": routers[0].config.top_k}
 
 
@@ -216,7 +216,7 @@ def _data_parallel_runs(model_dir, tp, micro_batch_size):
         _, losses, grads = training.train(model, 3, micro_batch_size=micro_batch_size, clip_grad=0.0,
                                           capture_step0_grads=name == "ddp", **settings)
         out[name] = {"losses": losses, "grads0": grads}
-    return out if mpu.tp_rank() == 0 else None
+    return out if mpu.default_context().rank == 0 else None
 
 
 @pytest.mark.parametrize("tp", [2, 1])
@@ -373,7 +373,7 @@ def _train_samples(dirs, settings, tp, dtype, without_sp_grad_sum=False):
             _, losses, grads = training.train(model, BF16_STEPS, clip_grad=engine.clip_grad_default(),
                                               capture_step0_grads=True, seed=seed)
             out[(arch, mode, sp)].append({"losses": losses, "grads0": grads})
-    return out if mpu.tp_rank() == 0 else None
+    return out if mpu.default_context().rank == 0 else None
 
 
 def _bf16_baselines(dirs):
@@ -595,7 +595,7 @@ def _v32_rank(model_dir, tp):
     out = {"packed": _v32_packed_logprobs(model_dir, tp)}
     if tp == 1:
         out["float16_module"] = _in_float16_module(model_dir)
-    return out if mpu.tp_rank() == 0 else None
+    return out if mpu.default_context().rank == 0 else None
 
 
 @pytest.fixture(scope="module")

@@ -300,7 +300,7 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
                                           num_microbatches=1, seq_length=16, micro_batch_size=2 // dp,
                                           forward_only=False)
         optimizer.step()
-        losses.append(float(collectives.mean_over_group(out[0]["lm loss"], parallel_state.get_data_parallel_group())))
+        losses.append(float(collectives.mean_over_group(model.parallel, out[0]["lm loss"], parallel_state.get_data_parallel_group())))
         if save_dir and step + 1 == save_at:
             state = {"model": model.sharded_state_dict()}
             state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_FLAT_FORMAT)

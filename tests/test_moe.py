@@ -15,6 +15,7 @@ from sp_core.layers.router import Router, RouterConfig
 from sp_core.layers.sharding import gather_full, load_full
 from sp_core.mpu import collectives
 from support.multirank import run_ranks
+from support.contexts import default_with, remake
 
 H, I, E = 8, 8, 8  # I/t = 2 at t = 4 is not 16-byte aligned: that case takes the per-expert GEMM loop
 VARIANTS = {
@@ -130,13 +131,13 @@ def _shard_with_nan_padding(x, num_tokens):
     expert would make a parameter gradient NaN (0 * NaN in the weight-gradient GEMM)."""
     shard = mpu.enter_sequence_parallel(x)
     rows = shard.shape[0]
-    held = max(0, min(rows, num_tokens - mpu.tp_rank() * rows))
+    held = max(0, min(rows, num_tokens - mpu.default_context().rank * rows))
     is_pad = (torch.arange(rows) >= held)[:, None]
     return torch.where(is_pad, torch.full_like(shard, math.nan), shard)
 
 
 def _all_checks(refs):
-    t = mpu.tp_size()
+    t = mpu.default_context().size
     worst = {"out": 0.0, "grad": 0.0}
     for ref in refs:
         variant, k = ref["variant"], VARIANTS[ref["variant"]]["top_k"]
@@ -152,7 +153,7 @@ def _all_checks(refs):
                     moe.zero_grad()
                     moe.gate.local_tokens_per_expert.zero_()
                     x = case["x"].clone().requires_grad_(True)
-                    with mpu.sequence_parallel(sp):
+                    with mpu.default_context().sequence_parallel_for(sp):
                         shard = _shard_with_nan_padding(x, tokens) if sp else x
                         with mpu.counting_collectives() as issued:
                             out_shard = moe(shard, tokens)
@@ -168,7 +169,7 @@ def _all_checks(refs):
                     worst["grad"] = max(worst["grad"], _compare_grads(grads, case["grads"], f"{what} vs transformers"),
                                         _compare_grads(grads, at_t1, f"{what} vs t=1"))
                     # load statistic: real tokens only (padding rows would add to it), summed over TP
-                    counts = collectives.all_reduce(moe.gate.local_tokens_per_expert.clone())
+                    counts = collectives.all_reduce(mpu.default_context(), moe.gate.local_tokens_per_expert.clone())
                     replicas = 1 if sp else t  # SP off: every rank routes every token
                     assert torch.equal(counts, case["counts"] * replicas), f"{what}: load counts {counts}"
                     assert counts.sum().item() == tokens * k * replicas
@@ -184,8 +185,8 @@ def _deterministic_expert_parallel(refs):
     the all-gather of the results to the SP dispatch's four all-to-alls."""
     from sp_core.layers import batch_invariant
 
-    t = mpu.tp_size()
-    mpu.set_deterministic(True)
+    t = mpu.default_context().size
+    remake(deterministic=True)
     try:
         for ref in refs:
             moe = _core_moe(ref, expert_parallel=True)
@@ -195,7 +196,7 @@ def _deterministic_expert_parallel(refs):
                     what = f"deterministic {ref['variant']} mode b t={t} SP {'on' if sp else 'off'} T={tokens}"
                     moe.zero_grad()
                     x = case["x"].clone().requires_grad_(True)
-                    with mpu.sequence_parallel(sp), batch_invariant.gemms():
+                    with mpu.default_context().sequence_parallel_for(sp), batch_invariant.gemms(True):
                         shard = _shard_with_nan_padding(x, tokens) if sp else x
                         with mpu.counting_collectives() as issued:
                             out_shard = moe(shard, tokens)
@@ -211,7 +212,7 @@ def _deterministic_expert_parallel(refs):
                     f"{(outs[True] - outs[False]).abs().max().item():.3g}"
                 assert counts == {"all_to_all": 4, "all_gather": 1}, f"mode b t={t} SP off: collectives {counts}"
     finally:
-        mpu.set_deterministic(False)
+        remake(deterministic=False)
 
 
 def _full_grads(moe):
@@ -238,14 +239,8 @@ def _compare_grads(got, want, what):
 @contextlib.contextmanager
 def _alone():
     """This process as t = 1 (no TP group) inside the block: the single-process baseline."""
-    from sp_core.mpu import parallel_state
-
-    state = parallel_state._STATE
-    mpu.bind(None)
-    try:
+    with default_with(group=None):
         yield
-    finally:
-        parallel_state._STATE = state
 
 
 def _core_at_t1(ref, case, expert_parallel):
@@ -299,11 +294,11 @@ def _saved_bytes(moe, x, num_tokens):
 def _saved_bytes_ratio(expert_parallel):
     """Saved bytes per rank with SP at t over (bytes at t = 1) / t, for a V3-like MoE with a realistic
     hidden-to-intermediate shape (tiny H would let the per-slot routing indices dominate)."""
-    t, tokens, hidden, inter = mpu.tp_size(), 64 * mpu.tp_size(), 256, 64
+    t, tokens, hidden, inter = mpu.default_context().size, 64 * mpu.default_context().size, 256, 64
     config = RouterConfig(16, 4, "noaux_tc", 4, 2, True, 2.5)
     torch.manual_seed(0)
     x = torch.randn(tokens, hidden)
-    with mpu.sequence_parallel(True):
+    with mpu.default_context().sequence_parallel_for(True):
         shard = mpu.enter_sequence_parallel(x).clone().requires_grad_(True)  # own storage, as a layer output
         at_t = _saved_bytes(MoE(hidden, inter, 16, 4, 1, config, expert_parallel), shard, tokens)
     with _alone():
@@ -314,7 +309,7 @@ def _saved_bytes_ratio(expert_parallel):
 def _new_operators():
     """all_to_all_tp and gather_from_sp_packed against single-process math (every rank can build every
     rank's data), forward and backward, with empty splits and mixed dtypes."""
-    t, r = mpu.tp_size(), mpu.tp_rank()
+    t, r = mpu.default_context().size, mpu.default_context().rank
     def rows(src, dst):  # rows src sends to dst; some are 0
         return (src + 2 * dst) % 3
 
@@ -356,7 +351,7 @@ def _bfloat16_forward(ref):
         moe = _core_moe(ref, expert_parallel).to(torch.bfloat16)
         assert moe.gate.e_score_correction_bias.dtype == torch.float32
         for sp in (True, False):
-            with mpu.sequence_parallel(sp), torch.no_grad():
+            with mpu.default_context().sequence_parallel_for(sp), torch.no_grad():
                 x = case["x"].to(torch.bfloat16)
                 out = mpu.exit_sequence_parallel(moe(mpu.enter_sequence_parallel(x), case["tokens"]), case["tokens"])
             err = ((out.float() - case["out"]).abs().max() / case["out"].abs().max()).item()
@@ -366,15 +361,15 @@ def _bfloat16_forward(ref):
 
 
 def _checks_and_memory(refs):
-    if mpu.tp_size() > 1:
+    if mpu.default_context().size > 1:
         _new_operators()
     worst = _all_checks(refs)
-    if mpu.tp_size() > 1:
+    if mpu.default_context().size > 1:
         worst["bf16"] = _bfloat16_forward(refs[-1])
         _deterministic_expert_parallel(refs)
-    if mpu.tp_size() == 4:
+    if mpu.default_context().size == 4:
         _export_roundtrip_and_errors(refs[-1])
-    if mpu.tp_size() > 1:
+    if mpu.default_context().size > 1:
         worst["saved_a"] = _saved_bytes_ratio(expert_parallel=False)
         worst["saved_b"] = _saved_bytes_ratio(expert_parallel=True)
         assert worst["saved_a"] <= 1.05, f"mode (a) saves {worst['saved_a']:.3f} x (t=1 bytes)/t"

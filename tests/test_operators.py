@@ -5,6 +5,7 @@ import torch
 from sp_core import mpu
 from sp_core.mpu import platform
 from support.multirank import RankFailed, run_ranks
+from support.contexts import remake
 
 HIDDEN = 3
 
@@ -27,7 +28,7 @@ def _leaf(x):
 
 def _all_operators(dtype_name):
     dtype = getattr(torch, dtype_name)
-    t, r = mpu.tp_size(), mpu.tp_rank()
+    t, r = mpu.default_context().size, mpu.default_context().rank
     rows = 2 * t
     shard = slice(r * 2, (r + 1) * 2)
 
@@ -74,7 +75,7 @@ def _all_operators(dtype_name):
     for tokens in (1, 3, 5, 8):
         full = _data(6, tokens, tokens, dtype)
         x = _leaf(full)
-        with mpu.sequence_parallel(True):
+        with mpu.default_context().sequence_parallel_for(True):
             inside = mpu.enter_sequence_parallel(x)
             per_rank = mpu.padded_length(tokens) // t
             assert inside.shape[0] == per_rank
@@ -100,19 +101,19 @@ def _invariant_sums(dtype):
     """Deterministic mode: f-bar, g-bar and g's backward sum in rank order whichever rank owns a row,
     bit for bit the single-process sum x0 + x1 + ... (so f-bar's rows equal g-bar's). Returns whether the
     default collectives differ from that order somewhere (the negative control)."""
-    t, r = mpu.tp_size(), mpu.tp_rank()
+    t, r = mpu.default_context().size, mpu.default_context().rank
     rows = 32 * t
     shard = slice(r * 32, (r + 1) * 32)
     xs = [_data(7, k, rows, dtype) * 10.0 ** (k % 3) for k in range(t)]  # magnitudes apart: rounding shows
     in_order = _in_rank_order(xs)
     default = mpu.reduce_from_tp(xs[r]), mpu.reduce_scatter_to_sp(xs[r])
-    mpu.set_deterministic(True)
+    remake(deterministic=True)
     try:
         f_bar, g_bar = mpu.reduce_from_tp(xs[r]), mpu.reduce_scatter_to_sp(xs[r])
         x = _leaf(in_order[shard])
         mpu.gather_from_sp(x).backward(xs[r])
     finally:
-        mpu.set_deterministic(False)
+        remake(deterministic=False)
     assert torch.equal(f_bar, in_order), "deterministic f-bar is not the rank-order sum"
     assert torch.equal(g_bar, in_order[shard]), "deterministic g-bar is not the rank-order sum"
     assert torch.equal(x.grad, in_order[shard]), "deterministic g backward is not the rank-order sum"
@@ -150,7 +151,7 @@ def test_tp_that_does_not_divide_world():
 
 
 def _rank_one_raises():
-    if mpu.tp_rank() == 1:
+    if mpu.default_context().rank == 1:
         raise ValueError("rank one broke")
     mpu.reduce_from_tp(torch.ones(2, device=platform.current_device()))  # rank 0 waits in a collective that never completes
 

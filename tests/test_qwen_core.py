@@ -9,6 +9,7 @@ from sp_core.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks
+from support.contexts import remake
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # includes a 1-token prompt
 ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only padding
@@ -26,7 +27,7 @@ def _logprobs_sp_on_and_off(dirs):
     out = {}
     for name in MODELS:
         for sp in (False, True):
-            mpu.set_sequence_parallel(sp)
+            remake(sequence_parallel=sp)
             model = load_model(dirs[name])
             out[name, sp] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
     return out

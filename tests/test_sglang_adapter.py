@@ -237,11 +237,12 @@ def test_sp_threshold_default_comes_per_family_from_the_measured_crossover(monke
     assert causal_lm.sp_min_tokens(deepseek, 8) == causal_lm.DEFAULT_SP_MIN_TOKENS  # t = 8 not measured
     monkeypatch.setattr(platform, "backend", lambda: "gloo")  # no CPU crossover: the fallback
     assert causal_lm.sp_min_tokens(deepseek, 4) == causal_lm.DEFAULT_SP_MIN_TOKENS
-    monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "0")
-    assert causal_lm.sp_min_tokens(deepseek, 4) == 0
-    monkeypatch.setenv(causal_lm.SP_MIN_TOKENS_ENV, "lots")
+    from sp_core import settings
+
+    setting = settings.read({causal_lm.SP_MIN_TOKENS_ENV: "0"}).sp_min_tokens  # as the model's Settings hold it
+    assert causal_lm.sp_min_tokens(deepseek, 4, setting) == 0
     with pytest.raises(ModelError, match="SP_CORE_SP_MIN_TOKENS='lots': expected a non-negative integer"):
-        causal_lm.sp_min_tokens(qwen, 2)
+        causal_lm.sp_min_tokens(qwen, 2, settings.read({causal_lm.SP_MIN_TOKENS_ENV: "lots"}).sp_min_tokens)
 
 
 def test_sp_evidence_check_fails_where_sp_did_not_run_as_asked():

@@ -4,6 +4,7 @@ import pytest
 from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks
+from support.contexts import remake
 from test_qwen_core import _gradients
 
 
@@ -19,7 +20,7 @@ def _logprobs(model_dir):
 
     out = {}
     for sp in (False, True):
-        mpu.set_sequence_parallel(sp)
+        remake(sequence_parallel=sp)
         out[sp] = prompt_logprobs(load_model(model_dir), PROMPTS)
     return out
 
@@ -70,8 +71,8 @@ def _deepseek_rank(dirs):
     out = {}
     for name, d in dirs.items():
         for mode in MOE_MODES:
-            for sp in ((False, True) if mpu.tp_size() > 1 else (False,)):
-                mpu.set_sequence_parallel(sp)
+            for sp in ((False, True) if mpu.default_context().size > 1 else (False,)):
+                remake(sequence_parallel=sp)
                 model = load_model(d, moe_parallel=mode)
                 out[name, mode, sp, "logprobs"] = [prompt_logprobs(model, PROMPTS), prompt_logprobs(model, [[11]])]
             out[name, mode, "grads"] = core_lm_gradients(model, PROMPTS)

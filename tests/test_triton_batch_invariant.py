@@ -91,18 +91,17 @@ MODE_CHECK = INTERPRETER_DOT + r'''
 import sys
 import torch
 from sp_core import mpu
+from support.contexts import single_process
 from sp_core.layers import triton_batch_invariant as tbi
 from sp_core.mpu import platform
-from sp_core.mpu.parallel_state import single_rank
 from sp_core.runtime import load_model, prompt_logprobs
 from sp_core.tiny import make_checkpoint
 
 model_dir = make_checkpoint("qwen3", sys.argv[1])
 prompts = [[int(t) for t in torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n))]
            for n in (5, 1, 30, 3, 17)]
-with single_rank():
-    model = load_model(model_dir)
-    mpu.set_deterministic(True)
+with single_process():
+    model = load_model(model_dir, parallel=mpu.single_rank(deterministic=True))
     blocked = prompt_logprobs(model, prompts)
     launches = []
     platform.batch_invariant_matmul = lambda device: lambda a, b: launches.append(a.shape) or tbi.matmul(a, b)

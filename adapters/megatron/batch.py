@@ -11,7 +11,6 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from sp_core import mpu
 from sp_core.layers.attention import PackedBatch, expand_kv, packed_causal_attention
 from sp_core.models import ModelError
 
@@ -24,6 +23,8 @@ class MegatronBatch:
     """[b or 1, 1, s, s] bool, True = may attend; None = plain causal attention."""
     document_starts: Optional[torch.Tensor] = None
     """Packed documents (THD, b = 1): ``cu_seqlens``; None otherwise."""
+    deterministic: bool = False
+    """The model's context is deterministic: attention runs the core's kernel per sequence."""
 
     @property
     def seq_lens(self):
@@ -78,10 +79,10 @@ class MegatronBatch:
 
     @classmethod
     def from_megatron(cls, seq_length: int, micro_batch_size: int, device, attention_mask=None,
-                      packed_seq_params=None) -> "MegatronBatch":
+                      packed_seq_params=None, deterministic: bool = False) -> "MegatronBatch":
         cu_seqlens = packed_cu_seqlens(packed_seq_params, micro_batch_size)
         if cu_seqlens is None and attention_mask is None:
-            return cls(seq_length, micro_batch_size)
+            return cls(seq_length, micro_batch_size, deterministic=deterministic)
         allowed = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).tril()
         if cu_seqlens is not None:
             doc = document_index(cu_seqlens, seq_length)
@@ -94,7 +95,7 @@ class MegatronBatch:
             # a row with nothing left to attend to (padding) keeps its diagonal instead of giving NaN
             diagonal = torch.eye(seq_length, dtype=torch.bool, device=device)
             allowed = (allowed & ~attention_mask.bool()) | diagonal
-        return cls(seq_length, micro_batch_size, allowed, cu_seqlens)
+        return cls(seq_length, micro_batch_size, allowed, cu_seqlens, deterministic)
 
 
 def packed_cu_seqlens(packed_seq_params, micro_batch_size: int) -> Optional[torch.Tensor]:
@@ -147,7 +148,7 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     (each column, or each packed document: ``MegatronBatch.sequence_lengths``), laid out one after another:
     the call the core engine and sglang's prefill make for a prompt of it."""
     s, b = batch.seq_length, batch.micro_batch_size
-    if topk_indices is None and mpu.deterministic():
+    if topk_indices is None and batch.deterministic:
         return _per_sequence_core_kernel(q, k, v, batch, scale)
 
     def grid(x):  # [s*b (+ SP padding), heads, d] -> [b, heads, s, d]

@@ -15,7 +15,8 @@ def parameter_device(config) -> torch.device:
     return torch.device("cpu") if getattr(config, "use_cpu_initialization", False) else platform.current_device()
 
 
-def bind_tensor_parallel_group(config) -> None:
+def bind_tensor_parallel_group(config) -> mpu.ParallelContext:
+    """The core's context on Megatron's TP group, with the config's SP and ``deterministic_mode``."""
     if not parallel_state.model_parallel_is_initialized():
         raise ModelError("megatron.core.parallel_state is not initialised: call "
                          "parallel_state.initialize_model_parallel(...) before building the model")
@@ -34,5 +35,5 @@ def bind_tensor_parallel_group(config) -> None:
                              f"group (rank {parallel_state.get_tensor_model_parallel_rank()} of {size}); sp-core's "
                              f"expert parallelism needs expert_model_parallel_size = tensor_model_parallel_size, "
                              f"expert_tensor_parallel_size = 1 and Megatron's default rank order")
-    mpu.bind(group, sequence_parallel=config.sequence_parallel)
-    mpu.set_deterministic(getattr(config, "deterministic_mode", False))  # Megatron's own switch
+    return mpu.bind(group, sequence_parallel=config.sequence_parallel,
+                    deterministic=getattr(config, "deterministic_mode", False))  # Megatron's own switch

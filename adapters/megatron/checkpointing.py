@@ -25,7 +25,6 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor, ShardedTensorFactory
 
-from sp_core import mpu
 from sp_core.models.checkpoint import core_to_hf
 
 Offsets = Sequence[Tuple[int, int, int]]  # Megatron's (prepended axis, offset, size), e.g. the layer index
@@ -46,6 +45,7 @@ class _Region(NamedTuple):
 def core_sharded_state_dict(module: torch.nn.Module, prefix: str = "", sharded_offsets: Offsets = ()) -> Dict:
     """``module``'s parameters (core names) as ShardedTensorFactories keyed ``prefix + name``."""
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    tp_rank = module.parallel.rank
     _prepended(sharded_offsets)
     out = {}
     for name, param in module.state_dict(keep_vars=True).items():
@@ -54,13 +54,13 @@ def core_sharded_state_dict(module: torch.nn.Module, prefix: str = "", sharded_o
         whole = not getattr(param, "expert_parallel", False) and getattr(param, "shards", None) is None
         if whole:
             regions = [_Region("", lambda key: key, (0,) * param.ndim, tuple(param.shape), tuple(param.shape),
-                               (0,) * param.ndim, mpu.tp_rank())]
+                               (0,) * param.ndim, tp_rank)]
         else:
             regions = (_expert_block_regions(param, name) if getattr(param, "expert_parallel", False)
                        else _piece_regions(param, name))
         out[prefix + name] = ShardedTensorFactory(
             prefix + name, param, _builder(param, regions, sharded_offsets, whole), _merger(param, regions),
-            replica_id=(0, mpu.tp_rank() if whole else 0, dp_rank))
+            replica_id=(0, tp_rank if whole else 0, dp_rank))
     return out
 
 
@@ -73,7 +73,7 @@ def _prepended(sharded_offsets: Offsets):
 
 def _pieces(param):
     """(shard, row offset in this rank's tensor, first global row, rows) for every shard with real rows here."""
-    rank, offset = mpu.tp_rank(), 0
+    rank, offset = param.tp_rank, 0
     for shard in param.shards:
         start = (rank // shard.replicas) * shard.local
         rows = max(0, min(shard.local, shard.full - start))  # the rest is vocabulary padding
@@ -91,7 +91,7 @@ def _piece_regions(param, name: str) -> List[_Region]:
         key = (lambda k, suffix=suffix: k[: len(k) - len(name)] + suffix) if shard.name else (lambda k: k)
         regions.append(_Region(shard.name or "", key, _at(shape, dim, local_offset, 0), _at(shape, dim, rows),
                                _at(shape, dim, shard.full), _at(shape, dim, start, 0),
-                               mpu.tp_rank() % shard.replicas))
+                               param.tp_rank % shard.replicas))
     return regions
 
 
@@ -108,10 +108,10 @@ def _expert_block_regions(param, name: str) -> List[_Region]:
     shape = tuple(param.shape)
     halves = {"gate": 0, "up": shape[1] // 2} if name.endswith("gate_up_proj") else {"": 0}
     size = _at(shape, 1, shape[1] // len(halves))
-    global_shape = _at(size, 0, shape[0] * mpu.tp_size())
+    global_shape = _at(size, 0, shape[0] * param.tp_size)
     return [_Region(piece, (lambda key, piece=piece: f"{key}.{piece}" if piece else key),
                     _at(_at(shape, 0, 0, 0), 1, offset), size, global_shape,
-                    _at(shape, 0, mpu.tp_rank() * shape[0], 0), 0)
+                    _at(shape, 0, param.tp_rank * shape[0], 0), 0)
             for piece, offset in halves.items()]
 
 

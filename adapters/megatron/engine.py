@@ -83,7 +83,6 @@ def clip_grad_default() -> float:
 
 
 def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
-    from sp_core import mpu
     from sp_core_megatron import cpu_training, training
     from sp_core_megatron.export import export_hf_checkpoint
 
@@ -91,7 +90,7 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     model = build_model(model_dir, tp, sequence_parallel, settings.get("dtype", torch.float32),
                         settings.get("moe_parallel", "tp"), settings.get("deterministic", False),
                         **settings.get("config", {}))
-    log = progress if settings.get("progress") and mpu.tp_rank() == 0 else None
+    log = progress if settings.get("progress") and model.parallel.rank == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
                                          lr=settings.get("lr", 1e-3), clip_grad=clip_grad_default(), log=log,

@@ -26,8 +26,8 @@ import re
 from typing import Dict, Tuple
 
 import torch
+from megatron.core import parallel_state
 
-from sp_core import mpu
 from sp_core.models import ModelError
 from sp_core.models.checkpoint import (expected_pieces, hf_to_core, iter_hf_tensors, load_expert_tensor, load_piece,
                                        missing_expert_tensors, refuse_non_finite)
@@ -100,7 +100,8 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         param = expected[(name, shard)]
         if hf_name in _VOCAB_PARALLEL:  # Megatron's layout: contiguous blocks of the padded vocabulary
             rows = param.shape[0]
-            block = tensor[mpu.tp_rank() * rows:(mpu.tp_rank() + 1) * rows]
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            block = tensor[rank * rows:(rank + 1) * rows]
             param.zero_()
             param[: block.shape[0]].copy_(block)
         else:

@@ -48,13 +48,13 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
     def __init__(self, config, layer_number: int = 1, rope_theta: Optional[float] = None,
                  rope_scaling: Optional[dict] = None, **unused):
         MegatronModule.__init__(self, config)
-        bind_tensor_parallel_group(config)
+        self.parallel = bind_tensor_parallel_group(config)
         self.layer_number = layer_number
         if rope_theta is None:  # from the config when it came from transformer_config_from_hf
             rope_theta = getattr(config, "rotary_base", None) or DEFAULT_ROPE_THETA
             rope_scaling = getattr(config, "rope_scaling_config", None)
         checkpoint = self._deepseek_config(config)
-        with torch.device(parameter_device(config)):
+        with torch.device(parameter_device(config)), mpu.building(self.parallel):
             if checkpoint is not None:
                 self.layer = DeepseekDecoderLayer(checkpoint, checkpoint.layer_types[layer_number - 1],
                                                   dtype=config.params_dtype, attention_kernel=megatron_attention)
@@ -84,14 +84,16 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **unused):
         rows, b, h = hidden_states.shape
-        with mpu.sequence_parallel(self.config.sequence_parallel), batch_invariant.gemms():
-            s = rows * mpu.tp_size() if mpu.sequence_parallel_active() else rows
+        with self.parallel.sequence_parallel_for(self.config.sequence_parallel), \
+                batch_invariant.gemms(self.parallel.deterministic):
+            s = rows * self.parallel.size if self.parallel.sequence_parallel_active else rows
             cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
             if cu_seqlens is not None:
                 positions = document_positions(cu_seqlens, s)
             else:
                 positions = _s_major_positions(s, b, hidden_states.device)
-            batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params)
+            batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params,
+                                                self.parallel.deterministic)
             tokens = hidden_states.reshape(rows * b, h)
             if isinstance(self.layer, DeepseekDecoderLayer):  # Megatron's SP needs s divisible by t: no padding
                 out = self.layer(tokens, positions, batch, s * b)

@@ -7,7 +7,6 @@ import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from sp_core import mpu
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
 from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
@@ -36,12 +35,13 @@ class SPCoreGPTModel(MegatronModule):
 
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.pg_collection = pg_collection
-        bind_tensor_parallel_group(config)
+        self.parallel = bind_tensor_parallel_group(config)
         hf = ModelConfig.from_pretrained(config.sp_core_hf_model, moe_parallel_mode(config))
         check_supported_for_model(config, hf)
         self.hf_config = hf
         with torch.device(parameter_device(config)):
-            self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_attention_for)
+            self.language_model = CausalLM(hf, dtype=config.params_dtype, attention_kernel=megatron_attention_for,
+                                           parallel=self.parallel)
         load_hf_checkpoint(self.language_model, config.sp_core_hf_model)
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -68,8 +68,9 @@ class SPCoreGPTModel(MegatronModule):
             positions = position_ids.expand(b, s).t().reshape(-1)
         else:
             positions = torch.arange(s, device=input_ids.device).repeat_interleave(b)
-        batch = MegatronBatch.from_megatron(s, b, input_ids.device, attention_mask, packed_seq_params)
-        with mpu.sequence_parallel(self.config.sequence_parallel):
+        batch = MegatronBatch.from_megatron(s, b, input_ids.device, attention_mask, packed_seq_params,
+                                            self.parallel.deterministic)
+        with self.parallel.sequence_parallel_for(self.config.sequence_parallel):  # Megatron's config decides
             if labels is None:
                 logits = self.language_model.local_logits(ids, positions, batch)
                 return logits.unflatten(0, (s, b)).transpose(0, 1)

@@ -81,7 +81,7 @@ def full_gradients(model) -> Dict[str, torch.Tensor]:
             continue
         grad = getattr(param, "main_grad", None)
         grad = param.grad if grad is None else grad
-        for shard, full in gather_full(param, grad).items():
+        for shard, full in gather_full(param, grad, model.parallel).items():
             out[core_to_hf(name, shard)] = full.float().cpu().clone()  # a snapshot: main_grad is reused
     return out
 
@@ -125,7 +125,8 @@ def train(model, steps: int, seq_length: int = 32, micro_batch_size: int = 2, lr
         if grad_norms is not None:
             grad_norms.append(float(grad_norm))
         # the loss of the whole global batch, as Megatron's training log reports it (the DP ranks' mean)
-        loss = float(collectives.mean_over_group(out[0]["lm loss"], parallel_state.get_data_parallel_group()))
+        loss = float(collectives.mean_over_group(model.parallel, out[0]["lm loss"],
+                                                 parallel_state.get_data_parallel_group()))
         losses.append(loss)
         if log:
             rate = seq_length * micro_batch_size / (time.time() - start)

@@ -33,10 +33,11 @@ class RadixAttentionKernel(torch.nn.Module):
     def __init__(self, attn: torch.nn.Module):
         super().__init__()
         self.attn = attn
+        self.parallel = mpu.context_for()  # the model's, while it is being built
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: SglangBatch) -> torch.Tensor:
         n, padded, heads = batch.num_tokens, q.shape[0], q.shape[1]
-        if mpu.deterministic() and batch.forward_batch.forward_mode.is_extend():
+        if self.parallel.deterministic and batch.forward_batch.forward_mode.is_extend():
             out = self._as_the_core(q[:n], k[:n], v[:n], batch.forward_batch)
         else:
             out = self.attn(q[:n].reshape(n, -1), k[:n].reshape(n, -1), v[:n].reshape(n, -1), batch.forward_batch)

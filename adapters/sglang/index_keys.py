@@ -42,10 +42,10 @@ class SglangIndexKeys:
         """This batch's keys (all its rows, SP padding last) into their tokens' slots."""
         self._buffer(keys)[batch.forward_batch.out_cache_loc] = keys[: batch.num_tokens]
 
-    def groups(self, keys: torch.Tensor, batch) -> Iterator[KeyGroup]:
+    def groups(self, keys: torch.Tensor, batch, parallel) -> Iterator[KeyGroup]:
         """Per request: its new rows among this rank's query rows, against the keys of all its tokens."""
         forward_batch, cache = batch.forward_batch, self._buffer(keys)
-        rows = own_rows(keys.shape[0], keys.device)
+        rows = own_rows(keys.shape[0], parallel, keys.device)
         first, held = int(rows[0]) if rows.numel() else 0, rows.shape[0]
         seq_lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens.cpu()
         new = forward_batch.extend_seq_lens_cpu or [1] * forward_batch.batch_size  # decode: one row per request

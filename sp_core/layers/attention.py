@@ -69,9 +69,8 @@ def selected_keys_mask(indices: torch.Tensor, start: int) -> torch.Tensor:
     return mask & torch.ones(n, n, dtype=torch.bool, device=indices.device).tril()
 
 
-def head_split(num_heads: int, num_kv_heads: int, head_dim: int):
-    """(q shard, kv shard) of a fused qkv projection; KV heads are replicated when fewer than t."""
-    t = mpu.tp_size()
+def head_split(num_heads: int, num_kv_heads: int, head_dim: int, t: int):
+    """(q shard, kv shard) of a fused qkv projection over ``t`` ranks; KV heads are replicated when fewer than t."""
     if num_heads % t != 0:
         raise ValueError(f"num_attention_heads ({num_heads}) is not divisible by the tensor-parallel size {t}")
     if num_kv_heads >= t:
@@ -93,7 +92,7 @@ class SelfAttention(torch.nn.Module):
                  qk_norm: bool = False, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
                  kernel: AttentionKernel = packed_causal_attention):
         super().__init__()
-        shards = head_split(num_heads, num_kv_heads, head_dim)
+        shards = head_split(num_heads, num_kv_heads, head_dim, mpu.context_for().size)
         self.head_dim = head_dim
         self.q_heads, self.kv_heads = shards[0].local // head_dim, shards[1].local // head_dim  # on this rank
         self.qkv_proj = ColumnParallelLinear.packed(hidden_size, shards, bias=qkv_bias, dtype=dtype)

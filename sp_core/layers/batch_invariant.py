@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from sp_core.mpu import parallel_state as ps, platform
+from sp_core.mpu import platform
 
 CPU_BLOCK_ROWS = 16
 ACCELERATOR_BLOCK_ROWS = 128
@@ -159,10 +159,10 @@ _active = False
 
 
 @contextlib.contextmanager
-def gemms() -> Iterator[None]:
-    """Batch-invariant GEMMs for this block when the deterministic mode is on (nothing otherwise)."""
+def gemms(active: bool) -> Iterator[None]:
+    """Batch-invariant GEMMs for this block when ``active`` (a context's deterministic flag); nothing otherwise."""
     global _active
-    if _active or not (ps.is_initialized() and ps.deterministic()):
+    if _active or not active:
         yield
         return
     _active = True
@@ -174,9 +174,9 @@ def gemms() -> Iterator[None]:
 
 
 def when_deterministic(method: Callable) -> Callable:
-    """Run ``method`` inside ``gemms()``."""
+    """Run a module's ``method`` inside ``gemms(self.parallel.deterministic)``."""
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with gemms():
-            return method(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        with gemms(self.parallel.deterministic):
+            return method(self, *args, **kwargs)
     return wrapper

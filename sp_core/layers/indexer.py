@@ -52,6 +52,7 @@ class LightningIndexer(torch.nn.Module):
                  index_topk: int, rope_theta: float, rope_scaling: Optional[dict] = None,
                  dtype: Optional[torch.dtype] = None, keys: Optional["BatchIndexKeys"] = None):
         super().__init__()
+        self.parallel = mpu.context_for()
         self.n_heads, self.head_dim, self.rope_head_dim, self.index_topk = n_heads, head_dim, rope_head_dim, index_topk
         self.keys = keys if keys is not None else BatchIndexKeys()
         self.wq_b = ReplicatedLinear(q_lora_rank, n_heads * head_dim, dtype=dtype)
@@ -68,7 +69,7 @@ class LightningIndexer(torch.nn.Module):
     def _keys(self, hidden, positions) -> torch.Tensor:
         """Every row's keys [T, d] (gathered under SP)."""
         k = self._rope(positions, self.k_norm(self.wk(hidden)).unsqueeze(1)).squeeze(1)
-        return mpu.gather_from_sp(k) if mpu.sequence_parallel_active() else k
+        return mpu.gather_from_sp(k, self.parallel) if self.parallel.sequence_parallel_active else k
 
     def _projections(self, hidden, q_latent, positions):
         """Own rows' queries [rows, heads, d] and head weights [rows, heads]; every row's keys [T, d]."""
@@ -87,7 +88,7 @@ class LightningIndexer(torch.nn.Module):
         is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
         q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
         total = keys.shape[0]
-        return self._scores(q, weights, keys, batch_visible_keys(batch, total, own_rows(total, q.device)))
+        return self._scores(q, weights, keys, batch_visible_keys(batch, total, own_rows(total, self.parallel, q.device)))
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
@@ -101,7 +102,7 @@ class LightningIndexer(torch.nn.Module):
         self.keys.store(keys, batch)
         k = min(self.index_topk, longest)
         selected = torch.full((q.shape[0], k), -1, dtype=torch.int32, device=q.device)
-        for group in self.keys.groups(keys, batch):
+        for group in self.keys.groups(keys, batch, self.parallel):
             group_keys = group.keys.float()
             block = max(1, SCORE_BLOCK_BYTES // (4 * self.n_heads * max(1, group_keys.shape[0])))
             for start in range(0, group.rows.shape[0], block):  # bounds [block, heads, keys] and [block, keys]
@@ -110,7 +111,7 @@ class LightningIndexer(torch.nn.Module):
                 values, index = scores.topk(min(k, scores.shape[1]), dim=-1)
                 ids = group.ids[index].to(torch.int32).masked_fill_(values == float("-inf"), -1)
                 selected[rows, : ids.shape[1]] = ids
-        return mpu.gather_to_replicated(selected) if mpu.sequence_parallel_active() else selected
+        return mpu.gather_to_replicated(selected, self.parallel) if self.parallel.sequence_parallel_active else selected
 
 
 class Float32Linear(ReplicatedLinear):
@@ -150,9 +151,9 @@ class BatchIndexKeys:
     def longest(self, batch) -> int:
         return max(batch.seq_lens, default=0)
 
-    def groups(self, keys: torch.Tensor, batch) -> Iterator[KeyGroup]:
+    def groups(self, keys: torch.Tensor, batch, parallel) -> Iterator[KeyGroup]:
         total, device = keys.shape[0], keys.device
-        rows = own_rows(total, device)
+        rows = own_rows(total, parallel, device)
         local = torch.arange(rows.shape[0], device=device)
         yield KeyGroup(local, keys, torch.arange(total, device=device), batch_visible_keys(batch, total, rows))
 
@@ -178,10 +179,10 @@ def sequence_ids(batch, total: int, device=None) -> torch.Tensor:
     return F.pad(sequence, (0, total - sequence.shape[0]), value=-1)
 
 
-def own_rows(total: int, device=None) -> torch.Tensor:
+def own_rows(total: int, parallel, device=None) -> torch.Tensor:
     """The batch rows of this rank's queries: its token shard under SP, all rows otherwise."""
     index = torch.arange(total, device=device)
-    return mpu.scatter_to_sp(index) if mpu.sequence_parallel_active() else index
+    return mpu.scatter_to_sp(index, parallel) if parallel.sequence_parallel_active else index
 
 
 def visible_keys(sequence: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

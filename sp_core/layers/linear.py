@@ -34,16 +34,17 @@ def _shaped_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out if x.dim() == 2 else out.view(-1, *x.shape[1:-1], out.shape[-1])
 
 
-def _gathered_input_linear(x_shard: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _gathered_input_linear(parallel, x_shard: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
     """g(x) @ W^T + b (the forward of ``_GatheredInputLinear``; alone where no gradient is recorded)."""
-    _, out = collectives.all_gather_matmul(_rows(x_shard), weight.t())
+    _, out = collectives.all_gather_matmul(parallel, _rows(x_shard), weight.t())
     out = _shaped_like(out, x_shard)
     return out + bias if bias is not None else out
 
 
-def _reduce_scattered_output_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _reduce_scattered_output_linear(parallel, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """g-bar(x @ W^T) (the forward of ``_ReduceScatteredOutputLinear``; alone where no gradient is recorded)."""
-    return _shaped_like(collectives.matmul_reduce_scatter(_rows(x), weight.t()), x)
+    return _shaped_like(collectives.matmul_reduce_scatter(parallel, _rows(x), weight.t()), x)
 
 
 class _GatheredInputLinear(torch.autograd.Function):
@@ -57,22 +58,22 @@ class _GatheredInputLinear(torch.autograd.Function):
 
     @staticmethod
     @amp_forward
-    def forward(ctx, x_shard, weight, bias):
+    def forward(ctx, x_shard, weight, bias, parallel):
         ctx.save_for_backward(x_shard, weight)
-        ctx.has_bias = bias is not None
-        return _gathered_input_linear(x_shard, weight, bias)
+        ctx.has_bias, ctx.parallel = bias is not None, parallel
+        return _gathered_input_linear(parallel, x_shard, weight, bias)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad_out):
         x_shard, weight = ctx.saved_tensors
-        gathering = collectives.all_gather_start(x_shard)
+        gathering = collectives.all_gather_start(ctx.parallel, x_shard)
         grad_2d = _rows(grad_out)
-        reducing = collectives.matmul_reduce_scatter_start(grad_2d, weight)
+        reducing = collectives.matmul_reduce_scatter_start(ctx.parallel, grad_2d, weight)
         x_all = gathering.wait()
         grad_weight = grad_2d.t() @ _rows(x_all)
         grad_bias = grad_2d.sum(0) if ctx.has_bias else None
-        return _shaped_like(reducing.wait(), x_shard), grad_weight, grad_bias
+        return _shaped_like(reducing.wait(), x_shard), grad_weight, grad_bias, None
 
 
 class _ReduceScatteredOutputLinear(torch.autograd.Function):
@@ -81,33 +82,39 @@ class _ReduceScatteredOutputLinear(torch.autograd.Function):
 
     @staticmethod
     @amp_forward
-    def forward(ctx, x, weight):
+    def forward(ctx, x, weight, parallel):
         ctx.save_for_backward(x, weight)
-        return _reduce_scattered_output_linear(x, weight)
+        ctx.parallel = parallel
+        return _reduce_scattered_output_linear(parallel, x, weight)
 
     @staticmethod
     @amp_backward
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_all, grad_in = collectives.all_gather_matmul(_rows(grad_out), weight)
+        grad_all, grad_in = collectives.all_gather_matmul(ctx.parallel, _rows(grad_out), weight)
         grad_weight = grad_all.t() @ _rows(x)
-        return _shaped_like(grad_in, x), grad_weight
+        return _shaped_like(grad_in, x), grad_weight, None
 
 
 class ColumnParallelLinear(torch.nn.Module):
     """Output features split over TP. ``ColumnParallelLinear.packed`` builds one whose output packs
-    several pieces (a fused qkv or gate/up), each split over TP on its own."""
+    several pieces (a fused qkv or gate/up), each split over TP on its own. ``parallel``: the model's
+    context (default: the one being built with, see ``mpu.building``)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype: Optional[torch.dtype] = None):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype: Optional[torch.dtype] = None,
+                 parallel: Optional[mpu.ParallelContext] = None):
         super().__init__()
-        self._make_parameters(input_size, [Shard(None, output_size, _divide(output_size, mpu.tp_size(), "output size"))],
-                              bias, dtype)
+        self.parallel = mpu.context_for(parallel)
+        self._make_parameters(input_size, [Shard(None, output_size, _divide(output_size, self.parallel.size,
+                                                                            "output size"))], bias, dtype)
 
     @classmethod
     def packed(cls, input_size: int, shards: Sequence[Shard], bias: bool = False,
-               dtype: Optional[torch.dtype] = None) -> "ColumnParallelLinear":
+               dtype: Optional[torch.dtype] = None,
+               parallel: Optional[mpu.ParallelContext] = None) -> "ColumnParallelLinear":
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
+        layer.parallel = mpu.context_for(parallel)
         layer._make_parameters(input_size, shards, bias, dtype)
         return layer
 
@@ -128,8 +135,7 @@ class ColumnParallelLinear(torch.nn.Module):
         self.bias = self._parameter(own, None, dtype) if bias else None
         self.replicated_bias = self._parameter(alike, None, dtype) if bias else None
 
-    @staticmethod
-    def _parameter(shards: List[Shard], input_size: Optional[int], dtype) -> Optional[torch.nn.Parameter]:
+    def _parameter(self, shards: List[Shard], input_size: Optional[int], dtype) -> Optional[torch.nn.Parameter]:
         if not shards:
             return None
         local = sum(s.local for s in shards)
@@ -138,33 +144,34 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             param = torch.nn.Parameter(torch.empty(local, input_size, dtype=dtype))
             torch.nn.init.normal_(param, std=0.02)
-        mark_partitioned(param, 0, shards)
+        mark_partitioned(param, 0, shards, self.parallel)
         return param
 
     def _packed(self, own: Optional[torch.Tensor], alike: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """One tensor of all rows; the replicated rows each see only this rank's query heads, so their
         gradient is summed over their holders."""
-        return own if alike is None else torch.cat([own, mpu.copy_to_replicas(alike, self.replicas)])
+        return own if alike is None else torch.cat([own, mpu.copy_to_replicas(alike, self.replicas, self.parallel)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the deterministic mode keeps the packed GEMM without autograd too: a training forward and serving
         # then run the same GEMM (a kernel may round a column differently when N changes)
-        if self.replicated_weight is not None and not torch.is_grad_enabled() and not mpu.deterministic():
+        p = self.parallel
+        if self.replicated_weight is not None and not torch.is_grad_enabled() and not p.deterministic:
             return self._serve(x)
         weight, bias = self._packed(self.weight, self.replicated_weight), self._packed(self.bias, self.replicated_bias)
-        if mpu.sequence_parallel_active():
+        if p.sequence_parallel_active:
             if torch.is_grad_enabled():
-                return _GatheredInputLinear.apply(x, weight, bias)
-            return _gathered_input_linear(x, weight, bias)
-        return F.linear(mpu.copy_to_tp(x), weight, bias)
+                return _GatheredInputLinear.apply(x, weight, bias, p)
+            return _gathered_input_linear(p, x, weight, bias)
+        return F.linear(mpu.copy_to_tp(x, p), weight, bias)
 
     def _serve(self, x: torch.Tensor) -> torch.Tensor:
         """No gradient, replicated rows: one GEMM per parameter on the (once gathered) input, rather than a
         copy of the weights per call."""
-        if not mpu.sequence_parallel_active():
+        if not self.parallel.sequence_parallel_active:
             return torch.cat([F.linear(x, self.weight, self.bias),
                               F.linear(x, self.replicated_weight, self.replicated_bias)], dim=-1)
-        x_all, own = collectives.all_gather_matmul(_rows(x), self.weight.t())
+        x_all, own = collectives.all_gather_matmul(self.parallel, _rows(x), self.weight.t())
         out = torch.cat([own, x_all @ self.replicated_weight.t()], dim=-1)
         if self.bias is not None:
             out = out + torch.cat([self.bias, self.replicated_bias])
@@ -175,12 +182,12 @@ class RowParallelLinear(torch.nn.Module):
     """Input features split over TP; the partial products are summed (f-bar) or reduce-scattered (g-bar)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, parallel: Optional[mpu.ParallelContext] = None):
         super().__init__()
-        t = mpu.tp_size()
-        local = _divide(input_size, t, "input size")
+        self.parallel = mpu.context_for(parallel)
+        local = _divide(input_size, self.parallel.size, "input size")
         self.weight = torch.nn.Parameter(torch.empty(output_size, local, dtype=dtype))
-        mark_partitioned(self.weight, 1, [Shard(None, input_size, local)])
+        mark_partitioned(self.weight, 1, [Shard(None, input_size, local)], self.parallel)
         self.bias = None
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=dtype))
@@ -188,15 +195,16 @@ class RowParallelLinear(torch.nn.Module):
         torch.nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if mpu.sequence_parallel_active():
+        p = self.parallel
+        if p.sequence_parallel_active:
             if torch.is_grad_enabled():
-                out = _ReduceScatteredOutputLinear.apply(x, self.weight)
+                out = _ReduceScatteredOutputLinear.apply(x, self.weight, p)
             else:
-                out = _reduce_scattered_output_linear(x, self.weight)
+                out = _reduce_scattered_output_linear(p, x, self.weight)
         elif torch.is_grad_enabled():
-            out = mpu.reduce_from_tp(F.linear(x, self.weight))
+            out = mpu.reduce_from_tp(F.linear(x, self.weight), p)
         else:  # f-bar's plain all-reduce, into the partial product this layer just made (no copy of it)
-            out = collectives.all_reduce(F.linear(x, self.weight), in_place=True)
+            out = collectives.all_reduce(p, F.linear(x, self.weight), in_place=True)
         return out + self.bias if self.bias is not None else out
 
 
@@ -204,8 +212,9 @@ class ReplicatedLinear(torch.nn.Module):
     """Every rank holds the whole weight and applies it to its own tokens."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, parallel: Optional[mpu.ParallelContext] = None):
         super().__init__()
+        self.parallel = mpu.context_for(parallel)
         self.gather_output = gather_output
         self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=dtype))
         mark_sequence_parallel(self.weight)
@@ -217,6 +226,6 @@ class ReplicatedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.gather_output and mpu.sequence_parallel_active():
-            out = mpu.gather_from_sp(out)
+        if self.gather_output and self.parallel.sequence_parallel_active:
+            out = mpu.gather_from_sp(out, self.parallel)
         return out

@@ -56,36 +56,36 @@ class _GatheredLatentUp(torch.autograd.Function):
 
     @staticmethod
     @amp_forward
-    def forward(ctx, latent_shard, widths, *weights):
-        ctx.widths = widths
+    def forward(ctx, latent_shard, widths, parallel, *weights):
+        ctx.widths, ctx.parallel = widths, parallel
         ctx.save_for_backward(latent_shard, *weights)
-        pieces = collectives.all_gather(latent_shard).split(widths, dim=-1)
+        pieces = collectives.all_gather(parallel, latent_shard).split(widths, dim=-1)
         return tuple(F.linear(x, w) if w is not None else x.contiguous() for x, w in zip(pieces, weights))
 
     @staticmethod
     @amp_backward
     def backward(ctx, *grads):
         latent_shard, *weights = ctx.saved_tensors
-        gathering = collectives.all_gather_start(latent_shard)
-        rows = grads[0].shape[0] if grads[0] is not None else latent_shard.shape[0] * mpu.tp_size()
+        gathering = collectives.all_gather_start(ctx.parallel, latent_shard)
+        rows = grads[0].shape[0] if grads[0] is not None else latent_shard.shape[0] * ctx.parallel.size
         grad_pieces = []
         for g, w, width in zip(grads, weights, ctx.widths):
             if g is None:
                 grad_pieces.append(latent_shard.new_zeros(rows, width))
             else:
                 grad_pieces.append(g @ w if w is not None else g)
-        reducing = collectives.reduce_scatter_start(torch.cat(grad_pieces, dim=-1))
+        reducing = collectives.reduce_scatter_start(ctx.parallel, torch.cat(grad_pieces, dim=-1))
         pieces = gathering.wait().split(ctx.widths, dim=-1)
         grad_weights = [None if w is None or g is None else g.t() @ x for g, w, x in zip(grads, weights, pieces)]
-        return (reducing.wait(), None, *grad_weights)
+        return (reducing.wait(), None, None, *grad_weights)
 
 
-def gathered_latent_up(latent: torch.Tensor, widths: List[int], weights: List[Optional[torch.Tensor]]):
+def gathered_latent_up(parallel, latent: torch.Tensor, widths: List[int], weights: List[Optional[torch.Tensor]]):
     """The latent's pieces over all tokens, up-projected where a weight is given. Under SP ``latent`` is
     the token shard (g); otherwise all tokens (f)."""
-    if mpu.sequence_parallel_active():
-        return _GatheredLatentUp.apply(latent, list(widths), *weights)
-    pieces = mpu.copy_to_tp(latent).split(widths, dim=-1)
+    if parallel.sequence_parallel_active:
+        return _GatheredLatentUp.apply(latent, list(widths), parallel, *weights)
+    pieces = mpu.copy_to_tp(latent, parallel).split(widths, dim=-1)
     return tuple(F.linear(x, w) if w is not None else x for x, w in zip(pieces, weights))
 
 
@@ -137,7 +137,8 @@ class MultiHeadLatentAttention(torch.nn.Module):
                  bias: bool = False, kernel: Union[AttentionKernel, LatentAttentionKernel] = packed_causal_attention,
                  indexer: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.num_local_heads = _divide(num_heads, mpu.tp_size(), "num_attention_heads")
+        self.parallel = mpu.context_for()
+        self.num_local_heads = _divide(num_heads, self.parallel.size, "num_attention_heads")
         self.nope, self.rope, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.kv_lora_rank = kv_lora_rank
@@ -188,13 +189,14 @@ class MultiHeadLatentAttention(torch.nn.Module):
     def _project(self, hidden: torch.Tensor, positions: torch.Tensor, kv_up: Optional[torch.Tensor]):
         """(local positions, the latent shard, q [T, heads, qk_head] with roped q_pe, kv, k_pe): the work both
         forms share. kv is ``kv_b_proj``(kv_lat) with ``kv_up`` its weight, or kv_lat itself with None."""
-        local_positions = mpu.scatter_to_sp(positions) if mpu.sequence_parallel_active() else positions
+        p = self.parallel
+        local_positions = mpu.scatter_to_sp(positions, p) if p.sequence_parallel_active else positions
         latent = self.latent(hidden, local_positions)
         if self.q_lora_rank is None:
-            kv, k_pe = gathered_latent_up(latent, self.latent_widths, [kv_up, None])
+            kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [kv_up, None])
             q = self.q_proj(hidden)
         else:
-            q, kv, k_pe = gathered_latent_up(latent, self.latent_widths, [self.q_b_proj.weight, kv_up, None])
+            q, kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [self.q_b_proj.weight, kv_up, None])
         q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
         return local_positions, latent, q_nope, self.rotary.rotate(positions, q_pe), kv, k_pe
 

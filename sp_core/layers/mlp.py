@@ -14,7 +14,7 @@ from sp_core.layers.sharding import Shard
 class SwiGLUMLP(torch.nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        local = _divide(intermediate_size, mpu.tp_size(), "intermediate_size")
+        local = _divide(intermediate_size, mpu.context_for().size, "intermediate_size")
         shards = [Shard("gate", intermediate_size, local), Shard("up", intermediate_size, local)]
         self.gate_up_proj = ColumnParallelLinear.packed(hidden_size, shards, dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, dtype=dtype)

@@ -63,8 +63,9 @@ class _ExpertInputGEMMs(torch.autograd.Function):
 
     @staticmethod
     @amp_forward
-    def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up):
+    def forward(ctx, x_all, x_shard, tokens, rows, gate_up, shared_gate_up, parallel):
         ctx.save_for_backward(x_shard, tokens, rows, gate_up, shared_gate_up)
+        ctx.parallel = parallel
         ctx.num_tokens = x_all.shape[0]
         shared = F.linear(x_all, shared_gate_up) if shared_gate_up is not None else x_all.new_zeros(0)
         return grouped_linear(x_all[tokens], gate_up, rows), shared
@@ -73,7 +74,7 @@ class _ExpertInputGEMMs(torch.autograd.Function):
     @amp_backward
     def backward(ctx, grad_routed, grad_shared):
         x_shard, tokens, rows, gate_up, shared_gate_up = ctx.saved_tensors
-        gathering = collectives.all_gather_start(x_shard)
+        gathering = collectives.all_gather_start(ctx.parallel, x_shard)
         grad_x = grouped_linear(grad_routed, gate_up.transpose(1, 2), rows)
         grad_x = grad_x.new_zeros(ctx.num_tokens, grad_x.shape[1]).index_add(0, tokens, grad_x)
         if shared_gate_up is not None:
@@ -81,7 +82,7 @@ class _ExpertInputGEMMs(torch.autograd.Function):
         x_all = gathering.wait()[:ctx.num_tokens]
         grad_gate_up = grouped_weight_grad(grad_routed, x_all[tokens], gate_up, rows)
         grad_shared_gate_up = grad_shared.t() @ x_all if shared_gate_up is not None else None
-        return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up
+        return grad_x, None, None, None, grad_gate_up, grad_shared_gate_up, None
 
 
 COMBINE_BLOCKS = 8  # no-grad combine: token blocks, each un-permuting 1/8 of the expert rows at a time
@@ -115,6 +116,7 @@ class MoE(torch.nn.Module):
                  num_experts_per_tok: int, n_shared_experts: Optional[int], router_config: RouterConfig,
                  expert_parallel: bool, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        self.parallel = mpu.context_for()
         if router_config.num_experts != n_routed_experts or router_config.top_k != num_experts_per_tok:
             raise ValueError(f"router_config routes top-{router_config.top_k} of {router_config.num_experts} experts, "
                              f"the MoE has top-{num_experts_per_tok} of {n_routed_experts}")
@@ -129,18 +131,19 @@ class MoE(torch.nn.Module):
         self._loaded: set = set()  # (expert, projection) pairs read from the checkpoint
 
     def _build_expert_parallel(self, hidden_size: int, shared_size: int, dtype) -> None:
-        t, E = mpu.tp_size(), self.num_experts
+        t, E = self.parallel.size, self.num_experts
         if E % t != 0:
             raise ValueError(f"n_routed_experts ({E}) is not divisible by the tensor-parallel size {t}, needed for "
                              f"expert parallelism; use TP-sharded experts (expert_parallel=False) or a tp size "
                              f"that divides {E}")
         self.local_experts = E // t
-        self.first_expert = mpu.tp_rank() * self.local_experts
+        self.first_expert = self.parallel.rank * self.local_experts
         self.experts = GroupedExperts(self.local_experts, hidden_size, self.intermediate_size, dtype)
         for param in self.experts.parameters():  # whole experts: complete gradients on the owner
             param.allreduce, param.expert_parallel = False, True
             # unique to this TP rank (its block of experts, dim 0): counted once per rank in a gradient norm
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
+            param.tp_rank, param.tp_size = self.parallel.rank, self.parallel.size
         self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
         if self.shared_experts is not None:  # replicated, applied to the token shard
             gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
@@ -151,31 +154,35 @@ class MoE(torch.nn.Module):
             gate_up.shards = [Shard("gate", shared_size, shared_size, t), Shard("up", shared_size, shared_size, t)]
 
     def _build_tp_sharded(self, hidden_size: int, shared_size: int, dtype) -> None:
-        t, inter = mpu.tp_size(), self.intermediate_size
+        t, inter = self.parallel.size, self.intermediate_size
         local = _divide(inter, t, "moe_intermediate_size (TP-sharded experts)")
         self.local_experts, self.first_expert = self.num_experts, 0
         self.experts = GroupedExperts(self.num_experts, hidden_size, local, dtype)
-        mark_partitioned(self.experts.gate_up_proj, 1, [Shard("gate", inter, local), Shard("up", inter, local)])
-        mark_partitioned(self.experts.down_proj, 2, [Shard(None, inter, local)])
+        mark_partitioned(self.experts.gate_up_proj, 1, [Shard("gate", inter, local), Shard("up", inter, local)],
+                         self.parallel)
+        mark_partitioned(self.experts.down_proj, 2, [Shard(None, inter, local)], self.parallel)
         self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
         if self.shared_experts is not None:
             shared_local = shared_size // t
             mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
-                             [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)])
-            mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)])
+                             [Shard("gate", shared_size, shared_local), Shard("up", shared_size, shared_local)],
+                             self.parallel)
+            mark_partitioned(self.shared_experts.down_proj.weight, 1, [Shard(None, shared_size, shared_local)],
+                             self.parallel)
 
     # ---- forward ----------------------------------------------------------------------------------
 
     def forward(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """``hidden``: this rank's token shard (SP on) or all tokens; ``num_tokens``: real tokens in the
         batch. Returns the same layout; padding rows come back zero."""
-        sp = mpu.sequence_parallel_active()
+        p = self.parallel
+        sp = p.sequence_parallel_active
         if sp:
-            held = max(0, min(hidden.shape[0], num_tokens - mpu.tp_rank() * hidden.shape[0]))
+            held = max(0, min(hidden.shape[0], num_tokens - p.rank * hidden.shape[0]))
         else:
             held = min(num_tokens, hidden.shape[0])
         ids, weights = self.gate(hidden[:held])
-        if not sp and self.expert_parallel and mpu.deterministic():
+        if not sp and self.expert_parallel and p.deterministic:
             return _pad_rows(self._dispatch_replicated(hidden[:held], ids, weights), hidden.shape[0])
         if sp and self.expert_parallel:
             out = self._dispatch_to_owners(hidden[:held], ids, weights)
@@ -184,16 +191,16 @@ class MoE(torch.nn.Module):
             return _pad_rows(out, hidden.shape[0])
         if sp:  # mode (a): one g on the hidden state and the routing (padding rows carry no routing)
             partial = self._sharded_experts_on_gathered(hidden, ids, weights, held, num_tokens)
-            return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * mpu.tp_size()))
+            return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * p.size), p)
         # SP off: every rank holds all tokens and routes them identically
-        x, weights = mpu.copy_to_tp(hidden[:held]), mpu.copy_to_tp(weights)
+        x, weights = mpu.copy_to_tp(hidden[:held], p), mpu.copy_to_tp(weights, p)
         partial = self._local_experts(x, ids, weights)
         if self.expert_parallel:  # replicated shared experts on replicated tokens: added after the sum
-            out = mpu.reduce_from_tp(partial)
+            out = mpu.reduce_from_tp(partial, p)
             if self.shared_experts is not None:
                 out = out + self.shared_experts(hidden[:held])
         else:
-            out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial)
+            out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial, p)
         return _pad_rows(out, hidden.shape[0])
 
     def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -220,13 +227,13 @@ class MoE(torch.nn.Module):
         token shard. The gathered tokens are dropped once the input GEMMs have read them."""
         pad = hidden.shape[0] - held
         x_all, weights, ids = mpu.gather_from_sp_packed(
-            hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)))
+            hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)), parallel=self.parallel)
         weights, ids = weights[:num_tokens], ids[:num_tokens]
         slots, rows = self._sort_slots(ids)
         tokens = slots // self.top_k
         shared = self.shared_experts.gate_up_proj.weight if self.shared_experts is not None else None
         h_routed, h_shared = _ExpertInputGEMMs.apply(x_all[:num_tokens], hidden, tokens, rows,
-                                                     self.experts.gate_up_proj, shared)
+                                                     self.experts.gate_up_proj, shared, self.parallel)
         del x_all  # the largest buffer SP adds; nothing below reads it (backward re-gathers the shard)
         y = self.experts.activate_and_down(h_routed, rows, scale=weights.reshape(-1)[slots])
         del h_routed
@@ -240,29 +247,31 @@ class MoE(torch.nn.Module):
         whether SP is on or off (summing each rank's local experts, then the partials over TP, rounds
         differently: sglang switches SP per batch, Megatron does not). The gradients stay those of SP off:
         the router and the shared experts run on every token; the scatter's backward gathers the rest."""
-        num_tokens, t = x.shape[0], mpu.tp_size()
-        share = mpu.padded_length(num_tokens) // t
-        mine = max(0, min(share, num_tokens - mpu.tp_rank() * share))
-        x_share = mpu.scatter_to_sp(mpu.pad_to_multiple(x))[:mine]
-        weights_share = mpu.scatter_to_sp(mpu.pad_to_multiple(weights))[:mine]
-        ids_share = mpu.pad_to_multiple(ids)[mpu.tp_rank() * share:][:mine]
+        p = self.parallel
+        num_tokens, t = x.shape[0], p.size
+        share = mpu.padded_length(num_tokens, p) // t
+        mine = max(0, min(share, num_tokens - p.rank * share))
+        x_share = mpu.scatter_to_sp(mpu.pad_to_multiple(x, parallel=p), p)[:mine]
+        weights_share = mpu.scatter_to_sp(mpu.pad_to_multiple(weights, parallel=p), p)[:mine]
+        ids_share = mpu.pad_to_multiple(ids, parallel=p)[p.rank * share:][:mine]
         routed = self._dispatch_to_owners(x_share, ids_share, weights_share)
-        out = mpu.gather_to_replicated(_pad_rows(routed, share))[:num_tokens]
+        out = mpu.gather_to_replicated(_pad_rows(routed, share), p)[:num_tokens]
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
     def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""
-        t, per_rank = mpu.tp_size(), self.local_experts
+        p = self.parallel
+        t, per_rank = p.size, self.local_experts
         expert = ids.reshape(-1)
         slots = expert.argsort(stable=True)  # by expert, hence by owner rank
         sent_per_expert = count_per_expert(expert, self.num_experts)
-        got_per_expert = collectives.all_to_all(sent_per_expert, [per_rank] * t, [per_rank] * t).view(t, per_rank)
+        got_per_expert = collectives.all_to_all(p, sent_per_expert, [per_rank] * t, [per_rank] * t).view(t, per_rank)
         send_rows = sent_per_expert.view(t, per_rank).sum(1).tolist()
         recv_rows = got_per_expert.sum(1).tolist()
-        received = mpu.all_to_all_tp(x[slots // self.top_k], send_rows, recv_rows)
+        received = mpu.all_to_all_tp(x[slots // self.top_k], send_rows, recv_rows, p)
         # the routing weights travel too and scale the activations on the owner, as in mode (a): the
         # combine then saves no [rows, H] expert output for the weights' gradient
-        received_weights = mpu.all_to_all_tp(weights.reshape(-1, 1)[slots], send_rows, recv_rows)
+        received_weights = mpu.all_to_all_tp(weights.reshape(-1, 1)[slots], send_rows, recv_rows, p)
         # received: per source rank, rows grouped by local expert -> regroup by local expert
         local_expert = torch.arange(per_rank, device=x.device).repeat(t).repeat_interleave(got_per_expert.reshape(-1))
         by_expert = local_expert.argsort(stable=True)
@@ -271,7 +280,7 @@ class MoE(torch.nn.Module):
         y = self.experts(received, got_per_expert.sum(0), scale=received_weights[by_expert, 0])
         del received
         y = y[by_expert.argsort()]
-        back = mpu.all_to_all_tp(y, recv_rows, send_rows)
+        back = mpu.all_to_all_tp(y, recv_rows, send_rows, p)
         del y
         return _combine(back, slots, self.top_k, x.shape[0])
 
@@ -309,7 +318,7 @@ class MoE(torch.nn.Module):
         if not 0 <= local < self.local_experts:
             return  # another rank's expert (mode b)
         width = self.experts.down_proj.shape[2]  # this rank's intermediate slice
-        piece = full.narrow(int(down), (0 if self.expert_parallel else mpu.tp_rank() * width), width)
+        piece = full.narrow(int(down), (0 if self.expert_parallel else self.parallel.rank * width), width)
         with torch.no_grad():
             if down:
                 self.experts.down_proj[local].copy_(piece)
@@ -335,13 +344,15 @@ class MoE(torch.nn.Module):
         I = self.intermediate_size
         if self.expert_parallel:
             gather = collectives.gather_to_first if to_first else collectives.all_gather
-            full_gate_up, full_down = gather(values(gate_up).contiguous()), gather(values(down).contiguous())
+            full_gate_up = gather(self.parallel, values(gate_up).contiguous())
+            full_down = gather(self.parallel, values(down).contiguous())
             if full_gate_up is None:
                 return None
             parts = {"gate": full_gate_up[:, :I], "up": full_gate_up[:, I:], "down": full_down}
         else:
             gather = gather_full_to_first if to_first else gather_full
-            pieces, down_full = gather(gate_up, values(gate_up)), gather(down, values(down))
+            pieces = gather(gate_up, values(gate_up), self.parallel)
+            down_full = gather(down, values(down), self.parallel)
             if pieces is None:
                 return None
             parts = {"gate": pieces["gate"], "up": pieces["up"], "down": down_full[None]}

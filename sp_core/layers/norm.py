@@ -25,6 +25,8 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.per_head_on_tp_shard = per_head_on_tp_shard
+        # the weight of a norm applied per head on this rank's heads: its gradient is a partial sum (f)
+        self.parallel = mpu.context_for() if per_head_on_tp_shard else None
         self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype))
         if not per_head_on_tp_shard:
             mark_sequence_parallel(self.weight)
@@ -39,7 +41,7 @@ class RMSNorm(torch.nn.Module):
         return self._norm(added), added
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        weight = mpu.copy_to_tp(self.weight) if self.per_head_on_tp_shard else self.weight
+        weight = mpu.copy_to_tp(self.weight, self.parallel) if self.per_head_on_tp_shard else self.weight
         fused = platform.fused_rms_norm()
         if fused is not None and _same_dtype(x, weight):
             return fused(x, weight, self.eps)

@@ -12,7 +12,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from sp_core.mpu import collectives, parallel_state as ps
+from sp_core.mpu import collectives
+from sp_core.mpu.context import ParallelContext, context_for
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,16 @@ class Shard:
 REPLICATED = "replicated_"  # name prefix of a packed layer's parameter whose rows several ranks hold alike
 
 
-def mark_partitioned(param: torch.nn.Parameter, dim: int, shards: List[Shard]) -> None:
-    """Megatron's attributes and ``shards``. Megatron counts a parameter tagged ``tensor_model_parallel`` on
-    every TP rank in a gradient norm, any other on TP rank 0 only: rows that ``replicas`` ranks hold alike
-    are tagged on the first of them only (TP rank 0 is always one)."""
+def mark_partitioned(param: torch.nn.Parameter, dim: int, shards: List[Shard], parallel: ParallelContext) -> None:
+    """Megatron's attributes, ``shards`` and the rank's place in ``parallel``'s TP group (``tp_rank``,
+    ``tp_size``). Megatron counts a parameter tagged ``tensor_model_parallel`` on every TP rank in a gradient
+    norm, any other on TP rank 0 only: rows that ``replicas`` ranks hold alike are tagged on the first of
+    them only (TP rank 0 is always one)."""
     replicas = {s.replicas for s in shards}
     if len(replicas) > 1:
         raise ValueError(f"pieces held by different numbers of ranks need parameters of their own: {shards}")
-    param.tensor_model_parallel = ps.tp_rank() % replicas.pop() == 0
+    param.tp_rank, param.tp_size = parallel.rank, parallel.size
+    param.tensor_model_parallel = parallel.rank % replicas.pop() == 0
     param.partition_dim = dim
     param.partition_stride = 1
     param.shards = shards
@@ -77,7 +80,7 @@ def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optiona
         raise KeyError(f"no shard named {shard_name!r} in {[s.name for s in shards]}")
     if full.shape[dim] != shard.full:
         raise ValueError(f"size {full.shape[dim]} along dim {dim} does not match the expected {shard.full}")
-    group_index = ps.tp_rank() // shard.replicas
+    group_index = param.tp_rank // shard.replicas
     start = group_index * shard.local
     piece = full.narrow(dim, min(start, shard.full), max(0, min(shard.local, shard.full - start)))
     target = param.data.narrow(dim, offset, shard.local)
@@ -85,23 +88,26 @@ def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optiona
     target.narrow(dim, 0, piece.shape[dim]).copy_(piece)
 
 
-def gather_full(param: torch.Tensor, values: Optional[torch.Tensor] = None) -> Dict[Optional[str], torch.Tensor]:
+def gather_full(param: torch.Tensor, values: Optional[torch.Tensor] = None,
+                parallel: Optional[ParallelContext] = None) -> Dict[Optional[str], torch.Tensor]:
     """Every shard of ``param`` as its full checkpoint tensor, on every rank (collective: call on all
-    TP ranks). ``values``: a tensor laid out like ``param`` to gather instead (e.g. its gradient)."""
+    TP ranks of the model's context ``parallel``). ``values``: a tensor laid out like ``param`` to gather
+    instead (e.g. its gradient)."""
     values = (param if values is None else values).detach()
     if getattr(param, "shards", None) is None:
         return {None: values}
     local = values.transpose(0, param.partition_dim).contiguous()
-    return _full_tensors(param, collectives.all_gather(local))
+    return _full_tensors(param, collectives.all_gather(context_for(parallel), local))
 
 
-def gather_full_to_first(param: torch.Tensor, values: Optional[torch.Tensor] = None
-                         ) -> Optional[Dict[Optional[str], torch.Tensor]]:
+def gather_full_to_first(param: torch.Tensor, values: Optional[torch.Tensor] = None,
+                         parallel: Optional[ParallelContext] = None) -> Optional[Dict[Optional[str], torch.Tensor]]:
     """``gather_full`` onto TP rank 0 only; the other ranks send their slices and get None."""
     values = (param if values is None else values).detach()
+    p = context_for(parallel)
     if getattr(param, "shards", None) is None:
-        return {None: values} if ps.tp_rank() == 0 else None
-    every_rank = collectives.gather_to_first(values.transpose(0, param.partition_dim).contiguous())
+        return {None: values} if p.rank == 0 else None
+    every_rank = collectives.gather_to_first(p, values.transpose(0, param.partition_dim).contiguous())
     return None if every_rank is None else _full_tensors(param, every_rank)
 
 
@@ -120,7 +126,7 @@ def full_shapes(param: torch.Tensor) -> Dict[Optional[str], tuple]:
 
 def _full_tensors(param: torch.Tensor, stacked: torch.Tensor) -> Dict[Optional[str], torch.Tensor]:
     """Every rank's local tensor (partition dim first), stacked in rank order -> full tensors by shard."""
-    dim, t = param.partition_dim, ps.tp_size()
+    dim, t = param.partition_dim, param.tp_size
     every_rank = stacked.chunk(t, dim=0)
     out, offset = {}, 0
     for shard in param.shards:

@@ -23,14 +23,18 @@ _BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel,
 
 class CausalLM(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: Optional[torch.dtype] = None,
-                 attention_kernel: KernelForLayer = packed_causal_attention_for):
+                 attention_kernel: KernelForLayer = packed_causal_attention_for,
+                 parallel: Optional[mpu.ParallelContext] = None):
         """``attention_kernel(layer_index)``: the attention kernel of each decoder layer (default: the
-        core's packed causal attention over ``PackedBatch``); a framework passes its own."""
+        core's packed causal attention over ``PackedBatch``); a framework passes its own. ``parallel``: this
+        model's context, which every layer keeps (default: the one made last, ``mpu.default_context``)."""
         super().__init__()
-        cfg.check_tp(mpu.tp_size())
+        self.parallel = mpu.context_for(parallel)
+        cfg.check_tp(self.parallel.size)
         self.config = cfg
-        self.model = _BODIES[cfg.architecture](cfg, dtype=dtype, attention_kernel=attention_kernel)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        with mpu.building(self.parallel):
+            self.model = _BODIES[cfg.architecture](cfg, dtype=dtype, attention_kernel=attention_kernel)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
@@ -40,8 +44,8 @@ class CausalLM(torch.nn.Module):
         Token ids are not validated here (a host sync per forward): entry points check the prompts
         (``sp_core.engines.check_prompts``), servers check ids on arrival."""
         num_tokens = input_ids.shape[0]
-        if mpu.sequence_parallel_active():
-            input_ids, positions = mpu.pad_1d(input_ids), mpu.pad_1d(positions)
+        if self.parallel.sequence_parallel_active:
+            input_ids, positions = mpu.pad_1d(input_ids, self.parallel), mpu.pad_1d(positions, self.parallel)
         return self.model(input_ids, positions, batch, num_tokens)
 
     @batch_invariant.when_deterministic
@@ -53,9 +57,9 @@ class CausalLM(torch.nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Full logits [T, vocab] on every rank (inference)."""
-        return gather_vocab(self.local_logits(input_ids, positions, batch), self.config.vocab_size)
+        return gather_vocab(self.local_logits(input_ids, positions, batch), self.config.vocab_size, self.parallel)
 
     def loss(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [T] without gathering the vocabulary."""
         logits = self.local_logits(input_ids, positions, batch)
-        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size)
+        return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size, self.parallel)

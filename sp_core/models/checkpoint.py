@@ -287,7 +287,7 @@ def export_state_dict(model: torch.nn.Module, grads: bool = False) -> Dict[str, 
         if grads and not isinstance(tensor, torch.nn.Parameter):
             continue
         values = (tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)) if grads else None
-        for shard, full in gather_full(tensor, values).items():
+        for shard, full in gather_full(tensor, values, model.parallel).items():
             out[core_to_hf(name, shard)] = full.contiguous().cpu()
     for prefix, moe in _expert_owners(model).items():
         for key, full in moe.export_expert_tensors(grads=grads).items():
@@ -324,7 +324,7 @@ def _export_stream(model: torch.nn.Module):
         current_name, full = None, None
         for name, tensor, shard, hf_name, _ in _exported_tensors(model):
             if current_name != name:  # one collective per parameter, all its shards at once
-                full, current_name = gather_full_to_first(tensor), name
+                full, current_name = gather_full_to_first(tensor, parallel=model.parallel), name
             yield hf_name, (None if full is None else full[shard])
         for prefix, moe, shapes in _exported_experts(model):
             experts = moe.export_expert_tensors(to_first=True)
@@ -370,9 +370,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
     Weights with NaN or inf are refused (NonFiniteError) and nothing is written."""
     from safetensors.torch import save_file
 
-    from sp_core import mpu
-
-    writer = mpu.tp_rank() == 0
+    writer = model.parallel.rank == 0
     sizes, tensors = _export_stream(model)
     plan = _plan_files(sizes, max_shard_bytes)
     out_dir = os.path.abspath(out_dir)

@@ -1,6 +1,18 @@
-"""Model-parallel utilities: platform, parallel state, collectives and the paper's operators."""
+"""Model-parallel utilities: the parallel context, collectives and the paper's operators."""
 from sp_core.mpu import platform
-from sp_core.mpu.collectives import counting as counting_collectives
+from sp_core.mpu.door import counting as counting_collectives
+from sp_core.mpu.context import (
+    ParallelContext,
+    ParallelStateError,
+    bind,
+    building,
+    context_for,
+    default_context,
+    destroy,
+    initialize,
+    is_initialized,
+    single_rank,
+)
 from sp_core.mpu.grads import allreduce_sequence_parallel_grads
 from sp_core.mpu.operators import (
     all_to_all_tp,
@@ -17,19 +29,4 @@ from sp_core.mpu.operators import (
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_sp,
-)
-from sp_core.mpu.parallel_state import (
-    ParallelStateError,
-    bind,
-    deterministic,
-    destroy,
-    initialize,
-    is_initialized,
-    sequence_parallel,
-    sequence_parallel_active,
-    set_deterministic,
-    set_sequence_parallel,
-    tp_group,
-    tp_rank,
-    tp_size,
 )

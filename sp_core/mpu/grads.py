@@ -1,22 +1,25 @@
 """Gradient finalisation for users outside Megatron (Megatron's finalize_model_grads does the same)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
-from sp_core.mpu import collectives, parallel_state as ps
+from sp_core.mpu import collectives
+from sp_core.mpu.context import ParallelContext, context_for
 
 
-def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter]) -> int:
+def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter],
+                                      parallel: Optional[ParallelContext] = None) -> int:
     """Sum over TP the gradients of parameters tagged ``sequence_parallel`` (each rank saw only its
     token shard, so its gradient is a partial sum). Returns how many gradients were summed."""
-    if not ps.sequence_parallel_active():
+    p = context_for(parallel)
+    if not p.sequence_parallel_active:
         return 0
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [q.grad for q in params if getattr(q, "sequence_parallel", False) and q.grad is not None]
     if not grads:
         return 0
-    flat = collectives.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+    flat = collectives.all_reduce(p, torch.cat([g.reshape(-1) for g in grads]))
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))
     return len(grads)

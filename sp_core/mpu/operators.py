@@ -12,141 +12,152 @@ Function each, and the two edges of the sequence-parallel region.
     g, many  gather_from_sp_packed one all-gather| reduce-scatter of each gradient
     a2a      all_to_all_tp         all-to-all    | all-to-all with the splits swapped (expert dispatch)
 
-All act on dim 0 (tokens). Where autograd records nothing (no-grad, or an input that needs no gradient)
+All act on dim 0 (tokens) over the TP group of a ``ParallelContext`` (the caller's; the default context
+when none is given: one model per process). Where autograd records nothing (no-grad, or an input that needs no gradient)
 they are the plain forward collectives, called without an autograd Function (serving's host cost).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from sp_core.mpu import collectives as c
-from sp_core.mpu import parallel_state as ps
+from sp_core.mpu.context import ParallelContext, context_for
 from sp_core.mpu.platform import amp_backward, amp_forward
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
         return x
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return c.all_reduce(grad)
+    def backward(fctx, grad):
+        return c.all_reduce(fctx.parallel, grad), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
-        return c.all_reduce(x)
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
+        return c.all_reduce(parallel, x)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return grad
+    def backward(fctx, grad):
+        return grad, None
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
-        return c.all_gather(x)
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
+        return c.all_gather(parallel, x)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return c.reduce_scatter(grad)
+    def backward(fctx, grad):
+        return c.reduce_scatter(fctx.parallel, grad), None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
-        return c.reduce_scatter(x)
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
+        return c.reduce_scatter(parallel, x)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return c.all_gather(grad)
+    def backward(fctx, grad):
+        return c.all_gather(fctx.parallel, grad), None
 
 
 class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
-        return c.split(x)
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
+        return c.split(parallel, x)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return c.all_gather(grad)
+    def backward(fctx, grad):
+        return c.all_gather(fctx.parallel, grad), None
 
 
 class _GatherToReplicated(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x):
-        return c.all_gather(x)
+    def forward(fctx, x, parallel):
+        fctx.parallel = parallel
+        return c.all_gather(parallel, x)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        return c.split(grad)
+    def backward(fctx, grad):
+        return c.split(fctx.parallel, grad), None
 
 
 class _CopyToReplicas(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x, replicas):
-        ctx.replicas = replicas
+    def forward(fctx, x, replicas, parallel):
+        fctx.replicas, fctx.parallel = replicas, parallel
         return x
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
+    def backward(fctx, grad):
         # all-gather over TP, then sum this rank's group: no sub-group is created (an adapter binds
         # the framework's TP group and creates none); the gathered tensor is a small weight gradient
-        t, r = ps.tp_size(), ctx.replicas
-        every = c.all_gather(grad.unsqueeze(0)).view(t // r, r, *grad.shape)
-        return every[ps.tp_rank() // r].sum(0), None
+        p, r = fctx.parallel, fctx.replicas
+        every = c.all_gather(p, grad.unsqueeze(0)).view(p.size // r, r, *grad.shape)
+        return every[p.rank // r].sum(0), None, None
 
 
-def copy_to_replicas(x: torch.Tensor, replicas: int) -> torch.Tensor:
+def copy_to_replicas(x: torch.Tensor, replicas: int, parallel: Optional[ParallelContext] = None) -> torch.Tensor:
     """f over each group of ``replicas`` consecutive TP ranks: identity forward, the gradient summed
     within the group. For a parameter that several ranks hold alike and apply to different work
     (a KV head shared by the query heads of several ranks when there are fewer KV heads than t)."""
-    return _CopyToReplicas.apply(x, replicas) if replicas > 1 and torch.is_grad_enabled() else x
+    return _CopyToReplicas.apply(x, replicas, context_for(parallel)) if replicas > 1 and torch.is_grad_enabled() \
+        else x
+
+
 class _GatherFromSPPacked(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, *xs):
-        gathered = c.all_gather_packed(xs)
-        ctx.mark_non_differentiable(*[g for g in gathered if not g.is_floating_point()])
+    def forward(fctx, parallel, *xs):
+        fctx.parallel = parallel
+        gathered = c.all_gather_packed(parallel, xs)
+        fctx.mark_non_differentiable(*[g for g in gathered if not g.is_floating_point()])
         return tuple(gathered)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, *grads):
-        return tuple(c.reduce_scatter(g) if g.is_floating_point() else None for g in grads)
+    def backward(fctx, *grads):
+        return (None,) + tuple(c.reduce_scatter(fctx.parallel, g) if g.is_floating_point() else None for g in grads)
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     @amp_forward
-    def forward(ctx, x, send_rows, recv_rows):
-        ctx.rows = (send_rows, recv_rows)
-        return c.all_to_all(x, send_rows, recv_rows)
+    def forward(fctx, x, send_rows, recv_rows, parallel):
+        fctx.rows, fctx.parallel = (send_rows, recv_rows), parallel
+        return c.all_to_all(parallel, x, send_rows, recv_rows)
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad):
-        send_rows, recv_rows = ctx.rows
-        return c.all_to_all(grad, recv_rows, send_rows), None, None
+    def backward(fctx, grad):
+        send_rows, recv_rows = fctx.rows
+        return c.all_to_all(fctx.parallel, grad, recv_rows, send_rows), None, None, None
 
 
 def _recorded(x: torch.Tensor) -> bool:
@@ -154,89 +165,103 @@ def _recorded(x: torch.Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
-def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+P = Optional[ParallelContext]
+
+
+def copy_to_tp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """f: the input of a TP region (identity forward, all-reduce of the gradient)."""
-    return _CopyToTP.apply(x) if ps.tp_size() > 1 and _recorded(x) else x
+    p = context_for(parallel)
+    return _CopyToTP.apply(x, p) if p.size > 1 and _recorded(x) else x
 
 
-def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
+def reduce_from_tp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """f-bar: sum the partial outputs of a TP region (all-reduce forward, identity backward)."""
-    if ps.tp_size() == 1:
+    p = context_for(parallel)
+    if p.size == 1:
         return x
-    return _ReduceFromTP.apply(x) if _recorded(x) else c.all_reduce(x)
+    return _ReduceFromTP.apply(x, p) if _recorded(x) else c.all_reduce(p, x)
 
 
-def gather_from_sp(x: torch.Tensor) -> torch.Tensor:
+def gather_from_sp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """g: token shard -> all tokens, into a TP region whose ranks each produce a partial gradient."""
-    if ps.tp_size() == 1:
+    p = context_for(parallel)
+    if p.size == 1:
         return x
-    return _GatherFromSP.apply(x) if _recorded(x) else c.all_gather(x)
+    return _GatherFromSP.apply(x, p) if _recorded(x) else c.all_gather(p, x)
 
 
-def reduce_scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
+def reduce_scatter_to_sp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """g-bar: partial sums over all tokens -> the summed token shard."""
-    if ps.tp_size() == 1:
+    p = context_for(parallel)
+    if p.size == 1:
         return x
-    return _ReduceScatterToSP.apply(x) if _recorded(x) else c.reduce_scatter(x)
+    return _ReduceScatterToSP.apply(x, p) if _recorded(x) else c.reduce_scatter(p, x)
 
 
-def scatter_to_sp(x: torch.Tensor) -> torch.Tensor:
+def scatter_to_sp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """Replicated tokens -> this rank's token shard."""
-    if ps.tp_size() == 1:
+    p = context_for(parallel)
+    if p.size == 1:
         return x
-    return _ScatterToSP.apply(x) if _recorded(x) else c.split(x)
+    return _ScatterToSP.apply(x, p) if _recorded(x) else c.split(p, x)
 
 
-def gather_to_replicated(x: torch.Tensor) -> torch.Tensor:
+def gather_to_replicated(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """Token shard -> all tokens, for computation that every rank then repeats identically."""
-    if ps.tp_size() == 1:
+    p = context_for(parallel)
+    if p.size == 1:
         return x
-    return _GatherToReplicated.apply(x) if _recorded(x) else c.all_gather(x)
+    return _GatherToReplicated.apply(x, p) if _recorded(x) else c.all_gather(p, x)
 
 
-def gather_from_sp_packed(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def gather_from_sp_packed(*xs: torch.Tensor, parallel: P = None) -> Tuple[torch.Tensor, ...]:
     """g on several token-sharded tensors (any dtypes) in one all-gather; integer ones get no gradient."""
-    return _GatherFromSPPacked.apply(*xs) if ps.tp_size() > 1 else xs
+    p = context_for(parallel)
+    return _GatherFromSPPacked.apply(p, *xs) if p.size > 1 else xs
 
 
-def all_to_all_tp(x: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int]) -> torch.Tensor:
+def all_to_all_tp(x: torch.Tensor, send_rows: Sequence[int], recv_rows: Sequence[int],
+                  parallel: P = None) -> torch.Tensor:
     """Rows to the ranks that own them (``send_rows[r]`` consecutive rows to rank r); the backward sends
     each row's gradient back the same way. Calling it again with the splits swapped is its inverse."""
-    return _AllToAll.apply(x, list(send_rows), list(recv_rows)) if ps.tp_size() > 1 else x
+    p = context_for(parallel)
+    return _AllToAll.apply(x, list(send_rows), list(recv_rows), p) if p.size > 1 else x
 
 
-def padded_length(num_tokens: int) -> int:
+def padded_length(num_tokens: int, parallel: P = None) -> int:
     """``num_tokens`` rounded up to a multiple of the tp size (SP shards must be equal)."""
-    t = ps.tp_size()
+    t = context_for(parallel).size
     return -(-num_tokens // t) * t
 
 
-def pad_to_multiple(x: torch.Tensor, value: float = 0) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, value: float = 0, parallel: P = None) -> torch.Tensor:
     """Pad dim 0 with ``value`` up to a multiple of the tp size."""
-    extra = padded_length(x.shape[0]) - x.shape[0]
+    extra = padded_length(x.shape[0], parallel) - x.shape[0]
     if extra == 0:
         return x
     pad = x.new_full((extra,) + tuple(x.shape[1:]), value)
     return torch.cat([x, pad], dim=0)
 
 
-def enter_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
+def enter_sequence_parallel(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """Region entry for replicated activations: pad to a multiple of t, keep this rank's shard.
 
     A rank may end up holding only padding (fewer tokens than ranks). Identity when SP is off.
     """
-    if not ps.sequence_parallel_active():
+    p = context_for(parallel)
+    if not p.sequence_parallel_active:
         return x
-    return scatter_to_sp(pad_to_multiple(x))
+    return scatter_to_sp(pad_to_multiple(x, parallel=p), p)
 
 
-def exit_sequence_parallel(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def exit_sequence_parallel(x: torch.Tensor, num_tokens: int, parallel: P = None) -> torch.Tensor:
     """Region exit: gather the token shards and drop the padding. Identity when SP is off."""
-    if not ps.sequence_parallel_active():
+    p = context_for(parallel)
+    if not p.sequence_parallel_active:
         return x
-    return gather_to_replicated(x)[:num_tokens]
+    return gather_to_replicated(x, p)[:num_tokens]
 
 
-def pad_1d(x: torch.Tensor) -> torch.Tensor:
+def pad_1d(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     """Pad a 1-D integer tensor (token ids, positions) with zeros to a multiple of t."""
-    return F.pad(x, (0, padded_length(x.shape[0]) - x.shape[0]))
+    return F.pad(x, (0, padded_length(x.shape[0], parallel) - x.shape[0]))

@@ -5,9 +5,10 @@ CUDA -> NCCL, Ascend (torch_npu) -> HCCL, CPU -> gloo. Pure torch is the referen
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from sp_core import settings
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,10 +22,8 @@ def _has_npu() -> bool:
 
 def device_type() -> str:
     """'cuda', 'npu' or 'cpu'. SP_CORE_DEVICE=cpu forces the CPU path on an accelerator machine."""
-    forced = os.environ.get("SP_CORE_DEVICE")
+    forced = settings.current().device
     if forced:
-        if forced not in ("cuda", "npu", "cpu"):
-            raise ValueError(f"SP_CORE_DEVICE={forced!r} is not supported; use cuda, npu or cpu")
         return forced
     return _detected_device_type()
 
@@ -95,7 +94,7 @@ def reset_peak_memory() -> None:
 
 def fused_kernels_enabled() -> bool:
     """SP_CORE_FUSED=0 turns every optional fused kernel off (the pure-torch path everywhere)."""
-    return os.environ.get("SP_CORE_FUSED", "1") != "0"
+    return settings.current().fused
 
 
 def fused_rms_norm():

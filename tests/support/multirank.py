@@ -49,7 +49,7 @@ def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
     from sp_core.mpu import collectives, platform
 
     mine = _measure_rank(model_dir, tokens, **kwargs)
-    every = collectives.all_gather(torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device()))
+    every = collectives.all_gather(mpu.default_context(), torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device()))
     return {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
 
 
@@ -58,9 +58,13 @@ def collective_log(prefix: str):
     """Inside a rank: every sp_core collective is logged to ``<prefix>.<tp rank>`` (SP_CORE_COLLECTIVE_LOG)
     within the block, which yields ``gathered(fn) -> (fn(), shapes)``: runs ``fn()`` and returns its result and
     the shapes it all-gathered, e.g. ["(5,48)"]."""
-    from sp_core import mpu
+    import dataclasses
 
-    path = os.environ["SP_CORE_COLLECTIVE_LOG"] = f"{prefix}.{mpu.tp_rank()}"
+    from sp_core import mpu
+    from support.contexts import remake
+
+    path = f"{prefix}.{mpu.default_context().rank}"
+    remake(settings=dataclasses.replace(mpu.default_context().settings, collective_log=path))
 
     def gathered(fn):
         open(path, "w").close()
@@ -71,7 +75,7 @@ def collective_log(prefix: str):
     try:
         yield gathered
     finally:
-        del os.environ["SP_CORE_COLLECTIVE_LOG"]
+        remake(settings=dataclasses.replace(mpu.default_context().settings, collective_log=None))
 
 
 class _ResultsOnCPU:

@@ -10,7 +10,7 @@ batch-invariant GEMMs -- sglang's logits processor included -- and the core's at
 """
 from __future__ import annotations
 
-import os
+from typing import Optional
 
 import torch
 
@@ -62,9 +62,10 @@ def moe_parallel_of(parallel) -> str:
     return "ep"
 
 
-def sp_min_tokens(cfg: ModelConfig, t: int) -> int:
-    """``SP_CORE_SP_MIN_TOKENS`` if set, else the measured crossover for ``cfg``'s family at tp size ``t``."""
-    raw = os.environ.get(SP_MIN_TOKENS_ENV, "").strip()
+def sp_min_tokens(cfg: ModelConfig, t: int, setting: Optional[str] = None) -> int:
+    """``setting`` (``SP_CORE_SP_MIN_TOKENS``, from the model's ``Settings``) if given, else the measured
+    crossover for ``cfg``'s family at tp size ``t``."""
+    raw = setting
     if not raw:
         measured = crossover.sp_prefill_min_tokens(t, crossover.family(cfg))
         return DEFAULT_SP_MIN_TOKENS if measured is None else measured
@@ -98,7 +99,7 @@ def _check_parallelism(parallel, quant_config) -> None:
 def _radix_kernel(cfg: ModelConfig, layer_id: int, prefix: str) -> RadixAttentionKernel:
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    q, k, _ = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    q, k, _ = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, mpu.context_for().size)
     d = cfg.head_dim
     return RadixAttentionKernel(RadixAttention(q.local // d, d, d ** -0.5, num_kv_heads=k.local // d, layer_id=layer_id,
                                                prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn"))
@@ -110,17 +111,17 @@ class SPCoreForCausalLM(CausalLM):
         from sglang.srt.layers.logits_processor import LogitsProcessor
         from sglang.srt.runtime_context import get_exec, get_parallel
 
-        parallel = get_parallel()
-        _check_parallelism(parallel, quant_config)
+        server = get_parallel()
+        _check_parallelism(server, quant_config)
         tp_group = get_tp_group()
-        mpu.bind(tp_group.device_group, communicator=tp_group)
-        mpu.set_deterministic(get_exec().deterministic.enable_deterministic_inference)
-        cfg = checkpoint_config(config, moe_parallel_of(parallel))
-        super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix))  # sglang's dtype
+        parallel = mpu.bind(tp_group.device_group, communicator=tp_group,
+                            deterministic=get_exec().deterministic.enable_deterministic_inference)
+        cfg = checkpoint_config(config, moe_parallel_of(server))
+        super().__init__(cfg, attention_kernel=self._attention_kernels(cfg, prefix), parallel=parallel)  # sglang's dtype
         self.logits_processor = LogitsProcessor(config)
         # allowed: started with --enable-layernorm-sp; enabled: the run-time switch (control.py), on by default
-        self.sequence_parallel_allowed = self.sequence_parallel_enabled = bool(parallel.enable_layernorm_sp)
-        self.sp_min_tokens = sp_min_tokens(cfg, mpu.tp_size())
+        self.sequence_parallel_allowed = self.sequence_parallel_enabled = bool(server.enable_layernorm_sp)
+        self.sp_min_tokens = sp_min_tokens(cfg, parallel.size, parallel.settings.sp_min_tokens)
 
     @staticmethod
     def _attention_kernels(cfg: ModelConfig, prefix: str):
@@ -145,9 +146,9 @@ class SPCoreForCausalLM(CausalLM):
         if num_tokens == 0:  # an idle batch
             hidden = self.lm_head.weight.new_empty((0, self.config.hidden_size))
         else:
-            with mpu.sequence_parallel(self.runs_sequence_parallel(forward_batch, num_tokens)):
+            with self.parallel.sequence_parallel_for(self.runs_sequence_parallel(forward_batch, num_tokens)):
                 hidden = self.hidden_states(input_ids, positions, SglangBatch(forward_batch, num_tokens))
-                hidden = mpu.exit_sequence_parallel(hidden, num_tokens)
+                hidden = mpu.exit_sequence_parallel(hidden, num_tokens, self.parallel)
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     def load_weights(self, weights) -> None:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sp_core import mpu
+from sp_core import mpu, settings
 from sp_core.layers.mla import CachedSequences, LatentAttentionKernel
 from sp_core.models import ModelConfig, ModelError
 from sp_core_sglang.attention import cached_requests, write_kv
@@ -49,6 +49,7 @@ class RadixLatentKernel(LatentAttentionKernel):
     def __init__(self, attn: torch.nn.Module, kv_lora_rank: int, index_keys: Optional[SglangIndexKeys] = None):
         super().__init__()
         self.attn, self.kv_lora_rank, self.index_keys = attn, kv_lora_rank, index_keys
+        self.parallel = mpu.context_for()  # the model's, while it is being built
 
     def forward(self, q: torch.Tensor, row: torch.Tensor, batch, scale: float, topk_indices=None) -> torch.Tensor:
         if abs(scale - self.attn.scaling) > 1e-12 * scale:
@@ -67,7 +68,7 @@ class RadixLatentKernel(LatentAttentionKernel):
         """In the deterministic mode's prefill: the batch's rows written to the pool, each request's
         whole sequence read back (see the module docstring); None otherwise."""
         forward_batch = batch.forward_batch
-        if not (mpu.deterministic() and forward_batch.forward_mode.is_extend()):
+        if not (self.parallel.deterministic and forward_batch.forward_mode.is_extend()):
             return None
         n = batch.num_tokens
         pool = write_kv(self.attn, forward_batch, row[:n].unsqueeze(1), row[:n, : self.kv_lora_rank].unsqueeze(1))
@@ -98,7 +99,7 @@ def _radix_latent_kernel(cfg: ModelConfig, layer_id: int, prefix: str) -> RadixL
     from sglang.srt.layers.radix_attention import RadixAttention
 
     mla = cfg.mla
-    heads = cfg.num_attention_heads // mpu.tp_size()  # divisibility checked by the model config first
+    heads = cfg.num_attention_heads // mpu.context_for().size  # divisibility checked by the model config first
     radix = RadixAttention(heads, mla.kv_lora_rank + mla.qk_rope_head_dim, mla.softmax_scale, num_kv_heads=1,
                            layer_id=layer_id, v_head_dim=mla.kv_lora_rank,
                            prefix=f"{prefix}model.layers.{layer_id}.self_attn.attn_mqa")
@@ -114,7 +115,7 @@ def check_mla_pool(pool, kv_lora_rank: int, rope: int) -> None:
     if not isinstance(pool, MLATokenToKVPool) or width != kv_lora_rank + rope:
         raise ModelError(f"expected sglang's MLA KV pool with rows of {kv_lora_rank} + {rope} values, "
                          f"got {type(pool).__name__} (row width {width})")
-    log = os.environ.get(KV_POOL_LOG_ENV)
+    log = settings.current().kv_pool_log
     if log:
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {type(pool).__name__} {tuple(pool.get_key_buffer(pool.start_layer).shape)}\n")
