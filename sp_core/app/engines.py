@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 
-from sp_core.errors import EngineUnavailable, NonFiniteError
+from sp_core.app.errors import EngineUnavailable, NonFiniteError
 from sp_core.models import ModelConfig, ModelError
 
 __all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_prompts", "check_model",
@@ -27,7 +27,7 @@ def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dty
 
 def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False):
     from sp_core import mpu
-    from sp_core.runtime import load_model, prompt_logprobs
+    from sp_core.app.runtime import load_model, prompt_logprobs
 
     mpu.set_deterministic(deterministic)
     return prompt_logprobs(load_model(model_dir, dtype, moe_parallel), prompts)

@@ -14,8 +14,8 @@ import sys
 import traceback
 from typing import List, Optional, Sequence
 
-from sp_core import console
-from sp_core.errors import EngineUnavailable, NonFiniteError, UsageError
+from sp_core.app import console
+from sp_core.app.errors import EngineUnavailable, NonFiniteError, UsageError
 from sp_core.models import ModelError
 
 DTYPES = ("float32", "bfloat16")
@@ -95,7 +95,7 @@ def _add_moe_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sp_core import engines, verify
+    from sp_core.app import engines, verify
 
     parser = _Parser(prog="sp-core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{logits,verify,memory,train}")
@@ -244,7 +244,7 @@ def _save_atomic(tensors: dict, path: str) -> None:
 def cmd_logits(args) -> int:
     import torch
 
-    from sp_core import engines
+    from sp_core.app import engines
     from sp_core.mpu import platform
 
     check_tp(args.tp)
@@ -268,7 +268,7 @@ def cmd_logits(args) -> int:
 def cmd_memory(args) -> int:
     import json
 
-    from sp_core import engines, memory
+    from sp_core.app import engines, memory
 
     check_tp(args.tp)
     cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
@@ -281,7 +281,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from sp_core import verify
+    from sp_core.app import verify
 
     if args.tp:
         for tp in args.tp:
@@ -294,7 +294,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sp_core import engines
+    from sp_core.app import engines
 
     check_tp(args.tp)
     check_output_dir(args.out, "--out", model_dir=args.model, force=args.force)
