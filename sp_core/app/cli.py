@@ -245,13 +245,14 @@ def cmd_logits(args) -> int:
     import torch
 
     from sp_core.app import engines
+    from sp_core.app.prompts import read_prompts
     from sp_core.mpu import platform
 
     check_tp(args.tp)
     check_output_file(args.out, "--out", inputs=[args.prompts], model_dir=args.model, force=args.force)
     cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
     engines.check_engine(args.engine, cfg, args.moe_parallel)
-    prompts = engines.read_prompts(args.prompts, cfg)
+    prompts = read_prompts(args.prompts, cfg)
     engine = engines.get(args.engine)
     dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
     options = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
