@@ -3,17 +3,19 @@ the entry-point group ``sp_core.engines`` (megatron, sglang). sp_core never impo
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from sp_core.app.errors import EngineUnavailable, NonFiniteError
+from sp_core.app.prompts import read_prompts
 from sp_core.app.runtime import load_model, prompt_logprobs
 from sp_core.models import ModelConfig, ModelError
 
-__all__ = ["EngineUnavailable", "available", "get", "check_model", "check_finite"]
+__all__ = ["EngineUnavailable", "available", "get", "prepare", "Prepared", "check_model", "check_finite"]
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
@@ -86,6 +88,28 @@ def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfi
         model = CausalLM(cfg)
     check_checkpoint(model, model_dir)
     return cfg
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a command needs before its real call (``prepare``)."""
+
+    config: ModelConfig
+    engine: Optional[object] = None  # the engine module, when an engine was named
+    prompts: Optional[List[List[int]]] = None  # the prompts file's token ids, when one was given
+
+
+def prepare(model_dir: str, tp: int, moe_parallel: str = "tp", engine: Optional[str] = None,
+            prompts_path: Optional[str] = None) -> Prepared:
+    """A command's preparation, in this process before any rank or engine starts (one-line ModelError or
+    EngineUnavailable otherwise): the checkpoint at this tp (``check_model``); with ``engine``, that the engine
+    runs this model (``check_engine``); with ``prompts_path``, the prompts read and checked against the model;
+    then the engine loaded (``get``)."""
+    cfg = check_model(model_dir, tp, moe_parallel)
+    if engine is not None:
+        check_engine(engine, cfg, moe_parallel)
+    prompts = read_prompts(prompts_path, cfg) if prompts_path is not None else None
+    return Prepared(cfg, get(engine) if engine is not None else None, prompts)
 
 
 def check_finite(logprobs: List[torch.Tensor], what: str = "log-probabilities") -> None:
