@@ -179,7 +179,7 @@ def main() -> int:
             results["speed"] += speed(kernel, t, args.iters, log)
     tps = [t for t in (int(x) for x in args.tp.split(",")) if t <= torch.cuda.device_count()]
     if args.model and tps:
-        from sp_core.tiny import make_checkpoint
+        from sp_core.app.tiny import make_checkpoint
 
         torch.cuda.empty_cache()  # GPU 0 is rank 0's too
         log(f"3. the mode on the model, t = {tps} [{time.time() - start:.0f} s]")

@@ -48,7 +48,7 @@ def _max_diff(a, b) -> float:
 
 
 def engines_equal(model_dir: str, tp: int, vocab: int, log, modes=(False, True)) -> list:
-    from sp_core import engines
+    from sp_core.app import engines
 
     prompts = _prompts(LENGTHS, vocab, 1)
     rows = []
@@ -67,7 +67,7 @@ def engines_equal(model_dir: str, tp: int, vocab: int, log, modes=(False, True))
 
 def _invariance_rank(model_dir: str, vocab: int):
     from sp_core import mpu
-    from sp_core.runtime import load_model, prompt_logprobs
+    from sp_core.app.runtime import load_model, prompt_logprobs
 
     model = load_model(model_dir, torch.bfloat16)
     mixed = _prompts(MIXED, vocab, 2)
@@ -185,7 +185,7 @@ def main() -> int:
     args = parser.parse_args()
     log = tee_log(args.out)
 
-    from sp_core.tiny import make_checkpoint
+    from sp_core.app.tiny import make_checkpoint
 
     tps = [t for t in (int(x) for x in args.tp.split(",")) if t <= torch.cuda.device_count()]
     results = header(layers=args.layers, iters=args.iters, shape=SHAPE, equality=[], invariance=[], cost=[])

@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import textwrap
 
-from sp_core.tiny import make_checkpoint
+from sp_core.app.tiny import make_checkpoint
 
 TOKENS = 1024
 SHAPE = dict(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
@@ -42,7 +42,7 @@ def measure(ckpt, tp, sp, moe="tp"):
 
 
 def deepseek_lines():
-    from sp_core import memory
+    from sp_core.app import memory
     from sp_core.models import ModelConfig
 
     ckpt = make_checkpoint("deepseek-v3", os.path.join(tempfile.mkdtemp(), "deepseek-v3"), **DEEPSEEK_SHAPE)
@@ -71,7 +71,7 @@ def deepseek_lines():
     for tp, sp in ((1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)):
         r = memory.report(v3, tp, 4096, sp)["activation_bytes_per_layer_by_type"]
         lines.append(f"| {tp} | {'on' if sp else 'off'} | {r['dense']:,} | {r['sparse']:,} |")
-    lines += ["", "The formula's terms are in `sp_core/memory.py` (`deepseek_report`): with SP every term is",
+    lines += ["", "The formula's terms are in `sp_core/app/memory.py` (`deepseek_report`): with SP every term is",
               "divided by t; without SP the norm inputs, the latent and the rows sent to the experts cover all",
               "T tokens on every rank."]
     return lines

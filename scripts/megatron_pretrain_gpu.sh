@@ -39,7 +39,7 @@ CKPT=/tmp/sp_core_pretrain
 if [ "$WHAT" = all ] || [ "$WHAT" = pretrain ]; then  # only pretrain() reads them
 python3 - "$CKPT" <<'EOF' || fail "could not write the checkpoints"
 import sys
-from sp_core.tiny import make_checkpoint
+from sp_core.app.tiny import make_checkpoint
 root = sys.argv[1]
 make_checkpoint("qwen3-train", f"{root}/qwen3", vocab_size=1024, hidden_size=256, intermediate_size=768,
                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32)

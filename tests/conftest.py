@@ -2,7 +2,7 @@ import os
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Ranks that the library launches itself (the CLI called in-process or as a subprocess, sp_core.memory) have no
+# Ranks that the library launches itself (the CLI called in-process or as a subprocess, sp_core.app.memory) have no
 # test-sized limit on the whole run; a hung collective there fails after this many seconds instead of the
 # library's default 600 (the same bound as tests/support/multirank's SP_CORE_TEST_TIMEOUT).
 os.environ.setdefault("SP_CORE_COLLECTIVE_TIMEOUT", "240")
@@ -18,7 +18,7 @@ from sp_core.mpu import launch as _launch  # noqa: E402
 
 # megatron.core.parallel_state is what sp_core_megatron.engine preloads itself (it pulls in nearly all of
 # megatron-core); the rest is what every rank unpickles its function with
-_PRELOAD = ["sp_core.models", "sp_core.tiny", "pytest"]
+_PRELOAD = ["sp_core.models", "sp_core.app.tiny", "pytest"]
 if importlib.util.find_spec("megatron") is not None:
     _PRELOAD[:0] = ["megatron.core.parallel_state", "sp_core_megatron.engine"]
 for _module in _PRELOAD:

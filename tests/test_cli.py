@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sp_core.cli import main
+from sp_core.app.cli import main
 from support.checkpoints import make_checkpoint, reference_logprobs
 
 PROMPTS = [[3, 1, 4, 1, 5], [9]]
@@ -81,7 +81,7 @@ def test_bad_inputs_are_one_line_exit_2(ckpt, prompts_file, tmp_path, capsys):
 
 
 def test_real_command_exit_code(tmp_path, prompts_file):
-    proc = subprocess.run([sys.executable, "-m", "sp_core.cli", "logits", "--model", str(tmp_path / "x"),
+    proc = subprocess.run([sys.executable, "-m", "sp_core.app.cli", "logits", "--model", str(tmp_path / "x"),
                            "--prompts", prompts_file, "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such checkpoint directory" in proc.stderr

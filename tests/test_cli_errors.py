@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sp_core import cli
-from sp_core.cli import main
+from sp_core.app import cli
+from sp_core.app.cli import main
 from support.checkpoints import make_checkpoint
 
 PROMPTS = [[3, 1, 4, 1, 5], [9]]

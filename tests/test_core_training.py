@@ -4,7 +4,7 @@ import torch
 
 from sp_core import mpu
 from sp_core.mpu import platform
-from sp_core.runtime import load_model, pack
+from sp_core.app.runtime import load_model, pack
 from support.checkpoints import make_checkpoint
 from support.compare import rel
 from support.host_sync import count_host_syncs

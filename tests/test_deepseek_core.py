@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.mpu import platform
-from sp_core.runtime import load_model, pack, prompt_logprobs
-from sp_core.tiny import DEEPSEEK_MODELS
+from sp_core.app.runtime import load_model, pack, prompt_logprobs
+from sp_core.app.tiny import DEEPSEEK_MODELS
 from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
@@ -359,7 +359,7 @@ def test_config_matches_transformers():
 
     from sp_core.layers.rotary import inverse_frequencies
     from sp_core.models import ModelConfig, ModelError
-    from sp_core.tiny import hf_config
+    from sp_core.app.tiny import hf_config
 
     for name in DEEPSEEK_MODELS:
         hf = hf_config(name)
@@ -390,7 +390,7 @@ def test_config_matches_transformers():
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    from sp_core.cli import main
+    from sp_core.app.cli import main
 
     prompts = tmp_path / "p.json"
     prompts.write_text("[[1, 2, 3]]")
@@ -422,7 +422,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
 def test_cli_logits_core(dirs, refs, tmp_path):
     from safetensors.torch import load_file
 
-    from sp_core.cli import main
+    from sp_core.app.cli import main
 
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(RAGGED))

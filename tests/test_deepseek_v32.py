@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.mpu import platform
-from sp_core.runtime import load_model, pack, prompt_logprobs
+from sp_core.app.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
@@ -22,7 +22,7 @@ from support.multirank import collective_log, launches_per_tp, saved_bytes_on_ev
 from support.precision import assert_bf16_matches_float32
 from support.contexts import remake
 
-INDEX_TOPK = 3  # the tiny V3.2's (sp_core.tiny)
+INDEX_TOPK = 3  # the tiny V3.2's (sp_core.app.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
 # 21 tokens, so t = 2 and 4 pad
 LONG = [[1, 5, 9, 3, 4, 17, 22, 40, 3], [7], [2, 8, 60], [5, 6, 7, 8, 9, 10], [12, 13]]
@@ -221,7 +221,7 @@ def test_index_score_margins_leave_room(hf):
     """The sparse comparisons mean something only if no row's k-th and (k+1)-th visible key are a near-tie:
     transformers' own scores on the test prompts and on `sp-core verify`'s (its selection is checked to be
     their top-k)."""
-    from sp_core.tiny import PROMPTS
+    from sp_core.app.tiny import PROMPTS
 
     captured = []
     hooks = [layer.self_attn.indexer.register_forward_hook(
@@ -427,7 +427,7 @@ def test_config_fields():
     """V3.2 follows its saved mlp_layer_types (transformers' V3.2 does; V3 refuses a disagreeing list) and
     always ropes MLA interleaved; its indexer fields and defaults are transformers'."""
     from sp_core.models import ModelConfig, ModelError
-    from sp_core.tiny import hf_config
+    from sp_core.app.tiny import hf_config
 
     raw = hf_config("deepseek-v32").to_dict()
     raw["architectures"] = ["DeepseekV32ForCausalLM"]
@@ -458,7 +458,7 @@ def test_weights_proj_keeps_float32_through_casts():
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
-    from sp_core.cli import main
+    from sp_core.app.cli import main
 
     prompts = tmp_path / "p.json"
     prompts.write_text("[[1, 2, 3]]")
@@ -480,7 +480,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
 def test_cli_logits_and_memory(dirs, refs, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from sp_core.cli import main
+    from sp_core.app.cli import main
 
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(LONG))

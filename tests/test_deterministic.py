@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.layers import batch_invariant
-from sp_core.tiny import PROMPTS, make_checkpoint
+from sp_core.app.tiny import PROMPTS, make_checkpoint
 from support.multirank import run_ranks
 from support.contexts import remake, single_process
 
@@ -297,7 +297,7 @@ def test_cli_logits_deterministic_megatron_equals_sglang_tp1(tmp_path):
     """`sp-core logits --deterministic` as a user runs it, Qwen2 at tp 1: the two files are torch.equal."""
     from safetensors.torch import load_file
 
-    from sp_core.cli import main
+    from sp_core.app.cli import main
 
     model_dir = make_checkpoint("qwen2", str(tmp_path / "qwen2"))
     prompts = tmp_path / "prompts.json"
@@ -318,7 +318,7 @@ def test_verify_bitwise_column_fails_a_pair_that_differs_in_the_last_bit(tmp_pat
     megatron / sglang pair one ulp apart (well within the 1e-4 tolerance) fails; an equal pair passes."""
     from types import SimpleNamespace
 
-    from sp_core import verify
+    from sp_core.app import verify
 
     model_dir = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
     reference = verify.reference_logprobs(model_dir, PROMPTS)
@@ -349,7 +349,7 @@ def test_verify_deterministic_fails_sp_on_that_differs_from_sp_off_in_the_last_b
     its SP-off result (well within the 1e-5 SP tolerance) fails that row only."""
     from types import SimpleNamespace
 
-    from sp_core import verify
+    from sp_core.app import verify
 
     model_dir = make_checkpoint("deepseek-v3", str(tmp_path / "deepseek-v3"))
     reference = verify.reference_logprobs(model_dir, PROMPTS)

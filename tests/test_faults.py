@@ -141,8 +141,8 @@ def train_ckpt(tmp_path_factory):
 
 def _start_training(model, out):
     """`sp-core train --tp 2` for (practically) ever, in its own session; returns once step 1 is done."""
-    proc = subprocess.Popen([sys.executable, "-m", "sp_core.cli", "train", "--model", model, "--out", out, "--tp", "2",
-                             "--steps", "100000", "--seq-length", "8"], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "sp_core.app.cli", "train", "--model", model, "--out", out,
+                             "--tp", "2", "--steps", "100000", "--seq-length", "8"], stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     lines = []
     for line in proc.stderr:

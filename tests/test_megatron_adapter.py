@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from sp_core.cli import main
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.cli import main
+from sp_core.app.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks
 

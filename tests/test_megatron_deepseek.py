@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from sp_core.cli import main
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.cli import main
+from sp_core.app.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks
 
@@ -267,7 +267,7 @@ def test_checkpoint_check_names_expert_tensors(dirs, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from sp_core.engines import check_model
+    from sp_core.app.engines import check_model
     from sp_core.models import ModelError
 
     check_model(dirs["deepseek-v2-lite"], 2, "ep")

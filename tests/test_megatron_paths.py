@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.host_sync import count_host_syncs
 from support.multirank import run_ranks
@@ -207,7 +207,7 @@ def test_load_hf_into_gpt_model_refuses_nan(ckpts, tmp_path):
     """As the core's loader: one line naming the tensor, a ModelError, which the command line turns into exit 2."""
     from safetensors.torch import load_file, save_file
 
-    from sp_core.cli import _EXIT_BY_ERROR
+    from sp_core.app.cli import _EXIT_BY_ERROR
     from support.multirank import RankFailed
 
     d = str(tmp_path / "nan")

@@ -5,7 +5,7 @@ import torch
 from sp_core import mpu
 from sp_core.mpu import platform
 from sp_core.layers.sharding import gather_full, packed_name
-from sp_core.runtime import load_model, pack, prompt_logprobs
+from sp_core.app.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks

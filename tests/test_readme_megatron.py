@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sp_core.tiny import make_checkpoint
+from sp_core.app.tiny import make_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOT_RUN = "pretrain("  # the Megatron-LM example: needs megatron.training (Python 3.12), see the README

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.serving import generate, hf_greedy, read_collectives
 
 pytestmark = [
@@ -224,7 +224,7 @@ def test_sp_threshold_default_comes_per_family_from_the_measured_crossover(monke
     variable wins when set; a bad value is one error line."""
     from sp_core.models import ModelConfig, ModelError
     from sp_core.mpu import crossover, platform
-    from sp_core.tiny import hf_config
+    from sp_core.app.tiny import hf_config
     from sp_core_sglang.models import causal_lm
 
     qwen, deepseek = (ModelConfig.from_dict(hf_config(name).to_dict()) for name in ("qwen3", "deepseek-v3"))

@@ -22,7 +22,7 @@ import os
 import pytest
 import torch
 
-from sp_core.tiny import make_checkpoint
+from sp_core.app.tiny import make_checkpoint
 from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
 
 pytestmark = [
@@ -185,8 +185,8 @@ def test_cli_logits_sglang_deepseek(tmp_path):
     --ep-size 2) equals transformers."""
     from safetensors.torch import load_file
 
-    from sp_core.cli import main
-    from sp_core.tiny import reference_logprobs
+    from sp_core.app.cli import main
+    from sp_core.app.tiny import reference_logprobs
 
     model_dir = make_checkpoint("deepseek-v3", str(tmp_path / "v3"))
     prompts_path, out = tmp_path / "prompts.json", tmp_path / "out.safetensors"

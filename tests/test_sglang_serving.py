@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from sp_core.tiny import make_checkpoint
+from sp_core.app.tiny import make_checkpoint
 from support.multirank import run_ranks
 from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
 
@@ -214,7 +214,7 @@ def test_sigterm_during_an_engine_start_leaves_no_sglang_process(tmp_path):
 
     model_dir = make_checkpoint("qwen3", str(tmp_path / "qwen3"))
     (tmp_path / "prompts.json").write_text("[[1, 2, 3]]")
-    cmd = [sys.executable, "-m", "sp_core.cli", "logits", "--model", model_dir, "--prompts",
+    cmd = [sys.executable, "-m", "sp_core.app.cli", "logits", "--model", model_dir, "--prompts",
            str(tmp_path / "prompts.json"), "--out", str(tmp_path / "out.safetensors"), "--engine", "sglang", "--tp", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen = set()

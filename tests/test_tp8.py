@@ -1,7 +1,7 @@
 """t = 8 (our users' TP): the same equivalence checks with 8 ranks (gloo on CPU, NCCL on an 8-GPU machine)."""
 import pytest
 
-from sp_core.tiny import PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.tiny import PROMPTS, make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.multirank import run_ranks
 from support.contexts import remake
@@ -16,7 +16,7 @@ def ckpts(tmp_path_factory):
 
 def _logprobs(model_dir):
     from sp_core import mpu
-    from sp_core.runtime import load_model, prompt_logprobs
+    from sp_core.app.runtime import load_model, prompt_logprobs
 
     out = {}
     for sp in (False, True):
@@ -65,7 +65,7 @@ def _deepseek_rank(dirs):
     """Log-probabilities (SP on / off, T = 11 and T = 1 < t) and SP-on gradients of every parameter,
     for each model and MoE mode."""
     from sp_core import mpu
-    from sp_core.runtime import load_model, prompt_logprobs
+    from sp_core.app.runtime import load_model, prompt_logprobs
     from support.gradients import core_lm_gradients
 
     out = {}

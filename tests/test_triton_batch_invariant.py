@@ -94,8 +94,8 @@ from sp_core import mpu
 from support.contexts import single_process
 from sp_core.layers import triton_batch_invariant as tbi
 from sp_core.mpu import platform
-from sp_core.runtime import load_model, prompt_logprobs
-from sp_core.tiny import make_checkpoint
+from sp_core.app.runtime import load_model, prompt_logprobs
+from sp_core.app.tiny import make_checkpoint
 
 model_dir = make_checkpoint("qwen3", sys.argv[1])
 prompts = [[int(t) for t in torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n))]

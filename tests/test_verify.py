@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import load_file, save_file
 
-from sp_core import verify
-from sp_core.cli import main
-from sp_core.tiny import make_checkpoint
+from sp_core.app import verify
+from sp_core.app.cli import main
+from sp_core.app.tiny import make_checkpoint
 
 OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "round-trip ", "PASS", "FAIL", "not run:",
                 "note:", "sp-core verify: framework output")
@@ -30,7 +30,7 @@ def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
     report = tmp_path / "report.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")]),
                TMPDIR=str(tmp), SP_CORE_LOG_DIR=str(logs))
-    proc = subprocess.run([sys.executable, "-m", "sp_core.cli", "verify", "--tp", "1,2", "--json", str(report)],
+    proc = subprocess.run([sys.executable, "-m", "sp_core.app.cli", "verify", "--tp", "1,2", "--json", str(report)],
                           capture_output=True, text=True, env=env, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output

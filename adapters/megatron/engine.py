@@ -12,7 +12,7 @@ add_preload("megatron.core.parallel_state")  # ~3 s of imports once in the fork 
 
 
 def check_available() -> None:
-    from sp_core.engines import EngineUnavailable
+    from sp_core.app.engines import EngineUnavailable
 
     try:
         import megatron.core  # noqa: F401
@@ -108,7 +108,7 @@ def train_steps(model_dir: str, tp: int, sequence_parallel: bool, steps: int, ou
                 capture_grads: bool = False, **settings) -> dict:
     """Train ``steps`` steps in Megatron on ``tp`` ranks; optionally export to ``out_dir`` (HF) and return
     the trained model's log-probabilities of ``prompts``. Returns rank 0's {losses, grads0, logprobs}."""
-    from sp_core.engines import check_model
+    from sp_core.app.engines import check_model
 
     check_available()
     check_model(model_dir, tp, settings.get("moe_parallel", "tp"))

@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from sp_core.engines import EngineUnavailable, check_model, check_prompts
+from sp_core.app.engines import EngineUnavailable, check_model
+from sp_core.app.prompts import check_prompts
 from sp_core.models import ModelError
 from sp_core.mpu import platform
 from sp_core_sglang import control, cpu_backend, cpu_env, engine_process, plugin

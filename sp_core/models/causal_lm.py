@@ -42,7 +42,7 @@ class CausalLM(torch.nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise.
         Token ids are not validated here (a host sync per forward): entry points check the prompts
-        (``sp_core.engines.check_prompts``), servers check ids on arrival."""
+        (``sp_core.app.prompts.check_prompts``), servers check ids on arrival."""
         num_tokens = input_ids.shape[0]
         if self.parallel.sequence_parallel_active:
             input_ids, positions = mpu.pad_1d(input_ids, self.parallel), mpu.pad_1d(positions, self.parallel)

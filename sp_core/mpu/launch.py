@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.multiprocessing as mp
 
-from sp_core import console
+from sp_core.app import console
 from sp_core.mpu import activity
 
 COLLECTIVE_TIMEOUT_ENV = "SP_CORE_COLLECTIVE_TIMEOUT"

@@ -1,8 +1,8 @@
-"""Tiny checkpoints for tests: the embedded presets of sp_core.tiny (made by transformers itself)."""
+"""Tiny checkpoints for tests: the embedded presets of sp_core.app.tiny (made by transformers itself)."""
 import json
 import shutil
 
-from sp_core.tiny import TINY, hf_config, make_checkpoint, reference_logprobs  # noqa: F401
+from sp_core.app.tiny import TINY, hf_config, make_checkpoint, reference_logprobs  # noqa: F401
 
 
 def with_edited_config(tmp_path, name: str, edit) -> str:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.mpu import platform
-from sp_core.runtime import pack
+from sp_core.app.runtime import pack
 
 
 def core_lm_gradients(model, prompts) -> dict:

@@ -42,10 +42,10 @@ def launches_per_tp(rank_fn, *args):
 
 def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
     """{"dense": [bytes per rank], "sparse": [...]}: bytes one dense / one MoE (or sparse-attention) decoder
-    layer saves for backward, measured on every rank (``sp_core.memory``) and gathered."""
+    layer saves for backward, measured on every rank (``sp_core.app.memory``) and gathered."""
     import torch
 
-    from sp_core.memory import _measure_rank
+    from sp_core.app.memory import _measure_rank
     from sp_core.mpu import collectives, platform
 
     mine = _measure_rank(model_dir, tokens, **kwargs)

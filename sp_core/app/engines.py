@@ -2,19 +2,20 @@
 the entry-point group ``sp_core.engines`` (megatron, sglang). sp_core never imports an adapter."""
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from sp_core.errors import EngineUnavailable, NonFiniteError
+from sp_core.app.errors import EngineUnavailable, NonFiniteError
+from sp_core.app.prompts import read_prompts
+from sp_core.app.runtime import load_model, prompt_logprobs
 from sp_core.models import ModelConfig, ModelError
 
-__all__ = ["EngineUnavailable", "available", "get", "read_prompts", "check_prompts", "check_model",
-           "check_finite"]
+__all__ = ["EngineUnavailable", "available", "get", "prepare", "Prepared", "check_model", "check_finite"]
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
@@ -27,7 +28,6 @@ def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dty
 
 def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False):
     from sp_core import mpu
-    from sp_core.runtime import load_model, prompt_logprobs
 
     parallel = mpu.default_context().replace(deterministic=deterministic)
     return prompt_logprobs(load_model(model_dir, dtype, moe_parallel, parallel), prompts)
@@ -73,34 +73,6 @@ def get(name: str):
     return entry
 
 
-def read_prompts(path: str, cfg: ModelConfig) -> List[List[int]]:
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such prompts file")
-    try:
-        with open(path, "rb") as f:
-            prompts = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ModelError(f"{path}: not UTF-8 text (byte {err.start}); expected a JSON list of lists of token ids") from None
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not valid JSON ({err.msg}); expected a list of lists of token ids") from None
-    check_prompts(prompts, cfg.vocab_size)
-    cfg.check_prompt_lengths(prompts)
-    return prompts
-
-
-def check_prompts(prompts, vocab_size: int) -> None:
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) for p in prompts):
-        raise ModelError("prompts must be a non-empty JSON list of lists of token ids, e.g. [[1, 2, 3], [7]]")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ModelError(f"prompt {i} is empty: every prompt needs at least one token")
-        for tok in prompt:
-            if not isinstance(tok, int) or isinstance(tok, bool):
-                raise ModelError(f"prompt {i}: {tok!r} is not a token id (integers only)")
-            if not 0 <= tok < vocab_size:
-                raise ModelError(f"prompt {i}: token id {tok} is outside the vocabulary [0, {vocab_size})")
-
-
 def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfig:
     """The config, the tp split and the checkpoint's tensors (names, shapes, readable files), checked in
     this process before any rank or engine starts: one-line ModelError otherwise."""
@@ -116,6 +88,28 @@ def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfi
         model = CausalLM(cfg, parallel=single_rank())
     check_checkpoint(model, model_dir)
     return cfg
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a command needs before its real call (``prepare``)."""
+
+    config: ModelConfig
+    engine: Optional[object] = None  # the engine module, when an engine was named
+    prompts: Optional[List[List[int]]] = None  # the prompts file's token ids, when one was given
+
+
+def prepare(model_dir: str, tp: int, moe_parallel: str = "tp", engine: Optional[str] = None,
+            prompts_path: Optional[str] = None) -> Prepared:
+    """A command's preparation, in this process before any rank or engine starts (one-line ModelError or
+    EngineUnavailable otherwise): the checkpoint at this tp (``check_model``); with ``engine``, that the engine
+    runs this model (``check_engine``); with ``prompts_path``, the prompts read and checked against the model;
+    then the engine loaded (``get``)."""
+    cfg = check_model(model_dir, tp, moe_parallel)
+    if engine is not None:
+        check_engine(engine, cfg, moe_parallel)
+    prompts = read_prompts(prompts_path, cfg) if prompts_path is not None else None
+    return Prepared(cfg, get(engine) if engine is not None else None, prompts)
 
 
 def check_finite(logprobs: List[torch.Tensor], what: str = "log-probabilities") -> None:

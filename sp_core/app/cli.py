@@ -14,8 +14,8 @@ import sys
 import traceback
 from typing import List, Optional, Sequence
 
-from sp_core import console
-from sp_core.errors import EngineUnavailable, NonFiniteError, UsageError
+from sp_core.app import console
+from sp_core.app.errors import EngineUnavailable, NonFiniteError, UsageError
 from sp_core.models import ModelError
 
 DTYPES = ("float32", "bfloat16")
@@ -95,7 +95,7 @@ def _add_moe_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from sp_core import engines, verify
+    from sp_core.app import engines, verify
 
     parser = _Parser(prog="sp-core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{logits,verify,memory,train}")
@@ -244,21 +244,18 @@ def _save_atomic(tensors: dict, path: str) -> None:
 def cmd_logits(args) -> int:
     import torch
 
-    from sp_core import engines
+    from sp_core.app import engines
     from sp_core.mpu import platform
 
     check_tp(args.tp)
     check_output_file(args.out, "--out", inputs=[args.prompts], model_dir=args.model, force=args.force)
-    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
-    engines.check_engine(args.engine, cfg, args.moe_parallel)
-    prompts = engines.read_prompts(args.prompts, cfg)
-    engine = engines.get(args.engine)
+    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine=args.engine, prompts_path=args.prompts)
     dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
     options = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
     if args.deterministic:
         options["deterministic"] = True
     console.announce("logits")
-    logprobs = engine.logprobs(args.model, prompts, args.tp, _sp(args), dtype, **options)
+    logprobs = ready.engine.logprobs(args.model, ready.prompts, args.tp, _sp(args), dtype, **options)
     engines.check_finite(logprobs)
     _save_atomic({f"logprobs.{i}": lp.float().contiguous() for i, lp in enumerate(logprobs)}, args.out)
     console.say(f"wrote {len(logprobs)} prompts' log-probabilities to {args.out}")
@@ -268,10 +265,10 @@ def cmd_logits(args) -> int:
 def cmd_memory(args) -> int:
     import json
 
-    from sp_core import engines, memory
+    from sp_core.app import engines, memory
 
     check_tp(args.tp)
-    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
+    cfg = engines.prepare(args.model, args.tp, args.moe_parallel).config
     report = memory.report(cfg, args.tp, args.tokens, _sp(args))
     if args.measure:
         console.announce("memory")
@@ -281,7 +278,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from sp_core import verify
+    from sp_core.app import verify
 
     if args.tp:
         for tp in args.tp:
@@ -294,14 +291,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sp_core import engines
+    from sp_core.app import engines
 
     check_tp(args.tp)
     check_output_dir(args.out, "--out", model_dir=args.model, force=args.force)
-    engine = engines.get("megatron")
+    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine="megatron")
+    engine, cfg = ready.engine, ready.config
     engine.check_available()
-    cfg = engines.check_model(args.model, args.tp, args.moe_parallel)
-    engines.check_engine("megatron", cfg, args.moe_parallel)
     if args.seq_length > cfg.max_position_embeddings:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")

@@ -5,8 +5,8 @@ from typing import List, Sequence
 
 import torch
 
+from sp_core.app.prompts import check_prompts
 from sp_core.layers import PackedBatch
-from sp_core.engines import check_prompts
 from sp_core.models import CausalLM, ModelConfig, load_hf_checkpoint
 from sp_core.mpu import platform
 

@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sp_core import console, engines
-from sp_core.errors import EngineUnavailable, UsageError
+from sp_core.app import console, engines
+from sp_core.app.errors import EngineUnavailable, UsageError
 from sp_core.models import ModelError
-from sp_core.tiny import DEEPSEEK_MODELS, DEEPSEEK_SPARSE_MODELS, PROMPTS, make_checkpoint, reference_logprobs
+from sp_core.app.tiny import DEEPSEEK_MODELS, DEEPSEEK_SPARSE_MODELS, PROMPTS, make_checkpoint, reference_logprobs
 
 DEFAULT_TP = "1,2,4"
 DEFAULT_ENGINES = ("core", "megatron", "sglang")

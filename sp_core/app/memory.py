@@ -90,7 +90,7 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
         "tp": t,
         "tokens": tokens,
         "sequence_parallel": sp,
-        "formula": formula + "; L = q_lora + kv_lora + rope (the MLA latent); see sp_core/memory.py",
+        "formula": formula + "; L = q_lora + kv_lora + rope (the MLA latent); see sp_core/app/memory.py",
         "latent_width": latent,
         "latent_bytes_per_token": latent * BYTES_16BIT,
         "activation_bytes_per_layer": int(BYTES_16BIT * tokens * layers.get("sparse", layers["dense"])),
