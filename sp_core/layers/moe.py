@@ -150,7 +150,7 @@ class MoE(torch.nn.Module):
             mark_sequence_parallel(gate_up)
             mark_sequence_parallel(down)
             # whole tensors on every rank (replicas = t); the shard names let the loader place gate and up
-            gate_up.partition_dim = 0
+            gate_up.partition_dim, gate_up.tp_rank, gate_up.tp_size = 0, self.parallel.rank, self.parallel.size
             gate_up.shards = [Shard("gate", shared_size, shared_size, t), Shard("up", shared_size, shared_size, t)]
 
     def _build_tp_sharded(self, hidden_size: int, shared_size: int, dtype) -> None:

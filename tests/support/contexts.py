@@ -28,8 +28,7 @@ def default_with(group=_UNSET, **changes) -> Iterator[mpu.ParallelContext]:
     try:
         yield made
     finally:
-        mpu.bind(before.group, sequence_parallel=before.sequence_parallel, communicator=before.communicator,
-                 deterministic=before.deterministic, settings=before.settings)
+        _restore(before)
 
 
 @contextlib.contextmanager
@@ -41,8 +40,11 @@ def single_process(**changes) -> Iterator[mpu.ParallelContext]:
     try:
         yield made
     finally:
-        if before is None:
-            mpu.destroy()
-        else:
-            mpu.bind(before.group, sequence_parallel=before.sequence_parallel, communicator=before.communicator,
-                     deterministic=before.deterministic, settings=before.settings)
+        _restore(before)
+
+
+def _restore(context) -> None:
+    """The very context object that was the default (models built before the block hold it)."""
+    from sp_core.mpu import context as module
+
+    module._DEFAULT = context
