@@ -1,5 +1,5 @@
 """GPU check and speed of the deterministic mode's one-launch batch-invariant GEMM
-(sp_core/layers/triton_batch_invariant.py), one command, bfloat16:
+(sp_core/kernels/triton_batch_invariant.py), one command, bfloat16:
 
     source benchmarks/device_setup.sh
     python -m benchmarks.batch_invariant_bench --tp 2,4 --out $OUT
@@ -79,8 +79,8 @@ def invariance(kernel, n: int, k: int, dtype, log) -> dict:
 
 
 def speed(kernel, t: int, iters: int, log) -> list:
-    from sp_core.layers import triton_batch_invariant as tbi
-    from sp_core.layers.batch_invariant import blocked_mm
+    from sp_core.kernels import triton_batch_invariant as tbi
+    from sp_core.kernels.batch_invariant import blocked_mm
 
     rows = []
     for name, n, k in linears(t):
@@ -157,10 +157,10 @@ def main() -> int:
 
     import triton
 
-    from sp_core.mpu import platform
+    from sp_core.kernels import lookup
     from sp_core.mpu.parallel_state import single_rank
 
-    kernel = platform.batch_invariant_matmul(torch.device("cuda"))
+    kernel = lookup.batch_invariant_matmul(torch.device("cuda"))
     if kernel is None:
         log("FAIL: no batch-invariant kernel on this machine (CUDA + Triton, SP_CORE_FUSED not 0)")
         return 1

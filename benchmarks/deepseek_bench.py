@@ -49,11 +49,11 @@ def _routing_stats(stack, x_full: torch.Tensor) -> dict:
 
 
 def _grouped_mm_used(stack) -> bool:
-    from sp_core.mpu import platform
+    from sp_core.kernels import lookup
 
     experts = next(layer for layer in stack if layer.is_moe).mlp.experts
     w = experts.gate_up_proj
-    return platform.grouped_mm_supports(torch.empty(16, w.shape[2], device=w.device, dtype=w.dtype), w)
+    return lookup.grouped_mm_supports(torch.empty(16, w.shape[2], device=w.device, dtype=w.dtype), w)
 
 
 def hidden_gather_attention(mla, hidden, positions, batch):

@@ -12,7 +12,7 @@
 3. cost: a prefill of Qwen3-8B-shaped layers (benchmarks/common.py's SHAPE, random bf16 weights), SP on,
    default mode (the fused collectives where ``async_tp`` says they pay) vs deterministic, same ranks,
    median of --iters: the ratio deterministic / default; the deterministic mode with its one-launch
-   Triton GEMM (``platform.batch_invariant_matmul``) and, for contrast, with the blocked torch GEMMs
+   Triton GEMM (``lookup.batch_invariant_matmul``) and, for contrast, with the blocked torch GEMMs
    (128-row blocks, one cuBLAS call each) that it replaces on CUDA.
 
 Writes results.json, results.md and log.txt under --out; exit 1 if a deterministic check failed.
@@ -97,11 +97,11 @@ def batch_invariance(model_dir: str, tp: int, vocab: int, log) -> dict:
 
 def _cost_rank(layers: int, tokens_list, iters: int):
     from sp_core import mpu
-    from sp_core.layers import PackedBatch, batch_invariant
-    from sp_core.mpu import platform
+    from sp_core.kernels import batch_invariant, lookup
+    from sp_core.layers import PackedBatch
 
     cfg, stack = random_qwen3_stack(layers)
-    kernel_choice = platform.batch_invariant_matmul
+    kernel_choice = lookup.batch_invariant_matmul
     t = mpu.tp_size()
     mpu.set_sequence_parallel(True)
     rows = []
@@ -114,7 +114,7 @@ def _cost_rank(layers: int, tokens_list, iters: int):
                                              ("deterministic_blocked", True, False)):
             mpu.set_deterministic(deterministic)
             # the blocked GEMMs: what the mode runs where the platform has no batch-invariant kernel
-            platform.batch_invariant_matmul = kernel_choice if kernel else (lambda device: None)
+            lookup.batch_invariant_matmul = kernel_choice if kernel else (lambda device: None)
 
             def run():
                 with batch_invariant.gemms():
@@ -126,7 +126,7 @@ def _cost_rank(layers: int, tokens_list, iters: int):
             with torch.no_grad():
                 row[f"{label}_ms"], row[f"{label}_peak_bytes"] = timed(run, iters)
         mpu.set_deterministic(False)
-        platform.batch_invariant_matmul = kernel_choice
+        lookup.batch_invariant_matmul = kernel_choice
         row["ratio"] = row["deterministic_ms"] / row["default_ms"]
         row["blocked_ratio"] = row["deterministic_blocked_ms"] / row["default_ms"]
         rows.append(row)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
-from sp_core.layers import batch_invariant
+from sp_core.kernels import batch_invariant
 from sp_core.app.tiny import PROMPTS, make_checkpoint
 from support.multirank import run_ranks
 from support.contexts import remake, single_process

@@ -168,7 +168,7 @@ def test_forms_that_need_cuda_are_refused_elsewhere(monkeypatch):
 
 KERNEL_CHECK = r"""
 import torch
-from sp_core.layers import triton_kernels as tk
+from sp_core.kernels import triton_kernels as tk
 from sp_core.layers.rotary import RotaryEmbedding
 
 device = "{device}"

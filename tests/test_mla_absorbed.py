@@ -97,7 +97,7 @@ def test_cached_sequences_give_the_expanded_form_bit_for_bit():
     cached prefix of 6 tokens), batched with another request and SP padding, gives torch.equal outputs to the
     expanded form (training's) over each whole sequence alone; the first chunk is a sequence of its own.
     Negative control: the absorbed form over the same cache is close but not bit-equal."""
-    from sp_core.layers import batch_invariant
+    from sp_core.kernels import batch_invariant
 
     torch.manual_seed(0)
     mla = MultiHeadLatentAttention(64, 4, 24, 16, 16, 8, 12, 0.2, 10000.0)

@@ -183,7 +183,7 @@ def _deterministic_expert_parallel(refs):
     batch, Megatron does not), and SP off keeps transformers' outputs and gradients (the router and the
     shared experts run on every token; the scatter's backward gathers the rest). Collectives: SP off adds
     the all-gather of the results to the SP dispatch's four all-to-alls."""
-    from sp_core.layers import batch_invariant
+    from sp_core.kernels import batch_invariant
 
     t = mpu.default_context().size
     remake(deterministic=True)

@@ -1,4 +1,4 @@
-"""The deterministic mode's one-launch GEMM (sp_core/layers/triton_batch_invariant.py) on CPU, through
+"""The deterministic mode's one-launch GEMM (sp_core/kernels/triton_batch_invariant.py) on CPU, through
 Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the switch is read when a kernel is defined).
 
 Checked against torch.matmul (float32, float16, bfloat16) and for batch invariance: a row alone, inside
@@ -47,7 +47,7 @@ interpreter.InterpreterBuilder.create_dot = _elementwise_dot
 
 KERNEL_CHECK = INTERPRETER_DOT + r'''
 import torch
-from sp_core.layers import batch_invariant, triton_batch_invariant as tbi
+from sp_core.kernels import batch_invariant, triton_batch_invariant as tbi
 
 small = tbi.Tiles(16, 16, 16, num_warps=4, num_stages=1)
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
@@ -92,8 +92,7 @@ import sys
 import torch
 from sp_core import mpu
 from support.contexts import single_process
-from sp_core.layers import triton_batch_invariant as tbi
-from sp_core.mpu import platform
+from sp_core.kernels import lookup, triton_batch_invariant as tbi
 from sp_core.app.runtime import load_model, prompt_logprobs
 from sp_core.app.tiny import make_checkpoint
 
@@ -104,7 +103,7 @@ with single_process():
     model = load_model(model_dir, parallel=mpu.single_rank(deterministic=True))
     blocked = prompt_logprobs(model, prompts)
     launches = []
-    platform.batch_invariant_matmul = lambda device: lambda a, b: launches.append(a.shape) or tbi.matmul(a, b)
+    lookup.batch_invariant_matmul = lambda device: lambda a, b: launches.append(a.shape) or tbi.matmul(a, b)
     together = prompt_logprobs(model, prompts)
     assert launches and len({shape[0] for shape in launches}) == 1, launches  # every GEMM, all 56 rows
     for i in (0, 1, 4):
@@ -142,7 +141,7 @@ def _compile_for_h100(dtype, tiles, even_k: bool, a_aligned: bool) -> str:
     from triton.compiler import ASTSource
 
     import torch
-    from sp_core.layers import triton_batch_invariant as tbi
+    from sp_core.kernels import triton_batch_invariant as tbi
 
     names = tbi._matmul_kernel.arg_names
     short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -168,7 +167,7 @@ def test_kernel_compiles_for_h100_with_tensor_cores():
     import re
 
     import torch
-    from sp_core.layers import triton_batch_invariant as tbi
+    from sp_core.kernels import triton_batch_invariant as tbi
 
     kernel = tbi._matmul_kernel
     assert kernel.do_not_specialize == ["M"] or kernel.arg_names.index("M") in kernel.do_not_specialize

@@ -17,7 +17,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
 from sp_core import mpu
-from sp_core.layers import RMSNorm, batch_invariant
+from sp_core.kernels import batch_invariant
+from sp_core.layers import RMSNorm
 from sp_core.models import ModelConfig
 from sp_core.models.config import DEEPSEEK_ARCHITECTURES
 from sp_core.models.deepseek import DeepseekDecoderLayer

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sp_core.mpu import platform
+from sp_core.kernels import lookup
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) ->
     device); row block e is multiplied by ``weight[e]`` [out, in] (as ``F.linear``). Returns [N, out].
     The grouped GEMM reads the group sizes on the device (no host sync: CUDA-graph safe); the fallback
     loop needs them on the host."""
-    if platform.grouped_mm_supports(x, weight):
+    if lookup.grouped_mm_supports(x, weight):
         return torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=rows.cumsum(0).to(torch.int32))
     pieces = [F.linear(block, weight[e]) for e, block in enumerate(x.split(rows.tolist())) if block.shape[0]]
     if not pieces:  # keep the weight in the graph, so its gradient is zero rather than missing
@@ -30,7 +30,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) ->
 
 def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The gradient of ``grouped_linear(x, weight, rows)``'s weight: ``grad[e]^T @ x[e]`` per row block."""
-    if platform.grouped_mm_supports(x, weight):
+    if lookup.grouped_mm_supports(x, weight):
         return torch._grouped_mm(grad.t(), x.contiguous(), offs=rows.cumsum(0).to(torch.int32))
     out = torch.zeros_like(weight)
     for e, (g, block) in enumerate(zip(grad.split(rows.tolist()), x.split(rows.tolist()))):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
+from sp_core.kernels import lookup
 from sp_core.layers.sharding import mark_sequence_parallel
-from sp_core.mpu import platform
 
 
 class RMSNorm(torch.nn.Module):
@@ -34,7 +34,7 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if residual is None:
             return self._norm(x)
-        fused = platform.fused_add_rms_norm()
+        fused = lookup.fused_add_rms_norm()
         if fused is not None and not _needs_grad(x, residual, self.weight) and _same_dtype(x, residual, self.weight):
             return fused(x, residual, self.weight, self.eps)
         added = x + residual
@@ -42,7 +42,7 @@ class RMSNorm(torch.nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         weight = mpu.copy_to_tp(self.weight, self.parallel) if self.per_head_on_tp_shard else self.weight
-        fused = platform.fused_rms_norm()
+        fused = lookup.fused_rms_norm()
         if fused is not None and _same_dtype(x, weight):
             return fused(x, weight, self.eps)
         dtype = x.dtype

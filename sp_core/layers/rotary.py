@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from sp_core.mpu import platform
+from sp_core.kernels import lookup
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
@@ -75,7 +75,7 @@ class RotaryEmbedding(torch.nn.Module):
         """q [T, heads, d], k [T, kv_heads, d], positions [T] -> rotated q, k. With ``q_norm`` / ``k_norm``
         (Qwen3's per-head RMSNorms) those are applied first; in inference the platform's fused kernel
         (rotate-half layout), when there is one, does both in one pass."""
-        fused = None if self.interleaved else platform.fused_qk_norm_rope()
+        fused = None if self.interleaved else lookup.fused_qk_norm_rope()
         norms = [n for n in (q_norm, k_norm) if n is not None]
         if fused is not None and not (torch.is_grad_enabled() and any(
                 x.requires_grad for x in [q, k] + [n.weight for n in norms])):
@@ -97,9 +97,9 @@ class RotaryEmbedding(torch.nn.Module):
         """Each x [T, heads, d] at ``positions`` [T], rotated; one cos / sin table for all of them."""
         if not torch.is_grad_enabled():
             return _rotated_all(xs, positions, self.inv_freq.to(positions.device), self.attention_factor,
-                                self.interleaved, platform.rotary_in_float32())
+                                self.interleaved, lookup.rotary_in_float32())
         return _Rotate.apply(positions, self.inv_freq.to(positions.device), self.attention_factor, self.interleaved,
-                             platform.rotary_in_float32(), *xs)
+                             lookup.rotary_in_float32(), *xs)
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float):

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from sp_core.layers import batch_invariant
+from sp_core.kernels import batch_invariant
 from sp_core.layers.sharding import mark_sequence_parallel
 
 _FLOAT32_BUFFERS = ("e_score_correction_bias", "local_tokens_per_expert")

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from sp_core import mpu
-from sp_core.layers import ParallelLMHead, batch_invariant, gather_vocab, vocab_parallel_cross_entropy
+from sp_core.kernels import batch_invariant
+from sp_core.layers import ParallelLMHead, gather_vocab, vocab_parallel_cross_entropy
 from sp_core.models.config import ModelConfig
 from sp_core.models.deepseek import DeepseekModel
 from sp_core.models.qwen import QwenModel

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from sp_core import mpu
-from sp_core.layers import batch_invariant
+from sp_core.kernels import batch_invariant
 from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
 from sp_core.mpu import crossover

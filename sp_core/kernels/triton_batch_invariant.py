@@ -17,7 +17,7 @@ with M or with the row's offset, and every tile runs the same instructions. M is
 (``do_not_specialize``), so M = 1 compiles the same kernel as M = 8192.
 
 ``tl.dot`` accumulates in float32; float32 inputs use ``input_precision="ieee"`` (FMA, inputs not
-rounded to TF32). No autograd here: ``sp_core.layers.batch_invariant`` wraps it and chooses it on CUDA;
+rounded to TF32). No autograd here: ``sp_core.kernels.batch_invariant`` wraps it and chooses it on CUDA;
 CPU (and CUDA without Triton) keeps the blocked torch path. Tested on CPU through Triton's interpreter
 (TRITON_INTERPRET=1) and by compiling for sm_90 (tests/test_triton_batch_invariant.py); on GPUs by
 benchmarks/batch_invariant_bench.py.

@@ -6,7 +6,7 @@ K = 64 .. 4096): with M rows, the rows past the last multiple of 4 come out diff
 (M = 1 takes a GEMV path; M = 2, 3 and the tails of 5-7 and 9-11 rows another kernel), up to 2e-4
 apart at K = 4096. GPU libraries pick tiles and split-K by the shape too. So in the deterministic mode
 every GEMM on activations goes through ``mm``: on CUDA with Triton, one launch of a kernel with fixed
-tiles and no split-K (``sp_core.layers.triton_batch_invariant``, whose docstring says why that is
+tiles and no split-K (``sp_core.kernels.triton_batch_invariant``, whose docstring says why that is
 batch-invariant); elsewhere (CPU, Ascend, CUDA without Triton or with SP_CORE_FUSED=0) its rows are
 computed in blocks of a fixed number of rows, the last one padded with zeros: every call has the same
 shape, and each row's sum runs in the same order whatever the batch (16-row blocks on CPU, measured
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from sp_core.mpu import platform
+from sp_core.kernels import lookup
 
 CPU_BLOCK_ROWS = 16
 ACCELERATOR_BLOCK_ROWS = 128
@@ -59,7 +59,7 @@ def blocked_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _KernelMatmul(torch.autograd.Function):
-    """``a @ b`` through ``platform.batch_invariant_matmul``; backward: the input gradient through it
+    """``a @ b`` through ``lookup.batch_invariant_matmul``; backward: the input gradient through it
     too, the weight gradient with torch."""
 
     @staticmethod
@@ -82,7 +82,7 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batch-invariant ``a @ b`` for 2-D ``a`` [M, K] and ``b`` [K, N]: the one-launch kernel where the
     platform has one, else ``blocked_mm``."""
-    kernel = platform.batch_invariant_matmul(a.device)
+    kernel = lookup.batch_invariant_matmul(a.device)
     if kernel is not None:
         if torch.is_autocast_enabled(a.device.type):  # what torch.mm would compute in
             dtype = torch.get_autocast_dtype(a.device.type)

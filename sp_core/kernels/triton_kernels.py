@@ -1,5 +1,5 @@
 """Triton kernels for the inference path on GPUs: residual add + RMSNorm, and Qwen3's per-head q/k
-RMSNorm + rotary, each one pass over memory. Chosen by ``sp_core.mpu.platform``; no autograd (training
+RMSNorm + rotary, each one pass over memory. Chosen by ``sp_core.kernels.lookup``; no autograd (training
 uses torch's fused ``rms_norm`` and rotary ops). Both keep float32 accumulation and round once.
 Tested against the pure-torch path on CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
