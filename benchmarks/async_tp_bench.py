@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from benchmarks.common import SHAPE, header, timed
+from benchmarks.common import SHAPE, context, header, timed
 
 ROWS = (1024, 2048, 4096, 8192, 16384, 32768)
 MARGIN = 0.98
@@ -37,23 +37,20 @@ def _rank(impls, rows_list, iters):
     from sp_core import mpu
     from sp_core.mpu import collectives
 
-    t = mpu.tp_size()
+    t = mpu.default_context().size
+    forms = {impl: context({"SP_CORE_ASYNC_TP": impl}) for impl in impls}  # one context per form
     out = []
     for op, name, k, n in layers(t):
         b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()  # a weight's transpose, as layers pass it
         for rows in rows_list:
             local = rows // t if op == "all_gather_matmul" else rows
             x = torch.randn(local, k, device="cuda", dtype=torch.bfloat16)
-            if op == "all_gather_matmul":
-                fn = lambda: collectives.all_gather_matmul(x, b)  # noqa: E731
-            else:
-                fn = lambda: collectives.matmul_reduce_scatter(x, b)  # noqa: E731
+            op_fn = collectives.all_gather_matmul if op == "all_gather_matmul" else collectives.matmul_reduce_scatter
             for impl in impls:
-                os.environ["SP_CORE_ASYNC_TP"] = impl
-                ms, _ = timed(fn, iters)
+                ms, _ = timed(lambda: op_fn(forms[impl], x, b), iters)
                 out.append(dict(tp=t, op=op, layer=name, rows=rows, impl=impl, ms=ms))
             del x
-    os.environ["SP_CORE_ASYNC_TP"] = "auto"
+    context({"SP_CORE_ASYNC_TP": "auto"})
     return out
 
 

@@ -158,7 +158,7 @@ def main() -> int:
     import triton
 
     from sp_core.kernels import lookup
-    from sp_core.mpu.parallel_state import single_rank
+    from sp_core import mpu
 
     kernel = lookup.batch_invariant_matmul(torch.device("cuda"))
     if kernel is None:
@@ -174,7 +174,7 @@ def main() -> int:
         for n, k in shapes:
             results["invariance"].append(invariance(kernel, n, k, dtype, log))
     log(f"2. speed (one GPU) [{time.time() - start:.0f} s]")
-    with single_rank():
+    with mpu.building(mpu.single_rank()):
         for t in (1, 2, 4):
             results["speed"] += speed(kernel, t, args.iters, log)
     tps = [t for t in (int(x) for x in args.tp.split(",")) if t <= torch.cuda.device_count()]

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import megatron_bench
 from benchmarks.common import (CATEGORY_NAMES, SHAPE, ceilings, header, host_side, kernel_categories,
-                               plot_ratios, random_qwen3_stack, save_results, timed)
+                               context, plot_ratios, random_qwen3_stack, save_results, timed)
 from sp_core.mpu import async_tp
 
 
@@ -51,10 +51,9 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
     from sp_core.layers import PackedBatch
     from sp_core.mpu import platform
 
-    cfg, stack = random_qwen3_stack(layers)
     device = platform.current_device()
     tflops, busbw = ceilings()
-    t = mpu.tp_size()
+    t = mpu.default_context().size
     rows = []
     for tokens in tokens_list:
         positions = torch.arange(tokens, device=device)
@@ -64,10 +63,8 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
             if variants is not None and label not in variants:
                 result[f"{label}_ms"] = result[f"{label}_peak_bytes"] = float("nan")  # not run
                 continue
-            os.environ.update(env)
-            if label == "async_sp":
-                os.environ["SP_CORE_ASYNC_TP"] = async_tp_form
-            mpu.set_sequence_parallel(sp)
+            env = dict(env, SP_CORE_ASYNC_TP=async_tp_form) if label == "async_sp" else env
+            cfg, stack = random_qwen3_stack(layers, parallel=context(env, sequence_parallel=sp))  # same seed
             n = tokens // t if sp else tokens
             x = torch.randn(n, cfg.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=train)
             grad = torch.randn_like(x)
@@ -99,7 +96,6 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
         result["tp_over_floor"] = result["tp_ms"] / result["floor_ms"]
         rows.append(result)
         torch.cuda.empty_cache()
-    mpu.set_sequence_parallel(True)
     return rows
 
 
@@ -206,7 +202,7 @@ def main():
     tps = [int(x) for x in args.tp.split(",")]
     results = header(layers=args.layers, shape=SHAPE, prefill=[], train=[], megatron=[],
                      categories=CATEGORY_NAMES, variants=args.variants.split(","),
-                     async_tp_table=async_tp.table(), async_tp=args.async_tp)
+                     async_tp_table=async_tp.TABLE, async_tp=args.async_tp)
     for t in tps:
         if t > torch.cuda.device_count():
             print(f"skip t={t}: {torch.cuda.device_count()} GPUs", flush=True)

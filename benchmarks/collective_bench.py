@@ -55,11 +55,12 @@ def _bus_factor(op: str) -> int:
 
 def _ops(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device):
     """{name: callable} for one size, on preallocated inputs."""
+    from sp_core import mpu
     from sp_core.mpu import collectives
-    from sp_core.mpu import parallel_state as ps
 
-    t, group = ps.tp_size(), ps.tp_group()
-    gen = torch.Generator(device="cpu").manual_seed(ps.tp_rank())
+    p = mpu.default_context()
+    t, group = p.size, p.group
+    gen = torch.Generator(device="cpu").manual_seed(p.rank)
     full = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
     shard = full[: tokens // t].clone()
     gathered = torch.empty_like(full)
@@ -67,17 +68,17 @@ def _ops(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device):
     reduced = full.clone()  # raw all-reduce works in place; its values only grow (inf does not slow NCCL)
 
     def core_ag():
-        collectives.all_gather(shard)
+        collectives.all_gather(p, shard)
 
     def core_rs():
-        collectives.reduce_scatter_start(full).wait()
+        collectives.reduce_scatter_start(p, full).wait()
 
     def core_pair():
         core_ag()
         core_rs()
 
     def core_ar():
-        collectives.all_reduce(full)
+        collectives.all_reduce(p, full)
 
     def raw_ag():
         _all_gather_tensor(gathered, shard, group=group)
@@ -111,6 +112,7 @@ def _ops(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device):
 
 def _time_op(fn, iters: int, warmup: int):
     """(device ms per iteration, host clock at the barrier's return, host clock at the issue), lists."""
+    from sp_core import mpu
     from sp_core.mpu import collectives, platform
 
     cuda = platform.device_type() == "cuda"
@@ -119,7 +121,7 @@ def _time_op(fn, iters: int, warmup: int):
     platform.synchronize()
     ms, released, issued = [], [], []
     for _ in range(iters):
-        collectives.barrier()
+        collectives.barrier(mpu.default_context())
         platform.synchronize()
         released.append(time.clock_gettime(time.CLOCK_MONOTONIC))
         if cuda:
@@ -140,12 +142,12 @@ def _time_op(fn, iters: int, warmup: int):
 
 
 def _rank(tokens_list, hidden: int, dtype_name: str, iters: int, warmup: int):
-    from sp_core.mpu import parallel_state as ps
+    from sp_core import mpu
     from sp_core.mpu import platform
 
     dtype = getattr(torch, dtype_name)
     device = platform.current_device()
-    t, group = ps.tp_size(), ps.tp_group()
+    t, group = mpu.default_context().size, mpu.default_context().group
     rows = []
     for tokens in tokens_list:
         for name, fn in _ops(tokens, hidden, dtype, device).items():

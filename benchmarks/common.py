@@ -46,15 +46,28 @@ def qwen3_config(layers: int, shape: dict = SHAPE):
                                       max_position_embeddings=40960))
 
 
-def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16):
+def context(env=None, **changes):
+    """This rank's context (the launch's) with ``changes`` (sequence_parallel, deterministic), after the
+    SP_CORE_* settings in ``env`` are set and read again (a variant of a benchmark: fused kernels, async TP)."""
+    from sp_core import mpu, settings
+
+    if env:
+        os.environ.update(env)
+        settings.reread()
+    base = mpu.default_context()
+    return base.replace(settings=settings.current(), **changes)
+
+
+def random_qwen3_stack(layers: int, shape: dict = SHAPE, dtype: torch.dtype = torch.bfloat16, parallel=None):
     """(config, ``layers`` Qwen3 decoder layers of ``shape`` (Qwen3-8B's by default) with random weights of
-    ``dtype`` on this rank's device)."""
+    ``dtype`` on this rank's device), built on ``parallel`` (default: this rank's context)."""
+    from sp_core import mpu
     from sp_core.models.qwen import qwen_decoder_layer
     from sp_core.mpu import platform
 
     torch.manual_seed(0)
     cfg = qwen3_config(layers, shape)
-    with torch.device(platform.current_device()):
+    with torch.device(platform.current_device()), mpu.building(mpu.context_for(parallel)):
         stack = torch.nn.ModuleList(qwen_decoder_layer(cfg, dtype=dtype) for _ in range(layers))
     for p in stack.parameters():
         torch.nn.init.normal_(p, std=0.02)
@@ -97,12 +110,13 @@ def timed(fn, iters: int, warmup: int = 3):
     """Median milliseconds of ``fn()`` over ``iters`` calls after ``warmup`` (device events on CUDA, the
     host clock around a synchronize elsewhere), and the peak bytes allocated above the starting point
     during one more call (0 off CUDA)."""
+    from sp_core import mpu
     from sp_core.mpu import collectives, platform
 
     for _ in range(warmup):
         fn()
     platform.synchronize()
-    collectives.barrier()
+    collectives.barrier(mpu.default_context())
     cuda = torch.cuda.is_available()
     times = []
     for _ in range(iters):
@@ -118,7 +132,7 @@ def timed(fn, iters: int, warmup: int = 3):
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     platform.synchronize()
-    collectives.barrier()
+    collectives.barrier(mpu.default_context())
     before = torch.cuda.memory_allocated() if cuda else 0
     platform.reset_peak_memory()
     fn()
@@ -129,14 +143,16 @@ def timed(fn, iters: int, warmup: int = 3):
 
 def ceilings():
     """Measured bf16 matmul rate (TFLOP/s) and all-reduce bus bandwidth (GB/s) over the TP group (CUDA)."""
-    from sp_core.mpu import collectives, parallel_state as ps
+    from sp_core import mpu
+    from sp_core.mpu import collectives
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms, _ = timed(lambda: a @ a, 10)
     tflops = 2 * 8192 ** 3 / ms / 1e9
-    t = ps.tp_size()
+    p = mpu.default_context()
+    t = p.size
     buf = torch.randn(128 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 256 MiB
-    ms, _ = timed(lambda: collectives.all_reduce(buf), 10)
+    ms, _ = timed(lambda: collectives.all_reduce(p, buf), 10)
     busbw = buf.numel() * 2 * 2 * (t - 1) / t / ms / 1e6
     return tflops, busbw
 

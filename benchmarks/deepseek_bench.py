@@ -123,7 +123,7 @@ def _indexer_rank(tokens_list, iters: int, tiny: bool) -> list:
     from sp_core.layers.indexer import LightningIndexer
 
     shape = deepseek_v3_shape(tiny)
-    device, t = _device(), mpu.tp_size()
+    device, t = _device(), mpu.default_context().size
     heads, dim, topk = (4, 32, 64) if tiny else (64, 128, 2048)
     torch.manual_seed(0)
     with torch.device(device):
@@ -139,13 +139,12 @@ def _indexer_rank(tokens_list, iters: int, tiny: bool) -> list:
         positions, batch = torch.arange(T, device=device), PackedBatch([T])
         row = {"tokens": T, "tp": t}
         for label, sp in (("replicated", False), ("split", True)):
-            mpu.set_sequence_parallel(sp)
-            part = (lambda x: x.chunk(t)[mpu.tp_rank()]) if sp else (lambda x: x)
-            args = (part(hidden), part(q_lat), part(positions), batch)
-            row[f"{label}_ms"], row[f"{label}_peak_bytes"] = timed(lambda: indexer(*args), iters, warmup=1)
+            with mpu.default_context().sequence_parallel_for(sp):
+                part = (lambda x: x.chunk(t)[mpu.default_context().rank]) if sp else (lambda x: x)
+                args = (part(hidden), part(q_lat), part(positions), batch)
+                row[f"{label}_ms"], row[f"{label}_peak_bytes"] = timed(lambda: indexer(*args), iters, warmup=1)
         row["split_over_replicated"] = row["split_ms"] / row["replicated_ms"]
         rows.append(row)
-    mpu.set_sequence_parallel(True)
     return rows
 
 
@@ -155,7 +154,7 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
     from sp_core.layers import PackedBatch
 
     device, dtype = _device(), torch.bfloat16
-    t = mpu.tp_size()
+    t = mpu.default_context().size
     rows = {T: {"tokens": T, "tp": t, "train": train} for T in tokens_list}
     for moe in ("tp", "ep"):
         cfg = deepseek_v3_config(layers, tiny, moe)
@@ -170,40 +169,39 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
             batch = PackedBatch([T])
             x_full = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T)).to(device, dtype)
             for mode, sp, hidden_gather in VARIANTS:
-                mpu.set_sequence_parallel(sp)
-                x = x_full.chunk(t)[mpu.tp_rank()].contiguous() if sp else x_full
-                x.requires_grad_(train)
-                grad = torch.randn_like(x)
+                with mpu.default_context().sequence_parallel_for(sp):
+                    x = x_full.chunk(t)[mpu.default_context().rank].contiguous() if sp else x_full
+                    x.requires_grad_(train)
+                    grad = torch.randn_like(x)
 
-                def run():
-                    h = x
-                    for layer in stack:
-                        h = _layer_forward(layer, h, positions, batch, T, hidden_gather)
-                    if train:
-                        h.backward(grad)
+                    def run():
+                        h = x
+                        for layer in stack:
+                            h = _layer_forward(layer, h, positions, batch, T, hidden_gather)
+                        if train:
+                            h.backward(grad)
 
-                with torch.set_grad_enabled(train):
-                    ms, peak = timed(run, iters, warmup=2)
-                    if T in profile_tokens and device == "cuda":
-                        rows[T][f"{mode}_{moe}_kernels"] = kernel_categories(run, categories=CATEGORIES)
-                for p in stack.parameters():
-                    p.grad = None
-                rows[T][f"{mode}_{moe}_ms"], rows[T][f"{mode}_{moe}_peak_bytes"] = ms, peak
-                if not train:  # where the time goes: one MoE layer's MLA and MoE block alone
-                    moe_layer = stack[-1]
-                    with torch.no_grad():
-                        normed = moe_layer.input_layernorm(x)
-                        attention = (lambda: hidden_gather_attention(moe_layer.self_attn, normed, positions, batch)) \
-                            if hidden_gather else (lambda: moe_layer.self_attn(normed, positions, batch))
-                        rows[T][f"{mode}_{moe}_mla_ms"] = timed(attention, iters, warmup=2)[0]
-                        rows[T][f"{mode}_{moe}_moe_ms"] = timed(lambda: moe_layer.mlp(normed, T), iters, warmup=2)[0]
-                if mpu.tp_rank() == 0:
-                    print(f"  t={t} T={T} {'train' if train else 'prefill'} {mode} moe={moe}: {ms:.2f} ms, "
-                          f"peak {peak / 2**20:.0f} MiB", flush=True)
+                    with torch.set_grad_enabled(train):
+                        ms, peak = timed(run, iters, warmup=2)
+                        if T in profile_tokens and device == "cuda":
+                            rows[T][f"{mode}_{moe}_kernels"] = kernel_categories(run, categories=CATEGORIES)
+                    for p in stack.parameters():
+                        p.grad = None
+                    rows[T][f"{mode}_{moe}_ms"], rows[T][f"{mode}_{moe}_peak_bytes"] = ms, peak
+                    if not train:  # where the time goes: one MoE layer's MLA and MoE block alone
+                        moe_layer = stack[-1]
+                        with torch.no_grad():
+                            normed = moe_layer.input_layernorm(x)
+                            attention = (lambda: hidden_gather_attention(moe_layer.self_attn, normed, positions, batch)) \
+                                if hidden_gather else (lambda: moe_layer.self_attn(normed, positions, batch))
+                            rows[T][f"{mode}_{moe}_mla_ms"] = timed(attention, iters, warmup=2)[0]
+                            rows[T][f"{mode}_{moe}_moe_ms"] = timed(lambda: moe_layer.mlp(normed, T), iters, warmup=2)[0]
+                    if mpu.default_context().rank == 0:
+                        print(f"  t={t} T={T} {'train' if train else 'prefill'} {mode} moe={moe}: {ms:.2f} ms, "
+                              f"peak {peak / 2**20:.0f} MiB", flush=True)
         del stack
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    mpu.set_sequence_parallel(True)
     tflops, busbw = None, None
     if device == "cuda":
         tflops, busbw = ceilings()

@@ -69,20 +69,18 @@ def _invariance_rank(model_dir: str, vocab: int):
     from sp_core import mpu
     from sp_core.app.runtime import load_model, prompt_logprobs
 
-    model = load_model(model_dir, torch.bfloat16)
     mixed = _prompts(MIXED, vocab, 2)
     alone_prompts = [mixed[2], mixed[0], mixed[5]]  # 250, 5 and 2 tokens
     out = {}
     for deterministic in (False, True):
-        mpu.set_deterministic(deterministic)
+        model = load_model(model_dir, torch.bfloat16, parallel=mpu.default_context().replace(deterministic=deterministic))
         together = prompt_logprobs(model, mixed)
         alone = [prompt_logprobs(model, [p])[0] for p in alone_prompts]
         out["deterministic" if deterministic else "default"] = all(
             torch.equal(a, together[MIXED.index(len(p))]) for a, p in zip(alone, alone_prompts))
         if deterministic:
-            with mpu.sequence_parallel(False):
+            with model.parallel.sequence_parallel_for(False):
                 out["deterministic_sp_on_vs_off"] = _equal(prompt_logprobs(model, mixed), together)
-    mpu.set_deterministic(False)
     return out
 
 
@@ -100,10 +98,11 @@ def _cost_rank(layers: int, tokens_list, iters: int):
     from sp_core.kernels import batch_invariant, lookup
     from sp_core.layers import PackedBatch
 
-    cfg, stack = random_qwen3_stack(layers)
+    stacks = {mode: random_qwen3_stack(layers, parallel=context(sequence_parallel=True, deterministic=mode))
+              for mode in (False, True)}  # the same weights (seed) on each mode's context
+    cfg = stacks[False][0]
     kernel_choice = lookup.batch_invariant_matmul
-    t = mpu.tp_size()
-    mpu.set_sequence_parallel(True)
+    t = mpu.default_context().size
     rows = []
     for tokens in tokens_list:
         positions = torch.arange(tokens, device="cuda")
@@ -112,12 +111,12 @@ def _cost_rank(layers: int, tokens_list, iters: int):
         row = {"tp": t, "tokens": tokens}
         for label, deterministic, kernel in (("default", False, True), ("deterministic", True, True),
                                              ("deterministic_blocked", True, False)):
-            mpu.set_deterministic(deterministic)
+            stack = stacks[deterministic][1]
             # the blocked GEMMs: what the mode runs where the platform has no batch-invariant kernel
             lookup.batch_invariant_matmul = kernel_choice if kernel else (lambda device: None)
 
             def run():
-                with batch_invariant.gemms():
+                with batch_invariant.gemms(deterministic):
                     h = x
                     for layer in stack:
                         h = layer(h, positions, batch)
@@ -125,7 +124,6 @@ def _cost_rank(layers: int, tokens_list, iters: int):
 
             with torch.no_grad():
                 row[f"{label}_ms"], row[f"{label}_peak_bytes"] = timed(run, iters)
-        mpu.set_deterministic(False)
         lookup.batch_invariant_matmul = kernel_choice
         row["ratio"] = row["deterministic_ms"] / row["default_ms"]
         row["blocked_ratio"] = row["deterministic_blocked_ms"] / row["default_ms"]

@@ -92,6 +92,7 @@ def _cprofile_text(call, calls: int = 20, top: int = 40) -> str:
 
 def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
     """Counts and host time of ``forward()`` (then ``out.backward(grad)`` when ``grad`` is not None)."""
+    from sp_core import mpu
     from sp_core.mpu import collectives, platform
 
     def call():
@@ -104,7 +105,7 @@ def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
     result = count_ops(forward, grad)
     if setting.cprofile:
         result["cprofile"] = _cprofile_text(call)
-    collectives.barrier()
+    collectives.barrier(mpu.default_context())
     reps = setting.reps
     if platform.device_type() == "cuda":  # enqueue time and host syncs (common.host_side), device wall time
         host = host_side(call, reps)
@@ -123,8 +124,8 @@ def _report(name: str, result: dict) -> dict:
     from sp_core import mpu
     from sp_core.mpu import launch
 
-    if mpu.tp_rank() == 0:
-        launch.progress(f"t={mpu.tp_size()} {name}: {result['aten_fwd']} + {result['aten_bwd']} ATen ops, "
+    if mpu.default_context().rank == 0:
+        launch.progress(f"t={mpu.default_context().size} {name}: {result['aten_fwd']} + {result['aten_bwd']} ATen ops, "
                         f"{result['collectives_fwd']} + {result['collectives_bwd']} collectives, "
                         f"host {result['host_us']:.0f} us, wall {result['wall_us']:.0f} us")
     return result
@@ -137,21 +138,20 @@ def _layer_variants(prefix: str, layer, hidden_size: int, setting: Setting) -> d
     from sp_core.layers import PackedBatch
     from sp_core.mpu import platform
 
-    device, t, tokens = platform.current_device(), mpu.tp_size(), setting.tokens
+    device, t, tokens = platform.current_device(), mpu.default_context().size, setting.tokens
     positions, batch = torch.arange(tokens, device=device), PackedBatch([tokens])
     out = {}
     for name in (f"{prefix}_{mode}_{phase}" for phase in ("prefill", "train") for mode in ("tp", "sp")):
         if name not in setting.variants:
             continue
         sp, train = "_sp_" in name, name.endswith("_train")
-        mpu.set_sequence_parallel(sp)
-        x = torch.randn(tokens // t if sp and t > 1 else tokens, hidden_size, device=device, dtype=setting.dtype,
-                        requires_grad=train)
-        with torch.set_grad_enabled(train):
-            out[name] = _report(name, measure(lambda: layer(x, positions, batch, tokens),
-                                              torch.randn_like(x) if train else None, setting))
-        layer.zero_grad(set_to_none=True)
-    mpu.set_sequence_parallel(True)
+        with mpu.default_context().sequence_parallel_for(sp):
+            x = torch.randn(tokens // t if sp and t > 1 else tokens, hidden_size, device=device, dtype=setting.dtype,
+                            requires_grad=train)
+            with torch.set_grad_enabled(train):
+                out[name] = _report(name, measure(lambda: layer(x, positions, batch, tokens),
+                                                  torch.randn_like(x) if train else None, setting))
+            layer.zero_grad(set_to_none=True)
     return out
 
 
@@ -218,7 +218,7 @@ def _rank(setting: Setting) -> dict:
 
     if platform.device_type() == "cpu":
         torch.set_num_threads(1)  # no intra-op threads spinning in this thread's CPU time on a shared machine
-    results = {"tp": mpu.tp_size()}
+    results = {"tp": mpu.default_context().size}
     results.update(_core_variants(setting))
     if any(v in setting.variants for v in MEGATRON_VARIANTS):
         results.update(_megatron_variants(setting))

@@ -101,7 +101,7 @@ def setup_megatron_rank() -> int:
         from tests.support.megatron_cpu import install_megatron_cpu_shims
 
         install_megatron_cpu_shims()
-    tp = mpu.tp_size()
+    tp = mpu.default_context().size
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     return tp

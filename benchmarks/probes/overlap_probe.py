@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.async_tp_bench import layers
-from benchmarks.common import timed
+from benchmarks.common import context, timed
 
 GROUPS = {"hp": dict(high_priority=True), "cta4": dict(max_ctas=4), "cta8": dict(max_ctas=8),
           "cta16": dict(max_ctas=16)}
@@ -48,8 +48,8 @@ def _rank(rows_list, iters):
     from sp_core import mpu
     from sp_core.mpu import collectives
 
-    os.environ["SP_CORE_ASYNC_TP"] = "copy_engine"  # what collectives' fused ops run (the "ce" cases)
-    t, r = mpu.tp_size(), mpu.tp_rank()
+    ce = context({"SP_CORE_ASYNC_TP": "copy_engine"})  # what collectives' fused ops run (the "ce" cases)
+    t, r = ce.size, ce.rank
     groups = _groups(t)
     found = []
 
@@ -91,7 +91,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: ag(x, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split(groups[g])
                 cases["off"] = off
-                cases["ce"] = lambda: collectives.all_gather_matmul(x, b)
+                cases["ce"] = lambda: collectives.all_gather_matmul(ce, x, b)
             else:
                 a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
                 cases["gemm"] = lambda: a @ b
@@ -114,7 +114,7 @@ def _rank(rows_list, iters):
                     cases[f"comm:{g}"] = lambda g=g: rs_start(y, groups[g])[0].wait()
                     cases[f"split:{g}"] = lambda g=g: split_rs(groups[g])
                 cases["off"] = off_rs
-                cases["ce"] = lambda: collectives.matmul_reduce_scatter(a, b)
+                cases["ce"] = lambda: collectives.matmul_reduce_scatter(ce, a, b)
             for case, fn in cases.items():
                 try:
                     ms, _ = timed(fn, iters, warmup=5)

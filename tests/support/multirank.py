@@ -45,11 +45,13 @@ def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
     layer saves for backward, measured on every rank (``sp_core.app.memory``) and gathered."""
     import torch
 
+    from sp_core import mpu
     from sp_core.app.memory import _measure_rank
     from sp_core.mpu import collectives, platform
 
     mine = _measure_rank(model_dir, tokens, **kwargs)
-    every = collectives.all_gather(mpu.default_context(), torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device()))
+    mine = torch.tensor([[mine["dense"], mine["sparse"]]], device=platform.current_device())
+    every = collectives.all_gather(mpu.default_context(), mine)
     return {"dense": every[:, 0].tolist(), "sparse": every[:, 1].tolist()}
 
 
