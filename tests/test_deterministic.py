@@ -244,7 +244,7 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     alone == inside a micro-batch of 4 (and, the negative control, not in the default mode). DeepSeek-V3:
     MLA (sglang: its latent KV cache read back, the expanded form) and the MoE (experts grouped over
     whatever tokens the batch holds)."""
-    from sp_core_sglang.engine import logprobs_for_prompts, start_engine
+    from sp_core_sglang.cli_engine.engine import logprobs_for_prompts, start_engine
 
     prompts = PROMPTS + [LONG]
     export, (trained, trained_sp_off, invariant, default_invariant, ep_sp_equal, packed, layer_spec) = \
