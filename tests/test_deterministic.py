@@ -106,8 +106,8 @@ def _train_export_checks(model_dirs, out_dirs, prompts):
 
 
 def _train_export_check(model_dir, out_dir, prompts):
-    from sp_core_megatron import cpu_training, training
-    from sp_core_megatron.engine import build_model, model_logprobs
+    from sp_core_megatron.cli_engine import cpu_training, training
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()
@@ -196,7 +196,7 @@ def _expert_parallel_sp_on_off(model_dir, prompts):
     """MoE models with expert parallelism (moe=ep), deterministic_mode: whether SP on and off give
     torch.equal log-probabilities (None for a dense model)."""
     from sp_core.models import ModelConfig
-    from sp_core_megatron.engine import build_model, model_logprobs
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
 
     from megatron.core import parallel_state
 
