@@ -324,7 +324,7 @@ def _on_sigterm(signum, frame):
 
 
 def _run(args) -> int:
-    from sp_core.mpu.launch import RankFailed
+    from sp_core.procs.launch import RankFailed
 
     name = f"sp-core {args.command}"
 
@@ -378,7 +378,7 @@ def _positive_setting(name: str, parse, what: str):
 def _check_environment() -> None:
     """The SP_CORE_* settings that cannot work, as one line (UsageError): checked before anything reads them,
     so a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
-    from sp_core.mpu.launch import collective_timeout
+    from sp_core.procs.launch import collective_timeout
 
     try:
         collective_timeout()
