@@ -24,7 +24,8 @@ def test_torch_distributed_only_in_mpu():
 
 # platform picks the device, kernels/lookup the fused kernel per device; sp_core_megatron.cpu_training exists to
 # redirect megatron-core's own CUDA calls on a CPU machine: it has to name what it redirects.
-CUDA_ALLOWED = ("sp_core/mpu/platform.py", "sp_core/kernels/lookup.py", "adapters/megatron/cpu_training.py")
+CUDA_ALLOWED = ("sp_core/mpu/platform.py", "sp_core/kernels/lookup.py", "adapters/megatron/cpu_training.py",
+                "sp_core/settings.py")  # settings.py: the values SP_CORE_DEVICE accepts
 
 
 def test_cuda_named_only_in_platform():
@@ -94,11 +95,11 @@ def test_setup_installs_what_the_test_extra_declares():
 
 
 def test_the_activity_board_is_entered_in_one_place():
-    """Only collectives._start marks a rank as waiting in a collective (every caller leaves in a finally);
+    """Only door.start marks a rank as waiting in a collective (every caller leaves in a finally);
     a collective that entered and never left made the hang detector kill a working run."""
     callers = {str(p.relative_to(ROOT)): len(re.findall(r"\benter_collective\(", _code(p))) for p in LIBRARY}
     callers = {name: n for name, n in callers.items() if n and not name.endswith("mpu/activity.py")}
-    assert callers == {"sp_core/mpu/collectives.py": 1, "sp_core/procs/launch.py": 1}, callers
+    assert callers == {"sp_core/mpu/door.py": 1, "sp_core/procs/launch.py": 1}, callers
 
 
 def _benchmark_imports() -> dict:
@@ -154,6 +155,56 @@ def test_benchmarks_share_through_common_without_circles_or_privates():
         if module not in state:
             visit(module, [module])
     assert not circles, f"circles among the benchmarks' imports: {circles}"
+
+
+# The CLI engines' launchers set the environment of the processes they start (sglang's workers read it there).
+ENV_PLUMBING = ("cpu_env.py", "engine.py", "engine_process.py")
+_ENV_READ = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[[^\]]+\](?!\s*=)")
+_SP_CORE_READ = re.compile(r"(os\.environ\.get|os\.getenv)\(\s*[\"']SP_CORE_")
+
+
+def _env_readers(files) -> list:
+    out = []
+    for p in files:
+        name = str(p.relative_to(ROOT))
+        if name == "sp_core/settings.py" or "cpu_backend" in name or p.name in ENV_PLUMBING:
+            continue
+        text = _code(p)
+        if (_ENV_READ if name.startswith("sp_core/") else _SP_CORE_READ).search(text):
+            out.append(name)
+    return out
+
+
+def test_environment_is_read_in_the_settings_module_only():
+    """Every SP_CORE_* setting is read in sp_core/settings.py (once; a context keeps what it was made with);
+    the core reads no other variable either."""
+    assert not _env_readers(LIBRARY), f"environment read outside sp_core/settings.py: {_env_readers(LIBRARY)}"
+
+
+def test_environment_rule_catches_a_read(tmp_path):
+    """Negative control: the rule flags a module that reads a setting itself, as platform.py did."""
+    probe = ROOT / "sp_core" / "_probe_env_read.py"
+    probe.write_text('import os\nFUSED = os.environ.get("SP_CORE_FUSED", "1")\n')
+    try:
+        assert _env_readers([probe]) == ["sp_core/_probe_env_read.py"]
+    finally:
+        probe.unlink()
+
+
+_ROUTE_OR_FORM = re.compile(r"\b(deterministic|communicator|gloo|ring|symm_mem|copy_engine|invariant)\b|"
+                            r"==\s*[\"'](ring|split|symm_mem|copy_engine|off)[\"']")
+
+
+def test_collectives_do_not_branch_on_routes_or_forms():
+    """mpu/collectives.py hands the sums and gathers to the context's route and the fused GEMMs to its async-TP
+    form: it names neither (routes/ and async_tp/ hold one route or form per file)."""
+    code = "\n".join(line.split("#")[0] for line in _code(ROOT / "sp_core" / "mpu" / "collectives.py").splitlines()
+                     if not line.lstrip().startswith(("\"\"\"", "``")))
+    body = code.split('"""', 2)[-1]  # past the module docstring
+    found = sorted(set(m.group(0) for m in _ROUTE_OR_FORM.finditer(body)))
+    assert not found, f"collectives.py names routes or forms: {found}"
+    old_style = 'if impl == "split" and b.shape[-1] % 2 != 0:\n    if ps.deterministic():'
+    assert _ROUTE_OR_FORM.search(old_style)  # negative control: the branches the file once had
 
 
 # The rooms of sp_core, lowest first: a module imports from its own room and the rooms below it, never from one

@@ -25,7 +25,9 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
-CALL_TIMEOUT = float(os.environ.get("SP_CORE_ENGINE_TIMEOUT", "900"))
+from sp_core import settings
+
+CALL_TIMEOUT = settings.current().engine_timeout
 CLOSE_GRACE = 10.0  # seconds an idle host gets to shut its engines down before its process group is killed
 
 

@@ -13,7 +13,7 @@ engine serving through the adapter sets for its workers (``engine.start_engine``
 """
 from __future__ import annotations
 
-import os
+from sp_core import settings
 
 ENABLE_ENV = "SP_CORE_SGLANG"
 MODELS_PACKAGE = "sp_core_sglang.models"
@@ -21,7 +21,7 @@ ENGINE_ENV = {ENABLE_ENV: "1", "SGLANG_EXTERNAL_MODEL_PACKAGE": MODELS_PACKAGE}
 
 
 def requested() -> bool:
-    return os.environ.get(ENABLE_ENV, "").strip() == "1"
+    return settings.read().sglang_plugin  # read when sglang asks: the engine launcher sets it for its workers
 
 
 def load_plugin() -> None:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from typing import List, Optional, Sequence
 
+from sp_core import settings
 from sp_core.app import console
 from sp_core.app.errors import EngineUnavailable, NonFiniteError, UsageError
 from sp_core.models import ModelError
@@ -177,7 +178,7 @@ def check_tp(tp: int, flag: str = "--tp") -> None:
             raise UsageError(f"{flag} {tp} needs {tp} devices; this machine has {platform.device_count()}")
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    limit = _positive_setting(MAX_CPU_RANKS_ENV, int, "a positive integer") or max(8, 4 * cores)
+    limit = settings.current().max_cpu_ranks or max(8, 4 * cores)
     if tp > limit:
         raise UsageError(f"{flag} {tp} would start {tp} CPU ranks on {cores} cores; at most {limit} here "
                          f"({MAX_CPU_RANKS_ENV} raises the limit)")
@@ -360,36 +361,13 @@ def _run(args) -> int:
                                f"{where}")
 
 
-def _positive_setting(name: str, parse, what: str):
-    """The environment setting ``name`` parsed by ``parse`` (None when unset); UsageError naming it when it is
-    not a positive finite value."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return None
-    try:
-        value = parse(raw)
-    except ValueError:
-        value = 0
-    if not 0 < value < float("inf"):
-        raise UsageError(f"{name}={raw!r}: expected {what}")
-    return value
-
-
 def _check_environment() -> None:
-    """The SP_CORE_* settings that cannot work, as one line (UsageError): checked before anything reads them,
-    so a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
-    from sp_core.procs.launch import collective_timeout
-
+    """The SP_CORE_* settings, read again for this command and checked before anything uses them (one line,
+    UsageError): a typo is bad input (exit 2), not an unexpected error inside a rank or an engine."""
     try:
-        collective_timeout()
-    except ValueError as err:
+        settings.reread()
+    except settings.SettingError as err:
         raise UsageError(str(err)) from None
-    _positive_setting(MAX_CPU_RANKS_ENV, int, "a positive integer")
-    _positive_setting("SP_CORE_ENGINE_TIMEOUT", float, "a positive number of seconds")
-    log_dir = os.environ.get(console.LOG_DIR_ENV)
-    if log_dir and os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise UsageError(f"{console.LOG_DIR_ENV}={log_dir!r} is not a directory; expected a directory for the "
-                         f"framework logs")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,6 +15,8 @@ import tempfile
 import time
 from typing import Iterator, Optional, TextIO
 
+from sp_core import settings
+
 _OUT: Optional[TextIO] = None
 _ERR: Optional[TextIO] = None
 _LOG: Optional[str] = None  # this command's log file, until announced
@@ -52,7 +54,7 @@ def log_path() -> Optional[str]:
 
 
 def log_dir() -> str:
-    return os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "sp-core-logs")
+    return settings.current().log_dir or os.path.join(tempfile.gettempdir(), "sp-core-logs")
 
 
 def _new_log(command: str) -> str:

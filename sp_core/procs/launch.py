@@ -29,6 +29,7 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.multiprocessing as mp
 
+from sp_core import settings
 from sp_core.app import console
 from sp_core.mpu import activity
 
@@ -40,14 +41,7 @@ _BACKSTOP = 30.0
 
 def collective_timeout() -> float:
     """Seconds a rank may wait in one collective before the run fails (SP_CORE_COLLECTIVE_TIMEOUT)."""
-    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, str(DEFAULT_COLLECTIVE_TIMEOUT))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
-    return value
+    return settings.current().collective_timeout
 
 
 class RankFailed(AssertionError):
