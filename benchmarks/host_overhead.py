@@ -173,7 +173,7 @@ def _core_variants(setting: Setting) -> dict:
 def _cpu_shim_mode_off():
     """Without the CPU shims' TorchFunctionMode (it intercepts every torch call and would add its own cost to
     both sides' host time); megatron_native is given its causal mask so that it needs none of it."""
-    from sp_core_megatron import cpu_training
+    from sp_core_megatron.cli_engine import cpu_training
 
     mode = cpu_training._MODE
     if mode is None:

@@ -138,14 +138,15 @@ def _k_pe_controls(dirs):
     out = {}
 
     def wrong(how):
-        def latent_up(latent, widths, weights):
-            pieces = list(right(latent, widths, weights))
+        def latent_up(parallel, latent, widths, weights):
+            pieces = list(right(parallel, latent, widths, weights))
             # k_pe (the last piece) again, through an operator whose backward does not sum / sums again
             k_pe_local = latent.split(widths, dim=-1)[-1]
             if how == "never":
-                k_pe = mpu.gather_to_replicated(k_pe_local) if mpu.default_context().sequence_parallel_active else k_pe_local
+                k_pe = mpu.gather_to_replicated(k_pe_local, parallel) if parallel.sequence_parallel_active \
+                    else k_pe_local
             else:
-                k_pe = mpu.copy_to_tp(pieces[-1])
+                k_pe = mpu.copy_to_tp(pieces[-1], parallel)
             pieces[-1] = pieces[-1].detach() + k_pe - k_pe.detach()  # same value, the gradient takes the wrong path
             return tuple(pieces)
         return latent_up
@@ -187,8 +188,8 @@ class _UnfusedMLA(MultiHeadLatentAttention):
     def forward(self, hidden, positions, batch):
         from sp_core.layers import mla
 
-        def unfused(latent, widths, weights):
-            pieces = mpu.gather_from_sp(latent).split(widths, dim=-1)
+        def unfused(parallel, latent, widths, weights):
+            pieces = mpu.gather_from_sp(latent, parallel).split(widths, dim=-1)
             return tuple(F.linear(x, w) if w is not None else x for x, w in zip(pieces, weights))
 
         saved, mla.gathered_latent_up = mla.gathered_latent_up, unfused

@@ -104,8 +104,8 @@ def _train_export_checks(model_dirs, out_dirs, prompts):
 
 
 def _train_export_check(model_dir, out_dir, prompts):
-    from sp_core_megatron import cpu_training, training
-    from sp_core_megatron.engine import build_model, model_logprobs
+    from sp_core_megatron.cli_engine import cpu_training, training
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()
@@ -195,7 +195,7 @@ def _expert_parallel_sp_on_off(model_dir, prompts):
     """MoE models with expert parallelism (moe=ep), deterministic_mode: whether SP on and off give
     torch.equal log-probabilities (None for a dense model)."""
     from sp_core.models import ModelConfig
-    from sp_core_megatron.engine import build_model, model_logprobs
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
 
     from megatron.core import parallel_state
 
@@ -243,7 +243,7 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
     alone == inside a micro-batch of 4 (and, the negative control, not in the default mode). DeepSeek-V3:
     MLA (sglang: its latent KV cache read back, the expanded form) and the MoE (experts grouped over
     whatever tokens the batch holds)."""
-    from sp_core_sglang.engine import logprobs_for_prompts, start_engine
+    from sp_core_sglang.cli_engine.engine import logprobs_for_prompts, start_engine
 
     prompts = PROMPTS + [LONG]
     export, (trained, trained_sp_off, invariant, default_invariant, ep_sp_equal, packed, layer_spec) = \

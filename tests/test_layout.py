@@ -22,9 +22,9 @@ def test_torch_distributed_only_in_mpu():
     assert not offenders, f"torch.distributed used outside sp_core/mpu and {DISTRIBUTED_ALLOWED}: {offenders}"
 
 
-# platform picks the device, kernels/lookup the fused kernel per device; sp_core_megatron.cpu_training exists to
-# redirect megatron-core's own CUDA calls on a CPU machine: it has to name what it redirects.
-CUDA_ALLOWED = ("sp_core/mpu/platform.py", "sp_core/kernels/lookup.py", "adapters/megatron/cpu_training.py",
+# platform picks the device, kernels/lookup the fused kernel per device; sp_core_megatron.cli_engine.cpu_training
+# exists to redirect megatron-core's own CUDA calls on a CPU machine: it has to name what it redirects.
+CUDA_ALLOWED = ("sp_core/mpu/platform.py", "sp_core/kernels/lookup.py", "adapters/megatron/cli_engine/cpu_training.py",
                 "sp_core/settings.py")  # settings.py: the values SP_CORE_DEVICE accepts
 
 

@@ -1,5 +1,5 @@
 """The core inside real megatron-core (gloo, CPU): training equals TP=1, export loads in transformers,
-and `sp-core logits --engine megatron` equals transformers. CPU support: sp_core_megatron.cpu_training."""
+and `sp-core logits --engine megatron` equals transformers. CPU support: sp_core_megatron.cli_engine.cpu_training."""
 import json
 
 import pytest
@@ -23,7 +23,7 @@ _BASELINES = {}  # (checkpoint, tp, SP) -> a run without export: the same tp 1 b
 
 
 def _train(model_dir, tp, sp, out_dir=None, prompts=None):
-    from sp_core_megatron import engine
+    from sp_core_megatron.cli_engine import engine
 
     if out_dir is not None or prompts is not None:
         return engine.train_steps(model_dir, tp, sp, STEPS, out_dir=out_dir, prompts=prompts, capture_grads=True)
@@ -66,7 +66,7 @@ def test_logits_engine_megatron_equals_transformers(ckpts, tp, sp, tmp_path):
 
 def _tags_and_untagged_grads(model_dir):
     """Every replicated parameter's tag, and step-0 gradients with the norms' tags removed."""
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
 
     cpu_training.enable()
     model = engine.build_model(model_dir, 2, True)
@@ -133,7 +133,8 @@ def _gpt_model_with_core_layers(sp):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from sp_core.mpu import platform
-    from sp_core_megatron import cpu_training, engine, get_sp_core_block_spec, training
+    from sp_core_megatron import get_sp_core_block_spec
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
 
     cpu_training.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)

@@ -45,7 +45,7 @@ def _train_every_setting(dirs, tp, dtype, export_root):
     gradients (HF names, full tensors); with ``export_root`` the ``_exported`` runs also export and return
     the trained model's own log-probabilities of PROMPTS, and every rank the collectives its export issued."""
     from sp_core import mpu
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()
@@ -86,7 +86,7 @@ def _every_check(dirs, tp, dtype, root):
 def _router_bias_and_padding(model_dir, tp, export_dir):
     """Megatron's aux-loss-free update (moe_router_enable_expert_bias) on the core's router, and the load
     count of one batch whose last SP shard holds a padding row."""
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()
@@ -205,7 +205,7 @@ def _data_parallel_runs(model_dir, tp, micro_batch_size):
     (losses and step-0 gradients) and with its distributed optimizer (losses; each rank holds only its shard
     of the gradients). t = 1: one rank; t = 2: TP 2 x DP 2 with the core's expert parallelism."""
     from sp_core import mpu
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
 
     cpu_training.enable()
     out = {}
@@ -354,7 +354,7 @@ def _train_samples(dirs, settings, tp, dtype, without_sp_grad_sum=False):
     0 returns {setting: [{"losses", "grads0"} per seed]}. ``without_sp_grad_sum`` plants a bug for the
     negative control: Megatron's finalize_model_grads leaves SP-tagged gradients unsummed over TP."""
     from sp_core import mpu
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
 
     cpu_training.enable()
     if without_sp_grad_sum:
@@ -485,8 +485,9 @@ def _gpt_model_logprobs(dirs, tp):
     from megatron.core.models.gpt import GPTModel
 
     from sp_core.layers import gather_vocab
-    from sp_core_megatron import (cpu_training, get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model,
+    from sp_core_megatron import (get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model,
                                   transformer_config_from_hf)
+    from sp_core_megatron.cli_engine import cpu_training
 
     cpu_training.enable()
     out = {}
@@ -511,7 +512,7 @@ def _dist_checkpoint(model_dir, tp, mode, save_dir=None, load_dir=None):
     the model's log-probabilities of PROMPTS."""
     from megatron.core import dist_checkpointing
 
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
 
     cpu_training.enable()
     _fresh_groups()
@@ -545,7 +546,7 @@ def _v32_packed_logprobs(model_dir, tp):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from sp_core.layers import gather_vocab
-    from sp_core_megatron import engine
+    from sp_core_megatron.cli_engine import engine
 
     lens = [len(d) for d in V32_DOCS]
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32)
@@ -574,7 +575,7 @@ def _in_float16_module(model_dir):
     from megatron.core.transformer.module import Float16Module
 
     from sp_core.layers import gather_vocab
-    from sp_core_megatron import engine
+    from sp_core_megatron.cli_engine import engine
 
     _fresh_groups()
     inner = engine.build_model(model_dir, 1, False, torch.bfloat16)
@@ -589,7 +590,7 @@ def _in_float16_module(model_dir):
 def _v32_rank(model_dir, tp):
     """In each rank: ``_v32_packed_logprobs``, and at t = 1 ``_in_float16_module``; rank 0 returns them."""
     from sp_core import mpu
-    from sp_core_megatron import cpu_training
+    from sp_core_megatron.cli_engine import cpu_training
 
     cpu_training.enable()
     out = {"packed": _v32_packed_logprobs(model_dir, tp)}

@@ -62,7 +62,7 @@ def _reference_doc_losses(model_dir):
 def _packed_run(model_dir, tp):
     from sp_core import mpu
     from sp_core.layers.sharding import gather_full, packed_name
-    from sp_core_megatron import cpu_training, engine
+    from sp_core_megatron.cli_engine import cpu_training, engine
 
     cpu_training.enable()
     model = engine.build_model(model_dir, tp, tp > 1)
@@ -99,7 +99,8 @@ def _gpt_model(model_dir, tp, sp):
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
-    from sp_core_megatron import cpu_training, get_sp_core_block_spec, gpt_model_args, transformer_config_from_hf
+    from sp_core_megatron import get_sp_core_block_spec, gpt_model_args, transformer_config_from_hf
+    from sp_core_megatron.cli_engine import cpu_training
 
     cpu_training.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -130,7 +131,8 @@ def _gpt_run(model_dir, tp, sp, save_dir=None, load_dir=None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.layers.sharding import gather_full, packed_name
-    from sp_core_megatron import load_hf_into_gpt_model, training
+    from sp_core_megatron import load_hf_into_gpt_model
+    from sp_core_megatron.cli_engine import training
 
     model = _gpt_model(model_dir, tp, sp)
     config = model.config
@@ -227,7 +229,7 @@ def _clipped_step(model_dirs, tp):
     """Per checkpoint: Megatron's gradient norm of one step, and the update its optimizer made (SGD, lr 1,
     clipped to norm 1: the update is the gradient scaled by 1 / that norm)."""
     from sp_core.models.checkpoint import export_state_dict
-    from sp_core_megatron import engine, training
+    from sp_core_megatron.cli_engine import engine, training
     from support.megatron_cpu import allow_cpu_grad_clipping, install_megatron_cpu_shims
 
     allow_cpu_grad_clipping()
@@ -269,7 +271,7 @@ def _train_with_checkpoint(model_dir, tp, steps, save_at, save_dir=None, resume_
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from sp_core.mpu import collectives, platform
-    from sp_core_megatron import cpu_training, engine, training
+    from sp_core_megatron.cli_engine import cpu_training, engine, training
     from support.megatron_cpu import adam_state_before_loading, distributed_optimizer_on_cpu
 
     cpu_training.enable()
@@ -344,7 +346,8 @@ def _export(model_dir, out_dir):
     import torch.distributed as dist
 
     from sp_core import mpu
-    from sp_core_megatron import engine, export_hf_checkpoint
+    from sp_core_megatron import export_hf_checkpoint
+    from sp_core_megatron.cli_engine import engine
 
     model = engine.build_model(model_dir, 2, True)  # 4 ranks: tp 2 x dp 2
     with mpu.counting_collectives() as issued:

@@ -62,7 +62,7 @@ class Served:
 
 
 def _start(model_dir, tp, log_path, adapter=True, sp_min_tokens=0, **kwargs):
-    from sp_core_sglang.engine import start_engine
+    from sp_core_sglang.cli_engine.engine import start_engine
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SP_CORE_COLLECTIVE_LOG", log_path)  # the workers inherit it at start
@@ -105,7 +105,7 @@ def _generate(engine, prompts, return_logprob=False):
 
 
 def test_logprobs_equal_transformers(served):
-    from sp_core_sglang.engine import logprobs_for_prompts
+    from sp_core_sglang.cli_engine.engine import logprobs_for_prompts
 
     got = logprobs_for_prompts(served.engine, PROMPTS, served.ckpt["vocab"])
     diff = max((a - b).abs().max().item() for a, b in zip(got, served.ckpt["ref"]))
@@ -168,7 +168,7 @@ def test_without_the_switch_sglang_runs_its_own_qwen3(checkpoints, tmp_path):
     ckpt = checkpoints["qwen3"]
     engine = _start(ckpt["dir"], 2, log_path, adapter=False, enable_layernorm_sp=True)
     try:
-        from sp_core_sglang.engine import logprobs_for_prompts
+        from sp_core_sglang.cli_engine.engine import logprobs_for_prompts
 
         got = logprobs_for_prompts(engine, PROMPTS, ckpt["vocab"])
     finally:
@@ -185,8 +185,8 @@ def test_plugin_does_nothing_unless_enabled():
 
 
 def test_cpu_fallbacks_only_where_the_real_packages_are_missing(tmp_path):
-    """sp_core_sglang.cpu_backend goes on the path only for what this environment lacks."""
-    code = ("import json, os, sys; from sp_core_sglang import cpu_backend, cpu_env\n"
+    """sp_core_sglang.cli_engine.cpu_backend goes on the path only for what this environment lacks."""
+    code = ("import json, os, sys; from sp_core_sglang.cli_engine import cpu_backend, cpu_env\n"
             "cpu_env.apply_cpu_engine_env(2)\n"
             "print(json.dumps([cpu_backend.missing(), cpu_backend.DIR in sys.path,\n"
             "                  cpu_backend.DIR in os.environ['PYTHONPATH'].split(os.pathsep)]))\n")
@@ -250,7 +250,7 @@ def test_sp_evidence_check_fails_where_sp_did_not_run_as_asked():
     SP on needs reduce-scatters from every worker; SP off, from none."""
     from collections import Counter
 
-    from sp_core_sglang.engine import check_sequence_parallel_ran
+    from sp_core_sglang.cli_engine.engine import check_sequence_parallel_ran
 
     sp = {1: Counter(reduce_scatter=5, all_gather=5), 2: Counter(reduce_scatter=5, all_gather=5)}
     tp = {1: Counter(all_reduce=5), 2: Counter(all_reduce=5)}

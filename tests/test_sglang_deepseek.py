@@ -55,7 +55,7 @@ def _hf_greedy(model, prompt):
 def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from sp_core_sglang.engine import start_engine
+    from sp_core_sglang.cli_engine.engine import start_engine
     from sp_core_sglang.models.deepseek import KV_POOL_LOG_ENV
 
     name, tp, engine_kwargs, concurrent = CONFIGS[config]
@@ -129,7 +129,8 @@ def _resolve(model_dir, extra):
     from sglang.srt.arg_groups.model_override_base import resolved_view
     from sglang.srt.server_args import ServerArgs
 
-    from sp_core_sglang import cpu_env, plugin
+    from sp_core_sglang import plugin
+    from sp_core_sglang.cli_engine import cpu_env
 
     cpu_env.apply_cpu_engine_env(1)
     plugin.enable()
@@ -151,7 +152,7 @@ def _resolve(model_dir, extra):
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype=fp8_e4m3"),
 ])
 def test_unsupported_options_refused_at_start_up(extra, flag, tmp_path_factory):
-    from sp_core_sglang import engine_process
+    from sp_core_sglang.cli_engine import engine_process
 
     model_dir = str(tmp_path_factory.getbasetemp() / "options-v3")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -169,7 +170,7 @@ def test_v32_kept_off_sglangs_gpu_only_dsa_path(tmp_path_factory):
     --json-model-override-args, keeping any override the user gave, and the backend asked for."""
     import json as json_
 
-    from sp_core_sglang import engine_process
+    from sp_core_sglang.cli_engine import engine_process
     from sp_core_sglang.options import HIDDEN_INDEX_TOPK
 
     model_dir = make_checkpoint("deepseek-v32", str(tmp_path_factory.mktemp("v32") / "v32"))

@@ -47,7 +47,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from sp_core_sglang.engine import start_engine
+    from sp_core_sglang.cli_engine.engine import start_engine
 
     root = tmp_path_factory.mktemp("serving")
     model_dir = make_checkpoint("qwen3", str(root / "qwen3"))
@@ -135,7 +135,7 @@ def _sp_decisions():
 
 
 def test_sp_only_for_plain_extend_at_or_above_the_threshold(served):
-    from sp_core_sglang import engine_process
+    from sp_core_sglang.cli_engine import engine_process
 
     decisions = engine_process.call(_sp_decisions)
     assert decisions[(True, "EXTEND")] == [False, True, True]
@@ -177,7 +177,7 @@ def test_engine_shutdown_spares_the_launchers_helpers(served):
     """Launch ranks, shut an engine down, launch again: the fork server and resource tracker that the
     launcher started before are the same live processes (with the engine in this process, sglang's
     shutdown killed them: the negative control, run in the engine host, shows it)."""
-    from sp_core_sglang import engine_process
+    from sp_core_sglang.cli_engine import engine_process
 
     run_ranks(2, _rank_pid)
     helpers = _launcher_helpers()

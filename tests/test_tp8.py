@@ -41,7 +41,7 @@ def test_gradients_at_tp8_equal_tp1(ckpts):
 
 
 def test_megatron_training_at_tp8_equals_tp1(ckpts):
-    from sp_core_megatron import engine
+    from sp_core_megatron.cli_engine import engine
 
     d = ckpts["qwen2-tp8-train"]
     base = engine.train_steps(d, 1, False, 3, capture_grads=True)

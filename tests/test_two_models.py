@@ -132,3 +132,25 @@ def test_two_models_trap_is_felt(runs):
     alone, on_trap = runs[0]["control"]
     assert not _equal(on_trap["reference"], alone["reference"])
     assert not _equal(on_trap["single"], alone["single"])
+
+
+def test_two_models_readme_example_runs_as_pasted(tmp_path):
+    """README's "Several models in one process" example, pasted into a script and run as it says (torchrun,
+    2 ranks), "Qwen3-8B/" a tiny Qwen3 checkpoint."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Several models in one process"):readme.index("## Bit-identical training")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    make_checkpoint("qwen3", str(tmp_path / "Qwen3-8B"))
+    (tmp_path / "example.py").write_text(block)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d): loss [\d.]+, reference logits \((\d+), 101\)", proc.stdout)) == \
+        [("0", "6"), ("1", "6")], proc.stdout

@@ -9,7 +9,7 @@ Start-up: sglang builds its model registry by importing every module of ``sglang
 seconds in each worker, and the "Ignore import error" lines). sglang's ``SGLANG_EXTERNAL_MODEL_PACKAGE``
 ("defer default model imports to speed up startup when using external models") registers one package
 instead and imports the defaults only when an architecture is not found in it; ``ENGINE_ENV`` is what an
-engine serving through the adapter sets for its workers (``engine.start_engine``).
+engine serving through the adapter sets for its workers (``cli_engine.engine.start_engine``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Test-only helpers for megatron-core's own GPTModel on CPU (the reference in Megatron tests).
 
 Never import this from library code. What training itself needs on CPU lives in the adapter
-(``sp_core_megatron.cpu_training``); ``install_megatron_cpu_shims`` applies it in a rank process.
+(``sp_core_megatron.cli_engine.cpu_training``); ``install_megatron_cpu_shims`` applies it in a rank process.
 
 Sequence parallelism in megatron's local spec needs ``SequenceParallelNorm`` (not a patch): megatron's
 torch-norm fallback ``WrappedTorchNorm`` asserts ``not config.sequence_parallel`` (apex's
@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 
 def install_megatron_cpu_shims() -> None:
-    from sp_core_megatron import cpu_training
+    from sp_core_megatron.cli_engine import cpu_training
 
     cpu_training.enable()
 

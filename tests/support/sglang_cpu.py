@@ -1,8 +1,8 @@
 """Run the real ``sglang.Engine`` (0.5.23) on a CPU-only machine, for tests and local runs.
 
-The code lives in the adapter (``sp_core_sglang.engine`` / ``sp_core_sglang.cpu_env``), which the
+The code lives in the adapter (``sp_core_sglang.cli_engine.engine`` / ``sp_core_sglang.cli_engine.cpu_env``), which the
 ``sp-core logits --engine sglang`` command uses too; this module only re-exports it. The fallbacks for
-the binaries PyPI does not ship for a CPU torch are in ``sp_core_sglang.cpu_backend``. Engines run in
+the binaries PyPI does not ship for a CPU torch are in ``sp_core_sglang.cli_engine.cpu_backend``. Engines run in
 the adapter's engine host process, so their shutdown cannot kill this process's other children.
 
 Usage::
@@ -24,5 +24,5 @@ First-request cost: at tp > 1 sglang's ``VocabParallelEmbedding`` runs a ``torch
 (``get_masked_input_and_mask``), so the first request after start of plain sglang compiles with
 inductor (~5-20 s on 2 cores; cached under ~/.cache/sglang/inductor across runs).
 """
-from sp_core_sglang.cpu_env import apply_cpu_engine_env, cpu_engine_env  # noqa: F401
-from sp_core_sglang.engine import logprobs_for_prompts, start_engine  # noqa: F401
+from sp_core_sglang.cli_engine.cpu_env import apply_cpu_engine_env, cpu_engine_env  # noqa: F401
+from sp_core_sglang.cli_engine.engine import logprobs_for_prompts, start_engine  # noqa: F401

@@ -1,4 +1,4 @@
-"""Import-only stand-in for torchvision (sp_core_sglang.cpu_backend, which explains why).
+"""Import-only stand-in for torchvision (sp_core_sglang.cli_engine.cpu_backend, which explains why).
 
 PyPI's torchvision cannot load against the local CPU torch. sglang imports
 ``torchvision.transforms`` (``.functional``, ``.v2.functional``) at module load for its multimodal

@@ -12,7 +12,8 @@ def missing(module: str, name: str):
         def __init__(self, *args, **kwargs):
             raise RuntimeError(
                 f"{module}.{name} is part of the import-only torchvision stand-in "
-                "(sp_core_sglang.cpu_backend); image/video processing needs a torchvision built for this torch."
+                "(sp_core_sglang.cli_engine.cpu_backend); image/video processing needs a torchvision built for "
+                "this torch."
             )
 
     return _Missing

@@ -1,4 +1,4 @@
-"""Pure-torch fallback for sgl-kernel's CPU build (not on PyPI); see ``sp_core_sglang.cpu_backend``.
+"""Pure-torch fallback for sgl-kernel's CPU build (not on PyPI); see ``sp_core_sglang.cli_engine.cpu_backend``.
 
 sglang 0.5.23 does ``from sgl_kernel import ...`` at module load when the device is CPU
 (``sglang.srt.utils.is_cpu()``, i.e. ``SGLANG_USE_CPU_ENGINE=1``). Of those names, a plain
@@ -32,7 +32,7 @@ _IMPORT_ONLY = (
 def _import_only(name: str):
     def op(*args, **kwargs):
         raise NotImplementedError(
-            f"sgl_kernel.{name} is import-only in sp-core's CPU fallback (sp_core_sglang.cpu_backend); "
+            f"sgl_kernel.{name} is import-only in sp-core's CPU fallback (sp_core_sglang.cli_engine.cpu_backend); "
             "speculative decoding / KV-cache moves need sgl-kernel's real CPU build."
         )
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from sp_core_sglang import cpu_backend
+from sp_core_sglang.cli_engine import cpu_backend
 
 
 def _cpus() -> List[int]:

@@ -83,7 +83,7 @@ def clip_grad_default() -> float:
 
 
 def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, settings, capture_grads):
-    from sp_core_megatron import cpu_training, training
+    from sp_core_megatron.cli_engine import cpu_training, training
     from sp_core_megatron.export import export_hf_checkpoint
 
     cpu_training.enable()  # megatron-core's CUDA assumptions, redirected in this rank on a CPU machine

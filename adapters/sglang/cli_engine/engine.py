@@ -22,7 +22,8 @@ from sp_core.app.engines import EngineUnavailable, check_model
 from sp_core.app.prompts import check_prompts
 from sp_core.models import ModelError
 from sp_core.mpu import platform
-from sp_core_sglang import control, cpu_backend, cpu_env, engine_process, plugin
+from sp_core_sglang import control, plugin
+from sp_core_sglang.cli_engine import cpu_backend, cpu_env, engine_process
 from sp_core_sglang.models.causal_lm import SP_MIN_TOKENS_ENV
 
 ENGINE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}

@@ -167,7 +167,7 @@ def _end_with_caller(caller_pid: int) -> None:
 
 def _serve(conn, caller_pid: int) -> None:
     from sp_core.mpu import platform
-    from sp_core_sglang import cpu_env
+    from sp_core_sglang.cli_engine import cpu_env
 
     os.setpgid(0, 0)  # a group of its own (module docstring)
     threading.Thread(target=_end_with_caller, args=(caller_pid,), name="end-with-caller", daemon=True).start()
