@@ -424,7 +424,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
 
 
 def _remove_on_abort(path: str) -> None:
-    from sp_core.mpu.launch import remove_on_abort
+    from sp_core.procs.launch import remove_on_abort
 
     remove_on_abort(path)
 
