@@ -12,6 +12,10 @@ class ModelError(ValueError):
     """Bad model input (checkpoint, architecture, shapes): reported as one line, exit 2 from the CLI."""
 
 
+class NonFiniteError(ArithmeticError):
+    """NaN or inf in log-probabilities, a training loss or exported weights: exit 4 from the CLI."""
+
+
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + DEEPSEEK_ARCHITECTURES
 MOE_PARALLEL_MODES = ("tp", "ep")
