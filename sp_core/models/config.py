@@ -5,7 +5,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:
+    from sp_core.models.fp8 import FP8Format
 
 
 class ModelError(ValueError):
@@ -101,7 +104,7 @@ class ModelConfig:
     # FP8 checkpoint (quantization_config quant_method fp8): the block size of its weight scales
     # (sp_core.models.fp8.FP8Format); None: unquantised. The model itself is never quantised: the weights are
     # dequantised to its dtype as they load.
-    fp8: Optional[object] = None
+    fp8: Optional[FP8Format] = None
 
     @classmethod
     def from_dict(cls, hf: dict, moe_parallel: str = "tp") -> "ModelConfig":

@@ -172,8 +172,8 @@ class FP8Tensor:
         if self.fmt.block:
             bn, bk = self.fmt.block
             n, k = values.shape[-2:]
-            rows = (torch.arange(n) + self.origin[0]) // bn
-            cols = (torch.arange(k) + self.origin[1]) // bk
+            rows = (torch.arange(n, device=self.scale.device) + self.origin[0]) // bn
+            cols = (torch.arange(k, device=self.scale.device) + self.origin[1]) // bk
             scale = self.scale.index_select(-2, rows).index_select(-1, cols)
         else:
             scale = self.scale
