@@ -40,7 +40,9 @@ MODELS = {
     "qwen3": ("qwen3", dict(hidden_size=52, intermediate_size=72), [16, 24], False),
     "qwen3-per-tensor": ("qwen3", dict(hidden_size=52, intermediate_size=72), None, True),
 }
-CORE_MODELS = ("deepseek-v3", "deepseek-v32", "qwen3", "qwen3-per-tensor")
+# + DeepSeek-V3 with its routed experts fused on disk (transformers' [E, 2I, H] gate_up_proj / [E, H, I] down_proj,
+# each with a [E, rows, cols] block grid): with I = 20 a block straddles the gate / up boundary
+CORE_MODELS = ("deepseek-v3", "deepseek-v32", "qwen3", "qwen3-per-tensor", "deepseek-v3-fused")
 
 
 def _quantised(name: str, tensor: torch.Tensor) -> bool:
@@ -106,6 +108,47 @@ def write_fp8(src: str, fp8_dir: str, ref_dir: str, block, per_tensor: bool, see
     json.dump(cfg, open(os.path.join(fp8_dir, "config.json"), "w"), indent=2)
 
 
+def write_fused_fp8(src: str, fp8_dir: str, ref_dir: str, block, seed: int = 0) -> None:
+    """``src`` with every MoE layer's routed experts fused and quantised as fused tensors (``fp8_dir``), and the
+    dequantised experts per expert (``ref_dir``, for transformers)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    fp8, ref = {}, {}
+    experts = sorted({n[: n.index(".experts.") + len(".experts.")] for n in weights if ".experts." in n})
+    for name, w in weights.items():
+        if ".experts." in name:
+            continue
+        if _quantised(name, w):
+            q, s, deq = _quantise_blocks(w, block, gen)
+            fp8[name], fp8[name + "_scale_inv"], ref[name] = q, s, deq.float()
+        else:
+            fp8[name] = ref[name] = w
+    for prefix in experts:
+        count = len({n for n in weights if n.startswith(prefix) and n.endswith("down_proj.weight")})
+        fused = {"gate_up_proj": [torch.cat([weights[f"{prefix}{e}.gate_proj.weight"],
+                                             weights[f"{prefix}{e}.up_proj.weight"]]) for e in range(count)],
+                 "down_proj": [weights[f"{prefix}{e}.down_proj.weight"] for e in range(count)]}
+        for key, per_expert in fused.items():
+            parts = [_quantise_blocks(w, block, gen) for w in per_expert]
+            fp8[prefix + key] = torch.stack([p[0] for p in parts])
+            fp8[prefix + key + "_scale_inv"] = torch.stack([p[1] for p in parts])
+            for e, (_, _, deq) in enumerate(parts):
+                if key == "down_proj":
+                    ref[f"{prefix}{e}.down_proj.weight"] = deq.float()
+                else:
+                    gate, up = deq.float().chunk(2)
+                    ref[f"{prefix}{e}.gate_proj.weight"], ref[f"{prefix}{e}.up_proj.weight"] = gate, up
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    for d, tensors in ((fp8_dir, fp8), (ref_dir, ref)):
+        os.makedirs(d)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(d, "model.safetensors"),
+                  metadata={"format": "pt"})
+    json.dump(cfg, open(os.path.join(ref_dir, "config.json"), "w"), indent=2)
+    cfg["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                      weight_block_size=list(block))
+    json.dump(cfg, open(os.path.join(fp8_dir, "config.json"), "w"), indent=2)
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
@@ -115,12 +158,16 @@ def dirs(tmp_path_factory):
         write_fp8(src, str(root / f"{name}-fp8"), str(root / f"{name}-ref"), block, per_tensor)
         out[name] = str(root / f"{name}-fp8")
         out[name + "-ref"] = str(root / f"{name}-ref")
+    write_fused_fp8(str(root / "deepseek-v3-src"), str(root / "deepseek-v3-fused-fp8"),
+                    str(root / "deepseek-v3-fused-ref"), MODELS["deepseek-v3"][2])
+    out["deepseek-v3-fused"] = str(root / "deepseek-v3-fused-fp8")
+    out["deepseek-v3-fused-ref"] = str(root / "deepseek-v3-fused-ref")
     return out
 
 
 @pytest.fixture(scope="module")
 def refs(dirs):
-    return {name: reference_logprobs(dirs[name + "-ref"], PROMPTS) for name in MODELS}
+    return {name: reference_logprobs(dirs[name + "-ref"], PROMPTS) for name in (*MODELS, "deepseek-v3-fused")}
 
 
 # -- the core ---------------------------------------------------------------------------------------------
