@@ -315,6 +315,47 @@ def test_sglang_serves_the_dequantised_weights(dirs, refs):
             assert diff <= TOL, f"sglang tp 2 SP {sp}: {diff:.2e}"
 
 
+def _resolve(launches):
+    """In the engine host: sglang's own server-argument resolution with the adapter enabled, for each
+    (model_dir, extra server arguments); per launch (error or None, the model config overrides it resolved)."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+    from sglang.srt.server_args import ServerArgs
+
+    from sp_core_sglang import cpu_env, plugin
+
+    cpu_env.apply_cpu_engine_env(1)
+    plugin.enable()
+    out = []
+    for model_dir, extra in launches:
+        args = ServerArgs(model_path=model_dir, device="cpu", attention_backend="torch_native", dtype="float32",
+                          disable_cuda_graph=True, skip_tokenizer_init=True, grammar_backend="none", **extra)
+        try:
+            args.resolve_once()
+        except ValueError as err:
+            out.append((str(err), None))
+            continue
+        out.append((None, resolved_view(args).json_model_override_args))
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+def test_sglang_never_sees_the_fp8_quantization_config(dirs):
+    """The adapter moves an FP8 quantization_config under its own key (keeping the user's overrides), so that
+    sglang builds no Fp8Config; sglang's --quantization and another quant_method are still refused."""
+    from sp_core_sglang import engine_process
+    from sp_core_sglang.options import HIDDEN_QUANTIZATION
+
+    quant = json.load(open(os.path.join(dirs["deepseek-v3"], "config.json")))["quantization_config"]
+    (error, overrides), (quantization, _), (awq, _) = engine_process.call(_resolve, [
+        (dirs["deepseek-v3"], {"json_model_override_args": '{"rms_norm_eps": 1e-6}'}),
+        (dirs["deepseek-v3"], {"quantization": "fp8"}),
+        (_variant(dirs, "awq", **REFUSED["awq"][0]), {})])
+    assert error is None, error
+    assert json.loads(overrides) == {"rms_norm_eps": 1e-6, "quantization_config": None, HIDDEN_QUANTIZATION: quant}
+    assert quantization is not None and "--quantization=fp8" in quantization, quantization
+    assert awq is not None and "config.json quantization_config=awq" in awq, awq
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 
 def _variant(dirs, name, edit_weights=None, edit_config=None) -> str:
