@@ -259,6 +259,21 @@ def test_export_of_an_fp8_checkpoint_is_unquantised(core, dirs, refs):
     assert max_diff(reference_logprobs(export, PROMPTS), refs["deepseek-v3"]) <= TOL
 
 
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_train_from_an_fp8_checkpoint_exports_unquantised(dirs, tmp_path):
+    """``sp-core train``'s path (the Megatron adapter's ``train_steps``, tp 2, SP) from the FP8 Qwen3: trains the
+    dequantised weights and exports them unquantised, which transformers loads."""
+    from sp_core_megatron import engine
+
+    out = tmp_path / "trained"
+    losses = engine.train_steps(dirs["qwen3"], 2, True, 2, out_dir=str(out), seq_length=16)["losses"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert "quantization_config" not in json.load(open(out / "config.json"))
+    tensors = load_file(str(out / "model.safetensors"))
+    assert not any("scale" in n for n in tensors) and {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(torch.isfinite(x).all() for x in reference_logprobs(str(out), PROMPTS))
+
+
 # -- Megatron's HF loader ---------------------------------------------------------------------------------
 
 def _gpt_model_rank(dirs, names, tp):
