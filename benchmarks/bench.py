@@ -86,7 +86,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
             result[f"{label}_ms"], result[f"{label}_peak_bytes"] = ms, peak
         passes = 3 if train else 1
         compute_ms = passes * layer_flops(tokens, t, layers) / (tflops * 1e12) * 1e3
-        comm_ms = passes * comm_bus_bytes(tokens, t, layers) / (busbw * 1e9) * 1e3
+        comm_ms = passes * comm_bus_bytes(tokens, t, layers) / (busbw * 1e9) * 1e3 if t > 1 else 0.0
         result.update(old_sp_over_tp=result["old_sp_ms"] / result["old_tp_ms"],
                       sp_over_tp=result["sp_ms"] / result["tp_ms"],
                       async_sp_over_tp=result["async_sp_ms"] / result["tp_ms"],

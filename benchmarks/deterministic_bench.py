@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import SHAPE, header, random_qwen3_stack, save_results, tee_log, timed
+from benchmarks.common import SHAPE, context, header, random_qwen3_stack, save_results, tee_log, timed
 
 LENGTHS = (1, 2, 5, 17, 64, 129, 200, 255)  # the tiny checkpoints' context is 256
 MIXED = (5, 1, 250, 3, 64, 2, 129, 9)  # the 8 requests a prompt joins (batch invariance)
