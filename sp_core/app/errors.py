@@ -1,9 +1,9 @@
 """The errors the ``sp-core`` command turns into one line and an exit code (README: errors and exit codes).
 
 ModelError (bad checkpoint / model input, exit 2) and NonFiniteError (NaN or inf, exit 4) live with the model
-config, ``sp_core.models``, which raises them too.
+code, ``sp_core.models.errors``, which raises them too.
 """
-from sp_core.models.config import NonFiniteError  # noqa: F401
+from sp_core.models.errors import NonFiniteError  # noqa: F401
 
 
 class UsageError(ValueError):

@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from sp_core.models.config import NonFiniteError
+from sp_core.models.errors import NonFiniteError
 from sp_core.layers.sharding import full_shapes, gather_full, gather_full_to_first, load_full, packed_name
 from sp_core.models import fp8
 from sp_core.models.config import ModelError

@@ -7,16 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Tuple
 
+from sp_core.models.errors import ModelError, NonFiniteError  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:
     from sp_core.models.fp8 import FP8Format
-
-
-class ModelError(ValueError):
-    """Bad model input (checkpoint, architecture, shapes): reported as one line, exit 2 from the CLI."""
-
-
-class NonFiniteError(ArithmeticError):
-    """NaN or inf in log-probabilities, a training loss or exported weights: exit 4 from the CLI."""
 
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
-from sp_core.models.config import ModelError
+from sp_core.models.errors import ModelError
 
 SUPPORTED = ("unquantised float32 / bfloat16 / float16 weights, or quant_method fp8 (e4m3 weights with "
              "block-wise weight_scale_inv, or a per-tensor scale)")
