@@ -107,8 +107,13 @@ def start_engine_here(model_dir: str, tp_size: int = 1, *, adapter: bool = False
         kwargs.update(device="cpu", attention_backend="torch_native", dtype="float32", disable_cuda_graph=True,
                       max_total_tokens=4096)
     kwargs.update(engine_kwargs)
+    engine_cls = sglang.Engine
+    if on_cpu:  # workers forked from a fork server that has imported sglang, not spawned (forking)
+        from sp_core_sglang.cli_engine import forking
+
+        engine_cls = forking.engine_class()
     with _adapter_env(adapter, sp_min_tokens):
-        return sglang.Engine(**kwargs)
+        return engine_cls(**kwargs)
 
 
 def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> List[torch.Tensor]:
