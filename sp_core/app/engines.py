@@ -52,7 +52,8 @@ def available() -> Dict[str, object]:
     """name -> engine module (or entry point to one). An engine has ``logprobs(model_dir, prompts, tp,
     sequence_parallel, dtype, deterministic=False) -> [Tensor]``; the megatron engine also has ``train(args) -> int``;
     an engine may offer ``reusing()``, a context inside which ``logprobs`` keeps what it started for the next call
-    with the same checkpoint (``verify`` runs its rows inside it)."""
+    with the same checkpoint (``verify`` runs its rows inside it), and ``warm_up()``, which starts in the background
+    what its first call needs (``verify`` calls it before its first row)."""
     engines: Dict[str, object] = {"core": SimpleNamespace(logprobs=core_logprobs)}
     for ep in metadata.entry_points(group="sp_core.engines"):
         engines[ep.name] = ep

@@ -502,6 +502,9 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     started = time.time()
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
+    for name in {r.engine for r in rows} | ({"sglang"} if trip else set()):  # started ahead, overlapping rows
+        with contextlib.suppress(Exception):  # an engine that cannot start says so in its rows
+            getattr(usable.get(name), "warm_up", lambda: None)()
     with contextlib.ExitStack() as reuse:  # engines that offer it keep one engine per checkpoint across rows
         for engine in list(usable.values()):
             reuse.enter_context(getattr(engine, "reusing", contextlib.nullcontext)())

@@ -43,6 +43,13 @@ def check_available() -> None:
                                 f"{cpu_backend.DIR} is missing; reinstall sp-core")
 
 
+def warm_up() -> None:
+    """Start what an engine start needs, in the background (``sp-core verify`` calls it before its first
+    rows, so that sglang's imports overlap them): the engine host (``engine_process.warm_up``)."""
+    check_available()
+    engine_process.warm_up()
+
+
 @contextlib.contextmanager
 def _adapter_env(adapter: bool, sp_min_tokens: Optional[int]) -> Iterator[None]:
     """The adapter's switches for the engine's worker processes, which inherit them when spawned."""
