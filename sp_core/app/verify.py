@@ -168,7 +168,8 @@ def check_engines(names: List[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
 
 
 # Left out of the default matrix (no --tp), because each sglang engine start costs more than everything else
-# in a row (~15-20 s on 2 cores) and the README's two commands must stay under 6 minutes; an explicit --tp
+# in a row (~15-20 s on 2 cores with spawned workers; 5-10 s loaded since the adapter forks them from a fork
+# server that has imported sglang) and the README's two commands must stay under 6 minutes; an explicit --tp
 # runs them. What they check is covered by rows that stay: sglang's model classes are the core's layers, so
 # what sglang at tp 1 checks (the adapter's attention backend, KV cache and logits) runs again in its tp 2
 # rows; DeepSeek V2 and V2-Lite differ from V3 in core code only (V2's router and shared experts, V2-Lite's
