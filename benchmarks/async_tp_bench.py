@@ -101,7 +101,7 @@ def main():
         print(json.dumps({k: v for k, v in table.items() if v}))
         return
     from sp_core.mpu import platform
-    from sp_core.mpu.launch import RankFailed, run_ranks
+    from sp_core.procs.launch import RankFailed, run_ranks
 
     os.makedirs(args.out, exist_ok=True)
     rows_list = [int(x) for x in args.rows.split(",")]

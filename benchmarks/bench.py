@@ -101,7 +101,7 @@ def _bench_core_rank(layers: int, tokens_list, iters: int, train: bool, profile_
 
 def bench_core(tp: int, layers: int, tokens_list, iters: int, train: bool, profile_tokens=(), variants=None,
                async_tp_form: str = "auto"):
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     return run_ranks(tp, _bench_core_rank, layers, tokens_list, iters, train, tuple(profile_tokens), variants,
                      async_tp_form, timeout=900)[0]

@@ -8,7 +8,7 @@ in sp_core.mpu's wrappers?
     python -m benchmarks.collective_bench --backend gloo --tp 2 --tokens 64 --hidden 32 --iters 3 --out /tmp/c
 
 Per tp size t and T, on [T, H] bf16 (H = 4096, Qwen3-8B's hidden size), in one launch of t ranks
-(sp_core.mpu.launch, as benchmarks.bench), each op timed alone after a barrier (CUDA events, median of --iters
+(sp_core.procs.launch, as benchmarks.bench), each op timed alone after a barrier (CUDA events, median of --iters
 after --warmup):
 
     core_ag / core_rs     sp_core.mpu.collectives.all_gather(x[T/t]) / reduce_scatter_start(x[T]).wait():
@@ -260,7 +260,7 @@ def main():
     if args.backend == "gloo":
         os.environ["SP_CORE_DEVICE"] = "cpu"
     from sp_core.mpu import platform
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     tokens_list = [int(x) for x in args.tokens.split(",")]
     cuda = platform.device_type() == "cuda"

@@ -230,7 +230,7 @@ def _bench_rank(layers: int, tokens_list, iters: int, train: bool, tiny: bool, b
 
 def bench(tp: int, layers: int, tokens_list, iters: int, train: bool, tiny: bool, bias_std: float,
           profile_tokens=(), indexer_tokens=()):
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     return run_ranks(tp, _bench_rank, layers, tokens_list, iters, train, tiny, bias_std, tuple(profile_tokens),
                      tuple(indexer_tokens), timeout=900)[0]

@@ -85,7 +85,7 @@ def _invariance_rank(model_dir: str, vocab: int):
 
 
 def batch_invariance(model_dir: str, tp: int, vocab: int, log) -> dict:
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     result = dict(tp=tp, **run_ranks(tp, _invariance_rank, model_dir, vocab, timeout=900)[0])
     log(f"  core prefill t={tp}: alone == inside 8 mixed requests: default {result['default']}, "
@@ -133,7 +133,7 @@ def _cost_rank(layers: int, tokens_list, iters: int):
 
 
 def cost(tp: int, layers: int, tokens_list, iters: int, log) -> list:
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     rows = run_ranks(tp, _cost_rank, layers, tokens_list, iters, timeout=900)[0]
     for r in rows:

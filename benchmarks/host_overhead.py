@@ -122,7 +122,7 @@ def measure(forward, grad, setting: Setting, warmup: int = 5) -> dict:
 def _report(name: str, result: dict) -> dict:
     """``result``, announced by rank 0 as it comes (a long GPU call shows how far it got)."""
     from sp_core import mpu
-    from sp_core.mpu import launch
+    from sp_core.procs import launch
 
     if mpu.default_context().rank == 0:
         launch.progress(f"t={mpu.default_context().size} {name}: {result['aten_fwd']} + {result['aten_bwd']} ATen ops, "
@@ -226,7 +226,7 @@ def _rank(setting: Setting) -> dict:
 
 
 def run(tp: int, setting: Setting) -> dict:
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     return run_ranks(tp, _rank, setting, timeout=900)[0]
 

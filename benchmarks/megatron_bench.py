@@ -140,7 +140,7 @@ def _rank(layers: int, tokens_list, iters: int, variants=("native", "core"), pro
 
 
 def run(tp: int, layers: int, tokens_list, iters: int, variants=("native", "core"), profile=False):
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     return run_ranks(tp, _rank, layers, tokens_list, iters, tuple(variants), profile, timeout=900)[0]
 

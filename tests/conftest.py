@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # rank re-imported megatron-core (~5 s a rank on 2 cores). Importing happens in the fork server only, once.
 import importlib.util  # noqa: E402
 
-from sp_core.mpu import launch as _launch  # noqa: E402
+from sp_core.procs import launch as _launch  # noqa: E402
 
 # megatron.core.parallel_state is what sp_core_megatron.cli_engine.engine preloads itself (it pulls in nearly all
 # of megatron-core); the rest is what every rank unpickles its function with

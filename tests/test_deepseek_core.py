@@ -410,8 +410,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         ("deepseek-v3", lambda c: c.update(n_group=3), (), "n_group (3) must divide n_routed_experts (8)"),
         ("deepseek-v3", lambda c: c.update(n_group=8, topk_group=4), (), "needs >= 2 experts per group"),
         ("deepseek-v2", lambda c: c.pop("num_experts_per_tok"), (), "num_experts_per_tok is missing"),
-        ("deepseek-v3", lambda c: c.update(quantization_config={"quant_method": "fp8"}), (),
-         "quantised checkpoints (quantization_config: fp8) are not supported"),
+        ("deepseek-v3", lambda c: c.update(quantization_config={"quant_method": "awq"}), (),
+         "quantised checkpoints of quant_method 'awq' are not supported"),  # fp8: tests/test_fp8_checkpoints.py
     ]
     for name, edit, extra, message in cases:
         line = run(with_edited_config(tmp_path, name, edit), *extra)

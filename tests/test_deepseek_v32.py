@@ -20,7 +20,7 @@ from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
-from support.contexts import remake
+from support.contexts import remake, single_process
 
 INDEX_TOPK = 3  # the tiny V3.2's (sp_core.app.tiny)
 # a ragged packed batch straddling index_topk: 9 and 6 tokens (sparse rows), exactly 3, 2 and 1 (dense);
@@ -447,7 +447,8 @@ def test_weights_proj_keeps_float32_through_casts():
     move still moves it ("meta" stands for another device on a CPU-only machine)."""
     from sp_core.layers.indexer import LightningIndexer
 
-    indexer = LightningIndexer(64, 24, 8, 16, 8, INDEX_TOPK, 10000.0)
+    with single_process():  # a layer is built on a context: one rank here
+        indexer = LightningIndexer(64, 24, 8, 16, 8, INDEX_TOPK, 10000.0)
     before = indexer.weights_proj.weight.detach().clone()
     for cast, dtype in ((lambda m: m.half(), torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16)):
         cast(indexer)

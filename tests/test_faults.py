@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from sp_core.mpu.launch import RankFailed, run_ranks
+from sp_core.procs.launch import RankFailed, run_ranks
 from support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.timeout(240)

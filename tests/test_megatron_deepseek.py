@@ -107,7 +107,7 @@ def _router_bias_and_padding(model_dir, tp, export_dir):
         model(ids, torch.arange(15).unsqueeze(0), None, labels=ids)
     from sp_core.mpu import collectives
 
-    counted = [float(collectives.all_reduce(mpu.default_context(), r.local_tokens_per_expert.clone()).sum()) for r in routers]
+    counted = [float(collectives.all_reduce(model.parallel, r.local_tokens_per_expert.clone()).sum()) for r in routers]
     return {"before": before, "after": after, "counted": counted, "top_k": routers[0].config.top_k}
 
 

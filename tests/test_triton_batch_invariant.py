@@ -117,7 +117,9 @@ print("mode ok", len(launches))
 
 def _interpret(script, *args):
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # the script imports tests/support (conftest puts tests/ on this process's path, not on the child's)
+    path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -28,9 +28,10 @@ from typing import Dict, Tuple
 import torch
 from megatron.core import parallel_state
 
-from sp_core.models import ModelError
+from sp_core.models import ModelConfig, ModelError
 from sp_core.models.checkpoint import (expected_pieces, hf_to_core, iter_hf_tensors, load_expert_tensor, load_piece,
                                        missing_expert_tensors, refuse_non_finite)
+from sp_core.models.fp8 import dequantizing
 from sp_core_megatron.layer_spec import deterministic_gpt_model
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -69,8 +70,10 @@ def gpt_model_name(hf_name: str) -> Tuple[str, str]:
 def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
     """Load this rank's slice of every tensor of the checkpoint in ``model_dir`` into ``model``
     (a GPTModel with ``get_sp_core_block_spec``); one-line error (ModelError: exit 2 from the command line)
-    naming missing / unexpected tensors or one with NaN or inf. In Megatron's ``deterministic_mode`` the
-    model's whole forward then runs the core's batch-invariant GEMMs (``deterministic_gpt_model``)."""
+    naming missing / unexpected tensors or one with NaN or inf. An FP8 checkpoint (quantization_config
+    quant_method fp8) is dequantised to the model's dtype, each rank its own slice. In Megatron's
+    ``deterministic_mode`` the model's whole forward then runs the core's batch-invariant GEMMs
+    (``deterministic_gpt_model``)."""
     # parameters and persistent buffers (V3's e_score_correction_bias); routed experts load through their MoE
     params: Dict[str, torch.Tensor] = {n: t for n, t in model.state_dict(keep_vars=True).items()
                                        if _EXPERTS not in f".{n}" and not n.endswith("._extra_state")}
@@ -78,7 +81,8 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
                if hasattr(module, "load_expert_tensor") and (m := _MOE.match(name))}
     expected = expected_pieces(params)
     seen, unexpected = set(), []
-    for hf_name, tensor in iter_hf_tensors(model_dir):
+    fp8 = ModelConfig.from_pretrained(model_dir).fp8
+    for hf_name, tensor in dequantizing(iter_hf_tensors(model_dir), fp8):
         if _IGNORED.search(hf_name):
             continue
         if _EXPERTS in hf_name:
@@ -101,7 +105,8 @@ def load_hf_into_gpt_model(model: torch.nn.Module, model_dir: str) -> None:
         if hf_name in _VOCAB_PARALLEL:  # Megatron's layout: contiguous blocks of the padded vocabulary
             rows = param.shape[0]
             rank = parallel_state.get_tensor_model_parallel_rank()
-            block = tensor[rank * rows:(rank + 1) * rows]
+            start = min(rank * rows, tensor.shape[0])
+            block = tensor.narrow(0, start, min(rows, tensor.shape[0] - start))  # an FP8Tensor: dequantised
             param.zero_()
             param[: block.shape[0]].copy_(block)
         else:

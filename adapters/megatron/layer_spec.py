@@ -121,8 +121,15 @@ def deterministic_gpt_model(model: torch.nn.Module) -> torch.nn.Module:
     ``get_sp_core_block_spec``) with the core's batch-invariant GEMMs: the core's layers turn them on
     themselves, Megatron's own output layer only inside this. ``load_hf_into_gpt_model`` applies it; a
     model loaded otherwise (e.g. from a dist checkpoint) needs this call. Nothing changes in the default mode."""
-    if not getattr(model, "_sp_core_batch_invariant", False):
-        model.forward = batch_invariant.when_deterministic(model.forward)
+    if getattr(model.config, "deterministic_mode", False) and not getattr(model, "_sp_core_batch_invariant", False):
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def batch_invariant_forward(*args, **kwargs):
+            with batch_invariant.gemms(True):
+                return forward(*args, **kwargs)
+
+        model.forward = batch_invariant_forward
         model._sp_core_batch_invariant = True
     return model
 

@@ -11,6 +11,12 @@ worker starts -- a worker's error would kill the launcher instead):
   from that detection through sglang's own ``--json-model-override-args``: ``index_topk`` is set to null
   and its value kept as ``sp_core_index_topk``, which the adapter's model config reads back. Upstream's
   DSA path is then never entered; nothing is served dense (the model refuses a config without the value).
+- FP8 checkpoints (config.json ``quantization_config`` with ``quant_method: fp8``), of every architecture the
+  adapter serves, are dequantised at load by the adapter's loader (``sp_core.models.fp8``). sglang's own FP8
+  path would build an ``Fp8Config`` (bf16 / fp16 only, its FP8 linear layers, on CPU block-aligned padding of
+  the config): the ``quantization_config`` is hidden from sglang the same way (null, its value kept as
+  ``sp_core_quantization_config``, which the adapter's model config reads back). Serving with sglang's FP8
+  kernels through the adapter is a later step.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Dee
 HOOK_STEP = "handle_cuda_graph_config"  # an overridable step that runs for every launch
 MODEL_STEP = "handle_model_source_paths"  # the step before the first reader of the model's config
 HIDDEN_INDEX_TOPK = "sp_core_index_topk"  # index_topk, hidden from sglang's DSA detection
+HIDDEN_QUANTIZATION = "sp_core_quantization_config"  # an FP8 quantization_config, hidden from sglang's FP8 path
 
 
 def unsupported_options(server_args, hf_config) -> list:
@@ -83,6 +90,34 @@ def serve_dsa_through_the_adapter(server_args, previous) -> None:
     declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
 
 
+def serve_fp8_through_the_adapter(server_args, previous) -> None:
+    """An FP8 checkpoint of an architecture the adapter serves: ``quantization_config`` moved out of sglang's
+    sight (see the module docstring); any other quantisation is left to sglang's checks and the model's refusal."""
+    previous(server_args)
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+    from transformers import PretrainedConfig
+
+    from sp_core.models.config import SUPPORTED_ARCHITECTURES
+
+    view = resolving_view(server_args)
+    try:
+        hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
+    except (OSError, ValueError):  # no readable config.json: sglang's own steps report it
+        return
+    quant = hf.get("quantization_config")
+    architectures = hf.get("architectures") or []
+    if (not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES or not isinstance(quant, dict)
+            or quant.get("quant_method") != "fp8"):
+        return
+    overrides = json.loads(view.json_model_override_args or "{}")
+    if HIDDEN_QUANTIZATION in overrides:  # resolved before
+        return
+    overrides[HIDDEN_QUANTIZATION] = overrides.pop("quantization_config", quant)
+    overrides["quantization_config"] = None
+    declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
+
+
 _registered = False
 
 
@@ -92,5 +127,6 @@ def register() -> None:
         from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
 
         register_resolution_hook(MODEL_STEP)(serve_dsa_through_the_adapter)
+        register_resolution_hook(MODEL_STEP)(serve_fp8_through_the_adapter)
         register_resolution_hook(HOOK_STEP)(check_deepseek_options)
         _registered = True

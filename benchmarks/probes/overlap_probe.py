@@ -133,7 +133,7 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     t = args.tp or torch.cuda.device_count()
     os.makedirs(args.out, exist_ok=True)

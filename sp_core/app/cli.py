@@ -325,7 +325,7 @@ def _on_sigterm(signum, frame):
 
 
 def _run(args) -> int:
-    from sp_core.mpu.launch import RankFailed
+    from sp_core.procs.launch import RankFailed
 
     name = f"sp-core {args.command}"
 

@@ -16,26 +16,13 @@ import time
 from typing import Iterator, Optional, TextIO
 
 from sp_core import settings
+from sp_core.procs import terminal
+from sp_core.procs.terminal import err, out, say  # noqa: F401  (the command's own lines)
 
-_OUT: Optional[TextIO] = None
-_ERR: Optional[TextIO] = None
 _LOG: Optional[str] = None  # this command's log file, until announced
 _ANNOUNCED = False
 LOG_DIR_ENV = "SP_CORE_LOG_DIR"
 KEEP_LOGS = 20
-
-
-def out() -> TextIO:
-    return _OUT or sys.stdout
-
-
-def err() -> TextIO:
-    return _ERR or sys.stderr
-
-
-def say(line: str) -> None:
-    """A progress or status line of the command, on the terminal's stderr."""
-    print(line, file=err(), flush=True)
 
 
 def announce(command: str) -> None:
@@ -81,7 +68,7 @@ def _own_copy(stream: TextIO) -> TextIO:
 @contextlib.contextmanager
 def quiet(command: str, verbose: bool) -> Iterator[Optional[str]]:
     """Send fds 1 and 2 to a new log file for the block; yields its path (None when ``verbose``)."""
-    global _OUT, _ERR, _LOG, _ANNOUNCED
+    global _LOG, _ANNOUNCED
     if verbose:
         yield None
         return
@@ -93,7 +80,8 @@ def quiet(command: str, verbose: bool) -> Iterator[Optional[str]]:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    _OUT, _ERR, _LOG, _ANNOUNCED = console_out, console_err, path, False
+    terminal.use(console_out, console_err)
+    _LOG, _ANNOUNCED = path, False
     try:
         yield path
     finally:
@@ -109,6 +97,6 @@ def quiet(command: str, verbose: bool) -> Iterator[Optional[str]]:
                 stream.close()
         if not _ANNOUNCED:  # bad input: the command stopped before any work worth a log
             os.remove(path)
-        _OUT = _ERR = _LOG = None
-        _ANNOUNCED = False
+        terminal.use(None, None)
+        _LOG, _ANNOUNCED = None, False
         log.close()

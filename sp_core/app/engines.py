@@ -20,7 +20,7 @@ __all__ = ["EngineUnavailable", "available", "get", "prepare", "Prepared", "chec
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
                   moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
-    from sp_core.mpu.launch import add_preload, run_ranks
+    from sp_core.procs.launch import add_preload, run_ranks
 
     add_preload("sp_core.app.runtime")  # the model code every rank builds with: once in the fork server
     return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, deterministic,

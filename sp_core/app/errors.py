@@ -1,7 +1,9 @@
 """The errors the ``sp-core`` command turns into one line and an exit code (README: errors and exit codes).
 
-ModelError (bad checkpoint / model input, exit 2) lives with the model config, ``sp_core.models``.
+ModelError (bad checkpoint / model input, exit 2) and NonFiniteError (NaN or inf, exit 4) live with the model
+config, ``sp_core.models``, which raises them too.
 """
+from sp_core.models.config import NonFiniteError  # noqa: F401
 
 
 class UsageError(ValueError):
@@ -11,6 +13,3 @@ class UsageError(ValueError):
 class EngineUnavailable(RuntimeError):
     """An engine or framework that was asked for cannot run here (not installed, no CPU path): exit 3."""
 
-
-class NonFiniteError(ArithmeticError):
-    """NaN or inf in log-probabilities, a training loss or exported weights: exit 4."""

@@ -149,7 +149,7 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
 def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool, moe_parallel: str = "tp") -> Dict:
     """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks):
     ``saved_bytes_per_rank`` (an MoE layer where the model has one), and per layer type."""
-    from sp_core.mpu.launch import run_ranks
+    from sp_core.procs.launch import run_ranks
 
     by_type = run_ranks(tp, _measure_rank, model_dir, tokens, moe_parallel, sequence_parallel=sequence_parallel)[0]
     out = {"saved_bytes_per_rank": by_type.get("sparse", by_type["dense"])}

@@ -20,8 +20,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from sp_core.app.errors import NonFiniteError
+from sp_core.models.config import NonFiniteError
 from sp_core.layers.sharding import full_shapes, gather_full, gather_full_to_first, load_full, packed_name
+from sp_core.models import fp8
 from sp_core.models.config import ModelError
 
 # HF name piece -> (core name piece, shard name)
@@ -83,6 +84,8 @@ def load_expert_tensor(experts: Dict[str, torch.nn.Module], hf_name: str, tensor
     if prefix not in experts:
         return False
     refuse_non_finite(hf_name, tensor)  # also where no prompt routes to the expert: never a silent result
+    # an FP8Tensor: the MoE layer narrows it to this rank's slice, dequantised exactly (float64), and its copy
+    # into the expert weights is the one rounding to the model's dtype
     try:
         experts[prefix].load_expert_tensor(hf_name[len(prefix):], tensor)
     except KeyError:
@@ -105,15 +108,23 @@ def expected_pieces(params: Dict[str, torch.Tensor]) -> Dict[Tuple[str, Optional
 
 
 def refuse_non_finite(hf_name: str, tensor: torch.Tensor) -> None:
+    if isinstance(tensor, fp8.FP8Tensor):  # its scale was checked as it was paired
+        if tensor.has_nan():
+            raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
+        return
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
 
 
 def load_piece(param: torch.Tensor, hf_name: str, tensor: torch.Tensor, shard: Optional[str]) -> None:
     """This rank's slice of checkpoint tensor ``hf_name`` into ``param`` (its ``shard`` piece, or whole);
-    one-line error on a shape mismatch."""
+    one-line error on a shape mismatch. An FP8 tensor is dequantised to ``param``'s dtype: only the slice this
+    rank takes when ``param`` is partitioned, whole when it is replicated."""
+    tensor = tensor.to(param.dtype)
+    if isinstance(tensor, fp8.FP8Tensor) and getattr(param, "shards", None) is None:
+        tensor = tensor.dequantize()
     try:
-        load_full(param, tensor.to(param.dtype), shard)
+        load_full(param, tensor, shard)
     except ValueError as err:
         raise ModelError(f"checkpoint tensor {hf_name}: {err}") from None
 
@@ -150,21 +161,22 @@ def _core_name(hf_name: str, expected) -> Tuple[str, Optional[str]]:
     return name, shard
 
 
-def checkpoint_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
-    """Tensor name -> shape, read from the safetensors headers only (no tensor data). An FP8 tensor is refused
-    here: a quantised checkpoint says so in config.json (refused there), so one without a quantization_config
-    has lost its scales."""
-    shapes = {}
+def checkpoint_headers(model_dir: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape), read from the safetensors headers only (no tensor data)."""
+    headers = {}
     for path in checkpoint_files(model_dir):
         with _open(path) as f:
             for name in f.keys():
                 info = f.get_slice(name)
-                if info.get_dtype().startswith("F8"):
-                    raise ModelError(f"checkpoint tensor {name} is stored in FP8 ({info.get_dtype()}) but config.json "
-                                     f"has no quantization_config (its scales); sp-core loads float32 / bfloat16 / "
-                                     f"float16 checkpoints")
-                shapes[name] = tuple(info.get_shape())
-    return shapes
+                headers[name] = (info.get_dtype(), tuple(info.get_shape()))
+    return headers
+
+
+def checkpoint_shapes(model_dir: str, fp8_format: Optional["fp8.FP8Format"] = None) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name -> shape of the tensors a model loads, FP8 scales left out. FP8 tensors are checked here
+    (``fp8.check_headers``): a checkpoint without ``fp8_format`` (no quantization_config) has lost its scales;
+    one with it needs every FP8 weight's scale, of the right shape."""
+    return fp8.check_headers(checkpoint_headers(model_dir), fp8_format)
 
 
 def expected_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, ...]]:
@@ -204,8 +216,9 @@ def check_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     """One-line error for a checkpoint whose tensors do not match ``model`` (missing, unexpected, wrong
     shape; routed experts included) or whose files are unreadable: the check that runs before any rank or
     engine starts."""
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    found = {name: shape for name, shape in checkpoint_shapes(model_dir).items()
+    cfg = getattr(model, "config", None)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    found = {name: shape for name, shape in checkpoint_shapes(model_dir, getattr(cfg, "fp8", None)).items()
              if not _IGNORED.search(name) and not (tied and name == "lm_head.weight")
              and not _beyond_layers(model, name)}
     expected = expected_shapes(model)
@@ -231,7 +244,9 @@ def _some(names: List[str], limit: int = 12) -> str:
 
 
 def load_weights(model: torch.nn.Module, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-    """Take this rank's slice of every checkpoint tensor; one-line error naming missing / unexpected ones."""
+    """Take this rank's slice of every checkpoint tensor; one-line error naming missing / unexpected ones.
+    FP8 weights (``model.config.fp8``) are dequantised to the model's dtype, each rank its own slice."""
+    weights = fp8.dequantizing(weights, getattr(getattr(model, "config", None), "fp8", None))
     params = _tensors(model)
     experts = _expert_owners(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -410,8 +425,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": dict(sorted(plan.items()))}
             with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        with open(os.path.join(partial, "config.json"), "w") as f:
-            json.dump(model.config.hf, f, indent=2)
+        with open(os.path.join(partial, "config.json"), "w") as f:  # unquantised weights: no quantization_config
+            json.dump({k: v for k, v in model.config.hf.items() if k != "quantization_config"}, f, indent=2)
         for path in (os.path.join(partial, name) for name in os.listdir(partial)):
             os.chmod(path, 0o644)
         os.chmod(partial, 0o755)  # mkdtemp makes it private
@@ -424,7 +439,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
 
 
 def _remove_on_abort(path: str) -> None:
-    from sp_core.mpu.launch import remove_on_abort
+    from sp_core.procs.launch import remove_on_abort
 
     remove_on_abort(path)
 

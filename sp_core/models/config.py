@@ -5,11 +5,18 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
+
+if TYPE_CHECKING:
+    from sp_core.models.fp8 import FP8Format
 
 
 class ModelError(ValueError):
     """Bad model input (checkpoint, architecture, shapes): reported as one line, exit 2 from the CLI."""
+
+
+class NonFiniteError(ArithmeticError):
+    """NaN or inf in log-probabilities, a training loss or exported weights: exit 4 from the CLI."""
 
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
@@ -98,6 +105,10 @@ class ModelConfig:
     # the output); "ep" = expert parallelism, every rank holds n_routed_experts/t whole experts and
     # tokens travel to their experts by all-to-all. CLI: --moe-parallel.
     moe_parallel: str = "tp"
+    # FP8 checkpoint (quantization_config quant_method fp8): the block size of its weight scales
+    # (sp_core.models.fp8.FP8Format); None: unquantised. The model itself is never quantised: the weights are
+    # dequantised to its dtype as they load.
+    fp8: Optional[FP8Format] = None
 
     @classmethod
     def from_dict(cls, hf: dict, moe_parallel: str = "tp") -> "ModelConfig":
@@ -114,11 +125,9 @@ class ModelConfig:
             raise ModelError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         if hf.get("use_sliding_window"):
             raise ModelError("use_sliding_window=true is not supported; supported: full causal attention")
-        if hf.get("quantization_config"):
-            _refuse_wrong(hf, ("quantization_config",), lambda v: isinstance(v, dict), "an object or null")
-            method = hf["quantization_config"].get("quant_method", "?")
-            raise ModelError(f"quantised checkpoints (quantization_config: {method}) are not supported; "
-                             f"supported: unquantised float32 / bfloat16 / float16 weights")
+        from sp_core.models.fp8 import fp8_format
+
+        fp8 = fp8_format(hf)  # FP8 weights are dequantised at load; any other quantisation is refused
         if moe_parallel not in MOE_PARALLEL_MODES:
             raise ModelError(f"moe_parallel {moe_parallel!r} is not a mode; supported: {', '.join(MOE_PARALLEL_MODES)}")
         # transformers 5 writes rope_parameters (rope_theta inside); older configs rope_theta + rope_scaling
@@ -150,6 +159,7 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             hf=hf,
             moe_parallel=moe_parallel,
+            fp8=fp8,
         )
         fields.update(deepseek)
         return cls(**fields)

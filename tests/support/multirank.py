@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from sp_core.mpu import launch
-from sp_core.mpu.launch import RankFailed  # noqa: F401
+from sp_core.procs import launch
+from sp_core.procs.launch import RankFailed  # noqa: F401
 
 DEFAULT_TIMEOUT = float(os.environ.get("SP_CORE_TEST_TIMEOUT", "240"))
 

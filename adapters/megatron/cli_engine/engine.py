@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from sp_core.mpu.launch import add_preload, progress, run_ranks
+from sp_core.procs.launch import add_preload, progress, run_ranks
 
 add_preload("megatron.core.parallel_state")  # ~3 s of imports once in the fork server, not per rank
 for _module in ("sp_core_megatron.model", "sp_core_megatron.config", __name__):  # what every rank builds with

@@ -3,7 +3,7 @@
 ``sglang.Engine.shutdown()`` kills every child of the process that made the engine
 (``kill_process_tree(os.getpid(), include_parent=False)`` in ``srt/entrypoints/engine.py``), and an error
 in a scheduler kills that process outright. In the caller's process that would take down its other
-children too -- for example the fork server and resource tracker of ``sp_core.mpu.launch``, after which
+children too -- for example the fork server and resource tracker of ``sp_core.procs.launch``, after which
 the next ``run_ranks`` fails. So engines live in one helper process, the *engine host*: spawned on first
 use, reused for later engines (it imports sglang once), ended at exit or when its caller goes away.
 ``RemoteEngine`` forwards ``generate``, ``collective_rpc`` and ``shutdown`` to it.

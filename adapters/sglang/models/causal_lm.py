@@ -20,7 +20,7 @@ from sp_core.layers.attention import head_split
 from sp_core.models import CausalLM, ModelConfig, ModelError, checkpoint
 from sp_core.mpu import crossover
 from sp_core_sglang.attention import RadixAttentionKernel, SglangBatch
-from sp_core_sglang.options import HIDDEN_INDEX_TOPK
+from sp_core_sglang.options import HIDDEN_INDEX_TOPK, HIDDEN_QUANTIZATION
 
 SP_MIN_TOKENS_ENV = "SP_CORE_SP_MIN_TOKENS"
 # Below the threshold a prefill batch runs plain TP: for small batches reduce-scatter + all-gather lose to
@@ -46,6 +46,8 @@ def checkpoint_config(hf_config, moe_parallel: str = "tp") -> ModelConfig:
             hf[name] = hf.pop(original)
     if hf.get(HIDDEN_INDEX_TOPK) is not None:  # V3.2: kept away from sglang's DSA path (options.py)
         hf["index_topk"] = hf.pop(HIDDEN_INDEX_TOPK)
+    if hf.get(HIDDEN_QUANTIZATION) is not None:  # an FP8 checkpoint, kept away from sglang's FP8 path (options.py)
+        hf["quantization_config"] = hf.pop(HIDDEN_QUANTIZATION)
     return ModelConfig.from_dict(hf, moe_parallel)
 
 
@@ -152,5 +154,7 @@ class SPCoreForCausalLM(CausalLM):
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
     def load_weights(self, weights) -> None:
-        """``weights``: (Hugging Face name, full tensor) pairs; each rank keeps its slice."""
+        """``weights``: (Hugging Face name, full tensor) pairs; each rank keeps its slice. An FP8 checkpoint's
+        weights are joined to their scales and dequantised to the model's dtype, each rank its own slice
+        (``checkpoint.load_weights``); sglang's own FP8 kernels are not used."""
         checkpoint.load_weights(self, weights)

@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sp_core import settings
-from sp_core.app import console
+from sp_core.procs import terminal
 from sp_core.mpu import activity
 
 COLLECTIVE_TIMEOUT_ENV = "SP_CORE_COLLECTIVE_TIMEOUT"
@@ -62,7 +62,7 @@ def progress(line: str) -> None:
     """From a rank: have the parent print ``line`` on its stderr now (ranks' own streams may belong to a
     long-lived fork server, not to the command that is running)."""
     if _RESULTS is None:
-        console.say(line)
+        terminal.say(line)
     else:
         _RESULTS.put((-1, "progress", line))
 
@@ -237,7 +237,7 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
                                      f"{timeout:.0f} s ({run.others(-1)})")
                 continue
             if ok == "progress":
-                console.say(payload)
+                terminal.say(payload)
                 continue
             run.reported.add(rank)
             if not ok:
