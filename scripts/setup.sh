@@ -31,8 +31,12 @@ uv install --no-deps "sglang==0.5.23"  # its pinned CUDA wheels are not wanted o
 echo "setup: [3/4] megatron-core, sglang's CPU dependencies, test tools"
 uv install "megatron-core==0.16.1" -r scripts/requirements-sglang-cpu.txt \
   pytest hypothesis pytest-timeout safetensors transformers
-echo "setup: [4/4] sp-core (editable)"
+echo "setup: [4/4] sp-core (editable, byte-compiled)"
 uv install --no-deps --no-build-isolation -e .
+# uv compiles what it installs into the environment, not an editable install's own tree: compiled here, so
+# that a first `sp-core verify` does not compile it in every rank and engine worker (or at all where
+# PYTHONDONTWRITEBYTECODE is set)
+"$VENV/bin/python" -m compileall -q -j 0 sp_core adapters >/dev/null
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 torch = md.version("torch")

@@ -20,8 +20,9 @@ __all__ = ["EngineUnavailable", "available", "get", "prepare", "Prepared", "chec
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
                   moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
-    from sp_core.procs.launch import run_ranks
+    from sp_core.procs.launch import add_preload, run_ranks
 
+    add_preload("sp_core.app.runtime")  # the model code every rank builds with: once in the fork server
     return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, deterministic,
                      sequence_parallel=sequence_parallel)[0]
 
@@ -52,7 +53,8 @@ def available() -> Dict[str, object]:
     """name -> engine module (or entry point to one). An engine has ``logprobs(model_dir, prompts, tp,
     sequence_parallel, dtype, deterministic=False) -> [Tensor]``; the megatron engine also has ``train(args) -> int``;
     an engine may offer ``reusing()``, a context inside which ``logprobs`` keeps what it started for the next call
-    with the same checkpoint (``verify`` runs its rows inside it)."""
+    with the same checkpoint (``verify`` runs its rows inside it), and ``warm_up()``, which starts in the background
+    what its first call needs (``verify`` calls it before its first row)."""
     engines: Dict[str, object] = {"core": SimpleNamespace(logprobs=core_logprobs)}
     for ep in metadata.entry_points(group="sp_core.engines"):
         engines[ep.name] = ep

@@ -168,7 +168,8 @@ def check_engines(names: List[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
 
 
 # Left out of the default matrix (no --tp), because each sglang engine start costs more than everything else
-# in a row (~15-20 s on 2 cores) and the README's two commands must stay under 6 minutes; an explicit --tp
+# in a row (~15-20 s on 2 cores with spawned workers; 5-10 s loaded since the adapter forks them from a fork
+# server that has imported sglang) and the README's two commands must stay under 6 minutes; an explicit --tp
 # runs them. What they check is covered by rows that stay: sglang's model classes are the core's layers, so
 # what sglang at tp 1 checks (the adapter's attention backend, KV cache and logits) runs again in its tp 2
 # rows; DeepSeek V2 and V2-Lite differ from V3 in core code only (V2's router and shared experts, V2-Lite's
@@ -502,6 +503,9 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     started = time.time()
     lines = len({_line_key(r) for r in rows}) + (2 if trip else 0)
     progress = Progress(lines)
+    for name in {r.engine for r in rows} | ({"sglang"} if trip else set()):  # started ahead, overlapping rows
+        with contextlib.suppress(Exception):  # an engine that cannot start says so in its rows
+            getattr(usable.get(name), "warm_up", lambda: None)()
     with contextlib.ExitStack() as reuse:  # engines that offer it keep one engine per checkpoint across rows
         for engine in list(usable.values()):
             reuse.enter_context(getattr(engine, "reusing", contextlib.nullcontext)())

@@ -9,6 +9,8 @@ import torch
 from sp_core.procs.launch import add_preload, progress, run_ranks
 
 add_preload("megatron.core.parallel_state")  # ~3 s of imports once in the fork server, not per rank
+for _module in ("sp_core_megatron.model", "sp_core_megatron.config", __name__):  # what every rank builds with
+    add_preload(_module)
 
 
 def check_available() -> None:

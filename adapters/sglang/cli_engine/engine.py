@@ -43,6 +43,13 @@ def check_available() -> None:
                                 f"{cpu_backend.DIR} is missing; reinstall sp-core")
 
 
+def warm_up() -> None:
+    """Start what an engine start needs, in the background (``sp-core verify`` calls it before its first
+    rows, so that sglang's imports overlap them): the engine host (``engine_process.warm_up``)."""
+    check_available()
+    engine_process.warm_up()
+
+
 @contextlib.contextmanager
 def _adapter_env(adapter: bool, sp_min_tokens: Optional[int]) -> Iterator[None]:
     """The adapter's switches for the engine's worker processes, which inherit them when spawned."""
@@ -107,8 +114,13 @@ def start_engine_here(model_dir: str, tp_size: int = 1, *, adapter: bool = False
         kwargs.update(device="cpu", attention_backend="torch_native", dtype="float32", disable_cuda_graph=True,
                       max_total_tokens=4096)
     kwargs.update(engine_kwargs)
+    engine_cls = sglang.Engine
+    if on_cpu:  # workers forked from a fork server that has imported sglang, not spawned (forking)
+        from sp_core_sglang.cli_engine import forking
+
+        engine_cls = forking.engine_class()
     with _adapter_env(adapter, sp_min_tokens):
-        return sglang.Engine(**kwargs)
+        return engine_cls(**kwargs)
 
 
 def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> List[torch.Tensor]:

@@ -141,6 +141,12 @@ def start(start_fn: Callable, *args, **kwargs) -> RemoteEngine:
     return RemoteEngine(_HOST, engine_id)
 
 
+def warm_up() -> None:
+    """Start the engine host now, without waiting for it: it imports sglang in the background (on CPU,
+    ``_import_ahead``), while the caller does other work before its first engine."""
+    host()
+
+
 def call(fn: Callable, *args) -> Any:
     """``fn(*args)`` in the engine host (where sglang is imported and set up for this platform)."""
     return host().request("call", fn, args)
@@ -174,6 +180,7 @@ def _serve(conn, caller_pid: int) -> None:
 
     if platform.device_type() == "cpu":
         cpu_env.apply_cpu_engine_env(1)  # before anything imports sglang; each engine sets its own tp
+        _import_ahead()
     engines: Dict[int, Any] = {}
     try:
         while True:
@@ -190,6 +197,22 @@ def _serve(conn, caller_pid: int) -> None:
     finally:
         for engine in engines.values():
             engine.shutdown()
+
+
+def _import_ahead() -> None:
+    """On CPU, as soon as the host starts (while its caller does other work): the fork server of the
+    engines' workers starts importing sglang (``forking``) and so does the host, at the level its engines
+    log at (sglang's import-time warnings are not wanted)."""
+    import logging
+
+    from sp_core_sglang.cli_engine import forking
+
+    forking.warm_up()
+    logging.getLogger("sglang").setLevel(logging.ERROR)
+    try:
+        import sglang.srt.entrypoints.engine  # noqa: F401
+    except ImportError:  # the engine start says so, as before
+        pass
 
 
 def _handle(engines: Dict[int, Any], op: str, args) -> Any:
