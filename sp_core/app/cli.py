@@ -291,6 +291,23 @@ def cmd_verify(args) -> int:
     return verify.main(args)
 
 
+def check_step_fits(cfg, tp: int, sp: bool, micro_batch_size: int, seq_length: int) -> None:
+    """A training step that cannot fit in memory is refused before the ranks start (one line, exit 2; before:
+    the allocator failed inside a rank after the model was built). The bound is a lower one -- what any step
+    must hold on a rank at once, in 16-bit: every layer's input saved for backward (1/t of it with SP) and the
+    logits (1/t of the vocabulary) -- so a step refused here could never run; one accepted may still need more."""
+    from sp_core.mpu import platform
+
+    tokens = micro_batch_size * seq_length
+    per_token = 2 * (cfg.num_hidden_layers * cfg.hidden_size // (tp if sp else 1) + -(-cfg.vocab_size // tp))
+    have, what = platform.memory_per_rank(tp)
+    if tokens * per_token > have:
+        raise UsageError(f"--micro-batch-size {micro_batch_size} x --seq-length {seq_length} = {tokens} tokens a "
+                         f"step need at least {tokens * per_token / 2**30:.3g} GiB per rank (each layer's input and "
+                         f"the logits), more than the {have / 2**30:.3g} GiB here ({what}); use a smaller "
+                         f"--micro-batch-size")
+
+
 def cmd_train(args) -> int:
     from sp_core.app import engines
 
@@ -303,6 +320,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")
     sp = _sp(args)
+    check_step_fits(cfg, args.tp, sp, args.micro_batch_size, args.seq_length)
     console.announce("train")
     console.say(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
                 f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
