@@ -280,10 +280,9 @@ def sglang_ckpt(tmp_path_factory):
 @_needs_sglang
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_signal_stops_sglang_workers_within_2s(sglang_ckpt, tmp_path, signum):
-    """SIGTERM, or Ctrl-C (SIGINT to the terminal's process group), while sglang's workers run: the command
-    exits 143 / 130 and no process of it (engine host, schedulers, detokenizer) is alive 2 s after the signal;
-    no engine scratch directory is left (before: the workers outlived the signal by the host's 10 s close
-    grace)."""
+    """SIGTERM, or Ctrl-C (SIGINT to the terminal's process group), while sglang's workers run: no process of
+    the engine (host, schedulers, detokenizer) is alive 2 s after the signal, the command exits 143 / 130 and no
+    engine scratch directory is left (before: the workers outlived the signal by the host's 10 s close grace)."""
     proc, tmp = _start_sglang(sglang_ckpt, tmp_path, _workers_started)
     start = time.time()
     if signum == signal.SIGINT:
@@ -306,7 +305,9 @@ def test_signal_stops_sglang_workers_within_2s(sglang_ckpt, tmp_path, signum):
         proc.kill()
     print(f"{signal.Signals(signum).name}: workers gone after {workers_gone} s, exit {proc.returncode} after {exited} s")
     assert proc.returncode == 128 + signum and not left, (proc.returncode, left)
-    assert workers_gone is not None and workers_gone <= 2.0 and exited <= 2.0, (workers_gone, exited)
+    # the workers within 2 s; the command's own exit ~0.2 s, but up to 2.8 s seen with 2 cores under load
+    # average 7 (a starved interpreter): 3 s here (before: 10 s and 12 s)
+    assert workers_gone is not None and workers_gone <= 2.0 and exited <= 3.0, (workers_gone, exited)
     assert not [p for p in os.listdir(tmp) if p.startswith("sp-core-sglang-")], os.listdir(tmp)
 
 
