@@ -83,6 +83,10 @@ CASES = [
     ("train --seq-length 0", TRAIN + ["--seq-length", "0"], "argument --seq-length"),
     ("train --micro-batch-size 0", TRAIN + ["--micro-batch-size", "0"], "argument --micro-batch-size"),
     ("train --lr nan", TRAIN + ["--lr", "nan"], "argument --lr: expected a positive finite number"),
+    ("train --micro-batch-size 10**12: exit 5 from the allocator inside a rank after ~29 s",
+     TRAIN + ["--micro-batch-size", str(10**12)], "tokens a step need at least"),
+    ("train --micro-batch-size x --seq-length past memory at tp 2 with SP",
+     TRAIN + ["--tp", "2", "--micro-batch-size", str(10**9), "--seq-length", "128"], "use a smaller --micro-batch-size"),
     ("train --out = --model overwrote the input", ["train", "--model", M, "--out", M], "overlaps the input checkpoint"),
     ("train --out non-empty kept a stale index", ["train", "--model", M, "--out", "{root}/export"], "is not empty"),
     ("train --out checked after the work", ["train", "--model", M, "--out", "{root}/no/such/dir"], "does not exist"),
@@ -252,3 +256,58 @@ def test_mistyped_environment_is_one_line_and_exit_2(work, capsys, monkeypatch, 
     code, err, _ = _run(capsys, LOGITS[:1] + [a.format(root=work) for a in LOGITS[1:]])
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not (work / "out.safetensors").exists()
+
+
+def _without(*keys):
+    return lambda rope: [rope.pop(k) for k in keys]
+
+
+ROPE_BAD_CONFIG = [  # (model, edit of its rope dict, the one line says) -- each exited 1 as "unexpected"
+    ("deepseek-v3", _without("factor", "original_max_position_embeddings"),
+     'rope_parameters of rope_type \'yarn\' has no "factor"; yarn needs "factor" (a positive number) or '
+     '"original_max_position_embeddings"'),
+    ("deepseek-v3", lambda r: r.update(original_max_position_embeddings="64"),
+     'rope_parameters "original_max_position_embeddings" must be a positive integer for rope_type \'yarn\', got \'64\''),
+    ("deepseek-v3", lambda r: r.update(mscale_all_dim="0.5"), '"mscale_all_dim" must be a number'),
+    ("deepseek-v2", _without("factor", "original_max_position_embeddings"),  # the legacy rope_scaling form
+     'rope_scaling of rope_type \'yarn\' has no "factor"'),
+    ("qwen3", lambda r: r.update(rope_type="yarn"), 'rope_parameters of rope_type \'yarn\' has no "factor"'),
+    ("qwen3", lambda r: r.update(rope_type="linear"), 'rope_parameters of rope_type \'linear\' has no "factor"; '
+                                                      'linear needs "factor" (a positive number)'),
+    ("qwen3", lambda r: r.update(rope_type="dynamic", factor="2"),
+     'rope_parameters "factor" must be a positive number for rope_type \'dynamic\', got \'2\''),
+    ("qwen3", lambda r: r.update(rope_type="llama3", factor=8.0),
+     "rope_parameters rope_type 'llama3' is not supported; supported: default, linear, dynamic, yarn"),
+]
+
+
+@pytest.mark.parametrize("name,edit,expected", ROPE_BAD_CONFIG, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(ROPE_BAD_CONFIG)])
+def test_rope_keys_are_checked_per_rope_type(tmp_path_factory, capsys, name, edit, expected):
+    """Each rope type's keys (sp_core/layers/rotary.py reads factor for linear / dynamic / yarn, YaRN's
+    original context, betas, mscales): a missing or wrongly typed one, or a rope type not implemented, is one
+    line and exit 2 (before: exit 1 "unexpected KeyError: 'factor'" / TypeError / ValueError)."""
+    root = tmp_path_factory.getbasetemp() / f"{name}-config"
+    if not (root / "model" / "config.json").exists():
+        make_checkpoint(name, str(root / "model"))
+    model = tmp_path_factory.mktemp("bad-rope")
+    shutil.copytree(root / "model", model, dirs_exist_ok=True)
+    cfg = json.loads((model / "config.json").read_text())
+    edit(cfg["rope_scaling" if "rope_scaling" in cfg else "rope_parameters"])
+    (model / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()  # the checkpoint writer's progress
+    code, err, _ = _run(capsys, ["memory", "--model", str(model), "--tp", "1", "--tokens", "8"])
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_yarn_without_original_context_takes_max_position_embeddings():
+    """As transformers: a YaRN config without original_max_position_embeddings uses max_position_embeddings
+    (before: KeyError inside the rank); one with only the original context derives the factor."""
+    from sp_core.app.tiny import hf_config
+    from sp_core.models import ModelConfig
+
+    raw = hf_config("deepseek-v3").to_dict()
+    raw["architectures"] = ["DeepseekV3ForCausalLM"]
+    raw["rope_parameters"].pop("original_max_position_embeddings")
+    assert ModelConfig.from_dict(raw).rope_scaling["original_max_position_embeddings"] == 256
+    raw["rope_parameters"].update(original_max_position_embeddings=32, factor=None)
+    assert ModelConfig.from_dict(raw).rope_scaling["factor"] == 8.0

@@ -15,12 +15,13 @@ import traceback
 from typing import List, Optional, Sequence
 
 from sp_core import settings
-from sp_core.app import console
+from sp_core.app import console, interrupts
 from sp_core.app.errors import EngineUnavailable, NonFiniteError, UsageError
 from sp_core.models import ModelError
 
 DTYPES = ("float32", "bfloat16")
 EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NONFINITE, EXIT_RANK = 1, 2, 3, 4, 5
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal
 _EXIT_BY_ERROR = {"ModelError": EXIT_USAGE, "UsageError": EXIT_USAGE, "EngineUnavailable": EXIT_UNAVAILABLE,
                   "NonFiniteError": EXIT_NONFINITE}
 MAX_CPU_RANKS_ENV = "SP_CORE_MAX_CPU_RANKS"
@@ -291,6 +292,23 @@ def cmd_verify(args) -> int:
     return verify.main(args)
 
 
+def check_step_fits(cfg, tp: int, sp: bool, micro_batch_size: int, seq_length: int) -> None:
+    """A training step that cannot fit in memory is refused before the ranks start (one line, exit 2; before:
+    the allocator failed inside a rank after the model was built). The bound is a lower one -- what any step
+    must hold on a rank at once, in 16-bit: every layer's input saved for backward (1/t of it with SP) and the
+    logits (1/t of the vocabulary) -- so a step refused here could never run; one accepted may still need more."""
+    from sp_core.mpu import platform
+
+    tokens = micro_batch_size * seq_length
+    per_token = 2 * (cfg.num_hidden_layers * cfg.hidden_size // (tp if sp else 1) + -(-cfg.vocab_size // tp))
+    have, what = platform.memory_per_rank(tp)
+    if tokens * per_token > have:
+        raise UsageError(f"--micro-batch-size {micro_batch_size} x --seq-length {seq_length} = {tokens} tokens a "
+                         f"step need at least {tokens * per_token / 2**30:.3g} GiB per rank (each layer's input and "
+                         f"the logits), more than the {have / 2**30:.3g} GiB here ({what}); use a smaller "
+                         f"--micro-batch-size")
+
+
 def cmd_train(args) -> int:
     from sp_core.app import engines
 
@@ -303,6 +321,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")
     sp = _sp(args)
+    check_step_fits(cfg, args.tp, sp, args.micro_batch_size, args.seq_length)
     console.announce("train")
     console.say(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
                 f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
@@ -321,7 +340,13 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    interrupts.stop_all()  # helper processes that cannot answer now (an engine host): killed at once
     raise _Terminated()
+
+
+def _on_sigint(signum, frame):
+    interrupts.stop_all()
+    raise KeyboardInterrupt()
 
 
 def _run(args) -> int:
@@ -351,9 +376,9 @@ def _run(args) -> int:
                                    f"{(err.error_message.splitlines() or [''])[0][:300]}{where}")
         return fail(EXIT_RANK, str(err))
     except KeyboardInterrupt:
-        return fail(130, "interrupted")
+        return fail(EXIT_SIGINT, "interrupted")
     except _Terminated:
-        return fail(143, "terminated (SIGTERM); ranks stopped")
+        return fail(EXIT_SIGTERM, "terminated (SIGTERM); ranks stopped")
     except Exception as err:  # noqa: BLE001 - a bug: one line here, the traceback in the log
         traceback.print_exc()
         where = f"; traceback in {console.log_path()}" if console.log_path() else ""
@@ -377,17 +402,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"sp-core {args.command}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    previous = None
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread
         pass
     try:
         with console.quiet(args.command, args.verbose):
-            return _run(args)
+            code = _run(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if argv is None and code in (EXIT_SIGINT, EXIT_SIGTERM):  # the program itself (not a caller's main([...]))
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """After an interruption: the exit hooks (helper processes reaped, files closed), then the exit itself,
+    without the interpreter's teardown of its modules (seconds with torch loaded, on a busy machine)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -392,8 +392,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
     partial = None
     if writer:
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=os.path.dirname(out_dir))
-        _remove_on_abort(partial)
+        partial = _new_partial_dir(out_dir)
     written, pending, current, bad = [], {}, None, []
 
     def flush():
@@ -438,10 +437,10 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
         raise
 
 
-def _remove_on_abort(path: str) -> None:
-    from sp_core.procs.launch import remove_on_abort
+def _new_partial_dir(out_dir: str) -> str:
+    from sp_core.procs.launch import new_partial_dir
 
-    remove_on_abort(path)
+    return new_partial_dir(out_dir)
 
 
 def _replace_dir(new: str, target: str) -> None:

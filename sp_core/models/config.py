@@ -129,10 +129,7 @@ class ModelConfig:
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
             raise ModelError(f"config.json: rope_theta must be a positive number, got {theta!r}")
-        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        if rope_scaling is not None and rope_scaling.get("factor") is None and "original_max_position_embeddings" in rope:
-            # DeepSeek-V3-style configs may leave the factor to max / original context (as transformers does)
-            rope_scaling["factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
+        rope_scaling = _checked_rope_scaling(hf, rope)
         heads = hf["num_attention_heads"]
         deepseek = _deepseek_fields(hf, rope_scaling) if arch in DEEPSEEK_ARCHITECTURES else {}
         fields = dict(
@@ -262,6 +259,49 @@ def _check_types(hf: dict) -> None:
     if hf.get("head_dim") is None and hf["hidden_size"] % hf["num_attention_heads"]:
         raise ModelError(f"config.json: hidden_size ({hf['hidden_size']}) is not a multiple of num_attention_heads "
                          f"({hf['num_attention_heads']}) and there is no head_dim")
+
+
+# The keys each rope type of sp_core.layers.rotary reads, by what each must be when present ("factor" is
+# required, as transformers requires it; YaRN may derive it): {rope type: {key: (ok, what)}}
+_FACTOR = {"factor": (_positive_number, "a positive number")}
+_NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number")
+_ROPE_KEYS = {
+    "default": {},
+    "linear": _FACTOR,
+    "dynamic": _FACTOR,
+    "yarn": dict(_FACTOR, original_max_position_embeddings=(_positive_int, "a positive integer"),
+                 attention_factor=(_positive_number, "a positive number"), beta_fast=_NUMBER, beta_slow=_NUMBER,
+                 mscale=_NUMBER, mscale_all_dim=_NUMBER, truncate=(lambda v: isinstance(v, bool), "true or false")),
+}
+
+
+def _checked_rope_scaling(hf: dict, rope: dict) -> Optional[dict]:
+    """The rope scaling dict (None for plain RoPE) of ``rope`` (config.json's rope_parameters or rope_scaling,
+    rope_theta removed), with one line naming a rope type that is not supported, or the first key its type
+    reads that is of the wrong type or missing."""
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in _ROPE_KEYS:
+        raise ModelError(f"config.json: {where} rope_type {rope_type!r} is not supported; supported: "
+                         f"{', '.join(_ROPE_KEYS)}")
+    if rope_type == "default":
+        return None
+    for key, (ok, what) in _ROPE_KEYS[rope_type].items():
+        if rope.get(key) is not None and not ok(rope[key]):
+            raise ModelError(f"config.json: {where} \"{key}\" must be {what} for rope_type {rope_type!r}, "
+                             f"got {rope[key]!r}")
+    needs = '"factor" (a positive number)'
+    if rope_type == "yarn":  # as transformers: the original context defaults to max_position_embeddings, and
+        # DeepSeek-V3-style configs may leave the factor to max / original context
+        longest = hf.get("max_position_embeddings", 32768)
+        if rope.get("original_max_position_embeddings") is None:
+            rope["original_max_position_embeddings"] = longest
+        elif rope.get("factor") is None:
+            rope["factor"] = longest / rope["original_max_position_embeddings"]
+        needs += ' or "original_max_position_embeddings" (a positive integer; factor = max_position_embeddings / it)'
+    if rope.get("factor") is None:
+        raise ModelError(f"config.json: {where} of rope_type {rope_type!r} has no \"factor\"; {rope_type} needs {needs}")
+    return rope
 
 
 # DeepSeek's own keys, by what each must be when present (null: the architecture's default; q_lora_rank null:

@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 TEXT_BYTES = 160
+PATHS_BYTES = 4096  # per rank: the partial outputs it registered (launch.remove_on_abort), one a line
 
 
 class Board:
@@ -20,6 +21,7 @@ class Board:
     def __init__(self, ctx, world: int):
         self.texts = ctx.RawArray(ctypes.c_char, world * TEXT_BYTES)
         self.since = ctx.RawArray(ctypes.c_double, world)
+        self.paths = ctx.RawArray(ctypes.c_char, world * PATHS_BYTES)
 
     def text(self, rank: int) -> str:
         raw = bytes(self.texts[rank * TEXT_BYTES:(rank + 1) * TEXT_BYTES])
@@ -30,6 +32,11 @@ class Board:
 
     def waiting_since(self, rank: int) -> float:
         return self.since[rank]
+
+    def partial_paths(self, rank: int) -> list:
+        """What ``rank`` registered to be removed if the run is aborted (launch.remove_on_abort)."""
+        raw = bytes(self.paths[rank * PATHS_BYTES:(rank + 1) * PATHS_BYTES])
+        return [p for p in raw.split(b"\0", 1)[0].decode(errors="replace").split("\n") if p]
 
 
 _BOARD: Optional[Board] = None
@@ -50,6 +57,18 @@ def doing(text: str) -> None:
     # memmove, not slice assignment: this runs around every collective, and a ctypes slice store costs
     # as much as a small kernel launch
     ctypes.memmove(ctypes.addressof(_BOARD.texts) + _RANK * TEXT_BYTES, data, len(data))
+
+
+def note_partial_paths(paths) -> bool:
+    """Record this rank's partial outputs where the parent reads them even after killing the rank (a
+    synchronous write to shared memory, no message that a SIGKILL could cut short). False if they do not fit."""
+    if _BOARD is None:
+        return False
+    data = "\n".join(paths).encode() + b"\0"
+    if len(data) > PATHS_BYTES:
+        return False
+    ctypes.memmove(ctypes.addressof(_BOARD.paths) + _RANK * PATHS_BYTES, data, len(data))
+    return True
 
 
 def enter_collective(op: str, shape=None) -> None:

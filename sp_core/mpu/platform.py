@@ -68,6 +68,19 @@ def set_device(local_rank: int) -> torch.device:
     return local_device(local_rank)
 
 
+def memory_per_rank(world: int) -> tuple:
+    """(bytes, what they are) one of ``world`` local ranks can hold at most: its device's memory (read without
+    making a context: nothing is allocated), or on a CPU machine its share of the physical memory."""
+    import os
+
+    kind = device_type()
+    if kind == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory, "device memory"
+    if kind == "npu":
+        return torch.npu.get_device_properties(0).total_memory, "device memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world, f"1/{world} of the physical memory"
+
+
 def synchronize() -> None:
     kind = device_type()
     if kind == "cuda":

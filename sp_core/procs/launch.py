@@ -68,8 +68,28 @@ def progress(line: str) -> None:
 
 
 def remove_on_abort(path: str) -> None:
-    """In a rank: remove ``path`` (a partial output) if the launching process dies before the rank ends."""
+    """In a rank: remove ``path`` (a partial output) if the run is aborted before the rank ends: by the rank
+    itself if the launching process dies, by the launching process if it stops the ranks (a signal, another
+    rank's failure), which kills them with no chance to clean up. Register before creating ``path``: a rank
+    killed right after creating it then leaves nothing the launcher does not know of."""
     _ABORT_PATHS.append(path)
+    activity.note_partial_paths(_ABORT_PATHS)
+
+
+def new_partial_dir(target: str) -> str:
+    """A new empty directory next to ``target`` for writing it atomically (``.NAME.partial-PID-XXXXXXXX``),
+    registered with ``remove_on_abort`` before it exists."""
+    import secrets
+
+    parent, name = os.path.dirname(os.path.abspath(target)), os.path.basename(os.path.abspath(target))
+    while True:
+        path = os.path.join(parent, f".{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        remove_on_abort(path)  # a name taken already belongs to a dead process with this pid: stale too
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _die_with(parent_pid: int) -> None:
@@ -255,4 +275,8 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
         for p in procs:
             if p.pid is not None:
                 p.join()
+        if not finished:  # killed ranks cannot remove their partial outputs: do it for them
+            for rank in range(world):
+                for path in board.partial_paths(rank):
+                    shutil.rmtree(path, ignore_errors=True)
     return [outputs[r] for r in range(world)]

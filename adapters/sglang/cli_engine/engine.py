@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -213,7 +212,7 @@ def _serve(key, model_dir: str, tp: int, sequence_parallel: bool, dtype: torch.d
     # SP at tp 1 is a no-op in sp_core; sglang would reject the flag. Reusing: started with SP allowed, so
     # that the same engine serves SP off and on. Min tokens 0: tiny prompts run SP too.
     allow_sp = tp > 1 and (sequence_parallel or _REUSING)
-    log_dir = tempfile.mkdtemp(prefix="sp-core-sglang-")
+    log_dir = engine_process.scratch_dir()  # removed however this process ends (kill -9 included)
     try:
         with _collective_log(os.path.join(log_dir, "collectives.log")):
             engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, dtype=ENGINE_DTYPES[dtype],

@@ -11,21 +11,29 @@ use, reused for later engines (it imports sglang once), ended at exit or when it
 The host leads a process group of its own, which sglang's processes (schedulers, detokenizer) join when it
 spawns them. Ending the host ends that group: at the caller's exit (``close``, also after Ctrl-C or SIGTERM
 in the middle of an engine start, when the host cannot answer) and, from a watchdog thread in the host,
-as soon as the caller is gone (killed outright), so that no sglang process outlives the command.
+as soon as the caller is gone (killed outright), so that no sglang process outlives the command. On SIGTERM
+or SIGINT the command's handler ends the group at once (``abort``, through ``sp_core.app.interrupts``): a host
+busy starting an engine or serving a request cannot answer a close. An engine's scratch directory
+(``scratch_dir``) carries its caller's pid: the host removes it when the caller is killed outright, and the
+next one made removes those whose owner is gone.
 """
 from __future__ import annotations
 
 import atexit
+import glob
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
 from sp_core import settings
+from sp_core.app import interrupts
 
 CALL_TIMEOUT = settings.current().engine_timeout
 CLOSE_GRACE = 10.0  # seconds an idle host gets to shut its engines down before its process group is killed
@@ -51,10 +59,13 @@ class RemoteEngine:
     def shutdown(self) -> None:
         if self._id is not None:
             engine_id, self._id = self._id, None
-            self._host.request("shutdown", engine_id)
+            if not self._host.aborted:  # an aborted host took its engines along
+                self._host.request("shutdown", engine_id)
 
 
 class _Host:
+    aborted = False
+
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
         self._conn, child_end = ctx.Pipe()
@@ -104,6 +115,15 @@ class _Host:
         self.process.join()
         self._conn.close()
 
+    def abort(self) -> None:
+        """The command was interrupted: end the host and sglang's processes now (SIGKILL to its process
+        group), with no grace -- a host busy starting an engine or serving a request would not answer."""
+        self.aborted = True
+        _kill_group(self.process.pid)
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=1)
+
 
 def _kill_group(pgid: int) -> None:
     """SIGKILL to the host's process group (what is left of it: sglang's workers end with the host)."""
@@ -124,6 +144,16 @@ def host() -> _Host:
             atexit.register(close)  # before multiprocessing's own exit hook joins its children
         _HOST = _Host()
     return _HOST
+
+
+def abort() -> None:
+    """End the engine host and every sglang process at once (the command's SIGTERM / SIGINT handler calls it
+    through ``sp_core.app.interrupts``); a later ``close`` only reaps."""
+    if _HOST is not None:
+        _HOST.abort()
+
+
+interrupts.on_interrupt(abort)
 
 
 def close() -> None:
@@ -147,6 +177,44 @@ def warm_up() -> None:
     host()
 
 
+SCRATCH_PREFIX = "sp-core-sglang-"
+
+
+def scratch_dir() -> str:
+    """A new directory for an engine's files (its workers' collective log), ``<tmp>/sp-core-sglang-PID-XXXX``
+    for this process: the engine host removes those of its caller if the caller dies outright (kill -9), and
+    each new one first removes those whose owner is gone (the host may have died with it)."""
+    reap_scratch()
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def _scratch_dirs() -> Dict[str, int]:
+    """Engine scratch directories under <tmp> -> the pid that made them."""
+    found = {}
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), SCRATCH_PREFIX + "*-*")):
+        owner = os.path.basename(path)[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and os.path.isdir(path):
+            found[path] = int(owner)
+    return found
+
+
+def _remove_scratch_of(pid: int) -> None:
+    for path, owner in _scratch_dirs().items():
+        if owner == pid:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_scratch() -> None:
+    """Remove the engine scratch directories whose owner process is gone."""
+    for path, owner in _scratch_dirs().items():
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def call(fn: Callable, *args) -> Any:
     """``fn(*args)`` in the engine host (where sglang is imported and set up for this platform)."""
     return host().request("call", fn, args)
@@ -168,6 +236,7 @@ def _end_with_caller(caller_pid: int) -> None:
     group at once -- an engine start in progress would otherwise leave sglang's processes running."""
     while os.getppid() == caller_pid:
         time.sleep(0.5)
+    _remove_scratch_of(caller_pid)  # the caller cannot any more
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
