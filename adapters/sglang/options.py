@@ -65,17 +65,30 @@ def check_deepseek_options(server_args, previous) -> None:
                          f"unset it or serve without SP_CORE_SGLANG=1")
 
 
-def serve_dsa_through_the_adapter(server_args, previous) -> None:
-    """A V3.2 checkpoint: ``index_topk`` moved out of sglang's DSA detection (see the module docstring)."""
-    previous(server_args)
+def _checkpoint_config(server_args):
+    """(sglang's resolving view of the server arguments, the checkpoint's config.json as a dict, or None where
+    it cannot be read: sglang's own steps report that)."""
     from sglang.srt.arg_groups.model_override_base import resolving_view
-    from sglang.srt.arg_groups.overrides import declare_resolution
     from transformers import PretrainedConfig
 
     view = resolving_view(server_args)
     try:
-        hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
-    except (OSError, ValueError):  # no readable config.json: sglang's own steps report it
+        return view, PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
+    except (OSError, ValueError):
+        return view, None
+
+
+def _declare(server_args, overrides: dict) -> None:
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
+
+
+def serve_dsa_through_the_adapter(server_args, previous) -> None:
+    """A V3.2 checkpoint: ``index_topk`` moved out of sglang's DSA detection (see the module docstring)."""
+    previous(server_args)
+    view, hf = _checkpoint_config(server_args)
+    if hf is None:
         return
     architectures = hf.get("architectures") or []
     if not architectures or architectures[0] != "DeepseekV32ForCausalLM" or hf.get("index_topk") is None:
@@ -87,23 +100,17 @@ def serve_dsa_through_the_adapter(server_args, previous) -> None:
         raise ValueError("sp_core's DeepseekV32ForCausalLM needs index_topk; do not override it to null")
     overrides[HIDDEN_INDEX_TOPK] = overrides.pop("index_topk", hf["index_topk"])
     overrides["index_topk"] = None
-    declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
+    _declare(server_args, overrides)
 
 
 def serve_fp8_through_the_adapter(server_args, previous) -> None:
     """An FP8 checkpoint of an architecture the adapter serves: ``quantization_config`` moved out of sglang's
     sight (see the module docstring); any other quantisation is left to sglang's checks and the model's refusal."""
     previous(server_args)
-    from sglang.srt.arg_groups.model_override_base import resolving_view
-    from sglang.srt.arg_groups.overrides import declare_resolution
-    from transformers import PretrainedConfig
-
     from sp_core.models.config import SUPPORTED_ARCHITECTURES
 
-    view = resolving_view(server_args)
-    try:
-        hf = PretrainedConfig.get_config_dict(view.model_path, revision=view.revision)[0]
-    except (OSError, ValueError):  # no readable config.json: sglang's own steps report it
+    view, hf = _checkpoint_config(server_args)
+    if hf is None:
         return
     quant = hf.get("quantization_config")
     architectures = hf.get("architectures") or []
@@ -115,7 +122,7 @@ def serve_fp8_through_the_adapter(server_args, previous) -> None:
         return
     overrides[HIDDEN_QUANTIZATION] = overrides.pop("quantization_config", quant)
     overrides["quantization_config"] = None
-    declare_resolution(server_args, "sp_core_sglang.options", json_model_override_args=json.dumps(overrides))
+    _declare(server_args, overrides)
 
 
 _registered = False
