@@ -311,3 +311,16 @@ def test_yarn_without_original_context_takes_max_position_embeddings():
     assert ModelConfig.from_dict(raw).rope_scaling["original_max_position_embeddings"] == 256
     raw["rope_parameters"].update(original_max_position_embeddings=32, factor=None)
     assert ModelConfig.from_dict(raw).rope_scaling["factor"] == 8.0
+
+
+def test_verify_refuses_a_bad_tp_before_keep_gets_anything(tmp_path, capsys):
+    """``verify --tp 3 --keep DIR`` wrote the six embedded checkpoints into DIR before refusing the tp; and verify's
+    --keep refusals suggested a --force that verify does not take."""
+    keep = tmp_path / "kept"
+    code, err, _ = _run(capsys, ["verify", "--tp", "3", "--keep", str(keep)])
+    assert code == 2 and len(err) == 1 and "the embedded qwen2 checkpoint: " in err[0] and "tp 3" in err[0], err
+    assert not keep.exists(), sorted(p.name for p in keep.iterdir())
+    keep.mkdir()
+    (keep / "old").write_text("x")
+    code, err, _ = _run(capsys, ["verify", "--tp", "1", "--keep", str(keep)])
+    assert code == 2 and len(err) == 1 and "is not empty" in err[0] and "--force" not in err[0], err

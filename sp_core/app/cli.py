@@ -214,17 +214,18 @@ def check_output_file(path: str, flag: str, inputs: Sequence[str] = (), model_di
                          f"join the checkpoint); choose another path (or --force)")
 
 
-def check_output_dir(path: str, flag: str, model_dir: Optional[str] = None, force: bool = False) -> None:
+def check_output_dir(path: str, flag: str, model_dir: Optional[str] = None, force: Optional[bool] = False) -> None:
+    """``force``: the command's --force (None where the command has none: the message then names no such flag)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file; expected a directory path")
     _check_parent(path, flag)
     if force:
         return
+    hint = "" if force is None else " (or --force to replace it)"
     if model_dir and (_inside(path, model_dir) or _inside(model_dir, path)):
-        raise UsageError(f"{flag} {path} overlaps the input checkpoint {model_dir}; choose a new directory "
-                         f"(or --force to replace it)")
+        raise UsageError(f"{flag} {path} overlaps the input checkpoint {model_dir}; choose a new directory{hint}")
     if os.path.isdir(path) and os.listdir(path):
-        raise UsageError(f"{flag} {path} is not empty; choose a new directory (or --force to replace it)")
+        raise UsageError(f"{flag} {path} is not empty; choose a new directory{hint}")
 
 
 def _save_atomic(tensors: dict, path: str) -> None:
@@ -288,7 +289,7 @@ def cmd_verify(args) -> int:
     if args.json:
         check_output_file(args.json, "--json", model_dir=args.model)
     if args.keep:
-        check_output_dir(args.keep, "--keep")
+        check_output_dir(args.keep, "--keep", force=None)  # verify has no --force
     return verify.main(args)
 
 

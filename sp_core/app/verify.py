@@ -463,6 +463,20 @@ def _check_reference_available() -> None:
                                 f"pip install 'sp-core[verify]'") from None
 
 
+def check_default_models(tps) -> None:
+    """Each embedded checkpoint's config splits over every tp asked for (ModelError naming it otherwise)."""
+    from sp_core.app.tiny import hf_config
+    from sp_core.models import ModelConfig
+
+    for name in DEFAULT_MODELS:
+        config = ModelConfig.from_dict(hf_config(name).to_dict())
+        for tp in tps:
+            try:
+                config.check_tp(tp)
+            except ModelError as err:
+                raise ModelError(f"the embedded {name} checkpoint: {err}") from None
+
+
 def main(args) -> int:
     _check_reference_available()
     default_matrix = args.tp is None
@@ -470,6 +484,8 @@ def main(args) -> int:
     if args.model:  # bad input first: before the engines' frameworks are imported
         for tp in tps:
             engines.check_model(args.model, tp)
+    else:
+        check_default_models(tps)  # bad input before --keep gets a directory or a checkpoint
     usable, unavailable = check_engines(args.engines)
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
