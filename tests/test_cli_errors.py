@@ -179,7 +179,7 @@ def test_missing_reference_framework_is_one_line_exit_3(monkeypatch, capsys):
     assert code == 3 and len(err) == 1 and "pip install 'sp-core[verify]'" in err[0], err
 
 
-@pytest.mark.parametrize("engine", ["core", "megatron"])
+@pytest.mark.parametrize("engine", ["core", "megatron", "sglang", "train"])
 def test_nan_in_a_routed_expert_is_exit_2_at_load(tmp_path, capsys, engine):
     """A NaN in one routed expert (per-expert tensors; the fused form for the core) fails the load with one
     line, exit 2, and no file, whatever the prompts route to (before: exit 4 when a prompt reached the
@@ -203,8 +203,9 @@ def test_nan_in_a_routed_expert_is_exit_2_at_load(tmp_path, capsys, engine):
     for form, path, tensor in [("per expert", model, "model.layers.1.mlp.experts.7.down_proj.weight"),
                                ("fused", fused, "model.layers.1.mlp.experts.down_proj")][: 2 if engine == "core" else 1]:
         out = tmp_path / f"{engine}-{form}.safetensors"
-        code, err, _ = _run(capsys, ["logits", "--model", path, "--prompts", str(prompts), "--out", str(out),
-                                     "--engine", engine])
+        argv = (["train", "--model", path, "--out", str(out), "--tp", "2"] if engine == "train" else
+                ["logits", "--model", path, "--prompts", str(prompts), "--out", str(out), "--engine", engine])
+        code, err, _ = _run(capsys, argv)
         assert code == 2 and err[-1].endswith(f"checkpoint tensor {tensor} contains NaN or inf"), (form, err)
         assert not out.exists()
 

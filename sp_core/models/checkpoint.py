@@ -136,6 +136,16 @@ def iter_hf_tensors(model_dir: str) -> Iterator[Tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def check_finite_weights(model_dir: str) -> None:
+    """Every floating-point tensor of the checkpoint is finite (ModelError naming the first that is not): for an
+    engine whose own workers load the weights, checked before they start. Reads the checkpoint once, a tensor at
+    a time (FP8 values as they are stored: NaN is a value of e4m3)."""
+    for name, tensor in iter_hf_tensors(model_dir):
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float() if tensor.element_size() == 1
+                                                            else tensor).all():
+            raise ModelError(f"checkpoint tensor {name} contains NaN or inf")
+
+
 def _tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """Parameters and persistent buffers by name, routed experts excluded (the MoE layer loads those)."""
     return {name: t for name, t in model.state_dict(keep_vars=True).items() if _EXPERTS not in f".{name}"}

@@ -20,6 +20,7 @@ import torch
 from sp_core.app.engines import EngineUnavailable, check_model
 from sp_core.app.prompts import check_prompts
 from sp_core.models import ModelError
+from sp_core.models.checkpoint import check_finite_weights
 from sp_core.mpu import platform
 from sp_core_sglang import control, plugin
 from sp_core_sglang.cli_engine import cpu_backend, cpu_env, engine_process
@@ -264,6 +265,7 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
     At tp > 1 the workers' collectives are checked: SP ran exactly where asked (``check_sequence_parallel_ran``)."""
     global _KEPT
     cfg = check_model(model_dir, tp, moe_parallel)  # the core's checkpoint check, before sglang's workers can fail on it
+    check_finite_weights(model_dir)  # sglang's workers would refuse it only inside an engine start (exit 1 there)
     check_prompts(prompts, cfg.vocab_size)
     cfg.check_prompt_lengths(prompts)
     if dtype not in ENGINE_DTYPES:
