@@ -24,6 +24,13 @@ TINY = {
     "qwen3": dict(arch="Qwen3ForCausalLM", vocab_size=101, hidden_size=48, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=20,
                   tie_word_embeddings=False),
+    # Qwen3-MoE: Qwen3's awkward attention shapes (vocab not divisible by 2 or 4, one KV head, head_dim !=
+    # hidden / heads); layers sparse, dense (mlp_only_layers), sparse; 8 experts (t = 2, 4 hold whole experts
+    # in expert-parallel mode), moe_intermediate_size divisible by 4, renormalised top-3 routing
+    "qwen3-moe": dict(arch="Qwen3MoeForCausalLM", vocab_size=101, hidden_size=48, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=20,
+                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False),
     # trainable at t = 4 (whole KV heads per rank)
     "qwen3-train": dict(arch="Qwen3ForCausalLM", vocab_size=90, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=12,
