@@ -1,9 +1,12 @@
-"""Qwen3-MoE in the core against transformers' own Qwen3MoeForCausalLM (float32, CPU, gloo).
+"""Qwen3-MoE and Qwen2-MoE in the core against transformers' own Qwen3MoeForCausalLM / Qwen2MoeForCausalLM
+(float32, CPU, gloo).
 
 Checkpoints: the tiny ``qwen3-moe`` preset (vocab 101: not divisible by 2 or 4; one KV head < t; head_dim
 != hidden / heads; q/k norm; 8 experts, top-3 renormalised; layers sparse, dense (mlp_only_layers), sparse)
 and ``odd``: the same with 6 experts (not divisible by 4: TP-sharded experts at t = 4, whole experts at
-t <= 2) and 4 layers, decoder_sparse_step 2 with mlp_only_layers [3] (dense, sparse, dense, dense).
+t <= 2) and 4 layers, decoder_sparse_step 2 with mlp_only_layers [3] (dense, sparse, dense, dense); the
+tiny ``qwen2-moe`` preset (qkv bias, tied embeddings, a sigmoid-gated shared expert of its own width 24,
+top-2 not renormalised; layers dense, sparse, sparse) and ``qwen2-odd`` (its ``odd`` counterpart).
 One rank launch per tp size (1, 2, 4) computes log-probabilities and gradients of every checkpoint x SP
 on/off x MoE mode, and the negative controls; the tests below check the results.
 """
@@ -23,11 +26,14 @@ from support.multirank import launches_per_tp
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # a packed ragged batch with a 1-token prompt
 ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only SP padding
 ODD = dict(num_experts=6, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])
-CHECKPOINTS = ("qwen3-moe", "odd")
+CHECKPOINTS = ("qwen3-moe", "odd", "qwen2-moe", "qwen2-odd")
+PRESET = {"qwen3-moe": "qwen3-moe", "odd": "qwen3-moe", "qwen2-moe": "qwen2-moe", "qwen2-odd": "qwen2-moe"}
+SPARSE_LAYERS = {"qwen3-moe": (0, 2), "odd": (1,), "qwen2-moe": (1, 2), "qwen2-odd": (1,)}
 ROUTER = "model.layers.{}.mlp.gate.weight"
+SHARED_GATE = "model.layers.{}.mlp.shared_expert_gate.weight"
 
 
-EXPERTS = {"qwen3-moe": 8, "odd": ODD["num_experts"]}
+EXPERTS = {"qwen3-moe": 8, "odd": ODD["num_experts"], "qwen2-moe": 8, "qwen2-odd": ODD["num_experts"]}
 
 
 def _modes(name, tp):
@@ -38,8 +44,8 @@ def _modes(name, tp):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3moe")
-    return {"qwen3-moe": make_checkpoint("qwen3-moe", str(root / "qwen3-moe")),
-            "odd": make_checkpoint("qwen3-moe", str(root / "odd"), **ODD)}
+    return {name: make_checkpoint(PRESET[name], str(root / name), **(ODD if "odd" in name else {}))
+            for name in CHECKPOINTS}
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +74,18 @@ def _rank(dirs, tp):
     if tp == 1:
         remake(sequence_parallel=False)
         out["unnormalised"] = prompt_logprobs(_without_renormalisation(load_model(dirs["qwen3-moe"])), RAGGED)
-    if tp == 2:  # the gradient rule's control: the router's SP tag dropped, its gradient is never summed
+    if tp == 2:  # the gradient rule's control: the router's (and shared expert gate's) SP tag dropped, their
+        # gradients are never summed
         remake(sequence_parallel=True)
-        model = load_model(dirs["qwen3-moe"])
-        for module in model.modules():
-            if hasattr(module, "load_expert_tensor"):
-                module.gate.weight.sequence_parallel = False
-        out["router_unsummed"] = core_lm_gradients(model, RAGGED)
+        for name in ("qwen3-moe", "qwen2-moe"):
+            for mode in ("tp", "ep"):
+                model = load_model(dirs[name], moe_parallel=mode)
+                for module in model.modules():
+                    if hasattr(module, "load_expert_tensor"):
+                        module.gate.weight.sequence_parallel = False
+                        if module.shared_expert_gate is not None:
+                            module.shared_expert_gate.weight.sequence_parallel = False
+                out["unsummed", name, mode] = core_lm_gradients(model, RAGGED)
     return out
 
 
@@ -91,6 +102,11 @@ def test_config_layer_types_and_routing(dirs):
                                                                                   False, 20)
     odd = ModelConfig.from_pretrained(dirs["odd"])
     assert odd.layer_types == ("dense", "sparse", "dense", "dense") and odd.moe.n_routed_experts == 6
+    q2 = ModelConfig.from_pretrained(dirs["qwen2-moe"])
+    assert q2.layer_types == ("dense", "sparse", "sparse")
+    assert (q2.moe.n_routed_experts, q2.moe.num_experts_per_tok, q2.moe.norm_topk_prob, q2.moe.shared_size,
+            q2.moe.shared_expert_gate, q2.qkv_bias, q2.qk_norm) == (8, 2, False, 24, True, True, False)
+    assert ModelConfig.from_pretrained(dirs["qwen2-odd"]).layer_types == ("dense", "sparse", "dense", "dense")
 
 
 BAD_CONFIG = [  # (key, value, what the one line says); the preset's config.json has num_local_experts 8
@@ -105,6 +121,8 @@ BAD_CONFIG = [  # (key, value, what the one line says); the preset's config.json
     ("mlp_only_layers", 1, '"mlp_only_layers" must be a list of layer indices in [0, 3)'),
     ("mlp_only_layers", [3], '"mlp_only_layers" must be a list of layer indices in [0, 3)'),
     ("mlp_only_layers", [True], '"mlp_only_layers" must be a list of layer indices in [0, 3)'),
+    ("shared_expert_intermediate_size", 0, '"shared_expert_intermediate_size" must be a positive integer or null'),
+    ("qkv_bias", "yes", '"qkv_bias" must be true or false'),
 ]
 
 
@@ -161,8 +179,8 @@ def test_gradients_equal_tp1(runs, tp):
     for (name, sp, mode), grads in got.items():
         ref = base[name, False, "tp"]
         assert grads.keys() == ref.keys()
-        routers = [k for k in ref if k.endswith("mlp.gate.weight")]
-        assert len(routers) == 2 if name == "qwen3-moe" else len(routers) == 1
+        routers = [k for k in ref if k.endswith(("mlp.gate.weight", "mlp.shared_expert_gate.weight"))]
+        assert len(routers) == len(SPARSE_LAYERS[name]) * (2 if "qwen2" in name else 1), routers
         for key in routers:
             assert ref[key].abs().max() > 0, f"{key}: zero gradient at t=1 (a check that cannot fail)"
         for key in ref:
@@ -191,8 +209,12 @@ def test_negative_control_norm_topk_prob_ignored(runs, refs):
 def test_negative_control_router_gradient_not_summed(runs):
     """The gradient rule: under SP the router sees this rank's token shard, so its gradient must be summed
     over TP once; without its sequence_parallel tag it is rank 0's partial and differs from tp 1."""
-    base, got = runs(1)["grads"]["qwen3-moe", False, "tp"], runs(2)["router_unsummed"]
-    for layer in (0, 2):
-        key = ROUTER.format(layer)
-        assert rel(got[key], base[key]) > 1e-2, f"{key}: unsummed router gradient not caught"
-    assert rel(runs(2)["grads"]["qwen3-moe", True, "tp"][ROUTER.format(0)], base[ROUTER.format(0)]) <= 1e-5
+    for name in ("qwen3-moe", "qwen2-moe"):
+        base = runs(1)["grads"][name, False, "tp"]
+        for mode in ("tp", "ep"):
+            got, right = runs(2)["unsummed", name, mode], runs(2)["grads"][name, True, mode]
+            for layer in SPARSE_LAYERS[name]:
+                keys = [ROUTER.format(layer)] + ([SHARED_GATE.format(layer)] if "qwen2" in name else [])
+                for key in keys:
+                    assert rel(got[key], base[key]) > 1e-2, f"{name} moe={mode} {key}: unsummed gradient not caught"
+                    assert rel(right[key], base[key]) <= 1e-5

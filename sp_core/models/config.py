@@ -1,6 +1,7 @@
 """The model config, normalised from a Hugging Face ``config.json``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
-QWEN_MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+QWEN_MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + QWEN_MOE_ARCHITECTURES + DEEPSEEK_ARCHITECTURES
 MOE_PARALLEL_MODES = ("tp", "ep")
 
@@ -53,8 +54,9 @@ class IndexerConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """The mixture of experts of DeepSeek (the layers from ``first_k_dense_replace`` on) and of Qwen3-MoE
-    (the layers ``decoder_sparse_step`` and ``mlp_only_layers`` pick; no shared experts, softmax routing)."""
+    """The mixture of experts of DeepSeek (the layers from ``first_k_dense_replace`` on) and of Qwen2-MoE /
+    Qwen3-MoE (the layers ``decoder_sparse_step`` and ``mlp_only_layers`` pick; softmax routing; Qwen2-MoE: one
+    gated shared expert of its own width, Qwen3-MoE: none)."""
 
     n_routed_experts: int
     num_experts_per_tok: int
@@ -68,6 +70,16 @@ class MoEConfig:
     topk_group: int
     norm_topk_prob: bool
     routed_scaling_factor: float
+    # Qwen2-MoE: the shared expert's width (shared_expert_intermediate_size) and its sigmoid gate
+    shared_expert_intermediate_size: Optional[int] = None
+    shared_expert_gate: bool = False
+
+    @property
+    def shared_size(self) -> int:
+        """The shared experts' total intermediate size (0: none)."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.n_shared_experts
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -151,7 +163,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            # transformers' Qwen2MoeConfig: qkv_bias (default true) instead of attention_bias
+            qkv_bias=(arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False))
+                      or (arch == "Qwen2MoeForCausalLM" and hf.get("qkv_bias", True) is not False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hf=hf,
             moe_parallel=moe_parallel,
@@ -216,7 +230,7 @@ class ModelConfig:
                      if moe.n_routed_experts % tp == 0 else "use a tp that divides it")
             raise ModelError(f"--moe-parallel tp: tp {tp} does not divide moe_intermediate_size "
                              f"({moe.moe_intermediate_size}); {works}")
-        shared = moe.moe_intermediate_size * moe.n_shared_experts
+        shared = moe.shared_size
         if shared % tp:
             raise ModelError(f"tp {tp} does not divide the shared experts' intermediate size ({shared})")
 
@@ -408,14 +422,17 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
 
 
 # Qwen-MoE's own keys, by what each must be when present (null: transformers' default)
-_QWEN_MOE_POSITIVE_INTS = ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
-_QWEN_MOE_DEFAULTS = {  # transformers' Qwen3MoeConfig
+_QWEN_MOE_POSITIVE_INTS = ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                           "shared_expert_intermediate_size")
+_QWEN_MOE_DEFAULTS = {  # transformers' Qwen2MoeConfig / Qwen3MoeConfig
+    "Qwen2MoeForCausalLM": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                shared_expert_intermediate_size=5632),
     "Qwen3MoeForCausalLM": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
 
 
 def _qwen_moe_fields(hf: dict) -> dict:
-    """MoE config and layer types of a Qwen3-MoE config.json: layer i is MoE when it is not in
+    """MoE config and layer types of a Qwen2-MoE / Qwen3-MoE config.json: layer i is MoE when it is not in
     ``mlp_only_layers``, ``num_experts`` > 0 and ``decoder_sparse_step`` divides i + 1 (as transformers'
     decoder layer decides), a dense SwiGLU MLP of ``intermediate_size`` otherwise."""
     _refuse_wrong(hf, _QWEN_MOE_POSITIVE_INTS, _positive_int, "a positive integer or null")
@@ -448,6 +465,9 @@ def _qwen_moe_fields(hf: dict) -> dict:
         n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=0,
         moe_intermediate_size=get("moe_intermediate_size"), topk_method="softmax", n_group=1, topk_group=1,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), routed_scaling_factor=1.0)
+    if "shared_expert_intermediate_size" in defaults:  # Qwen2-MoE: one shared expert, sigmoid-gated
+        fields["moe"] = dataclasses.replace(fields["moe"], shared_expert_intermediate_size=get(
+            "shared_expert_intermediate_size"), shared_expert_gate=True)
     return fields
 
 

@@ -1,6 +1,6 @@
-"""Qwen2 / Qwen3 / Qwen3-MoE decoder stack. Single-device math; the layers' types decide how it is split.
+"""Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE decoder stack. Single-device math; the layers' types decide how it is split.
 
-Layer i: x + attn(norm(x)), then h + MLP(norm(h)): a dense SwiGLU MLP, or for Qwen3-MoE on the layers
+Layer i: x + attn(norm(x)), then h + MLP(norm(h)): a dense SwiGLU MLP, or for the MoE Qwens on the layers
 ``cfg.layer_types`` marks "sparse" (``decoder_sparse_step``, ``mlp_only_layers``) the core's MoE layer.
 """
 from __future__ import annotations
