@@ -21,7 +21,7 @@ from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.contexts import remake
 from support.gradients import core_lm_gradients, transformers_lm_gradients
-from support.multirank import launches_per_tp
+from support.multirank import launches_per_tp, saved_bytes_on_every_rank
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # a packed ragged batch with a 1-token prompt
 ONE_TOKEN = [[11]]  # T = 1 < t: ranks holding only SP padding
@@ -29,6 +29,7 @@ ODD = dict(num_experts=6, num_hidden_layers=4, decoder_sparse_step=2, mlp_only_l
 CHECKPOINTS = ("qwen3-moe", "odd", "qwen2-moe", "qwen2-odd")
 PRESET = {"qwen3-moe": "qwen3-moe", "odd": "qwen3-moe", "qwen2-moe": "qwen2-moe", "qwen2-odd": "qwen2-moe"}
 SPARSE_LAYERS = {"qwen3-moe": (0, 2), "odd": (1,), "qwen2-moe": (1, 2), "qwen2-odd": (1,)}
+MEMORY_TOKENS = 128
 ROUTER = "model.layers.{}.mlp.gate.weight"
 SHARED_GATE = "model.layers.{}.mlp.shared_expert_gate.weight"
 
@@ -44,8 +45,13 @@ def _modes(name, tp):
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3moe")
-    return {name: make_checkpoint(PRESET[name], str(root / name), **(ODD if "odd" in name else {}))
-            for name in CHECKPOINTS}
+    out = {name: make_checkpoint(PRESET[name], str(root / name), **(ODD if "odd" in name else {}))
+           for name in CHECKPOINTS}
+    # for the saved-bytes bound: whole KV heads per rank at t = 4 (fewer KV heads than t are replicated, and
+    # their keys and values are saved on every rank)
+    out.update({f"{name}-kv4": make_checkpoint(name, str(root / f"{name}-kv4"), num_key_value_heads=4)
+                for name in ("qwen3-moe", "qwen2-moe")})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +77,9 @@ def _rank(dirs, tp):
                 model = load_model(dirs[name], moe_parallel=mode)
                 out["logprobs"][name, sp, mode] = [prompt_logprobs(model, RAGGED), prompt_logprobs(model, ONE_TOKEN)]
                 out["grads"][name, sp, mode] = core_lm_gradients(model, RAGGED)
+    remake(sequence_parallel=tp > 1)  # mode -> layer type -> bytes one layer saves for backward, on each rank
+    out["saved_bytes"] = {(name, mode): saved_bytes_on_every_rank(dirs[f"{name}-kv4"], MEMORY_TOKENS, moe_parallel=mode)
+                          for name in ("qwen3-moe", "qwen2-moe") for mode in _modes(name, tp)}
     if tp == 1:
         remake(sequence_parallel=False)
         out["unnormalised"] = prompt_logprobs(_without_renormalisation(load_model(dirs["qwen3-moe"])), RAGGED)
@@ -218,3 +227,16 @@ def test_negative_control_router_gradient_not_summed(runs):
                 for key in keys:
                     assert rel(got[key], base[key]) > 1e-2, f"{name} moe={mode} {key}: unsummed gradient not caught"
                     assert rel(right[key], base[key]) <= 1e-5
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_saved_bytes_shrink_by_t(runs, tp):
+    """Bytes one dense / one MoE layer saves for backward per rank with SP <= 1.05 x (t = 1 bytes) / t (expert
+    parallelism: the mean over ranks, as a rank saves the rows routed to its own experts); the presets with 4
+    KV heads (``sp-core memory --measure`` measures both layer types of an MoE Qwen)."""
+    base, got = runs(1)["saved_bytes"], runs(tp)["saved_bytes"]
+    for (name, mode), by_kind in got.items():
+        assert set(by_kind) == {"dense", "sparse"}
+        for kind, per_rank in by_kind.items():
+            worst = (max(per_rank) if (kind, mode) != ("sparse", "ep") else sum(per_rank) / tp) / (base[name, "tp"][kind][0] / tp)
+            assert worst <= 1.05, f"{name} {kind} layer, moe={mode}, tp={tp}: saved bytes {worst:.3f} x (t=1 bytes)/t"

@@ -156,9 +156,7 @@ class MoE(torch.nn.Module):
 
     def _whole_shared(self, x: torch.Tensor) -> torch.Tensor:
         """The (gated) shared experts' complete output on ``x`` (replicated shared experts)."""
-        out = self.shared_experts(x)
-        gate = self._shared_gate(x)
-        return out if gate is None else gate * out
+        return self.shared_experts(x, scale=self._shared_gate(x))
 
     def _build_expert_parallel(self, hidden_size: int, shared_size: int, dtype) -> None:
         t, E = self.parallel.size, self.num_experts
@@ -235,8 +233,7 @@ class MoE(torch.nn.Module):
                 out = out + self._whole_shared(hidden[:held])
         else:
             if self.shared_experts is not None:
-                shared = self.shared_experts(x)
-                partial = partial + (shared if gate is None else gate * shared)
+                partial = partial + self.shared_experts(x, scale=gate)
             out = mpu.reduce_from_tp(partial, p)
         return _pad_rows(out, hidden.shape[0])
 
@@ -280,8 +277,7 @@ class MoE(torch.nn.Module):
         del y
         if shared is None:
             return out
-        h_shared = self.shared_experts.activate_and_down(h_shared)
-        return out + (gate[0][:num_tokens] * h_shared if gate else h_shared)
+        return out + self.shared_experts.activate_and_down(h_shared, scale=gate[0][:num_tokens] if gate else None)
 
     def _dispatch_replicated(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b), SP off, deterministic: each rank dispatches its SP share of the replicated tokens, as
