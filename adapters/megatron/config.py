@@ -70,7 +70,7 @@ def _moe_fields(cfg: ModelConfig) -> dict:
     moe = cfg.moe
     return dict(num_moe_experts=moe.n_routed_experts, moe_ffn_hidden_size=moe.moe_intermediate_size,
                 moe_router_topk=moe.num_experts_per_tok,
-                moe_shared_expert_intermediate_size=(moe.moe_intermediate_size * moe.n_shared_experts) or None,
+                moe_shared_expert_intermediate_size=moe.shared_size or None,
                 moe_layer_freq=[int(kind == "sparse") for kind in cfg.layer_types],
                 moe_router_score_function="sigmoid" if moe.topk_method == "noaux_tc" else "softmax")
 

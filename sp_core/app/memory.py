@@ -108,7 +108,8 @@ def _decoder_layers(cfg: ModelConfig) -> Dict[str, torch.nn.Module]:
     if cfg.mla is None:
         from sp_core.models.qwen import qwen_decoder_layer
 
-        return {"dense": qwen_decoder_layer(cfg, dtype=torch.bfloat16)}
+        return {kind: qwen_decoder_layer(cfg, dtype=torch.bfloat16, layer_type=kind)
+                for kind in dict.fromkeys(cfg.layer_types)}
     from sp_core.models.deepseek import DeepseekDecoderLayer
 
     return {kind: DeepseekDecoderLayer(cfg, kind, dtype=torch.bfloat16) for kind in dict.fromkeys(cfg.layer_types)}

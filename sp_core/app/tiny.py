@@ -24,6 +24,20 @@ TINY = {
     "qwen3": dict(arch="Qwen3ForCausalLM", vocab_size=101, hidden_size=48, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=20,
                   tie_word_embeddings=False),
+    # Qwen3-MoE: Qwen3's awkward attention shapes (vocab not divisible by 2 or 4, one KV head, head_dim !=
+    # hidden / heads); layers sparse, dense (mlp_only_layers), sparse; 8 experts (t = 2, 4 hold whole experts
+    # in expert-parallel mode), moe_intermediate_size divisible by 4, renormalised top-3 routing
+    "qwen3-moe": dict(arch="Qwen3MoeForCausalLM", vocab_size=101, hidden_size=48, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=20,
+                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False),
+    # Qwen2-MoE: Qwen2's attention (qkv bias, vocab not divisible by 2 or 4, fewer KV heads than t = 4, tied
+    # embeddings); layers dense (mlp_only_layers), sparse, sparse; 8 experts top-2 (not renormalised, as
+    # Qwen1.5-MoE), a sigmoid-gated shared expert of its own width (24: divisible by 4, != 16)
+    "qwen2-moe": dict(arch="Qwen2MoeForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0], tie_word_embeddings=True),
     # trainable at t = 4 (whole KV heads per rank)
     "qwen3-train": dict(arch="Qwen3ForCausalLM", vocab_size=90, hidden_size=32, intermediate_size=64,
                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=12,

@@ -84,9 +84,13 @@ class SharedExperts(torch.nn.Module):
         self.gate_up_proj = _Weight(2 * intermediate_size, hidden_size, dtype)
         self.down_proj = _Weight(hidden_size, intermediate_size, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate_and_down(F.linear(x, self.gate_up_proj.weight))
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.activate_and_down(F.linear(x, self.gate_up_proj.weight), scale)
 
-    def activate_and_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def activate_and_down(self, gate_up: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale`` [N, 1] (Qwen2-MoE's shared expert gate) multiplies each row's activation before the down
+        projection, as the routed experts' routing weights do: a sharded shared expert then saves its [N, I/t]
+        activation for the scale's gradient, never a [N, H] output."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        act = F.silu(gate) * up
+        return F.linear(act if scale is None else act * scale, self.down_proj.weight)

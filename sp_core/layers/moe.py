@@ -31,6 +31,11 @@ expert parameters, whose gradients are complete on the owner and reduced over ex
 ranks only), ``expert_parallel``, and ``tensor_model_parallel`` with ``partition_dim`` 0 (each TP rank
 holds its own block of experts, so a gradient norm counts them on every rank).
 
+Qwen2-MoE's shared expert (``shared_expert_gate=True``): one SwiGLU MLP of its own width, named
+``shared_expert``, whose output is scaled per token by sigmoid(``shared_expert_gate``(x)). The gate value is
+computed on the tokens the rank holds and travels like the routing weights (gathered with them in mode (a)
+under SP, f in mode (a) without SP), so its weight is tagged ``sequence_parallel`` like the router's.
+
 Checkpoints: ``load_expert_tensor`` / ``missing_expert_tensors`` / ``export_expert_tensors`` take and
 give the routed experts under their Hugging Face names relative to ``mlp.experts.``; the gate and the
 shared experts carry HF names and ``shards``, so the generic loader handles them.
@@ -114,21 +119,44 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 class MoE(torch.nn.Module):
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
                  num_experts_per_tok: int, n_shared_experts: Optional[int], router_config: RouterConfig,
-                 expert_parallel: bool, dtype: Optional[torch.dtype] = None):
+                 expert_parallel: bool, dtype: Optional[torch.dtype] = None,
+                 shared_intermediate_size: Optional[int] = None, shared_expert_gate: bool = False):
+        """``shared_intermediate_size``: the shared experts' width (default moe_intermediate_size *
+        n_shared_experts); ``shared_expert_gate``: Qwen2-MoE's gated ``shared_expert`` instead of DeepSeek's
+        ``shared_experts``."""
         super().__init__()
         self.parallel = mpu.context_for()
+        self._shared_name = "shared_expert" if shared_expert_gate else "shared_experts"
         if router_config.num_experts != n_routed_experts or router_config.top_k != num_experts_per_tok:
             raise ValueError(f"router_config routes top-{router_config.top_k} of {router_config.num_experts} experts, "
                              f"the MoE has top-{num_experts_per_tok} of {n_routed_experts}")
         self.expert_parallel = expert_parallel
         self.num_experts, self.top_k, self.intermediate_size = n_routed_experts, num_experts_per_tok, moe_intermediate_size
         self.gate = Router(hidden_size, router_config, dtype=dtype)
-        shared_size = moe_intermediate_size * (n_shared_experts or 0)
+        shared_size = (moe_intermediate_size * (n_shared_experts or 0) if shared_intermediate_size is None
+                       else shared_intermediate_size)
         if expert_parallel:
             self._build_expert_parallel(hidden_size, shared_size, dtype)
         else:
             self._build_tp_sharded(hidden_size, shared_size, dtype)
+        self.shared_expert_gate = None
+        if shared_expert_gate:
+            self.shared_expert_gate = torch.nn.Linear(hidden_size, 1, bias=False, dtype=dtype)
+            mark_sequence_parallel(self.shared_expert_gate.weight)
         self._loaded: set = set()  # (expert, projection) pairs read from the checkpoint
+
+    @property
+    def shared_experts(self) -> Optional[SharedExperts]:
+        """The shared experts (DeepSeek's ``shared_experts``, Qwen2-MoE's ``shared_expert``) or None."""
+        return self._modules.get(self._shared_name)
+
+    def _shared_gate(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """sigmoid(shared_expert_gate(x)) [rows, 1], or None without a gate."""
+        return torch.sigmoid(self.shared_expert_gate(x)) if self.shared_expert_gate is not None else None
+
+    def _whole_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The (gated) shared experts' complete output on ``x`` (replicated shared experts)."""
+        return self.shared_experts(x, scale=self._shared_gate(x))
 
     def _build_expert_parallel(self, hidden_size: int, shared_size: int, dtype) -> None:
         t, E = self.parallel.size, self.num_experts
@@ -144,7 +172,8 @@ class MoE(torch.nn.Module):
             # unique to this TP rank (its block of experts, dim 0): counted once per rank in a gradient norm
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
             param.tp_rank, param.tp_size = self.parallel.rank, self.parallel.size
-        self.shared_experts = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
+        # under its checkpoint name (the ``shared_experts`` property reads it back)
+        self._modules[self._shared_name] = SharedExperts(hidden_size, shared_size, dtype) if shared_size else None
         if self.shared_experts is not None:  # replicated, applied to the token shard
             gate_up, down = self.shared_experts.gate_up_proj.weight, self.shared_experts.down_proj.weight
             mark_sequence_parallel(gate_up)
@@ -161,7 +190,7 @@ class MoE(torch.nn.Module):
         mark_partitioned(self.experts.gate_up_proj, 1, [Shard("gate", inter, local), Shard("up", inter, local)],
                          self.parallel)
         mark_partitioned(self.experts.down_proj, 2, [Shard(None, inter, local)], self.parallel)
-        self.shared_experts = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
+        self._modules[self._shared_name] = SharedExperts(hidden_size, shared_size // t, dtype) if shared_size else None
         if self.shared_experts is not None:
             shared_local = shared_size // t
             mark_partitioned(self.shared_experts.gate_up_proj.weight, 0,
@@ -187,20 +216,25 @@ class MoE(torch.nn.Module):
         if sp and self.expert_parallel:
             out = self._dispatch_to_owners(hidden[:held], ids, weights)
             if self.shared_experts is not None:
-                out = out + self.shared_experts(hidden[:held])
+                out = out + self._whole_shared(hidden[:held])
             return _pad_rows(out, hidden.shape[0])
         if sp:  # mode (a): one g on the hidden state and the routing (padding rows carry no routing)
             partial = self._sharded_experts_on_gathered(hidden, ids, weights, held, num_tokens)
             return mpu.reduce_scatter_to_sp(_pad_rows(partial, hidden.shape[0] * p.size), p)
         # SP off: every rank holds all tokens and routes them identically
+        gate = None
+        if not self.expert_parallel and self.shared_expert_gate is not None:  # a per-token weight, as the routing's
+            gate = mpu.copy_to_tp(self._shared_gate(hidden[:held]), p)
         x, weights = mpu.copy_to_tp(hidden[:held], p), mpu.copy_to_tp(weights, p)
         partial = self._local_experts(x, ids, weights)
         if self.expert_parallel:  # replicated shared experts on replicated tokens: added after the sum
             out = mpu.reduce_from_tp(partial, p)
             if self.shared_experts is not None:
-                out = out + self.shared_experts(hidden[:held])
+                out = out + self._whole_shared(hidden[:held])
         else:
-            out = mpu.reduce_from_tp(partial + self.shared_experts(x) if self.shared_experts is not None else partial, p)
+            if self.shared_experts is not None:
+                partial = partial + self.shared_experts(x, scale=gate)
+            out = mpu.reduce_from_tp(partial, p)
         return _pad_rows(out, hidden.shape[0])
 
     def _sort_slots(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +260,10 @@ class MoE(torch.nn.Module):
         real rows), then routed + shared partial outputs for all ``num_tokens`` tokens, saving only the
         token shard. The gathered tokens are dropped once the input GEMMs have read them."""
         pad = hidden.shape[0] - held
-        x_all, weights, ids = mpu.gather_from_sp_packed(
-            hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad)), parallel=self.parallel)
+        gathered = [hidden, F.pad(weights, (0, 0, 0, pad)), F.pad(ids.to(torch.int32), (0, 0, 0, pad))]
+        if self.shared_expert_gate is not None:  # the shared expert's per-token weight travels with the routing's
+            gathered.append(F.pad(self._shared_gate(hidden[:held]), (0, 0, 0, pad)))
+        x_all, weights, ids, *gate = mpu.gather_from_sp_packed(*gathered, parallel=self.parallel)
         weights, ids = weights[:num_tokens], ids[:num_tokens]
         slots, rows = self._sort_slots(ids)
         tokens = slots // self.top_k
@@ -239,7 +275,9 @@ class MoE(torch.nn.Module):
         del h_routed
         out = _combine(y, slots, self.top_k, num_tokens)
         del y
-        return out + self.shared_experts.activate_and_down(h_shared) if shared is not None else out
+        if shared is None:
+            return out
+        return out + self.shared_experts.activate_and_down(h_shared, scale=gate[0][:num_tokens] if gate else None)
 
     def _dispatch_replicated(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b), SP off, deterministic: each rank dispatches its SP share of the replicated tokens, as
@@ -256,7 +294,7 @@ class MoE(torch.nn.Module):
         ids_share = mpu.pad_to_multiple(ids, parallel=p)[p.rank * share:][:mine]
         routed = self._dispatch_to_owners(x_share, ids_share, weights_share)
         out = mpu.gather_to_replicated(_pad_rows(routed, share), p)[:num_tokens]
-        return out + self.shared_experts(x) if self.shared_experts is not None else out
+        return out + self._whole_shared(x) if self.shared_experts is not None else out
 
     def _dispatch_to_owners(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Mode (b) under SP: this rank's token rows go to their experts' owners and come back."""

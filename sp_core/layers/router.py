@@ -1,4 +1,4 @@
-"""DeepSeek's MoE router: which experts each token goes to, and with what weight.
+"""The MoE router (DeepSeek, Qwen2-MoE, Qwen3-MoE): which experts each token goes to, and with what weight.
 
 Runs on the tokens this rank holds (its SP token shard), so the gate weight sees a token shard and is
 tagged ``sequence_parallel`` (gradient summed over TP). Logits are computed in float32 from upcast
@@ -9,8 +9,9 @@ inputs, as transformers does; ``e_score_correction_bias`` is a float32 buffer wh
     group_limited_greedy   softmax  max of the group        top-k scores in the best topk_group groups
     noaux_tc (V3)          sigmoid  sum of the group's top2 unbiased scores of the top-k of score+bias,
                                     of score + bias         renormalised if norm_topk_prob
+    softmax (Qwen MoE)     softmax  -                       top-k scores, renormalised if norm_topk_prob
 All weights are then multiplied by ``routed_scaling_factor``. transformers' V2 router ignores
-``norm_topk_prob``, and so do the softmax methods here.
+``norm_topk_prob``, and so do V2's methods (greedy, group_limited_greedy) here; Qwen's honours it.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from sp_core.kernels import batch_invariant
 from sp_core.layers.sharding import mark_sequence_parallel
 
 _FLOAT32_BUFFERS = ("e_score_correction_bias", "local_tokens_per_expert")
-METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "softmax")
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """The routing of one MoE layer, from the model config: ``topk_method`` is V2's field of that name
-    (``greedy`` / ``group_limited_greedy``) or ``noaux_tc`` for V3 / V3.2 (which have no such field).
+    (``greedy`` / ``group_limited_greedy``), ``noaux_tc`` for V3 / V3.2 (which have no such field) or
+    ``softmax`` for Qwen2-MoE / Qwen3-MoE (V2's greedy, but ``norm_topk_prob`` honoured).
     ``n_group`` / ``topk_group`` matter to the grouped methods only."""
 
     num_experts: int
@@ -63,7 +65,7 @@ class RouterConfig:
 
     @property
     def grouped(self) -> bool:
-        return self.topk_method != "greedy"
+        return self.topk_method in ("group_limited_greedy", "noaux_tc")
 
 
 class Router(torch.nn.Module):
@@ -119,6 +121,8 @@ class Router(torch.nn.Module):
                 group_scores = scores.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group).max(dim=-1).values
                 scores = _keep_best_groups(scores, group_scores, cfg, 0.0)
             weights, ids = scores.topk(cfg.top_k, dim=-1, sorted=False)
+            if cfg.topk_method == "softmax" and cfg.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.training:
             with torch.no_grad():
                 self.local_tokens_per_expert += count_per_expert(ids, cfg.num_experts)

@@ -17,7 +17,8 @@ from sp_core.models.deepseek import DeepseekModel
 from sp_core.models.qwen import QwenModel
 from sp_core.models.stack import KernelForLayer, packed_causal_attention_for
 
-_BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel,
+_BODIES = {"Qwen2ForCausalLM": QwenModel, "Qwen3ForCausalLM": QwenModel, "Qwen3MoeForCausalLM": QwenModel,
+           "Qwen2MoeForCausalLM": QwenModel,
            "DeepseekV2ForCausalLM": DeepseekModel, "DeepseekV3ForCausalLM": DeepseekModel,
            "DeepseekV32ForCausalLM": DeepseekModel}
 

@@ -1,6 +1,7 @@
 """The model config, normalised from a Hugging Face ``config.json``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,8 @@ if TYPE_CHECKING:
 
 
 DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM")
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + DEEPSEEK_ARCHITECTURES
+QWEN_MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM") + QWEN_MOE_ARCHITECTURES + DEEPSEEK_ARCHITECTURES
 MOE_PARALLEL_MODES = ("tp", "ep")
 
 
@@ -52,19 +54,32 @@ class IndexerConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """DeepSeek's mixture of experts (the layers from ``first_k_dense_replace`` on)."""
+    """The mixture of experts of DeepSeek (the layers from ``first_k_dense_replace`` on) and of Qwen2-MoE /
+    Qwen3-MoE (the layers ``decoder_sparse_step`` and ``mlp_only_layers`` pick; softmax routing; Qwen2-MoE: one
+    gated shared expert of its own width, Qwen3-MoE: none)."""
 
     n_routed_experts: int
     num_experts_per_tok: int
     n_shared_experts: int
     moe_intermediate_size: int
     # "greedy" | "group_limited_greedy" (V2: softmax scores, group max) | "noaux_tc" (V3: sigmoid scores,
-    # e_score_correction_bias for selection only, groups ranked by the sum of their top-2)
+    # e_score_correction_bias for selection only, groups ranked by the sum of their top-2) | "softmax" (Qwen:
+    # softmax top-k, renormalised if norm_topk_prob)
     topk_method: str
     n_group: int
     topk_group: int
     norm_topk_prob: bool
     routed_scaling_factor: float
+    # Qwen2-MoE: the shared expert's width (shared_expert_intermediate_size) and its sigmoid gate
+    shared_expert_intermediate_size: Optional[int] = None
+    shared_expert_gate: bool = False
+
+    @property
+    def shared_size(self) -> int:
+        """The shared experts' total intermediate size (0: none)."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.n_shared_experts
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -89,7 +104,7 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool
     hf: dict = field(default_factory=dict, repr=False)
-    # DeepSeek only
+    # DeepSeek only (moe, mlp_layer_types: also the MoE Qwens)
     mla: Optional[MLAConfig] = None
     moe: Optional[MoEConfig] = None
     mlp_layer_types: Tuple[str, ...] = ()  # per layer: "dense" or "sparse" (MoE)
@@ -132,6 +147,8 @@ class ModelConfig:
         rope_scaling = _checked_rope_scaling(hf, rope)
         heads = hf["num_attention_heads"]
         deepseek = _deepseek_fields(hf, rope_scaling) if arch in DEEPSEEK_ARCHITECTURES else {}
+        if arch in QWEN_MOE_ARCHITECTURES:
+            deepseek = _qwen_moe_fields(hf)
         fields = dict(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -146,8 +163,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            # transformers' Qwen2MoeConfig: qkv_bias (default true) instead of attention_bias
+            qkv_bias=(arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False))
+                      or (arch == "Qwen2MoeForCausalLM" and hf.get("qkv_bias", True) is not False)),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hf=hf,
             moe_parallel=moe_parallel,
             fp8=fp8,
@@ -211,7 +230,7 @@ class ModelConfig:
                      if moe.n_routed_experts % tp == 0 else "use a tp that divides it")
             raise ModelError(f"--moe-parallel tp: tp {tp} does not divide moe_intermediate_size "
                              f"({moe.moe_intermediate_size}); {works}")
-        shared = moe.moe_intermediate_size * moe.n_shared_experts
+        shared = moe.shared_size
         if shared % tp:
             raise ModelError(f"tp {tp} does not divide the shared experts' intermediate size ({shared})")
 
@@ -399,6 +418,56 @@ def _deepseek_fields(hf: dict, rope_scaling: Optional[dict]) -> dict:
         # transformers' V2 router ignores norm_topk_prob (it never renormalises the top-k weights); V3 honours it
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)) if v3 else False,
         routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5 if v3 else 1.0)))
+    return fields
+
+
+# Qwen-MoE's own keys, by what each must be when present (null: transformers' default)
+_QWEN_MOE_POSITIVE_INTS = ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                           "shared_expert_intermediate_size")
+_QWEN_MOE_DEFAULTS = {  # transformers' Qwen2MoeConfig / Qwen3MoeConfig
+    "Qwen2MoeForCausalLM": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                shared_expert_intermediate_size=5632),
+    "Qwen3MoeForCausalLM": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+}
+
+
+def _qwen_moe_fields(hf: dict) -> dict:
+    """MoE config and layer types of a Qwen2-MoE / Qwen3-MoE config.json: layer i is MoE when it is not in
+    ``mlp_only_layers``, ``num_experts`` > 0 and ``decoder_sparse_step`` divides i + 1 (as transformers'
+    decoder layer decides), a dense SwiGLU MLP of ``intermediate_size`` otherwise."""
+    _refuse_wrong(hf, _QWEN_MOE_POSITIVE_INTS, _positive_int, "a positive integer or null")
+    # published checkpoints write num_experts; transformers 5 saves it as num_local_experts (its attribute map)
+    _refuse_wrong(hf, ("num_experts", "num_local_experts"), _non_negative_int, "a non-negative integer or null")
+    if None not in (hf.get("num_experts"), hf.get("num_local_experts")) and hf["num_experts"] != hf["num_local_experts"]:
+        raise ModelError(f"config.json: num_experts ({hf['num_experts']}) and num_local_experts "
+                         f"({hf['num_local_experts']}) disagree; they name the same number")
+    _refuse_wrong(hf, ("norm_topk_prob", "qkv_bias"), lambda v: isinstance(v, bool), "true or false")
+    layers = hf["num_hidden_layers"]
+    _refuse_wrong(hf, ("mlp_only_layers",),
+                  lambda v: isinstance(v, list) and all(_non_negative_int(i) and i < layers for i in v),
+                  f"a list of layer indices in [0, {layers})")
+    defaults = _QWEN_MOE_DEFAULTS[hf["architectures"][0]]
+
+    def get(key):
+        return defaults[key] if hf.get(key) is None else hf[key]
+
+    experts = get("num_experts") if hf.get("num_local_experts") is None else hf["num_local_experts"]
+    step, dense_only = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
+    types = tuple("sparse" if i not in dense_only and experts > 0 and (i + 1) % step == 0 else "dense"
+                  for i in range(layers))
+    fields = dict(mlp_layer_types=types)
+    if "sparse" not in types:
+        return fields
+    top_k = get("num_experts_per_tok")
+    if top_k > experts:
+        raise ModelError(f"num_experts_per_tok ({top_k}) must lie in [1, num_experts = {experts}]")
+    fields["moe"] = MoEConfig(
+        n_routed_experts=experts, num_experts_per_tok=top_k, n_shared_experts=0,
+        moe_intermediate_size=get("moe_intermediate_size"), topk_method="softmax", n_group=1, topk_group=1,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), routed_scaling_factor=1.0)
+    if "shared_expert_intermediate_size" in defaults:  # Qwen2-MoE: one shared expert, sigmoid-gated
+        fields["moe"] = dataclasses.replace(fields["moe"], shared_expert_intermediate_size=get(
+            "shared_expert_intermediate_size"), shared_expert_gate=True)
     return fields
 
 

@@ -15,7 +15,7 @@ from sp_core.layers.attention import AttentionKernel, packed_causal_attention
 from sp_core.layers.indexer import LightningIndexer
 from sp_core.layers.mla import LatentAttentionKernel, MultiHeadLatentAttention
 from sp_core.models.config import ModelConfig
-from sp_core.models.stack import DecoderStack, KernelForLayer, packed_causal_attention_for
+from sp_core.models.stack import DecoderStack, KernelForLayer, moe_block, packed_causal_attention_for
 
 
 def deepseek_indexer(cfg: ModelConfig, dtype=None, keys=None) -> LightningIndexer:
@@ -42,14 +42,7 @@ def deepseek_attention(cfg: ModelConfig, dtype=None,
 
 
 def deepseek_moe(cfg: ModelConfig, dtype=None) -> torch.nn.Module:
-    from sp_core.layers.moe import MoE
-    from sp_core.layers.router import RouterConfig
-
-    moe = cfg.moe
-    router = RouterConfig(moe.n_routed_experts, moe.num_experts_per_tok, moe.topk_method, moe.n_group,
-                          moe.topk_group, moe.norm_topk_prob, moe.routed_scaling_factor)
-    return MoE(cfg.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts, moe.num_experts_per_tok,
-               moe.n_shared_experts, router, expert_parallel=cfg.moe_parallel == "ep", dtype=dtype)
+    return moe_block(cfg, dtype)
 
 
 class DeepseekDecoderLayer(DecoderLayer):

@@ -16,6 +16,20 @@ KernelForLayer = Callable[[int], AttentionKernel]
 """Layer index -> that layer's attention kernel (a serving framework's kernel is per layer)."""
 
 
+def moe_block(cfg: ModelConfig, dtype=None) -> torch.nn.Module:
+    """The core's MoE layer, configured by ``cfg.moe`` (routing, experts, shared experts) and
+    ``cfg.moe_parallel`` (experts split over TP, or whole experts per rank)."""
+    from sp_core.layers.moe import MoE
+    from sp_core.layers.router import RouterConfig
+
+    moe = cfg.moe
+    router = RouterConfig(moe.n_routed_experts, moe.num_experts_per_tok, moe.topk_method, moe.n_group,
+                          moe.topk_group, moe.norm_topk_prob, moe.routed_scaling_factor)
+    return MoE(cfg.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts, moe.num_experts_per_tok,
+               moe.n_shared_experts, router, expert_parallel=cfg.moe_parallel == "ep", dtype=dtype,
+               shared_intermediate_size=moe.shared_expert_intermediate_size, shared_expert_gate=moe.shared_expert_gate)
+
+
 def packed_causal_attention_for(layer_index: int) -> AttentionKernel:
     return packed_causal_attention
 

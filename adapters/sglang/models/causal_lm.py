@@ -36,7 +36,8 @@ DEFAULT_SP_MIN_TOKENS = 8192
 _SGLANG_CPU_PADDED = {"num_attention_heads": "original_num_attention_heads",
                       "num_key_value_heads": "original_total_num_kv_heads",
                       "intermediate_size": "original_intermediate_size",
-                      "moe_intermediate_size": "original_moe_intermediate_size"}
+                      "moe_intermediate_size": "original_moe_intermediate_size",
+                      "shared_expert_intermediate_size": "original_shared_expert_intermediate_size"}
 
 
 def checkpoint_config(hf_config, moe_parallel: str = "tp") -> ModelConfig:
