@@ -112,7 +112,10 @@ def refuse_non_finite(hf_name: str, tensor: torch.Tensor) -> None:
         if tensor.has_nan():
             raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
         return
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not tensor.is_floating_point():
+        return
+    wide = tensor.float() if tensor.element_size() == 1 else tensor  # torch has no isfinite for FP8 as stored
+    if not torch.isfinite(wide).all():
         raise ModelError(f"checkpoint tensor {hf_name} contains NaN or inf")
 
 
@@ -141,9 +144,7 @@ def check_finite_weights(model_dir: str) -> None:
     engine whose own workers load the weights, checked before they start. Reads the checkpoint once, a tensor at
     a time (FP8 values as they are stored: NaN is a value of e4m3)."""
     for name, tensor in iter_hf_tensors(model_dir):
-        if tensor.is_floating_point() and not torch.isfinite(tensor.float() if tensor.element_size() == 1
-                                                            else tensor).all():
-            raise ModelError(f"checkpoint tensor {name} contains NaN or inf")
+        refuse_non_finite(name, tensor)
 
 
 def _tensors(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

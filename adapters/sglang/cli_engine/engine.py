@@ -265,7 +265,8 @@ def logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: t
     At tp > 1 the workers' collectives are checked: SP ran exactly where asked (``check_sequence_parallel_ran``)."""
     global _KEPT
     cfg = check_model(model_dir, tp, moe_parallel)  # the core's checkpoint check, before sglang's workers can fail on it
-    check_finite_weights(model_dir)  # sglang's workers would refuse it only inside an engine start (exit 1 there)
+    if _KEPT is None or _KEPT.key[0] != os.path.realpath(model_dir):  # a kept engine's weights were checked
+        check_finite_weights(model_dir)  # sglang's workers would refuse it only inside an engine start (exit 1)
     check_prompts(prompts, cfg.vocab_size)
     cfg.check_prompt_lengths(prompts)
     if dtype not in ENGINE_DTYPES:
