@@ -21,7 +21,6 @@ from sp_core.procs.terminal import err, out, say  # noqa: F401  (the command's o
 
 _LOG: Optional[str] = None  # this command's log file, until announced
 _ANNOUNCED = False
-LOG_DIR_ENV = "SP_CORE_LOG_DIR"
 KEEP_LOGS = 20
 
 

@@ -34,14 +34,8 @@ from sp_core.procs import terminal
 from sp_core.mpu import activity
 
 COLLECTIVE_TIMEOUT_ENV = "SP_CORE_COLLECTIVE_TIMEOUT"
-DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 # after the parent's detector: a collective outside sp_core.mpu (Megatron's) still fails in the rank
 _BACKSTOP = 30.0
-
-
-def collective_timeout() -> float:
-    """Seconds a rank may wait in one collective before the run fails (SP_CORE_COLLECTIVE_TIMEOUT)."""
-    return settings.current().collective_timeout
 
 
 class RankFailed(AssertionError):
@@ -226,7 +220,7 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
     ``hang_timeout``: seconds a rank may wait in one collective (default: SP_CORE_COLLECTIVE_TIMEOUT).
     ``timeout``: an optional limit on the whole run (tests use one as a safety net; the CLI none).
     """
-    hang_timeout = collective_timeout() if hang_timeout is None else hang_timeout
+    hang_timeout = settings.current().collective_timeout if hang_timeout is None else hang_timeout
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
     results = ctx.Queue()
