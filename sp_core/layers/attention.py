@@ -7,6 +7,10 @@ are SP padding. ``scale`` is the softmax scale (None: d^-0.5); MLA passes its ow
 value head dim d_v different from the query / key head dim d. ``topk_indices`` (DeepSeek-V3.2's sparse MLA,
 passed only when the DSA indexer selected keys): int32 ``[T, k]``, for every row the rows of the batch it
 may attend to (-1: none); a kernel that cannot take it need not accept the argument.
+
+Under context parallelism the batch is a ``ContextParallelBatch``: q holds this CP rank's rows, k and v
+the rows of every CP rank (gathered over CP by the layer, ``mpu.gather_from_cp``), and the batch says which
+keys each row sees (causal by index within its sequence; ``topk_indices`` are packed-batch rows).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
+from sp_core.layers.context_parallel import ContextParallelBatch
 from sp_core.layers.linear import ColumnParallelLinear, RowParallelLinear
 from sp_core.layers.norm import RMSNorm
 from sp_core.layers.rotary import RotaryEmbedding
@@ -42,6 +47,11 @@ AttentionKernel = Callable[..., torch.Tensor]  # (q, k, v, batch, scale=None) ->
 def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] = None,
                             topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     k, v = expand_kv(q, k), expand_kv(q, v)
+    if isinstance(batch, ContextParallelBatch):
+        mask = batch.attention_mask(topk_indices)
+        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
+                                             attn_mask=mask, scale=scale)
+        return out.squeeze(0).transpose(0, 1)
     lens: List[int] = list(batch.seq_lens)
     padding = q.shape[0] - sum(lens)
     if padding > 0:
@@ -92,7 +102,8 @@ class SelfAttention(torch.nn.Module):
                  qk_norm: bool = False, eps: float = 1e-6, dtype: Optional[torch.dtype] = None,
                  kernel: AttentionKernel = packed_causal_attention):
         super().__init__()
-        shards = head_split(num_heads, num_kv_heads, head_dim, mpu.context_for().size)
+        self.parallel = mpu.context_for()
+        shards = head_split(num_heads, num_kv_heads, head_dim, self.parallel.size)
         self.head_dim = head_dim
         self.q_heads, self.kv_heads = shards[0].local // head_dim, shards[1].local // head_dim  # on this rank
         self.qkv_proj = ColumnParallelLinear.packed(hidden_size, shards, bias=qkv_bias, dtype=dtype)
@@ -106,4 +117,6 @@ class SelfAttention(torch.nn.Module):
         heads = self.qkv_proj(hidden).unflatten(-1, (-1, self.head_dim))  # [T, q + k + v heads, d]: one view
         q, k, v = heads.split([self.q_heads, self.kv_heads, self.kv_heads], dim=-2)
         q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
+        if self.parallel.cp_size > 1:  # this TP rank's K/V heads of every CP rank's rows, in one gather
+            k, v = mpu.gather_from_cp(torch.cat([k, v], dim=-1), self.parallel).split([k.shape[-1], v.shape[-1]], -1)
         return self.o_proj(self.kernel(q, k, v, batch).flatten(-2))

@@ -17,6 +17,10 @@ scores its own query rows against all keys, and the int32 selection ``[T, k]`` i
 head-sharded attention sees every row's keys. All parameters therefore see the token shard and are tagged
 ``sequence_parallel``. With SP off every rank runs the whole indexer on all tokens (nothing summed).
 
+Under context parallelism the key is gathered over CP too (after the TP gather): each rank scores its own
+query rows (its CP part, then its TP shard of it) against every earlier key, so the O(S^2) scoring is
+divided by cp·t; the selection holds packed-batch rows (global), gathered over TP only.
+
 Where the keys come from is the ``keys`` object's job (:class:`BatchIndexKeys`): by default the batch's
 own rows (a packed batch of whole sequences; the selection holds batch rows). A server that caches keys
 per token slot passes its own, whose groups hold a request's cached keys and whose key ids are its slots.
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
+from sp_core.layers.context_parallel import ContextParallelBatch
 from sp_core.layers.linear import ReplicatedLinear
 from sp_core.layers.norm import LayerNorm
 from sp_core.layers.rotary import RotaryEmbedding
@@ -69,7 +74,8 @@ class LightningIndexer(torch.nn.Module):
     def _keys(self, hidden, positions) -> torch.Tensor:
         """Every row's keys [T, d] (gathered under SP)."""
         k = self._rope(positions, self.k_norm(self.wk(hidden)).unsqueeze(1)).squeeze(1)
-        return mpu.gather_from_sp(k, self.parallel) if self.parallel.sequence_parallel_active else k
+        k = mpu.gather_from_sp(k, self.parallel) if self.parallel.sequence_parallel_active else k
+        return mpu.gather_from_cp(k, self.parallel)  # every CP rank's keys (identity with cp 1)
 
     def _projections(self, hidden, q_latent, positions):
         """Own rows' queries [rows, heads, d] and head weights [rows, heads]; every row's keys [T, d]."""
@@ -87,6 +93,8 @@ class LightningIndexer(torch.nn.Module):
         """Index scores of this rank's query rows against every key, float32 ``[rows, T]``, -inf where a key
         is not visible. Differentiable in the indexer's parameters only (the inputs are detached)."""
         q, weights, keys = self._projections(hidden.detach(), q_latent.detach(), positions)
+        if isinstance(batch, ContextParallelBatch):
+            return self._scores(q, weights, keys, batch.visible(own_rows(batch.rows, self.parallel, q.device)))
         total = keys.shape[0]
         return self._scores(q, weights, keys, batch_visible_keys(batch, total, own_rows(total, self.parallel, q.device)))
 
@@ -152,6 +160,10 @@ class BatchIndexKeys:
         return max(batch.seq_lens, default=0)
 
     def groups(self, keys: torch.Tensor, batch, parallel) -> Iterator[KeyGroup]:
+        if isinstance(batch, ContextParallelBatch):  # keys of every CP rank; ids: packed-batch rows
+            rows = own_rows(batch.rows, parallel, keys.device)
+            yield KeyGroup(torch.arange(rows.shape[0], device=keys.device), keys, batch.key_global, batch.visible(rows))
+            return
         total, device = keys.shape[0], keys.device
         rows = own_rows(total, parallel, device)
         local = torch.arange(rows.shape[0], device=device)

@@ -22,6 +22,10 @@ regrouped. A ``LatentAttentionKernel`` may instead hand back the batch's whole s
 (``cached_sequences``; sglang's does in the deterministic mode's prefill): the layer then computes the
 expanded form over them with the core's kernel, as training computes the same tokens, bit for bit.
 
+Context parallelism: queries stay on their CP rank; after the TP gather, only ``[kv_lat | k_pe]`` (kv_lora +
+rope values per token, 576 for V3) is gathered over CP (``mpu.gather_from_cp``), then up-projected by
+``kv_b_proj`` into this rank's heads' keys and values over every CP rank's rows.
+
 V3.2: an ``indexer`` (indexer.py) picks, per query row, the keys the attention may use; it takes the
 attention input and this rank's rows of the q latent, and the kernel gets its selection as
 ``topk_indices`` (none when every sequence is short enough to keep all its keys: V3's attention).
@@ -161,6 +165,9 @@ class MultiHeadLatentAttention(torch.nn.Module):
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta, rope_scaling, interleaved=rope_interleave)
         self.kernel = kernel
         self.absorbed = isinstance(kernel, LatentAttentionKernel)
+        if self.absorbed and self.parallel.cp_size > 1:
+            raise ValueError("the absorbed MLA form (a serving latent cache) does not run with context parallelism; "
+                             "cp 1 only")
         self.register_buffer("w_uk", None, persistent=False)  # set by absorb() once the weights are loaded
         self.register_buffer("w_uv", None, persistent=False)
         if indexer is not None and q_lora_rank is None:
@@ -192,11 +199,15 @@ class MultiHeadLatentAttention(torch.nn.Module):
         p = self.parallel
         local_positions = mpu.scatter_to_sp(positions, p) if p.sequence_parallel_active else positions
         latent = self.latent(hidden, local_positions)
+        up = None if p.cp_size > 1 else kv_up  # under CP the latent is up-projected after its CP gather
         if self.q_lora_rank is None:
-            kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [kv_up, None])
+            kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [up, None])
             q = self.q_proj(hidden)
         else:
-            q, kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [self.q_b_proj.weight, kv_up, None])
+            q, kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [self.q_b_proj.weight, up, None])
+        if p.cp_size > 1:  # keys and values of every CP rank's rows, from [kv_lat | k_pe] alone
+            kv, k_pe = mpu.gather_from_cp(torch.cat([kv, k_pe], dim=-1), p).split([self.kv_lora_rank, self.rope], -1)
+            kv = F.linear(kv, kv_up) if kv_up is not None else kv
         q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
         return local_positions, latent, q_nope, self.rotary.rotate(positions, q_pe), kv, k_pe
 

@@ -13,13 +13,15 @@ from sp_core.mpu.context import (
     is_initialized,
     single_rank,
 )
-from sp_core.mpu.grads import allreduce_sequence_parallel_grads
+from sp_core.mpu.grads import allreduce_context_parallel_grads, allreduce_sequence_parallel_grads
 from sp_core.mpu.operators import (
     all_to_all_tp,
     copy_to_replicas,
     copy_to_tp,
     enter_sequence_parallel,
     exit_sequence_parallel,
+    gather_from_cp,
+    gather_from_cp_exit,
     gather_from_sp,
     gather_from_sp_packed,
     gather_to_replicated,

@@ -10,8 +10,12 @@ next to a deterministic reference without it, or models on different TP groups.
 
 Layers receive it at construction (``building``) and keep a reference; operators and collectives take it
 as an argument, as Megatron passes process groups. SP changes per call only through one door,
-``sequence_parallel_for`` (sglang's per-batch choice; a Megatron config's fixed one). Context parallelism
-(a later issue) adds its group here.
+``sequence_parallel_for`` (sglang's per-batch choice; a Megatron config's fixed one).
+
+Context parallelism (CP): ``cp_group`` / ``cp_rank`` / ``cp_size``, the ranks that hold other parts of the
+same sequences (ranks = cp x tp, TP innermost: the CP group joins the ranks of equal TP rank). ``cp`` is
+the CP group seen as a context of its own, so the collectives and operators act on it as on TP (counted
+through the same door); with cp 1 it has size 1 and every collective on it is the identity.
 
 Made by ``initialize`` (creates the TP groups: standalone use, tests, the CLI) or ``bind`` (a group a
 framework made; creates nothing). The context made last is the default for code that names none (a
@@ -46,6 +50,9 @@ class ParallelContext:
     backend: Optional[str] = None  # the group's collective backend ("nccl", "gloo"; None without a group)
     settings: Settings = dataclasses.field(default_factory=settings_module.current)
     owns_group: bool = False
+    cp_group: Optional[dist.ProcessGroup] = None
+    cp_rank: int = 0
+    cp_size: int = 1
     _switch: List[bool] = dataclasses.field(default_factory=list, repr=False)  # sequence_parallel_for's stack
 
     @property
@@ -66,6 +73,14 @@ class ParallelContext:
     def replace(self, **changes) -> "ParallelContext":
         """Another context on the same group with ``changes`` (e.g. ``deterministic=True``)."""
         return dataclasses.replace(self, _switch=[], owns_group=False, **changes)
+
+    @functools.cached_property
+    def cp(self) -> "ParallelContext":
+        """The CP group as a context (no SP, no framework communicator): what ``gather_from_cp`` acts on."""
+        return dataclasses.replace(self, group=self.cp_group, rank=self.cp_rank, size=self.cp_size,
+                                   sequence_parallel=False, communicator=None, owns_group=False, _switch=[],
+                                   backend=dist.get_backend(self.cp_group) if self.cp_group is not None else None,
+                                   cp_group=None, cp_rank=0, cp_size=1)
 
     @functools.cached_property
     def route(self):
@@ -89,8 +104,9 @@ def _made(context: ParallelContext) -> ParallelContext:
 
 
 def initialize(tp_size: int, sequence_parallel: bool = True, backend: Optional[str] = None,
-               deterministic: bool = False, settings: Optional[Settings] = None) -> ParallelContext:
-    """Create TP groups of ``tp_size`` consecutive ranks over the default process group; this rank's context.
+               deterministic: bool = False, settings: Optional[Settings] = None, cp_size: int = 1) -> ParallelContext:
+    """Create TP groups of ``tp_size`` consecutive ranks over the default process group, and CP groups of
+    ``cp_size`` ranks of equal TP rank within each block of cp x tp consecutive ranks; this rank's context.
 
     Initialises torch.distributed from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
     when it is not initialised yet.
@@ -103,6 +119,9 @@ def initialize(tp_size: int, sequence_parallel: bool = True, backend: Optional[s
             f"tensor-parallel size {tp_size} does not divide the world size {world}; "
             f"use a tp size among {[d for d in range(1, world + 1) if world % d == 0]}"
         )
+    if cp_size < 1 or world % (cp_size * tp_size) != 0:
+        raise ParallelStateError(
+            f"context-parallel size {cp_size} x tensor-parallel size {tp_size} does not divide the world size {world}")
     rank = dist.get_rank()
     mine = None
     for start in range(0, world, tp_size):
@@ -110,14 +129,26 @@ def initialize(tp_size: int, sequence_parallel: bool = True, backend: Optional[s
         group = dist.new_group(ranks)  # every rank must call new_group for every group
         if rank in ranks:
             mine = group
+    cp_mine = None
+    if cp_size > 1:
+        block = cp_size * tp_size
+        for start in range(0, world, block):
+            for tp_rank in range(tp_size):
+                ranks = list(range(start + tp_rank, start + block, tp_size))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    cp_mine = group
     return _made(ParallelContext(mine, rank % tp_size, tp_size, sequence_parallel and tp_size > 1, deterministic,
                                  backend=dist.get_backend(mine), settings=settings or settings_module.current(),
-                                 owns_group=True))
+                                 owns_group=True, cp_group=cp_mine, cp_rank=(rank // tp_size) % cp_size,
+                                 cp_size=cp_size))
 
 
 def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, communicator: Any = None,
-         deterministic: bool = False, settings: Optional[Settings] = None) -> ParallelContext:
-    """The context of a TP group that a framework already created (Megatron, sglang). Creates nothing.
+         deterministic: bool = False, settings: Optional[Settings] = None,
+         cp_group: Optional[dist.ProcessGroup] = None) -> ParallelContext:
+    """The context of a TP group (and a CP group) that a framework already created (Megatron, sglang).
+    Creates nothing.
 
     ``communicator``: the framework's own communicator over ``group``, e.g. sglang's ``GroupCoordinator``
     (its custom all-reduce, symmetric memory and CUDA-graph-safe paths). When given, the sum all-reduce,
@@ -125,9 +156,11 @@ def bind(group: Optional[dist.ProcessGroup], sequence_parallel: bool = False, co
     ``reduce_scatter_tensor(out, x)``.
     """
     size, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    cp_size, cp_rank = (1, 0) if cp_group is None else (dist.get_world_size(cp_group), dist.get_rank(cp_group))
     return _made(ParallelContext(group, rank, size, sequence_parallel and size > 1, deterministic, communicator,
                                  dist.get_backend(group) if group is not None else None,
-                                 settings or settings_module.current()))
+                                 settings or settings_module.current(), cp_group=cp_group if cp_size > 1 else None,
+                                 cp_rank=cp_rank, cp_size=cp_size))
 
 
 def single_rank(**changes) -> ParallelContext:

@@ -23,3 +23,17 @@ def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter],
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))
     return len(grads)
+
+
+def allreduce_context_parallel_grads(params: Iterable[torch.nn.Parameter],
+                                     parallel: Optional[ParallelContext] = None) -> int:
+    """Sum over CP the gradient of every parameter (each CP rank saw only its part of every sequence;
+    Megatron sums them over its data-parallel-with-CP group). Returns how many gradients were summed."""
+    cp = context_for(parallel).cp
+    grads = [q.grad for q in params if q.grad is not None]
+    if cp.size == 1 or not grads:
+        return 0
+    flat = collectives.all_reduce(cp, torch.cat([g.reshape(-1) for g in grads]))
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
+    return len(grads)

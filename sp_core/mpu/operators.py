@@ -11,8 +11,12 @@ Function each, and the two edges of the sequence-parallel region.
                                                    (f on a sub-group: a weight that r ranks hold alike)
     g, many  gather_from_sp_packed one all-gather| reduce-scatter of each gradient
     a2a      all_to_all_tp         all-to-all    | all-to-all with the splits swapped (expert dispatch)
+    g_cp     gather_from_cp        all-gather    | reduce-scatter, both over the CP group (the state keys and
+                                                   values are computed from, for this CP rank's queries)
+    exit_cp  gather_from_cp_exit   all-gather    | split, over the CP group (per-token results every rank
+                                                   then uses alike: the region exit)
 
-All act on dim 0 (tokens) over the TP group of a ``ParallelContext`` (the caller's; the default context
+All act on dim 0 (tokens) over the TP group (the ``_cp`` ones over the CP group) of a ``ParallelContext`` (the caller's; the default context
 when none is given: one model per process). Where autograd records nothing (no-grad, or an input that needs no gradient)
 they are the plain forward collectives, called without an autograd Function (serving's host cost).
 """
@@ -212,6 +216,18 @@ def gather_to_replicated(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
     if p.size == 1:
         return x
     return _GatherToReplicated.apply(x, p) if _recorded(x) else c.all_gather(p, x)
+
+
+def gather_from_cp(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
+    """g over CP: every CP rank's rows of ``x`` in CP rank order; the gradient of the gathered rows is summed
+    over CP and each rank keeps its own rows' (every CP rank's queries used them)."""
+    return gather_from_sp(x, context_for(parallel).cp)
+
+
+def gather_from_cp_exit(x: torch.Tensor, parallel: P = None) -> torch.Tensor:
+    """Every CP rank's rows of ``x`` in CP rank order, for work every rank then repeats alike (the gradient
+    of its own rows comes back to each rank: no sum)."""
+    return gather_to_replicated(x, context_for(parallel).cp)
 
 
 def gather_from_sp_packed(*xs: torch.Tensor, parallel: P = None) -> Tuple[torch.Tensor, ...]:

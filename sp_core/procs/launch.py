@@ -113,7 +113,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results, board, parent_pid):
+def _entry(rank, world, port, tp, cp, sequence_parallel, timeout, fn, args, results, board, parent_pid):
     # port: of the rendezvous store the parent holds open (no race for a free port)
     global _RESULTS
     _RESULTS = results
@@ -136,7 +136,7 @@ def _entry(rank, world, port, tp, sequence_parallel, timeout, fn, args, results,
                               timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group(platform.backend(), store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
-        mpu.initialize(tp, sequence_parallel=sequence_parallel)
+        mpu.initialize(tp, sequence_parallel=sequence_parallel, cp_size=cp)
         activity.doing(f"running {getattr(fn, '__name__', 'the function')}")
         out = fn(*args)
         activity.enter_collective("the barrier after the function")
@@ -214,8 +214,9 @@ class _Run:
 
 
 def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequence_parallel: bool = True,
-              timeout: Optional[float] = None, hang_timeout: Optional[float] = None) -> List[Any]:
-    """Run ``fn(*args)`` on ``world`` ranks (tp = world by default); per-rank results in rank order.
+              timeout: Optional[float] = None, hang_timeout: Optional[float] = None, cp: int = 1) -> List[Any]:
+    """Run ``fn(*args)`` on ``world`` ranks (tp = world / cp by default; ranks = cp x tp, TP innermost, the
+    rest data-parallel); per-rank results in rank order.
 
     ``hang_timeout``: seconds a rank may wait in one collective (default: SP_CORE_COLLECTIVE_TIMEOUT).
     ``timeout``: an optional limit on the whole run (tests use one as a safety net; the CLI none).
@@ -229,7 +230,7 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
 
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     port = store.port
-    procs = [ctx.Process(target=_entry, args=(r, world, port, tp or world, sequence_parallel,
+    procs = [ctx.Process(target=_entry, args=(r, world, port, tp or world // cp, cp, sequence_parallel,
                                               hang_timeout + _BACKSTOP, fn, args, results, board, os.getpid()))
              for r in range(world)]
     run = _Run(procs, board, hang_timeout)

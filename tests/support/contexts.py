@@ -15,7 +15,7 @@ def remake(group=_UNSET, **changes) -> mpu.ParallelContext:
     and optionally another ``group``; made the default."""
     base = mpu.default_context()
     fields = dict(sequence_parallel=base.sequence_parallel, deterministic=base.deterministic,
-                  communicator=base.communicator, settings=base.settings)
+                  communicator=base.communicator, settings=base.settings, cp_group=base.cp_group)
     fields.update(changes)
     return mpu.bind(base.group if group is _UNSET else group, **fields)
 

@@ -11,7 +11,8 @@ from sp_core.procs.launch import RankFailed  # noqa: F401
 DEFAULT_TIMEOUT = float(os.environ.get("SP_CORE_TEST_TIMEOUT", "240"))
 
 
-def run_ranks(world: int, fn, *args, tp=None, sequence_parallel: bool = True, timeout: float = DEFAULT_TIMEOUT):
+def run_ranks(world: int, fn, *args, tp=None, sequence_parallel: bool = True, timeout: float = DEFAULT_TIMEOUT,
+              cp: int = 1):
     """Run ``fn(*args)`` on ``world`` ranks with mpu initialised; a failing rank's traceback is raised.
     On an accelerator machine with fewer devices than ``world`` the test is skipped (reported as such)."""
     from sp_core.mpu import platform
@@ -21,7 +22,7 @@ def run_ranks(world: int, fn, *args, tp=None, sequence_parallel: bool = True, ti
 
         pytest.skip(f"needs {world} devices; this machine has {platform.device_count()}")
     return launch.run_ranks(world, _ResultsOnCPU(fn), *args, tp=tp, sequence_parallel=sequence_parallel,
-                            timeout=timeout)
+                            timeout=timeout, cp=cp)
 
 
 def launches_per_tp(rank_fn, *args):

@@ -1,0 +1,111 @@
+"""Context parallelism's batch description: which tokens of a packed batch this CP rank holds, and which
+keys each of its rows may attend to once the key state is gathered over CP.
+
+The zig-zag split (Megatron's, load-balanced for causal attention): every sequence of n tokens is cut into
+2·cp chunks of ceil(n / 2cp) tokens (the last ones shorter or empty), and CP rank i holds chunks i and
+2cp-1-i. A rank's rows are its tokens of every sequence, sequence after sequence, then padding up to
+``rows`` (the same on every CP rank, a multiple of t under SP): padding sits only at the end of a rank's
+rows, so the layers' "real tokens first" rule (the MoE's ``num_tokens``) holds as without CP.
+
+Queries stay local; what keys and values are computed from is gathered over CP (``mpu.gather_from_cp``:
+``cp * rows`` rows, CP rank after CP rank). ``key_global`` names the token of the packed batch each
+gathered row holds (-1: padding), so causality (by index within the sequence), V3.2's selected keys (global
+rows of the packed batch, as without CP) and the exit's reordering all follow from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class ContextParallelBatch:
+    """``seq_lens``: the packed batch's sequence lengths (global); ``rows``: this rank's rows (padded);
+    ``cp_rank`` / ``cp_size``; ``key_global`` [cp*rows]: the packed-batch row each gathered row holds, -1
+    for padding; ``key_sequence`` / ``key_position`` [cp*rows]: its sequence (-1: padding) and index in it."""
+
+    seq_lens: Sequence[int]
+    rows: int
+    cp_rank: int
+    cp_size: int
+    key_global: torch.Tensor
+    key_sequence: torch.Tensor
+    key_position: torch.Tensor
+
+    @classmethod
+    def zigzag(cls, seq_lens: Sequence[int], cp_rank: int, cp_size: int, multiple: int = 1,
+               device=None) -> "ContextParallelBatch":
+        """The zig-zag split of a packed batch of ``seq_lens`` over ``cp_size`` ranks; rows padded to a
+        multiple of ``multiple`` (the tp size under SP)."""
+        held: List[List[int]] = [[] for _ in range(cp_size)]
+        sequence, position, offset = [], [], 0
+        for j, n in enumerate(seq_lens):
+            chunk = -(-n // (2 * cp_size))
+            for r in range(cp_size):
+                for c in (r, 2 * cp_size - 1 - r):
+                    held[r].extend(range(offset + min(c * chunk, n), offset + min((c + 1) * chunk, n)))
+            sequence += [j] * n
+            position += range(n)
+            offset += n
+        rows = -(-max(1, max(len(h) for h in held)) // multiple) * multiple
+        key_global = torch.tensor([g for h in held for g in h + [-1] * (rows - len(h))], dtype=torch.long,
+                                  device=device)
+        real = key_global >= 0
+        lookup = torch.tensor(sequence + [-1], dtype=torch.long, device=device)
+        where = torch.where(real, key_global, -1)
+        key_sequence = lookup[where]
+        key_position = torch.tensor(position + [-1], dtype=torch.long, device=device)[where]
+        return cls(list(seq_lens), rows, cp_rank, cp_size, key_global, key_sequence, key_position)
+
+    @property
+    def own(self) -> slice:
+        """This rank's block of the gathered rows."""
+        return slice(self.cp_rank * self.rows, (self.cp_rank + 1) * self.rows)
+
+    @property
+    def local_index(self) -> torch.Tensor:
+        """[num_tokens]: the packed-batch rows of this rank's real tokens, in its row order."""
+        mine = self.key_global[self.own]
+        return mine[mine >= 0]
+
+    @property
+    def num_tokens(self) -> int:
+        """This rank's real tokens (its first rows)."""
+        return int((self.key_global[self.own] >= 0).sum())
+
+    @property
+    def total_tokens(self) -> int:
+        return int(sum(self.seq_lens))
+
+    def gathered_row_of_token(self) -> torch.Tensor:
+        """[total_tokens]: for each token of the packed batch, the gathered row that holds it."""
+        real = torch.nonzero(self.key_global >= 0).squeeze(1)
+        out = torch.empty(self.total_tokens, dtype=torch.long, device=self.key_global.device)
+        return out.index_copy_(0, self.key_global[real], real)
+
+    def visible(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """bool ``[len(rows), cp*rows]``: the gathered keys each of this rank's ``rows`` (default: all) sees,
+        its own sequence up to its own index; padding rows see nothing."""
+        mine = self.own
+        row_sequence, row_position = self.key_sequence[mine], self.key_position[mine]
+        if rows is not None:
+            row_sequence, row_position = row_sequence[rows], row_position[rows]
+        same = (row_sequence[:, None] == self.key_sequence[None, :]) & (row_sequence[:, None] >= 0)
+        return same & (self.key_position[None, :] <= row_position[:, None])
+
+    def attention_mask(self, topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """bool ``[rows, cp*rows]`` for the attention of this rank's rows over the gathered keys: ``visible``,
+        narrowed to the selected keys where V3.2's indexer selected (``topk_indices`` [rows, k]: packed-batch
+        rows, -1 for none); a padding row attends to itself only (finite outputs, dropped at the exit)."""
+        mask = self.visible()
+        if topk_indices is not None:
+            total = self.total_tokens
+            chosen = torch.zeros(self.rows, total + 1, dtype=torch.bool, device=mask.device)
+            chosen.scatter_(1, torch.where(topk_indices >= 0, topk_indices.long(), total), True)
+            chosen[:, total] = False
+            mask &= chosen[:, torch.where(self.key_global >= 0, self.key_global, total)]
+        padding = torch.nonzero(self.key_global[self.own] < 0).squeeze(1)
+        mask[padding, padding + self.cp_rank * self.rows] = True
+        return mask
