@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.mpu import platform
@@ -18,6 +17,7 @@ from sp_core.app.runtime import load_model, pack, prompt_logprobs
 from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
 from support.gradients import core_lm_gradients, transformers_lm_gradients
+from support.index_scores import hf_index_scores
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 from support.contexts import remake, single_process
@@ -198,23 +198,6 @@ def _collective_counts(dirs):
 @pytest.fixture(scope="module")
 def runs(dirs):
     return launches_per_tp(_rank, dirs)
-
-
-# transformers' index-score math (DeepseekV32Indexer.forward, which runs under no-grad and returns only
-# the top-k), written out on its own modules so that it can be differentiated and its margins read
-def hf_index_scores(indexer, hidden, q_resid, cos, sin):
-    """[S, S] scores of one sequence (-inf above the diagonal); hidden [S, H], q_resid [S, q_lora]."""
-    from transformers.models.deepseek_v32.modeling_deepseek_v32 import apply_rotary_pos_emb
-
-    s, r = hidden.shape[0], indexer.qk_rope_head_dim
-    q = indexer.wq_b(q_resid).view(s, indexer.n_heads, indexer.head_dim)
-    k = indexer.k_norm(indexer.wk(hidden)).unsqueeze(1)
-    q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin, unsqueeze_dim=1)
-    q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1).squeeze(1)
-    logits = F.relu(torch.einsum("shd,td->sht", q.float(), k.float()) * indexer.softmax_scale)
-    weights = indexer.weights_proj(hidden.float()).float() * indexer.n_heads ** -0.5
-    scores = torch.einsum("sh,sht->st", weights, logits)
-    return scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
 
 
 def test_index_score_margins_leave_room(hf):

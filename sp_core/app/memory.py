@@ -131,9 +131,19 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
     param_ptrs = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     param_ptrs |= {b.untyped_storage().data_ptr() for b in layer.buffers()}
     p = mpu.default_context()
-    rows = mpu.padded_length(tokens, p) // p.size if p.sequence_parallel_active else tokens
+    batch, real = PackedBatch([tokens]), tokens
+    if p.cp_size > 1:  # this CP rank's part of the sequence (the zig-zag split)
+        from sp_core.layers.context_parallel import ContextParallelBatch
+
+        batch = ContextParallelBatch.zigzag([tokens], p.cp_rank, p.cp_size,
+                                            p.size if p.sequence_parallel_active else 1)
+        positions, real = batch.key_position[batch.own].clamp(min=0), batch.num_tokens
+    elif p.sequence_parallel_active:
+        positions = mpu.pad_1d(torch.arange(tokens), p)
+    else:
+        positions = torch.arange(tokens)
+    rows = positions.shape[0] // p.size if p.sequence_parallel_active else positions.shape[0]
     hidden = torch.randn(rows, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    positions = mpu.pad_1d(torch.arange(tokens), p) if p.sequence_parallel_active else torch.arange(tokens)
     storages = {}
 
     def pack(x: torch.Tensor):
@@ -143,16 +153,18 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        layer(hidden, positions, PackedBatch([tokens]), tokens)
+        layer(hidden, positions, batch, real)
     return sum(storages.values())
 
 
-def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool, moe_parallel: str = "tp") -> Dict:
-    """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks):
-    ``saved_bytes_per_rank`` (an MoE layer where the model has one), and per layer type."""
+def measure(model_dir: str, tp: int, tokens: int, sequence_parallel: bool, moe_parallel: str = "tp",
+            cp: int = 1) -> Dict:
+    """Bytes saved for backward by one decoder layer on rank 0 (bfloat16 activations, CPU ranks; cp x tp
+    ranks): ``saved_bytes_per_rank`` (an MoE layer where the model has one), and per layer type."""
     from sp_core.procs.launch import run_ranks
 
-    by_type = run_ranks(tp, _measure_rank, model_dir, tokens, moe_parallel, sequence_parallel=sequence_parallel)[0]
+    by_type = run_ranks(cp * tp, _measure_rank, model_dir, tokens, moe_parallel, sequence_parallel=sequence_parallel,
+                        tp=tp, cp=cp)[0]
     out = {"saved_bytes_per_rank": by_type.get("sparse", by_type["dense"])}
     if len(by_type) > 1:
         out["saved_bytes_per_rank_by_type"] = by_type

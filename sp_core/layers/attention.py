@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
-from sp_core.layers.context_parallel import ContextParallelBatch
+from sp_core.layers.context_parallel import ContextParallelBatch, over_gathered_state
 from sp_core.layers.linear import ColumnParallelLinear, RowParallelLinear
 from sp_core.layers.norm import RMSNorm
 from sp_core.layers.rotary import RotaryEmbedding
@@ -118,5 +118,9 @@ class SelfAttention(torch.nn.Module):
         q, k, v = heads.split([self.q_heads, self.kv_heads, self.kv_heads], dim=-2)
         q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         if self.parallel.cp_size > 1:  # this TP rank's K/V heads of every CP rank's rows, in one gather
-            k, v = mpu.gather_from_cp(torch.cat([k, v], dim=-1), self.parallel).split([k.shape[-1], v.shape[-1]], -1)
-        return self.o_proj(self.kernel(q, k, v, batch).flatten(-2))
+            width = k.shape[-1]
+            out = over_gathered_state(lambda kv, q: self.kernel(q, *kv.split([width, kv.shape[-1] - width], -1), batch),
+                                      torch.cat([k, v], dim=-1), q, parallel=self.parallel)
+        else:
+            out = self.kernel(q, k, v, batch)
+        return self.o_proj(out.flatten(-2))

@@ -19,6 +19,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from sp_core import mpu
+from sp_core.mpu import collectives
+
 
 @dataclass
 class ContextParallelBatch:
@@ -109,3 +112,43 @@ class ContextParallelBatch:
         padding = torch.nonzero(self.key_global[self.own] < 0).squeeze(1)
         mask[padding, padding + self.cp_rank * self.rows] = True
         return mask
+
+
+class _OverGatheredState(torch.autograd.Function):
+    """``fn(gather over CP of state, *inputs)``, saving only this rank's ``state`` and ``inputs`` (DESIGN
+    principle 6 for CP: a rank keeps 1/cp of the keys' state, not the gather); the backward re-gathers,
+    recomputes ``fn`` (selective recomputation of the attention, as Megatron's core-attention recompute),
+    and reduce-scatters the gathered state's gradient over CP. Gradients of parameters used inside ``fn``
+    accumulate as in any reentrant recomputation."""
+
+    @staticmethod
+    def forward(ctx, fn, parallel, state, *inputs):
+        ctx.fn, ctx.parallel = fn, parallel
+        ctx.save_for_backward(state, *inputs)
+        with torch.no_grad():
+            return fn(collectives.all_gather(parallel.cp, state), *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        state, *inputs = ctx.saved_tensors
+        gathered = collectives.all_gather(ctx.parallel.cp, state).requires_grad_(True)
+        leaves = [x.detach().requires_grad_(True) if x is not None and x.is_floating_point()
+                  and ctx.needs_input_grad[3 + i] else x for i, x in enumerate(inputs)]
+        with torch.enable_grad():
+            out = ctx.fn(gathered, *leaves)
+        torch.autograd.backward(out, grad)
+        grad_state = collectives.reduce_scatter(ctx.parallel.cp, gathered.grad)
+        return (None, None, grad_state, *[x.grad if x is not None and x is not inputs[i] else None
+                                          for i, x in enumerate(leaves)])
+
+
+def over_gathered_state(fn, state: torch.Tensor, *inputs, parallel) -> torch.Tensor:
+    """``fn(g_cp(state), *inputs)``: ``state`` [rows, ...] is what this CP rank's keys and values are
+    computed from, gathered over CP (``mpu.gather_from_cp``'s contract: all-gather forward, reduce-scatter of
+    the gradient backward); in training only ``state`` and ``inputs`` are saved and the gather and ``fn`` are
+    recomputed in backward. Identity gather with cp 1."""
+    if parallel.cp_size == 1:
+        return fn(state, *inputs)
+    if not torch.is_grad_enabled():
+        return fn(mpu.gather_from_cp(state, parallel), *inputs)
+    return _OverGatheredState.apply(fn, parallel, state, *inputs)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from sp_core import mpu
 from sp_core.layers.attention import AttentionKernel, PackedBatch, packed_causal_attention
+from sp_core.layers.context_parallel import over_gathered_state
 from sp_core.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, _divide
 from sp_core.layers.norm import RMSNorm
 from sp_core.layers.rotary import RotaryEmbedding
@@ -195,7 +196,8 @@ class MultiHeadLatentAttention(torch.nn.Module):
 
     def _project(self, hidden: torch.Tensor, positions: torch.Tensor, kv_up: Optional[torch.Tensor]):
         """(local positions, the latent shard, q [T, heads, qk_head] with roped q_pe, kv, k_pe): the work both
-        forms share. kv is ``kv_b_proj``(kv_lat) with ``kv_up`` its weight, or kv_lat itself with None."""
+        forms share. kv is ``kv_b_proj``(kv_lat) with ``kv_up`` its weight, or kv_lat itself with None or
+        under CP (where kv_b_proj applies after the CP gather: ``_attend_over_cp``)."""
         p = self.parallel
         local_positions = mpu.scatter_to_sp(positions, p) if p.sequence_parallel_active else positions
         latent = self.latent(hidden, local_positions)
@@ -205,9 +207,6 @@ class MultiHeadLatentAttention(torch.nn.Module):
             q = self.q_proj(hidden)
         else:
             q, kv, k_pe = gathered_latent_up(p, latent, self.latent_widths, [self.q_b_proj.weight, up, None])
-        if p.cp_size > 1:  # keys and values of every CP rank's rows, from [kv_lat | k_pe] alone
-            kv, k_pe = mpu.gather_from_cp(torch.cat([kv, k_pe], dim=-1), p).split([self.kv_lora_rank, self.rope], -1)
-            kv = F.linear(kv, kv_up) if kv_up is not None else kv
         q_nope, q_pe = q.unflatten(-1, (self.num_local_heads, self.qk_head_dim)).split([self.nope, self.rope], dim=-1)
         return local_positions, latent, q_nope, self.rotary.rotate(positions, q_pe), kv, k_pe
 
@@ -222,8 +221,23 @@ class MultiHeadLatentAttention(torch.nn.Module):
         if self.absorbed:
             return self._forward_absorbed(hidden, positions, batch)
         local_positions, latent, q_nope, q_pe, kv, k_pe = self._project(hidden, positions, self.kv_b_proj.weight)
-        out = self.attend(q_nope, q_pe, kv, k_pe, batch, **self._sparse(hidden, latent, local_positions, batch))
+        sparse = self._sparse(hidden, latent, local_positions, batch)
+        if self.parallel.cp_size > 1:
+            out = self._attend_over_cp(q_nope, q_pe, torch.cat([kv, k_pe], dim=-1), batch, sparse.get("topk_indices"))
+        else:
+            out = self.attend(q_nope, q_pe, kv, k_pe, batch, **sparse)
         return self.o_proj(out.flatten(-2))
+
+    def _attend_over_cp(self, q_nope, q_pe, row, batch, topk_indices) -> torch.Tensor:
+        """``attend`` with keys and values from ``row`` = ``[kv_lat | k_pe]`` of every CP rank's rows: the one
+        tensor gathered over CP (kv_lora + rope values per token), up-projected by ``kv_b_proj`` after it."""
+
+        def over(rows, q_nope, q_pe, topk_indices):
+            kv_lat, k_pe = rows.split([self.kv_lora_rank, self.rope], dim=-1)
+            sparse = {} if topk_indices is None else {"topk_indices": topk_indices}
+            return self.attend(q_nope, q_pe, F.linear(kv_lat, self.kv_b_proj.weight), k_pe, batch, **sparse)
+
+        return over_gathered_state(over, row, q_nope, q_pe, topk_indices, parallel=self.parallel)
 
     def attend(self, q_nope, q_pe, kv, k_pe, batch, kernel: Optional[AttentionKernel] = None, **sparse) -> torch.Tensor:
         """The expanded form's attention of this rank's heads over all tokens, from q_nope / roped q_pe

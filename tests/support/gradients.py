@@ -12,13 +12,15 @@ from sp_core.app.runtime import pack
 
 def core_lm_gradients(model, prompts) -> dict:
     """Full gradient of every parameter of the core ``model`` after one backward of the summed loss of
-    ``prompts`` packed into one row (labels rolled by one), the sequence-parallel gradients summed."""
+    ``prompts`` packed into one row (labels rolled by one), the sequence-parallel gradients summed over TP
+    and, under CP, every gradient summed over CP."""
     from sp_core.models.checkpoint import export_state_dict
 
     model.train()
     ids, positions, batch = pack(prompts, platform.current_device())
     model.loss(ids, positions, batch, torch.roll(ids, -1)).sum().backward()
-    mpu.allreduce_sequence_parallel_grads(model.parameters())
+    mpu.allreduce_sequence_parallel_grads(model.parameters(), model.parallel)
+    mpu.allreduce_context_parallel_grads(model.parameters(), model.parallel)
     return export_state_dict(model, grads=True)
 
 

@@ -39,6 +39,19 @@ def launches_per_tp(rank_fn, *args):
     return get
 
 
+def launches_per_cp_tp(rank_fn, *args):
+    """``get(cp, tp)``: rank 0's result of ``rank_fn(*args, cp, tp)`` on cp x tp ranks (TP innermost), launched
+    once per (cp, tp) and kept, as ``launches_per_tp``."""
+    results = {}
+
+    def get(cp: int, tp: int):
+        if (cp, tp) not in results:
+            results[cp, tp] = run_ranks(cp * tp, rank_fn, *args, cp, tp, tp=tp, cp=cp)[0]
+        return results[cp, tp]
+
+    return get
+
+
 # -- inside a rank ---------------------------------------------------------------------------------------
 
 def saved_bytes_on_every_rank(model_dir: str, tokens: int, **kwargs) -> dict:
