@@ -78,6 +78,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="show the frameworks' own output (default: it goes to a log file, whose path is printed)")
 
 
+def _add_cp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cp", type=positive_int, default=1, metavar="N",
+                   help="context-parallel size: each sequence split over N ranks (zig-zag), ranks = cp x tp, TP "
+                        "innermost (default: 1)")
+
+
 def _add_sp_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-parallel", dest="sequence_parallel", action=argparse.BooleanOptionalAction,
                    default=None, help="sequence parallelism on or off (default: on when tp > 1)")
@@ -111,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="output .safetensors: logprobs.{i} float32 [len_i, vocab] per prompt (required)")
     p.add_argument("--engine", default="core", choices=engine_names, help="engine (default: core)")
     p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel size (default: 1)")
+    _add_cp_flag(p)
     _add_sp_flag(p)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
@@ -126,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=tp_list, default=None, metavar="N,N",
                    help=f"comma-separated tp sizes (default: {verify.DEFAULT_TP}, less what other rows cover: sglang at tp 1 "
                         f"and on DeepSeek V2 / V2-Lite, and on CPU beyond the cores; an explicit --tp runs all of it)")
+    p.add_argument("--cp", type=tp_list, default=[1], metavar="N,N",
+                   help="comma-separated context-parallel sizes (default: 1); rows with cp > 1 run cp x tp ranks, "
+                        "in the engines that take --cp")
     p.add_argument("--engines", type=name_list, default=list(verify.DEFAULT_ENGINES), metavar="NAME,NAME",
                    help=f"engines to verify; each must be able to run (default: {','.join(verify.DEFAULT_ENGINES)})")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON (default: none)")
@@ -140,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="the paper's activation-memory formulas, and bytes saved for backward")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory (required)")
     p.add_argument("--tp", type=positive_int, required=True, metavar="N", help="tensor-parallel size (required)")
+    _add_cp_flag(p)
     p.add_argument("--tokens", type=positive_int, required=True, metavar="T",
                    help="tokens in the batch, s*b (required)")
     _add_sp_flag(p)
@@ -153,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="new directory for the trained Hugging Face checkpoint, written atomically (required)")
     p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel size (default: 1)")
+    _add_cp_flag(p)
     _add_sp_flag(p)
     p.add_argument("--steps", type=positive_int, default=5, metavar="K", help="optimizer steps (default: 5)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 0.001)")
@@ -170,9 +182,12 @@ def _sp(args) -> bool:
     return args.tp > 1 if args.sequence_parallel is None else args.sequence_parallel
 
 
-def check_tp(tp: int, flag: str = "--tp") -> None:
-    """A tp this machine can run: devices on an accelerator, a bounded number of CPU ranks otherwise."""
+def check_tp(tp: int, flag: str = "--tp", cp: int = 1) -> None:
+    """A tp (times a cp) this machine can run: devices on an accelerator, a bounded number of CPU ranks otherwise."""
     from sp_core.mpu import platform
+
+    if cp > 1:
+        tp, flag = cp * tp, f"--cp {cp} x {flag} {tp} ="
 
     if platform.device_type() != "cpu":
         if tp > platform.device_count():
@@ -250,13 +265,16 @@ def cmd_logits(args) -> int:
     from sp_core.app import engines
     from sp_core.mpu import platform
 
-    check_tp(args.tp)
+    check_tp(args.tp, cp=args.cp)
     check_output_file(args.out, "--out", inputs=[args.prompts], model_dir=args.model, force=args.force)
-    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine=args.engine, prompts_path=args.prompts)
+    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine=args.engine, prompts_path=args.prompts,
+                            cp=args.cp)
     dtype = getattr(torch, args.dtype or ("float32" if platform.device_type() == "cpu" else "bfloat16"))
     options = {"moe_parallel": args.moe_parallel} if args.moe_parallel != "tp" else {}
     if args.deterministic:
         options["deterministic"] = True
+    if args.cp > 1:
+        options["cp"] = args.cp
     console.announce("logits")
     logprobs = ready.engine.logprobs(args.model, ready.prompts, args.tp, _sp(args), dtype, **options)
     engines.check_finite(logprobs)
@@ -270,12 +288,12 @@ def cmd_memory(args) -> int:
 
     from sp_core.app import engines, memory
 
-    check_tp(args.tp)
+    check_tp(args.tp, cp=args.cp)
     cfg = engines.prepare(args.model, args.tp, args.moe_parallel).config
-    report = memory.report(cfg, args.tp, args.tokens, _sp(args))
+    report = memory.report(cfg, args.tp, args.tokens, _sp(args), args.cp)
     if args.measure:
         console.announce("memory")
-        report.update(memory.measure(args.model, args.tp, args.tokens, _sp(args), args.moe_parallel))
+        report.update(memory.measure(args.model, args.tp, args.tokens, _sp(args), args.moe_parallel, args.cp))
     print(json.dumps(report, indent=2), file=console.out(), flush=True)
     return 0
 
@@ -283,9 +301,9 @@ def cmd_memory(args) -> int:
 def cmd_verify(args) -> int:
     from sp_core.app import verify
 
-    if args.tp:
-        for tp in args.tp:
-            check_tp(tp)
+    for tp in args.tp or [1]:
+        for cp in args.cp:
+            check_tp(tp, cp=cp)
     if args.json:
         check_output_file(args.json, "--json", model_dir=args.model)
     if args.keep:
@@ -313,9 +331,9 @@ def check_step_fits(cfg, tp: int, sp: bool, micro_batch_size: int, seq_length: i
 def cmd_train(args) -> int:
     from sp_core.app import engines
 
-    check_tp(args.tp)
+    check_tp(args.tp, cp=args.cp)
     check_output_dir(args.out, "--out", model_dir=args.model, force=args.force)
-    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine="megatron")
+    ready = engines.prepare(args.model, args.tp, args.moe_parallel, engine="megatron", cp=args.cp)
     engine, cfg = ready.engine, ready.config
     engine.check_available()
     if args.seq_length > cfg.max_position_embeddings:

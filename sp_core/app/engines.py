@@ -19,12 +19,13 @@ __all__ = ["EngineUnavailable", "available", "get", "prepare", "Prepared", "chec
 
 
 def core_logprobs(model_dir: str, prompts, tp: int, sequence_parallel: bool, dtype: torch.dtype,
-                  moe_parallel: str = "tp", deterministic: bool = False) -> List[torch.Tensor]:
+                  moe_parallel: str = "tp", deterministic: bool = False, cp: int = 1) -> List[torch.Tensor]:
+    """On cp x tp ranks (TP innermost)."""
     from sp_core.procs.launch import add_preload, run_ranks
 
     add_preload("sp_core.app.runtime")  # the model code every rank builds with: once in the fork server
-    return run_ranks(tp, _core_rank, model_dir, prompts, dtype, moe_parallel, deterministic,
-                     sequence_parallel=sequence_parallel)[0]
+    return run_ranks(cp * tp, _core_rank, model_dir, prompts, dtype, moe_parallel, deterministic,
+                     sequence_parallel=sequence_parallel, tp=tp, cp=cp)[0]
 
 
 def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False):
@@ -37,16 +38,23 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False
 # Architectures an engine does not run yet (none at the moment: every engine runs every supported one).
 NOT_YET: Dict[str, tuple] = {}
 MOE_PARALLEL_ENGINES = ("core", "megatron", "sglang")  # engines that take --moe-parallel ep (sglang: as its --ep-size)
+CP_ENGINES = ("core",)  # engines that take --cp N > 1 (their logprobs take ``cp``)
+CP_REFUSED = {"sglang": "sglang's prefill context parallelism (--attn-cp-size) is GPU / NPU-only and the sp_core "
+                        "sglang models refuse attn_cp_size > 1"}
 
 
-def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp") -> None:
+def check_engine(name: str, cfg: ModelConfig, moe_parallel: str = "tp", cp: int = 1) -> None:
     """Whether engine ``name`` runs this model (bad input otherwise, exit 2: an architecture this engine does
-    not support yet)."""
+    not support yet, or an option it does not take)."""
     if cfg.architecture in NOT_YET.get(name, ()):
         raise ModelError(f"engine {name!r} does not run {cfg.architecture} yet; use --engine core")
     if name not in MOE_PARALLEL_ENGINES and moe_parallel != "tp":
         raise ModelError(f"--moe-parallel {moe_parallel} is an option of the {' and '.join(MOE_PARALLEL_ENGINES)} "
                          f"engines only")
+    if cp > 1 and name not in CP_ENGINES:
+        why = f": {CP_REFUSED[name]}" if name in CP_REFUSED else ""
+        raise ModelError(f"--cp {cp}: engine {name!r} runs cp 1 only{why}; context parallelism runs in the "
+                         f"{' and '.join(CP_ENGINES)} engine{'s' if len(CP_ENGINES) > 1 else ''}")
 
 
 def available() -> Dict[str, object]:
@@ -102,14 +110,14 @@ class Prepared:
 
 
 def prepare(model_dir: str, tp: int, moe_parallel: str = "tp", engine: Optional[str] = None,
-            prompts_path: Optional[str] = None) -> Prepared:
+            prompts_path: Optional[str] = None, cp: int = 1) -> Prepared:
     """A command's preparation, in this process before any rank or engine starts (one-line ModelError or
     EngineUnavailable otherwise): the checkpoint at this tp (``check_model``); with ``engine``, that the engine
     runs this model (``check_engine``); with ``prompts_path``, the prompts read and checked against the model;
     then the engine loaded (``get``)."""
     cfg = check_model(model_dir, tp, moe_parallel)
     if engine is not None:
-        check_engine(engine, cfg, moe_parallel)
+        check_engine(engine, cfg, moe_parallel, cp)
     prompts = read_prompts(prompts_path, cfg) if prompts_path is not None else None
     return Prepared(cfg, get(engine) if engine is not None else None, prompts)
 

@@ -10,10 +10,34 @@ from sp_core.models import ModelConfig
 BYTES_16BIT = 2
 
 
-def report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:
+def report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool, cp: int = 1) -> Dict:
+    out = (deepseek_report if cfg.mla is not None else gpt_report)(cfg, tp, tokens, sequence_parallel)
+    return with_context_parallel(out, cfg, tp, tokens, cp) if cp > 1 else out
+
+
+def cp_gathered_values_per_token(cfg: ModelConfig, tp: int) -> int:
+    """Values per token one layer's attention gathers over CP: MLA's ``[kv_lat | k_pe]`` (kv_lora + rope) plus
+    V3.2's index key; for GQA this TP rank's K and V heads (one at least, when there are fewer than t)."""
     if cfg.mla is not None:
-        return deepseek_report(cfg, tp, tokens, sequence_parallel)
-    return gpt_report(cfg, tp, tokens, sequence_parallel)
+        return cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim + (cfg.indexer.index_head_dim if cfg.indexer else 0)
+    return 2 * max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
+
+
+def with_context_parallel(out: Dict, cfg: ModelConfig, tp: int, tokens: int, cp: int) -> Dict:
+    """The report at cp x tp: every per-rank activation term holds T/cp tokens' rows (the attention scores,
+    [a/t, T/cp, T], too), so the layer's bytes are divided by cp; and each rank's CP gather per layer: the
+    gathered state of all T tokens (``cp_gather_bytes_per_layer``, 16-bit), of which it receives (cp-1)/cp.
+    The measured bytes (``--measure``) are lower still: the attention over the gathered state is recomputed
+    in backward, so neither the gather nor what is computed from it is saved."""
+    scaled = {k: (int(v / cp) if isinstance(v, int) and k.endswith(("_per_layer", "_selective", "_per_rank")) else v)
+              for k, v in out.items()}
+    if "activation_bytes_per_layer_by_type" in out:
+        scaled["activation_bytes_per_layer_by_type"] = {k: int(v / cp) for k, v in
+                                                        out["activation_bytes_per_layer_by_type"].items()}
+    width = cp_gathered_values_per_token(cfg, tp)
+    scaled.update(cp=cp, formula=f"{out['formula']}; per rank divided by cp", cp_gathered_values_per_token=width,
+                  cp_gather_bytes_per_layer=BYTES_16BIT * tokens * width)
+    return scaled
 
 
 def gpt_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:

@@ -53,6 +53,7 @@ class Row:
     bitwise: Optional[bool] = None  # --deterministic: this megatron / sglang pair of one setting is torch.equal
     sp_bitwise: Optional[bool] = None  # --deterministic, SP-on rows: torch.equal to the same engine with SP off
     notes: List[str] = field(default_factory=list)
+    cp: int = 1  # context-parallel size (ranks = cp x tp)
 
     @property
     def passed(self) -> bool:
@@ -94,17 +95,22 @@ def _error_status(err: Exception) -> str:
     return f"error: {getattr(err, 'error_message', '') or err}".splitlines()[0][:200]
 
 
-def _settings(tps, cfg=None, engine_name="core", deterministic=False):
-    """(tp, SP, moe_parallel) rows, SP off before SP on; MoE models in the engines that take it (the core;
+def _settings(tps, cfg=None, engine_name="core", deterministic=False, cps=(1,)):
+    """(tp, SP, moe_parallel, cp) rows, SP off before SP on; MoE models in the engines that take it (the core;
     sglang, as its --ep-size) also run expert parallelism (mode b) with SP (``deterministic``: and without,
-    so that SP on and off are compared bit for bit)."""
+    so that SP on and off are compared bit for bit); each cp > 1 of ``cps`` adds the tp x SP rows at that cp in
+    the engines that take --cp."""
     for tp in tps:
         for sp in ((False,) if tp == 1 else (False, True)):
-            yield tp, sp, "tp"
+            yield tp, sp, "tp", 1
     if engine_name in engines.MOE_PARALLEL_ENGINES and cfg is not None and cfg.moe is not None:
         for tp in tps:
             for sp in ((False, True) if deterministic else (True,)) if tp > 1 else ():
-                yield tp, sp, "ep"
+                yield tp, sp, "ep", 1
+    for cp in (c for c in cps if c > 1) if engine_name in engines.CP_ENGINES else ():
+        for tp in tps:
+            for sp in ((False,) if tp == 1 else (False, True)):
+                yield tp, sp, "tp", cp
 
 
 def _engine(row: Row) -> str:
@@ -112,8 +118,8 @@ def _engine(row: Row) -> str:
 
 
 def _setting(row: Row) -> str:
-    """The row's column in the table: tp, and SP when on."""
-    return f"tp{row.tp}" + (" SP" if row.sp else "")
+    """The row's column in the table: cp when > 1, tp, and SP when on."""
+    return (f"cp{row.cp} " if row.cp > 1 else "") + f"tp{row.tp}" + (" SP" if row.sp else "")
 
 
 def _line_key(row: Row) -> Tuple[str, str]:
@@ -180,7 +186,7 @@ DEFAULT_MATRIX_SKIPS = {"sglang": {"tps": (1,), "models": ("deepseek-v2", "deeps
 
 
 def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], default_matrix: bool,
-         deterministic: bool = False):
+         deterministic: bool = False, cps: List[int] = (1,)):
     """The rows to run, and notes about settings left out (of the default matrix, or models an engine
     does not run yet)."""
     rows, notes, not_yet = [], [], {}
@@ -197,7 +203,8 @@ def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], defa
                 continue
             cap = getattr(engine, "max_default_tp", lambda: None)() if default_matrix else None
             left_out = {tp for tp in tps if cap is not None and tp > cap} | set(skips.get("tps", ())) & set(tps)
-            rows += [Row(model_name, engine_name, tp, sp, moe=moe) for tp, sp, moe in _settings(tps, cfg, engine_name, deterministic)
+            rows += [Row(model_name, engine_name, tp, sp, moe=moe, cp=cp)
+                     for tp, sp, moe, cp in _settings(tps, cfg, engine_name, deterministic, cps)
                      if tp not in left_out and moe not in skips.get("moe", ())]
     if default_matrix:
         notes += _default_matrix_notes(models, tps, usable)
@@ -266,7 +273,7 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
     moves from ``usable`` to ``unavailable`` with its reason, and its rows are dropped). ``deterministic``:
     every engine in the deterministic mode, and each megatron / sglang pair of rows compared bit for bit."""
     mode = {"deterministic": True} if deterministic else {}
-    results: Dict[Tuple[str, str, int, bool, str], list] = {}
+    results: Dict[Tuple[str, str, int, bool, str, int], list] = {}
     references: Dict[str, list] = {}
     core_tp1: Dict[str, list] = {}
     core_tp1_seconds: Dict[str, float] = {}
@@ -281,8 +288,8 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
                 start = time.time()
                 core_tp1[row.model] = usable["core"].logprobs(model_dir, prompts, 1, False, torch.float32, **mode)
                 core_tp1_seconds[row.model] = time.time() - start
-        is_core_tp1 = row.engine == "core" and row.tp == 1 and row.moe == "tp"
-        moe = dict(mode, **({"moe_parallel": row.moe} if row.moe != "tp" else {}))
+        is_core_tp1 = row.engine == "core" and row.tp == 1 and row.moe == "tp" and row.cp == 1
+        moe = dict(mode, **({"moe_parallel": row.moe} if row.moe != "tp" else {}), **({"cp": row.cp} if row.cp > 1 else {}))
         got, ran_here = _attempt(row, progress, unavailable, row.engine, lambda: core_tp1[row.model] if is_core_tp1 else
                                  usable[row.engine].logprobs(model_dir, prompts, row.tp, row.sp, torch.float32, **moe))
         if not ran_here:
@@ -294,8 +301,8 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
             continue
         if is_core_tp1:
             row.seconds = core_tp1_seconds[row.model]
-        results[(row.model, row.engine, row.tp, row.sp, row.moe)] = got
-        sp_off = results.get((row.model, row.engine, row.tp, False, row.moe)) if row.sp else None
+        results[(row.model, row.engine, row.tp, row.sp, row.moe, row.cp)] = got
+        sp_off = results.get((row.model, row.engine, row.tp, False, row.moe, row.cp)) if row.sp else None
         if deterministic and sp_off is not None:  # the mode's promise: SP on and off agree bit for bit
             row.sp_bitwise = all(torch.equal(a, b) for a, b in zip(got, sp_off))
         _score(row, got, references[row.model], core_tp1=None if is_core_tp1 else core_tp1.get(row.model),
@@ -321,12 +328,12 @@ def _mark_bitwise_pair(row: Row, ran: List[Row], results, promised: bool = True)
     """When ``row`` completes a megatron / sglang pair of one setting: both rows' ``bitwise``, torch.equal;
     a difference fails both rows where bitwise equality is ``promised``, else it is a note."""
     other = {"megatron": "sglang", "sglang": "megatron"}.get(row.engine)
-    setting = (row.model, row.tp, row.sp, row.moe)
-    partner = next((r for r in ran if r.engine == other and (r.model, r.tp, r.sp, r.moe) == setting), None)
-    theirs = results.get((row.model, other, row.tp, row.sp, row.moe))
+    setting = (row.model, row.tp, row.sp, row.moe, row.cp)
+    partner = next((r for r in ran if r.engine == other and (r.model, r.tp, r.sp, r.moe, r.cp) == setting), None)
+    theirs = results.get((row.model, other, row.tp, row.sp, row.moe, row.cp))
     if partner is None or theirs is None:
         return
-    mine = results[(row.model, row.engine, row.tp, row.sp, row.moe)]
+    mine = results[(row.model, row.engine, row.tp, row.sp, row.moe, row.cp)]
     equal = all(torch.equal(a, b) for a, b in zip(mine, theirs))
     if not promised:
         if not equal:
@@ -424,8 +431,8 @@ def table(rows: List[Row], deterministic: bool = False) -> str:
     greedy tokens (with ``deterministic``: whether every megatron / sglang pair is bitwise equal), seconds
     and the status. Failed rows are listed below the table, one line each."""
     columns = SUMMARY_COLUMNS[:-1] + [BITWISE_COLUMN] + SUMMARY_COLUMNS[-1:] if deterministic else SUMMARY_COLUMNS
-    settings = sorted({(r.tp, r.sp) for r in rows})
-    names = [_setting(Row("", "", tp, sp)) for tp, sp in settings]
+    settings = sorted({(r.cp, r.tp, r.sp) for r in rows})
+    names = [_setting(Row("", "", tp, sp, cp=cp)) for cp, tp, sp in settings]
     lines: Dict[Tuple[str, str], List[Row]] = {}
     for r in rows:
         lines.setdefault(_line_key(r), []).append(r)
@@ -435,7 +442,7 @@ def table(rows: List[Row], deterministic: bool = False) -> str:
     out = [f"{'model':<{model_w}} {'engine':<{engine_w}} " + " ".join(f"{n:>{cell_w}}" for n in names) + " "
            + " ".join(f"{h:>{w}}" for h, w, _ in columns) + "  status"]
     for (model, engine), line_rows in lines.items():
-        by_setting = {(r.tp, r.sp): r for r in line_rows}
+        by_setting = {(r.cp, r.tp, r.sp): r for r in line_rows}
         cells = []
         for key in settings:
             r = by_setting.get(key)
@@ -447,7 +454,8 @@ def table(rows: List[Row], deterministic: bool = False) -> str:
                    + f"  {_status(line_rows)}")
     for r in rows:
         if not r.passed:
-            out.append(f"{r.status.split(':')[0]}: {r.model} {_engine(r)} tp={r.tp} SP {'on' if r.sp else 'off'}:"
+            out.append(f"{r.status.split(':')[0]}: {r.model} {_engine(r)} {'cp=%d ' % r.cp if r.cp > 1 else ''}"
+                       f"tp={r.tp} SP {'on' if r.sp else 'off'}:"
                        f"{r.status.split(':', 1)[1] if ':' in r.status else ''}")
     for r in rows:
         if r.model == "round-trip":
@@ -511,7 +519,7 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
             except Exception as err:
                 raise type(err)(f"{'the embedded ' + name + ' checkpoint: ' if not args.model else ''}{err}") from None
     deterministic = getattr(args, "deterministic", False)
-    rows, notes = plan(models, tps, usable, default_matrix, deterministic)
+    rows, notes = plan(models, tps, usable, default_matrix, deterministic, getattr(args, "cp", [1]))
     trip = args.round_trip and {"megatron", "sglang"} <= set(usable)
     if not rows and not trip and not unavailable:
         raise UsageError("nothing to verify: the matrix of engines x tp sizes is empty")
