@@ -220,3 +220,36 @@ def test_saved_bytes_shrink_by_cp_times_t(results, cp1):
                 base = cp1["saved"][name][kind]
                 print(f"{setting} {name} {kind}: {saved} bytes saved per rank, cp 1 x tp 1 {base} ({base / saved:.2f}x)")
                 assert saved <= 1.05 * base / (cp * t), (setting, name, kind)
+
+
+def test_cli_logits_memory_and_verify_rows(dirs, refs, tmp_path, capsys):
+    """`sp-core logits --cp 2` (transformers' log-probabilities, no padding rows), `memory --measure --cp 2 --tp 2`
+    (the CP keys; per rank <= 1/(cp t) of tp 1's) and `verify --cp 1,2` (cp 2 rows in the core engine)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sp_core.app.cli import main
+
+    qwen3 = dirs["models"]["qwen3"]
+    prompts, out = tmp_path / "prompts.json", tmp_path / "out.safetensors"
+    prompts.write_text(json.dumps(PROMPTS))
+    assert main(["logits", "--model", qwen3, "--prompts", str(prompts), "--out", str(out), "--cp", "2"]) == 0
+    got = load_file(str(out))
+    assert max_diff([got[f"logprobs.{i}"] for i in range(len(PROMPTS))], refs["qwen3"]) <= 1e-4
+    capsys.readouterr()
+    v3 = dirs["models"]["deepseek-v3"]
+    reports = {}
+    for flags in (["--tp", "1", "--no-sequence-parallel"], ["--tp", "2", "--cp", "2"]):
+        assert main(["memory", "--model", v3, "--tokens", str(MEMORY_TOKENS), "--measure"] + flags) == 0
+        reports[flags[1]] = json.loads(capsys.readouterr().out)
+    cp = reports["2"]
+    assert cp["cp"] == 2 and cp["cp_gathered_values_per_token"] == 24  # kv_lora + rope
+    assert cp["cp_gather_bytes_per_layer"] == 2 * MEMORY_TOKENS * 24
+    assert cp["saved_bytes_per_rank"] <= reports["1"]["saved_bytes_per_rank"] / 4
+    report = tmp_path / "verify.json"
+    assert main(["verify", "--model", qwen3, "--tp", "1", "--cp", "1,2", "--engines", "core", "--no-round-trip",
+                 "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["cp"], r["tp"], r["status"]) for r in rows] == [(1, 1, "ok"), (2, 1, "ok")]
+    assert "cp2 tp1" in capsys.readouterr().out
