@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core.layers.attention import PackedBatch, expand_kv, packed_causal_attention
+from sp_core.layers.context_parallel import ContextParallelBatch
 from sp_core.models import ModelError
 
 
@@ -98,6 +99,37 @@ class MegatronBatch:
         return cls(seq_length, micro_batch_size, allowed, cu_seqlens, deterministic)
 
 
+def context_parallel_batch(local_length: int, micro_batch_size: int, parallel, device=None,
+                           attention_mask=None, packed_seq_params=None) -> ContextParallelBatch:
+    """The core's description of a CP rank's part of b sequences as Megatron's ``get_batch_on_this_cp_rank``
+    split them (each sequence of s = cp * ``local_length`` tokens cut into 2·cp chunks, rank i holding chunks
+    i and 2cp-1-i), rows s-major ([s/cp, b] viewed as [s/cp * b]); a gathered key's packed-batch row is
+    position * b + column, as Megatron's s-major grid numbers it. Causal batches only: Megatron's THD split
+    under CP needs Transformer Engine (``get_thd_batch_on_this_cp_rank``), and an attention_mask would have
+    to be split over keys as well."""
+    if packed_seq_params is not None or attention_mask is not None:
+        raise ModelError("sp-core with context_parallel_size > 1 takes causal batches only: no packed sequences "
+                         "(THD needs Transformer Engine's CP split) and no attention_mask; use "
+                         "context_parallel_size=1 for those")
+    cp, b = parallel.cp_size, micro_batch_size
+    chunk = local_length // 2
+    if local_length % 2:
+        raise ModelError(f"a context-parallel rank's sequence part has {local_length} tokens; Megatron's split "
+                         f"gives 2 chunks of equal length (seq_length divisible by 2 x context_parallel_size)")
+    rows = -(-local_length * b // parallel.size) * parallel.size  # SP padding (none where Megatron's s splits)
+    index = torch.arange(local_length, device=device)
+    positions = torch.stack([torch.where(index < chunk, r * chunk + index, (2 * cp - 1 - r) * chunk + index - chunk)
+                             for r in range(cp)])  # [cp, s/cp]
+
+    def padded(x):  # [cp, s/cp * b] s-major rows of every CP rank -> [cp * rows], -1 past the real ones
+        return F.pad(x, (0, rows - x.shape[1]), value=-1).reshape(-1)
+
+    position = positions.repeat_interleave(b, dim=1)
+    sequence = torch.arange(b, device=device).repeat(cp, local_length)
+    return ContextParallelBatch([cp * local_length] * b, rows, parallel.cp_rank, cp, padded(position * b + sequence),
+                                padded(sequence), padded(position))
+
+
 def packed_cu_seqlens(packed_seq_params, micro_batch_size: int) -> Optional[torch.Tensor]:
     """Document starts (and the end) of a THD batch; padded offsets when Megatron gives them."""
     if packed_seq_params is None:
@@ -147,6 +179,8 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     In the deterministic mode a batch without a V3.2 selection runs the core's own kernel on each sequence
     (each column, or each packed document: ``MegatronBatch.sequence_lengths``), laid out one after another:
     the call the core engine and sglang's prefill make for a prompt of it."""
+    if isinstance(batch, ContextParallelBatch):  # this CP rank's rows against every CP rank's keys
+        return packed_causal_attention(q, k, v, batch, scale=scale, topk_indices=topk_indices)
     s, b = batch.seq_length, batch.micro_batch_size
     if topk_indices is None and batch.deterministic:
         return _per_sequence_core_kernel(q, k, v, batch, scale)

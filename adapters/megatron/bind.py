@@ -16,7 +16,8 @@ def parameter_device(config) -> torch.device:
 
 
 def bind_tensor_parallel_group(config) -> mpu.ParallelContext:
-    """The core's context on Megatron's TP group, with the config's SP and ``deterministic_mode``."""
+    """The core's context on Megatron's TP group (and its CP group under context parallelism), with the config's
+    SP and ``deterministic_mode``."""
     if not parallel_state.model_parallel_is_initialized():
         raise ModelError("megatron.core.parallel_state is not initialised: call "
                          "parallel_state.initialize_model_parallel(...) before building the model")
@@ -35,5 +36,10 @@ def bind_tensor_parallel_group(config) -> mpu.ParallelContext:
                              f"group (rank {parallel_state.get_tensor_model_parallel_rank()} of {size}); sp-core's "
                              f"expert parallelism needs expert_model_parallel_size = tensor_model_parallel_size, "
                              f"expert_tensor_parallel_size = 1 and Megatron's default rank order")
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp != (getattr(config, "context_parallel_size", 1) or 1):
+        raise ModelError(f"config.context_parallel_size={config.context_parallel_size} but Megatron's "
+                         f"context-parallel group has {cp} ranks")
     return mpu.bind(group, sequence_parallel=config.sequence_parallel,
-                    deterministic=getattr(config, "deterministic_mode", False))  # Megatron's own switch
+                    deterministic=getattr(config, "deterministic_mode", False),  # Megatron's own switch
+                    cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)

@@ -100,7 +100,6 @@ def moe_parallel_mode(config: TransformerConfig) -> str:
 def check_supported(config: TransformerConfig) -> None:
     """Settings the core does not support yet fail at start-up with one line."""
     unsupported = {
-        "context_parallel_size": "context parallelism",
         "pipeline_model_parallel_size": "pipeline parallelism",
     }
     for name, what in unsupported.items():

@@ -8,7 +8,8 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from sp_core.models import CausalLM, ModelConfig, ModelError, load_hf_checkpoint
-from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
+from sp_core_megatron.batch import (MegatronBatch, context_parallel_batch, document_positions, megatron_attention,
+                                    packed_cu_seqlens)
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
 from sp_core_megatron.config import check_supported, check_supported_for_model, moe_parallel_mode
 
@@ -22,7 +23,9 @@ class SPCoreGPTModel(MegatronModule):
     -> loss [b, s]; without labels: logits [b, s, ceil(V/t)] over this rank's vocabulary block (as
     GPTModel). ``attention_mask``: Megatron's [b or 1, 1, s, s], True = masked out (None: causal).
     ``packed_seq_params`` (THD, b = 1): documents attend only to themselves and their positions
-    restart at 0 (``position_ids`` are then ignored, as Megatron's rotary does)."""
+    restart at 0 (``position_ids`` are then ignored, as Megatron's rotary does). Under context parallelism
+    (``context_parallel_size``) the batch is this CP rank's part, as Megatron's ``get_batch_on_this_cp_rank``
+    split it ([b, s/cp]; ``position_ids`` the global positions), and so is the loss (as GPTModel's)."""
 
     def __init__(self, config, pre_process: bool = True, post_process: bool = True, pg_collection=None):
         check_supported(config)
@@ -60,8 +63,13 @@ class SPCoreGPTModel(MegatronModule):
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, packed_seq_params=None,
                 **unused):
         b, s = input_ids.shape
-        cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
         ids = input_ids.t().reshape(-1)
+        if self.parallel.cp_size > 1:  # this CP rank's part of each sequence (get_batch_on_this_cp_rank's)
+            batch = context_parallel_batch(s, b, self.parallel, input_ids.device, attention_mask, packed_seq_params)
+            positions = (position_ids.expand(b, s).t().reshape(-1) if position_ids is not None
+                         else batch.key_position[batch.own][: s * b])
+            return self._run(ids, positions, batch, labels, s, b)
+        cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
         if cu_seqlens is not None:
             positions = document_positions(cu_seqlens, s)
         elif position_ids is not None:
@@ -70,6 +78,9 @@ class SPCoreGPTModel(MegatronModule):
             positions = torch.arange(s, device=input_ids.device).repeat_interleave(b)
         batch = MegatronBatch.from_megatron(s, b, input_ids.device, attention_mask, packed_seq_params,
                                             self.parallel.deterministic)
+        return self._run(ids, positions, batch, labels, s, b)
+
+    def _run(self, ids, positions, batch, labels, s: int, b: int):
         with self.parallel.sequence_parallel_for(self.config.sequence_parallel):  # Megatron's config decides
             if labels is None:
                 logits = self.language_model.local_logits(ids, positions, batch)

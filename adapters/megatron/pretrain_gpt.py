@@ -78,8 +78,11 @@ def forward_step(data_iterator, model):
     from sp_core.mpu import platform
 
     device = platform.current_device()
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
              for k, v in next(data_iterator).items()}
+    batch = get_batch_on_this_cp_rank(batch)  # Megatron's zig-zag split (the batch itself at cp 1)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 

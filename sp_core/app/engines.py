@@ -38,7 +38,7 @@ def _core_rank(model_dir, prompts, dtype, moe_parallel="tp", deterministic=False
 # Architectures an engine does not run yet (none at the moment: every engine runs every supported one).
 NOT_YET: Dict[str, tuple] = {}
 MOE_PARALLEL_ENGINES = ("core", "megatron", "sglang")  # engines that take --moe-parallel ep (sglang: as its --ep-size)
-CP_ENGINES = ("core",)  # engines that take --cp N > 1 (their logprobs take ``cp``)
+CP_ENGINES = ("core", "megatron")  # engines that take --cp N > 1 (their logprobs take ``cp``)
 CP_REFUSED = {"sglang": "sglang's prefill context parallelism (--attn-cp-size) is GPU / NPU-only and the sp_core "
                         "sglang models refuse attn_cp_size > 1"}
 

@@ -47,39 +47,46 @@ class CausalLM(torch.nn.Module):
     @batch_invariant.when_deterministic
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         """Final-norm hidden states: this rank's token shard (padded) under SP, all tokens otherwise; under
-        CP, of this CP rank's rows (``context_parallel_batch``). Token ids are not validated here (a host sync
-        per forward): entry points check the prompts (``sp_core.app.prompts.check_prompts``), servers check
-        ids on arrival."""
-        num_tokens = input_ids.shape[0]
-        if self.parallel.cp_size > 1:
-            batch = self.context_parallel_batch(batch, input_ids.device)
-            mine, num_tokens = batch.local_index, batch.num_tokens
-            input_ids, positions = (F.pad(x[mine], (0, batch.rows - num_tokens)) for x in (input_ids, positions))
-        elif self.parallel.sequence_parallel_active:
-            input_ids, positions = mpu.pad_1d(input_ids, self.parallel), mpu.pad_1d(positions, self.parallel)
-        return self.model(input_ids, positions, batch, num_tokens)
+        CP, of this CP rank's rows only. Token ids are not validated here (a host sync per forward): entry
+        points check the prompts (``sp_core.app.prompts.check_prompts``), servers check ids on arrival.
+
+        Under CP, ``batch`` is either the whole packed batch (the tokens of every sequence: this rank keeps its
+        zig-zag part, ``context_parallel_batch``) or a ``ContextParallelBatch`` already, whose caller passed
+        only this CP rank's tokens (Megatron's ``get_batch_on_this_cp_rank`` split them)."""
+        return self._enter(input_ids, positions, batch)[0]
+
+    def _enter(self, input_ids: torch.Tensor, positions: torch.Tensor, batch):
+        """(hidden states, the batch the layers saw, whether the tokens were split here: the exit then
+        gathers the results over CP)."""
+        p, split_here = self.parallel, False
+        if p.cp_size > 1 and not isinstance(batch, ContextParallelBatch):
+            batch, split_here = self.context_parallel_batch(batch, input_ids.device), True
+            input_ids, positions = input_ids[batch.local_index], positions[batch.local_index]
+        if isinstance(batch, ContextParallelBatch):
+            num_tokens = batch.num_tokens
+            input_ids, positions = (F.pad(x, (0, batch.rows - x.shape[0])) for x in (input_ids, positions))
+        else:
+            num_tokens = input_ids.shape[0]
+            if p.sequence_parallel_active:
+                input_ids, positions = mpu.pad_1d(input_ids, p), mpu.pad_1d(positions, p)
+        return self.model(input_ids, positions, batch, num_tokens), batch, split_here
 
     def context_parallel_batch(self, batch, device=None) -> ContextParallelBatch:
         """This CP rank's part of a packed batch (the zig-zag split; rows a multiple of t under SP)."""
-        if isinstance(batch, ContextParallelBatch):
-            return batch
         p = self.parallel
         return ContextParallelBatch.zigzag(batch.seq_lens, p.cp_rank, p.cp_size,
                                            p.size if p.sequence_parallel_active else 1, device)
 
     @batch_invariant.when_deterministic
     def local_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        """Logits of all T tokens over this rank's vocabulary block: [T, ceil(V/t)] (under CP gathered from
-        every CP rank and put back in the batch's order: the exit)."""
-        if self.parallel.cp_size > 1:
-            batch = self.context_parallel_batch(batch, input_ids.device)
-            return self._from_cp_ranks(self.lm_head(self.hidden_states(input_ids, positions, batch)), batch)
-        hidden = self.hidden_states(input_ids, positions, batch)
-        return self.lm_head(hidden)[: input_ids.shape[0]]
+        """Logits of the T tokens given over this rank's vocabulary block: [T, ceil(V/t)] (under CP with the
+        whole batch given, gathered from every CP rank in the batch's order: the exit)."""
+        hidden, batch, split_here = self._enter(input_ids, positions, batch)
+        logits = self.lm_head(hidden)
+        return self._from_cp_ranks(logits, batch) if split_here else logits[: input_ids.shape[0]]
 
-    def _from_cp_ranks(self, rows: torch.Tensor, batch) -> torch.Tensor:
+    def _from_cp_ranks(self, rows: torch.Tensor, cp_batch: ContextParallelBatch) -> torch.Tensor:
         """This CP rank's per-row results (padded rows) -> every token's, in the packed batch's order."""
-        cp_batch = self.context_parallel_batch(batch, rows.device)
         gathered = mpu.gather_from_cp_exit(rows[: cp_batch.rows], self.parallel)
         return gathered.index_select(0, cp_batch.gathered_row_of_token())
 
@@ -88,15 +95,15 @@ class CausalLM(torch.nn.Module):
         """Full logits [T, vocab] on every rank (inference)."""
         return gather_vocab(self.local_logits(input_ids, positions, batch), self.config.vocab_size, self.parallel)
 
+    @batch_invariant.when_deterministic
     def loss(self, input_ids: torch.Tensor, positions: torch.Tensor, batch, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy [T] without gathering the vocabulary (nor, under CP, the logits: each CP
-        rank takes its own rows' loss, and only the per-token loss crosses CP ranks)."""
-        if self.parallel.cp_size > 1:
-            cp_batch = self.context_parallel_batch(batch, input_ids.device)
-            hidden = self.hidden_states(input_ids, positions, cp_batch)
-            mine = F.pad(labels[cp_batch.local_index], (0, cp_batch.rows - cp_batch.num_tokens))
-            logits = self.lm_head(hidden)[: cp_batch.rows]
-            losses = vocab_parallel_cross_entropy(logits, mine, self.config.vocab_size, self.parallel)
+        rank takes its own rows' loss, and with the whole batch given only the per-token loss crosses CP)."""
+        hidden, batch, split_here = self._enter(input_ids, positions, batch)
+        if split_here:
+            mine = F.pad(labels[batch.local_index], (0, batch.rows - batch.num_tokens))
+            losses = vocab_parallel_cross_entropy(self.lm_head(hidden)[: batch.rows], mine, self.config.vocab_size,
+                                                  self.parallel)
             return self._from_cp_ranks(losses, batch)
-        logits = self.local_logits(input_ids, positions, batch)
+        logits = self.lm_head(hidden)[: input_ids.shape[0]]
         return vocab_parallel_cross_entropy(logits, labels, self.config.vocab_size, self.parallel)
