@@ -23,7 +23,8 @@ from sp_core.models import ModelConfig
 from sp_core.models.config import DEEPSEEK_ARCHITECTURES
 from sp_core.models.deepseek import DeepseekDecoderLayer
 from sp_core.models.qwen import qwen_decoder_layer
-from sp_core_megatron.batch import MegatronBatch, document_positions, megatron_attention, packed_cu_seqlens
+from sp_core_megatron.batch import (MegatronBatch, context_parallel_batch, document_positions, megatron_attention,
+                                    packed_cu_seqlens)
 from sp_core_megatron.bind import bind_tensor_parallel_group, parameter_device
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -44,7 +45,9 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
     """The core's pre-norm decoder layer behind Megatron's layer interface ([s/t, b, h] under SP).
 
     Honours Megatron's ``attention_mask`` ([b or 1, 1, s, s], True = masked out) and
-    ``packed_seq_params`` (THD: attention within each document, positions restarting at 0)."""
+    ``packed_seq_params`` (THD: attention within each document, positions restarting at 0). Under context
+    parallelism the layer holds this CP rank's part of each sequence (Megatron's zig-zag split; causal
+    batches only) and its rotary takes the tokens' global positions."""
 
     def __init__(self, config, layer_number: int = 1, rope_theta: Optional[float] = None,
                  rope_scaling: Optional[dict] = None, **unused):
@@ -89,12 +92,17 @@ class SPCoreTransformerLayer(MegatronModule, BaseTransformerLayer):
                 batch_invariant.gemms(self.parallel.deterministic):
             s = rows * self.parallel.size if self.parallel.sequence_parallel_active else rows
             cu_seqlens = packed_cu_seqlens(packed_seq_params, b)
-            if cu_seqlens is not None:
+            if self.parallel.cp_size > 1:  # this CP rank's part of each sequence, as Megatron split it
+                batch = context_parallel_batch(s, b, self.parallel, hidden_states.device, attention_mask,
+                                               packed_seq_params)
+                positions = batch.key_position[batch.own]
+            elif cu_seqlens is not None:
                 positions = document_positions(cu_seqlens, s)
             else:
                 positions = _s_major_positions(s, b, hidden_states.device)
-            batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params,
-                                                self.parallel.deterministic)
+            if self.parallel.cp_size == 1:
+                batch = MegatronBatch.from_megatron(s, b, hidden_states.device, attention_mask, packed_seq_params,
+                                                    self.parallel.deterministic)
             tokens = hidden_states.reshape(rows * b, h)
             if isinstance(self.layer, DeepseekDecoderLayer):  # Megatron's SP needs s divisible by t: no padding
                 out = self.layer(tokens, positions, batch, s * b)

@@ -340,13 +340,18 @@ def cmd_train(args) -> int:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's context "
                          f"({cfg.max_position_embeddings}, max_position_embeddings)")
     sp = _sp(args)
+    split = 2 * args.cp * (args.tp if sp else 1)
+    if args.cp > 1 and args.seq_length % split:
+        raise UsageError(f"--seq-length {args.seq_length} does not split over --cp {args.cp}: Megatron's context "
+                         f"parallelism needs it divisible by 2 x cp{' x tp (sequence parallel)' if sp else ''} = {split}")
     check_step_fits(cfg, args.tp, sp, args.micro_batch_size, args.seq_length)
     console.announce("train")
-    console.say(f"sp-core train: {args.model} | tp {args.tp} | sequence parallel {'on' if sp else 'off'} | "
+    cp = f" | cp {args.cp}" if args.cp > 1 else ""
+    console.say(f"sp-core train: {args.model} | tp {args.tp}{cp} | sequence parallel {'on' if sp else 'off'} | "
                 f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
     result = engine.train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
                                 seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                                moe_parallel=args.moe_parallel)
+                                moe_parallel=args.moe_parallel, **({"cp": args.cp} if args.cp > 1 else {}))
     console.say(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}")
     return 0
 

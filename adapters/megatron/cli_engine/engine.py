@@ -105,7 +105,7 @@ def _train_rank(model_dir, tp, sequence_parallel, steps, out_dir, prompts, setti
     model = build_model(model_dir, tp, sequence_parallel, settings.get("dtype", torch.float32),
                         settings.get("moe_parallel", "tp"), settings.get("deterministic", False),
                         settings.get("cp", 1), **settings.get("config", {}))
-    log = progress if settings.get("progress") and model.parallel.rank == 0 else None
+    log = progress if settings.get("progress") and model.parallel.rank == 0 and model.parallel.cp_rank == 0 else None
     ddp, losses, grads0 = training.train(model, steps, seq_length=settings.get("seq_length", 32),
                                          micro_batch_size=settings.get("micro_batch_size", 2),
                                          lr=settings.get("lr", 1e-3), clip_grad=clip_grad_default(), log=log,
