@@ -1,5 +1,6 @@
 """Bytes saved for backward by one decoder layer per rank (sp-core memory --measure), TP vs TP-SP,
-for a Qwen3-shaped and a DeepSeek-V3-shaped layer; plus the formula at DeepSeek-V3's real shape.
+for a Qwen3-shaped and a DeepSeek-V3-shaped layer, and with context parallelism (cp x tp); plus the
+formula at DeepSeek-V3's real shape.
 
 Runs on CPU (gloo ranks); writes docs/memory.md.  Usage, from the repository root:
 
@@ -8,6 +9,7 @@ Runs on CPU (gloo ranks); writes docs/memory.md.  Usage, from the repository roo
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import textwrap
 
@@ -34,11 +36,51 @@ DEEPSEEK_V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, h
                                      mscale_all_dim=1.0, beta_fast=32, beta_slow=1), rope_theta=10000)
 
 
-def measure(ckpt, tp, sp, moe="tp"):
+def measure(ckpt, tp, sp, moe="tp", cp=1):
     flag = "--sequence-parallel" if sp else "--no-sequence-parallel"
-    out = subprocess.run(["sp-core", "memory", "--model", ckpt, "--tp", str(tp), "--tokens", str(TOKENS), flag,
-                          "--measure", "--moe-parallel", moe], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "sp_core.app.cli", "memory", "--model", ckpt, "--tp", str(tp),
+                          "--tokens", str(TOKENS), flag, "--measure", "--moe-parallel", moe, "--cp", str(cp)],
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out)
+
+
+def context_parallel_lines(ckpt):
+    """cp x tp rows for the DeepSeek-V3-shaped layer, and the bytes gathered over CP per layer."""
+    from sp_core.app import memory
+    from sp_core.models import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(ckpt)
+    lines = ["", "## Context parallelism (cp x tp) on the DeepSeek-V3-shaped layers", "",
+             f"The same layers and T = {TOKENS} tokens, split over cp ranks (the zig-zag split) and, inside each, over",
+             "tp ranks with SP. Each rank keeps the latent `[kv_lat | k_pe]` of its own tokens only: the CP gather",
+             "and the attention over it are recomputed in backward (selective recomputation), so a layer saves",
+             "at most (bytes at cp 1 x tp 1) / (cp t); what the attention kernel would have stored over the",
+             "gathered keys (CPU SDPA: its probabilities, here) is not saved at all, hence ratios below 1.", "",
+             "| cp | tp | SP | dense layer: saved bytes / rank | ratio to (cp1 tp1) / (cp t) | MoE layer: saved bytes / rank "
+             "| ratio to (cp1 tp1) / (cp t) |", "|---|---|---|---|---|---|---|"]
+    base = None
+    for cp, tp, sp in ((1, 1, False), (1, 2, True), (2, 1, False), (2, 2, True), (4, 1, False)):
+        by_type = measure(ckpt, tp, sp, cp=cp)["saved_bytes_per_rank_by_type"]
+        base = base or by_type
+        lines.append(f"| {cp} | {tp} | {'on' if sp else 'off'} | {by_type['dense']:,} | "
+                     f"{by_type['dense'] * cp * tp / base['dense']:.3f} | {by_type['sparse']:,} | "
+                     f"{by_type['sparse'] * cp * tp / base['sparse']:.3f} |")
+    v3 = ModelConfig.from_dict(DEEPSEEK_V3)
+    width = memory.cp_gathered_values_per_token(v3, 2)
+    heads = v3.num_attention_heads * (v3.mla.qk_head_dim + v3.mla.v_head_dim)
+    lines += ["", "Bytes each rank gathers over CP per layer (`cp_gather_bytes_per_layer` in `sp-core memory --cp N`):",
+              "the gathered state of all T tokens in 16-bit, of which a rank receives (cp-1)/cp. At DeepSeek-V3's",
+              f"real shape, per token: MLA's `[kv_lat | k_pe]` = {width} values (V3.2 adds its index key, 128),",
+              f"against {heads:,} for the 128 heads' keys and values (a CP that gathers K/V heads) -- per TP rank",
+              f"{heads // 2:,} at t = 2: the latent is {heads // 2 / width:.0f}x smaller. Qwen (GQA) gathers this TP",
+              "rank's K and V heads (2 x kv_heads/t x head_dim values per token).", "",
+              "| model | T | cp | tp | values gathered per token | bytes gathered per layer per rank |",
+              "|---|---|---|---|---|---|"]
+    for tokens, cp, tp in ((32768, 2, 2), (131072, 2, 2), (131072, 4, 4)):
+        r = memory.report(v3, tp, tokens, True, cp)
+        lines.append(f"| DeepSeek-V3 | {tokens:,} | {cp} | {tp} | {r['cp_gathered_values_per_token']} | "
+                     f"{r['cp_gather_bytes_per_layer']:,} |")
+    return lines
 
 
 def deepseek_lines():
@@ -62,6 +104,7 @@ def deepseek_lines():
         lines.append(f"| {tp} | {'on' if sp else 'off'} | {moe} | {by_type['dense']:,} | "
                      f"{by_type['dense'] * tp / base['dense']:.3f} | {by_type['sparse']:,} | "
                      f"{by_type['sparse'] * tp / base['sparse']:.3f} |")
+    lines += context_parallel_lines(ckpt)
     v3 = ModelConfig.from_dict(DEEPSEEK_V3)
     lines += ["", "## DeepSeek-V3 (real shape), the formula (`sp-core memory`, no measurement)", "",
               "Per layer, T = 4096 tokens, 16-bit values; L = q_lora + kv_lora + rope = 2112 (the MLA latent).",

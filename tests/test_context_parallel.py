@@ -253,3 +253,23 @@ def test_cli_logits_memory_and_verify_rows(dirs, refs, tmp_path, capsys):
     rows = json.loads(report.read_text())["rows"]
     assert [(r["cp"], r["tp"], r["status"]) for r in rows] == [(1, 1, "ok"), (2, 1, "ok")]
     assert "cp2 tp1" in capsys.readouterr().out
+
+
+def test_readme_example_runs_as_pasted(dirs, tmp_path):
+    """README's "Context parallelism" example, pasted into a script and run as it says (torchrun, 4 ranks)."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Context parallelism"):readme.index("## Several models in one process")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (tmp_path / "cp_example.py").write_text(block)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                           "cp_example.py", dirs["models"]["qwen3"]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.fullmatch(r"\(11, 101\) [\d.]+\n", proc.stdout), proc.stdout

@@ -1,6 +1,6 @@
 """`sp-core verify`: one checkpoint through transformers, the core, Megatron and sglang, compared.
 
-Per model x engine x tp x SP: max |d logprob| against transformers' float32 reference (<= 1e-4),
+Per model x engine x tp x SP (x cp, with --cp): max |d logprob| against transformers' float32 reference (<= 1e-4),
 against the core at tp 1 (<= 1e-4) and, for SP on, against the same engine and tp with SP off
 (<= 1e-5); greedy tokens equal; seconds. Plus the round trip: train in Megatron (tp 2, SP) -> export to
 HF -> transformers and sglang (tp 2, SP) load the export; both engines' log-probabilities are compared

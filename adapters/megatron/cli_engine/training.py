@@ -28,7 +28,7 @@ def token_stream(vocab_size: int, seq_length: int, micro_batch_size: int, device
                "loss_mask": torch.ones(micro_batch_size, seq_length, device=device)}
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, parallel=None):
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp_group=None):
     """The mean loss over the batch's tokens. Under context parallelism each CP rank holds part of every
     sequence: its loss sum is divided by the tokens of all CP ranks (summed over Megatron's CP group, as
     Megatron-LM's pretrain_gpt does), which Megatron's schedule then multiplies by cp and its DDP averages
@@ -36,13 +36,14 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, parallel=No
     batch's."""
     total = (output_tensor.float() * loss_mask).sum()
     tokens = loss_mask.sum()
-    if parallel is not None and parallel.cp_size > 1:
+    if cp_group is not None:
         from megatron.core import parallel_state
 
+        from sp_core import mpu
         from sp_core.mpu import collectives
 
-        both = collectives.mean_over_group(parallel, torch.stack([total.detach(), tokens.float()]),
-                                           parallel_state.get_context_parallel_group()) * parallel.cp_size
+        both = collectives.mean_over_group(mpu.default_context(), torch.stack([total.detach(), tokens.float()]),
+                                           cp_group) * parallel_state.get_context_parallel_world_size()
         return total / both[1], {"lm loss": both[0] / both[1]}
     return total / tokens, {"lm loss": (total / tokens).detach()}
 
@@ -50,14 +51,16 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, parallel=No
 def forward_step(data_iterator, model):
     """Megatron's forward_step_func contract: (output_tensor, loss_func). Under context parallelism this CP
     rank's part of the batch, split by Megatron's own ``get_batch_on_this_cp_rank`` (the zig-zag)."""
+    from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
-    parallel = getattr(model, "module", model).parallel
+    cp = parallel_state.get_context_parallel_world_size()
     batch = next(data_iterator)
-    if parallel.cp_size > 1:
+    if cp > 1:
         batch = get_batch_on_this_cp_rank(dict(batch))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"], parallel=parallel)
+    return output, partial(_loss_func, batch["loss_mask"],
+                           cp_group=parallel_state.get_context_parallel_group() if cp > 1 else None)
 
 
 def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0, optimizer: str = "adam",
