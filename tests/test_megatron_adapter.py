@@ -107,22 +107,26 @@ def _extension_points(model_dir):
     args = extra_args_provider(argparse.ArgumentParser()).parse_args(["--sp-core", "--sp-core-hf-model", model_dir])
     assert args.sp_core and args.sp_core_hf_model == model_dir
     errors = []
-    for field, value in (("context_parallel_size", 2), ("pipeline_model_parallel_size", 2),
-                         ("expert_model_parallel_size", 2)):
+    for field, value in (("pipeline_model_parallel_size", 2), ("expert_model_parallel_size", 2)):
         bad = transformer_config_from_hf(model_dir, tp=2)
         object.__setattr__(bad, field, value)
         try:
             check_supported(bad)
         except ModelError as err:
             errors.append(str(err))
+    try:  # context parallelism is supported, on the CP group Megatron made: not on one it did not
+        build_model(transformer_config_from_hf(model_dir, tp=2, context_parallel_size=2))
+    except ModelError as err:
+        errors.append(str(err))
     return errors
 
 
 def test_spec_flag_and_unsupported_settings(ckpts):
     errors = run_ranks(2, _extension_points, ckpts["qwen3-train"])[0]
-    assert len(errors) == 3 and all("\n" not in e for e in errors) and all("use 1" in e for e in errors[:2]), errors
-    assert "context parallelism" in errors[0] and "pipeline" in errors[1]
-    assert "expert_model_parallel_size=2 with expert_tensor_parallel_size=2" in errors[2]  # only EP = tp, ETP = 1
+    assert len(errors) == 3 and all("\n" not in e for e in errors) and "use 1" in errors[0], errors
+    assert "pipeline" in errors[0]
+    assert "expert_model_parallel_size=2 with expert_tensor_parallel_size=2" in errors[1]  # only EP = tp, ETP = 1
+    assert errors[2].startswith("config.context_parallel_size=2 but Megatron's context-parallel group has 1 ranks")
 
 
 def _gpt_model_with_core_layers(sp):
