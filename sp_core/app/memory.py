@@ -159,8 +159,7 @@ def _saved_bytes(layer: torch.nn.Module, cfg: ModelConfig, tokens: int) -> int:
     if p.cp_size > 1:  # this CP rank's part of the sequence (the zig-zag split)
         from sp_core.layers.context_parallel import ContextParallelBatch
 
-        batch = ContextParallelBatch.zigzag([tokens], p.cp_rank, p.cp_size,
-                                            p.size if p.sequence_parallel_active else 1)
+        batch = ContextParallelBatch.zigzag([tokens], p.cp_rank, p.cp_size, p.size)
         positions, real = batch.key_position[batch.own].clamp(min=0), batch.num_tokens
     elif p.sequence_parallel_active:
         positions = mpu.pad_1d(torch.arange(tokens), p)

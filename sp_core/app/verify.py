@@ -100,17 +100,14 @@ def _settings(tps, cfg=None, engine_name="core", deterministic=False, cps=(1,)):
     sglang, as its --ep-size) also run expert parallelism (mode b) with SP (``deterministic``: and without,
     so that SP on and off are compared bit for bit); each cp > 1 of ``cps`` adds the tp x SP rows at that cp in
     the engines that take --cp."""
-    for tp in tps:
-        for sp in ((False,) if tp == 1 else (False, True)):
-            yield tp, sp, "tp", 1
+    for cp in [1] + [c for c in cps if c > 1 and engine_name in engines.CP_ENGINES]:
+        for tp in tps:
+            for sp in ((False,) if tp == 1 else (False, True)):
+                yield tp, sp, "tp", cp
     if engine_name in engines.MOE_PARALLEL_ENGINES and cfg is not None and cfg.moe is not None:
         for tp in tps:
             for sp in ((False, True) if deterministic else (True,)) if tp > 1 else ():
                 yield tp, sp, "ep", 1
-    for cp in (c for c in cps if c > 1) if engine_name in engines.CP_ENGINES else ():
-        for tp in tps:
-            for sp in ((False,) if tp == 1 else (False, True)):
-                yield tp, sp, "tp", cp
 
 
 def _engine(row: Row) -> str:

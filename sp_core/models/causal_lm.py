@@ -72,10 +72,10 @@ class CausalLM(torch.nn.Module):
         return self.model(input_ids, positions, batch, num_tokens), batch, split_here
 
     def context_parallel_batch(self, batch, device=None) -> ContextParallelBatch:
-        """This CP rank's part of a packed batch (the zig-zag split; rows a multiple of t under SP)."""
+        """This CP rank's part of a packed batch (the zig-zag split; rows a multiple of t, SP on or off, so that
+        both run the same shapes)."""
         p = self.parallel
-        return ContextParallelBatch.zigzag(batch.seq_lens, p.cp_rank, p.cp_size,
-                                           p.size if p.sequence_parallel_active else 1, device)
+        return ContextParallelBatch.zigzag(batch.seq_lens, p.cp_rank, p.cp_size, p.size, device)
 
     @batch_invariant.when_deterministic
     def local_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
