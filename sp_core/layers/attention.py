@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from sp_core import mpu
 from sp_core.layers.context_parallel import ContextParallelBatch, over_gathered_state
@@ -48,10 +49,7 @@ def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] 
                             topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     k, v = expand_kv(q, k), expand_kv(q, v)
     if isinstance(batch, ContextParallelBatch):
-        mask = batch.attention_mask(topk_indices)
-        out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
-                                             attn_mask=mask, scale=scale)
-        return out.squeeze(0).transpose(0, 1)
+        return context_parallel_attention(q, k, v, batch, scale, topk_indices)
     lens: List[int] = list(batch.seq_lens)
     padding = q.shape[0] - sum(lens)
     if padding > 0:
@@ -68,6 +66,27 @@ def packed_causal_attention(q, k, v, batch: PackedBatch, scale: Optional[float] 
         outs.append(out.squeeze(0).transpose(0, 1))
         start += n
     return torch.cat(outs)
+
+
+def context_parallel_attention(q, k, v, batch: ContextParallelBatch, scale: Optional[float] = None,
+                               topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This CP rank's rows (q) over every CP rank's keys (k, v: gathered), block by block (``batch.blocks``:
+    the rows of a sequence at consecutive positions against that sequence's keys up to them, causal at the
+    lower right; no mask is materialised without a V3.2 selection, which narrows each block's keys). Padding
+    rows get zeros."""
+    out = q.new_zeros(q.shape[:2] + v.shape[2:])
+    for block in batch.blocks:
+        qs, ks, vs = q[block.rows], k[block.keys], v[block.keys]
+        n, m = qs.shape[0], ks.shape[0]
+        if topk_indices is None:
+            mask = causal_lower_right(n, m)
+        else:  # the selected keys (packed-batch rows) as positions among this block's keys
+            mask = batch.selected_positions_mask(topk_indices[block.rows], block) & \
+                torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        o = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs)),
+                                           attn_mask=mask, scale=scale)
+        out = out.index_copy(0, block.rows, o.squeeze(0).transpose(0, 1))
+    return out
 
 
 def selected_keys_mask(indices: torch.Tensor, start: int) -> torch.Tensor:

@@ -10,12 +10,15 @@ rows, so the layers' "real tokens first" rule (the MoE's ``num_tokens``) holds a
 Queries stay local; what keys and values are computed from is gathered over CP (``mpu.gather_from_cp``:
 ``cp * rows`` rows, CP rank after CP rank). ``key_global`` names the token of the packed batch each
 gathered row holds (-1: padding), so causality (by index within the sequence), V3.2's selected keys (global
-rows of the packed batch, as without CP) and the exit's reordering all follow from it.
+rows of the packed batch, as without CP) and the exit's reordering all follow from it. The attention runs
+block by block (``blocks``: a sequence's rows at consecutive positions against its keys up to them), so no
+[rows, cp*rows] mask is built.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -23,7 +26,16 @@ from sp_core import mpu
 from sp_core.mpu import collectives
 
 
-@dataclass
+class Block(NamedTuple):
+    """Query rows of one sequence at consecutive positions (``rows``: this rank's row indices, in position
+    order), and the gathered rows of that sequence's keys up to the last of them (``keys``, in position
+    order): the rows attend to the keys causally, aligned at the lower right."""
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+
+
+@dataclass(eq=False)
 class ContextParallelBatch:
     """``seq_lens``: the packed batch's sequence lengths (global); ``rows``: this rank's rows (padded);
     ``cp_rank`` / ``cp_size``; ``key_global`` [cp*rows]: the packed-batch row each gathered row holds, -1
@@ -98,20 +110,48 @@ class ContextParallelBatch:
         same = (row_sequence[:, None] == self.key_sequence[None, :]) & (row_sequence[:, None] >= 0)
         return same & (self.key_position[None, :] <= row_position[:, None])
 
-    def attention_mask(self, topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """bool ``[rows, cp*rows]`` for the attention of this rank's rows over the gathered keys: ``visible``,
-        narrowed to the selected keys where V3.2's indexer selected (``topk_indices`` [rows, k]: packed-batch
-        rows, -1 for none); a padding row attends to itself only (finite outputs, dropped at the exit)."""
-        mask = self.visible()
-        if topk_indices is not None:
-            total = self.total_tokens
-            chosen = torch.zeros(self.rows, total + 1, dtype=torch.bool, device=mask.device)
-            chosen.scatter_(1, torch.where(topk_indices >= 0, topk_indices.long(), total), True)
-            chosen[:, total] = False
-            mask &= chosen[:, torch.where(self.key_global >= 0, self.key_global, total)]
-        padding = torch.nonzero(self.key_global[self.own] < 0).squeeze(1)
-        mask[padding, padding + self.cp_rank * self.rows] = True
-        return mask
+    @functools.cached_property
+    def blocks(self) -> List[Block]:
+        """This rank's rows as attention blocks (the zig-zag gives two per sequence: each attends to its
+        sequence's keys up to its own end), read on the host once per batch. Padding rows are in none."""
+        own_sequence, own_position = self.key_sequence[self.own].tolist(), self.key_position[self.own].tolist()
+        real = (self.key_sequence >= 0).nonzero().squeeze(1)
+        order = real[torch.argsort(self.key_sequence[real] * (max(self.seq_lens, default=0) + 1)
+                                   + self.key_position[real])]  # gathered rows, sequence by sequence, by position
+        starts = [0]
+        for n in self.seq_lens:
+            starts.append(starts[-1] + n)
+        rows = sorted((s, p, r) for r, (s, p) in enumerate(zip(own_sequence, own_position)) if s >= 0)
+        blocks, run = [], []
+        for s, p, r in rows + [(-1, -1, -1)]:
+            if run and (s != run[-1][0] or p != run[-1][1] + 1):
+                sequence, last = run[-1][0], run[-1][1]
+                blocks.append(Block(torch.tensor([x[2] for x in run], device=self.key_global.device),
+                                    order[starts[sequence]: starts[sequence] + last + 1]))
+                run = []
+            run.append((s, p, r))
+        return blocks
+
+    @functools.cached_property
+    def _token_sequence_position(self):
+        """[total_tokens] each: the sequence and the position of every packed-batch row."""
+        real = self.key_global >= 0
+        sequence = torch.full((self.total_tokens,), -1, dtype=torch.long, device=self.key_global.device)
+        position = torch.zeros_like(sequence)
+        sequence[self.key_global[real]] = self.key_sequence[real]
+        position[self.key_global[real]] = self.key_position[real]
+        return sequence, position
+
+    def selected_positions_mask(self, selected: torch.Tensor, block: Block) -> torch.Tensor:
+        """bool [len(block.rows), len(block.keys)]: which of the block's keys (positions 0.. of its sequence)
+        each row's selection (packed-batch rows, -1: none) names."""
+        sequence, position = self._token_sequence_position
+        ids = selected.long().clamp(min=0)
+        own = self.key_sequence[block.keys[:1]]
+        width = block.keys.shape[0]
+        at = torch.where((selected >= 0) & (sequence[ids] == own), position[ids], width).clamp(max=width)
+        mask = torch.zeros(selected.shape[0], width + 1, dtype=torch.bool, device=selected.device)
+        return mask.scatter_(1, at, True)[:, :width]
 
 
 class _OverGatheredState(torch.autograd.Function):
