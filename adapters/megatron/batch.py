@@ -111,12 +111,17 @@ def context_parallel_batch(local_length: int, micro_batch_size: int, parallel, d
         raise ModelError("sp-core with context_parallel_size > 1 takes causal batches only: no packed sequences "
                          "(THD needs Transformer Engine's CP split) and no attention_mask; use "
                          "context_parallel_size=1 for those")
-    cp, b = parallel.cp_size, micro_batch_size
+    return _zigzag_grid(local_length, micro_batch_size, parallel.cp_rank, parallel.cp_size, parallel.size, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _zigzag_grid(local_length: int, b: int, cp_rank: int, cp: int, t: int, device) -> ContextParallelBatch:
+    """Built once per shape (every layer of every step reads the same; its blocks are read on the host once)."""
     chunk = local_length // 2
     if local_length % 2:
         raise ModelError(f"a context-parallel rank's sequence part has {local_length} tokens; Megatron's split "
                          f"gives 2 chunks of equal length (seq_length divisible by 2 x context_parallel_size)")
-    rows = -(-local_length * b // parallel.size) * parallel.size  # SP padding (none where Megatron's s splits)
+    rows = -(-local_length * b // t) * t  # SP padding (none where Megatron's s splits)
     index = torch.arange(local_length, device=device)
     positions = torch.stack([torch.where(index < chunk, r * chunk + index, (2 * cp - 1 - r) * chunk + index - chunk)
                              for r in range(cp)])  # [cp, s/cp]
@@ -126,7 +131,7 @@ def context_parallel_batch(local_length: int, micro_batch_size: int, parallel, d
 
     position = positions.repeat_interleave(b, dim=1)
     sequence = torch.arange(b, device=device).repeat(cp, local_length)
-    return ContextParallelBatch([cp * local_length] * b, rows, parallel.cp_rank, cp, padded(position * b + sequence),
+    return ContextParallelBatch([cp * local_length] * b, rows, cp_rank, cp, padded(position * b + sequence),
                                 padded(sequence), padded(position))
 
 
