@@ -147,7 +147,7 @@ def test_bitwise_pairs_fail_where_promised_and_are_a_note_for_sparse_attention(t
                 verify.Row("m", "sglang", 2, True, vs_reference=1e-6, vs_core_tp1=1e-6, tokens_equal=True)]
         a = [torch.tensor([1.0, 2.0])]
         b = [torch.tensor([1.0, 2.0 + 2 ** -22])]  # one ulp-sized difference: within tolerance, not bitwise
-        results = {("m", "megatron", 2, True, "tp"): a, ("m", "sglang", 2, True, "tp"): b}
+        results = {("m", "megatron", 2, True, "tp", 1): a, ("m", "sglang", 2, True, "tp", 1): b}  # ..., moe, cp
         verify._mark_bitwise_pair(rows[1], rows, results, promised=promised)
         return rows
 
