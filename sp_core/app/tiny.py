@@ -138,9 +138,11 @@ def _legacy_rope_json(out_dir: str) -> None:
 
 
 def make_checkpoint(name: str, out_dir: str, seed: int = 0, **overrides) -> str:
-    """Write the tiny checkpoint ``name`` to ``out_dir`` (float32 safetensors) and return the directory."""
+    """Write the tiny checkpoint ``name`` to ``out_dir`` (float32 safetensors) and return the directory.
+    ``fp8_block=[bn, bk]`` (an override, or the preset's): written in the published block-FP8 format."""
     from transformers import AutoModelForCausalLM
 
+    fp8_block = overrides.pop("fp8_block", TINY[name].get("fp8_block"))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(name, **overrides), dtype=torch.float32)
     with torch.no_grad():
@@ -155,8 +157,8 @@ def make_checkpoint(name: str, out_dir: str, seed: int = 0, **overrides) -> str:
     model.save_pretrained(out_dir, safe_serialization=True)
     if TINY[name].get("legacy_rope_json"):
         _legacy_rope_json(out_dir)
-    if TINY[name].get("fp8_block"):
-        _quantise_fp8(out_dir, TINY[name]["fp8_block"], seed)
+    if fp8_block:
+        _quantise_fp8(out_dir, fp8_block, seed)
     return out_dir
 
 
