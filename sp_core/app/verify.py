@@ -424,7 +424,8 @@ BITWISE_COLUMN = ("bitwise", 7, _bitwise)  # --deterministic: megatron == sglang
 
 
 def table(rows: List[Row], deterministic: bool = False) -> str:
-    """One line per model x engine. A column per tp / SP setting holds max |d logprob| against transformers
+    """One line per model x engine (both MoE modes on one line). A column per tp / SP setting (``ep``: expert
+    parallelism at that tp) holds max |d logprob| against transformers
     (blank: not run; '!' marks a row out of tolerance or failed); after them, the worst of each other
     comparison over the line's settings ('—': none, e.g. the core at tp 1 is not compared with itself),
     greedy tokens (with ``deterministic``: whether every megatron / sglang pair is bitwise equal), seconds
