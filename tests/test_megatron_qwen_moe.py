@@ -4,8 +4,8 @@ transformers', training at t = 2 (both MoE modes with SP, and SP off) equals t =
 gradients, Megatron's grad norm), and the export of the trained model loads in transformers with the trained
 model's own log-probabilities; Megatron's dist checkpoint of a model trained at t = 2 with expert parallelism
 loads at t = 1 with the trained model's own log-probabilities. One rank launch per world size (t = 2 first: it
-saves the dist checkpoint that t = 1 loads). And `sp-core train` as a user types it, from Qwen3-MoE in the
-published block-FP8 format: bfloat16 training and export.
+saves the dist checkpoint that t = 1 loads). And `sp-core train` as a user types it: Qwen2-MoE (float32, the
+export equal to the trained model), and Qwen3-MoE in the published block-FP8 format (bfloat16 training and export).
 
 The steps use Megatron's SGD: with Adam the step-0 losses, gradients and grad norm agree to 1e-7 relative, but
 later steps drift apart (qwen3-moe at t = 2, SP: grad norm 2e-6, 4e-5, 6e-5 relative at steps 1-3), Adam's
@@ -129,21 +129,39 @@ def test_dist_checkpoint_of_expert_parallel_training_loads_at_tp1(launches):
 BF16_TOL = 0.1  # a bfloat16 model's log-probabilities against transformers on its own weights in float32 (measured 0.04)
 
 
-def test_train_command_from_an_fp8_checkpoint_trains_and_exports_bfloat16(tmp_path, capfd, monkeypatch):
-    """`sp-core train` as a user types it, from Qwen3-MoE in the published block-FP8 format (as Qwen3-30B-A3B-FP8),
-    tp 2, expert parallelism: it trains in bfloat16 and exports bfloat16 weights without scales or
-    quantization_config, which transformers loads with the trained Megatron model's own log-probabilities (those
-    are taken by the same launch: the engine's ``train_steps`` asked for them)."""
+def _train_command(monkeypatch, *args):
+    """`sp-core train ARGS` as a user types it; returns the trained Megatron model's log-probabilities of PROMPTS,
+    taken by the same launch (the engine's ``train_steps`` asked for them too)."""
     from sp_core_megatron.cli_engine import engine
 
-    src = make_checkpoint("qwen3-moe", str(tmp_path / "fp8"), fp8_block=[16, 24])
     trained = {}
     train_steps = engine.train_steps
     monkeypatch.setattr(engine, "train_steps", lambda *a, **k: trained.update(train_steps(*a, prompts=PROMPTS, **k))
                         or trained)
+    assert main(["train", *args, "--steps", "2", "--seq-length", "16"]) == 0
+    return trained["logprobs"]
+
+
+def test_train_command_exports_what_transformers_loads_equal_to_megatron(dirs, tmp_path, capfd, monkeypatch):
+    """`sp-core train` on Qwen2-MoE (shared expert, dense first layer), tp 2, SP: the float32 export loads in
+    transformers with the trained Megatron model's own log-probabilities."""
     out = str(tmp_path / "trained")
-    assert main(["train", "--model", src, "--tp", "2", "--moe-parallel", "ep", "--steps", "2", "--seq-length", "16",
-                 "--lr", "0.01", "--out", out]) == 0
+    trained = _train_command(monkeypatch, "--model", dirs["qwen2-moe"], "--tp", "2", "--lr", "0.01", "--out", out)
+    assert "| float32" in capfd.readouterr().err
+    exported = reference_logprobs(out, PROMPTS)
+    assert max_diff(exported, reference_logprobs(dirs["qwen2-moe"], PROMPTS)) > 1e-2, "training changed nothing"
+    diff = max_diff(trained, exported)
+    assert diff <= 1e-5, f"transformers on the export vs the trained Megatron model: {diff:.2e}"
+
+
+def test_train_command_from_an_fp8_checkpoint_trains_and_exports_bfloat16(tmp_path, capfd, monkeypatch):
+    """`sp-core train` from Qwen3-MoE in the published block-FP8 format (as Qwen3-30B-A3B-FP8), tp 2, expert
+    parallelism: it trains in bfloat16 and exports bfloat16 weights without scales or quantization_config, which
+    transformers loads with the trained Megatron model's own log-probabilities (within bfloat16's distance)."""
+    src = make_checkpoint("qwen3-moe", str(tmp_path / "fp8"), fp8_block=[16, 24])
+    out = str(tmp_path / "trained")
+    trained = _train_command(monkeypatch, "--model", src, "--tp", "2", "--moe-parallel", "ep", "--lr", "0.01",
+                             "--out", out)
     assert "| bfloat16 (FP8 checkpoint, dequantised at load)" in capfd.readouterr().err
     cfg = json.load(open(f"{out}/config.json"))
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
@@ -151,5 +169,5 @@ def test_train_command_from_an_fp8_checkpoint_trains_and_exports_bfloat16(tmp_pa
     assert not any("scale" in n for n in tensors) and {t.dtype for t in tensors.values()} == {torch.bfloat16}
     exported = reference_logprobs(out, PROMPTS)
     assert max_diff(exported, reference_logprobs(src, PROMPTS)) > 10 * BF16_TOL, "training changed too little"  # 2.2
-    diff = max_diff(trained["logprobs"], exported)
+    diff = max_diff(trained, exported)
     assert diff <= BF16_TOL, f"transformers on the bfloat16 export vs the trained Megatron model: {diff:.2e}"
