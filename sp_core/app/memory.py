@@ -112,9 +112,13 @@ def qwen_moe_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
     else 1, h = hidden, a / g = query / KV heads (g_t = KV heads per rank, replicated when g < t), d = head_dim:
 
       norms (input, post-attention; each):  (2h float32 input + h normalised + 2 float32 rstd) / s
-      attention:  h / s (qkv input) + (a/t + 2 g_t) d (q, k, v) + (a/t + g_t) d (roped q, k) + 2 a d / t (attention
-                  and o_proj input) + 2a / t (float32 log-sum-exp) + 4 (positions); Qwen3's q/k norms add
-                  3 (a/t + g_t) d (float32 input, output) + 2 (a/t + g_t) (rstd)
+      attention:  h / s (qkv input) + 2a / t (float32 log-sum-exp) + 4 (positions) + 2 a d / t (attention output,
+                  o_proj input) + with a KV head per query head on the rank (g_t = a/t): (a/t + 2 g_t) d (q, k, v)
+                  + (a/t + g_t) d (roped q, k); with fewer (GQA: the core's attention kernel repeats k and v to the
+                  query heads): 3 a d / t (roped q, repeated k and v); Qwen3's q/k norms add 3 (a/t + g_t) d
+                  (float32 input, output) + 2 (a/t + g_t) (rstd); with KV heads replicated over the ranks
+                  (g < t), the rank's qkv weight, assembled from its q slice and the KV heads: 2 h (a/t + 2 g_t) d
+                  bytes a layer
       dense MLP (layers in mlp_only_layers, or that decoder_sparse_step skips):  h / s + 4 I / t
       MoE (the others; k = num_experts_per_tok, E = num_experts, I_e = moe_intermediate_size):
                   6 k I_e / t (gate_up, silu, product, the routing weight's float32 scaling) + 14 k (the k T
@@ -133,7 +137,8 @@ def qwen_moe_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
     moe, k = cfg.moe, cfg.moe.num_experts_per_tok
     heads, kv = a / t, max(cfg.num_key_value_heads // t, 1)
     norms = 2 * (3 * h + 2) / s
-    attention = h / s + (heads + 2 * kv) * d + (heads + kv) * d + 2 * heads * d + 2 * heads + 4
+    attention = h / s + 2 * heads + 4 + 2 * heads * d
+    attention += (heads + 2 * kv) * d + (heads + kv) * d if kv == heads else 3 * heads * d
     if cfg.qk_norm:
         attention += 3 * (heads + kv) * d + 2 * (heads + kv)
     shared = moe.shared_size if moe.shared_expert_gate or moe.n_shared_experts else 0
@@ -142,7 +147,8 @@ def qwen_moe_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
     if shared:
         sparse += (h / s if not sp else 0) + 5 * shared / t + 1 + (1 / t if sp else 0)
     per_token = {"dense": norms + attention + h / s + 4 * cfg.intermediate_size / t, "sparse": norms + attention + sparse}
-    by_type = {kind: int(BYTES_16BIT * tokens * v + (4 * h * moe.n_routed_experts if kind == "sparse" else 0))
+    qkv_weight = 2 * h * (heads + 2 * kv) * d if cfg.num_key_value_heads < t else 0
+    by_type = {kind: int(BYTES_16BIT * tokens * v + qkv_weight + (4 * h * moe.n_routed_experts if kind == "sparse" else 0))
                for kind, v in per_token.items()}
     counts = {kind: cfg.layer_types.count(kind) for kind in by_type}
     return {
