@@ -248,6 +248,38 @@ def test_negative_controls_fail_the_comparison(core, refs, tp, control):
         assert diff > 10 * TOL, f"{control}: {name} still within {diff:.2e} of the reference"
 
 
+def test_verify_reference_dequantises_fp8_checkpoints_itself(dirs, refs):
+    """``reference_logprobs`` of an FP8 checkpoint (``sp-core verify``'s reference: transformers on the weights its
+    own few lines dequantise) equals transformers on this file's block loop's dequantised weights: block-wise,
+    per-tensor (with static input scales) and fused experts."""
+    for name in ("deepseek-v3", "qwen3", "qwen3-per-tensor", "deepseek-v3-fused"):
+        # the same weights; the fused checkpoint reaches transformers' experts by another conversion: 2.9e-6
+        assert max_diff(reference_logprobs(dirs[name], PROMPTS), refs[name]) <= 1e-5, name
+
+
+def test_embedded_fp8_preset_is_in_the_published_format(tmp_path):
+    """``deepseek-v3-fp8`` (in verify's default matrix): float8_e4m3fn linear weights of the decoder layers with
+    float32 block scales over 16 x 16 blocks, partial at the edges; embeddings, LM head, norms and the router
+    unquantised; quantization_config as DeepSeek-V3 publishes it (block size aside)."""
+    from safetensors import safe_open
+
+    out = make_checkpoint("deepseek-v3-fp8", str(tmp_path / "v3-fp8"))
+    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"] == dict(
+        quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[16, 16])
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        kinds = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
+    quantised = [n for n, (dtype, _) in kinds.items() if dtype == "F8_E4M3"]
+    assert {n.split(".")[-2] for n in quantised} == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                                                      "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for name in quantised:
+        shape = kinds[name][1]
+        assert kinds[name + "_scale_inv"] == ("F32", [-(-shape[0] // 16), -(-shape[1] // 16)]), name
+    assert any(dim % 16 for n in quantised for dim in kinds[n][1])  # partial edge blocks
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.0.input_layernorm.weight"):
+        assert kinds[name][0] == "F32", name
+
+
 def test_export_of_an_fp8_checkpoint_is_unquantised(core, dirs, refs):
     """``save_hf_checkpoint`` of a model loaded from FP8 (what ``sp-core train`` exports): the model's dtype,
     no scales, no quantization_config; transformers loads it and gives the reference logits."""

@@ -15,7 +15,7 @@ from sp_core.app import verify
 from sp_core.app.cli import main
 from sp_core.app.tiny import make_checkpoint
 
-OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "deepseek-", "round-trip ", "PASS", "FAIL", "not run:",
+OUTPUT_KINDS = ("[verify ", "model ", "qwen2 ", "qwen3 ", "qwen3-moe ", "deepseek-", "round-trip ", "PASS", "FAIL", "not run:",
                 "note:", "sp-core verify: framework output")
 MAX_LINES = 60  # issue 12: the default verify output on a 2-core machine
 
@@ -40,19 +40,20 @@ def test_reduced_matrix_passes_quietly_and_leaves_nothing(tmp_path):
     assert "not run: the round trip needs both megatron and sglang" in proc.stdout
     data = json.loads(report.read_text())
     rows = data["rows"]
-    # Qwen2, Qwen3: 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang. DeepSeek V2, V2-Lite, V3,
-    # V3.2: 2 engines x (3, and tp 2 SP on with expert parallelism)
-    assert len(rows) == 44 and all(r["status"] == "ok" for r in rows), rows
+    # Qwen2, Qwen3: 2 engines x (tp 1, tp 2 SP off, tp 2 SP on); none of sglang. Qwen3-MoE, DeepSeek V2, V2-Lite,
+    # V3, V3 in FP8, V3.2: 2 engines x (3, and tp 2 SP on with expert parallelism); an explicit --tp: Megatron
+    # runs the FP8 checkpoint too
+    assert len(rows) == 60 and all(r["status"] == "ok" for r in rows), rows
     assert sorted({r["model"] for r in rows if r["moe"] == "ep"}) == ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3",
-                                                                     "deepseek-v32"]
+                                                                     "deepseek-v3-fp8", "deepseek-v32", "qwen3-moe"]
     assert "megatron does not run" not in proc.stdout
-    assert len([r for r in rows if r["engine"] == "megatron" and r["model"].startswith("deepseek")]) == 16
+    assert len([r for r in rows if r["engine"] == "megatron" and r["model"].startswith("deepseek")]) == 20
     assert all(r["vs_reference"] <= 1e-4 and r["tokens_equal"] for r in rows)
     assert all(r["vs_sp_off"] <= 1e-5 for r in rows if r["sp"] and r["moe"] == "tp")
     core_tp1 = [r for r in rows if r["engine"] == "core" and r["tp"] == 1]
     assert all(r["vs_core_tp1"] is None for r in core_tp1)  # no comparison with itself
     assert data["exit_code"] == 3 and data["unavailable"] == {"sglang": data["unavailable"]["sglang"]}
-    assert "PASS: all 44 rows within tolerance" in proc.stdout
+    assert "PASS: all 60 rows within tolerance" in proc.stdout
     assert len(output.splitlines()) <= MAX_LINES, output
     assert [p for p in os.listdir(tmp) if p.startswith("sp-core")] == []  # no litter (torch caches aside)
     log = [line for line in output.splitlines() if line.startswith("sp-core verify: framework output")]
@@ -92,7 +93,7 @@ def _stand_in_engines():
 
     def logprobs(model_dir, prompts, tp, sequence_parallel, dtype, **_):
         calls.append(model_dir)
-        return [x + 1e-6 * len(calls) for x in reference(model_dir)]
+        return [x + 5e-7 * len(calls) for x in reference(model_dir)]  # 109 rows: the last within 1e-4
 
     def train_and_export(model_dir, out_dir, tp, sequence_parallel, steps, prompts):
         shutil.copytree(model_dir, out_dir)
@@ -119,12 +120,16 @@ def test_default_output_fits_on_a_screen(tmp_path, monkeypatch, capsys):
     rows = json.loads(report.read_text())["rows"]
     assert {r["model"] for r in rows} == set(verify.DEFAULT_MODELS) | {"round-trip"}
     assert {r["engine"] for r in rows} == {"core", "megatron", "sglang", "megatron (trained)", "sglang (export)"}
+    engines_of = {m: {r["engine"] for r in rows if r["model"] == m} for m in ("qwen3-moe", "deepseek-v3-fp8")}
+    assert engines_of == {"qwen3-moe": {"core", "megatron", "sglang"}, "deepseek-v3-fp8": {"core", "sglang"}}
     assert f"PASS: all {len(rows)} rows within tolerance" in captured.out
     table = captured.out.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("model "))
+    assert table[header].split()[2:9] == ["tp1", "tp2", "tp2", "SP", "tp4", "tp4", "SP"]  # then ep2 SP, ep4 SP
+    assert "ep2 SP" in table[header] and "ep4 SP" in table[header]  # expert parallelism: columns, not lines
     lines = {}
     for r in rows:
-        lines.setdefault((r["model"], r["engine"] + ("" if r["moe"] == "tp" else f" moe={r['moe']}")), []).append(r)
+        lines.setdefault((r["model"], r["engine"]), []).append(r)  # both MoE modes on one line
     body = table[header + 1:header + 1 + len(lines)]
     for (model, engine), line_rows in lines.items():
         line = next(line for line in body

@@ -328,6 +328,15 @@ def check_step_fits(cfg, tp: int, sp: bool, micro_batch_size: int, seq_length: i
                          f"--micro-batch-size")
 
 
+def train_dtype(cfg) -> torch.dtype:
+    """The dtype ``train`` trains and exports in: bfloat16 for an FP8 checkpoint (dequantised at load; Megatron's
+    --bf16: bfloat16 parameters, float32 main weights in the optimizer), as its publishers train it; float32
+    otherwise."""
+    import torch
+
+    return torch.bfloat16 if cfg.fp8 is not None else torch.float32
+
+
 def cmd_train(args) -> int:
     from sp_core.app import engines
 
@@ -345,13 +354,16 @@ def cmd_train(args) -> int:
         raise UsageError(f"--seq-length {args.seq_length} does not split over --cp {args.cp}: Megatron's context "
                          f"parallelism needs it divisible by 2 x cp{' x tp (sequence parallel)' if sp else ''} = {split}")
     check_step_fits(cfg, args.tp, sp, args.micro_batch_size, args.seq_length)
+    dtype = train_dtype(cfg)
     console.announce("train")
     cp = f" | cp {args.cp}" if args.cp > 1 else ""
     console.say(f"sp-core train: {args.model} | tp {args.tp}{cp} | sequence parallel {'on' if sp else 'off'} | "
-                f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens")
+                f"{args.steps} steps of {args.micro_batch_size} x {args.seq_length} tokens | {str(dtype)[6:]}"
+                + (" (FP8 checkpoint, dequantised at load)" if cfg.fp8 is not None else ""))
     result = engine.train_steps(args.model, args.tp, sp, args.steps, out_dir=args.out, progress=True, lr=args.lr,
                                 seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                                moe_parallel=args.moe_parallel, **({"cp": args.cp} if args.cp > 1 else {}))
+                                moe_parallel=args.moe_parallel, dtype=dtype,
+                                **({"cp": args.cp} if args.cp > 1 else {}))
     console.say(f"sp-core train: final loss {result['losses'][-1]:.6f}; exported to {args.out}")
     return 0
 

@@ -11,7 +11,8 @@ BYTES_16BIT = 2
 
 
 def report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool, cp: int = 1) -> Dict:
-    out = (deepseek_report if cfg.mla is not None else gpt_report)(cfg, tp, tokens, sequence_parallel)
+    formula = deepseek_report if cfg.mla is not None else qwen_moe_report if cfg.moe is not None else gpt_report
+    out = formula(cfg, tp, tokens, sequence_parallel)
     return with_context_parallel(out, cfg, tp, tokens, cp) if cp > 1 else out
 
 
@@ -29,7 +30,7 @@ def with_context_parallel(out: Dict, cfg: ModelConfig, tp: int, tokens: int, cp:
     gathered state of all T tokens (``cp_gather_bytes_per_layer``, 16-bit), of which it receives (cp-1)/cp.
     The measured bytes (``--measure``) are lower still: the attention over the gathered state is recomputed
     in backward, so neither the gather nor what is computed from it is saved."""
-    scaled = {k: (int(v / cp) if isinstance(v, int) and k.endswith(("_per_layer", "_selective", "_per_rank")) else v)
+    scaled = {k: (int(v / cp) if isinstance(v, int) and k.endswith(("_per_layer", "_selective", "_per_rank", "_all_layers")) else v)
               for k, v in out.items()}
     if "activation_bytes_per_layer_by_type" in out:
         scaled["activation_bytes_per_layer_by_type"] = {k: int(v / cp) for k, v in
@@ -124,6 +125,70 @@ def deepseek_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: b
         "num_attention_heads": a,
         **({"index_selection_bytes_per_rank": 4 * tokens * cfg.indexer.index_topk
             if tokens > cfg.indexer.index_topk else 0} if cfg.indexer is not None else {}),
+    }
+
+
+def qwen_moe_report(cfg: ModelConfig, tp: int, tokens: int, sequence_parallel: bool) -> Dict:
+    """Bytes one Qwen2-MoE / Qwen3-MoE decoder layer saves for backward per rank, bf16 activations, counted from
+    what the core's layers save (``--measure`` measures the same tensors), not the paper's estimate. In 2-byte
+    units per token (a float32 value counts 2, an int64 4), T = tokens, t = tp, s = t with SP (the token shard)
+    else 1, h = hidden, a / g = query / KV heads (g_t = KV heads per rank, replicated when g < t), d = head_dim:
+
+      norms (input, post-attention; each):  (2h float32 input + h normalised + 2 float32 rstd) / s
+      attention:  h / s (qkv input) + 2a / t (float32 log-sum-exp) + 4 (positions) + 2 a d / t (attention output,
+                  o_proj input) + with a KV head per query head on the rank (g_t = a/t): (a/t + 2 g_t) d (q, k, v)
+                  + (a/t + g_t) d (roped q, k); with fewer (GQA: the core's attention kernel repeats k and v to the
+                  query heads): 3 a d / t (roped q, repeated k and v); Qwen3's q/k norms add 3 (a/t + g_t) d
+                  (float32 input, output) + 2 (a/t + g_t) (rstd); with KV heads replicated over the ranks
+                  (g < t), the rank's qkv weight, assembled from its q slice and the KV heads: 2 h (a/t + 2 g_t) d
+                  bytes a layer
+      dense MLP (layers in mlp_only_layers, or that decoder_sparse_step skips):  h / s + 4 I / t
+      MoE (the others; k = num_experts_per_tok, E = num_experts, I_e = moe_intermediate_size):
+                  6 k I_e / t (gate_up, silu, product, the routing weight's float32 scaling) + 14 k (the k T
+                  routed rows' int64 indices and float32 weight, on every rank) + (2h + 2E + 4k) / s (the
+                  router's float32 input and probabilities, top-k ids) + k h with SP off (the routed rows) or
+                  h / s with SP (the token shard, gathered again in backward); norm_topk_prob: (2k + 2) / s;
+                  Qwen2-MoE's shared expert of width I_s: h / s (its input, without SP) + 5 I_s / t + 1 + 1/t
+                  with SP (its sigmoid gate); and the router weight's float32 copy, 4 h E bytes a layer
+
+    This is the mode with the experts split over TP (``--moe-parallel tp``); with expert parallelism (ep) the
+    routed rows a rank holds follow the routing (k T / t on average), and the MoE term is that mode's estimate.
+    """
+    t, h, a, d = tp, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    sp = sequence_parallel and t > 1
+    s = t if sp else 1
+    moe, k = cfg.moe, cfg.moe.num_experts_per_tok
+    heads, kv = a / t, max(cfg.num_key_value_heads // t, 1)
+    norms = 2 * (3 * h + 2) / s
+    attention = h / s + 2 * heads + 4 + 2 * heads * d
+    attention += (heads + 2 * kv) * d + (heads + kv) * d if kv == heads else 3 * heads * d
+    if cfg.qk_norm:
+        attention += 3 * (heads + kv) * d + 2 * (heads + kv)
+    shared = moe.shared_size if moe.shared_expert_gate or moe.n_shared_experts else 0
+    sparse = (6 * k * moe.moe_intermediate_size / t + 14 * k + (2 * h + 2 * moe.n_routed_experts + 4 * k) / s
+              + (h / s if sp else k * h) + ((2 * k + 2) / s if moe.norm_topk_prob else 0))
+    if shared:
+        sparse += (h / s if not sp else 0) + 5 * shared / t + 1 + (1 / t if sp else 0)
+    per_token = {"dense": norms + attention + h / s + 4 * cfg.intermediate_size / t, "sparse": norms + attention + sparse}
+    qkv_weight = 2 * h * (heads + 2 * kv) * d if cfg.num_key_value_heads < t else 0
+    by_type = {kind: int(BYTES_16BIT * tokens * v + qkv_weight + (4 * h * moe.n_routed_experts if kind == "sparse" else 0))
+               for kind, v in per_token.items()}
+    counts = {kind: cfg.layer_types.count(kind) for kind in by_type}
+    return {
+        "model": cfg.architecture,
+        "tp": t,
+        "tokens": tokens,
+        "sequence_parallel": sp,
+        "moe_parallel": cfg.moe_parallel,
+        "formula": "norms + attention + (dense MLP | MoE: routed top-k experts, router, shared expert), per rank; "
+                   "see sp_core/app/memory.py (qwen_moe_report)",
+        "activation_bytes_per_layer": by_type["sparse"],
+        "activation_bytes_per_layer_by_type": by_type,
+        "layers_by_type": counts,
+        "activation_bytes_all_layers": sum(by_type[kind] * n for kind, n in counts.items()),
+        "bytes_per_value": BYTES_16BIT,
+        "hidden_size": h,
+        "num_attention_heads": a,
     }
 
 

@@ -32,7 +32,7 @@ DEFAULT_ENGINES = ("core", "megatron", "sglang")
 TOLERANCE = 1e-4  # float32, against transformers and the core at tp 1 (docs/design.md, Verification)
 SP_TOLERANCE = 1e-5  # float32, SP on vs off at the same engine and tp
 CLEAR_MARGIN = 1e-3  # greedy tokens must agree where the reference's top-1 leads top-2 by more
-DEFAULT_MODELS = ("qwen2", "qwen3") + DEEPSEEK_MODELS + DEEPSEEK_SPARSE_MODELS
+DEFAULT_MODELS = ("qwen2", "qwen3", "qwen3-moe") + DEEPSEEK_MODELS + ("deepseek-v3-fp8",) + DEEPSEEK_SPARSE_MODELS
 ROUND_TRIP_TP, ROUND_TRIP_STEPS = 2, 3
 EXIT_FAIL, EXIT_UNAVAILABLE = 1, 3
 
@@ -115,13 +115,14 @@ def _engine(row: Row) -> str:
 
 
 def _setting(row: Row) -> str:
-    """The row's column in the table: cp when > 1, tp, and SP when on."""
-    return (f"cp{row.cp} " if row.cp > 1 else "") + f"tp{row.tp}" + (" SP" if row.sp else "")
+    """The row's column in the table: cp when > 1, tp (``ep`` for expert parallelism, moe=ep, at that tp), and SP
+    when on."""
+    return (f"cp{row.cp} " if row.cp > 1 else "") + f"{'tp' if row.moe == 'tp' else row.moe}{row.tp}" + (" SP" if row.sp else "")
 
 
 def _line_key(row: Row) -> Tuple[str, str]:
-    """The table line (and progress line) a row belongs to: model x engine."""
-    return row.model, _engine(row)
+    """The table line (and progress line) a row belongs to: model x engine (both MoE modes on one line)."""
+    return row.model, row.engine
 
 
 class Progress:
@@ -136,7 +137,7 @@ class Progress:
         if _line_key(row) != self.current:
             self.close()
             self.index, self.current = self.index + 1, _line_key(row)
-            print(f"[verify {self.index}/{self.total}] {row.model} {_engine(row)}:", end="", file=stream)
+            print(f"[verify {self.index}/{self.total}] {row.model} {row.engine}:", end="", file=stream)
         else:
             print(";", end="", file=stream)
         print(f" {_setting(row)}", end="", file=stream, flush=True)
@@ -178,8 +179,14 @@ def check_engines(names: List[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
 # rows; DeepSeek V2 and V2-Lite differ from V3 in core code only (V2's router and shared experts, V2-Lite's
 # plain q_proj without q_lora: the adapter has no code of its own for either), checked in the core's rows,
 # and sglang serves both in tests/test_sglang_deepseek.py. sglang's expert parallelism (--ep-size) runs the
-# core's EP MoE, checked in the core's moe=ep rows, and is served in tests/test_sglang_deepseek.py.
-DEFAULT_MATRIX_SKIPS = {"sglang": {"tps": (1,), "models": ("deepseek-v2", "deepseek-v2-lite"), "moe": ("ep",)}}
+# core's EP MoE, checked in the core's moe=ep rows, and is served in tests/test_sglang_deepseek.py. sglang serves
+# DeepSeek-V3 in the default matrix as the FP8 checkpoint: the same architecture through the same adapter code,
+# plus the dequantisation at load (V3.2's rows load an unquantised V3-family checkpoint). Megatron loads an FP8
+# checkpoint with the core's loader (SPCoreGPTModel holds the core's model), checked in the core's FP8 rows;
+# tests/test_fp8_checkpoints.py trains from one and loads one into megatron.core's GPTModel.
+DEFAULT_MATRIX_SKIPS = {"sglang": {"tps": (1,), "models": ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3"),
+                                   "moe": ("ep",)},
+                        "megatron": {"models": ("deepseek-v3-fp8",)}}
 
 
 def plan(models: Dict[str, str], tps: List[int], usable: Dict[str, object], default_matrix: bool,
@@ -219,7 +226,7 @@ def _default_matrix_notes(models: Dict[str, str], tps: List[int], usable: Dict[s
         cap = getattr(engine, "max_default_tp", lambda: None)()
         capped = sorted(tp for tp in tps if cap is not None and tp > cap)
         parts = [f"at tp {','.join(map(str, skipped_tps))}"] if skipped_tps else []
-        parts += [f"on {' and '.join(skipped_models)}"] if skipped_models else []
+        parts += [f"on {', '.join(skipped_models)}"] if skipped_models else []
         parts += ["with expert parallelism (moe=ep)"] if skips.get("moe") else []
         parts += [f"at tp {','.join(map(str, capped))} (one rank per core on this {cap}-core CPU)"] if capped else []
         if parts:
@@ -422,14 +429,16 @@ BITWISE_COLUMN = ("bitwise", 7, _bitwise)  # --deterministic: megatron == sglang
 
 
 def table(rows: List[Row], deterministic: bool = False) -> str:
-    """One line per model x engine. A column per tp / SP setting holds max |d logprob| against transformers
+    """One line per model x engine (both MoE modes on one line). A column per tp / SP setting (``ep``: expert
+    parallelism at that tp) holds max |d logprob| against transformers
     (blank: not run; '!' marks a row out of tolerance or failed); after them, the worst of each other
     comparison over the line's settings ('—': none, e.g. the core at tp 1 is not compared with itself),
     greedy tokens (with ``deterministic``: whether every megatron / sglang pair is bitwise equal), seconds
     and the status. Failed rows are listed below the table, one line each."""
     columns = SUMMARY_COLUMNS[:-1] + [BITWISE_COLUMN] + SUMMARY_COLUMNS[-1:] if deterministic else SUMMARY_COLUMNS
-    settings = sorted({(r.cp, r.tp, r.sp) for r in rows})
-    names = [_setting(Row("", "", tp, sp, cp=cp)) for cp, tp, sp in settings]
+    # columns: tp before expert parallelism (moe=ep), cp 1 before cp > 1, then by tp, SP off before on
+    settings = sorted({(r.moe, r.cp, r.tp, r.sp) for r in rows}, key=lambda s: (s[0] != "tp", s[1], s[2], s[3]))
+    names = [_setting(Row("", "", tp, sp, moe=moe, cp=cp)) for moe, cp, tp, sp in settings]
     lines: Dict[Tuple[str, str], List[Row]] = {}
     for r in rows:
         lines.setdefault(_line_key(r), []).append(r)
@@ -439,7 +448,7 @@ def table(rows: List[Row], deterministic: bool = False) -> str:
     out = [f"{'model':<{model_w}} {'engine':<{engine_w}} " + " ".join(f"{n:>{cell_w}}" for n in names) + " "
            + " ".join(f"{h:>{w}}" for h, w, _ in columns) + "  status"]
     for (model, engine), line_rows in lines.items():
-        by_setting = {(r.cp, r.tp, r.sp): r for r in line_rows}
+        by_setting = {(r.moe, r.cp, r.tp, r.sp): r for r in line_rows}
         cells = []
         for key in settings:
             r = by_setting.get(key)

@@ -380,6 +380,16 @@ def _plan_files(sizes, max_shard_bytes: int) -> Dict[str, str]:
     return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, group in enumerate(groups) for name in group}
 
 
+def _exported_config(hf: dict, dtype: Optional[torch.dtype]) -> dict:
+    """config.json of an export: unquantised weights (no quantization_config), its dtype key(s) (``torch_dtype``,
+    transformers 5's ``dtype``) saying the dtype most of the weights are written in."""
+    out = {k: v for k, v in hf.items() if k != "quantization_config"}
+    for key in ("torch_dtype", "dtype"):
+        if key in out and dtype is not None:
+            out[key] = str(dtype).removeprefix("torch.")
+    return out
+
+
 def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        progress=None) -> List[str]:
     """Write config.json and the model as Hugging Face safetensors that transformers and sglang load:
@@ -405,6 +415,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         partial = _new_partial_dir(out_dir)
     written, pending, current, bad = [], {}, None, []
+    values: Dict[torch.dtype, int] = {}  # floating-point values written, by dtype
 
     def flush():
         if writer and pending and not bad:
@@ -423,6 +434,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
                 tensor = full.contiguous().cpu()
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     bad.append(hf_name)  # keep going: the other ranks are still sending
+                if tensor.is_floating_point():
+                    values[tensor.dtype] = values.get(tensor.dtype, 0) + tensor.numel()
                 pending[hf_name] = tensor
         flush()
         if not writer:
@@ -435,8 +448,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str, max_shard_bytes: in
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": dict(sorted(plan.items()))}
             with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        with open(os.path.join(partial, "config.json"), "w") as f:  # unquantised weights: no quantization_config
-            json.dump({k: v for k, v in model.config.hf.items() if k != "quantization_config"}, f, indent=2)
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(_exported_config(model.config.hf, max(values, key=values.get) if values else None), f, indent=2)
         for path in (os.path.join(partial, name) for name in os.listdir(partial)):
             os.chmod(path, 0o644)
         os.chmod(partial, 0o755)  # mkdtemp makes it private

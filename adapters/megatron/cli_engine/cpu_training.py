@@ -11,15 +11,18 @@ changes no numerics:
    places; it returns ``"cpu"`` when called from a ``megatron.*`` module.
 3. ``megatron_cuda_device_to_cpu``: hard-coded ``device="cuda"`` (schedules' token counter,
    FP32Optimizer's ``_scale``, the grad-norm helpers, the default causal mask) becomes ``"cpu"`` for
-   calls made from ``megatron.*`` modules (a ``TorchFunctionMode``, left on for the process's life).
+   calls made from ``megatron.*`` modules (a ``TorchFunctionMode``, left on for the process's life);
+   in the same mode ``tensor.type()`` called from megatron's optimizer modules names a CPU tensor's CUDA
+   type (``torch.cuda.BFloat16Tensor``): the bf16 optimizer (``Float16OptimizerWithFloat16Params``,
+   Megatron's ``--bf16``) sorts the parameters it keeps float32 main copies of by those names.
 
 4. ``megatron_cuda_synchronize_is_noop``: ``dist_checkpointing``'s torch_dist save strategy calls
    ``torch.cuda.synchronize()`` before copying tensors to the host; with no device there is nothing
    to wait for, so calls from ``megatron.*`` return at once.
 
 Not covered (the CPU training path avoids them): ``clip_grad > 0`` (``clip_grad_by_total_norm_fp32``
-asserts ``torch.cuda.FloatTensor``), activation recompute, the distributed optimizer, fp16/bf16
-optimizers, the MoE alltoall dispatcher, and fusions.
+asserts ``torch.cuda.FloatTensor``), activation recompute, the distributed optimizer, the fp16 optimizer
+(its grad scaler), the MoE alltoall dispatcher, and fusions.
 """
 from __future__ import annotations
 
@@ -33,8 +36,16 @@ _INSTALLED = False
 _MODE = None
 
 
+def _caller_module(depth: int) -> str:
+    return sys._getframe(depth + 1).f_globals.get("__name__", "")
+
+
 def _called_from_megatron(depth: int) -> bool:
-    return sys._getframe(depth + 1).f_globals.get("__name__", "").startswith("megatron.")
+    return _caller_module(depth + 1).startswith("megatron.")
+
+
+# the modules whose parameter sorting by ``tensor.type()`` names must see CUDA types (fix 3)
+_OPTIMIZERS = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer")
 
 
 # -- 1. RNG tracker ----------------------------------------------------------------------------------
@@ -126,6 +137,9 @@ class _MegatronCudaToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_cuda(kwargs.get("device")) and _called_from_megatron(1):
             kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and _caller_module(1) in _OPTIMIZERS:
+            name = func(*args)  # "torch.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor"
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 

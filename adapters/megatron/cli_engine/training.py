@@ -71,8 +71,10 @@ def wrap_for_training(model, lr: float = 1e-3, clip_grad: float = 1.0, optimizer
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = model.config
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer),
-                                  model)
+    # bf16: gradients accumulated and reduced in float32, as Megatron-LM's --bf16 sets (accumulate_allreduce_grads_in_fp32)
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
+                                               grad_reduce_in_fp32=config.bf16)
+    ddp = DistributedDataParallel(config, ddp_config, model)
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer=optimizer, lr=lr, weight_decay=0.0, clip_grad=clip_grad, bf16=config.bf16,
