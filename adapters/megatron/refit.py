@@ -22,9 +22,9 @@ import time
 from typing import List, Tuple
 
 import torch
-import torch.distributed as dist
 
 from sp_core.models import ModelError
+from sp_core.mpu import collectives
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 _ALIGN = 64
@@ -120,27 +120,15 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
     os.mkdir(directory, 0o700)
     try:
         payload = write_buckets(tensors, directory, bucket_bytes)
-        payloads = _gather_to_first(payload, parallel)
-        answer = [None]
-        if parallel.rank == 0:
-            answer[0] = load(engine, payloads, str(weight_version))
-        if parallel.size > 1:
-            dist.broadcast_object_list(answer, src=dist.get_global_rank(parallel.group, 0), group=parallel.group)
+        payloads = collectives.gather_objects_to_first(parallel, payload)
+        result = collectives.broadcast_object(
+            parallel, load(engine, payloads, str(weight_version)) if parallel.rank == 0 else None)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    result = answer[0]
     return RefitResult(success=bool(result["success"]), message=result["message"], weight_version=str(weight_version),
                        seconds=time.perf_counter() - start,
                        bytes_moved=sum(t.numel() * t.element_size() for _, t in tensors), full_tensors=0,
                        buckets=len(payload["files"]), answer=result)
-
-
-def _gather_to_first(payload: dict, parallel) -> list:
-    if parallel.size == 1:
-        return [payload]
-    every = [None] * parallel.size if parallel.rank == 0 else None
-    dist.gather_object(payload, every, dst=dist.get_global_rank(parallel.group, 0), group=parallel.group)
-    return every
 
 
 def _remove_on_abort(path: str) -> None:

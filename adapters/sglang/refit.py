@@ -30,7 +30,7 @@ import itertools
 import pickle
 import secrets
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -98,7 +98,7 @@ def _some(names: List[str]) -> str:
 
 def stage(scheduler, token: int, payloads: List[dict]) -> None:
     """The ``STAGE`` RPC: map and check this rank's payload, agree with the other ranks, keep the views."""
-    import torch.distributed as dist
+    from sp_core.mpu import collectives
 
     group = scheduler.tp_group
     model = scheduler.tp_worker.model_runner.model
@@ -114,8 +114,7 @@ def stage(scheduler, token: int, payloads: List[dict]) -> None:
             problem = str(err)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
             problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    verdicts: List[Optional[str]] = [None] * group.world_size
-    dist.all_gather_object(verdicts, problem, group=group.cpu_group)
+    verdicts = collectives.all_gather_objects_over(group.cpu_group, problem)
     first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
     if first is not None:
         raise RefitRefused(f"refit refused by server rank {first[0]}: {first[1]}")
