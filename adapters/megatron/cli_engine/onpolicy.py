@@ -8,7 +8,9 @@ running sglang engine, which TP rank 0 drives through its handle. Each iteration
    reward 1), through Megatron's forward_backward_func and optimizer;
 4. refit: the new weights into the engine in memory (``sp_core_megatron.refit``), weight version = iteration.
 
-After the last iteration one more sample-and-score checks the last refit. Rank 0 returns the rows.
+Before the first iteration a refit to version 0 makes the engine serve exactly the trainer's weights (whatever
+it was started from); after the last iteration one more sample-and-score checks the last refit. Rank 0
+returns the rows.
 """
 from __future__ import annotations
 
@@ -86,6 +88,9 @@ def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, 
     parallel = core_model(model).parallel
     first = parallel.rank == 0
     lengths = [len(p) for p in prompts]
+    start = refit(model, engine, "0", bucket_bytes)
+    if not start.success:
+        raise RuntimeError(start.message)
     rows, checks = [], []
     for it in range(steps + 1):
         sample = sample_and_score(engine, prompts, new_tokens) if first else None
