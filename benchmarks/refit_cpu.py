@@ -1,5 +1,6 @@
 """In-memory refit on CPU: seconds and bytes per rank against the model's size, at matched layout (trainer tp 2
--> sglang tp 2), and the on-paper numbers for real models (docs/refit.md holds both).
+-> sglang tp 2) and resharded (trainer tp 2 -> sglang tp 1), and the on-paper numbers for real models
+(docs/refit.md holds both).
 
     python -m benchmarks.refit_cpu --out $OUT          # -> $OUT/refit_cpu.json (3 sizes of Qwen3, tp 2)
     python -m benchmarks.refit_cpu --paper             # bytes per rank at tp 8 and seconds at stated bandwidths
@@ -43,14 +44,14 @@ def measure(repeats: int) -> list:
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for name, overrides in SIZES.items():
+        for (name, overrides), server_tp in [(size, s) for size in SIZES.items() for s in (2, 1)]:
             model_dir = make_checkpoint("qwen3", os.path.join(root, name), **overrides)
-            engine = start_for_refit(model_dir, 2, True)
+            engine = start_for_refit(model_dir, server_tp, True)
             try:
                 ranks = run_ranks(2, _rank, model_dir, engine, repeats)
             finally:
                 engine.shutdown()
-            rows.append({"size": name, "params_per_rank": [r["params"] for r in ranks],
+            rows.append({"size": name, "server_tp": server_tp, "params_per_rank": [r["params"] for r in ranks],
                          "bytes_per_rank": [r["bytes"] for r in ranks],
                          "full_tensors": sum(r["full_tensors"] for r in ranks),
                          "seconds": max(r["seconds"] for r in ranks)})

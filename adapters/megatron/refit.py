@@ -19,7 +19,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -44,7 +44,11 @@ class RefitResult:
 
 def core_model(model):
     """The core's ``CausalLM`` inside a Megatron model: through DDP / Float16Module wrappers (``.module``) to
-    ``SPCoreGPTModel.language_model``."""
+    ``SPCoreGPTModel.language_model`` (a ``CausalLM`` itself is returned as is)."""
+    from sp_core.models import CausalLM
+
+    if isinstance(model, CausalLM):
+        return model
     while hasattr(model, "module") and not hasattr(model, "language_model"):
         model = model.module
     core = getattr(model, "language_model", None)
@@ -57,6 +61,20 @@ def core_model(model):
 def local_tensors(model) -> List[Tuple[str, torch.Tensor]]:
     """(core name, this rank's tensor) of every parameter: the names and shapes the served model has."""
     return [(name, param.detach()) for name, param in core_model(model).named_parameters()]
+
+
+def layout(model) -> dict:
+    """What a server of another tp needs to place this rank's rows (``sp_core_sglang.refit``'s reshard): the
+    trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors (``sharding.pieces``, keyed
+    by checkpoint name)."""
+    from sp_core.layers.sharding import pieces
+    from sp_core.models.checkpoint import piece_key
+
+    core = core_model(model)
+    return {"tp": core.parallel.size, "rank": core.parallel.rank,
+            "pieces": {name: [[piece_key(name, shard), dim, start, rows, offset]
+                              for shard, dim, start, rows, offset in pieces(param)]
+                       for name, param in core.named_parameters()}}
 
 
 def _shm_root() -> str:
@@ -96,30 +114,38 @@ def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
 
 
 def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> RefitResult:
-    """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` or its
-    ``RemoteEngine`` handle; the other ranks' argument is not used) as ``weight_version``. Collective over
+    """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` started with the adapter in
+    this process, or the ``RemoteEngine`` handle of one in sp-core's engine host; the other ranks' argument is
+    not used) as ``weight_version``. Collective over
     the model's TP group; every rank returns the same success and message, and its own byte count."""
     tensors = local_tensors(model)
-    result = send(core_model(model).parallel, tensors, engine, weight_version, bucket_bytes)
+    result = send(core_model(model).parallel, tensors, engine, weight_version, bucket_bytes, layout=layout(model))
     result.full_tensors = _full_tensor_count(model, tensors)
     return result
 
 
 def _load(engine, payloads, weight_version):
-    return engine.refit(payloads, weight_version)
+    """A handle of sp-core's engine host has ``refit``; a plain ``sglang.Engine`` in this process goes through
+    ``sp_core_sglang.refit.apply``."""
+    if hasattr(engine, "refit"):
+        return engine.refit(payloads, weight_version)
+    from sp_core_sglang import refit as server
+
+    return server.apply(engine, payloads, weight_version)
 
 
 def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_version,
-         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load) -> RefitResult:
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None) -> RefitResult:
     """``refit``'s transport for any (name, tensor) list of this rank: written to shared memory, the
     descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)`` called there (default:
-    ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group."""
+    ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group.
+    ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads."""
     start = time.perf_counter()
     directory = os.path.join(_shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
     _remove_on_abort(directory)
     os.mkdir(directory, 0o700)
     try:
-        payload = write_buckets(tensors, directory, bucket_bytes)
+        payload = dict(write_buckets(tensors, directory, bucket_bytes), **({"layout": layout} if layout else {}))
         payloads = collectives.gather_objects_to_first(parallel, payload)
         result = collectives.broadcast_object(
             parallel, load(engine, payloads, str(weight_version)) if parallel.rank == 0 else None)

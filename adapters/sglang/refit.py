@@ -1,6 +1,8 @@
 """In-memory refit of a running ``sglang.Engine`` serving sp_core's models: each server TP rank loads the
 shards its trainer rank of the same TP index wrote to shared memory, by the core's own parameter names
 (the served model *is* the core's ``CausalLM``: same names, same shapes per rank at the same tp and MoE mode).
+At another trainer tp, each server rank reads the rows it holds from every trainer rank's payload instead
+(``reshard_plan``).
 
 A refit is one call of ``apply(engine, payloads, weight_version)`` (``payloads``: one per server TP rank,
 made by the trainer, ``sp_core_megatron.refit``) and is all or nothing:
@@ -97,28 +99,89 @@ def _some(names: List[str]) -> str:
 # -- in each TP worker -----------------------------------------------------------------------------------------
 
 def stage(scheduler, token: int, payloads: List[dict]) -> None:
-    """The ``STAGE`` RPC: map and check this rank's payload, agree with the other ranks, keep the views."""
+    """The ``STAGE`` RPC: map and check this rank's part of the payloads, agree with the other ranks, keep the
+    copies to make. One payload per rank: this rank's (matched layout); another count: every trainer rank's,
+    resharded (``reshard_plan``)."""
     from sp_core.mpu import collectives
 
     group = scheduler.tp_group
     model = scheduler.tp_worker.model_runner.model
     model._sp_core_refit = None
-    views, problem = None, ""
-    if len(payloads) != group.world_size:
-        problem = f"{len(payloads)} payloads for a server of tp {group.world_size}"
-    else:
-        try:
+    params = dict(model.named_parameters())
+    copies, problem = None, ""
+    try:
+        if len(payloads) == group.world_size:
             views = map_payload(payloads[group.rank_in_group])
-            problem = check_payload(dict(model.named_parameters()), views)
-        except RefitRefused as err:
-            problem = str(err)
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
-            problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            problem = check_payload(params, views)
+            copies = [(name, None, 0, 0, view, 0) for name, view in views]
+        else:
+            copies = reshard_plan(params, payloads, group.world_size)
+    except RefitRefused as err:
+        problem = str(err)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     verdicts = collectives.all_gather_objects_over(group.cpu_group, problem)
     first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
     if first is not None:
         raise RefitRefused(f"refit refused by server rank {first[0]}: {first[1]}")
-    model._sp_core_refit = (token, views)
+    model._sp_core_refit = (token, copies)
+
+
+def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_tp: int) -> list:
+    """The copies that fill this rank's parameters from every trainer rank's payload of another tp: each
+    checkpoint tensor's rows this rank holds (``sharding.pieces``), read from the trainer rank(s) that hold
+    them (their payload's ``layout``), straight into the parameter -- no full tensor is built. Refused (one
+    line) when a tensor is split differently (another dim, other whole-expert groups), rows are missing, a
+    tensor is unexpected, a dtype differs or a value is not finite."""
+    from sp_core.layers.sharding import pieces
+    from sp_core.models.checkpoint import piece_key
+
+    if any("layout" not in p for p in payloads):
+        raise RefitRefused(f"{len(payloads)} payloads for a server of tp {server_tp}, without the trainer's layout "
+                           f"to reshard them")
+    trainer_tp = payloads[0]["layout"]["tp"]
+    index: Dict[str, list] = {}
+    for payload in payloads:
+        views = dict(map_payload(payload))
+        for name, described in payload["layout"]["pieces"].items():
+            if name not in views:
+                raise RefitRefused(f"{name}: described by trainer rank {payload['layout']['rank']} but not sent")
+            for key, dim, start, rows, offset in described:
+                index.setdefault(key, []).append((dim, start, rows, views[name], offset))
+    copies, used = [], set()
+    for name, param in params.items():
+        for shard, dim, start, rows, offset in pieces(param):
+            key = piece_key(name, shard)
+            if key not in index:
+                raise RefitRefused(f"{key}: missing from the trainer's tensors")
+            used.add(key)
+            end, at = start + rows, start
+            for src_dim, src_start, src_rows, view, src_offset in sorted(index[key], key=lambda s: s[1]):
+                here = [n for i, n in enumerate(param.shape) if i != dim]
+                there = [n for i, n in enumerate(view.shape) if i != src_dim]
+                if src_dim != dim or here != there:
+                    raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
+                                       f"split along dim {src_dim} with other dims {there} there, dim {dim} with "
+                                       f"{here} here (e.g. experts split whole vs. sharded: use the same MoE mode)")
+                if view.dtype != param.dtype:
+                    raise RefitRefused(f"{key}: dtype {view.dtype}, this rank's parameter is {param.dtype}")
+                lo, hi = max(at, src_start), min(end, src_start + src_rows)
+                if lo > at:
+                    break
+                if hi > lo:
+                    copies.append((name, dim, offset + lo - start, hi - lo, view, src_offset + lo - src_start))
+                    at = hi
+                if at == end:
+                    break
+            if at < end:
+                raise RefitRefused(f"{key}: rows {at}..{end} are in no trainer rank's payload")
+    unexpected = sorted(set(index) - used)
+    if unexpected:
+        raise RefitRefused(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
+    for name, dim, _, rows, view, src_offset in copies:
+        if view.is_floating_point() and not bool(torch.isfinite(view.narrow(dim, src_offset, rows)).all()):
+            raise RefitRefused(f"{name}: holds NaN or inf")
+    return copies
 
 
 def load_weights(model, weights, load_checkpoint) -> None:
@@ -141,8 +204,11 @@ def commit(model, token: int) -> None:
         logging.getLogger(__name__).error("sp_core refit: commit of a refit that was not staged; nothing loaded")
         return
     params = dict(model.named_parameters())
-    for name, view in staged[1]:
-        params[name].data.copy_(view)
+    for name, dim, offset, rows, view, src_offset in staged[1]:
+        if dim is None:
+            params[name].data.copy_(view)
+        else:
+            params[name].data.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
 
 
 # -- in the process that holds the sglang.Engine ---------------------------------------------------------------
@@ -171,7 +237,8 @@ async def apply_async(engine, payloads: List[dict], weight_version: str, flush_c
         return {"success": False, "message": f"refit: sglang's begin_weight_update failed: {message}",
                 "seconds": time.perf_counter() - start}
     try:
-        req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=[commit_payload(token)] * len(payloads),
+        server_tp = engine.server_args.tp_size
+        req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=[commit_payload(token)] * server_tp,
                                               load_format=None, flush_cache=flush_cache,
                                               weight_version=str(weight_version))
         ok, message = await tm.update_weights_from_tensor(req, None)
