@@ -130,6 +130,25 @@ def _rank(model_dir, engine, vocab, log_prefix):
         out["served_v2"] = _served(engine, PROMPTS, vocab)
         out["version_v2"] = _version(engine)
 
+    # megatron.core's GPTModel with the core's layer spec, loaded from the checkpoint: the engine (now serving v2)
+    # serves the checkpoint's weights again, bitwise as it did at start
+    from megatron.core.models.gpt import GPTModel
+
+    from sp_core_megatron import get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model, transformer_config_from_hf
+
+    from megatron.core import tensor_parallel
+
+    from sp_core_megatron.cli_engine import cpu_training
+
+    cpu_training.enable()
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    config = transformer_config_from_hf(model_dir, tp=2, sequence_parallel=True, deterministic_mode=True)
+    gpt = GPTModel(config, get_sp_core_block_spec(config.num_layers), **gpt_model_args(config))
+    load_hf_into_gpt_model(gpt, model_dir)
+    out["gpt"] = vars(refit(gpt, engine, "gpt"))
+    if first:
+        out["served_gpt"] = _served(engine, PROMPTS, vocab)
+
     # sp-core onpolicy's loop on this engine: 2 iterations of sample -> compare -> train -> refit
     from sp_core_megatron.cli_engine import onpolicy
 
@@ -213,6 +232,12 @@ def test_refit_under_concurrent_requests(result):
     assert answer["late"]["meta_info"]["weight_version"] == "v2"
     assert _bitwise(result["served_v2"], result["megatron_v2"])
 
+
+
+def test_refit_from_gpt_model_with_the_core_layer_spec(result):
+    assert result["gpt"]["success"], result["gpt"]["message"]
+    assert result["gpt"]["full_tensors"] == 0
+    assert _bitwise(result["served_gpt"], result["before"])
 
 
 def test_onpolicy_loop_is_bitwise_every_iteration(result):

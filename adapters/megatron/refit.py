@@ -1,4 +1,5 @@
-"""The trainer side of an in-memory refit: from a Megatron model built with the core (``SPCoreGPTModel``) into
+"""The trainer side of an in-memory refit: from a Megatron model built with the core (``SPCoreGPTModel``, or
+megatron.core's ``GPTModel`` with ``get_sp_core_block_spec``, whose names are mapped to the core's) into
 a running ``sglang.Engine`` served through the adapter (``sp_core_sglang.refit``), at matched layout (the same
 tp and MoE mode on both sides).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -42,39 +44,86 @@ class RefitResult:
     answer: dict = dataclasses.field(default_factory=dict)  # what ``load`` returned on TP rank 0
 
 
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "language_model") and not hasattr(model, "decoder"):
+        model = model.module  # DDP, Float16Module
+    return model
+
+
 def core_model(model):
-    """The core's ``CausalLM`` inside a Megatron model: through DDP / Float16Module wrappers (``.module``) to
-    ``SPCoreGPTModel.language_model`` (a ``CausalLM`` itself is returned as is)."""
+    """The core's ``CausalLM`` inside a Megatron ``SPCoreGPTModel`` (through DDP / Float16Module wrappers,
+    ``.module``), or a ``CausalLM`` itself."""
     from sp_core.models import CausalLM
 
     if isinstance(model, CausalLM):
         return model
-    while hasattr(model, "module") and not hasattr(model, "language_model"):
-        model = model.module
-    core = getattr(model, "language_model", None)
+    core = getattr(_unwrap(model), "language_model", None)
     if core is None or not hasattr(core, "parallel"):
-        raise ModelError(f"refit: {type(model).__name__} is not an SPCoreGPTModel; in-memory refit needs the core's "
-                         f"model (build with sp_core_megatron.model.SPCoreGPTModel)")
+        raise ModelError(f"refit: {type(model).__name__} is neither an SPCoreGPTModel nor a GPTModel built with "
+                         f"get_sp_core_block_spec")
     return core
+
+
+# megatron.core's GPTModel with the core's layer spec -> the core's names (sp_core_megatron.hf_weights' table)
+_GPT_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.layer\.(.+)$")
+_GPT_NAMES = {"decoder.final_layernorm.weight": "model.norm.weight",
+              "embedding.word_embeddings.weight": "model.embed_tokens.weight", "output_layer.weight": "lm_head.weight"}
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _is_gpt_model(model) -> bool:
+    model = _unwrap(model)
+    return hasattr(model, "decoder") and hasattr(model, "embedding")
+
+
+def named_parameters(model) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(core name, parameter) of every parameter: the names the served model has."""
+    if not _is_gpt_model(model):
+        return list(core_model(model).named_parameters())
+    out = []
+    for name, param in _unwrap(model).named_parameters():
+        match = _GPT_LAYER.match(name)
+        core = f"model.layers.{match.group(1)}.{match.group(2)}" if match else _GPT_NAMES.get(name)
+        if core is None:
+            raise ModelError(f"refit: GPTModel parameter {name} has no counterpart in the core's model")
+        out.append((core, param))
+    return out
+
+
+def parallel_of(model):
+    """The model's parallel context (the core's layers keep it)."""
+    if _is_gpt_model(model):
+        return _unwrap(model).decoder.layers[0].parallel
+    return core_model(model).parallel
 
 
 def local_tensors(model) -> List[Tuple[str, torch.Tensor]]:
     """(core name, this rank's tensor) of every parameter: the names and shapes the served model has."""
-    return [(name, param.detach()) for name, param in core_model(model).named_parameters()]
+    return [(name, param.detach()) for name, param in named_parameters(model)]
+
+
+def _pieces(name: str, param, parallel, vocab_size: int) -> list:
+    from sp_core.layers.sharding import pieces
+
+    if getattr(param, "shards", None) is None and name in _VOCAB and parallel.size > 1:
+        rows = param.shape[0]  # Megatron's vocabulary-parallel layers: contiguous blocks of the padded vocabulary
+        start = parallel.rank * rows
+        return [(None, 0, start, max(0, min(rows, vocab_size - start)), 0)]
+    return pieces(param)
 
 
 def layout(model) -> dict:
     """What a server of another tp needs to place this rank's rows (``sp_core_sglang.refit``'s reshard): the
     trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors (``sharding.pieces``, keyed
-    by checkpoint name)."""
-    from sp_core.layers.sharding import pieces
+    by ``checkpoint.piece_key``)."""
     from sp_core.models.checkpoint import piece_key
 
-    core = core_model(model)
-    return {"tp": core.parallel.size, "rank": core.parallel.rank,
+    parallel = parallel_of(model)
+    vocab = getattr(getattr(_unwrap(model), "config", None), "vocab_size", None) or 0
+    return {"tp": parallel.size, "rank": parallel.rank,
             "pieces": {name: [[piece_key(name, shard), dim, start, rows, offset]
-                              for shard, dim, start, rows, offset in pieces(param)]
-                       for name, param in core.named_parameters()}}
+                              for shard, dim, start, rows, offset in _pieces(name, param, parallel, vocab)]
+                       for name, param in named_parameters(model)}}
 
 
 def _shm_root() -> str:
@@ -109,7 +158,7 @@ def write_buckets(tensors: List[Tuple[str, torch.Tensor]], directory: str, bucke
 
 
 def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
-    params = dict(core_model(model).named_parameters())
+    params = dict(named_parameters(model))
     return sum(1 for name, tensor in tensors if tensor.numel() > params[name].numel())
 
 
@@ -119,7 +168,7 @@ def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTE
     not used) as ``weight_version``. Collective over
     the model's TP group; every rank returns the same success and message, and its own byte count."""
     tensors = local_tensors(model)
-    result = send(core_model(model).parallel, tensors, engine, weight_version, bucket_bytes, layout=layout(model))
+    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model))
     result.full_tensors = _full_tensor_count(model, tensors)
     return result
 
@@ -151,6 +200,7 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
             parallel, load(engine, payloads, str(weight_version)) if parallel.rank == 0 else None)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        _forget(directory)
     return RefitResult(success=bool(result["success"]), message=result["message"], weight_version=str(weight_version),
                        seconds=time.perf_counter() - start,
                        bytes_moved=sum(t.numel() * t.element_size() for _, t in tensors), full_tensors=0,
@@ -162,3 +212,9 @@ def _remove_on_abort(path: str) -> None:
     from sp_core.procs import launch
 
     launch.remove_on_abort(path)
+
+
+def _forget(path: str) -> None:
+    from sp_core.procs import launch
+
+    launch.forget_on_abort(path)

@@ -171,6 +171,8 @@ class _Host:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=1)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.address)
 
 
 def _kill_group(pgid: int) -> None:
