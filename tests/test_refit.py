@@ -77,7 +77,6 @@ def _perturb(model, seed):
 
 
 def _rank(model_dir, engine, vocab, log_prefix):
-    from sp_core.layers.sharding import gather_full  # noqa: F401  (imported for its collectives' log)
     from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
     from sp_core_megatron.refit import core_model, local_tensors, refit, send
     from support.multirank import collective_log
