@@ -22,7 +22,6 @@ next one made removes those whose owner is gone.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import glob
 import multiprocessing
 import os
@@ -112,7 +111,8 @@ class _Host:
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
         self._conn, child_end = ctx.Pipe()
-        self.address = os.path.join(tempfile.gettempdir(), f"sp-core-engines-{os.getpid()}-{os.urandom(4).hex()}.sock")
+        # in a scratch directory: removed with the others if this process dies outright (``scratch_dir``)
+        self.address = os.path.join(scratch_dir(), "engines.sock")
         self.authkey = os.urandom(16)
         # not a daemon: sglang's Engine starts processes of its own
         self.process = ctx.Process(target=_serve, args=(child_end, os.getpid(), self.address, self.authkey),
@@ -160,8 +160,7 @@ class _Host:
             self.process.kill()
         self.process.join()
         self._conn.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.address)
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
     def abort(self) -> None:
         """The command was interrupted: end the host and sglang's processes now (SIGKILL to its process
@@ -171,8 +170,7 @@ class _Host:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=1)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.address)
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
 
 def _kill_group(pgid: int) -> None:
