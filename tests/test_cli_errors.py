@@ -122,6 +122,13 @@ CASES = [
                                                             "--moe-parallel", "ep"], "has no MoE layers"),
     ("train --moe-parallel ep on a dense model: exit 5 after ~25 s", TRAIN + ["--tp", "2", "--moe-parallel", "ep"],
      "has no MoE layers"),
+    ("onpolicy --steps 0", ["onpolicy", "--steps", "0"], "argument --steps: expected a positive integer"),
+    ("onpolicy --tp 3 on 4 heads", ["onpolicy", "--model", M, "--tp", "3"], "tp 3 does not divide"),
+    ("onpolicy --server-tp 0", ["onpolicy", "--server-tp", "0"], "argument --server-tp"),
+    ("onpolicy --json checked after the work", ["onpolicy", "--model", M, "--json", "{root}/no/such/dir/r.json"],
+     "the directory"),
+    ("onpolicy --moe-parallel ep on a dense model", ["onpolicy", "--model", M, "--moe-parallel", "ep"],
+     "has no MoE layers"),
 ]
 # a bad checkpoint or a too-long prompt: the same one line on every engine, before the engine starts
 # (sglang used to SIGKILL sp-core itself, exit 137)
@@ -175,7 +182,7 @@ def test_every_flag_has_help_and_default(capsys):
     top = parser.format_help()
     assert "bench" not in top  # no advertised command that does not exist
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert sorted(subparsers.choices) == ["logits", "memory", "train", "verify"]
+    assert sorted(subparsers.choices) == ["logits", "memory", "onpolicy", "train", "verify"]
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             if action.dest == "help":

@@ -259,3 +259,31 @@ def test_sp_evidence_check_fails_where_sp_did_not_run_as_asked():
     for collectives, asked in ((tp, True), ({1: sp[1], 2: tp[2]}, True), ({}, True), (sp, False)):
         with pytest.raises(RuntimeError, match="SP"):
             check_sequence_parallel_ran(collectives, 2, asked)
+
+
+def test_cpu_fallback_murmur_hash_equals_murmur3(tmp_path):
+    """The CPU fallback's ``murmur_hash32_cpu`` (sglang's seeded sampler, every sampled request of
+    --enable-deterministic-inference) equals MurmurHash3_x86_32 of (seed low word, seed high word, position,
+    column) with hash seed 0, computed here in plain Python ints from the published algorithm."""
+    code = ("import sys; from sp_core_sglang.cli_engine import cpu_backend; sys.path.insert(0, cpu_backend.DIR)\n"
+            "import torch, sgl_kernel\n"
+            "h = torch.ops.sgl_kernel.murmur_hash32_cpu.default(torch.tensor([42, 2**40 + 5]), torch.tensor([3, 70000]),"
+            " torch.arange(6))\n"
+            "print(h.dtype, h.tolist())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+
+    def murmur3(words):
+        h, mask = 0, 0xFFFFFFFF
+        for k in words:
+            k = (k * 0xCC9E2D51) & mask
+            k = ((k << 15) | (k >> 17)) & mask
+            h ^= (k * 0x1B873593) & mask
+            h = ((h << 13) | (h >> 19)) & mask
+            h = (h * 5 + 0xE6546B64) & mask
+        h ^= 4 * len(words)
+        for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+            h = ((h ^ (h >> shift)) * mult) & mask
+        return h ^ (h >> 16)
+
+    expected = [[murmur3([s & 0xFFFFFFFF, s >> 32, p, c]) for c in range(6)] for s, p in ((42, 3), (2**40 + 5, 70000))]
+    assert out[0] == "torch.uint32" and json.loads(out[1]) == expected

@@ -34,7 +34,13 @@ def _set_sequence_parallel(scheduler, enabled: bool) -> None:
     model.sequence_parallel_enabled = enabled
 
 
-_HANDLERS = {SET_SEQUENCE_PARALLEL: _set_sequence_parallel}
+def _refit_stage(scheduler, token: int, payloads) -> None:
+    from sp_core_sglang import refit
+
+    refit.stage(scheduler, token, payloads)
+
+
+_HANDLERS = {SET_SEQUENCE_PARALLEL: _set_sequence_parallel, RPC_PREFIX + "refit_stage": _refit_stage}
 
 
 def handle_rpc_request(original, scheduler, recv_req):

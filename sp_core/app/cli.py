@@ -1,4 +1,5 @@
-"""The ``sp-core`` command: logits, verify and memory (the public surface: README, "The public commands") and train.
+"""The ``sp-core`` command: logits, verify, memory and onpolicy (the public surface: README, "The public commands")
+and train.
 
 Exit codes: 0 success; 1 verify found rows out of tolerance (or an unexpected error, traceback in the
 log); 2 bad input; 3 an engine or framework that was asked for cannot run here; 4 NaN or inf in the
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     from sp_core.app import engines, verify
 
     parser = _Parser(prog="sp-core", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{logits,verify,memory,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{logits,verify,memory,onpolicy,train}")
     engine_names = sorted(engines.available())
 
     p = sub.add_parser("logits", help="log-probabilities of prompts at every position, to a safetensors file")
@@ -156,6 +157,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_sp_flag(p)
     p.add_argument("--measure", action="store_true",
                    help="also measure the bytes one decoder layer saves for backward on rank 0 (default: off)")
+    _common(p)
+    _add_moe_flag(p)
+
+    p = sub.add_parser("onpolicy", help="sglang samples, Megatron trains a step, the weights are refit into the "
+                                        "running engine in memory; their log-probabilities compared every iteration")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="Hugging Face checkpoint (default: the embedded tiny Qwen3 checkpoint)")
+    p.add_argument("--tp", type=positive_int, default=2, metavar="N", help="trainer tensor-parallel size (default: 2)")
+    p.add_argument("--server-tp", type=positive_int, default=None, metavar="N",
+                   help="the sglang engine's tensor-parallel size (default: --tp, the matched layout)")
+    _add_sp_flag(p)
+    _add_deterministic_flag(p, "so that every iteration's sglang and Megatron log-probabilities are bit-identical")
+    p.add_argument("--steps", type=positive_int, default=3, metavar="K",
+                   help="iterations: sample, compare, train one step, refit (default: 3)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write every iteration's row (with a boolean 'bitwise') as JSON (default: none)")
     _common(p)
     _add_moe_flag(p)
 
@@ -368,7 +385,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"logits": cmd_logits, "memory": cmd_memory, "verify": cmd_verify, "train": cmd_train}
+def cmd_onpolicy(args) -> int:
+    from sp_core.app import onpolicy
+
+    check_tp(args.tp)
+    if args.server_tp:
+        check_tp(args.server_tp, "--server-tp")
+    if args.json:
+        check_output_file(args.json, "--json", model_dir=args.model)
+    return onpolicy.main(args)
+
+
+COMMANDS = {"logits": cmd_logits, "memory": cmd_memory, "verify": cmd_verify, "onpolicy": cmd_onpolicy,
+            "train": cmd_train}
 
 
 class _Terminated(BaseException):

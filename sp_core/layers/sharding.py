@@ -111,6 +111,21 @@ def gather_full_to_first(param: torch.Tensor, values: Optional[torch.Tensor] = N
     return None if every_rank is None else _full_tensors(param, every_rank)
 
 
+def pieces(param: torch.Tensor) -> List[tuple]:
+    """Where this rank's rows of ``param`` sit in its checkpoint tensors, no communication:
+    ``(shard name, dim, first full row, rows, first local row)`` per piece along the partition dim (padding
+    rows left out); a replicated parameter is one piece of all its rows along dim 0."""
+    shards = getattr(param, "shards", None)
+    if shards is None:
+        return [(None, 0, 0, param.shape[0] if param.dim() else 1, 0)]
+    out, offset = [], 0
+    for shard in shards:
+        start = (param.tp_rank // shard.replicas) * shard.local
+        out.append((shard.name, param.partition_dim, start, max(0, min(shard.local, shard.full - start)), offset))
+        offset += shard.local
+    return out
+
+
 def full_shapes(param: torch.Tensor) -> Dict[Optional[str], tuple]:
     """The checkpoint shape of every shard of ``param`` (no communication)."""
     shards = getattr(param, "shards", None)

@@ -298,6 +298,13 @@ def core_to_hf(name: str, shard: Optional[str]) -> str:
     return name
 
 
+def piece_key(name: str, shard: Optional[str]) -> str:
+    """A piece of a checkpoint tensor, named the same at every tp (an in-memory refit's reshard matches them):
+    its checkpoint name, and the shard's name where one tensor packs several (the routed experts' gate and up)."""
+    key = core_to_hf(name, shard)
+    return key if shard is None else f"{key}[{shard}]"
+
+
 def load_hf_checkpoint(model: torch.nn.Module, model_dir: str) -> None:
     load_weights(model, iter_hf_tensors(model_dir))
 

@@ -133,6 +133,23 @@ def broadcast_object(parallel, obj, src: int = 0):
     return box[0]
 
 
+def gather_objects_to_first(parallel, obj):
+    """Every TP rank's picklable ``obj`` on TP rank 0, in rank order; None on the others (off the hot path)."""
+    if parallel.size == 1:
+        return [obj]
+    every = [None] * parallel.size if parallel.rank == 0 else None
+    with issued(parallel, "gather_objects"):
+        dist.gather_object(obj, every, dst=global_rank(parallel.group, 0), group=parallel.group)
+    return every
+
+
+def all_gather_objects_over(group, obj) -> list:
+    """Every rank's picklable ``obj`` over a framework's own ``group`` (e.g. sglang's TP CPU group), in rank order."""
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, obj, group=group)
+    return every
+
+
 def barrier(parallel) -> None:
     if parallel.size > 1:
         with issued(parallel, "barrier"):

@@ -70,6 +70,13 @@ def remove_on_abort(path: str) -> None:
     activity.note_partial_paths(_ABORT_PATHS)
 
 
+def forget_on_abort(path: str) -> None:
+    """In a rank: ``path`` (registered with ``remove_on_abort``) is gone or complete; no longer removed on abort."""
+    if path in _ABORT_PATHS:
+        _ABORT_PATHS.remove(path)
+        activity.note_partial_paths(_ABORT_PATHS)
+
+
 def new_partial_dir(target: str) -> str:
     """A new empty directory next to ``target`` for writing it atomically (``.NAME.partial-PID-XXXXXXXX``),
     registered with ``remove_on_abort`` before it exists."""

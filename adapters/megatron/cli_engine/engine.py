@@ -138,3 +138,14 @@ def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: b
     (``deterministic``: Megatron's ``deterministic_mode``, in training and in that forward)."""
     return train_steps(model_dir, tp, sequence_parallel, steps, out_dir=out_dir, prompts=prompts,
                        deterministic=deterministic)["logprobs"]
+
+
+def onpolicy(model_dir: str, engine, tp: int, sequence_parallel: bool, moe_parallel: str, deterministic: bool,
+             steps: int, prompts, new_tokens: int, lr: float, bucket_bytes: int) -> dict:
+    """`sp-core onpolicy`'s trainer: ``tp`` Megatron ranks beside the running sglang ``engine`` (its handle),
+    ``steps`` iterations of sample -> compare -> train -> refit (``cli_engine.onpolicy``). Rank 0's rows."""
+    from sp_core_megatron.cli_engine import onpolicy as loop
+
+    check_available()
+    return run_ranks(tp, loop.rank, model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, steps,
+                     prompts, new_tokens, lr, bucket_bytes, sequence_parallel=sequence_parallel)[0]

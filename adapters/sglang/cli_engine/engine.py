@@ -123,6 +123,21 @@ def start_engine_here(model_dir: str, tp_size: int = 1, *, adapter: bool = False
         return engine_cls(**kwargs)
 
 
+def start_for_refit(model_dir: str, tp: int, sequence_parallel: bool, moe_parallel: str = "tp",
+                    deterministic: bool = False, **engine_kwargs) -> engine_process.RemoteEngine:
+    """An engine that a trainer refits in memory (``sp_core_sglang.refit``): the adapter, SP for every prefill
+    when ``sequence_parallel`` (min tokens 0), the MoE mode as sglang's ``--ep-size``, sglang's deterministic
+    inference when asked; the radix cache on (each refit flushes it). Its handle pickles to the trainer's ranks."""
+    check_available()
+    kwargs = dict(enable_layernorm_sp=tp > 1 and sequence_parallel, enable_deterministic_inference=deterministic,
+                  **({"ep_size": tp} if moe_parallel == "ep" and tp > 1 else {}))
+    kwargs.update(engine_kwargs)
+    try:
+        return start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, **kwargs)
+    except ValueError as err:  # sglang's own validation of the server arguments
+        raise ModelError(f"sglang rejected the configuration: {str(err).splitlines()[0]}") from None
+
+
 def logprobs_for_prompts(engine, prompts: List[List[int]], vocab_size: int) -> List[torch.Tensor]:
     """Full-vocabulary log-probs at every position of each prompt: float32 ``[len, vocab]`` each.
 

@@ -6,7 +6,9 @@ in a scheduler kills that process outright. In the caller's process that would t
 children too -- for example the fork server and resource tracker of ``sp_core.procs.launch``, after which
 the next ``run_ranks`` fails. So engines live in one helper process, the *engine host*: spawned on first
 use, reused for later engines (it imports sglang once), ended at exit or when its caller goes away.
-``RemoteEngine`` forwards ``generate``, ``collective_rpc`` and ``shutdown`` to it.
+``RemoteEngine`` forwards ``generate``, ``collective_rpc``, ``refit`` and ``shutdown`` to it. A handle pickles:
+another process (a trainer rank of ``sp_core.procs.launch``) that unpickles it reaches the same engine
+through the host's listener (a Unix socket with a random key), one request at a time with the caller's.
 
 The host leads a process group of its own, which sglang's processes (schedulers, detokenizer) join when it
 spawns them. Ending the host ends that group: at the caller's exit (``close``, also after Ctrl-C or SIGTERM
@@ -45,16 +47,27 @@ class EngineProcessDied(RuntimeError):
 
 class RemoteEngine:
     """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)``, ``collective_rpc(method, **kwargs)``
-    and ``shutdown()`` as sglang's."""
+    and ``shutdown()`` as sglang's; ``refit(payloads, weight_version)`` as ``sp_core_sglang.refit.apply``."""
 
-    def __init__(self, host: "_Host", engine_id: int):
+    def __init__(self, host, engine_id: int):
         self._host, self._id = host, engine_id
+
+    def __reduce__(self):
+        return _attach, (self._host.address, self._host.authkey, self._id)
 
     def generate(self, **kwargs) -> Any:
         return self._host.request("generate", self._id, kwargs)
 
     def collective_rpc(self, method: str, **kwargs) -> None:
         self._host.request("rpc", self._id, method, kwargs)
+
+    def refit(self, payloads, weight_version: str, flush_cache: bool = True) -> dict:
+        """Load one refit (one payload per server TP rank, ``sp_core_sglang.refit``) into the engine."""
+        return self._host.request("refit", self._id, payloads, weight_version, flush_cache)
+
+    def call(self, fn: Callable, *args) -> Any:
+        """``fn(engine, *args)`` in the engine host, with this handle's ``sglang.Engine``."""
+        return self._host.request("engine_call", self._id, fn, args)
 
     def shutdown(self) -> None:
         if self._id is not None:
@@ -63,14 +76,47 @@ class RemoteEngine:
                 self._host.request("shutdown", engine_id)
 
 
+def _attach(address: str, authkey: bytes, engine_id: int) -> RemoteEngine:
+    return RemoteEngine(_Client(address, authkey), engine_id)
+
+
+class _Client:
+    """Another process's way to the engine host: its listener (``RemoteEngine.__reduce__``)."""
+    aborted = False
+
+    def __init__(self, address: str, authkey: bytes):
+        self.address, self.authkey, self._conn = address, authkey, None
+
+    def request(self, op: str, *args) -> Any:
+        from multiprocessing.connection import Client
+
+        if self._conn is None:
+            try:
+                self._conn = Client(self.address, family="AF_UNIX", authkey=self.authkey)
+            except OSError as err:
+                raise EngineProcessDied(f"the sglang engine host does not answer at {self.address} ({err})") from None
+        self._conn.send((op, *args))
+        try:
+            ok, payload = self._conn.recv()
+        except EOFError:
+            raise EngineProcessDied("the sglang engine process exited; its output says why") from None
+        if not ok:
+            raise payload
+        return payload
+
+
 class _Host:
     aborted = False
 
     def __init__(self):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
         self._conn, child_end = ctx.Pipe()
+        # in a scratch directory: removed with the others if this process dies outright (``scratch_dir``)
+        self.address = os.path.join(scratch_dir(), "engines.sock")
+        self.authkey = os.urandom(16)
         # not a daemon: sglang's Engine starts processes of its own
-        self.process = ctx.Process(target=_serve, args=(child_end, os.getpid()), name="sp-core-sglang-engines")
+        self.process = ctx.Process(target=_serve, args=(child_end, os.getpid(), self.address, self.authkey),
+                                   name="sp-core-sglang-engines")
         self.process.start()
         child_end.close()
 
@@ -114,6 +160,7 @@ class _Host:
             self.process.kill()
         self.process.join()
         self._conn.close()
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
     def abort(self) -> None:
         """The command was interrupted: end the host and sglang's processes now (SIGKILL to its process
@@ -123,6 +170,7 @@ class _Host:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=1)
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
 
 def _kill_group(pgid: int) -> None:
@@ -240,7 +288,40 @@ def _end_with_caller(caller_pid: int) -> None:
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
-def _serve(conn, caller_pid: int) -> None:
+_LOCK = threading.Lock()  # one engine request at a time: sglang's Engine runs its requests on one event loop
+
+
+def _listen(engines: Dict[int, Any], address: str, authkey: bytes) -> None:
+    """Requests from other processes holding a pickled ``RemoteEngine`` (a thread per connection)."""
+    from multiprocessing.connection import Listener
+
+    listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    while True:
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError, multiprocessing.AuthenticationError):
+            continue
+        threading.Thread(target=_answer, args=(engines, conn), daemon=True, name="sp-core-engine-client").start()
+
+
+def _answer(engines: Dict[int, Any], conn) -> None:
+    while True:
+        try:
+            op, *args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send((True, _handle_locked(engines, op, args)))
+        except BaseException as err:  # noqa: BLE001 - every failure goes back to the caller
+            conn.send((False, _portable(err)))
+
+
+def _handle_locked(engines: Dict[int, Any], op: str, args) -> Any:
+    with _LOCK:
+        return _handle(engines, op, args)
+
+
+def _serve(conn, caller_pid: int, address: str, authkey: bytes) -> None:
     from sp_core.mpu import platform
     from sp_core_sglang.cli_engine import cpu_env
 
@@ -251,6 +332,7 @@ def _serve(conn, caller_pid: int) -> None:
         cpu_env.apply_cpu_engine_env(1)  # before anything imports sglang; each engine sets its own tp
         _import_ahead()
     engines: Dict[int, Any] = {}
+    threading.Thread(target=_listen, args=(engines, address, authkey), daemon=True, name="sp-core-listener").start()
     try:
         while True:
             try:
@@ -260,7 +342,7 @@ def _serve(conn, caller_pid: int) -> None:
             if op == "close":
                 return
             try:
-                conn.send((True, _handle(engines, op, args)))
+                conn.send((True, _handle_locked(engines, op, args)))
             except BaseException as err:  # noqa: BLE001 - every failure goes back to the caller
                 conn.send((False, _portable(err)))
     finally:
@@ -300,6 +382,14 @@ def _handle(engines: Dict[int, Any], op: str, args) -> Any:
     if op == "rpc":
         engine_id, method, kwargs = args
         return engines[engine_id].collective_rpc(method, **kwargs)
+    if op == "refit":
+        from sp_core_sglang import refit
+
+        engine_id, payloads, version, flush_cache = args
+        return refit.apply(engines[engine_id], payloads, version, flush_cache=flush_cache)
+    if op == "engine_call":
+        engine_id, fn, fn_args = args
+        return fn(engines[engine_id], *fn_args)
     if op == "shutdown":
         engines.pop(args[0]).shutdown()
         return None

@@ -157,5 +157,8 @@ class SPCoreForCausalLM(CausalLM):
     def load_weights(self, weights) -> None:
         """``weights``: (Hugging Face name, full tensor) pairs; each rank keeps its slice. An FP8 checkpoint's
         weights are joined to their scales and dequantised to the model's dtype, each rank its own slice
-        (``checkpoint.load_weights``); sglang's own FP8 kernels are not used."""
-        checkpoint.load_weights(self, weights)
+        (``checkpoint.load_weights``); sglang's own FP8 kernels are not used. A refit's commit
+        (``update_weights_from_tensor`` from ``sp_core_sglang.refit``) loads the refit it staged."""
+        from sp_core_sglang import refit
+
+        refit.load_weights(self, weights, checkpoint.load_weights)

@@ -7,10 +7,12 @@ prefill + decode with the ``torch_native`` attention backend calls only
 in pure torch. The others are imported by modules that every engine process loads but are used
 only by speculative decoding or KV-cache moves; they are import-only and raise if called.
 
-Nothing is registered under ``torch.ops.sgl_kernel``: sglang probes
-``hasattr(torch.ops.sgl_kernel, "convert_weight_packed")`` (``srt/utils/common.py``) to decide on
-the Intel AMX kernels, and ``_init_cpu_threads_env`` (``srt/distributed/bootstrap.py``) calls
-``torch.ops.sgl_kernel.init_cpu_threads_env`` / ``initialize`` only when that probe is True.
+One op is registered under ``torch.ops.sgl_kernel``: ``murmur_hash32_cpu``, which sglang's seeded sampler
+calls (``kernels/ops/sampling/murmur_hash.py``; every sampled request in ``--enable-deterministic-inference``
+is seeded). Nothing else: sglang probes ``hasattr(torch.ops.sgl_kernel, "convert_weight_packed")``
+(``srt/utils/common.py``) to decide on the Intel AMX kernels, and ``_init_cpu_threads_env``
+(``srt/distributed/bootstrap.py``) calls ``torch.ops.sgl_kernel.init_cpu_threads_env`` / ``initialize`` only
+when that probe is True.
 """
 
 import torch
@@ -44,7 +46,7 @@ for _name in _IMPORT_ONLY:
     globals()[_name] = _import_only(_name)
 del _name
 
-__all__ = ["assign_req_to_token_pool_cpu", *_IMPORT_ONLY]
+__all__ = ["assign_req_to_token_pool_cpu", "murmur_hash32_cpu", *_IMPORT_ONLY]
 
 
 def assign_req_to_token_pool_cpu(
@@ -71,3 +73,48 @@ def assign_req_to_token_pool_cpu(
         if n > 0:
             req_to_token[row, start:end] = out_cache_loc[pt : pt + n].to(req_to_token.dtype)
         pt += n
+
+
+# -- murmur_hash32_cpu: the Triton kernel of sglang's murmur_hash.py in int64 arithmetic (low 32 bits kept) -----
+
+_MASK = 0xFFFFFFFF
+
+
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) | (x >> (32 - r))) & _MASK
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
+def _mix(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    k = _rotl32((k * 0xCC9E2D51) & _MASK, 15)
+    k = (k * 0x1B873593) & _MASK
+    h = _rotl32(h ^ k, 13)
+    return (h * 5 + 0xE6546B64) & _MASK
+
+
+def murmur_hash32(seed: torch.Tensor, positions: torch.Tensor, col_indices: torch.Tensor) -> torch.Tensor:
+    """[n, m] uint32: the hash of (seed[i] as two 32-bit words, positions[i], col_indices[j]), as the kernel."""
+    seed = seed.to(torch.int64).reshape(-1, 1)
+    h = torch.zeros_like(seed)
+    h = _mix(h, seed & _MASK)
+    h = _mix(h, (seed >> 32) & _MASK)
+    h = _mix(h, positions.to(torch.int64).reshape(-1, 1) & _MASK)
+    h = _mix(h, col_indices.to(torch.int64).reshape(1, -1) & _MASK)
+    return _fmix32(h ^ 16).to(torch.uint32)
+
+
+@torch.library.custom_op("sgl_kernel::murmur_hash32_cpu", mutates_args=())
+def murmur_hash32_cpu(seed: torch.Tensor, positions: torch.Tensor, col_indices: torch.Tensor) -> torch.Tensor:
+    return murmur_hash32(seed, positions, col_indices)
+
+
+@murmur_hash32_cpu.register_fake
+def _(seed, positions, col_indices):
+    return seed.new_empty((seed.shape[0], col_indices.shape[0]), dtype=torch.uint32)

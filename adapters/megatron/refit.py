@@ -1,0 +1,220 @@
+"""The trainer side of an in-memory refit: from a Megatron model built with the core (``SPCoreGPTModel``, or
+megatron.core's ``GPTModel`` with ``get_sp_core_block_spec``, whose names are mapped to the core's) into
+a running ``sglang.Engine`` served through the adapter (``sp_core_sglang.refit``), at matched layout (the same
+tp and MoE mode on both sides).
+
+Call ``refit(model, engine, weight_version)`` on every trainer rank (it is collective over the model's TP
+group). Trainer rank r writes its own parameters -- the core's ``CausalLM``'s, by the core's names, exactly
+the shards server rank r holds -- into shared-memory buckets (``/dev/shm``, ``bucket_bytes`` at most per
+file unless one tensor is larger); TP rank 0 collects the small per-rank descriptions and asks the engine
+to load them. No rank gathers anything: the bytes moved per rank are that rank's parameter bytes. The
+buckets live until the engine has answered (all-or-nothing needs every bucket checked before any is
+copied), so the shared memory held at once is the rank's parameter bytes; ``bucket_bytes`` bounds each
+segment. On GPU the same payload would carry CUDA IPC handles of the parameters instead (not built here).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from typing import List, Optional, Tuple
+
+import torch
+
+from sp_core.models import ModelError
+from sp_core.mpu import collectives
+
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+_ALIGN = 64
+
+
+@dataclasses.dataclass
+class RefitResult:
+    success: bool
+    message: str  # one line when refused
+    weight_version: str
+    seconds: float  # on this rank, from its first write to the engine's answer
+    bytes_moved: int  # this rank's bytes written to shared memory (= its parameter bytes)
+    full_tensors: int  # tensors larger than this rank's shard of them (0: nothing was gathered)
+    buckets: int
+    answer: dict = dataclasses.field(default_factory=dict)  # what ``load`` returned on TP rank 0
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "language_model") and not hasattr(model, "decoder"):
+        model = model.module  # DDP, Float16Module
+    return model
+
+
+def core_model(model):
+    """The core's ``CausalLM`` inside a Megatron ``SPCoreGPTModel`` (through DDP / Float16Module wrappers,
+    ``.module``), or a ``CausalLM`` itself."""
+    from sp_core.models import CausalLM
+
+    if isinstance(model, CausalLM):
+        return model
+    core = getattr(_unwrap(model), "language_model", None)
+    if core is None or not hasattr(core, "parallel"):
+        raise ModelError(f"refit: {type(model).__name__} is neither an SPCoreGPTModel nor a GPTModel built with "
+                         f"get_sp_core_block_spec")
+    return core
+
+
+# megatron.core's GPTModel with the core's layer spec -> the core's names (sp_core_megatron.hf_weights' table)
+_GPT_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.layer\.(.+)$")
+_GPT_NAMES = {"decoder.final_layernorm.weight": "model.norm.weight",
+              "embedding.word_embeddings.weight": "model.embed_tokens.weight", "output_layer.weight": "lm_head.weight"}
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _is_gpt_model(model) -> bool:
+    model = _unwrap(model)
+    return hasattr(model, "decoder") and hasattr(model, "embedding")
+
+
+def named_parameters(model) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(core name, parameter) of every parameter: the names the served model has."""
+    if not _is_gpt_model(model):
+        return list(core_model(model).named_parameters())
+    out = []
+    for name, param in _unwrap(model).named_parameters():
+        match = _GPT_LAYER.match(name)
+        core = f"model.layers.{match.group(1)}.{match.group(2)}" if match else _GPT_NAMES.get(name)
+        if core is None:
+            raise ModelError(f"refit: GPTModel parameter {name} has no counterpart in the core's model")
+        out.append((core, param))
+    return out
+
+
+def parallel_of(model):
+    """The model's parallel context (the core's layers keep it)."""
+    if _is_gpt_model(model):
+        return _unwrap(model).decoder.layers[0].parallel
+    return core_model(model).parallel
+
+
+def local_tensors(model) -> List[Tuple[str, torch.Tensor]]:
+    """(core name, this rank's tensor) of every parameter: the names and shapes the served model has."""
+    return [(name, param.detach()) for name, param in named_parameters(model)]
+
+
+def _pieces(name: str, param, parallel, vocab_size: int) -> list:
+    from sp_core.layers.sharding import pieces
+
+    if getattr(param, "shards", None) is None and name in _VOCAB and parallel.size > 1:
+        rows = param.shape[0]  # Megatron's vocabulary-parallel layers: contiguous blocks of the padded vocabulary
+        start = parallel.rank * rows
+        return [(None, 0, start, max(0, min(rows, vocab_size - start)), 0)]
+    return pieces(param)
+
+
+def layout(model) -> dict:
+    """What a server of another tp needs to place this rank's rows (``sp_core_sglang.refit``'s reshard): the
+    trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors (``sharding.pieces``, keyed
+    by ``checkpoint.piece_key``)."""
+    from sp_core.models.checkpoint import piece_key
+
+    parallel = parallel_of(model)
+    vocab = getattr(getattr(_unwrap(model), "config", None), "vocab_size", None) or 0
+    return {"tp": parallel.size, "rank": parallel.rank,
+            "pieces": {name: [[piece_key(name, shard), dim, start, rows, offset]
+                              for shard, dim, start, rows, offset in _pieces(name, param, parallel, vocab)]
+                       for name, param in named_parameters(model)}}
+
+
+def _shm_root() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def write_buckets(tensors: List[Tuple[str, torch.Tensor]], directory: str, bucket_bytes: int) -> dict:
+    """The tensors, packed into files of ``directory`` of at most ``bucket_bytes`` each (a larger tensor
+    gets a file of its own); returns the payload that ``sp_core_sglang.refit.map_payload`` reads."""
+    plan: List[List[Tuple[str, torch.Tensor, int]]] = [[]]
+    sizes = [0]
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > bucket_bytes:
+            plan.append([])
+            sizes.append(0)
+        plan[-1].append((name, tensor, sizes[-1]))
+        sizes[-1] += -(-nbytes // _ALIGN) * _ALIGN
+    files, entries = [], []
+    for index, (bucket, size) in enumerate(zip(plan, sizes)):
+        path = os.path.join(directory, f"bucket-{index}")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else None
+        for name, tensor, offset in bucket:
+            nbytes = tensor.numel() * tensor.element_size()
+            buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            entries.append([name, str(tensor.dtype), list(tensor.shape), index, offset])
+        files.append([path, size])
+        del buffer
+    return {"files": files, "tensors": entries}
+
+
+def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
+    params = dict(named_parameters(model))
+    return sum(1 for name, tensor in tensors if tensor.numel() > params[name].numel())
+
+
+def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> RefitResult:
+    """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` started with the adapter in
+    this process, or the ``RemoteEngine`` handle of one in sp-core's engine host; the other ranks' argument is
+    not used) as ``weight_version``. Collective over
+    the model's TP group; every rank returns the same success and message, and its own byte count."""
+    tensors = local_tensors(model)
+    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model))
+    result.full_tensors = _full_tensor_count(model, tensors)
+    return result
+
+
+def _load(engine, payloads, weight_version):
+    """A handle of sp-core's engine host has ``refit``; a plain ``sglang.Engine`` in this process goes through
+    ``sp_core_sglang.refit.apply``."""
+    if hasattr(engine, "refit"):
+        return engine.refit(payloads, weight_version)
+    from sp_core_sglang import refit as server
+
+    return server.apply(engine, payloads, weight_version)
+
+
+def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_version,
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None) -> RefitResult:
+    """``refit``'s transport for any (name, tensor) list of this rank: written to shared memory, the
+    descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)`` called there (default:
+    ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group.
+    ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads."""
+    start = time.perf_counter()
+    directory = os.path.join(_shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
+    _remove_on_abort(directory)
+    os.mkdir(directory, 0o700)
+    try:
+        payload = dict(write_buckets(tensors, directory, bucket_bytes), **({"layout": layout} if layout else {}))
+        payloads = collectives.gather_objects_to_first(parallel, payload)
+        result = collectives.broadcast_object(
+            parallel, load(engine, payloads, str(weight_version)) if parallel.rank == 0 else None)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        _forget(directory)
+    return RefitResult(success=bool(result["success"]), message=result["message"], weight_version=str(weight_version),
+                       seconds=time.perf_counter() - start,
+                       bytes_moved=sum(t.numel() * t.element_size() for _, t in tensors), full_tensors=0,
+                       buckets=len(payload["files"]), answer=result)
+
+
+def _remove_on_abort(path: str) -> None:
+    """Inside ranks of ``sp_core.procs.launch``: removed if the run is aborted."""
+    from sp_core.procs import launch
+
+    launch.remove_on_abort(path)
+
+
+def _forget(path: str) -> None:
+    from sp_core.procs import launch
+
+    launch.forget_on_abort(path)

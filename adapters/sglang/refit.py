@@ -1,0 +1,255 @@
+"""In-memory refit of a running ``sglang.Engine`` serving sp_core's models: each server TP rank loads the
+shards its trainer rank of the same TP index wrote to shared memory, by the core's own parameter names
+(the served model *is* the core's ``CausalLM``: same names, same shapes per rank at the same tp and MoE mode).
+At another trainer tp, each server rank reads the rows it holds from every trainer rank's payload instead
+(``reshard_plan``).
+
+A refit is one call of ``apply(engine, payloads, weight_version)`` (``payloads``: one per server TP rank,
+made by the trainer, ``sp_core_megatron.refit``) and is all or nothing:
+
+1. **Stage** (``collective_rpc``, the adapter's ``sp_core_refit_stage``): every TP worker maps its payload's
+   shared-memory buckets read-only and checks them against its own parameters -- no name missing, none
+   unexpected, each shape and dtype equal, every value finite -- then the workers exchange their verdicts
+   over sglang's TP CPU group (``all_gather_object``). If any worker refuses, every worker drops the
+   mapping and the call returns ``success=False`` with the first refusal as one line; no weight changed.
+2. **Commit** through sglang's own entry point, in a weight-update session: ``begin_weight_update()``,
+   ``update_weights_from_tensor`` (one payload per rank, ``weight_version`` set) whose payload names the
+   staged refit; the model's ``load_weights`` copies the staged views into its parameters
+   (``commit``); sglang then records the weight version and flushes the radix cache;
+   ``end_weight_update()``. A staging step is needed because sglang's update path has no way to refuse a
+   payload: an exception in a loader ends the scheduler.
+
+In-flight requests: sglang's tokenizer manager holds its ``model_update_lock`` as a reader for the whole
+life of every request and takes it as a writer for the update. The commit therefore waits until every
+request already running has finished -- with the old weights, reported as the old ``weight_version`` -- and
+requests that arrive after the commit was asked for wait for it and run with the new weights (the lock
+prefers a waiting writer). Nothing is rejected. Staging takes no lock: it runs between batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import secrets
+import time
+from typing import Dict, List, Tuple
+
+import torch
+
+REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
+STAGE = "sp_core_refit_stage"
+_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+                               torch.uint8, torch.int8, torch.bool, torch.float8_e4m3fn)}
+
+
+class RefitRefused(ValueError):
+    pass
+
+
+# -- payload: what a trainer rank hands its server rank -------------------------------------------------------
+
+def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
+    """(name, read-only view) for every tensor of a payload: ``{"files": [[path, nbytes], ...],
+    "tensors": [[name, dtype, shape, file index, byte offset], ...]}``; the views map the files (no copy)."""
+    buffers = [torch.from_file(path, shared=False, size=int(nbytes), dtype=torch.uint8) if nbytes else
+               torch.empty(0, dtype=torch.uint8) for path, nbytes in payload["files"]]
+    out = []
+    for name, dtype, shape, index, offset in payload["tensors"]:
+        if dtype not in _DTYPES:
+            raise RefitRefused(f"{name}: dtype {dtype} is not a tensor dtype")
+        dt = _DTYPES[dtype]
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        nbytes = numel * dt.itemsize
+        buf = buffers[index]
+        if offset < 0 or offset + nbytes > buf.numel():
+            raise RefitRefused(f"{name}: {nbytes} bytes at offset {offset} lie outside its bucket ({buf.numel()} bytes)")
+        out.append((name, buf[offset:offset + nbytes].view(dt).view(*shape)))
+    return out
+
+
+def check_payload(params: Dict[str, torch.Tensor], views: List[Tuple[str, torch.Tensor]]) -> str:
+    """The first thing wrong with ``views`` as a full update of ``params`` (one line), or ""."""
+    names = [name for name, _ in views]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        return f"{len(dup)} tensors given twice ({_some(dup)})"
+    missing, unexpected = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+    if missing:
+        return f"{len(missing)} tensors missing ({_some(missing)})"
+    if unexpected:
+        return f"{len(unexpected)} unexpected tensors ({_some(unexpected)}); expected the core's parameter names"
+    for name, view in views:
+        param = params[name]
+        if tuple(view.shape) != tuple(param.shape):
+            return f"{name}: shape {list(view.shape)}, this rank's parameter is {list(param.shape)}"
+        if view.dtype != param.dtype:
+            return f"{name}: dtype {view.dtype}, this rank's parameter is {param.dtype}"
+    for name, view in views:
+        if view.is_floating_point() and not bool(torch.isfinite(view).all()):
+            return f"{name}: holds NaN or inf"
+    return ""
+
+
+def _some(names: List[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... {len(names) - 3} more" if len(names) > 3 else "")
+
+
+# -- in each TP worker -----------------------------------------------------------------------------------------
+
+def stage(scheduler, token: int, payloads: List[dict]) -> None:
+    """The ``STAGE`` RPC: map and check this rank's part of the payloads, agree with the other ranks, keep the
+    copies to make. One payload per rank: this rank's (matched layout); another count: every trainer rank's,
+    resharded (``reshard_plan``)."""
+    from sp_core.mpu import collectives
+
+    group = scheduler.tp_group
+    model = scheduler.tp_worker.model_runner.model
+    model._sp_core_refit = None
+    params = dict(model.named_parameters())
+    copies, problem = None, ""
+    try:
+        if len(payloads) == group.world_size:
+            views = map_payload(payloads[group.rank_in_group])
+            problem = check_payload(params, views)
+            copies = [(name, None, 0, 0, view, 0) for name, view in views]
+        else:
+            copies = reshard_plan(params, payloads, group.world_size)
+    except RefitRefused as err:
+        problem = str(err)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    verdicts = collectives.all_gather_objects_over(group.cpu_group, problem)
+    first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
+    if first is not None:
+        raise RefitRefused(f"refit refused by server rank {first[0]}: {first[1]}")
+    model._sp_core_refit = (token, copies)
+
+
+def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_tp: int) -> list:
+    """The copies that fill this rank's parameters from every trainer rank's payload of another tp: each
+    checkpoint tensor's rows this rank holds (``sharding.pieces``), read from the trainer rank(s) that hold
+    them (their payload's ``layout``), straight into the parameter -- no full tensor is built. Refused (one
+    line) when a tensor is split differently (another dim, other whole-expert groups), rows are missing, a
+    tensor is unexpected, a dtype differs or a value is not finite."""
+    from sp_core.layers.sharding import pieces
+    from sp_core.models.checkpoint import piece_key
+
+    if any("layout" not in p for p in payloads):
+        raise RefitRefused(f"{len(payloads)} payloads for a server of tp {server_tp}, without the trainer's layout "
+                           f"to reshard them")
+    trainer_tp = payloads[0]["layout"]["tp"]
+    index: Dict[str, list] = {}
+    for payload in payloads:
+        views = dict(map_payload(payload))
+        for name, described in payload["layout"]["pieces"].items():
+            if name not in views:
+                raise RefitRefused(f"{name}: described by trainer rank {payload['layout']['rank']} but not sent")
+            for key, dim, start, rows, offset in described:
+                index.setdefault(key, []).append((dim, start, rows, views[name], offset))
+    copies, used = [], set()
+    for name, param in params.items():
+        for shard, dim, start, rows, offset in pieces(param):
+            key = piece_key(name, shard)
+            if key not in index:
+                raise RefitRefused(f"{key}: missing from the trainer's tensors")
+            used.add(key)
+            end, at = start + rows, start
+            for src_dim, src_start, src_rows, view, src_offset in sorted(index[key], key=lambda s: s[1]):
+                here = [n for i, n in enumerate(param.shape) if i != dim]
+                there = [n for i, n in enumerate(view.shape) if i != src_dim]
+                if src_dim != dim or here != there:
+                    raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
+                                       f"split along dim {src_dim} with other dims {there} there, dim {dim} with "
+                                       f"{here} here (e.g. experts split whole vs. sharded: use the same MoE mode)")
+                if view.dtype != param.dtype:
+                    raise RefitRefused(f"{key}: dtype {view.dtype}, this rank's parameter is {param.dtype}")
+                lo, hi = max(at, src_start), min(end, src_start + src_rows)
+                if lo > at:
+                    break
+                if hi > lo:
+                    copies.append((name, dim, offset + lo - start, hi - lo, view, src_offset + lo - src_start))
+                    at = hi
+                if at == end:
+                    break
+            if at < end:
+                raise RefitRefused(f"{key}: rows {at}..{end} are in no trainer rank's payload")
+    unexpected = sorted(set(index) - used)
+    if unexpected:
+        raise RefitRefused(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
+    for name, dim, _, rows, view, src_offset in copies:
+        if view.is_floating_point() and not bool(torch.isfinite(view.narrow(dim, src_offset, rows)).all()):
+            raise RefitRefused(f"{name}: holds NaN or inf")
+    return copies
+
+
+def load_weights(model, weights, load_checkpoint) -> None:
+    """``SPCoreForCausalLM.load_weights``: a commit payload (``REFIT_NAME``) applies the staged refit; any
+    other weights go to ``load_checkpoint(model, weights)`` (Hugging Face names, full tensors)."""
+    weights = iter(weights)
+    first = next(weights, None)
+    if first is not None and first[0] == REFIT_NAME:
+        commit(model, int(first[1].reshape(-1)[0]))
+        return
+    load_checkpoint(model, itertools.chain([] if first is None else [first], weights))
+
+
+@torch.no_grad()
+def commit(model, token: int) -> None:
+    staged, model._sp_core_refit = getattr(model, "_sp_core_refit", None), None
+    if staged is None or staged[0] != token:  # cannot raise here (it would end the scheduler): apply() stages first
+        import logging
+
+        logging.getLogger(__name__).error("sp_core refit: commit of a refit that was not staged; nothing loaded")
+        return
+    params = dict(model.named_parameters())
+    for name, dim, offset, rows, view, src_offset in staged[1]:
+        if dim is None:
+            params[name].data.copy_(view)
+        else:
+            params[name].data.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
+
+
+# -- in the process that holds the sglang.Engine ---------------------------------------------------------------
+
+def commit_payload(token: int) -> bytes:
+    """sglang's per-rank payload of the commit: ``[(REFIT_NAME, tensor([token]))]``, plainly pickled (data inline)."""
+    return pickle.dumps([(REFIT_NAME, torch.tensor([token], dtype=torch.int64))])
+
+
+async def apply_async(engine, payloads: List[dict], weight_version: str, flush_cache: bool = True) -> dict:
+    """``apply`` as a coroutine on the engine's event loop (to run beside ``engine.async_generate``)."""
+    from sglang.srt.managers.io_struct import (BeginWeightUpdateReqInput, EndWeightUpdateReqInput,
+                                               UpdateWeightsFromTensorReqInput)
+
+    start = time.perf_counter()
+    token = secrets.randbits(62)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, lambda: engine.collective_rpc(STAGE, token=token, payloads=list(payloads)))
+    except AssertionError as err:
+        message = str(err).split(f"{STAGE}: ", 1)[-1].splitlines()[0]
+        return {"success": False, "message": message, "seconds": time.perf_counter() - start}
+    tm = engine.tokenizer_manager
+    ok, message = await tm.begin_weight_update(BeginWeightUpdateReqInput(selector="all"), None)
+    if not ok:
+        return {"success": False, "message": f"refit: sglang's begin_weight_update failed: {message}",
+                "seconds": time.perf_counter() - start}
+    try:
+        server_tp = engine.server_args.tp_size
+        req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=[commit_payload(token)] * server_tp,
+                                              load_format=None, flush_cache=flush_cache,
+                                              weight_version=str(weight_version))
+        ok, message = await tm.update_weights_from_tensor(req, None)
+    finally:
+        await tm.end_weight_update(EndWeightUpdateReqInput(), None)
+    return {"success": bool(ok), "message": "" if ok else f"refit: sglang's update failed: {message}",
+            "seconds": time.perf_counter() - start}
+
+
+def apply(engine, payloads: List[dict], weight_version: str, flush_cache: bool = True) -> dict:
+    """Refit a running ``sglang.Engine`` (started with the adapter) from per-rank payloads, all or nothing
+    (module docstring). Returns ``{"success", "message" (one line when refused), "seconds"}``; on success the
+    engine serves ``weight_version`` (``meta_info["weight_version"]`` of later requests)."""
+    return engine.loop.run_until_complete(apply_async(engine, payloads, weight_version, flush_cache))

@@ -1,0 +1,247 @@
+"""In-memory refit from Megatron (SPCoreGPTModel, tp 2, SP, deterministic mode) into a running sglang.Engine
+(tp 2, the adapter, radix cache on), at matched layout. One engine start and one Megatron launch serve every
+check; rank 0 of the launch drives the engine through its pickled handle.
+
+The reference for what the engine serves after a refit is Megatron's own forward of the same weights
+(another process, another framework's batch layout) -- bitwise equal in the deterministic mode -- and, for a
+refused refit, what the engine served before it (bitwise)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from sp_core.app.tiny import make_checkpoint
+from support.multirank import run_ranks
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None or importlib.util.find_spec("megatron") is None,
+                       reason="sglang and megatron-core are needed"),
+    pytest.mark.timeout(600),
+]
+
+PROMPTS = [[1, 5, 9, 3, 4, 8, 2], [7, 3], [2, 8, 60, 11, 13]]
+CACHED = [int(t) for t in torch.randint(0, 100, (24,), generator=torch.Generator().manual_seed(3))]
+LONG = [4, 9, 1]
+
+
+def _served(engine, prompts, vocab):
+    from sp_core_sglang.cli_engine.engine import logprobs_for_prompts
+
+    return logprobs_for_prompts(engine, prompts, vocab)
+
+
+def _version(engine, prompt=(1, 2)):
+    out = engine.generate(input_ids=list(prompt), sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+    return out["meta_info"].get("weight_version")
+
+
+def _last_logprob(engine, prompt):
+    """The log-probability of the prompt's last token and how many prompt tokens came from the radix cache."""
+    out = engine.generate(input_ids=list(prompt), sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                          return_logprob=True, logprob_start_len=len(prompt) - 2)
+    return out["meta_info"]["input_token_logprobs"][-1][0], out["meta_info"]["cached_tokens"]
+
+
+def _generate_during_refit(engine, payloads, version):
+    """In the engine host: a long request starts, then the refit is asked for, then a short request."""
+    import asyncio
+
+    from sp_core_sglang import refit
+
+    greedy = {"temperature": 0.0, "max_new_tokens": 48, "ignore_eos": True}
+
+    async def run():
+        long = asyncio.ensure_future(engine.async_generate(input_ids=LONG, sampling_params=greedy))
+        await asyncio.sleep(0.5)
+        update = asyncio.ensure_future(refit.apply_async(engine, payloads, version))
+        await asyncio.sleep(0.2)
+        late = asyncio.ensure_future(engine.async_generate(input_ids=LONG, sampling_params=dict(greedy, max_new_tokens=4)))
+        return await long, await update, await late
+
+    long, update, late = engine.loop.run_until_complete(run())
+    return dict(update, long=long, late=late)
+
+
+def _perturb(model, seed):
+    from sp_core_megatron.refit import core_model
+
+    rank = core_model(model).parallel.rank
+    with torch.no_grad():
+        for i, (_, p) in enumerate(core_model(model).named_parameters()):
+            # a replicated parameter gets the same change on every rank (as an optimizer step gives it)
+            sharded = getattr(p, "tensor_model_parallel", False)
+            gen = torch.Generator().manual_seed(seed * 100003 + i * 7 + (rank if sharded else 0) * 1000003)
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _rank(model_dir, engine, vocab, log_prefix):
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
+    from sp_core_megatron.refit import core_model, local_tensors, refit, send
+    from support.multirank import collective_log
+
+    model = build_model(model_dir, 2, True, deterministic=True).eval()
+    parallel = core_model(model).parallel
+    first = parallel.rank == 0
+    out = {}
+    if first:
+        out["before"] = _served(engine, PROMPTS, vocab)
+        out["version_before"] = _version(engine)
+        _last_logprob(engine, CACHED)  # now in the radix cache
+
+    _perturb(model, 1)
+    with collective_log(log_prefix) as gathered:
+        r1, out["gathered_in_refit"] = gathered(lambda: refit(model, engine, "v1", bucket_bytes=4096))
+    out["r1"] = vars(r1)
+    out["megatron_v1"] = model_logprobs(model, PROMPTS)
+    out["megatron_cached_v1"] = model_logprobs(model, [CACHED])[0][-2, CACHED[-1]].item()
+    out["own_bytes"] = sum(p.numel() * p.element_size() for p in core_model(model).parameters())
+    if first:
+        out["served_v1"] = _served(engine, PROMPTS, vocab)
+        out["version_v1"] = _version(engine)
+        out["cached_after_refit"] = _last_logprob(engine, CACHED)
+        out["cached_again"] = _last_logprob(engine, CACHED)
+
+    # refused refits: each leaves v1 served
+    good = local_tensors(model)
+    names = [n for n, _ in good]
+    bad = {
+        "missing": good[:-1] if parallel.rank == 1 else good,
+        "unexpected": good + [("model.layers.0.extra.weight", torch.zeros(3))] if parallel.rank == 0 else good,
+        "shape": [(n, t[:-1] if n == names[0] and parallel.rank == 0 else t) for n, t in good],
+        "dtype": [(n, t.double() if n == names[1] and parallel.rank == 1 else t) for n, t in good],
+        "nan": [(n, _with(t, float("nan")) if n == names[-1] and parallel.rank == 1 else t) for n, t in good],
+        "inf": [(n, _with(t, float("inf")) if n == names[2] and parallel.rank == 0 else t) for n, t in good],
+    }
+    out["refused"] = {kind: vars(send(parallel, tensors, engine, f"bad-{kind}")) for kind, tensors in bad.items()}
+    if first:
+        out["served_after_refused"] = _served(engine, PROMPTS, vocab)
+        out["version_after_refused"] = _version(engine)
+
+    # under concurrent requests
+    _perturb(model, 2)
+    load = lambda e, payloads, version: e.call(_generate_during_refit, payloads, version)  # noqa: E731
+    r2 = send(parallel, local_tensors(model), engine, "v2", load=load)
+    out["concurrent"] = r2.answer
+    out["megatron_v2"] = model_logprobs(model, PROMPTS)
+    if first:
+        out["served_v2"] = _served(engine, PROMPTS, vocab)
+        out["version_v2"] = _version(engine)
+
+    # megatron.core's GPTModel with the core's layer spec, loaded from the checkpoint: the engine (now serving v2)
+    # serves the checkpoint's weights again, bitwise as it did at start
+    from megatron.core.models.gpt import GPTModel
+
+    from sp_core_megatron import get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model, transformer_config_from_hf
+
+    from megatron.core import tensor_parallel
+
+    from sp_core_megatron.cli_engine import cpu_training
+
+    cpu_training.enable()
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    config = transformer_config_from_hf(model_dir, tp=2, sequence_parallel=True, deterministic_mode=True)
+    gpt = GPTModel(config, get_sp_core_block_spec(config.num_layers), **gpt_model_args(config))
+    load_hf_into_gpt_model(gpt, model_dir)
+    out["gpt"] = vars(refit(gpt, engine, "gpt"))
+    if first:
+        out["served_gpt"] = _served(engine, PROMPTS, vocab)
+
+    # sp-core onpolicy's loop on this engine: 2 iterations of sample -> compare -> train -> refit
+    from sp_core_megatron.cli_engine import onpolicy
+
+    out["onpolicy"] = onpolicy.rank(model_dir, engine, 2, True, "tp", True, 2, PROMPTS, 4, 1e-3, 1 << 20)
+    return out
+
+
+def _with(t, value):
+    t = t.clone()
+    t.view(-1)[0] = value
+    return t
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    from sp_core_sglang.cli_engine.engine import start_engine
+
+    root = tmp_path_factory.mktemp("refit")
+    model_dir = make_checkpoint("qwen3", str(root / "qwen3"))
+    with open(os.path.join(model_dir, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    engine = start_engine(model_dir, 2, adapter=True, sp_min_tokens=0, enable_layernorm_sp=True,
+                          enable_deterministic_inference=True)  # radix cache on (default)
+    try:
+        yield run_ranks(2, _rank, model_dir, engine, vocab, str(root / "collectives"))[0]
+    finally:
+        engine.shutdown()
+
+
+def _bitwise(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_refit_serves_the_trainer_weights_bitwise(result):
+    assert result["r1"]["success"], result["r1"]["message"]
+    assert not _bitwise(result["before"], result["served_v1"])  # the weights did change
+    assert _bitwise(result["served_v1"], result["megatron_v1"])
+
+
+def test_matched_layout_moves_own_shards_only(result):
+    r1 = result["r1"]
+    assert r1["full_tensors"] == 0
+    assert r1["bytes_moved"] == result["own_bytes"]
+    assert r1["buckets"] > 1  # bucket_bytes 4096: several shared-memory segments
+    assert result["gathered_in_refit"] == []  # no sp_core all-gather ran on the trainer during the refit
+
+
+def test_weight_version_advances(result):
+    assert result["version_before"] != "v1"
+    assert result["version_v1"] == "v1"
+    assert result["version_v2"] == "v2"
+
+
+def test_radix_cache_flushed_by_refit(result):
+    logprob, cached = result["cached_after_refit"]
+    assert cached == 0  # the prefix cached under the old weights was not reused
+    assert logprob == result["megatron_cached_v1"]
+    assert result["cached_again"][1] > 0  # control: the cache works, so the check above can fail
+
+
+@pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "dtype", "nan", "inf"])
+def test_refused_refit_changes_nothing(result, kind):
+    refused = result["refused"][kind]
+    assert not refused["success"]
+    message = refused["message"]
+    assert message.startswith("refit refused by server rank") and "\n" not in message, message
+    expected = {"missing": "missing", "unexpected": "unexpected", "shape": "shape", "dtype": "dtype",
+                "nan": "NaN or inf", "inf": "NaN or inf"}[kind]
+    assert expected in message, message
+    assert _bitwise(result["served_after_refused"], result["served_v1"])
+    assert result["version_after_refused"] == "v1"
+
+
+def test_refit_under_concurrent_requests(result):
+    """Documented (sp_core_sglang.refit): a running request finishes with the old weights and reports them;
+    one that arrives while the refit waits runs with the new weights."""
+    answer = result["concurrent"]
+    assert answer["success"], answer["message"]
+    assert answer["long"]["meta_info"]["weight_version"] == "v1"
+    assert len(answer["long"]["output_ids"]) == 48
+    assert answer["late"]["meta_info"]["weight_version"] == "v2"
+    assert _bitwise(result["served_v2"], result["megatron_v2"])
+
+
+
+def test_refit_from_gpt_model_with_the_core_layer_spec(result):
+    assert result["gpt"]["success"], result["gpt"]["message"]
+    assert result["gpt"]["full_tensors"] == 0
+    assert _bitwise(result["served_gpt"], result["before"])
+
+
+def test_onpolicy_loop_is_bitwise_every_iteration(result):
+    loop = result["onpolicy"]
+    assert [r["weight_version"] for r in loop["rows"]] == ["0", "1"]
+    assert all(r["bitwise"] and r["version_advanced"] and r["full_tensors"] == 0 for r in loop["rows"]), loop["rows"]
+    assert loop["after_last_refit"] == {"weight_version": "2", "max_abs_delta": 0.0, "bitwise": True}
+    assert loop["rows"][1]["loss"] < loop["rows"][0]["loss"]  # the step trained the model that is served
