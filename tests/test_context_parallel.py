@@ -264,7 +264,8 @@ def test_readme_example_runs_as_pasted(dirs, tmp_path):
     import sys
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("## Context parallelism"):readme.index("## Several models in one process")]
+    start = readme.index("## Context parallelism")
+    section = readme[start:readme.index("\n## ", start)]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
     (tmp_path / "cp_example.py").write_text(block)
     env = dict(os.environ, OMP_NUM_THREADS="1")
