@@ -245,3 +245,21 @@ def test_onpolicy_loop_is_bitwise_every_iteration(result):
     assert all(r["bitwise"] and r["version_advanced"] and r["full_tensors"] == 0 for r in loop["rows"]), loop["rows"]
     assert loop["after_last_refit"] == {"weight_version": "2", "max_abs_delta": 0.0, "bitwise": True}
     assert loop["rows"][1]["loss"] < loop["rows"][0]["loss"]  # the step trained the model that is served
+
+
+def test_onpolicy_verdict_fails_what_it_must():
+    """sp-core onpolicy's exit: a run passes only if every iteration agrees (bitwise when asked) and every refit's
+    version is the one served next; hand-made rows, each with one fault."""
+    from sp_core.app.onpolicy import verdict
+
+    good = {"iteration": 1, "refit_version": "1", "version_advanced": True, "max_abs_delta": 0.0, "bitwise": True}
+    last = {"weight_version": "1", "max_abs_delta": 0.0, "bitwise": True}
+    assert verdict([good], last, bitwise_expected=True) == []
+    close = dict(good, max_abs_delta=3e-7, bitwise=False)
+    assert verdict([close], last, bitwise_expected=False) == []
+    assert verdict([close], last, bitwise_expected=True) == ["iteration 1: not bitwise 3e-07"]
+    assert verdict([dict(close, max_abs_delta=2e-5)], last, bitwise_expected=False) == ["iteration 1: off by 2e-05"]
+    assert verdict([dict(good, version_advanced=False)], last, True) == [
+        "iteration 1: the served version did not become 1"]
+    assert verdict([good], dict(last, bitwise=False, max_abs_delta=1e-6), True) == [
+        "after the last refit: max |d logprob| 1e-06"]

@@ -29,6 +29,19 @@ def _passed(check: dict, deterministic: bool) -> bool:
     return check["bitwise"] if deterministic else check["max_abs_delta"] <= TOLERANCE
 
 
+def verdict(rows: List[dict], last: dict, bitwise_expected: bool) -> List[str]:
+    """What failed (one phrase each; empty: the run passed): an iteration whose sglang and Megatron
+    log-probabilities differ (at all when ``bitwise_expected``, by more than ``TOLERANCE`` otherwise), a refit
+    whose version was not the one served next, and the check after the last refit."""
+    failures = [f"iteration {r['iteration']}: {'not bitwise' if bitwise_expected else 'off by'} "
+                f"{r['max_abs_delta']:.3g}" for r in rows if not _passed(r, bitwise_expected)]
+    failures += [f"iteration {r['iteration']}: the served version did not become {r['refit_version']}"
+                 for r in rows if not r["version_advanced"]]
+    if not _passed(last, bitwise_expected):
+        failures.append(f"after the last refit: max |d logprob| {last['max_abs_delta']:.3g}")
+    return failures
+
+
 def _table(rows: List[dict]) -> List[str]:
     lines = [f"{'iter':>4}  {'version':>8}  {'refit s':>8}  {'bytes/rank':>12}  {'full tensors':>12}  "
              f"{'max|d logprob|':>14}  bitwise"]
@@ -73,12 +86,7 @@ def main(args) -> int:
         print(line, file=console.out(), flush=True)
     console.say(f"after the last refit: version {last['weight_version']} served, max |d logprob| "
                 f"{last['max_abs_delta']:.3g} ({'bitwise' if last['bitwise'] else 'not bitwise'})")
-    failures = [f"iteration {r['iteration']}: {'not bitwise' if bitwise_expected else 'off by'} "
-                f"{r['max_abs_delta']:.3g}" for r in rows if not _passed(r, bitwise_expected)]
-    failures += [f"iteration {r['iteration']}: the served version did not become {r['refit_version']}"
-                 for r in rows if not r["version_advanced"]]
-    if not _passed(last, bitwise_expected):
-        failures.append(f"after the last refit: max |d logprob| {last['max_abs_delta']:.3g}")
+    failures = verdict(rows, last, bitwise_expected)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"tp": tp, "server_tp": server_tp, "sequence_parallel": sp, "moe_parallel": args.moe_parallel,
