@@ -74,6 +74,8 @@ def _every_collective_then_compute(form, seconds):
         "all_gather_packed": lambda: c.all_gather_packed(p, [x, x.int()]),
         "all_to_all": lambda: c.all_to_all(p, x, [2, 2], [2, 2]),
         "broadcast_object": lambda: c.broadcast_object(p, {"a": 1}),
+        "gather_objects_to_first": lambda: c.gather_objects_to_first(p, {"a": 1}),
+        "all_gather_objects_over": lambda: c.all_gather_objects_over(p.group, {"a": 1}),
         "barrier": lambda: c.barrier(p),
         "all_gather_matmul": lambda: c.all_gather_matmul(p, x, w),
         "matmul_reduce_scatter": lambda: c.matmul_reduce_scatter(p, x, w),
