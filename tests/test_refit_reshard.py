@@ -1,8 +1,9 @@
-"""The refit's reshard (trainer tp != server tp): every server rank's parameters, filled from every trainer rank's
-shared-memory payload by ``sp_core_sglang.refit.reshard_plan`` + ``commit``, equal the parameters the core's
-Hugging Face loader gives that rank (the independent reference), bit for bit: tp 2 -> 1 and tp 1 -> 2, Qwen3
-(one KV head: rows replicated at tp 2) and DeepSeek-V3 (MLA, TP-sharded experts). No sglang engine: the
-server side's planning and copying run in the ranks; one 2-rank launch for every case."""
+"""The refit's reshard (trainer tp or MoE mode != the server's): every server rank's parameters, filled from every
+trainer rank's shared-memory payload by ``sp_core_sglang.refit.reshard_plan`` + ``commit``, equal the parameters
+the core's Hugging Face loader gives that rank (the independent reference), bit for bit: tp 2 -> 1 and tp 1 -> 2,
+Qwen3 (one KV head: rows replicated at tp 2) and DeepSeek-V3 (MLA, TP-sharded experts); DeepSeek-V3 with experts
+held whole per rank (``ep``) at another tp and across MoE modes (tp 2 ep -> tp 1, tp 1 -> tp 2 ep, tp 2 tp <-> tp 2
+ep). No sglang engine: the server side's planning and copying run in the ranks; one 2-rank launch for every case."""
 import os
 
 import pytest
@@ -12,6 +13,15 @@ from sp_core.app.tiny import make_checkpoint
 from support.multirank import run_ranks
 
 MODELS = ("qwen3", "deepseek-v3")
+# (model, trainer tp, trainer MoE mode, server tp, server MoE mode)
+CASES = [(m, 2, "tp", 1, "tp") for m in MODELS] + [(m, 1, "tp", 2, "tp") for m in MODELS] + [
+    ("deepseek-v3", 2, "ep", 1, "tp"), ("deepseek-v3", 1, "tp", 2, "ep"),
+    ("deepseek-v3", 2, "tp", 2, "ep"), ("deepseek-v3", 2, "ep", 2, "tp")]
+
+
+def _case_name(case):
+    model, t, t_mode, s, s_mode = case
+    return f"{model} tp {t} {t_mode} -> tp {s} {s_mode}"
 
 
 def _server_fill(model, payloads):
@@ -40,27 +50,24 @@ def _rank(root):
 
     wide, one = mpu.default_context(), mpu.single_rank()
     out = {}
-    for name in MODELS:
+    for case in CASES:
+        name, trainer_tp, trainer_mode, server_tp, server_mode = case
         model_dir = os.path.join(root, name)
         with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
-            trainer = load_model(model_dir, parallel=wide)  # tp 2 -> 1: both ranks train, rank 0 serves
-            payload = dict(write_buckets(local_tensors(trainer), shm, 1 << 16), layout=layout(trainer))
-            payloads = collectives.gather_objects_to_first(wide, payload)
-            if wide.rank == 0:
-                server, reference = load_model(model_dir, parallel=one), load_model(model_dir, parallel=one)
-                _server_fill(server, payloads)
-                out[f"{name} 2->1"] = _mismatches(server, reference)
-            collectives.barrier(wide)
-        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
-            # tp 1 -> 2: rank 0 trains alone (its payload is written once), both ranks serve
             payload = None
-            if wide.rank == 0:
-                trainer = load_model(model_dir, parallel=one)
+            if trainer_tp == 2 or wide.rank == 0:  # tp 1: rank 0 trains alone (its payload is written once)
+                trainer = load_model(model_dir, moe_parallel=trainer_mode, parallel=wide if trainer_tp == 2 else one)
                 payload = dict(write_buckets(local_tensors(trainer), shm, 1 << 16), layout=layout(trainer))
-            payloads = [collectives.broadcast_object(wide, payload)]
-            server, reference = load_model(model_dir, parallel=wide), load_model(model_dir, parallel=wide)
-            _server_fill(server, payloads)
-            out[f"{name} 1->2 rank {wide.rank}"] = _mismatches(server, reference)
+            if trainer_tp == 2:
+                payloads = collectives.all_gather_objects_over(wide.group, payload)
+            else:
+                payloads = [collectives.broadcast_object(wide, payload)]
+            if server_tp == 2 or wide.rank == 0:
+                parallel = wide if server_tp == 2 else one
+                server = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
+                reference = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
+                _server_fill(server, payloads)
+                out[f"{_case_name(case)} rank {wide.rank}"] = _mismatches(server, reference)
             collectives.barrier(wide)
     return out
 
@@ -73,8 +80,8 @@ def result(tmp_path_factory):
     return run_ranks(2, _rank, str(root))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_reshard_fills_every_parameter_exactly(result, name):
-    rank0, rank1 = result
-    assert rank0[f"{name} 2->1"] == []
-    assert rank0[f"{name} 1->2 rank 0"] == [] and rank1[f"{name} 1->2 rank 1"] == []
+@pytest.mark.parametrize("case", CASES, ids=_case_name)
+def test_reshard_fills_every_parameter_exactly(result, case):
+    server_ranks = range(case[3])
+    for r in server_ranks:
+        assert result[r][f"{_case_name(case)} rank {r}"] == []

@@ -103,26 +103,26 @@ def local_tensors(model) -> List[Tuple[str, torch.Tensor]]:
 
 
 def _pieces(name: str, param, parallel, vocab_size: int) -> list:
-    from sp_core.layers.sharding import pieces
+    from sp_core.models.refit_pieces import refit_pieces
 
     if getattr(param, "shards", None) is None and name in _VOCAB and parallel.size > 1:
         rows = param.shape[0]  # Megatron's vocabulary-parallel layers: contiguous blocks of the padded vocabulary
         start = parallel.rank * rows
-        return [(None, 0, start, max(0, min(rows, vocab_size - start)), 0)]
-    return pieces(param)
+        return [(name, None, 0, start, max(0, min(rows, vocab_size - start)), 0, (vocab_size, *param.shape[1:]))]
+    return refit_pieces(name, param)
 
 
 def layout(model) -> dict:
-    """What a server of another tp needs to place this rank's rows (``sp_core_sglang.refit``'s reshard): the
-    trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors (``sharding.pieces``, keyed
-    by ``checkpoint.piece_key``)."""
-    from sp_core.models.checkpoint import piece_key
+    """What a server of another tp or MoE mode needs to place this rank's rows (``sp_core_sglang.refit``'s
+    reshard): the trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors
+    (``sp_core.models.refit_pieces``: ``[key, index, dim, start, rows, offset, full shape]``), and its MoE mode."""
+    from sp_core.models.refit_pieces import moe_mode
 
     parallel = parallel_of(model)
     vocab = getattr(getattr(_unwrap(model), "config", None), "vocab_size", None) or 0
-    return {"tp": parallel.size, "rank": parallel.rank,
-            "pieces": {name: [[piece_key(name, shard), dim, start, rows, offset]
-                              for shard, dim, start, rows, offset in _pieces(name, param, parallel, vocab)]
+    return {"tp": parallel.size, "rank": parallel.rank, "moe_parallel": moe_mode(p for _, p in named_parameters(model)),
+            "pieces": {name: [[key, index, dim, start, rows, offset, list(full)]
+                              for key, index, dim, start, rows, offset, full in _pieces(name, param, parallel, vocab)]
                        for name, param in named_parameters(model)}}
 
 

@@ -100,8 +100,8 @@ def _some(names: List[str]) -> str:
 
 def stage(scheduler, token: int, payloads: List[dict]) -> None:
     """The ``STAGE`` RPC: map and check this rank's part of the payloads, agree with the other ranks, keep the
-    copies to make. One payload per rank: this rank's (matched layout); another count: every trainer rank's,
-    resharded (``reshard_plan``)."""
+    copies to make. One payload per rank from a trainer of the same MoE mode: this rank's (matched layout);
+    another count or MoE mode: every trainer rank's, resharded (``reshard_plan``)."""
     from sp_core.mpu import collectives
 
     group = scheduler.tp_group
@@ -110,10 +110,10 @@ def stage(scheduler, token: int, payloads: List[dict]) -> None:
     params = dict(model.named_parameters())
     copies, problem = None, ""
     try:
-        if len(payloads) == group.world_size:
+        if _matched(payloads, group.world_size, model):
             views = map_payload(payloads[group.rank_in_group])
             problem = check_payload(params, views)
-            copies = [(name, None, 0, 0, view, 0) for name, view in views]
+            copies = [(name, None, None, 0, 0, view, 0) for name, view in views]
         else:
             copies = reshard_plan(params, payloads, group.world_size)
     except RefitRefused as err:
@@ -127,14 +127,25 @@ def stage(scheduler, token: int, payloads: List[dict]) -> None:
     model._sp_core_refit = (token, copies)
 
 
+def _matched(payloads: List[dict], server_tp: int, model) -> bool:
+    """One payload per server rank from a trainer of this tp and MoE mode (this rank's parameters: the mode
+    the engine was started in, sglang's ``--ep-size``); otherwise the payloads are resharded."""
+    from sp_core.models.refit_pieces import moe_mode
+
+    mode = moe_mode(model.parameters())
+    return len(payloads) == server_tp and all(p.get("layout", {}).get("tp", server_tp) == server_tp and
+                                               p.get("layout", {}).get("moe_parallel", mode) == mode for p in payloads)
+
+
 def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_tp: int) -> list:
-    """The copies that fill this rank's parameters from every trainer rank's payload of another tp: each
-    checkpoint tensor's rows this rank holds (``sharding.pieces``), read from the trainer rank(s) that hold
-    them (their payload's ``layout``), straight into the parameter -- no full tensor is built. Refused (one
-    line) when a tensor is split differently (another dim, other whole-expert groups), rows are missing, a
+    """The copies that fill this rank's parameters from every trainer rank's payload of another tp or MoE mode:
+    each checkpoint tensor's rows this rank holds (``sp_core.models.refit_pieces``: routed experts per expert,
+    so whole experts and experts split over TP map onto each other), read from the trainer rank(s) that hold them
+    (their payload's ``layout``), straight into the parameter -- no full tensor is built. A piece that is a whole
+    tensor on one side is read or written along the other side's split dim. Refused (one line) when a tensor's
+    checkpoint shape differs, it is split along another dim and neither side holds it whole, rows are missing, a
     tensor is unexpected, a dtype differs or a value is not finite."""
-    from sp_core.layers.sharding import pieces
-    from sp_core.models.checkpoint import piece_key
+    from sp_core.models.refit_pieces import refit_keys, refit_pieces
 
     if any("layout" not in p for p in payloads):
         raise RefitRefused(f"{len(payloads)} payloads for a server of tp {server_tp}, without the trainer's layout "
@@ -146,42 +157,55 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
         for name, described in payload["layout"]["pieces"].items():
             if name not in views:
                 raise RefitRefused(f"{name}: described by trainer rank {payload['layout']['rank']} but not sent")
-            for key, dim, start, rows, offset in described:
-                index.setdefault(key, []).append((dim, start, rows, views[name], offset))
-    copies, used = [], set()
+            for key, at, dim, start, rows, offset, full in described:
+                view = views[name] if at is None else views[name][at]
+                index.setdefault(key, []).append((dim, start, rows, view, offset, tuple(full)))
+    copies = []
     for name, param in params.items():
-        for shard, dim, start, rows, offset in pieces(param):
-            key = piece_key(name, shard)
+        for key, at, dim, start, rows, offset, full in refit_pieces(name, param):
             if key not in index:
                 raise RefitRefused(f"{key}: missing from the trainer's tensors")
-            used.add(key)
-            end, at = start + rows, start
-            for src_dim, src_start, src_rows, view, src_offset in sorted(index[key], key=lambda s: s[1]):
-                here = [n for i, n in enumerate(param.shape) if i != dim]
-                there = [n for i, n in enumerate(view.shape) if i != src_dim]
-                if src_dim != dim or here != there:
+            target = param if at is None else param[at]
+            sources = [_along(key, s, dim, full, trainer_tp, server_tp) for s in index[key]]
+            if dim not in {s[0] for s in sources} and rows == full[dim] and tuple(target.shape) == tuple(full):
+                dim, start, rows, offset = sources[0][0], 0, full[sources[0][0]], 0  # whole here, split there: written along its dim
+                sources = [_along(key, s, dim, full, trainer_tp, server_tp) for s in sources]
+            end, here = start + rows, start
+            for src_dim, src_start, src_rows, view, src_offset, _ in sorted(sources, key=lambda s: s[1]):
+                if src_dim != dim:
                     raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
-                                       f"split along dim {src_dim} with other dims {there} there, dim {dim} with "
-                                       f"{here} here (e.g. experts split whole vs. sharded: use the same MoE mode)")
+                                       f"split along dim {src_dim} there, dim {dim} here, and held whole on neither side")
                 if view.dtype != param.dtype:
                     raise RefitRefused(f"{key}: dtype {view.dtype}, this rank's parameter is {param.dtype}")
-                lo, hi = max(at, src_start), min(end, src_start + src_rows)
-                if lo > at:
+                lo, hi = max(here, src_start), min(end, src_start + src_rows)
+                if lo > here:
                     break
                 if hi > lo:
-                    copies.append((name, dim, offset + lo - start, hi - lo, view, src_offset + lo - src_start))
-                    at = hi
-                if at == end:
+                    copies.append((name, at, dim, offset + lo - start, hi - lo, view, src_offset + lo - src_start))
+                    here = hi
+                if here == end:
                     break
-            if at < end:
-                raise RefitRefused(f"{key}: rows {at}..{end} are in no trainer rank's payload")
-    unexpected = sorted(set(index) - used)
+            if here < end:
+                raise RefitRefused(f"{key}: rows {here}..{end} are in no trainer rank's payload")
+    unexpected = sorted(set(index) - {key for name, param in params.items() for key in refit_keys(name, param)})
     if unexpected:
         raise RefitRefused(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
-    for name, dim, _, rows, view, src_offset in copies:
+    for name, _, dim, _, rows, view, src_offset in copies:
         if view.is_floating_point() and not bool(torch.isfinite(view.narrow(dim, src_offset, rows)).all()):
             raise RefitRefused(f"{name}: holds NaN or inf")
     return copies
+
+
+def _along(key: str, source: tuple, dim: int, full: tuple, trainer_tp: int, server_tp: int) -> tuple:
+    """A trainer piece ``(dim, start, rows, view, offset, full)``, checked against the checkpoint shape ``full``
+    this rank expects, and re-described along ``dim`` when it is a whole tensor split along another dim."""
+    src_dim, src_start, src_rows, view, src_offset, src_full = source
+    if src_full != tuple(full):
+        raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
+                           f"checkpoint shape {list(src_full)} there, {list(full)} here")
+    if src_dim != dim and src_rows == full[src_dim] and tuple(view.shape) == tuple(full):
+        return dim, 0, full[dim], view, 0, src_full
+    return source
 
 
 def load_weights(model, weights, load_checkpoint) -> None:
@@ -204,11 +228,12 @@ def commit(model, token: int) -> None:
         logging.getLogger(__name__).error("sp_core refit: commit of a refit that was not staged; nothing loaded")
         return
     params = dict(model.named_parameters())
-    for name, dim, offset, rows, view, src_offset in staged[1]:
+    for name, at, dim, offset, rows, view, src_offset in staged[1]:
+        target = params[name].data if at is None else params[name].data[at]
         if dim is None:
-            params[name].data.copy_(view)
+            target.copy_(view)
         else:
-            params[name].data.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
+            target.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
 
 
 # -- in the process that holds the sglang.Engine ---------------------------------------------------------------
