@@ -1,8 +1,8 @@
 """In-memory refit of a running ``sglang.Engine`` serving sp_core's models: each server TP rank loads the
 shards its trainer rank of the same TP index wrote to shared memory, by the core's own parameter names
 (the served model *is* the core's ``CausalLM``: same names, same shapes per rank at the same tp and MoE mode).
-At another trainer tp, each server rank reads the rows it holds from every trainer rank's payload instead
-(``reshard_plan``).
+At another trainer tp or MoE mode, each server rank reads the rows it holds from every trainer rank's payload
+instead (``reshard_plan``).
 
 A refit is one call of ``apply(engine, payloads, weight_version)`` (``payloads``: one per server TP rank,
 made by the trainer, ``sp_core_megatron.refit``) and is all or nothing:

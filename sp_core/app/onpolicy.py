@@ -16,7 +16,6 @@ import tempfile
 from typing import List
 
 from sp_core.app import console, engines
-from sp_core.app.errors import UsageError
 from sp_core.app.tiny import PROMPTS, make_checkpoint
 
 DEFAULT_MODEL = "qwen3"
@@ -59,12 +58,9 @@ def main(args) -> int:
     workdir = tempfile.mkdtemp(prefix="sp-core-onpolicy-")
     try:
         model_dir = args.model or make_checkpoint(DEFAULT_MODEL, os.path.join(workdir, DEFAULT_MODEL))
-        cfg = engines.check_model(model_dir, tp, args.moe_parallel)
+        engines.check_model(model_dir, tp, args.moe_parallel)
         if server_tp != tp:
             engines.check_model(model_dir, server_tp, args.moe_parallel)
-            if args.moe_parallel == "ep" and cfg.moe is not None:
-                raise UsageError(f"--server-tp {server_tp} with --tp {tp} and --moe-parallel ep: experts held whole per "
-                                 f"rank are not resharded; use --moe-parallel tp, or the same tp on both sides")
         megatron, sglang = engines.get("megatron"), engines.get("sglang")
         megatron.check_available()
         sglang.check_available()
