@@ -47,6 +47,7 @@ def _rank(root):
     from sp_core.app.runtime import load_model
     from sp_core.mpu import collectives
     from sp_core_megatron.refit import layout, local_tensors, write_buckets
+    from sp_core_sglang import refit as server_refit
 
     wide, one = mpu.default_context(), mpu.single_rank()
     out = {}
@@ -66,6 +67,10 @@ def _rank(root):
                 parallel = wide if server_tp == 2 else one
                 server = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
                 reference = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
+                # the stage's choice: reshard (another tp or MoE mode), or each rank its own payload (the trainer's)
+                out[f"{_case_name(case)} matched"] = (server_refit._matched(payloads, server_tp, server),
+                                                      server_refit._matched(payloads, trainer_tp, trainer)
+                                                      if trainer_tp == 2 else None)
                 _server_fill(server, payloads)
                 out[f"{_case_name(case)} rank {wide.rank}"] = _mismatches(server, reference)
             collectives.barrier(wide)
@@ -85,3 +90,10 @@ def test_reshard_fills_every_parameter_exactly(result, case):
     server_ranks = range(case[3])
     for r in server_ranks:
         assert result[r][f"{_case_name(case)} rank {r}"] == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_name)
+def test_stage_reshards_unless_tp_and_moe_mode_match(result, case):
+    resharded, own = result[0][f"{_case_name(case)} matched"]
+    assert resharded is False
+    assert own is (True if case[1] == 2 else None)
