@@ -71,6 +71,12 @@ def _rank(root):
                 out[f"{_case_name(case)} matched"] = (server_refit._matched(payloads, server_tp, server),
                                                       server_refit._matched(payloads, trainer_tp, trainer)
                                                       if trainer_tp == 2 else None)
+                if trainer_tp == 2:  # one trainer rank's payload only: its rows / experts are all there is
+                    try:
+                        server_refit.reshard_plan(dict(server.named_parameters()), payloads[:1], server_tp)
+                        out[f"{_case_name(case)} refusal"] = None
+                    except server_refit.RefitRefused as err:
+                        out[f"{_case_name(case)} refusal"] = str(err)
                 _server_fill(server, payloads)
                 out[f"{_case_name(case)} rank {wide.rank}"] = _mismatches(server, reference)
             collectives.barrier(wide)
@@ -97,3 +103,10 @@ def test_stage_reshards_unless_tp_and_moe_mode_match(result, case):
     resharded, own = result[0][f"{_case_name(case)} matched"]
     assert resharded is False
     assert own is (True if case[1] == 2 else None)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] == 2], ids=_case_name)
+def test_reshard_refuses_rows_no_trainer_rank_sent(result, case):
+    message = result[0][f"{_case_name(case)} refusal"]
+    assert message is not None and "\n" not in message
+    assert "in no trainer rank's payload" in message or "missing from the trainer's tensors" in message

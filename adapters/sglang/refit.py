@@ -168,13 +168,14 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
             target = param if at is None else param[at]
             sources = [_along(key, s, dim, full, trainer_tp, server_tp) for s in index[key]]
             if dim not in {s[0] for s in sources} and rows == full[dim] and tuple(target.shape) == tuple(full):
-                dim, start, rows, offset = sources[0][0], 0, full[sources[0][0]], 0  # whole here, split there: written along its dim
+                dim = sources[0][0]  # whole here, split there: written along the trainer's split dim
+                start, rows, offset = 0, full[dim], 0
                 sources = [_along(key, s, dim, full, trainer_tp, server_tp) for s in sources]
             end, here = start + rows, start
             for src_dim, src_start, src_rows, view, src_offset, _ in sorted(sources, key=lambda s: s[1]):
                 if src_dim != dim:
                     raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
-                                       f"split along dim {src_dim} there, dim {dim} here, and held whole on neither side")
+                                       f"split along dim {src_dim} there, dim {dim} here, held whole on neither side")
                 if view.dtype != param.dtype:
                     raise RefitRefused(f"{key}: dtype {view.dtype}, this rank's parameter is {param.dtype}")
                 lo, hi = max(here, src_start), min(end, src_start + src_rows)
