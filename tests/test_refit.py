@@ -263,3 +263,25 @@ def test_onpolicy_verdict_fails_what_it_must():
         "iteration 1: the served version did not become 1"]
     assert verdict([good], dict(last, bitwise=False, max_abs_delta=1e-6), True) == [
         "after the last refit: max |d logprob| 1e-06"]
+
+
+def test_readme_refit_example_runs_as_pasted(tmp_path):
+    """README's refit example, pasted into a script and run with python as it says (its demo directory moved
+    into this test's tmp dir): both trainer ranks' refits succeed with their own bytes and no full tensor, and
+    the engine then serves the new version."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("## Train → serve in memory")
+    section = readme[start:readme.index("\n## ", start)]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    assert '"/tmp/refit-demo"' in block
+    (tmp_path / "refit_example.py").write_text(block.replace('"/tmp/refit-demo"', repr(str(tmp_path / "demo"))))
+    proc = subprocess.run([sys.executable, "refit_example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\[\(True, '', (\d+), 0\), \(True, '', \1, 0\)\]\nstep-1\n\Z", proc.stdout, re.M), proc.stdout
