@@ -125,6 +125,7 @@ CASES = [
     ("onpolicy --steps 0", ["onpolicy", "--steps", "0"], "argument --steps: expected a positive integer"),
     ("onpolicy --tp 3 on 4 heads", ["onpolicy", "--model", M, "--tp", "3"], "tp 3 does not divide"),
     ("onpolicy --server-tp 0", ["onpolicy", "--server-tp", "0"], "argument --server-tp"),
+    ("onpolicy --bucket-mb 0", ["onpolicy", "--bucket-mb", "0"], "argument --bucket-mb: expected a positive integer"),
     ("onpolicy --json checked after the work", ["onpolicy", "--model", M, "--json", "{root}/no/such/dir/r.json"],
      "the directory"),
     ("onpolicy --moe-parallel ep on a dense model", ["onpolicy", "--model", M, "--moe-parallel", "ep"],

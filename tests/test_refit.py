@@ -151,7 +151,7 @@ def _rank(model_dir, engine, vocab, log_prefix):
     # sp-core onpolicy's loop on this engine: 2 iterations of sample -> compare -> train -> refit
     from sp_core_megatron.cli_engine import onpolicy
 
-    out["onpolicy"] = onpolicy.rank(model_dir, engine, 2, True, "tp", True, 2, PROMPTS, 4, 1e-3, 1 << 20)
+    out["onpolicy"] = onpolicy.rank(model_dir, engine, 2, True, "tp", True, 2, PROMPTS, 4, 1e-3, 8192)
     return out
 
 
@@ -243,6 +243,7 @@ def test_onpolicy_loop_is_bitwise_every_iteration(result):
     loop = result["onpolicy"]
     assert [r["weight_version"] for r in loop["rows"]] == ["0", "1"]
     assert all(r["bitwise"] and r["version_advanced"] and r["full_tensors"] == 0 for r in loop["rows"]), loop["rows"]
+    assert all(min(r["buckets_per_rank"]) > 1 for r in loop["rows"])  # the loop's bucket size (8 KiB) reached the refit
     assert loop["after_last_refit"] == {"weight_version": "2", "max_abs_delta": 0.0, "bitwise": True}
     assert loop["rows"][1]["loss"] < loop["rows"][0]["loss"]  # the step trained the model that is served
 

@@ -21,7 +21,6 @@ from sp_core.app.tiny import PROMPTS, make_checkpoint
 DEFAULT_MODEL = "qwen3"
 TOLERANCE = 1e-5
 NEW_TOKENS, SEED, LR = 8, 1234, 1e-3
-BUCKET_BYTES = 512 * 2**20
 
 
 def _passed(check: dict, deterministic: bool) -> bool:
@@ -72,7 +71,7 @@ def main(args) -> int:
                                         random_seed=SEED)  # the sampler's draws
         try:
             result = megatron.onpolicy(model_dir, engine, tp, sp, args.moe_parallel, args.deterministic, args.steps,
-                                       PROMPTS, NEW_TOKENS, LR, BUCKET_BYTES)
+                                       PROMPTS, NEW_TOKENS, LR, args.bucket_mb * 2**20)
         finally:
             engine.shutdown()
     finally:
