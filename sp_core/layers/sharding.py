@@ -80,9 +80,8 @@ def load_full(param: torch.nn.Parameter, full: torch.Tensor, shard_name: Optiona
         raise KeyError(f"no shard named {shard_name!r} in {[s.name for s in shards]}")
     if full.shape[dim] != shard.full:
         raise ValueError(f"size {full.shape[dim]} along dim {dim} does not match the expected {shard.full}")
-    group_index = param.tp_rank // shard.replicas
-    start = group_index * shard.local
-    piece = full.narrow(dim, min(start, shard.full), max(0, min(shard.local, shard.full - start)))
+    start, rows = _rows_of(param, shard)
+    piece = full.narrow(dim, min(start, shard.full), rows)
     target = param.data.narrow(dim, offset, shard.local)
     target.zero_()  # vocabulary padding stays zero
     target.narrow(dim, 0, piece.shape[dim]).copy_(piece)
@@ -120,10 +119,15 @@ def pieces(param: torch.Tensor) -> List[tuple]:
         return [(None, 0, 0, param.shape[0] if param.dim() else 1, 0)]
     out, offset = [], 0
     for shard in shards:
-        start = (param.tp_rank // shard.replicas) * shard.local
-        out.append((shard.name, param.partition_dim, start, max(0, min(shard.local, shard.full - start)), offset))
+        out.append((shard.name, param.partition_dim, *_rows_of(param, shard), offset))
         offset += shard.local
     return out
+
+
+def _rows_of(param: torch.Tensor, shard: Shard) -> tuple:
+    """(first full row, rows) of ``shard`` on this rank: its replica group's block, less the padding past the end."""
+    start = (param.tp_rank // shard.replicas) * shard.local
+    return start, max(0, min(shard.local, shard.full - start))
 
 
 def full_shapes(param: torch.Tensor) -> Dict[Optional[str], tuple]:
