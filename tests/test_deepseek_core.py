@@ -19,7 +19,7 @@ from sp_core.app.runtime import load_model, pack, prompt_logprobs
 from sp_core.app.tiny import DEEPSEEK_MODELS
 from support.checkpoints import make_checkpoint, reference_logprobs, with_edited_config
 from support.compare import max_diff, rel
-from support.gradients import core_lm_gradients, transformers_lm_gradients
+from support.gradients import assert_tp1_gradients_equal_transformers, core_lm_gradients
 from support.multirank import collective_log, launches_per_tp, saved_bytes_on_every_rank
 from support.precision import assert_bf16_matches_float32
 from support.contexts import remake
@@ -264,16 +264,9 @@ def test_bfloat16_close_to_float32_reference_with_equal_greedy_tokens(runs, refs
 
 
 def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
-    from transformers import AutoModelForCausalLM
-
     base = runs(1)["grads"]
     for name in DEEPSEEK_MODELS:
-        hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32)
-        hf_grads = transformers_lm_gradients(hf, RAGGED)
-        core = base[name, False, "tp"]
-        assert core.keys() == hf_grads.keys()
-        for key, grad in core.items():
-            assert rel(grad, hf_grads[key]) <= 1e-5, f"{name} t=1 vs transformers: {key}"
+        assert_tp1_gradients_equal_transformers(base[name, False, "tp"], dirs[name], RAGGED, name)
 
 
 def test_k_pe_gradient_summed_exactly_once(runs):

@@ -20,7 +20,7 @@ from sp_core.models import ModelConfig
 from support.checkpoints import make_checkpoint, reference_logprobs
 from support.compare import max_diff, rel
 from support.contexts import remake
-from support.gradients import core_lm_gradients, transformers_lm_gradients
+from support.gradients import assert_tp1_gradients_equal_transformers, core_lm_gradients
 from support.multirank import launches_per_tp, saved_bytes_on_every_rank
 
 RAGGED = [[1, 5, 9, 3, 4], [7], [2, 8, 60, 11]]  # a packed ragged batch with a 1-token prompt
@@ -203,16 +203,9 @@ def test_gradients_equal_tp1(runs, tp):
 
 
 def test_tp1_gradients_equal_transformers_autograd(runs, dirs):
-    from transformers import AutoModelForCausalLM
-
     base = runs(1)["grads"]
     for name in CHECKPOINTS:
-        hf = AutoModelForCausalLM.from_pretrained(dirs[name], dtype=torch.float32)
-        hf_grads = transformers_lm_gradients(hf, RAGGED)
-        core = base[name, False, "tp"]
-        assert core.keys() == hf_grads.keys()
-        for key, grad in core.items():
-            assert rel(grad, hf_grads[key]) <= 1e-5, f"{name} t=1 vs transformers: {key}"
+        assert_tp1_gradients_equal_transformers(base[name, False, "tp"], dirs[name], RAGGED, name)
 
 
 def test_negative_control_norm_topk_prob_ignored(runs, refs):

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from sp_core.app.tiny import make_checkpoint
-from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
+from support.serving import (assert_all_to_all_on_every_worker, generate, hf_greedy, hf_logprobs,
+                             prompt_logprobs_diff, radix_hit_diff)
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
@@ -72,10 +73,7 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
     engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, **engine_kwargs)
     try:
         # prompt log-probabilities at every position, ragged batch
-        outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
-                         return_logprob=True, logprob_start_len=0, top_logprobs_num=vocab)
-        served = [distributions(o["meta_info"], vocab) for o in outs]
-        diff = max((got - hf_logprobs(hf_model, p)).abs().max().item() for got, p in zip(served, PROMPTS))
+        served, diff = prompt_logprobs_diff(engine, hf_model, PROMPTS, vocab)
         print(f"{config}: prompt logprobs max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
         if "index_topk" in hf:  # negative control: the same weights with dense attention are far off
@@ -83,9 +81,8 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
             far = max((got - hf_logprobs(dense, p)).abs().max().item() for got, p in zip(served, PROMPTS))
             print(f"{config}: vs transformers with dense attention (index_topk 64) {far:.2e}")
             assert far > 1e-1
-        if expert_parallel:  # the core's EP mode under SP: the MoE's all-to-alls ran, on every worker
-            ops = {(pid, op) for pid, op, *_ in read_collectives(collective_log, ("GroupCoordinator", "torch"))}
-            assert len({pid for pid, op in ops if op == "all_to_all"}) == tp, ops
+        if expert_parallel:
+            assert_all_to_all_on_every_worker(collective_log, tp)
 
         # greedy decode (absorbed MLA over the cached latent rows, plain TP)
         outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
@@ -94,14 +91,9 @@ def test_deepseek_served_equals_transformers(config, tmp_path, monkeypatch):
             assert o["output_ids"] == _hf_greedy(hf_model, p), f"greedy tokens differ for prompt {p}"
 
         # radix cache: the prefix first, then prefix + suffix extends over the cached prefix
-        generate(engine, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
-        prompt = PREFIX + SUFFIX
-        second = generate(engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
-                           return_logprob=True, logprob_start_len=len(PREFIX), top_logprobs_num=vocab)[0]
-        meta = second["meta_info"]
-        assert meta["cached_tokens"] == len(PREFIX), meta["cached_tokens"]
-        diff = (distributions(meta, vocab) - hf_logprobs(hf_model, prompt)[len(PREFIX):]).abs().max().item()
-        print(f"{config}: radix-cache hit of {meta['cached_tokens']} tokens, max |d| vs transformers {diff:.2e}")
+        cached, diff = radix_hit_diff(engine, hf_model, PREFIX, SUFFIX, vocab)
+        assert cached == len(PREFIX), cached
+        print(f"{config}: radix-cache hit of {cached} tokens, max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
 
         if concurrent:  # 8 at once (prefill and decode share batches) vs one at a time

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from sp_core.app.tiny import make_checkpoint
-from support.serving import distributions, generate, hf_greedy, hf_logprobs, read_collectives
+from support.serving import (assert_all_to_all_on_every_worker, generate, hf_greedy, prompt_logprobs_diff,
+                             radix_hit_diff)
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed"),
@@ -51,29 +52,20 @@ def test_qwen_moe_served_equals_transformers(config, tmp_path, monkeypatch):
         monkeypatch.setenv("SP_CORE_COLLECTIVE_LOG", collective_log)
     engine = start_engine(model_dir, tp, adapter=True, sp_min_tokens=0, **engine_kwargs)
     try:
-        outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
-                        return_logprob=True, logprob_start_len=0, top_logprobs_num=vocab)
-        served = [distributions(o["meta_info"], vocab) for o in outs]
-        diff = max((got - hf_logprobs(hf_model, p)).abs().max().item() for got, p in zip(served, PROMPTS))
+        _, diff = prompt_logprobs_diff(engine, hf_model, PROMPTS, vocab)
         print(f"{config}: prompt logprobs max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
-        if expert_parallel:  # the core's EP mode under SP: the MoE's all-to-alls ran, on every worker
-            ops = {(pid, op) for pid, op, *_ in read_collectives(collective_log, ("GroupCoordinator", "torch"))}
-            assert len({pid for pid, op in ops if op == "all_to_all"}) == tp, ops
+        if expert_parallel:
+            assert_all_to_all_on_every_worker(collective_log, tp)
 
         outs = generate(engine, PROMPTS, sampling_params={"temperature": 0.0, "max_new_tokens": NEW_TOKENS,
                                                           "ignore_eos": True})
         for p, o in zip(PROMPTS, outs):
             assert o["output_ids"] == hf_greedy(hf_model, [p], NEW_TOKENS)[0], f"greedy tokens differ for prompt {p}"
 
-        generate(engine, [PREFIX], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
-        prompt = PREFIX + SUFFIX
-        second = generate(engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
-                          return_logprob=True, logprob_start_len=len(PREFIX), top_logprobs_num=vocab)[0]
-        meta = second["meta_info"]
-        assert meta["cached_tokens"] == len(PREFIX), meta["cached_tokens"]
-        diff = (distributions(meta, vocab) - hf_logprobs(hf_model, prompt)[len(PREFIX):]).abs().max().item()
-        print(f"{config}: radix-cache hit of {meta['cached_tokens']} tokens, max |d| vs transformers {diff:.2e}")
+        cached, diff = radix_hit_diff(engine, hf_model, PREFIX, SUFFIX, vocab)
+        assert cached == len(PREFIX), cached
+        print(f"{config}: radix-cache hit of {cached} tokens, max |d| vs transformers {diff:.2e}")
         assert diff <= 1e-4
     finally:
         engine.shutdown()

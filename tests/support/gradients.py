@@ -50,3 +50,16 @@ def transformers_lm_gradients(hf, prompts) -> dict:
         else:
             grads[key] = param.grad
     return grads
+
+
+def assert_tp1_gradients_equal_transformers(core: dict, model_dir: str, prompts, label: str) -> None:
+    """``core`` (``core_lm_gradients`` of the checkpoint in ``model_dir`` at t = 1) against transformers' own
+    autograd on the same ``prompts``: the same keys, every gradient within 1e-5 (relative)."""
+    from transformers import AutoModelForCausalLM
+
+    from support.compare import rel
+
+    hf_grads = transformers_lm_gradients(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), prompts)
+    assert core.keys() == hf_grads.keys()
+    for key, grad in core.items():
+        assert rel(grad, hf_grads[key]) <= 1e-5, f"{label} t=1 vs transformers: {key}"

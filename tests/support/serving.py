@@ -56,3 +56,30 @@ def read_collectives(log_path, routes=("GroupCoordinator",)):
     seen = collections.Counter(route for (*_, route) in lines)
     assert set(seen) <= set(routes), f"collectives not through {routes}: {seen}"
     return lines
+
+
+def prompt_logprobs_diff(engine, hf_model, prompts, vocab):
+    """(sglang's full-vocabulary log-probabilities at every position of each prompt, one ragged batch; their
+    max |d| against transformers' ``hf_model``)."""
+    outs = generate(engine, prompts, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                    return_logprob=True, logprob_start_len=0, top_logprobs_num=vocab)
+    served = [distributions(o["meta_info"], vocab) for o in outs]
+    return served, max((got - hf_logprobs(hf_model, p)).abs().max().item() for got, p in zip(served, prompts))
+
+
+def assert_all_to_all_on_every_worker(log_path, tp):
+    """The core's EP mode under SP: the MoE's all-to-alls ran on each of the ``tp`` workers."""
+    ops = {(pid, op) for pid, op, *_ in read_collectives(log_path, ("GroupCoordinator", "torch"))}
+    assert len({pid for pid, op in ops if op == "all_to_all"}) == tp, ops
+
+
+def radix_hit_diff(engine, hf_model, prefix, suffix, vocab):
+    """``prefix`` served first, then ``prefix + suffix`` extending over the cached prefix: (the cached tokens
+    sglang reports, max |d| of the suffix positions' log-probabilities against transformers)."""
+    generate(engine, [prefix], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+    prompt = prefix + suffix
+    second = generate(engine, [prompt], sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                      return_logprob=True, logprob_start_len=len(prefix), top_logprobs_num=vocab)[0]
+    meta = second["meta_info"]
+    diff = (distributions(meta, vocab) - hf_logprobs(hf_model, prompt)[len(prefix):]).abs().max().item()
+    return meta["cached_tokens"], diff
