@@ -46,7 +46,8 @@ def _rank(root):
     from sp_core import mpu
     from sp_core.app.runtime import load_model
     from sp_core.mpu import collectives
-    from sp_core_megatron.refit import layout, local_tensors, write_buckets
+    from sp_core.procs.shared_memory import write_buckets
+    from sp_core_megatron.refit import layout, local_tensors
     from sp_core_sglang import refit as server_refit
 
     wide, one = mpu.default_context(), mpu.single_rank()

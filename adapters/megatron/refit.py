@@ -10,7 +10,7 @@ file unless one tensor is larger); TP rank 0 collects the small per-rank descrip
 to load them. No rank gathers anything: the bytes moved per rank are that rank's parameter bytes. The
 buckets live until the engine has answered (all-or-nothing needs every bucket checked before any is
 copied), so the shared memory held at once is the rank's parameter bytes; ``bucket_bytes`` bounds each
-segment. On GPU the same payload would carry CUDA IPC handles of the parameters instead (not built here).
+segment. The files are written by ``sp_core.procs.shared_memory``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from typing import List, Optional, Tuple
 
@@ -27,9 +26,9 @@ import torch
 
 from sp_core.models import ModelError
 from sp_core.mpu import collectives
+from sp_core.procs.shared_memory import shm_root, write_buckets
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
-_ALIGN = 64
 
 
 @dataclasses.dataclass
@@ -126,37 +125,6 @@ def layout(model) -> dict:
                        for name, param in named_parameters(model)}}
 
 
-def _shm_root() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def write_buckets(tensors: List[Tuple[str, torch.Tensor]], directory: str, bucket_bytes: int) -> dict:
-    """The tensors, packed into files of ``directory`` of at most ``bucket_bytes`` each (a larger tensor
-    gets a file of its own); returns the payload that ``sp_core_sglang.refit.map_payload`` reads."""
-    plan: List[List[Tuple[str, torch.Tensor, int]]] = [[]]
-    sizes = [0]
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > bucket_bytes:
-            plan.append([])
-            sizes.append(0)
-        plan[-1].append((name, tensor, sizes[-1]))
-        sizes[-1] += -(-nbytes // _ALIGN) * _ALIGN
-    files, entries = [], []
-    for index, (bucket, size) in enumerate(zip(plan, sizes)):
-        path = os.path.join(directory, f"bucket-{index}")
-        with open(path, "wb") as f:
-            f.truncate(size)
-        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else None
-        for name, tensor, offset in bucket:
-            nbytes = tensor.numel() * tensor.element_size()
-            buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-            entries.append([name, str(tensor.dtype), list(tensor.shape), index, offset])
-        files.append([path, size])
-        del buffer
-    return {"files": files, "tensors": entries}
-
-
 def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
     params = dict(named_parameters(model))
     return sum(1 for name, tensor in tensors if tensor.numel() > params[name].numel())
@@ -190,7 +158,7 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
     ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group.
     ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads."""
     start = time.perf_counter()
-    directory = os.path.join(_shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
+    directory = os.path.join(shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
     _remove_on_abort(directory)
     os.mkdir(directory, 0o700)
     try:

@@ -36,38 +36,15 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from sp_core.procs.shared_memory import PayloadError, map_payload
+
 REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
 STAGE = "sp_core_refit_stage"
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
-                               torch.uint8, torch.int8, torch.bool, torch.float8_e4m3fn)}
-
-
 class RefitRefused(ValueError):
     pass
 
 
-# -- payload: what a trainer rank hands its server rank -------------------------------------------------------
-
-def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
-    """(name, read-only view) for every tensor of a payload: ``{"files": [[path, nbytes], ...],
-    "tensors": [[name, dtype, shape, file index, byte offset], ...]}``; the views map the files (no copy)."""
-    buffers = [torch.from_file(path, shared=False, size=int(nbytes), dtype=torch.uint8) if nbytes else
-               torch.empty(0, dtype=torch.uint8) for path, nbytes in payload["files"]]
-    out = []
-    for name, dtype, shape, index, offset in payload["tensors"]:
-        if dtype not in _DTYPES:
-            raise RefitRefused(f"{name}: dtype {dtype} is not a tensor dtype")
-        dt = _DTYPES[dtype]
-        numel = 1
-        for n in shape:
-            numel *= int(n)
-        nbytes = numel * dt.itemsize
-        buf = buffers[index]
-        if offset < 0 or offset + nbytes > buf.numel():
-            raise RefitRefused(f"{name}: {nbytes} bytes at offset {offset} lie outside its bucket ({buf.numel()} bytes)")
-        out.append((name, buf[offset:offset + nbytes].view(dt).view(*shape)))
-    return out
-
+# -- payload: what a trainer rank hands its server rank (sp_core.procs.shared_memory) ------------------------
 
 def check_payload(params: Dict[str, torch.Tensor], views: List[Tuple[str, torch.Tensor]]) -> str:
     """The first thing wrong with ``views`` as a full update of ``params`` (one line), or ""."""
@@ -116,7 +93,7 @@ def stage(scheduler, token: int, payloads: List[dict]) -> None:
             copies = [(name, None, None, 0, 0, view, 0) for name, view in views]
         else:
             copies = reshard_plan(params, payloads, group.world_size)
-    except RefitRefused as err:
+    except (RefitRefused, PayloadError) as err:
         problem = str(err)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
         problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
