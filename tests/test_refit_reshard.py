@@ -1,9 +1,10 @@
 """The refit's reshard (trainer tp or MoE mode != the server's): every server rank's parameters, filled from every
-trainer rank's shared-memory payload by ``sp_core_sglang.refit.reshard_plan`` + ``commit``, equal the parameters
+trainer rank's shared-memory payload by ``sp_core_sglang.refit.stage_model`` + ``commit``, equal the parameters
 the core's Hugging Face loader gives that rank (the independent reference), bit for bit: tp 2 -> 1 and tp 1 -> 2,
 Qwen3 (one KV head: rows replicated at tp 2) and DeepSeek-V3 (MLA, TP-sharded experts); DeepSeek-V3 with experts
 held whole per rank (``ep``) at another tp and across MoE modes (tp 2 ep -> tp 1, tp 1 -> tp 2 ep, tp 2 tp <-> tp 2
-ep). No sglang engine: the server side's planning and copying run in the ranks; one 2-rank launch for every case."""
+ep). Streamed (several buckets, two passes): tp 2 -> 1 for Qwen3 and DeepSeek-V3 ep -> tp. No sglang engine: the
+server side's planning and copying run in the ranks; one 2-rank launch for every case."""
 import os
 
 import pytest
@@ -19,20 +20,45 @@ CASES = [(m, 2, "tp", 1, "tp") for m in MODELS] + [(m, 1, "tp", 2, "tp") for m i
     ("deepseek-v3", 2, "tp", 2, "ep"), ("deepseek-v3", 2, "ep", 2, "tp")]
 
 
+STREAMED = [("qwen3", 2, "tp", 1, "tp"), ("deepseek-v3", 2, "ep", 1, "tp")]
+STREAM_BUCKET = 8192
+
+
 def _case_name(case):
     model, t, t_mode, s, s_mode = case
     return f"{model} tp {t} {t_mode} -> tp {s} {s_mode}"
 
 
-def _server_fill(model, payloads):
-    from sp_core_sglang import refit as server
-
+def _zero(model):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    copies = server.reshard_plan(dict(model.named_parameters()), payloads, model.parallel.size)
-    model._sp_core_refit = (7, copies)
+
+
+def _server_fill(model, payloads):
+    """The server's two passes (``stage_model``, ``commit``) on this rank's model, the ranks agreeing over its group."""
+    from sp_core_sglang import refit as server
+
+    _zero(model)
+    parallel = model.parallel
+    server.stage_model(model, 7, payloads, parallel.rank, parallel.size, parallel.group if parallel.size > 1 else None)
     server.commit(model, 7)
+    assert model._sp_core_refit_outcome == ""
+
+
+def _stream_into(server):
+    """``send``'s ``load`` on trainer rank 0: the server of tp 1 in this process, beside the trainer's stream."""
+    from sp_core_sglang import refit as server_refit
+
+    def load(engine, payloads, version):
+        try:
+            server_refit.stage_model(server, 7, payloads, 0, 1)
+        except server_refit.RefitRefused as err:
+            return {"success": False, "message": str(err)}
+        server_refit.commit(server, 7)
+        return {"success": not server._sp_core_refit_outcome, "message": server._sp_core_refit_outcome}
+
+    return load
 
 
 def _mismatches(model, reference):
@@ -47,7 +73,7 @@ def _rank(root):
     from sp_core.app.runtime import load_model
     from sp_core.mpu import collectives
     from sp_core.procs.shared_memory import write_buckets
-    from sp_core_megatron.refit import layout, local_tensors
+    from sp_core_megatron.refit import layout, local_tensors, send
     from sp_core_sglang import refit as server_refit
 
     wide, one = mpu.default_context(), mpu.single_rank()
@@ -81,6 +107,19 @@ def _rank(root):
                 _server_fill(server, payloads)
                 out[f"{_case_name(case)} rank {wide.rank}"] = _mismatches(server, reference)
             collectives.barrier(wide)
+    for case in STREAMED:  # trainer tp 2 streaming several buckets into a server of tp 1 on rank 0
+        name, _, trainer_mode, _, server_mode = case
+        model_dir = os.path.join(root, name)
+        trainer = load_model(model_dir, moe_parallel=trainer_mode, parallel=wide)
+        server = reference = None
+        if wide.rank == 0:
+            server = load_model(model_dir, moe_parallel=server_mode, parallel=one)
+            reference = load_model(model_dir, moe_parallel=server_mode, parallel=one)
+            _zero(server)
+        result = send(wide, local_tensors(trainer), None, "v", bucket_bytes=STREAM_BUCKET,
+                      load=_stream_into(server) if server is not None else None, layout=layout(trainer))
+        out[f"{_case_name(case)} streamed"] = (result.success, result.message, result.buckets, result.passes,
+                                               _mismatches(server, reference) if server is not None else None)
     return out
 
 
@@ -111,3 +150,14 @@ def test_reshard_refuses_rows_no_trainer_rank_sent(result, case):
     message = result[0][f"{_case_name(case)} refusal"]
     assert message is not None and "\n" not in message
     assert "in no trainer rank's payload" in message or "missing from the trainer's tensors" in message
+
+
+@pytest.mark.parametrize("case", STREAMED, ids=_case_name)
+def test_streamed_reshard_fills_every_parameter_exactly(result, case):
+    """The trainer's buckets streamed (two passes, at most two buckets held per rank) into a server of another
+    tp: bit for bit the core's loader, from several buckets on each trainer rank."""
+    success, message, buckets, passes, mismatches = result[0][f"{_case_name(case)} streamed"]
+    assert success, message
+    assert buckets >= 4 and passes == 2
+    assert mismatches == []
+    assert result[1][f"{_case_name(case)} streamed"][:4] == (success, message, buckets, passes)

@@ -20,15 +20,17 @@ import re
 import secrets
 import shutil
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from sp_core.models import ModelError
 from sp_core.mpu import collectives
-from sp_core.procs.shared_memory import shm_root, write_buckets
+from sp_core.procs import refit_stream
+from sp_core.procs.shared_memory import describe, nbytes_of, pack, padded, shm_root, write_bucket
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
+DEFAULT_TIMEOUT = 60.0  # seconds the engine waits for one bucket of a streamed refit
 
 
 @dataclasses.dataclass
@@ -39,7 +41,9 @@ class RefitResult:
     seconds: float  # on this rank, from its first write to the engine's answer
     bytes_moved: int  # this rank's bytes written to shared memory (= its parameter bytes)
     full_tensors: int  # tensors larger than this rank's shard of them (0: nothing was gathered)
-    buckets: int
+    buckets: int  # this rank's shared-memory buckets
+    passes: int = 1  # 1: every bucket written once, before the engine was called; 2: streamed, each written twice
+    peak_bytes: int = 0  # the most shared memory this rank held at once (its bucket files)
     answer: dict = dataclasses.field(default_factory=dict)  # what ``load`` returned on TP rank 0
 
 
@@ -130,13 +134,16 @@ def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
     return sum(1 for name, tensor in tensors if tensor.numel() > params[name].numel())
 
 
-def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> RefitResult:
+def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+          timeout: float = DEFAULT_TIMEOUT) -> RefitResult:
     """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` started with the adapter in
     this process, or the ``RemoteEngine`` handle of one in sp-core's engine host; the other ranks' argument is
-    not used) as ``weight_version``. Collective over
-    the model's TP group; every rank returns the same success and message, and its own byte count."""
+    not used) as ``weight_version``. Collective over the model's TP group; every rank returns the same success and
+    message, and its own byte count. ``bucket_bytes``: the most shared memory one bucket holds (a rank holds at
+    most two at once, module docstring); ``timeout``: the seconds the engine waits for one streamed bucket."""
     tensors = local_tensors(model)
-    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model))
+    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model),
+                  timeout=timeout)
     result.full_tensors = _full_tensor_count(model, tensors)
     return result
 
@@ -151,28 +158,66 @@ def _load(engine, payloads, weight_version):
     return server.apply(engine, payloads, weight_version)
 
 
+def plan_buckets(parallel, tensors: List[Tuple[str, torch.Tensor]], bucket_bytes: int) -> Dict[str, int]:
+    """Each name's bucket, the same on every rank of ``parallel`` (TP rank 0 plans, over every rank's names, each
+    name as large as its largest shard on any rank, and broadcasts the plan): the pieces of one tensor lie in the
+    same bucket on every rank, and no rank's bucket holds more than ``bucket_bytes`` unless one tensor does."""
+    sizes = [(name, nbytes_of(tensor)) for name, tensor in tensors]
+    every = collectives.gather_objects_to_first(parallel, sizes)
+    plan = None
+    if parallel.rank == 0:
+        largest: Dict[str, int] = {}
+        for rank_sizes in every:
+            on_rank: Dict[str, int] = {}
+            for name, nbytes in rank_sizes:
+                on_rank[name] = on_rank.get(name, 0) + padded(nbytes)
+            for name, nbytes in on_rank.items():
+                largest[name] = max(largest.get(name, 0), nbytes)
+        plan = pack(list(largest.items()), bucket_bytes)
+    return collectives.broadcast_object(parallel, plan)
+
+
 def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_version,
-         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None) -> RefitResult:
-    """``refit``'s transport for any (name, tensor) list of this rank: written to shared memory, the
-    descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)`` called there (default:
-    ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group.
-    ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads."""
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None,
+         timeout: float = DEFAULT_TIMEOUT) -> RefitResult:
+    """``refit``'s transport for any (name, tensor) list of this rank: the buckets planned alike on every rank
+    (``plan_buckets``), the payload descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)``
+    called there (default: ``engine.refit``); its answer broadcast. One bucket per rank: written before the call
+    and kept until it returns. More: streamed during the call, twice (``sp_core.procs.refit_stream``), at most two
+    buckets at once. Collective over ``parallel``'s group. ``layout`` (``layout(model)``) lets a server of another
+    tp reshard the payloads."""
+    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ModelError(f"refit: bucket_bytes {bucket_bytes!r}; expected a positive number of bytes")
     start = time.perf_counter()
+    bucket_of = plan_buckets(parallel, tensors, bucket_bytes)
+    buckets = max(bucket_of.values(), default=0) + 1
     directory = os.path.join(shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
     _remove_on_abort(directory)
     os.mkdir(directory, 0o700)
     try:
-        payload = dict(write_buckets(tensors, directory, bucket_bytes), **({"layout": layout} if layout else {}))
+        payload = dict(describe(tensors, bucket_of, buckets, directory), **({"layout": layout} if layout else {}))
+        if buckets > 1:
+            payload["stream"] = {"timeout": float(timeout)}
+        else:
+            write_bucket(tensors, payload, 0, payload["files"][0][0])
         payloads = collectives.gather_objects_to_first(parallel, payload)
-        result = collectives.broadcast_object(
-            parallel, load(engine, payloads, str(weight_version)) if parallel.rank == 0 else None)
+        call = (lambda: load(engine, payloads, str(weight_version))) if parallel.rank == 0 else None
+        if buckets == 1:
+            answer = refit_stream.answered(call) if call else None
+        else:
+            beside = refit_stream.Beside(call, payloads) if call else None
+            refit_stream.produce(tensors, payload)
+            answer = beside.answer() if beside else None
+        result = collectives.broadcast_object(parallel, answer)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         _forget(directory)
+    sizes = [size for _, size in payload["files"]]
+    held = sum(sizes) if buckets == 1 else max(a + b for a, b in zip(sizes + sizes, sizes[1:] + sizes))
     return RefitResult(success=bool(result["success"]), message=result["message"], weight_version=str(weight_version),
                        seconds=time.perf_counter() - start,
-                       bytes_moved=sum(t.numel() * t.element_size() for _, t in tensors), full_tensors=0,
-                       buckets=len(payload["files"]), answer=result)
+                       bytes_moved=sum(nbytes_of(t) for _, t in tensors), full_tensors=0,
+                       buckets=buckets, passes=1 if buckets == 1 else 2, peak_bytes=held, answer=result)
 
 
 def _remove_on_abort(path: str) -> None:

@@ -40,7 +40,14 @@ def _refit_stage(scheduler, token: int, payloads) -> None:
     refit.stage(scheduler, token, payloads)
 
 
-_HANDLERS = {SET_SEQUENCE_PARALLEL: _set_sequence_parallel, RPC_PREFIX + "refit_stage": _refit_stage}
+def _refit_outcome(scheduler) -> None:
+    from sp_core_sglang import refit
+
+    refit.outcome(scheduler)
+
+
+_HANDLERS = {SET_SEQUENCE_PARALLEL: _set_sequence_parallel, RPC_PREFIX + "refit_stage": _refit_stage,
+             RPC_PREFIX + "refit_outcome": _refit_outcome}
 
 
 def handle_rpc_request(original, scheduler, recv_req):

@@ -28,27 +28,38 @@ prefers a waiting writer). Nothing is rejected. Staging takes no lock: it runs b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import pickle
 import secrets
 import time
-from typing import Dict, List, Tuple
+import zlib
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sp_core.procs.shared_memory import PayloadError, map_payload
+from sp_core.mpu import collectives
+from sp_core.procs import refit_stream
+from sp_core.procs.shared_memory import PayloadError, described, map_bucket
 
 REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
 STAGE = "sp_core_refit_stage"
+OUTCOME = "sp_core_refit_outcome"
+INCOMPLETE = "-incomplete"  # appended to the weight version a streamed refit that stopped half way leaves
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError)
+
+
 class RefitRefused(ValueError):
     pass
 
 
 # -- payload: what a trainer rank hands its server rank (sp_core.procs.shared_memory) ------------------------
 
-def check_payload(params: Dict[str, torch.Tensor], views: List[Tuple[str, torch.Tensor]]) -> str:
-    """The first thing wrong with ``views`` as a full update of ``params`` (one line), or ""."""
-    names = [name for name, _ in views]
+def check_payload(params: Dict[str, torch.Tensor], described: List[tuple]) -> str:
+    """The first thing wrong with ``described`` (``(name, dtype, shape, ...)`` per tensor: a payload's
+    ``shared_memory.described``) as a full update of ``params`` (one line), or "". Values are checked as they
+    are read (``first_not_finite``)."""
+    names = [entry[0] for entry in described]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         return f"{len(dup)} tensors given twice ({_some(dup)})"
@@ -57,15 +68,12 @@ def check_payload(params: Dict[str, torch.Tensor], views: List[Tuple[str, torch.
         return f"{len(missing)} tensors missing ({_some(missing)})"
     if unexpected:
         return f"{len(unexpected)} unexpected tensors ({_some(unexpected)}); expected the core's parameter names"
-    for name, view in views:
+    for name, dtype, shape, *_ in described:
         param = params[name]
-        if tuple(view.shape) != tuple(param.shape):
-            return f"{name}: shape {list(view.shape)}, this rank's parameter is {list(param.shape)}"
-        if view.dtype != param.dtype:
-            return f"{name}: dtype {view.dtype}, this rank's parameter is {param.dtype}"
-    for name, view in views:
-        if view.is_floating_point() and not bool(torch.isfinite(view).all()):
-            return f"{name}: holds NaN or inf"
+        if tuple(shape) != tuple(param.shape):
+            return f"{name}: shape {list(shape)}, this rank's parameter is {list(param.shape)}"
+        if dtype != param.dtype:
+            return f"{name}: dtype {dtype}, this rank's parameter is {param.dtype}"
     return ""
 
 
@@ -76,32 +84,190 @@ def _some(names: List[str]) -> str:
 # -- in each TP worker -----------------------------------------------------------------------------------------
 
 def stage(scheduler, token: int, payloads: List[dict]) -> None:
-    """The ``STAGE`` RPC: map and check this rank's part of the payloads, agree with the other ranks, keep the
-    copies to make. One payload per rank from a trainer of the same MoE mode: this rank's (matched layout);
-    another count or MoE mode: every trainer rank's, resharded (``reshard_plan``)."""
-    from sp_core.mpu import collectives
-
+    """The ``STAGE`` RPC: pass 1 of this rank's part of the payloads (``stage_model``) over sglang's TP CPU group."""
     group = scheduler.tp_group
-    model = scheduler.tp_worker.model_runner.model
+    stage_model(scheduler.tp_worker.model_runner.model, token, payloads, group.rank_in_group, group.world_size,
+                group.cpu_group)
+
+
+def stage_model(model, token: int, payloads: List[dict], rank: int, size: int, group=None) -> None:
+    """Pass 1 on server rank ``rank`` of ``size`` (``group``: their CPU process group, None for one rank): plan the
+    copies from the payloads' descriptions, read every value once and check it, agree with the other ranks; keep
+    the plan for ``commit``. One payload per rank from a trainer of the same MoE mode: this rank's (matched
+    layout); another count or MoE mode: every trainer rank's, resharded (``reshard_plan``). Raises
+    ``RefitRefused`` (one line, the same on every rank) and keeps nothing if any rank refuses."""
     model._sp_core_refit = None
     params = dict(model.named_parameters())
-    copies, problem = None, ""
+    refit = _Refit(payloads, rank, size, group)
+    problem = ""
     try:
-        if _matched(payloads, group.world_size, model):
-            views = map_payload(payloads[group.rank_in_group])
-            problem = check_payload(params, views)
-            copies = [(name, None, None, 0, 0, view, 0) for name, view in views]
+        refit.check_streams()
+        if _matched(payloads, size, model):
+            problem = check_payload(params, refit.entries[rank])
+            copies = [] if problem else [(name, None, None, 0, 0, (rank, at, None), 0)
+                                         for at, (name, *_) in enumerate(refit.entries[rank])]
         else:
-            copies = reshard_plan(params, payloads, group.world_size)
+            copies = reshard_plan(params, payloads, size, refit.entries)
     except (RefitRefused, PayloadError) as err:
         problem = str(err)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    verdicts = collectives.all_gather_objects_over(group.cpu_group, problem)
-    first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
-    if first is not None:
-        raise RefitRefused(f"refit refused by server rank {first[0]}: {first[1]}")
-    model._sp_core_refit = (token, copies)
+    except _READ_ERRORS as err:
+        problem = _unreadable(err)
+    if refit.streamed or problem:  # a refusal from the descriptions alone stops the trainer before its first byte
+        refit.settle(problem)
+    refit.check_pass(copies)
+    model._sp_core_refit = (token, refit)
+
+
+def _unreadable(err: BaseException) -> str:
+    return f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+class _Refit:
+    """One refit on one server rank: its copies grouped by the trainer bucket they read, and the two passes over
+    those buckets -- read from the files as they are (a single pass: every bucket written before the engine was
+    called) or as the trainer streams them (``sp_core.procs.refit_stream``: waited for, acknowledged, and checked
+    to hold in pass 2 the bytes pass 1 checked)."""
+
+    def __init__(self, payloads: List[dict], rank: int, size: int, group):
+        self.payloads, self.rank, self.size, self.group = payloads, rank, size, group
+        self.streamed = any(p.get("stream") is not None for p in payloads)
+        self.entries: List[list] = []  # shared_memory.described of each payload
+        self.buckets = 0
+        self.by_bucket: Dict[int, list] = {}
+        self.views: Dict[tuple, torch.Tensor] = {}  # a single pass: kept from the check to the copy
+        self.sums: Dict[int, int] = {}  # a stream: each bucket's checksum in pass 1
+
+    def check_streams(self) -> None:
+        if self.streamed and (any(p.get("stream") is None for p in self.payloads) or
+                              len({len(p["files"]) for p in self.payloads}) != 1):
+            raise RefitRefused("a streamed refit needs every trainer rank to stream the same number of buckets")
+        self.entries = [described(p) for p in self.payloads]
+        self.buckets = max(len(p["files"]) for p in self.payloads)
+
+    def agree(self, problem: str, bucket: Optional[int] = None, pass_: int = 1) -> str:
+        """Agree with the other ranks on ``problem`` (every rank's; the first one wins): the refusal (one line,
+        the same on every rank, the stream stopped) or "" (``bucket`` acknowledged to the trainer)."""
+        verdicts = [problem] if self.group is None or self.size == 1 else \
+            collectives.all_gather_objects_over(self.group, problem)
+        first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
+        if first is not None:
+            message = f"refit refused by server rank {first[0]}: {first[1]}"
+            if self.streamed and self.rank == 0:
+                refit_stream.stop(self.payloads, message)
+            return message
+        if self.streamed and self.rank == 0 and bucket is not None:
+            refit_stream.ack(self.payloads, bucket, pass_)
+        return ""
+
+    def settle(self, problem: str, bucket: Optional[int] = None) -> None:
+        """``agree`` in pass 1: a refusal is raised (``RefitRefused``)."""
+        message = self.agree(problem, bucket, 1)
+        if message:
+            raise RefitRefused(message)
+
+    def _map(self, bucket: int, pass_: int) -> Tuple[Dict[tuple, torch.Tensor], int]:
+        """The views of this rank's sources in ``bucket`` (by ``(payload, tensor)``) and their files' checksum."""
+        which = sorted({copy[5][0] for copy in self.by_bucket.get(bucket, [])})
+        if self.streamed:
+            paths = refit_stream.wait_buckets(self.payloads, which, bucket, pass_)
+        else:
+            paths = {p: self.payloads[p]["files"][bucket][0] for p in which}
+        views, checksum = {}, 0
+        for p, path in paths.items():
+            data, mapped = map_bucket(self.payloads[p], bucket, path, self.entries[p])
+            if self.streamed:
+                checksum = zlib.crc32(data.numpy(), checksum)
+            views.update({(p, at): view for at, view in enumerate(mapped) if view is not None})
+        return views, checksum
+
+    def check_pass(self, copies: list) -> None:
+        """Pass 1: every value this rank will copy is read and checked, bucket by bucket."""
+        self.by_bucket = {}
+        for copy in copies:
+            p, at, _ = copy[5]
+            self.by_bucket.setdefault(self.entries[p][at][3], []).append(copy)
+        problem = ""
+        for bucket in range(self.buckets):
+            try:
+                views, self.sums[bucket] = self._map(bucket, 1)
+                problem = first_not_finite(self.by_bucket.get(bucket, []), views)
+                if not self.streamed:
+                    self.views.update(views)
+            except refit_stream.Stalled as err:
+                problem = str(err)
+            except (RefitRefused, PayloadError) as err:
+                problem = str(err)
+            except _READ_ERRORS as err:
+                problem = _unreadable(err)
+            views = None  # dropped before the trainer hears it may remove the bucket
+            if self.streamed:
+                self.settle(problem, bucket)
+            elif problem:
+                break
+        if not self.streamed:
+            self.settle(problem)
+
+    def copy_pass(self, params: Dict[str, torch.Tensor]) -> str:
+        """Pass 2: the copies, bucket by bucket. Never raises (it runs inside sglang's weight loader): "" when
+        every bucket was copied, else one line -- "refit refused ..." when none was, "refit incomplete ..." when
+        some were (the ranks agree before each bucket, so all of them hold the same buckets)."""
+        if not self.streamed:
+            _copy(params, [c for b in range(self.buckets) for c in self.by_bucket.get(b, [])], self.views)
+            self.views = {}
+            return ""
+        failed = ""  # this rank's copy of the bucket before failed
+        for bucket in range(self.buckets + 1):
+            problem, views = failed, {}
+            if bucket < self.buckets and not problem:
+                try:
+                    views, checksum = self._map(bucket, 2)
+                    if checksum != self.sums[bucket]:
+                        problem = f"bucket {bucket} changed between the check and the copy"
+                except refit_stream.Stalled as err:
+                    problem = str(err)
+                except (PayloadError, *_READ_ERRORS) as err:
+                    problem = _unreadable(err)
+            try:  # every rank has its bucket and is done with the one before
+                message = self.agree(problem, bucket - 1 if bucket else None, 2)
+            except _READ_ERRORS as err:
+                message = f"the server ranks could not agree ({_unreadable(err)})"
+            if message:
+                return message if bucket == 0 else \
+                    f"refit incomplete: {bucket} of {self.buckets} buckets copied, then {message[len('refit '):]}"
+            if bucket < self.buckets:
+                try:
+                    _copy(params, self.by_bucket.get(bucket, []), views)
+                except _READ_ERRORS as err:
+                    failed = f"copying bucket {bucket} failed ({_unreadable(err)})"
+            views = None
+        return ""
+
+
+def first_not_finite(copies: list, views: Dict[tuple, torch.Tensor]) -> str:
+    """The first copy whose source rows hold NaN or inf (one line), or ""."""
+    for name, _, dim, _, rows, (p, at, index), src_offset in copies:
+        view = _source(views, p, at, index)
+        if dim is not None:
+            view = view.narrow(dim, src_offset, rows)
+        if view.is_floating_point() and not bool(torch.isfinite(view).all()):
+            return f"{name}: holds NaN or inf"
+    return ""
+
+
+def _source(views: Dict[tuple, torch.Tensor], p: int, at: int, index: Optional[int]) -> torch.Tensor:
+    view = views[(p, at)]
+    return view if index is None else view[index]
+
+
+@torch.no_grad()
+def _copy(params: Dict[str, torch.Tensor], copies: list, views: Dict[tuple, torch.Tensor]) -> None:
+    for name, at, dim, offset, rows, (p, src_at, index), src_offset in copies:
+        target = params[name].data if at is None else params[name].data[at]
+        view = _source(views, p, src_at, index)
+        if dim is None:
+            target.copy_(view)
+        else:
+            target.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
 
 
 def _matched(payloads: List[dict], server_tp: int, model) -> bool:
@@ -114,29 +280,34 @@ def _matched(payloads: List[dict], server_tp: int, model) -> bool:
                                                p.get("layout", {}).get("moe_parallel", mode) == mode for p in payloads)
 
 
-def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_tp: int) -> list:
+def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_tp: int,
+                 entries: Optional[List[list]] = None) -> list:
     """The copies that fill this rank's parameters from every trainer rank's payload of another tp or MoE mode:
     each checkpoint tensor's rows this rank holds (``sp_core.models.refit_pieces``: routed experts per expert,
     so whole experts and experts split over TP map onto each other), read from the trainer rank(s) that hold them
     (their payload's ``layout``), straight into the parameter -- no full tensor is built. A piece that is a whole
-    tensor on one side is read or written along the other side's split dim. Refused (one line) when a tensor's
-    checkpoint shape differs, it is split along another dim and neither side holds it whole, rows are missing, a
-    tensor is unexpected, a dtype differs or a value is not finite."""
+    tensor on one side is read or written along the other side's split dim. Planned from the payloads'
+    descriptions alone (no byte is read: the values are checked as they are copied, ``first_not_finite``); a copy
+    is ``(name, index, dim, offset, rows, (payload, tensor, index there), offset there)``. Refused (one line) when
+    a tensor's checkpoint shape differs, it is split along another dim and neither side holds it whole, rows are
+    missing, a tensor is unexpected or a dtype differs. ``entries``: ``shared_memory.described`` of each payload."""
     from sp_core.models.refit_pieces import refit_keys, refit_pieces
 
     if any("layout" not in p for p in payloads):
         raise RefitRefused(f"{len(payloads)} payloads for a server of tp {server_tp}, without the trainer's layout "
                            f"to reshard them")
+    entries = [described(p) for p in payloads] if entries is None else entries
     trainer_tp = payloads[0]["layout"]["tp"]
     index: Dict[str, list] = {}
-    for payload in payloads:
-        views = dict(map_payload(payload))
-        for name, described in payload["layout"]["pieces"].items():
-            if name not in views:
+    for p, payload in enumerate(payloads):
+        sent = {entry[0]: (at, entry[1], entry[2]) for at, entry in enumerate(entries[p])}
+        for name, pieces in payload["layout"]["pieces"].items():
+            if name not in sent:
                 raise RefitRefused(f"{name}: described by trainer rank {payload['layout']['rank']} but not sent")
-            for key, at, dim, start, rows, offset, full in described:
-                view = views[name] if at is None else views[name][at]
-                index.setdefault(key, []).append((dim, start, rows, view, offset, tuple(full)))
+            at, dtype, shape = sent[name]
+            for key, sub, dim, start, rows, offset, full in pieces:
+                index.setdefault(key, []).append((dim, start, rows, (p, at, sub), shape if sub is None else shape[1:],
+                                                  dtype, offset, tuple(full)))
     copies = []
     for name, param in params.items():
         for key, at, dim, start, rows, offset, full in refit_pieces(name, param):
@@ -149,17 +320,17 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
                 start, rows, offset = 0, full[dim], 0
                 sources = [_along(key, s, dim, full, trainer_tp, server_tp) for s in sources]
             end, here = start + rows, start
-            for src_dim, src_start, src_rows, view, src_offset, _ in sorted(sources, key=lambda s: s[1]):
+            for src_dim, src_start, src_rows, src, _, dtype, src_offset, _ in sorted(sources, key=lambda s: s[1]):
                 if src_dim != dim:
                     raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
                                        f"split along dim {src_dim} there, dim {dim} here, held whole on neither side")
-                if view.dtype != param.dtype:
-                    raise RefitRefused(f"{key}: dtype {view.dtype}, this rank's parameter is {param.dtype}")
+                if dtype != param.dtype:
+                    raise RefitRefused(f"{key}: dtype {dtype}, this rank's parameter is {param.dtype}")
                 lo, hi = max(here, src_start), min(end, src_start + src_rows)
                 if lo > here:
                     break
                 if hi > lo:
-                    copies.append((name, at, dim, offset + lo - start, hi - lo, view, src_offset + lo - src_start))
+                    copies.append((name, at, dim, offset + lo - start, hi - lo, src, src_offset + lo - src_start))
                     here = hi
                 if here == end:
                     break
@@ -168,21 +339,19 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
     unexpected = sorted(set(index) - {key for name, param in params.items() for key in refit_keys(name, param)})
     if unexpected:
         raise RefitRefused(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
-    for name, _, dim, _, rows, view, src_offset in copies:
-        if view.is_floating_point() and not bool(torch.isfinite(view.narrow(dim, src_offset, rows)).all()):
-            raise RefitRefused(f"{name}: holds NaN or inf")
     return copies
 
 
 def _along(key: str, source: tuple, dim: int, full: tuple, trainer_tp: int, server_tp: int) -> tuple:
-    """A trainer piece ``(dim, start, rows, view, offset, full)``, checked against the checkpoint shape ``full``
-    this rank expects, and re-described along ``dim`` when it is a whole tensor split along another dim."""
-    src_dim, src_start, src_rows, view, src_offset, src_full = source
+    """A trainer piece ``(dim, start, rows, source, shape, dtype, offset, full)``, checked against the checkpoint
+    shape ``full`` this rank expects, and re-described along ``dim`` when it is a whole tensor split along another
+    dim."""
+    src_dim, src_start, src_rows, src, shape, dtype, src_offset, src_full = source
     if src_full != tuple(full):
         raise RefitRefused(f"{key} cannot be mapped from trainer tp {trainer_tp} to server tp {server_tp}: "
                            f"checkpoint shape {list(src_full)} there, {list(full)} here")
-    if src_dim != dim and src_rows == full[src_dim] and tuple(view.shape) == tuple(full):
-        return dim, 0, full[dim], view, 0, src_full
+    if src_dim != dim and src_rows == full[src_dim] and tuple(shape) == tuple(full):
+        return dim, 0, full[dim], src, shape, dtype, 0, src_full
     return source
 
 
@@ -197,21 +366,26 @@ def load_weights(model, weights, load_checkpoint) -> None:
     load_checkpoint(model, itertools.chain([] if first is None else [first], weights))
 
 
-@torch.no_grad()
 def commit(model, token: int) -> None:
+    """Pass 2 of the staged refit ``token`` (``stage_model``), from sglang's weight loader: the copies into the
+    parameters. Never raises (an exception in a loader ends sglang's scheduler); the outcome ("" or one line) is
+    kept for ``outcome``."""
     staged, model._sp_core_refit = getattr(model, "_sp_core_refit", None), None
-    if staged is None or staged[0] != token:  # cannot raise here (it would end the scheduler): apply() stages first
+    if staged is None or staged[0] != token:  # apply() stages first
         import logging
 
         logging.getLogger(__name__).error("sp_core refit: commit of a refit that was not staged; nothing loaded")
+        model._sp_core_refit_outcome = "refit refused: commit of a refit that was not staged; nothing loaded"
         return
-    params = dict(model.named_parameters())
-    for name, at, dim, offset, rows, view, src_offset in staged[1]:
-        target = params[name].data if at is None else params[name].data[at]
-        if dim is None:
-            target.copy_(view)
-        else:
-            target.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
+    model._sp_core_refit_outcome = staged[1].copy_pass(dict(model.named_parameters()))
+
+
+def outcome(scheduler) -> None:
+    """The ``OUTCOME`` RPC: raises the last commit's failure (one line), if it had one."""
+    model = scheduler.tp_worker.model_runner.model
+    message, model._sp_core_refit_outcome = getattr(model, "_sp_core_refit_outcome", ""), ""
+    if message:
+        raise RefitRefused(message)
 
 
 # -- in the process that holds the sglang.Engine ---------------------------------------------------------------
@@ -223,24 +397,40 @@ def commit_payload(token: int) -> bytes:
 
 async def apply_async(engine, payloads: List[dict], weight_version: str, flush_cache: bool = True) -> dict:
     """``apply`` as a coroutine on the engine's event loop (to run beside ``engine.async_generate``)."""
-    from sglang.srt.managers.io_struct import (BeginWeightUpdateReqInput, EndWeightUpdateReqInput,
-                                               UpdateWeightsFromTensorReqInput)
-
     start = time.perf_counter()
     token = secrets.randbits(62)
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, lambda: engine.collective_rpc(STAGE, token=token, payloads=list(payloads)))
     except AssertionError as err:
-        message = str(err).split(f"{STAGE}: ", 1)[-1].splitlines()[0]
-        return {"success": False, "message": message, "seconds": time.perf_counter() - start}
+        return _failed(_rpc_message(err, STAGE), start)
     tm = engine.tokenizer_manager
+    if not any(p.get("stream") is not None for p in payloads):
+        return await _commit(tm, engine.server_args.tp_size, token, weight_version, flush_cache, start)
+    old_version = tm.config_value("weight_version")
+    async with _exclusive(tm):  # no request runs from the first bucket's copy to the version's record
+        answer = await _commit(tm, engine.server_args.tp_size, token, weight_version, flush_cache, start)
+        if answer["success"]:
+            try:
+                await loop.run_in_executor(None, lambda: engine.collective_rpc(OUTCOME))
+            except AssertionError as err:
+                message = _rpc_message(err, OUTCOME)
+                version = f"{weight_version}{INCOMPLETE}" if message.startswith("refit incomplete") else old_version
+                await _set_version(tm, version)
+                answer = _failed(message, start)
+    return answer
+
+
+async def _commit(tm, server_tp: int, token: int, weight_version: str, flush_cache: bool, start: float) -> dict:
+    """sglang's weight-update session around one ``update_weights_from_tensor`` whose payload names the staged
+    refit (``commit`` in each worker): the version recorded and the radix cache flushed by sglang."""
+    from sglang.srt.managers.io_struct import (BeginWeightUpdateReqInput, EndWeightUpdateReqInput,
+                                               UpdateWeightsFromTensorReqInput)
+
     ok, message = await tm.begin_weight_update(BeginWeightUpdateReqInput(selector="all"), None)
     if not ok:
-        return {"success": False, "message": f"refit: sglang's begin_weight_update failed: {message}",
-                "seconds": time.perf_counter() - start}
+        return _failed(f"refit: sglang's begin_weight_update failed: {message}", start)
     try:
-        server_tp = engine.server_args.tp_size
         req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=[commit_payload(token)] * server_tp,
                                               load_format=None, flush_cache=flush_cache,
                                               weight_version=str(weight_version))
@@ -249,6 +439,39 @@ async def apply_async(engine, payloads: List[dict], weight_version: str, flush_c
         await tm.end_weight_update(EndWeightUpdateReqInput(), None)
     return {"success": bool(ok), "message": "" if ok else f"refit: sglang's update failed: {message}",
             "seconds": time.perf_counter() - start}
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(tm):
+    """sglang's writer lock held and generation paused, so that sglang's update entry points run inside without
+    taking the lock again (their convention: whoever paused the engine holds the writer lock). Requests running
+    when it is asked for finish first (with the old weights); those arriving later wait. An engine the caller
+    paused already is left to the caller."""
+    from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
+
+    if tm.is_pause:
+        yield
+        return
+    async with tm.model_update_lock.writer_lock:
+        await tm.pause_generation(PauseGenerationReqInput(mode="in_place"))
+        try:
+            yield
+        finally:
+            await tm.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
+
+
+async def _set_version(tm, version: str) -> None:
+    from sglang.srt.managers.io_struct import UpdateWeightVersionReqInput
+
+    await tm.update_weight_version(UpdateWeightVersionReqInput(new_version=str(version), abort_all_requests=False))
+
+
+def _rpc_message(err: AssertionError, method: str) -> str:
+    return str(err).split(f"{method}: ", 1)[-1].splitlines()[0]
+
+
+def _failed(message: str, start: float) -> dict:
+    return {"success": False, "message": message, "seconds": time.perf_counter() - start}
 
 
 def apply(engine, payloads: List[dict], weight_version: str, flush_cache: bool = True) -> dict:

@@ -1,12 +1,15 @@
 """The refit's host transport: named tensors packed into shared-memory files (``/dev/shm``) by one process and
 mapped read-only, without a copy, by another. A payload is ``{"files": [[path, nbytes], ...], "tensors":
 [[name, dtype, shape, file index, byte offset], ...]}``: small, picklable, and the only thing sent between the
-processes; the bytes stay in the files."""
+processes; the bytes stay in the files.
+
+A payload can be described before any byte is written (``pack`` + ``describe``) and its files written one at a
+time (``write_bucket``, to any path: a streamed refit writes each bucket twice, ``sp_core.procs.refit_stream``)."""
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,37 +26,93 @@ def shm_root() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def write_buckets(tensors: List[Tuple[str, torch.Tensor]], directory: str, bucket_bytes: int) -> dict:
-    """The tensors, packed into files of ``directory`` of at most ``bucket_bytes`` each (a larger tensor
-    gets a file of its own); returns the payload that ``map_payload`` reads."""
-    plan: List[List[Tuple[str, torch.Tensor, int]]] = [[]]
-    sizes = [0]
+def padded(nbytes: int) -> int:
+    """A tensor's room in a bucket: its bytes rounded up to the alignment."""
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def nbytes_of(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def pack(sizes: List[Tuple[str, int]], bucket_bytes: int) -> Dict[str, int]:
+    """The bucket of each name, in order: a bucket holds at most ``bucket_bytes`` (its tensors' ``padded`` bytes),
+    unless one tensor alone is larger (it then fills a bucket of its own)."""
+    bucket_of: Dict[str, int] = {}
+    index, used = 0, 0
+    for name, nbytes in sizes:
+        room = padded(nbytes)
+        if used and used + room > bucket_bytes:
+            index, used = index + 1, 0
+        bucket_of[name] = index
+        used += room
+    return bucket_of
+
+
+def describe(tensors: List[Tuple[str, torch.Tensor]], bucket_of: Dict[str, int], buckets: int, directory: str) -> dict:
+    """The payload of ``tensors`` laid out in ``buckets`` files of ``directory`` (``bucket_of``: each name's
+    file), without writing anything; the entries are in the order of ``tensors``."""
+    sizes = [0] * buckets
+    entries = []
     for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > bucket_bytes:
-            plan.append([])
-            sizes.append(0)
-        plan[-1].append((name, tensor, sizes[-1]))
-        sizes[-1] += -(-nbytes // _ALIGN) * _ALIGN
-    files, entries = [], []
-    for index, (bucket, size) in enumerate(zip(plan, sizes)):
-        path = os.path.join(directory, f"bucket-{index}")
-        with open(path, "wb") as f:
-            f.truncate(size)
-        buffer = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else None
-        for name, tensor, offset in bucket:
-            nbytes = tensor.numel() * tensor.element_size()
-            buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-            entries.append([name, str(tensor.dtype), list(tensor.shape), index, offset])
-        files.append([path, size])
-        del buffer
-    return {"files": files, "tensors": entries}
+        index = bucket_of[name]
+        entries.append([name, str(tensor.dtype), list(tensor.shape), index, sizes[index]])
+        sizes[index] += padded(nbytes_of(tensor))
+    return {"files": [[os.path.join(directory, f"bucket-{i}"), size] for i, size in enumerate(sizes)],
+            "tensors": entries}
+
+
+def write_bucket(tensors: List[Tuple[str, torch.Tensor]], payload: dict, index: int, path: str) -> None:
+    """File ``index`` of ``payload`` (described from ``tensors``) written at ``path``; it appears there complete
+    (written under another name, then renamed)."""
+    size = int(payload["files"][index][1])
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+        f.truncate(size)
+    buffer = torch.from_file(partial, shared=True, size=size, dtype=torch.uint8) if size else None
+    for (_, tensor), (_, _, _, at, offset) in zip(tensors, payload["tensors"]):
+        if at == index:
+            buffer[offset:offset + nbytes_of(tensor)].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    del buffer
+    os.rename(partial, path)
+
+
+def write_buckets(tensors: List[Tuple[str, torch.Tensor]], directory: str, bucket_bytes: int) -> dict:
+    """The tensors, packed into files of ``directory`` of at most ``bucket_bytes`` each (``pack``), all written;
+    returns the payload that ``map_payload`` reads."""
+    bucket_of = pack([(name, nbytes_of(t)) for name, t in tensors], bucket_bytes)
+    payload = describe(tensors, bucket_of, max(bucket_of.values(), default=0) + 1, directory)
+    for index, (path, _) in enumerate(payload["files"]):
+        write_bucket(tensors, payload, index, path)
+    return payload
 
 
 def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
     """(name, read-only view) for every tensor of a payload; the views map the files (no copy)."""
-    buffers = [torch.from_file(path, shared=False, size=int(nbytes), dtype=torch.uint8) if nbytes else
-               torch.empty(0, dtype=torch.uint8) for path, nbytes in payload["files"]]
+    views, entries = [None] * len(payload["tensors"]), described(payload)
+    for index, (path, _) in enumerate(payload["files"]):
+        for at, view in enumerate(map_bucket(payload, index, path, entries)[1]):
+            if view is not None:
+                views[at] = view
+    return [(entry[0], view) for entry, view in zip(payload["tensors"], views)]
+
+
+def map_bucket(payload: dict, index: int, path: str,
+               entries: Optional[List[tuple]] = None) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """File ``index`` of ``payload``, found at ``path``, mapped read-only (no copy): its bytes, and a view of each
+    tensor of the payload that lies in it (None for the others). ``entries``: ``described(payload)``, if known."""
+    entries = described(payload) if entries is None else entries
+    nbytes = int(payload["files"][index][1])
+    buffer = (torch.from_file(path, shared=False, size=nbytes, dtype=torch.uint8) if nbytes else
+              torch.empty(0, dtype=torch.uint8))
+    return buffer, [buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(shape) if at == index else None
+                    for _, dtype, shape, at, offset, numel in entries]
+
+
+def described(payload: dict) -> List[tuple]:
+    """``(name, dtype, shape, file index, offset, numel)`` of every tensor of ``payload``, each checked to lie
+    inside its file (``PayloadError`` otherwise); reads no file."""
+    files = payload["files"]
     out = []
     for name, dtype, shape, index, offset in payload["tensors"]:
         if dtype not in _DTYPES:
@@ -62,9 +121,11 @@ def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
         numel = 1
         for n in shape:
             numel *= int(n)
-        nbytes = numel * dt.itemsize
-        buf = buffers[index]
-        if offset < 0 or offset + nbytes > buf.numel():
-            raise PayloadError(f"{name}: {nbytes} bytes at offset {offset} lie outside its bucket ({buf.numel()} bytes)")
-        out.append((name, buf[offset:offset + nbytes].view(dt).view(*shape)))
+        if not 0 <= index < len(files):
+            raise PayloadError(f"{name}: in file {index}, the payload has {len(files)}")
+        size = int(files[index][1])
+        if offset < 0 or offset + numel * dt.itemsize > size:
+            raise PayloadError(f"{name}: {numel * dt.itemsize} bytes at offset {offset} lie outside its bucket "
+                               f"({size} bytes)")
+        out.append((name, dt, tuple(int(n) for n in shape), int(index), int(offset), numel))
     return out
