@@ -8,6 +8,7 @@ refused refit, what the engine served before it (bitwise)."""
 import importlib.util
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ pytestmark = [
 PROMPTS = [[1, 5, 9, 3, 4, 8, 2], [7, 3], [2, 8, 60, 11, 13]]
 CACHED = [int(t) for t in torch.randint(0, 100, (24,), generator=torch.Generator().manual_seed(3))]
 LONG = [4, 9, 1]
+PROBE = [61, 17, 5, 33]
+STREAM_BUCKET = 16384  # bytes: several buckets per rank of the tiny Qwen3 at tp 2 (~100 KB each)
 
 
 def _served(engine, prompts, vocab):
@@ -45,23 +48,73 @@ def _last_logprob(engine, prompt):
 
 
 def _generate_during_refit(engine, payloads, version):
-    """In the engine host: a long request starts, then the refit is asked for, then a short request."""
+    """In the engine host: a long request starts, then the refit is asked for; while it runs a probe is sent every
+    50 ms, and one more as soon as the commit has asked for sglang's writer lock. The long request and the probes
+    are also run alone before the refit (the old weights) and the probe after it (the new weights)."""
     import asyncio
 
     from sp_core_sglang import refit
 
     greedy = {"temperature": 0.0, "max_new_tokens": 48, "ignore_eos": True}
+    probe = dict(input_ids=PROBE, sampling_params={"temperature": 0.0, "max_new_tokens": 1}, return_logprob=True,
+                 logprob_start_len=0)  # input log-probabilities from 0: no radix-cache reuse, every probe computed
+    lock = engine.tokenizer_manager.model_update_lock
 
     async def run():
-        long = asyncio.ensure_future(engine.async_generate(input_ids=LONG, sampling_params=greedy))
-        await asyncio.sleep(0.5)
+        before = {"long": await engine.async_generate(input_ids=LONG, sampling_params=greedy, return_logprob=True),
+                  "probe": await engine.async_generate(**probe)}
+        long = asyncio.ensure_future(engine.async_generate(input_ids=LONG, sampling_params=greedy, return_logprob=True))
+        await asyncio.sleep(0.3)
         update = asyncio.ensure_future(refit.apply_async(engine, payloads, version))
-        await asyncio.sleep(0.2)
-        late = asyncio.ensure_future(engine.async_generate(input_ids=LONG, sampling_params=dict(greedy, max_new_tokens=4)))
-        return await long, await update, await late
+        probes, late = [], None
+        while not update.done():
+            probes.append(asyncio.ensure_future(engine.async_generate(**probe)))
+            if late is None and (lock._waiting_writers or lock._writer_active):  # the commit was asked for
+                late = asyncio.ensure_future(engine.async_generate(**probe))
+            await asyncio.sleep(0.05)
+        answer = await update
+        after = await engine.async_generate(**probe)
+        return dict(answer, long=await long, late=await late if late else None, probes=[await p for p in probes],
+                    before=before, after=after)
 
-    long, update, late = engine.loop.run_until_complete(run())
-    return dict(update, long=long, late=late)
+    return engine.loop.run_until_complete(run())
+
+
+def _recording_writes(live):
+    """Every bucket file written (``shared_memory.write_bucket``) appends to ``live`` the bytes of the files then in
+    its directory, read from the filesystem (not from the transport's own count)."""
+    from sp_core.procs import shared_memory
+
+    original = shared_memory.write_bucket
+
+    def write(tensors, payload, index, path):
+        original(tensors, payload, index, path)
+        directory = os.path.dirname(path)
+        live.append(sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)))
+
+    shared_memory.write_bucket = write
+    return original
+
+
+def _stall_at(rank, bucket, pass_):
+    """On trainer rank ``rank``: the write of ``bucket`` of pass ``pass_`` hangs until the stream is stopped (the
+    engine gives up on it), as a stalled trainer rank would."""
+    import time
+
+    from sp_core.procs import refit_stream, shared_memory
+
+    original = shared_memory.write_bucket
+
+    def write(tensors, payload, index, path):
+        if path == refit_stream.bucket_path(payload, bucket, pass_):
+            while not os.path.exists(refit_stream.stop_path(payload)):
+                time.sleep(0.01)
+            return
+        original(tensors, payload, index, path)
+
+    if rank:
+        shared_memory.write_bucket = write
+    return original
 
 
 def _perturb(model, seed):
@@ -77,8 +130,10 @@ def _perturb(model, seed):
 
 
 def _rank(model_dir, engine, vocab, log_prefix):
+    from sp_core.mpu import collectives
+    from sp_core.procs import shared_memory
     from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
-    from sp_core_megatron.refit import core_model, local_tensors, refit, send
+    from sp_core_megatron.refit import core_model, local_tensors, plan_buckets, refit, send
     from support.multirank import collective_log
 
     model = build_model(model_dir, 2, True, deterministic=True).eval()
@@ -91,8 +146,19 @@ def _rank(model_dir, engine, vocab, log_prefix):
         _last_logprob(engine, CACHED)  # now in the radix cache
 
     _perturb(model, 1)
-    with collective_log(log_prefix) as gathered:
-        r1, out["gathered_in_refit"] = gathered(lambda: refit(model, engine, "v1", bucket_bytes=4096))
+    live = []
+    original = _recording_writes(live)
+    try:
+        with collective_log(log_prefix) as gathered:
+            r1, out["gathered_in_refit"] = gathered(lambda: refit(model, engine, "v1", bucket_bytes=STREAM_BUCKET))
+        out["r1_live"] = live[:]
+        live.clear()  # negative control: the same tensors and bucket size, every bucket written at once
+        with tempfile.TemporaryDirectory(dir=shared_memory.shm_root()) as directory:
+            shared_memory.write_buckets(local_tensors(model), directory, STREAM_BUCKET)
+        out["all_at_once_live"] = live[:]
+    finally:
+        shared_memory.write_bucket = original
+    out["largest_tensor"] = max(shared_memory.padded(shared_memory.nbytes_of(t)) for _, t in local_tensors(model))
     out["r1"] = vars(r1)
     out["megatron_v1"] = model_logprobs(model, PROMPTS)
     out["megatron_cached_v1"] = model_logprobs(model, [CACHED])[0][-2, CACHED[-1]].item()
@@ -115,6 +181,32 @@ def _rank(model_dir, engine, vocab, log_prefix):
         "inf": [(n, _with(t, float("inf")) if n == names[2] and parallel.rank == 0 else t) for n, t in good],
     }
     out["refused"] = {kind: vars(send(parallel, tensors, engine, f"bad-{kind}")) for kind, tensors in bad.items()}
+    # streamed (several buckets, two passes): the bad tensor in the last bucket, or (NaN) in the first
+    plan = plan_buckets(parallel, good, STREAM_BUCKET)
+    last, first_name = max(plan, key=plan.get), min(plan, key=plan.get)
+    streamed = {
+        "nan_last": [(n, _with(t, float("nan")) if n == last and parallel.rank == 1 else t) for n, t in good],
+        "shape_last": [(n, t[:-1] if n == last and parallel.rank == 0 else t) for n, t in good],
+        "nan_first": [(n, _with(t, float("nan")) if n == first_name and parallel.rank == 0 else t) for n, t in good],
+    }
+    out["stream_plan"] = {"buckets": max(plan.values()) + 1, "last": plan[last], "first": plan[first_name]}
+    for kind, tensors in streamed.items():
+        live = []
+        original = _recording_writes(live)
+        try:
+            out["refused"][kind] = dict(vars(send(parallel, tensors, engine, f"bad-{kind}", STREAM_BUCKET)),
+                                        writes=len(live))
+        finally:
+            shared_memory.write_bucket = original
+    # a trainer rank that stalls in pass 1: the engine gives up after its timeout, every rank hears it
+    original = _stall_at(parallel.rank, 2, 1)
+    try:
+        out["refused"]["stall_pass_1"] = vars(send(parallel, good, engine, "stalled", STREAM_BUCKET, timeout=1.0))
+    finally:
+        shared_memory.write_bucket = original
+    out["refused_messages"] = collectives.gather_objects_to_first(
+        parallel, {kind: r["message"] for kind, r in out["refused"].items()})
+    out["left_in_shm"] = [f for f in os.listdir(shared_memory.shm_root()) if f.startswith(f"sp-core-refit-{os.getpid()}-")]
     if first:
         out["served_after_refused"] = _served(engine, PROMPTS, vocab)
         out["version_after_refused"] = _version(engine)
@@ -122,15 +214,26 @@ def _rank(model_dir, engine, vocab, log_prefix):
     # under concurrent requests
     _perturb(model, 2)
     load = lambda e, payloads, version: e.call(_generate_during_refit, payloads, version)  # noqa: E731
-    r2 = send(parallel, local_tensors(model), engine, "v2", load=load)
+    r2 = send(parallel, local_tensors(model), engine, "v2", STREAM_BUCKET, load=load)
+    out["r2_passes"] = r2.passes
     out["concurrent"] = r2.answer
     out["megatron_v2"] = model_logprobs(model, PROMPTS)
     if first:
         out["served_v2"] = _served(engine, PROMPTS, vocab)
         out["version_v2"] = _version(engine)
 
-    # megatron.core's GPTModel with the core's layer spec, loaded from the checkpoint: the engine (now serving v2)
-    # serves the checkpoint's weights again, bitwise as it did at start
+    # a trainer rank that stalls in pass 2: half the buckets copied, the refit fails and says so, the engine reports
+    # no version it does not hold and keeps serving (the next refit puts it right)
+    original = _stall_at(parallel.rank, 2, 2)
+    try:
+        out["stall_pass_2"] = vars(send(parallel, local_tensors(model), engine, "stalled", STREAM_BUCKET, timeout=1.0))
+    finally:
+        shared_memory.write_bucket = original
+    if first:
+        out["version_after_stall"] = _version(engine)
+
+    # megatron.core's GPTModel with the core's layer spec, loaded from the checkpoint: the engine (now serving the
+    # stalled refit's mix) serves the checkpoint's weights again, bitwise as it did at start
     from megatron.core.models.gpt import GPTModel
 
     from sp_core_megatron import get_sp_core_block_spec, gpt_model_args, load_hf_into_gpt_model, transformer_config_from_hf
@@ -191,8 +294,22 @@ def test_matched_layout_moves_own_shards_only(result):
     r1 = result["r1"]
     assert r1["full_tensors"] == 0
     assert r1["bytes_moved"] == result["own_bytes"]
-    assert r1["buckets"] > 1  # bucket_bytes 4096: several shared-memory segments
+    assert r1["buckets"] > 1  # several shared-memory buckets
     assert result["gathered_in_refit"] == []  # no sp_core all-gather ran on the trainer during the refit
+
+
+def test_streamed_refit_holds_at_most_two_buckets(result):
+    """The shared memory a trainer rank holds at once, read from its refit directory after every bucket written,
+    stays within two buckets (a bucket: STREAM_BUCKET bytes, or the largest tensor if larger); every bucket at once
+    (the single pass, same tensors and bucket size) does not."""
+    r1 = result["r1"]
+    bound = 2 * max(STREAM_BUCKET, result["largest_tensor"])
+    assert r1["passes"] == 2 and r1["buckets"] >= 4
+    assert len(result["r1_live"]) == 2 * r1["buckets"]  # each bucket written twice
+    assert max(result["r1_live"]) <= bound
+    assert r1["peak_bytes"] <= bound
+    assert max(result["all_at_once_live"]) > bound  # negative control
+    assert max(result["all_at_once_live"]) >= r1["bytes_moved"]
 
 
 def test_weight_version_advances(result):
@@ -208,29 +325,74 @@ def test_radix_cache_flushed_by_refit(result):
     assert result["cached_again"][1] > 0  # control: the cache works, so the check above can fail
 
 
-@pytest.mark.parametrize("kind", ["missing", "unexpected", "shape", "dtype", "nan", "inf"])
+REFUSED = {"missing": "missing", "unexpected": "unexpected", "shape": "shape", "dtype": "dtype", "nan": "NaN or inf",
+           "inf": "NaN or inf", "nan_last": "NaN or inf", "shape_last": "shape", "nan_first": "NaN or inf",
+           "stall_pass_1": "trainer rank 1 wrote no bucket 2 of pass 1 within 1 s"}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
 def test_refused_refit_changes_nothing(result, kind):
     refused = result["refused"][kind]
     assert not refused["success"]
     message = refused["message"]
     assert message.startswith("refit refused by server rank") and "\n" not in message, message
-    expected = {"missing": "missing", "unexpected": "unexpected", "shape": "shape", "dtype": "dtype",
-                "nan": "NaN or inf", "inf": "NaN or inf"}[kind]
-    assert expected in message, message
+    assert REFUSED[kind] in message, message
+    messages = result["refused_messages"]
+    assert messages[0][kind] == messages[1][kind]  # every trainer rank returns the same refusal
     assert _bitwise(result["served_after_refused"], result["served_v1"])
     assert result["version_after_refused"] == "v1"
+    assert result["left_in_shm"] == []
+
+
+def test_streamed_refusals_from_the_last_bucket_and_early_stops(result):
+    """Streamed (two passes): a NaN or a shape in the last bucket is refused like any other (above: nothing changed);
+    the NaN is found once every bucket was read once (pass 1), a shape from the descriptions before any value; a
+    refusal at the first bucket stops the trainer ranks' writing at once."""
+    plan = result["stream_plan"]
+    assert plan["buckets"] >= 4 and plan["last"] == plan["buckets"] - 1 and plan["first"] == 0
+    refused = result["refused"]
+    assert all(refused[kind]["passes"] == 2 for kind in ("nan_last", "shape_last", "nan_first", "stall_pass_1"))
+    assert plan["buckets"] <= refused["nan_last"]["writes"] <= plan["buckets"] + 1  # pass 1 whole, pass 2 not run
+    assert refused["shape_last"]["writes"] <= 2
+    assert refused["nan_first"]["writes"] <= 2
+
+
+def test_trainer_stalled_in_pass_two_leaves_a_failed_refit_and_no_false_version(result):
+    """A trainer rank that stops writing in pass 2: the engine waits its timeout, the refit fails on every rank with
+    one line saying how far it got, the engine reports the version as incomplete (not the new one) and keeps
+    serving; the next refit (the GPTModel's) serves its weights bitwise."""
+    stalled = result["stall_pass_2"]
+    assert not stalled["success"]
+    assert stalled["message"].startswith("refit incomplete: 2 of "), stalled["message"]
+    assert "trainer rank 1 wrote no bucket 2 of pass 2 within 1 s" in stalled["message"]
+    assert result["version_after_stall"] == "stalled-incomplete"
+    assert result["gpt"]["success"] and _bitwise(result["served_gpt"], result["before"])
 
 
 def test_refit_under_concurrent_requests(result):
-    """Documented (sp_core_sglang.refit): a running request finishes with the old weights and reports them;
-    one that arrives while the refit waits runs with the new weights."""
+    """Documented (sp_core_sglang.refit), with the refit streamed in two passes: a running request finishes with the
+    old weights and reports them (its tokens and log-probabilities those of the old weights alone); every request
+    sent during the refit is served whole by one version -- bitwise what that version serves alone, never a mix;
+    one sent once the commit was asked for runs with the new weights."""
     answer = result["concurrent"]
     assert answer["success"], answer["message"]
-    assert answer["long"]["meta_info"]["weight_version"] == "v1"
-    assert len(answer["long"]["output_ids"]) == 48
+    assert result["r2_passes"] == 2
+    long, before, after = answer["long"], answer["before"], answer["after"]
+    assert long["meta_info"]["weight_version"] == "v1"
+    assert len(long["output_ids"]) == 48
+    assert long["output_ids"] == before["long"]["output_ids"]
+    assert long["meta_info"]["output_token_logprobs"] == before["long"]["meta_info"]["output_token_logprobs"]
+    served = {"v1": before["probe"]["meta_info"], "v2": after["meta_info"]}
+    assert served["v1"]["input_token_logprobs"] != served["v2"]["input_token_logprobs"]  # the weights changed
+    probes = answer["probes"] + [answer["late"]]
+    for probe in probes:
+        meta = probe["meta_info"]
+        assert meta["weight_version"] in served
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            assert meta[key] == served[meta["weight_version"]][key]
+    assert {p["meta_info"]["weight_version"] for p in answer["probes"]} == {"v1", "v2"}  # the probes spanned it
     assert answer["late"]["meta_info"]["weight_version"] == "v2"
     assert _bitwise(result["served_v2"], result["megatron_v2"])
-
 
 
 def test_refit_from_gpt_model_with_the_core_layer_spec(result):
@@ -286,3 +448,4 @@ def test_readme_refit_example_runs_as_pasted(tmp_path):
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\[\(True, '', (\d+), 0\), \(True, '', \1, 0\)\]\nstep-1\n\Z", proc.stdout, re.M), proc.stdout
+

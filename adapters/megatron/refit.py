@@ -26,8 +26,8 @@ import torch
 
 from sp_core.models import ModelError
 from sp_core.mpu import collectives
-from sp_core.procs import refit_stream
-from sp_core.procs.shared_memory import describe, nbytes_of, pack, padded, shm_root, write_bucket
+from sp_core.procs import refit_stream, shared_memory
+from sp_core.procs.shared_memory import describe, nbytes_of, pack, padded, shm_root
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 DEFAULT_TIMEOUT = 60.0  # seconds the engine waits for one bucket of a streamed refit
@@ -199,7 +199,7 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
         if buckets > 1:
             payload["stream"] = {"timeout": float(timeout)}
         else:
-            write_bucket(tensors, payload, 0, payload["files"][0][0])
+            shared_memory.write_bucket(tensors, payload, 0, payload["files"][0][0])
         payloads = collectives.gather_objects_to_first(parallel, payload)
         call = (lambda: load(engine, payloads, str(weight_version))) if parallel.rank == 0 else None
         if buckets == 1:
