@@ -117,6 +117,23 @@ def _stall_at(rank, bucket, pass_):
     return original
 
 
+def _changed_at(rank, bucket, pass_):
+    """On trainer rank ``rank``: ``bucket`` of pass ``pass_`` is written with other values than the rest (as if the
+    parameters changed between the two passes)."""
+    from sp_core.procs import refit_stream, shared_memory
+
+    original = shared_memory.write_bucket
+
+    def write(tensors, payload, index, path):
+        if path == refit_stream.bucket_path(payload, bucket, pass_):
+            tensors = [(n, t + 1) for n, t in tensors]
+        original(tensors, payload, index, path)
+
+    if rank:
+        shared_memory.write_bucket = write
+    return original
+
+
 def _perturb(model, seed):
     from sp_core_megatron.refit import core_model
 
@@ -204,6 +221,11 @@ def _rank(model_dir, engine, vocab, log_prefix):
         out["refused"]["stall_pass_1"] = vars(send(parallel, good, engine, "stalled", STREAM_BUCKET, timeout=1.0))
     finally:
         shared_memory.write_bucket = original
+    original = _stall_at(parallel.rank, 0, 2)  # ... in pass 2 before the first copy: nothing changed either
+    try:
+        out["refused"]["stall_pass_2_first"] = vars(send(parallel, good, engine, "stalled", STREAM_BUCKET, timeout=1.0))
+    finally:
+        shared_memory.write_bucket = original
     out["refused_messages"] = collectives.gather_objects_to_first(
         parallel, {kind: r["message"] for kind, r in out["refused"].items()})
     out["left_in_shm"] = [f for f in os.listdir(shared_memory.shm_root()) if f.startswith(f"sp-core-refit-{os.getpid()}-")]
@@ -231,6 +253,13 @@ def _rank(model_dir, engine, vocab, log_prefix):
         shared_memory.write_bucket = original
     if first:
         out["version_after_stall"] = _version(engine)
+    original = _changed_at(parallel.rank, 3, 2)  # bytes that change between the passes are not copied
+    try:
+        out["changed_in_pass_2"] = vars(send(parallel, local_tensors(model), engine, "changed", STREAM_BUCKET))
+    finally:
+        shared_memory.write_bucket = original
+    if first:
+        out["version_after_change"] = _version(engine)
 
     # megatron.core's GPTModel with the core's layer spec, loaded from the checkpoint: the engine (now serving the
     # stalled refit's mix) serves the checkpoint's weights again, bitwise as it did at start
@@ -304,9 +333,9 @@ def test_streamed_refit_holds_at_most_two_buckets(result):
     (the single pass, same tensors and bucket size) does not."""
     r1 = result["r1"]
     bound = 2 * max(STREAM_BUCKET, result["largest_tensor"])
-    assert r1["passes"] == 2 and r1["buckets"] >= 4
-    assert len(result["r1_live"]) == 2 * r1["buckets"]  # each bucket written twice
+    assert r1["buckets"] >= 4
     assert max(result["r1_live"]) <= bound
+    assert r1["passes"] == 2 and len(result["r1_live"]) == 2 * r1["buckets"]  # each bucket written twice
     assert r1["peak_bytes"] <= bound
     assert max(result["all_at_once_live"]) > bound  # negative control
     assert max(result["all_at_once_live"]) >= r1["bytes_moved"]
@@ -327,7 +356,8 @@ def test_radix_cache_flushed_by_refit(result):
 
 REFUSED = {"missing": "missing", "unexpected": "unexpected", "shape": "shape", "dtype": "dtype", "nan": "NaN or inf",
            "inf": "NaN or inf", "nan_last": "NaN or inf", "shape_last": "shape", "nan_first": "NaN or inf",
-           "stall_pass_1": "trainer rank 1 wrote no bucket 2 of pass 1 within 1 s"}
+           "stall_pass_1": "trainer rank 1 wrote no bucket 2 of pass 1 within 1 s",
+           "stall_pass_2_first": "trainer rank 1 wrote no bucket 0 of pass 2 within 1 s"}
 
 
 @pytest.mark.parametrize("kind", list(REFUSED))
@@ -357,15 +387,20 @@ def test_streamed_refusals_from_the_last_bucket_and_early_stops(result):
     assert refused["nan_first"]["writes"] <= 2
 
 
-def test_trainer_stalled_in_pass_two_leaves_a_failed_refit_and_no_false_version(result):
-    """A trainer rank that stops writing in pass 2: the engine waits its timeout, the refit fails on every rank with
-    one line saying how far it got, the engine reports the version as incomplete (not the new one) and keeps
-    serving; the next refit (the GPTModel's) serves its weights bitwise."""
+def test_trainer_failing_in_pass_two_leaves_a_failed_refit_and_no_false_version(result):
+    """A trainer rank that stops writing in pass 2, or writes other bytes than it did in pass 1: the refit fails on
+    every rank with one line saying how far it got, the engine reports the version as incomplete (not the new one)
+    and keeps serving; the next refit (the GPTModel's) serves its weights bitwise."""
     stalled = result["stall_pass_2"]
     assert not stalled["success"]
     assert stalled["message"].startswith("refit incomplete: 2 of "), stalled["message"]
     assert "trainer rank 1 wrote no bucket 2 of pass 2 within 1 s" in stalled["message"]
     assert result["version_after_stall"] == "stalled-incomplete"
+    changed = result["changed_in_pass_2"]
+    assert not changed["success"]
+    assert changed["message"] == (f"refit incomplete: 3 of {result['stream_plan']['buckets']} buckets copied, then "
+                                  f"refused by server rank 1: bucket 3 changed between the check and the copy")
+    assert result["version_after_change"] == "changed-incomplete"
     assert result["gpt"]["success"] and _bitwise(result["served_gpt"], result["before"])
 
 
