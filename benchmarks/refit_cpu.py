@@ -3,10 +3,12 @@
 (docs/refit.md holds both).
 
     python -m benchmarks.refit_cpu --out $OUT          # -> $OUT/refit_cpu.json (3 sizes of Qwen3, tp 2)
+    python -m benchmarks.refit_cpu --sizes large --server-tp 2 --bucket-mb 512,8   # one pass vs two (streamed)
     python -m benchmarks.refit_cpu --paper             # bytes per rank at tp 8 and seconds at stated bandwidths
 
 Each size: one sglang engine (the adapter, tp 2) and one Megatron launch (SPCoreGPTModel, tp 2); the ranks
-refit ``--repeats`` times (a new weight version each) and report each rank's bytes and the median seconds.
+refit ``--repeats`` times per bucket size (a new weight version each) and report each rank's bytes, buckets,
+passes, the most shared memory it held at once, and the median seconds.
 """
 from __future__ import annotations
 
@@ -25,37 +27,45 @@ SIZES = {  # Qwen3 shapes (the embedded tiny one's family), growing
 }
 
 
-def _rank(model_dir, engine, repeats):
+def _rank(model_dir, engine, repeats, bucket_mbs):
     from sp_core_megatron.cli_engine.engine import build_model
     from sp_core_megatron.refit import refit
 
     model = build_model(model_dir, 2, True)
-    results = [refit(model, engine, f"bench-{i}") for i in range(repeats)]
-    assert all(r.success for r in results), results[-1].message
-    return {"bytes": results[-1].bytes_moved, "full_tensors": results[-1].full_tensors,
-            "seconds": statistics.median(r.seconds for r in results),
-            "params": sum(p.numel() for p in model.parameters())}
+    out = []
+    for mb in bucket_mbs:
+        results = [refit(model, engine, f"bench-{mb}-{i}", bucket_bytes=int(mb * 2**20)) for i in range(repeats)]
+        assert all(r.success for r in results), results[-1].message
+        out.append({"bucket_mb": mb, "bytes": results[-1].bytes_moved, "full_tensors": results[-1].full_tensors,
+                    "buckets": results[-1].buckets, "passes": results[-1].passes, "peak": results[-1].peak_bytes,
+                    "seconds": statistics.median(r.seconds for r in results),
+                    "params": sum(p.numel() for p in model.parameters())})
+    return out
 
 
-def measure(repeats: int) -> list:
+def measure(repeats: int, sizes=tuple(SIZES), server_tps=(2, 1), bucket_mbs=(512,)) -> list:
     from sp_core.app.tiny import make_checkpoint
     from sp_core.procs.launch import run_ranks
     from sp_core_sglang.cli_engine.engine import start_for_refit
 
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for (name, overrides), server_tp in [(size, s) for size in SIZES.items() for s in (2, 1)]:
-            model_dir = make_checkpoint("qwen3", os.path.join(root, name), **overrides)
+        for name, server_tp in [(size, s) for size in sizes for s in server_tps]:
+            model_dir = make_checkpoint("qwen3", os.path.join(root, name), **SIZES[name])
             engine = start_for_refit(model_dir, server_tp, True)
             try:
-                ranks = run_ranks(2, _rank, model_dir, engine, repeats)
+                ranks = run_ranks(2, _rank, model_dir, engine, repeats, list(bucket_mbs))
             finally:
                 engine.shutdown()
-            rows.append({"size": name, "server_tp": server_tp, "params_per_rank": [r["params"] for r in ranks],
-                         "bytes_per_rank": [r["bytes"] for r in ranks],
-                         "full_tensors": sum(r["full_tensors"] for r in ranks),
-                         "seconds": max(r["seconds"] for r in ranks)})
-            print(json.dumps(rows[-1]), flush=True)
+            for i, mb in enumerate(bucket_mbs):
+                per = [r[i] for r in ranks]
+                rows.append({"size": name, "server_tp": server_tp, "bucket_mb": mb,
+                             "params_per_rank": [r["params"] for r in per], "bytes_per_rank": [r["bytes"] for r in per],
+                             "buckets_per_rank": [r["buckets"] for r in per], "passes": per[0]["passes"],
+                             "peak_shm_per_rank": [r["peak"] for r in per],
+                             "full_tensors": sum(r["full_tensors"] for r in per),
+                             "seconds": max(r["seconds"] for r in per), "load_average": os.getloadavg()[0]})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -91,6 +101,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paper", action="store_true")
+    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated, of: " + ", ".join(SIZES))
+    parser.add_argument("--server-tp", default="2,1", help="comma-separated server tp sizes (trainer tp 2)")
+    parser.add_argument("--bucket-mb", default="512", help="comma-separated bucket sizes in MiB (the refit's)")
     args = parser.parse_args()
     if args.paper:
         for name, nbytes in paper():
@@ -98,7 +111,8 @@ def main() -> None:
                   f"(a same-GPU copy), {1e3 * nbytes / 4.5e11:.0f} ms at 450 GB/s (NVLink), "
                   f"{nbytes / 25e9:.1f} s at 25 GB/s (host shared memory)")
         return
-    rows = measure(args.repeats)
+    rows = measure(args.repeats, args.sizes.split(","), [int(t) for t in args.server_tp.split(",")],
+                   [float(mb) for mb in args.bucket_mb.split(",")])
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "refit_cpu.json"), "w") as f:

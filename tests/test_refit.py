@@ -441,6 +441,8 @@ def test_onpolicy_loop_is_bitwise_every_iteration(result):
     assert [r["weight_version"] for r in loop["rows"]] == ["0", "1"]
     assert all(r["bitwise"] and r["version_advanced"] and r["full_tensors"] == 0 for r in loop["rows"]), loop["rows"]
     assert all(min(r["buckets_per_rank"]) > 1 for r in loop["rows"])  # the loop's bucket size (8 KiB) reached the refit
+    assert all(r["refit_passes"] == 2 for r in loop["rows"])  # streamed, holding at most two buckets per rank:
+    assert max(max(r["peak_shm_per_rank"]) for r in loop["rows"]) <= 2 * max(8192, result["largest_tensor"])
     assert loop["after_last_refit"] == {"weight_version": "2", "max_abs_delta": 0.0, "bitwise": True}
     assert loop["rows"][1]["loss"] < loop["rows"][0]["loss"]  # the step trained the model that is served
 

@@ -1,16 +1,20 @@
 """The trainer side of an in-memory refit: from a Megatron model built with the core (``SPCoreGPTModel``, or
 megatron.core's ``GPTModel`` with ``get_sp_core_block_spec``, whose names are mapped to the core's) into
 a running ``sglang.Engine`` served through the adapter (``sp_core_sglang.refit``), at matched layout (the same
-tp and MoE mode on both sides).
+tp and MoE mode on both sides) or resharded by the server (another tp or MoE mode).
 
 Call ``refit(model, engine, weight_version)`` on every trainer rank (it is collective over the model's TP
 group). Trainer rank r writes its own parameters -- the core's ``CausalLM``'s, by the core's names, exactly
-the shards server rank r holds -- into shared-memory buckets (``/dev/shm``, ``bucket_bytes`` at most per
-file unless one tensor is larger); TP rank 0 collects the small per-rank descriptions and asks the engine
-to load them. No rank gathers anything: the bytes moved per rank are that rank's parameter bytes. The
-buckets live until the engine has answered (all-or-nothing needs every bucket checked before any is
-copied), so the shared memory held at once is the rank's parameter bytes; ``bucket_bytes`` bounds each
-segment. The files are written by ``sp_core.procs.shared_memory``.
+the shards server rank r holds -- into shared-memory buckets (``/dev/shm``, ``sp_core.procs.shared_memory``),
+planned alike on every rank (``plan_buckets``: a name's pieces in the same bucket everywhere); TP rank 0
+collects the small per-rank descriptions and asks the engine to load them. No rank gathers anything: the bytes
+moved per rank are that rank's parameter bytes.
+
+Memory: when every rank's parameters fit one bucket (``bucket_bytes``), the bucket is written before the engine
+call and kept until it answers. Otherwise the buckets are streamed during the call, twice (the engine checks all
+of them before it copies any: ``sp_core.procs.refit_stream``), and a rank holds at most two buckets at once:
+at most ``2 * max(bucket_bytes, its largest tensor rounded up to 64 bytes)`` of shared memory
+(``RefitResult.peak_bytes``).
 """
 from __future__ import annotations
 

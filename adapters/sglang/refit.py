@@ -7,23 +7,37 @@ instead (``reshard_plan``).
 A refit is one call of ``apply(engine, payloads, weight_version)`` (``payloads``: one per server TP rank,
 made by the trainer, ``sp_core_megatron.refit``) and is all or nothing:
 
-1. **Stage** (``collective_rpc``, the adapter's ``sp_core_refit_stage``): every TP worker maps its payload's
-   shared-memory buckets read-only and checks them against its own parameters -- no name missing, none
-   unexpected, each shape and dtype equal, every value finite -- then the workers exchange their verdicts
-   over sglang's TP CPU group (``all_gather_object``). If any worker refuses, every worker drops the
-   mapping and the call returns ``success=False`` with the first refusal as one line; no weight changed.
-2. **Commit** through sglang's own entry point, in a weight-update session: ``begin_weight_update()``,
+1. **Stage**, pass 1 (``collective_rpc``, the adapter's ``sp_core_refit_stage``): every TP worker plans its
+   copies from the payloads' descriptions alone -- no name missing, none unexpected or twice, each shape and
+   dtype equal -- then reads every value it will copy, bucket by bucket, and checks it is finite. The workers
+   exchange their verdicts over sglang's TP CPU group (``all_gather_object``). If any worker refuses, the call
+   returns ``success=False`` with the first refusal as one line; no weight changed.
+2. **Commit**, pass 2, through sglang's own entry point, in a weight-update session: ``begin_weight_update()``,
    ``update_weights_from_tensor`` (one payload per rank, ``weight_version`` set) whose payload names the
-   staged refit; the model's ``load_weights`` copies the staged views into its parameters
-   (``commit``); sglang then records the weight version and flushes the radix cache;
-   ``end_weight_update()``. A staging step is needed because sglang's update path has no way to refuse a
-   payload: an exception in a loader ends the scheduler.
+   staged refit; the model's ``load_weights`` makes the planned copies (``commit``); sglang then records the
+   weight version and flushes the radix cache; ``end_weight_update()``. A staging step is needed because
+   sglang's update path has no way to refuse a payload: an exception in a loader ends the scheduler.
+
+Single pass or streamed. When each trainer rank's parameters fit one bucket, its bucket exists for the whole call:
+the stage keeps its mapping and the commit copies from it. Otherwise the trainer streams its buckets
+(``sp_core.procs.refit_stream``: at most two per trainer rank exist at once), pass 1 and pass 2 each wait for
+every bucket in turn (at most the payload's ``timeout`` each), and the workers agree per bucket before
+acknowledging it to the trainer (which then removes it) and, in pass 2, before copying it: every rank holds the
+same buckets. Pass 1 records each bucket's checksum (crc32 of the files this rank reads); pass 2 copies a bucket
+only if it is unchanged. A failure in pass 2 (a trainer rank that stalls or dies: the timeout; changed bytes)
+stops at a bucket boundary: the call returns ``success=False`` with ``refit incomplete: k of n buckets copied,
+then ...`` and the engine reports the version ``<weight_version>-incomplete`` (its weights are part old, part
+new, until the next refit); with no bucket copied it is a refusal like pass 1's and the old version stays.
 
 In-flight requests: sglang's tokenizer manager holds its ``model_update_lock`` as a reader for the whole
 life of every request and takes it as a writer for the update. The commit therefore waits until every
 request already running has finished -- with the old weights, reported as the old ``weight_version`` -- and
 requests that arrive after the commit was asked for wait for it and run with the new weights (the lock
-prefers a waiting writer). Nothing is rejected. Staging takes no lock: it runs between batches.
+prefers a waiting writer). Nothing is rejected. A streamed commit holds the writer lock itself, with
+generation paused (sglang's entry points then run without taking the lock again: whoever paused holds it),
+from the session's start until its outcome is known and the version recorded: no request runs between two
+buckets' copies, nor sees the version before the weights are whole. The stage takes no lock; running requests
+wait while it runs (the scheduler is in the RPC) and continue with the old weights.
 """
 from __future__ import annotations
 

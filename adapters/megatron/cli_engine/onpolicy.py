@@ -106,13 +106,14 @@ def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, 
         if not result.success:
             raise RuntimeError(result.message)
         per_rank = collectives.gather_objects_to_first(parallel, (result.bytes_moved, result.full_tensors,
-                                                                  result.seconds, result.buckets))
+                                                                  result.seconds, result.buckets, result.peak_bytes))
         if first:
             rows.append({"iteration": it + 1, "weight_version": version, "loss": loss,
-                         "refit_seconds": max(s for _, _, s, _ in per_rank), "refit_version": result.weight_version,
-                         "bytes_per_rank": [b for b, _, _, _ in per_rank],
-                         "full_tensors": sum(f for _, f, _, _ in per_rank),
-                         "buckets_per_rank": [n for _, _, _, n in per_rank],
+                         "refit_seconds": max(r[2] for r in per_rank), "refit_version": result.weight_version,
+                         "bytes_per_rank": [r[0] for r in per_rank],
+                         "full_tensors": sum(r[1] for r in per_rank),
+                         "buckets_per_rank": [r[3] for r in per_rank], "refit_passes": result.passes,
+                         "peak_shm_per_rank": [r[4] for r in per_rank],
                          "max_abs_delta": delta, "bitwise": bitwise})
             progress(f"iteration {it + 1}/{steps} | served version {version} | loss {loss:.6f} | max |d logprob| "
                      f"{delta:.3g} ({'bitwise' if bitwise else 'not bitwise'}) | refit {result.seconds:.2f} s, "
