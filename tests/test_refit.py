@@ -27,6 +27,7 @@ CACHED = [int(t) for t in torch.randint(0, 100, (24,), generator=torch.Generator
 LONG = [4, 9, 1]
 PROBE = [61, 17, 5, 33]
 STREAM_BUCKET = 16384  # bytes: several buckets per rank of the tiny Qwen3 at tp 2 (~100 KB each)
+STALL_TIMEOUT = 2.0  # seconds the engine waits for a bucket in the stall cases (generous on a loaded machine)
 
 
 def _served(engine, prompts, vocab):
@@ -115,6 +116,12 @@ def _stall_at(rank, bucket, pass_):
     if rank:
         shared_memory.write_bucket = write
     return original
+
+
+def _stalled_send(parallel, tensors, engine):
+    from sp_core_megatron.refit import send
+
+    return send(parallel, tensors, engine, "stalled", STREAM_BUCKET, timeout=STALL_TIMEOUT)
 
 
 def _changed_at(rank, bucket, pass_):
@@ -218,17 +225,18 @@ def _rank(model_dir, engine, vocab, log_prefix):
     # a trainer rank that stalls in pass 1: the engine gives up after its timeout, every rank hears it
     original = _stall_at(parallel.rank, 2, 1)
     try:
-        out["refused"]["stall_pass_1"] = vars(send(parallel, good, engine, "stalled", STREAM_BUCKET, timeout=1.0))
+        out["refused"]["stall_pass_1"] = vars(_stalled_send(parallel, good, engine))
     finally:
         shared_memory.write_bucket = original
     original = _stall_at(parallel.rank, 0, 2)  # ... in pass 2 before the first copy: nothing changed either
     try:
-        out["refused"]["stall_pass_2_first"] = vars(send(parallel, good, engine, "stalled", STREAM_BUCKET, timeout=1.0))
+        out["refused"]["stall_pass_2_first"] = vars(_stalled_send(parallel, good, engine))
     finally:
         shared_memory.write_bucket = original
     out["refused_messages"] = collectives.gather_objects_to_first(
         parallel, {kind: r["message"] for kind, r in out["refused"].items()})
-    out["left_in_shm"] = [f for f in os.listdir(shared_memory.shm_root()) if f.startswith(f"sp-core-refit-{os.getpid()}-")]
+    mine = f"sp-core-refit-{os.getpid()}-"
+    out["left_in_shm"] = [f for f in os.listdir(shared_memory.shm_root()) if f.startswith(mine)]
     if first:
         out["served_after_refused"] = _served(engine, PROMPTS, vocab)
         out["version_after_refused"] = _version(engine)
@@ -248,7 +256,7 @@ def _rank(model_dir, engine, vocab, log_prefix):
     # no version it does not hold and keeps serving (the next refit puts it right)
     original = _stall_at(parallel.rank, 2, 2)
     try:
-        out["stall_pass_2"] = vars(send(parallel, local_tensors(model), engine, "stalled", STREAM_BUCKET, timeout=1.0))
+        out["stall_pass_2"] = vars(_stalled_send(parallel, local_tensors(model), engine))
     finally:
         shared_memory.write_bucket = original
     if first:
@@ -356,8 +364,8 @@ def test_radix_cache_flushed_by_refit(result):
 
 REFUSED = {"missing": "missing", "unexpected": "unexpected", "shape": "shape", "dtype": "dtype", "nan": "NaN or inf",
            "inf": "NaN or inf", "nan_last": "NaN or inf", "shape_last": "shape", "nan_first": "NaN or inf",
-           "stall_pass_1": "trainer rank 1 wrote no bucket 2 of pass 1 within 1 s",
-           "stall_pass_2_first": "trainer rank 1 wrote no bucket 0 of pass 2 within 1 s"}
+           "stall_pass_1": "trainer rank 1 wrote no bucket 2 of pass 1 within 2 s",
+           "stall_pass_2_first": "trainer rank 1 wrote no bucket 0 of pass 2 within 2 s"}
 
 
 @pytest.mark.parametrize("kind", list(REFUSED))
@@ -394,7 +402,7 @@ def test_trainer_failing_in_pass_two_leaves_a_failed_refit_and_no_false_version(
     stalled = result["stall_pass_2"]
     assert not stalled["success"]
     assert stalled["message"].startswith("refit incomplete: 2 of "), stalled["message"]
-    assert "trainer rank 1 wrote no bucket 2 of pass 2 within 1 s" in stalled["message"]
+    assert "trainer rank 1 wrote no bucket 2 of pass 2 within 2 s" in stalled["message"]
     assert result["version_after_stall"] == "stalled-incomplete"
     changed = result["changed_in_pass_2"]
     assert not changed["success"]

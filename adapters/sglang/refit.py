@@ -113,9 +113,9 @@ def stage_model(model, token: int, payloads: List[dict], rank: int, size: int, g
     model._sp_core_refit = None
     params = dict(model.named_parameters())
     refit = _Refit(payloads, rank, size, group)
-    problem = ""
+    problem, copies = "", []
     try:
-        refit.check_streams()
+        refit.read_descriptions()
         if _matched(payloads, size, model):
             problem = check_payload(params, refit.entries[rank])
             copies = [] if problem else [(name, None, None, 0, 0, (rank, at, None), 0)
@@ -151,7 +151,9 @@ class _Refit:
         self.views: Dict[tuple, torch.Tensor] = {}  # a single pass: kept from the check to the copy
         self.sums: Dict[int, int] = {}  # a stream: each bucket's checksum in pass 1
 
-    def check_streams(self) -> None:
+    def read_descriptions(self) -> None:
+        """Every payload's tensors (``shared_memory.described``), checked to lie in their files; a stream needs
+        every trainer rank streaming the same buckets (they were planned together)."""
         if self.streamed and (any(p.get("stream") is None for p in self.payloads) or
                               len({len(p["files"]) for p in self.payloads}) != 1):
             raise RefitRefused("a streamed refit needs every trainer rank to stream the same number of buckets")
