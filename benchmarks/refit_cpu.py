@@ -7,7 +7,7 @@
     python -m benchmarks.refit_cpu --paper             # bytes per rank at tp 8 and seconds at stated bandwidths
 
 Each size: one sglang engine (the adapter, tp 2) and one Megatron launch (SPCoreGPTModel, tp 2); the ranks
-refit ``--repeats`` times per bucket size (a new weight version each) and report each rank's bytes, buckets,
+refit ``--repeats`` times per bucket size, the sizes taking turns (a new weight version each) and report each rank's bytes, buckets,
 passes, the most shared memory it held at once, and the median seconds.
 """
 from __future__ import annotations
@@ -32,9 +32,12 @@ def _rank(model_dir, engine, repeats, bucket_mbs):
     from sp_core_megatron.refit import refit
 
     model = build_model(model_dir, 2, True)
+    runs = {mb: [] for mb in bucket_mbs}
+    for i in range(repeats):  # the bucket sizes take turns, so that a busy machine slows them alike
+        for mb in bucket_mbs:
+            runs[mb].append(refit(model, engine, f"bench-{mb}-{i}", bucket_bytes=int(mb * 2**20)))
     out = []
-    for mb in bucket_mbs:
-        results = [refit(model, engine, f"bench-{mb}-{i}", bucket_bytes=int(mb * 2**20)) for i in range(repeats)]
+    for mb, results in runs.items():
         assert all(r.success for r in results), results[-1].message
         out.append({"bucket_mb": mb, "bytes": results[-1].bytes_moved, "full_tensors": results[-1].full_tensors,
                     "buckets": results[-1].buckets, "passes": results[-1].passes, "peak": results[-1].peak_bytes,
