@@ -23,8 +23,8 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from sp_core.app import console, engines
-from sp_core.mpu import platform
 from sp_core.app.tiny import PROMPTS, make_checkpoint
+from sp_core.mpu import platform
 
 DEFAULT_MODEL = "qwen3"
 TOLERANCE = 1e-5
