@@ -305,6 +305,32 @@ def test_onpolicy_verdict_fails_what_it_must():
         "stopped: iteration 2: the refit was refused (x)"]
 
 
+def test_onpolicy_command_stops_in_one_line_and_exit_1_on_a_refused_refit(tmp_path, monkeypatch, capsys):
+    """The command's side of a loop stopped by a refused refit (the loop itself: test_onpolicy_stops_when_...):
+    the engine and the trainer stand in here, returning what the loop returns then; one FAIL line, exit 1, the
+    JSON says why."""
+    from types import SimpleNamespace
+
+    from sp_core.app import engines
+    from sp_core.app.cli import main
+
+    stopped = ("iteration 1: the refit was refused (refit refused by server rank 0: model.norm.weight: holds NaN or "
+               "inf); the engine's weights were released before it, so it holds no valid weights")
+    shut = []
+    sglang = SimpleNamespace(check_available=lambda: None,
+                             start_for_refit=lambda *a, **k: SimpleNamespace(shutdown=lambda: shut.append(1)))
+    megatron = SimpleNamespace(check_available=lambda: None,
+                               onpolicy=lambda *a: {"rows": [], "after_last_refit": None, "stopped": stopped})
+    monkeypatch.setattr(engines, "get", {"sglang": sglang, "megatron": megatron}.__getitem__)
+    report = tmp_path / "run.json"
+    code = main(["onpolicy", "--colocate", "--json", str(report)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and shut == [1]
+    assert err[-1] == f"sp-core onpolicy: FAIL (stopped: {stopped})" and "Traceback" not in "\n".join(err)
+    run = json.loads(report.read_text())
+    assert run["stopped"] == stopped and not run["passed"] and run["colocate"]
+
+
 def test_onpolicy_promises_bitwise_where_the_deterministic_mode_does():
     """Bitwise at the same layout in the deterministic mode, except DeepSeek-V3.2 once its indexer selects keys
     (different sparse-attention kernels in Megatron and sglang, as verify --deterministic says): held to 1e-5."""
