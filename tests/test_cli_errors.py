@@ -50,6 +50,8 @@ def work(tmp_path_factory):
     variant("st-fp8", edit_weights=lambda w: w.update(
         {"model.layers.0.mlp.up_proj.weight": w["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)}))
     make_checkpoint("qwen3", str(root / "heads64"), num_attention_heads=64, num_key_value_heads=64)
+    # 6 experts: whole experts split over tp 2, not over tp 4 (experts split by intermediate size do)
+    make_checkpoint("deepseek-v3", str(root / "ds-6-experts"), n_routed_experts=6, n_group=2, topk_group=1)
     (root / "bad-utf8.json").write_bytes(b"[[1, 2, \xff]]")
     (root / "too-long.json").write_text(json.dumps([[1] * 256]))  # max_position_embeddings 256
     (root / "export").mkdir()
@@ -130,6 +132,17 @@ CASES = [
      "the directory"),
     ("onpolicy --moe-parallel ep on a dense model", ["onpolicy", "--model", M, "--moe-parallel", "ep"],
      "has no MoE layers"),
+    ("onpolicy --server-moe-parallel ep on a dense model", ["onpolicy", "--model", M, "--server-moe-parallel", "ep"],
+     "--server-moe-parallel ep: Qwen3ForCausalLM here has no MoE layers; use --server-moe-parallel tp"),
+    ("onpolicy --server-moe-parallel xp", ["onpolicy", "--server-moe-parallel", "xp"],
+     "argument --server-moe-parallel: invalid choice: 'xp'"),
+    ("onpolicy server ep over a tp the experts do not split by", ["onpolicy", "--model", "{root}/ds-6-experts", "--tp",
+                                                                  "4", "--server-moe-parallel", "ep"],
+     "--server-moe-parallel ep: tp 4 does not divide n_routed_experts (6) (expert parallelism places whole experts "
+     "on ranks); use --server-moe-parallel tp"),
+    ("onpolicy ep at a server tp the experts do not split by", ["onpolicy", "--model", "{root}/ds-6-experts",
+                                                                "--moe-parallel", "ep", "--server-tp", "4"],
+     "--moe-parallel ep: tp 4 does not divide n_routed_experts (6)"),
 ]
 # a bad checkpoint or a too-long prompt: the same one line on every engine, before the engine starts
 # (sglang used to SIGKILL sp-core itself, exit 137)

@@ -7,6 +7,7 @@ The reference for what the engine serves after a refit is Megatron's own forward
 refused refit, what the engine served before it (bitwise)."""
 import importlib.util
 import json
+import math
 import os
 import tempfile
 
@@ -292,6 +293,25 @@ def _rank(model_dir, engine, vocab, log_prefix):
     from sp_core_megatron.cli_engine import onpolicy
 
     out["onpolicy"] = onpolicy.rank(model_dir, engine, 2, True, "tp", True, 2, PROMPTS, 4, 1e-3, 8192)
+
+    # colocation (sp_core_sglang.colocate): released, the weights resumed (NaN-filled on CPU, where sglang's release
+    # keeps them) serve NaN; the refit of the checkpoint's GPTModel rewrites every one: the checkpoint served bitwise
+    from sp_core_sglang import colocate
+
+    if first:
+        colocate.release(engine)
+        colocate.resume_weights(engine)
+        out["served_released"] = _last_logprob(engine, CACHED)[0]
+    out["colocated"] = vars(refit(gpt, engine, "colocated"))
+    if first:
+        colocate.resume_cache(engine)
+        out["served_colocated"] = _served(engine, PROMPTS, vocab)
+        out["version_colocated"] = _version(engine)
+
+    # the loop colocated, its training step diverged (lr inf): the refit after the release is refused, the loop stops
+    # (last: the engine holds NaN weights afterwards)
+    out["onpolicy_refused"] = onpolicy.rank(model_dir, engine, 2, True, "tp", True, 1, PROMPTS, 4, float("inf"), 8192,
+                                            colocate=True)
     return out
 
 
@@ -455,6 +475,23 @@ def test_onpolicy_loop_is_bitwise_every_iteration(result):
     assert loop["rows"][1]["loss"] < loop["rows"][0]["loss"]  # the step trained the model that is served
 
 
+def test_colocated_refit_rewrites_every_released_weight(result):
+    """sglang's release_memory_occupation keeps the weights on CPU; the resume overwrites them with NaN (what a GPU
+    release leaves), which is served until the refit: then the checkpoint's weights, bitwise as at start."""
+    assert math.isnan(result["served_released"])  # control: without the refit the loop would serve NaN
+    assert result["colocated"]["success"], result["colocated"]["message"]
+    assert _bitwise(result["served_colocated"], result["before"])
+    assert result["version_colocated"] == "colocated"
+
+
+def test_onpolicy_stops_when_a_refit_after_a_release_is_refused(result):
+    loop = result["onpolicy_refused"]
+    assert loop["rows"] == [] and loop["after_last_refit"] is None
+    stopped = loop["stopped"]
+    assert stopped.startswith("iteration 1: the refit was refused (refit refused by server rank") and "\n" not in stopped
+    assert "holds NaN or inf" in stopped and stopped.endswith("so it holds no valid weights"), stopped
+
+
 def test_onpolicy_verdict_fails_what_it_must():
     """sp-core onpolicy's exit: a run passes only if every iteration agrees (bitwise when asked) and every refit's
     version is the one served next; hand-made rows, each with one fault."""
@@ -471,6 +508,49 @@ def test_onpolicy_verdict_fails_what_it_must():
         "iteration 1: the served version did not become 1"]
     assert verdict([good], dict(last, bitwise=False, max_abs_delta=1e-6), True) == [
         "after the last refit: max |d logprob| 1e-06"]
+    assert verdict([good], None, True, stopped="iteration 2: the refit was refused (x)") == [
+        "stopped: iteration 2: the refit was refused (x)"]
+
+
+def test_onpolicy_command_stops_in_one_line_and_exit_1_on_a_refused_refit(tmp_path, monkeypatch, capsys):
+    """The command's side of a loop stopped by a refused refit (the loop itself: test_onpolicy_stops_when_...):
+    the engine and the trainer stand in here, returning what the loop returns then; one FAIL line, exit 1, the
+    JSON says why."""
+    from types import SimpleNamespace
+
+    from sp_core.app import engines
+    from sp_core.app.cli import main
+
+    stopped = ("iteration 1: the refit was refused (refit refused by server rank 0: model.norm.weight: holds NaN or "
+               "inf); the engine's weights were released before it, so it holds no valid weights")
+    shut = []
+    sglang = SimpleNamespace(check_available=lambda: None,
+                             start_for_refit=lambda *a, **k: SimpleNamespace(shutdown=lambda: shut.append(1)))
+    megatron = SimpleNamespace(check_available=lambda: None,
+                               onpolicy=lambda *a: {"rows": [], "after_last_refit": None, "stopped": stopped})
+    monkeypatch.setattr(engines, "get", {"sglang": sglang, "megatron": megatron}.__getitem__)
+    report = tmp_path / "run.json"
+    code = main(["onpolicy", "--colocate", "--json", str(report)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and shut == [1]
+    assert err[-1] == f"sp-core onpolicy: FAIL (stopped: {stopped})" and "Traceback" not in "\n".join(err)
+    run = json.loads(report.read_text())
+    assert run["stopped"] == stopped and not run["passed"] and run["colocate"]
+
+
+def test_onpolicy_promises_bitwise_where_the_deterministic_mode_does():
+    """Bitwise at the same layout in the deterministic mode, except DeepSeek-V3.2 once its indexer selects keys
+    (different sparse-attention kernels in Megatron and sglang, as verify --deterministic says): held to 1e-5."""
+    from sp_core.app.onpolicy import bitwise_promised
+    from sp_core.app.tiny import hf_config
+    from sp_core.models.config import ModelConfig
+
+    v3, v32 = (ModelConfig.from_dict(hf_config(name).to_dict()) for name in ("deepseek-v3", "deepseek-v32"))
+    assert bitwise_promised(v3, True, True, 13) == (True, "")
+    assert not bitwise_promised(v3, True, False, 13)[0] and not bitwise_promised(v3, False, True, 13)[0]
+    promised, note = bitwise_promised(v32, True, True, 13)  # index_topk 3
+    assert not promised and "V3.2's sparse attention" in note
+    assert bitwise_promised(v32, True, True, 3) == (True, "")
 
 
 def test_readme_refit_example_runs_as_pasted(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 RPC_PREFIX = "sp_core_"
 SET_SEQUENCE_PARALLEL = RPC_PREFIX + "set_sequence_parallel"
+INVALIDATE_RELEASED_WEIGHTS = RPC_PREFIX + "invalidate_released_weights"  # sp_core_sglang.colocate
 HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.handle_rpc_request"
 
 
@@ -46,8 +47,14 @@ def _refit_outcome(scheduler) -> None:
     refit.outcome(scheduler)
 
 
+def _invalidate_released_weights(scheduler) -> None:
+    from sp_core_sglang import colocate
+
+    colocate.invalidate_released_weights(scheduler)
+
+
 _HANDLERS = {SET_SEQUENCE_PARALLEL: _set_sequence_parallel, RPC_PREFIX + "refit_stage": _refit_stage,
-             RPC_PREFIX + "refit_outcome": _refit_outcome}
+             RPC_PREFIX + "refit_outcome": _refit_outcome, INVALIDATE_RELEASED_WEIGHTS: _invalidate_released_weights}
 
 
 def handle_rpc_request(original, scheduler, recv_req):

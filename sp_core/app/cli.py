@@ -176,8 +176,15 @@ def _parser() -> argparse.ArgumentParser:
                         "its own (default: 512)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every iteration's row (with a boolean 'bitwise') as JSON (default: none)")
+    p.add_argument("--colocate", action="store_true",
+                   help="release the engine's memory (sglang's release_memory_occupation) while Megatron trains, "
+                        "resume the weights, refit, then resume the KV cache; on CPU the resumed weights are "
+                        "overwritten with NaN first, as a real release leaves them (default: off)")
     _common(p)
     _add_moe_flag(p)
+    p.add_argument("--server-moe-parallel", choices=("tp", "ep"), default=None,
+                   help="the sglang engine's MoE mode (DeepSeek; another mode than --moe-parallel: the reshard "
+                        "path) (default: --moe-parallel)")
 
     p = sub.add_parser("train", help="train with the Megatron adapter on a small built-in token stream, then export")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face checkpoint to start from (required)")

@@ -83,9 +83,10 @@ def get(name: str):
     return entry
 
 
-def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfig:
+def check_model(model_dir: str, tp: int, moe_parallel: str = "tp", moe_flag: str = "--moe-parallel") -> ModelConfig:
     """The config, the tp split and the checkpoint's tensors (names, shapes, readable files), checked in
-    this process before any rank or engine starts: one-line ModelError otherwise."""
+    this process before any rank or engine starts: one-line ModelError otherwise (``moe_flag``: the flag
+    that set ``moe_parallel``, named in it)."""
     from sp_core.models import CausalLM
     from sp_core.models.checkpoint import check_checkpoint
     from sp_core.mpu import single_rank
@@ -93,7 +94,7 @@ def check_model(model_dir: str, tp: int, moe_parallel: str = "tp") -> ModelConfi
     if not os.path.isdir(model_dir):
         raise ModelError(f"{model_dir}: no such checkpoint directory")
     cfg = ModelConfig.from_pretrained(model_dir, moe_parallel)
-    cfg.check_tp(tp)
+    cfg.check_tp(tp, moe_flag)
     with torch.device("meta"):
         model = CausalLM(cfg, parallel=single_rank())
     check_checkpoint(model, model_dir)

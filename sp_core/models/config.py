@@ -202,11 +202,11 @@ class ModelConfig:
                                  f"(max_position_embeddings {self.max_position_embeddings}, one position for the "
                                  f"predicted token)")
 
-    def check_tp(self, tp: int) -> None:
+    def check_tp(self, tp: int, moe_flag: str = "--moe-parallel") -> None:
         """One-line errors for a tp size this model cannot be split by (and for expert parallelism asked of a
-        model without MoE layers, which every command refuses alike)."""
+        model without MoE layers, which every command refuses alike); ``moe_flag``: the flag that set the MoE mode."""
         if self.moe_parallel == "ep" and self.moe is None:
-            raise ModelError(f"--moe-parallel ep: {self.architecture} here has no MoE layers; use --moe-parallel tp "
+            raise ModelError(f"{moe_flag} ep: {self.architecture} here has no MoE layers; use {moe_flag} tp "
                              f"(the default) for a dense model")
         if self.num_attention_heads % tp:
             raise ModelError(f"tp {tp} does not divide num_attention_heads ({self.num_attention_heads})")
@@ -216,19 +216,19 @@ class ModelConfig:
         if "dense" in self.layer_types and self.intermediate_size % tp:
             raise ModelError(f"tp {tp} does not divide intermediate_size ({self.intermediate_size})")
         if self.moe is not None and "sparse" in self.layer_types:
-            self._check_moe_tp(tp)
+            self._check_moe_tp(tp, moe_flag)
 
-    def _check_moe_tp(self, tp: int) -> None:
+    def _check_moe_tp(self, tp: int, moe_flag: str) -> None:
         moe = self.moe
         if self.moe_parallel == "ep" and moe.n_routed_experts % tp:
-            works = (f"use --moe-parallel tp (experts split by intermediate size)"
+            works = (f"use {moe_flag} tp (experts split by intermediate size)"
                      if moe.moe_intermediate_size % tp == 0 else "use a tp that divides it")
-            raise ModelError(f"--moe-parallel ep: tp {tp} does not divide n_routed_experts ({moe.n_routed_experts}) "
+            raise ModelError(f"{moe_flag} ep: tp {tp} does not divide n_routed_experts ({moe.n_routed_experts}) "
                              f"(expert parallelism places whole experts on ranks); {works}")
         if self.moe_parallel == "tp" and moe.moe_intermediate_size % tp:
-            works = ("use --moe-parallel ep (whole experts per rank)"
+            works = (f"use {moe_flag} ep (whole experts per rank)"
                      if moe.n_routed_experts % tp == 0 else "use a tp that divides it")
-            raise ModelError(f"--moe-parallel tp: tp {tp} does not divide moe_intermediate_size "
+            raise ModelError(f"{moe_flag} tp: tp {tp} does not divide moe_intermediate_size "
                              f"({moe.moe_intermediate_size}); {works}")
         shared = moe.shared_size
         if shared % tp:

@@ -141,11 +141,12 @@ def train_and_export(model_dir: str, out_dir: str, tp: int, sequence_parallel: b
 
 
 def onpolicy(model_dir: str, engine, tp: int, sequence_parallel: bool, moe_parallel: str, deterministic: bool,
-             steps: int, prompts, new_tokens: int, lr: float, bucket_bytes: int) -> dict:
+             steps: int, prompts, new_tokens: int, lr: float, bucket_bytes: int, colocate: bool = False) -> dict:
     """`sp-core onpolicy`'s trainer: ``tp`` Megatron ranks beside the running sglang ``engine`` (its handle),
-    ``steps`` iterations of sample -> compare -> train -> refit (``cli_engine.onpolicy``). Rank 0's rows."""
+    ``steps`` iterations of sample -> compare -> train -> refit (``cli_engine.onpolicy``), the engine's memory
+    released around each training step with ``colocate``. Rank 0's rows."""
     from sp_core_megatron.cli_engine import onpolicy as loop
 
     check_available()
     return run_ranks(tp, loop.rank, model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, steps,
-                     prompts, new_tokens, lr, bucket_bytes, sequence_parallel=sequence_parallel)[0]
+                     prompts, new_tokens, lr, bucket_bytes, colocate, sequence_parallel=sequence_parallel)[0]

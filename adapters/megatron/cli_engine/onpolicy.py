@@ -8,6 +8,10 @@ running sglang engine, which TP rank 0 drives through its handle. Each iteration
    reward 1), through Megatron's forward_backward_func and optimizer;
 4. refit: the new weights into the engine in memory (``sp_core_megatron.refit``), weight version = iteration.
 
+With ``colocate``, the engine's memory is released (sglang's ``release_memory_occupation``) between 1 and 3 and
+resumed around 4 (``sp_core_sglang.colocate``: weights, refit, then KV cache and CUDA graphs).
+A refused refit stops the loop (``stopped``: one line): with ``colocate`` the engine then holds no valid weights.
+
 Before the first iteration a refit to version 0 makes the engine serve exactly the trainer's weights (whatever
 it was started from); after the last iteration one more sample-and-score checks the last refit. Rank 0
 returns the rows.
@@ -77,10 +81,11 @@ def _compare(served, trained):
 
 
 def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, steps, prompts, new_tokens, lr,
-         bucket_bytes):
+         bucket_bytes, colocate=False):
     from sp_core_megatron.cli_engine import cpu_training, training
     from sp_core_megatron.cli_engine.engine import build_model, clip_grad_default
     from sp_core_megatron.refit import core_model, refit
+    from sp_core_sglang import colocate as colocation
 
     cpu_training.enable()
     model = build_model(model_dir, tp, sequence_parallel, torch.float32, moe_parallel, deterministic)
@@ -90,8 +95,8 @@ def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, 
     lengths = [len(p) for p in prompts]
     start = refit(model, engine, "0", bucket_bytes)
     if not start.success:
-        raise RuntimeError(start.message)
-    rows, checks = [], []
+        return {"rows": [], "after_last_refit": None, "stopped": f"the refit to version 0 was refused: {start.message}"}
+    rows, checks, stopped = [], [], ""
     for it in range(steps + 1):
         sample = sample_and_score(engine, prompts, new_tokens) if first else None
         sequences, served, version = collectives.broadcast_object(parallel, sample)
@@ -100,11 +105,20 @@ def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, 
         checks.append({"weight_version": version, "max_abs_delta": delta, "bitwise": bitwise})
         if it == steps:
             break
+        if colocate and first:
+            colocation.release(engine)
         model.train()
         loss = train_step(ddp, optimizer, sequences, lengths)
+        if colocate and first:
+            colocation.resume_weights(engine)
         result = refit(model, engine, str(it + 1), bucket_bytes)
         if not result.success:
-            raise RuntimeError(result.message)
+            stopped = (f"iteration {it + 1}: the refit was refused ({result.message}); "
+                       + ("the engine's weights were released before it, so it holds no valid weights" if colocate
+                          else f"the engine still serves version {version}"))
+            break
+        if colocate and first:
+            colocation.resume_cache(engine)
         per_rank = collectives.gather_objects_to_first(parallel, (result.bytes_moved, result.full_tensors,
                                                                   result.seconds, result.buckets, result.peak_bytes))
         if first:
@@ -122,4 +136,4 @@ def rank(model_dir, engine, tp, sequence_parallel, moe_parallel, deterministic, 
         return None
     for row, after in zip(rows, checks[1:]):
         row["version_advanced"] = after["weight_version"] == row["refit_version"]
-    return {"rows": rows, "after_last_refit": checks[-1]}
+    return {"rows": rows, "after_last_refit": None if stopped else checks[-1], "stopped": stopped}

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from sp_core import settings
 from sp_core.app import interrupts
@@ -46,8 +46,9 @@ class EngineProcessDied(RuntimeError):
 
 
 class RemoteEngine:
-    """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)``, ``collective_rpc(method, **kwargs)``
-    and ``shutdown()`` as sglang's; ``refit(payloads, weight_version)`` as ``sp_core_sglang.refit.apply``."""
+    """An ``sglang.Engine`` in the engine host: ``generate(**kwargs)``, ``collective_rpc(method, **kwargs)``,
+    ``release_memory_occupation(tags)``, ``resume_memory_occupation(tags)`` and ``shutdown()`` as sglang's;
+    ``refit(payloads, weight_version)`` as ``sp_core_sglang.refit.apply``."""
 
     def __init__(self, host, engine_id: int):
         self._host, self._id = host, engine_id
@@ -65,6 +66,12 @@ class RemoteEngine:
         """Load one refit (one payload per server TP rank, ``sp_core_sglang.refit``) into the engine."""
         return self._host.request("refit", self._id, payloads, weight_version, flush_cache)
 
+    def release_memory_occupation(self, tags: Optional[List[str]] = None) -> None:
+        self.call(_release_memory, tags)
+
+    def resume_memory_occupation(self, tags: Optional[List[str]] = None) -> None:
+        self.call(_resume_memory, tags)
+
     def call(self, fn: Callable, *args) -> Any:
         """``fn(engine, *args)`` in the engine host, with this handle's ``sglang.Engine``."""
         return self._host.request("engine_call", self._id, fn, args)
@@ -74,6 +81,14 @@ class RemoteEngine:
             engine_id, self._id = self._id, None
             if not self._host.aborted:  # an aborted host took its engines along
                 self._host.request("shutdown", engine_id)
+
+
+def _release_memory(engine, tags):
+    engine.release_memory_occupation(tags=tags)
+
+
+def _resume_memory(engine, tags):
+    engine.resume_memory_occupation(tags=tags)
 
 
 def _attach(address: str, authkey: bytes, engine_id: int) -> RemoteEngine:
