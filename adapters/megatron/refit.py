@@ -187,8 +187,9 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
     """``refit``'s transport for any (name, tensor) list of this rank: the buckets planned alike on every rank
     (``plan_buckets``), the payload descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)``
     called there (default: ``engine.refit``); its answer broadcast. One bucket per rank: written before the call
-    and kept until it returns. More: streamed during the call, twice (``sp_core.procs.refit_stream``), at most two
-    buckets at once. Collective over ``parallel``'s group. ``layout`` (``layout(model)``) lets a server of another
+    and kept until it returns. More: streamed during the call, twice, by a writer thread while TP rank 0 calls the
+    engine in its own (``sp_core.procs.refit_stream``), at most two buckets at once; a rank whose writing failed
+    raises its error once every rank has the engine's answer. Collective over ``parallel``'s group. ``layout`` (``layout(model)``) lets a server of another
     tp reshard the payloads."""
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise ModelError(f"refit: bucket_bytes {bucket_bytes!r}; expected a positive number of bytes")
@@ -206,13 +207,14 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
             shared_memory.write_bucket(tensors, payload, 0, payload["files"][0][0])
         payloads = collectives.gather_objects_to_first(parallel, payload)
         call = (lambda: load(engine, payloads, str(weight_version))) if parallel.rank == 0 else None
-        if buckets == 1:
-            answer = refit_stream.answered(call) if call else None
-        else:
-            beside = refit_stream.Beside(call, payloads) if call else None
-            refit_stream.produce(tensors, payload)
-            answer = beside.answer() if beside else None
+        writer = refit_stream.Writer(tensors, payload) if buckets > 1 else None
+        answer = refit_stream.answered(call) if call else None
+        if call and writer:
+            refit_stream.stop(payloads, "the engine call returned")
+        failed = writer.join() if writer else None  # a rank that could not write learns the answer, then raises
         result = collectives.broadcast_object(parallel, answer)
+        if failed is not None:
+            raise failed
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         _forget(directory)

@@ -7,7 +7,7 @@ keeping at most two: after writing one it waits for the engine's acknowledgement
 (``ack_path``, written once every server rank has dropped its mapping of that bucket) and removes it. Server
 ranks wait for each bucket at most ``timeout`` seconds. Either side ends the stream early with ``stop_path``:
 the server when it refuses or gives up, the trainer's rank 0 when the engine call returns or fails; the trainer
-ranks then stop writing. Files, not sockets: both sides only poll paths, so a side that dies leaves the other a
+ranks then stop writing (each in a ``Writer`` thread, while rank 0 calls the engine). Files, not sockets: both sides only poll paths, so a side that dies leaves the other a
 timeout, never a blocked read."""
 from __future__ import annotations
 
@@ -93,25 +93,25 @@ def answered(call: Callable[[], dict]) -> dict:
         return {"success": False, "message": f"refit: the engine call failed ({type(err).__name__}: {text})"}
 
 
-class Beside:
-    """``call()`` (``answered``) in a thread beside this rank's ``produce`` (TP rank 0 calls the engine while it
-    writes); when it returns, the stream is stopped for every trainer rank (``payloads``: theirs)."""
+class Writer:
+    """``produce`` in a thread, beside the engine call that TP rank 0 makes in its own thread (an ``sglang.Engine``
+    in the trainer's process runs its event loop there); ``join`` returns the error it ended with, if any."""
 
-    def __init__(self, call: Callable[[], dict], payloads: List[dict]):
-        self._call, self._payloads = call, payloads
-        self._answer: Optional[dict] = None
-        self._thread = threading.Thread(target=self._run, name="sp-core-refit-engine-call", daemon=True)
+    def __init__(self, tensors: List[Tuple[str, torch.Tensor]], payload: dict):
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, args=(tensors, payload), name="sp-core-refit-writer",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, tensors, payload) -> None:
         try:
-            self._answer = answered(self._call)
-        finally:
-            stop(self._payloads, "the engine call returned")
+            produce(tensors, payload)
+        except BaseException as err:  # noqa: BLE001 - raised by the caller once every rank has the answer
+            self._error = err
 
-    def answer(self) -> dict:
+    def join(self) -> Optional[BaseException]:
         self._thread.join()
-        return self._answer
+        return self._error
 
 
 # -- server side -----------------------------------------------------------------------------------------------
