@@ -3,8 +3,9 @@ trainer rank's shared-memory payload by ``sp_core_sglang.refit.stage_model`` + `
 the core's Hugging Face loader gives that rank (the independent reference), bit for bit: tp 2 -> 1 and tp 1 -> 2,
 Qwen3 (one KV head: rows replicated at tp 2) and DeepSeek-V3 (MLA, TP-sharded experts); DeepSeek-V3 with experts
 held whole per rank (``ep``) at another tp and across MoE modes (tp 2 ep -> tp 1, tp 1 -> tp 2 ep, tp 2 tp <-> tp 2
-ep). Streamed (several buckets, two passes): tp 2 -> 1 for Qwen3 and DeepSeek-V3 ep -> tp. No sglang engine: the
-server side's planning and copying run in the ranks; one 2-rank launch for every case."""
+ep). Streamed (several buckets, two passes): tp 2 -> 1 for Qwen3 and DeepSeek-V3 ep -> tp, and a trainer rank that
+cannot write. No sglang engine: the server side's planning and copying run in the ranks; one 2-rank launch for every
+case."""
 import os
 
 import pytest
@@ -120,7 +121,36 @@ def _rank(root):
                       load=_stream_into(server) if server is not None else None, layout=layout(trainer))
         out[f"{_case_name(case)} streamed"] = (result.success, result.message, result.buckets, result.passes,
                                                _mismatches(server, reference) if server is not None else None)
+    out["write failed"] = _failing_writer(wide, one, os.path.join(root, "qwen3"))
     return out
+
+
+def _failing_writer(wide, one, model_dir):
+    """Trainer rank 1 cannot write its bucket 1 (disk full): the server gives up after its timeout, rank 0 returns
+    the refusal, rank 1 raises its own error -- after the answer, so no rank waits for the other."""
+    from sp_core.app.runtime import load_model
+    from sp_core.procs import shared_memory
+    from sp_core_megatron.refit import layout, local_tensors, send
+
+    trainer = load_model(model_dir, parallel=wide)
+    server = load_model(model_dir, parallel=one) if wide.rank == 0 else None
+    original = shared_memory.write_bucket
+
+    def write(tensors, payload, index, path):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        original(tensors, payload, index, path)
+
+    if wide.rank == 1:
+        shared_memory.write_bucket = write
+    try:
+        result = send(wide, local_tensors(trainer), None, "v", bucket_bytes=STREAM_BUCKET, timeout=0.5,
+                      load=_stream_into(server) if server is not None else None, layout=layout(trainer))
+        return ("returned", result.success, result.message)
+    except OSError as err:
+        return ("raised", str(err))
+    finally:
+        shared_memory.write_bucket = original
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +191,9 @@ def test_streamed_reshard_fills_every_parameter_exactly(result, case):
     assert buckets >= 4 and passes == 2
     assert mismatches == []
     assert result[1][f"{_case_name(case)} streamed"][:4] == (success, message, buckets, passes)
+
+
+def test_a_trainer_rank_that_cannot_write_stops_the_refit(result):
+    assert result[0]["write failed"] == ("returned", False, "refit refused by server rank 0: trainer rank 1 wrote no "
+                                                            "bucket 1 of pass 1 within 0.5 s")
+    assert result[1]["write failed"] == ("raised", "[Errno 28] No space left on device")
