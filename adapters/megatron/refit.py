@@ -130,13 +130,16 @@ def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
     return sum(1 for name, tensor in tensors if tensor.numel() > params[name].numel())
 
 
-def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> RefitResult:
+def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+          transport: Optional[str] = None) -> RefitResult:
     """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` started with the adapter in
     this process, or the ``RemoteEngine`` handle of one in sp-core's engine host; the other ranks' argument is
     not used) as ``weight_version``. Collective over
-    the model's TP group; every rank returns the same success and message, and its own byte count."""
+    the model's TP group; every rank returns the same success and message, and its own byte count.
+    ``transport``: ``send``'s (by default CUDA IPC for parameters on GPUs, shared memory for parameters on CPU)."""
     tensors = local_tensors(model)
-    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model))
+    result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model),
+                  transport=transport)
     result.full_tensors = _full_tensor_count(model, tensors)
     return result
 
@@ -152,11 +155,18 @@ def _load(engine, payloads, weight_version):
 
 
 def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_version,
-         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None) -> RefitResult:
+         bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None,
+         transport: Optional[str] = None) -> RefitResult:
     """``refit``'s transport for any (name, tensor) list of this rank: written to shared memory, the
     descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)`` called there (default:
     ``engine.refit``) while the buckets exist; its answer broadcast. Collective over ``parallel``'s group.
-    ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads."""
+    ``layout`` (``layout(model)``) lets a server of another tp reshard the payloads. ``transport``: "cuda_ipc"
+    (handles of the tensors themselves, nothing copied: ``sp_core_megatron.refit_cuda_ipc``) or "shm"; default:
+    by the tensors' device (GPU: cuda_ipc, CPU: shm)."""
+    if _transport(tensors, transport) == "cuda_ipc":
+        from sp_core_megatron.refit_cuda_ipc import send_handles
+
+        return send_handles(parallel, tensors, engine, weight_version, load, layout)
     start = time.perf_counter()
     directory = os.path.join(shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
     _remove_on_abort(directory)
@@ -173,6 +183,21 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
                        seconds=time.perf_counter() - start,
                        bytes_moved=sum(t.numel() * t.element_size() for _, t in tensors), full_tensors=0,
                        buckets=len(payload["files"]), answer=result)
+
+
+def _transport(tensors, transport: Optional[str]) -> str:
+    from sp_core.procs.refit_transport import KINDS, kind_for
+
+    if transport is None:
+        try:
+            return kind_for(tensors)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+    if transport not in KINDS:
+        raise ModelError(f"refit: transport {transport!r}; accepted: {', '.join(map(repr, KINDS))}")
+    if transport != "shm" and any(t.device.type == "cpu" for _, t in tensors):
+        raise ModelError(f"refit: transport {transport!r} shares GPU tensors; these are on the CPU (use 'shm')")
+    return transport
 
 
 def _remove_on_abort(path: str) -> None:

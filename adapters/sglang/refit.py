@@ -36,7 +36,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from sp_core.procs.shared_memory import PayloadError, map_payload
+from sp_core.procs.cuda_ipc import KIND as CUDA_IPC
+from sp_core.procs.refit_transport import finish_reading, kind_of, map_payload, release
+from sp_core.procs.shared_memory import PayloadError
 
 REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
 STAGE = "sp_core_refit_stage"
@@ -76,32 +78,59 @@ def _some(names: List[str]) -> str:
 # -- in each TP worker -----------------------------------------------------------------------------------------
 
 def stage(scheduler, token: int, payloads: List[dict]) -> None:
-    """The ``STAGE`` RPC: map and check this rank's part of the payloads, agree with the other ranks, keep the
-    copies to make. One payload per rank from a trainer of the same MoE mode: this rank's (matched layout);
-    another count or MoE mode: every trainer rank's, resharded (``reshard_plan``)."""
+    """The ``STAGE`` RPC: ``stage_model`` on this TP worker's model, the verdicts exchanged over sglang's TP CPU
+    group."""
     from sp_core.mpu import collectives
 
     group = scheduler.tp_group
-    model = scheduler.tp_worker.model_runner.model
+    stage_model(scheduler.tp_worker.model_runner.model, token, payloads, group.rank_in_group, group.world_size,
+                agree=lambda problem: collectives.all_gather_objects_over(group.cpu_group, problem))
+
+
+def stage_model(model, token: int, payloads: List[dict], rank: int = 0, world_size: int = 1, agree=None) -> None:
+    """Map and check server rank ``rank``'s part of the payloads (either transport), agree with the other ranks
+    (``agree(problem)``: every rank's problem, in rank order; one rank needs none), keep the copies for
+    ``commit(model, token)``; ``RefitRefused`` (one line) if any rank refuses, with nothing kept. One payload per
+    rank from a trainer of the same MoE mode: this rank's (matched layout); another count or MoE mode: every
+    trainer rank's, resharded (``reshard_plan``). No sglang object is needed: the sglang worker's RPC (``stage``)
+    and a plain process holding the core's model run this same code."""
     model._sp_core_refit = None
-    params = dict(model.named_parameters())
-    copies, problem = None, ""
-    try:
-        if _matched(payloads, group.world_size, model):
-            views = map_payload(payloads[group.rank_in_group])
-            problem = check_payload(params, views)
-            copies = [(name, None, None, 0, 0, view, 0) for name, view in views]
-        else:
-            copies = reshard_plan(params, payloads, group.world_size)
-    except (RefitRefused, PayloadError) as err:
-        problem = str(err)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-        problem = f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-    verdicts = collectives.all_gather_objects_over(group.cpu_group, problem)
-    first = next(((rank, v) for rank, v in enumerate(verdicts) if v), None)
+    copies, problem = _plan(model, payloads, rank, world_size)
+    verdicts = agree(problem) if agree is not None else [problem]
+    first = next(((r, v) for r, v in enumerate(verdicts) if v), None)
     if first is not None:
+        copies = None  # drop the mappings now (CUDA IPC: the trainer may free its memory)
         raise RefitRefused(f"refit refused by server rank {first[0]}: {first[1]}")
     model._sp_core_refit = (token, copies)
+
+
+def refit_model(model, payloads: List[dict], rank: int = 0, world_size: int = 1, agree=None) -> None:
+    """``stage_model`` then ``commit``: a whole refit of ``model`` in this process, all or nothing."""
+    token = secrets.randbits(62)
+    stage_model(model, token, payloads, rank, world_size, agree)
+    commit(model, token)
+
+
+def _plan(model, payloads: List[dict], rank: int, world_size: int) -> Tuple[list, str]:
+    """(copies, "") or (None, the first problem as one line)."""
+    params = dict(model.named_parameters())
+    try:
+        if _matched(payloads, world_size, model):
+            views = map_payload(payloads[rank])
+            problem = check_payload(params, views)
+            return (None if problem else [(name, None, None, 0, 0, view, 0) for name, view in views]), problem
+        if any(kind_of(p) == CUDA_IPC for p in payloads):
+            for at, payload in enumerate(payloads):
+                if at % world_size == rank:
+                    release(payload)
+            raise RefitRefused(f"a reshard (trainer tp {payloads[0].get('layout', {}).get('tp')} or MoE mode to server "
+                               f"tp {world_size}) reads every trainer rank's payload on every server rank; CUDA IPC "
+                               f"handles have one reader each: refit with transport='shm'")
+        return reshard_plan(params, payloads, world_size), ""
+    except (RefitRefused, PayloadError) as err:
+        return None, str(err)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        return None, f"unreadable payload ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
 def _matched(payloads: List[dict], server_tp: int, model) -> bool:
@@ -212,6 +241,7 @@ def commit(model, token: int) -> None:
             target.copy_(view)
         else:
             target.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
+    finish_reading([copy[5] for copy in staged[1]])  # CUDA IPC: the trainer may change its tensors once answered
 
 
 # -- in the process that holds the sglang.Engine ---------------------------------------------------------------
