@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
     parser.add_argument("--repeats", type=int, default=5, help="refits per in-memory transport (median)")
     parser.add_argument("--disk-repeats", type=int, default=3, help="export + load rounds (0: skip the disk path)")
-    parser.add_argument("--disk-dir", default="refit-disk", help="where the checkpoints are written (not /dev/shm)")
+    parser.add_argument("--disk-dir", default="out/refit-disk", help="where the checkpoints are written (not /dev/shm)")
     parser.add_argument("--out", default="out/refit_gpu")
     args = parser.parse_args()
     log = tee_log(args.out)
