@@ -152,9 +152,13 @@ def _serve(address, authkey, model, dtype, ready) -> None:
                     return
                 if request[0] == "refit":
                     start = time.perf_counter()
-                    try:
-                        refit.refit_model(model, request[1])
-                        answer = {"success": True, "message": ""}
+                    token = secrets.randbits(62)
+                    try:  # refit_model's two steps, timed apart
+                        refit.stage_model(model, token, request[1])
+                        staged = time.perf_counter()
+                        refit.commit(model, token)
+                        answer = {"success": True, "message": "", "stage_seconds": staged - start,
+                                  "commit_seconds": time.perf_counter() - staged}
                     except refit.RefitRefused as err:
                         answer = {"success": False, "message": str(err)}
                     conn.send(("ok", dict(answer, seconds=time.perf_counter() - start)))
@@ -197,9 +201,12 @@ def _ipc_or_shm(trainer, server, transport, repeats, log):
         before = platform.max_memory_allocated()  # = allocated now
         result = _send(trainer, server, f"{transport}-{i}", transport)
         rows.append({"seconds": result.seconds, "server_seconds": result.answer.get("seconds"),
+                     "server_stage_seconds": result.answer.get("stage_seconds"),
+                     "server_commit_seconds": result.answer.get("commit_seconds"),
                      "bytes": result.bytes_moved, "handles_or_buckets": result.buckets,
                      "trainer_peak_growth": platform.max_memory_allocated() - before})
-        log(f"{transport} {i}: {result.seconds:.3f} s (server {rows[-1]['server_seconds']:.3f} s)")
+        log(f"{transport} {i}: {result.seconds:.3f} s (server {rows[-1]['server_seconds']:.3f} s: map + check "
+            f"{rows[-1]['server_stage_seconds']:.3f} s, copy {rows[-1]['server_commit_seconds']:.3f} s)")
     return rows
 
 
@@ -275,15 +282,25 @@ def markdown(results: dict) -> str:
     lines = [f"{results['device']}, {results['date']}: `{results['command']}`", "",
              f"{results['layers']} layers, {results['bytes'] / 1e9:.2f} GB of bf16 parameters ({results['tensors']} "
              f"tensors), tp 1, trainer and server on the same GPU", "",
-             "| transport | median seconds | GB/s | repeats | server equal to the trainer (bitwise) |",
-             "|---|---|---|---|---|"]
+             "| transport | median seconds | GB/s | repeats | server equal to the trainer (bitwise) | of which (medians) |",
+             "|---|---|---|---|---|---|"]
     for m in results["methods"]:
         if "skipped" in m:
-            lines.append(f"| {m['method']} | skipped: {m['skipped']} | | | |")
+            lines.append(f"| {m['method']} | skipped: {m['skipped']} | | | | |")
         else:
             lines.append(f"| {m['method']} | {m['median_seconds']:.3f} | {m['gb_per_s']:.1f} | {m['repeats']} | "
-                         f"{'yes' if m.get('bitwise') else 'NO'} |")
+                         f"{'yes' if m.get('bitwise') else 'NO'} | {_parts(m['rows'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _parts(rows) -> str:
+    def median(key):
+        return statistics.median(r[key] for r in rows)
+
+    if "export_seconds" in rows[0]:
+        return f"export {median('export_seconds'):.3f} s, load {median('load_seconds'):.3f} s"
+    return (f"server: map + check {median('server_stage_seconds'):.3f} s, copy {median('server_commit_seconds'):.3f} s; "
+            f"trainer's device memory grew by {max(r['trainer_peak_growth'] for r in rows)} B")
 
 
 def main() -> None:

@@ -3,14 +3,20 @@ and distributed optimizer: its parameters are views of one buffer) takes one opt
 process that holds the core's model (``benchmarks.refit_gpu.CoreServer``: the sglang adapter's own server-side code,
 ``sp_core_sglang.refit.refit_model``, without sglang, which cannot run on the GPU machines). The reference for the
 served weights and logits is the trainer's own (another process); for a refused refit, what the server served
-before it. Skipped without CUDA."""
+before it. Skipped without CUDA.
+
+The trainer runs in a process of its own started with ``spawn`` (NCCL, one rank), not through
+``sp_core.procs.launch``: on the GPU machines the launcher's fork server preloads megatron-core, whose import
+calls ``torch.cuda.is_available()`` (megatron/core/dist_checkpointing/strategies/torch.py, module level), and a
+rank forked from it cannot initialise CUDA ("Cannot re-initialize CUDA in forked subprocess")."""
 import importlib.util
+import os
+import traceback
 
 import pytest
 import torch
 
 from sp_core.app.tiny import make_checkpoint
-from support.multirank import run_ranks
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU"),
@@ -81,15 +87,45 @@ def _rank(model_dir, server):
     return out
 
 
+def _trainer(store: str, model_dir: str, server, conn) -> None:
+    """One Megatron rank (NCCL, world 1), as sp_core.procs.launch starts one: device, process group, mpu."""
+    try:
+        import torch.distributed as dist
+
+        from sp_core import mpu
+        from sp_core.mpu import platform
+
+        platform.set_device(0)
+        dist.init_process_group(platform.backend(), init_method=f"file://{store}", rank=0, world_size=1)
+        mpu.initialize(1, sequence_parallel=False)
+        conn.send(("ok", _rank(model_dir, server)))
+    except BaseException:  # noqa: BLE001 - the test reports it
+        conn.send(("error", traceback.format_exc()))
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    import multiprocessing as mp
+
     from benchmarks.refit_gpu import CoreServer
 
-    model_dir = make_checkpoint("qwen3", str(tmp_path_factory.mktemp("refit_cuda_ipc") / "qwen3"))
+    root = tmp_path_factory.mktemp("refit_cuda_ipc")
+    model_dir = make_checkpoint("qwen3", str(root / "qwen3"))
     server = CoreServer.start(model_dir, torch.float32)
+    ctx = mp.get_context("spawn")
+    answer, child_end = ctx.Pipe(duplex=False)
+    trainer = ctx.Process(target=_trainer, args=(os.path.join(root, "store"), model_dir, server, child_end), daemon=True)
     try:
-        yield run_ranks(1, _rank, model_dir, server, sequence_parallel=False)[0]
+        trainer.start()
+        child_end.close()
+        assert answer.poll(400), "the trainer did not answer in 400 s"
+        status, value = answer.recv()
+        assert status == "ok", value
+        yield value
     finally:
+        trainer.join(30)
+        if trainer.is_alive():
+            trainer.kill()
         server.stop()
 
 
