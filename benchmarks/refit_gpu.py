@@ -235,7 +235,8 @@ def _summary(name, rows, nbytes):
             "rows": rows}
 
 
-def measure(layers: int, shape: str, repeats: int, disk_repeats: int, disk_root: str, log) -> dict:
+def measure(layers: int, shape: str, repeats: int, disk_repeats: int, disk_root: str, log,
+            transports=("cuda_ipc", "shm", "disk")) -> dict:
     from benchmarks.common import device_name
     from sp_core.mpu import platform
 
@@ -246,14 +247,16 @@ def measure(layers: int, shape: str, repeats: int, disk_repeats: int, disk_root:
     results = {"layers": layers, "shape": shape, "bytes": nbytes, "tensors": len(list(trainer.parameters())),
                "methods": []}
     try:
-        if platform.device_type() == "cuda":
+        if platform.device_type() == "cuda" and "cuda_ipc" in transports:
             reference = fingerprints(trainer)
             rows = _ipc_or_shm(trainer, server, "cuda_ipc", repeats, log)
             results["methods"].append(dict(_summary("cuda_ipc", rows, nbytes), bitwise=server.checksums() == reference))
         shm = shutil.disk_usage("/dev/shm") if os.path.isdir("/dev/shm") else None
         results["dev_shm"] = {"total": shm.total, "free": shm.free} if shm else None
         log(f"/dev/shm: {results['dev_shm']}")
-        if shm is not None and shm.free > nbytes * 1.05:
+        if "shm" not in transports:
+            pass
+        elif shm is not None and shm.free > nbytes * 1.05:
             with torch.no_grad():  # new weights, so that the server's copy must change again
                 for p in trainer.parameters():
                     p.neg_()
@@ -262,7 +265,7 @@ def measure(layers: int, shape: str, repeats: int, disk_repeats: int, disk_root:
         else:
             results["methods"].append({"method": "shm", "skipped": f"/dev/shm has {shm and shm.free} bytes free, "
                                                                      f"the refit needs {nbytes}"})
-        if disk_repeats:
+        if disk_repeats and "disk" in transports:
             with torch.no_grad():
                 for p in trainer.parameters():
                     p.neg_()
@@ -310,10 +313,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="refits per in-memory transport (median)")
     parser.add_argument("--disk-repeats", type=int, default=3, help="export + load rounds (0: skip the disk path)")
     parser.add_argument("--disk-dir", default="out/refit-disk", help="where the checkpoints are written (not /dev/shm)")
+    parser.add_argument("--transports", default="cuda_ipc,shm,disk", help="a comma-separated subset")
     parser.add_argument("--out", default="out/refit_gpu")
     args = parser.parse_args()
     log = tee_log(args.out)
-    results = dict(header(), **measure(args.layers, args.shape, args.repeats, args.disk_repeats, args.disk_dir, log))
+    results = dict(header(), **measure(args.layers, args.shape, args.repeats, args.disk_repeats, args.disk_dir, log,
+                                          tuple(args.transports.split(","))))
     save_results(args.out, results, markdown(results), name="refit_gpu")
     print(markdown(results))
 
