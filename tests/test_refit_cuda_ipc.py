@@ -62,8 +62,18 @@ def _rank(model_dir, server):
     out["memory"] = (before, torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated())
     out["r1"] = vars(r1)
     out["own_bytes"] = sum(p.numel() * p.element_size() for p in core.parameters())
+    # the reference: the trainer's weights copied, in this process, into the core's model built as the server's
+    # (one rank, the core's own packed forward: the same code on the same GPU)
+    from sp_core import mpu
+    from sp_core.app.runtime import load_model
+
+    reference = load_model(model_dir, dtype=torch.float32, parallel=mpu.single_rank())
+    trained = dict(core.named_parameters())
     with torch.no_grad():
-        out["trainer_v1"] = [x.numpy() for x in prompt_logprobs(core, PROMPTS)]
+        for name, p in reference.named_parameters():
+            p.copy_(trained[name])
+        out["trainer_v1"] = [x.numpy() for x in prompt_logprobs(reference, PROMPTS)]
+    del reference
     out["served_v1"] = server.logprobs(PROMPTS)
     served = server.parameters()
     out["params_differ"] = [n for n, p in core.named_parameters()
