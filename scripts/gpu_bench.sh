@@ -102,9 +102,15 @@ ABOUT[megatron-distopt]="check: the distributed optimizer's checkpoint saved at 
 SUITES[megatron-distopt]='
 megatron_distopt 300 env OUT="$OUT/megatron_distopt" bash scripts/megatron_pretrain_gpu.sh distopt'
 
+ABOUT[refit]="the refit's GPU transport (one GPU): tests/test_refit_cuda_ipc.py, then a Qwen3-8B-shaped refit by CUDA IPC, /dev/shm and disk"
+SUITES[refit]='
+refit_tests 180 python3 -m pytest tests/test_refit_cuda_ipc.py tests/test_refit_transport.py -v -rs -p no:cacheprovider
+refit_space 10 df -h /dev/shm /tmp .
+refit_bench 400 python3 -m benchmarks.refit_gpu --out "$OUT/refit_gpu"'
+
 ORDER=(tp-vs-sp megatron host-overhead collectives nccl-setting before async-tp-table async-tp async-tp-confirm
        deepseek-async-tp deepseek deterministic batch-invariant check-fused check-deepseek-dp megatron-pretrain
-       megatron-equality megatron-distopt)
+       megatron-equality megatron-distopt refit)
 
 # -- helpers that suites call ("@ NAME") --------------------------------------------------------------
 

@@ -25,7 +25,8 @@ def test_torch_distributed_only_in_mpu():
 # platform picks the device, kernels/lookup the fused kernel per device; sp_core_megatron.cli_engine.cpu_training
 # exists to redirect megatron-core's own CUDA calls on a CPU machine: it has to name what it redirects.
 CUDA_ALLOWED = ("sp_core/mpu/platform.py", "sp_core/kernels/lookup.py", "adapters/megatron/cli_engine/cpu_training.py",
-                "sp_core/settings.py")  # settings.py: the values SP_CORE_DEVICE accepts
+                "sp_core/settings.py",  # settings.py: the values SP_CORE_DEVICE accepts
+                "sp_core/procs/cuda_ipc.py")  # the refit's CUDA IPC transport: CUDA's own mechanism, nothing else has it
 
 
 def test_cuda_named_only_in_platform():

@@ -139,15 +139,16 @@ def _full_tensor_count(model, tensors: List[Tuple[str, torch.Tensor]]) -> int:
 
 
 def refit(model, engine, weight_version, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-          timeout: float = DEFAULT_TIMEOUT) -> RefitResult:
+          timeout: float = DEFAULT_TIMEOUT, transport: Optional[str] = None) -> RefitResult:
     """Load this model's weights into ``engine`` (on TP rank 0: an ``sglang.Engine`` started with the adapter in
     this process, or the ``RemoteEngine`` handle of one in sp-core's engine host; the other ranks' argument is
     not used) as ``weight_version``. Collective over the model's TP group; every rank returns the same success and
     message, and its own byte count. ``bucket_bytes``: the most shared memory one bucket holds (a rank holds at
-    most two at once, module docstring); ``timeout``: the seconds the engine waits for one streamed bucket."""
+    most two at once, module docstring); ``timeout``: the seconds the engine waits for one streamed bucket;
+    ``transport``: ``send``'s (by default CUDA IPC for parameters on GPUs, shared memory for parameters on CPU)."""
     tensors = local_tensors(model)
     result = send(parallel_of(model), tensors, engine, weight_version, bucket_bytes, layout=layout(model),
-                  timeout=timeout)
+                  timeout=timeout, transport=transport)
     result.full_tensors = _full_tensor_count(model, tensors)
     return result
 
@@ -183,14 +184,20 @@ def plan_buckets(parallel, tensors: List[Tuple[str, torch.Tensor]], bucket_bytes
 
 def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_version,
          bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None,
-         timeout: float = DEFAULT_TIMEOUT) -> RefitResult:
-    """``refit``'s transport for any (name, tensor) list of this rank: the buckets planned alike on every rank
+         timeout: float = DEFAULT_TIMEOUT, transport: Optional[str] = None) -> RefitResult:
+    """``refit``'s transport for any (name, tensor) list of this rank. ``transport``: "cuda_ipc" (handles of the
+    tensors themselves, nothing copied: ``sp_core_megatron.refit_cuda_ipc``) or "shm"; default: by the tensors'
+    device (GPU: cuda_ipc, CPU: shm). Shared memory: the buckets planned alike on every rank
     (``plan_buckets``), the payload descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)``
     called there (default: ``engine.refit``); its answer broadcast. One bucket per rank: written before the call
     and kept until it returns. More: streamed during the call, twice, by a writer thread while TP rank 0 calls the
     engine in its own (``sp_core.procs.refit_stream``), at most two buckets at once; a rank whose writing failed
-    raises its error once every rank has the engine's answer. Collective over ``parallel``'s group. ``layout`` (``layout(model)``) lets a server of another
-    tp reshard the payloads."""
+    raises its error once every rank has the engine's answer. Collective over ``parallel``'s group. ``layout``
+    (``layout(model)``) lets a server of another tp reshard the payloads."""
+    if _transport(tensors, transport) == "cuda_ipc":
+        from sp_core_megatron.refit_cuda_ipc import send_handles
+
+        return send_handles(parallel, tensors, engine, weight_version, load, layout)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise ModelError(f"refit: bucket_bytes {bucket_bytes!r}; expected a positive number of bytes")
     start = time.perf_counter()
@@ -224,6 +231,21 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
                        seconds=time.perf_counter() - start,
                        bytes_moved=sum(nbytes_of(t) for _, t in tensors), full_tensors=0,
                        buckets=buckets, passes=1 if buckets == 1 else 2, peak_bytes=held, answer=result)
+
+
+def _transport(tensors, transport: Optional[str]) -> str:
+    from sp_core.procs.refit_transport import KINDS, kind_for
+
+    if transport is None:
+        try:
+            return kind_for(tensors)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+    if transport not in KINDS:
+        raise ModelError(f"refit: transport {transport!r}; accepted: {', '.join(map(repr, KINDS))}")
+    if transport != "shm" and any(t.device.type == "cpu" for _, t in tensors):
+        raise ModelError(f"refit: transport {transport!r} shares GPU tensors; these are on the CPU (use 'shm')")
+    return transport
 
 
 def _remove_on_abort(path: str) -> None:

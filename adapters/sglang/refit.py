@@ -53,8 +53,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from sp_core.mpu import collectives
-from sp_core.procs import refit_stream
-from sp_core.procs.shared_memory import PayloadError, described, map_bucket
+from sp_core.procs import refit_stream, refit_transport
+from sp_core.procs.cuda_ipc import KIND as CUDA_IPC
+from sp_core.procs.refit_transport import finish_reading
+from sp_core.procs.shared_memory import PayloadError
 
 REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
 STAGE = "sp_core_refit_stage"
@@ -104,7 +106,7 @@ def stage(scheduler, token: int, payloads: List[dict]) -> None:
                 group.cpu_group)
 
 
-def stage_model(model, token: int, payloads: List[dict], rank: int, size: int, group=None) -> None:
+def stage_model(model, token: int, payloads: List[dict], rank: int = 0, size: int = 1, group=None) -> None:
     """Pass 1 on server rank ``rank`` of ``size`` (``group``: their CPU process group, None for one rank): plan the
     copies from the payloads' descriptions, read every value once and check it, agree with the other ranks; keep
     the plan for ``commit``. One payload per rank from a trainer of the same MoE mode: this rank's (matched
@@ -116,7 +118,12 @@ def stage_model(model, token: int, payloads: List[dict], rank: int, size: int, g
     problem, copies = "", []
     try:
         refit.read_descriptions()
-        if _matched(payloads, size, model):
+        matched = _matched(payloads, size, model)
+        if not matched and any(refit_transport.kind_of(p) == CUDA_IPC for p in payloads):
+            raise RefitRefused(f"a reshard (to server tp {size} or another MoE mode) reads every trainer rank's "
+                               f"payload on every server rank; CUDA IPC handles have one reader each: refit with "
+                               f"transport='shm'")
+        if matched:
             problem = check_payload(params, refit.entries[rank])
             copies = [] if problem else [(name, None, None, 0, 0, (rank, at, None), 0)
                                          for at, (name, *_) in enumerate(refit.entries[rank])]
@@ -126,9 +133,13 @@ def stage_model(model, token: int, payloads: List[dict], rank: int, size: int, g
         problem = str(err)
     except _READ_ERRORS as err:
         problem = _unreadable(err)
-    if refit.streamed or problem:  # a refusal from the descriptions alone stops the trainer before its first byte
-        refit.settle(problem)
-    refit.check_pass(copies)
+    try:
+        if refit.streamed or problem:  # a refusal from the descriptions alone stops the trainer before its first byte
+            refit.settle(problem)
+        refit.check_pass(copies)
+    except RefitRefused:
+        refit.release_unopened()
+        raise
     model._sp_core_refit = (token, refit)
 
 
@@ -157,8 +168,15 @@ class _Refit:
         if self.streamed and (any(p.get("stream") is None for p in self.payloads) or
                               len({len(p["files"]) for p in self.payloads}) != 1):
             raise RefitRefused("a streamed refit needs every trainer rank to stream the same number of buckets")
-        self.entries = [described(p) for p in self.payloads]
-        self.buckets = max(len(p["files"]) for p in self.payloads)
+        self.entries = [refit_transport.described(p) for p in self.payloads]
+        self.buckets = max(refit_transport.bucket_count(p) for p in self.payloads)
+
+    def release_unopened(self) -> None:
+        """A refused refit: give back the CUDA IPC handles of the payloads this rank reads and did not open (each
+        server rank reads its own: payloads[rank], and every size-th one after it)."""
+        for at in range(self.rank, len(self.payloads), self.size):
+            if not any(key[0] == at for key in self.views):
+                refit_transport.release(self.payloads[at])
 
     def agree(self, problem: str, bucket: Optional[int] = None, pass_: int = 1) -> str:
         """Agree with the other ranks on ``problem`` (every rank's; the first one wins): the refusal (one line,
@@ -187,10 +205,10 @@ class _Refit:
         if self.streamed:
             paths = refit_stream.wait_buckets(self.payloads, which, bucket, pass_)
         else:
-            paths = {p: self.payloads[p]["files"][bucket][0] for p in which}
+            paths = {p: refit_transport.bucket_path(self.payloads[p], bucket) for p in which}
         views, checksum = {}, 0
         for p, path in paths.items():
-            data, mapped = map_bucket(self.payloads[p], bucket, path, self.entries[p])
+            data, mapped = refit_transport.map_bucket(self.payloads[p], bucket, path, self.entries[p])
             if self.streamed:
                 checksum = zlib.crc32(data.numpy(), checksum)
             views.update({(p, at): view for at, view in enumerate(mapped) if view is not None})
@@ -229,6 +247,7 @@ class _Refit:
         some were (the ranks agree before each bucket, so all of them hold the same buckets)."""
         if not self.streamed:
             _copy(params, [c for b in range(self.buckets) for c in self.by_bucket.get(b, [])], self.views)
+            finish_reading(list(self.views.values()))  # CUDA IPC: the trainer may change its tensors once answered
             self.views = {}
             return ""
         failed = ""  # this rank's copy of the bucket before failed
@@ -286,6 +305,17 @@ def _copy(params: Dict[str, torch.Tensor], copies: list, views: Dict[tuple, torc
             target.narrow(dim, offset, rows).copy_(view.narrow(dim, src_offset, rows))
 
 
+def refit_model(model, payloads: List[dict], rank: int = 0, size: int = 1, group=None) -> None:
+    """``stage_model`` then ``commit``: a whole refit of ``model`` in this process (no sglang), all or nothing;
+    ``RefitRefused`` (one line) when refused or incomplete."""
+    token = secrets.randbits(62)
+    stage_model(model, token, payloads, rank, size, group)
+    commit(model, token)
+    message, model._sp_core_refit_outcome = getattr(model, "_sp_core_refit_outcome", ""), ""
+    if message:
+        raise RefitRefused(message)
+
+
 def _matched(payloads: List[dict], server_tp: int, model) -> bool:
     """One payload per server rank from a trainer of this tp and MoE mode (this rank's parameters: the mode
     the engine was started in, sglang's ``--ep-size``); otherwise the payloads are resharded."""
@@ -312,7 +342,7 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
     if any("layout" not in p for p in payloads):
         raise RefitRefused(f"{len(payloads)} payloads for a server of tp {server_tp}, without the trainer's layout "
                            f"to reshard them")
-    entries = [described(p) for p in payloads] if entries is None else entries
+    entries = [refit_transport.described(p) for p in payloads] if entries is None else entries
     trainer_tp = payloads[0]["layout"]["tp"]
     index: Dict[str, list] = {}
     for p, payload in enumerate(payloads):

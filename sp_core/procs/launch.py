@@ -229,6 +229,10 @@ def run_ranks(world: int, fn: Callable, *args, tp: Optional[int] = None, sequenc
     ``timeout``: an optional limit on the whole run (tests use one as a safety net; the CLI none).
     """
     hang_timeout = settings.current().collective_timeout if hang_timeout is None else hang_timeout
+    # The fork server imports _PRELOAD; megatron-core's import asks torch whether CUDA is available, which would
+    # initialise CUDA there, and no rank forked from it could ("Cannot re-initialize CUDA in forked subprocess").
+    # NVML answers the question without initialising CUDA; the fork server inherits this environment.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
     results = ctx.Queue()

@@ -7,8 +7,8 @@ keeping at most two: after writing one it waits for the engine's acknowledgement
 (``ack_path``, written once every server rank has dropped its mapping of that bucket) and removes it. Server
 ranks wait for each bucket at most ``timeout`` seconds. Either side ends the stream early with ``stop_path``:
 the server when it refuses or gives up, the trainer's rank 0 when the engine call returns or fails; the trainer
-ranks then stop writing (each in a ``Writer`` thread, while rank 0 calls the engine). Files, not sockets: both sides only poll paths, so a side that dies leaves the other a
-timeout, never a blocked read."""
+ranks then stop writing (each in a ``Writer`` thread, while rank 0 calls the engine). Files, not sockets: both
+sides only poll paths, so a side that dies leaves the other a timeout, never a blocked read."""
 from __future__ import annotations
 
 import os
