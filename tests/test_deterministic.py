@@ -5,7 +5,9 @@ CPU, float32, the real engines. Few launches: one 2-rank Megatron run, for each 
 trains (deterministic_mode), exports, computes its log-probabilities with SP on and off (DeepSeek-V3 also
 with expert parallelism) and checks its own micro-batch invariance; per model one sglang tp 2 engine (--enable-deterministic-inference,
 --enable-layernorm-sp) serves the export; `sp-core logits --deterministic` runs both engines at tp 1 (Qwen2).
-Negative controls: the default mode on the same Megatron model is not batch-invariant; torch's own CPU
+DeepSeek-V3.2 (its indexer selecting keys): the same launch computes Megatron's log-probabilities of the tiny
+checkpoint, and one sglang tp 2 engine serves it. Negative controls: the default mode on the same Megatron
+model is not batch-invariant; torch's own CPU
 matmul is not (measured here). Sums over TP at t = 4 are in tests/test_operators.py.
 """
 import collections
@@ -31,6 +33,7 @@ EVEN = [p for p in CONCURRENT if len(p) % 2 == 0]  # 30 and 22 tokens
 SP_MIN_TOKENS = 8  # sglang: batches of fewer tokens run plain TP (SP off), the others SP
 MICRO_BATCH = 4
 ARCHS = ("qwen3", "deepseek-v3")
+SPARSE = "deepseek-v32"  # index_topk 3: sparse attention in every prompt longer than 3 tokens
 
 
 def test_plain_cpu_matmul_depends_on_rows_blocked_gemms_do_not():
@@ -100,7 +103,19 @@ def _train_export_checks(model_dirs, out_dirs, prompts):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         results[arch] = _train_export_check(model_dirs[arch], out_dirs[arch], prompts)
+    parallel_state.destroy_model_parallel()
+    results[SPARSE] = _sp_on_and_off_logprobs(model_dirs[SPARSE], prompts)
     return results
+
+
+def _sp_on_and_off_logprobs(model_dir, prompts):
+    """The deterministic Megatron model (tp 2) as loaded: log-probabilities with SP on and off."""
+    from sp_core_megatron.cli_engine.engine import build_model, model_logprobs
+
+    model = build_model(model_dir, 2, True, deterministic=True).eval()
+    sp_on = model_logprobs(model, prompts)
+    model.config.sequence_parallel = False
+    return sp_on, model_logprobs(model, prompts)
 
 
 def _train_export_check(model_dir, out_dir, prompts):
@@ -224,10 +239,10 @@ def trained_in_megatron(tmp_path_factory):
     """One 2-rank Megatron launch for every model of ARCHS: arch -> (export dir, ``_train_export_check``'s
     results)."""
     root = tmp_path_factory.mktemp("megatron")
-    dirs = {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS}
+    dirs = {arch: make_checkpoint(arch, str(root / arch)) for arch in ARCHS + (SPARSE,)}
     exports = {arch: str(root / f"{arch}-export") for arch in ARCHS}
     results = run_ranks(2, _train_export_checks, dirs, exports, PROMPTS + [LONG])[0]
-    return {arch: (exports[arch], results[arch]) for arch in ARCHS}
+    return dict({arch: (exports[arch], results[arch]) for arch in ARCHS}, **{SPARSE: (dirs[SPARSE], results[SPARSE])})
 
 
 @pytest.mark.timeout(900)
@@ -288,6 +303,44 @@ def test_megatron_and_sglang_bitwise_tp2_round_trip_and_batch_invariance(arch, t
             f"GPTModel + the core's layer spec != sglang, a prompt of {len(prompt)} tokens"
     for i, got in enumerate(spec_packed):
         assert torch.equal(got, together[i]), f"GPTModel + the core's layer spec, THD-packed != sglang, prompt {i}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_v32_sparse_attention_megatron_and_sglang_bitwise_tp2(trained_in_megatron):
+    """DeepSeek-V3.2 with its indexer selecting keys (index_topk 3 < the prompts): sglang (tp 2,
+    --enable-deterministic-inference, radix cache on) gives torch.equal log-probabilities to Megatron's
+    (deterministic_mode; within 1e-4 of transformers), SP on and off, and for a prompt extended over its
+    cached prefix (the selection then names prefix rows read back from the KV cache)."""
+    from sp_core_sglang.cli_engine.engine import logprobs_for_prompts, start_engine
+
+    from sp_core.app.tiny import reference_logprobs
+
+    model_dir, (sp_on, sp_off) = trained_in_megatron[SPARSE]
+    assert all(torch.equal(a, b) for a, b in zip(sp_on, sp_off)), "Megatron: SP on != SP off"
+    reference = reference_logprobs(model_dir, PROMPTS + [LONG])  # transformers, sparse attention
+    assert max((a - b).abs().max().item() for a, b in zip(sp_on, reference)) <= 1e-4, "Megatron != transformers"
+    with open(os.path.join(model_dir, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    engine = start_engine(model_dir, 2, adapter=True, sp_min_tokens=SP_MIN_TOKENS, enable_layernorm_sp=True,
+                          enable_deterministic_inference=True)
+    try:
+        together = logprobs_for_prompts(engine, PROMPTS + [LONG], vocab)  # 28 tokens: SP
+        alone = logprobs_for_prompts(engine, [PROMPTS[0]], vocab)  # 5 tokens (< 8): SP off
+        engine.generate(input_ids=LONG[:12], sampling_params={"temperature": 0.0, "max_new_tokens": 1})
+        out = engine.generate(input_ids=LONG, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
+                              return_logprob=True, logprob_start_len=len(LONG) - 3)
+    finally:
+        engine.shutdown()
+    for i, want in enumerate(sp_on):
+        assert torch.equal(together[i], want), f"sglang SP on != Megatron SP on, prompt {i}"
+    for i, got in enumerate(alone):
+        assert torch.equal(got, sp_off[i]), f"sglang SP off != Megatron SP off, prompt {i}"
+    assert out["meta_info"]["cached_tokens"] > 3, out["meta_info"]["cached_tokens"]
+    served = [lp for lp, *_ in out["meta_info"]["input_token_logprobs"][-2:]]
+    assert served == [sp_on[-1][p - 1, LONG[p]].item() for p in (len(LONG) - 2, len(LONG) - 1)], \
+        "sglang over a cached prefix != Megatron"
 
 
 @pytest.mark.timeout(600)
@@ -383,3 +436,54 @@ def test_deterministic_megatron_attention_runs_documents_of_a_mask_and_refuses_o
     sliding = torch.ones(s, s, dtype=torch.bool).tril() & ~torch.ones(s, s, dtype=torch.bool).tril(-3)  # a window
     with pytest.raises(ModelError, match="column 0 of this attention_mask is not"):
         MegatronBatch.from_megatron(s, 1, "cpu", ~sliding.view(1, 1, s, s)).sequence_lengths
+
+
+def test_deterministic_megatron_sparse_attention_equals_the_default_forms_values_and_gradients():
+    """DeepSeek-V3.2's selection in the deterministic mode (the core's kernel per column, the selection as
+    rows of that layout) gives the default mode's masked attention over the [s, b] grid, forward and input
+    gradients, within float32 tolerance: b = 2, SP padding rows, rows selecting fewer than k keys."""
+    from sp_core_megatron.batch import MegatronBatch, megatron_attention
+
+    s, b, heads, k, padding = 7, 2, 2, 3, 2
+    g = torch.Generator().manual_seed(0)
+    q, key, v = (torch.randn(s * b + padding, heads, 5, generator=g) for _ in range(3))
+    selection = torch.full((s * b + padding, k), -1, dtype=torch.int32)
+    for row in range(s * b):  # s-major row = position * b + column: up to k of the column's earlier keys
+        position, column = divmod(row, b)
+        chosen = torch.randperm(position + 1, generator=g)[:min(k, position + 1 - (position == 4))]
+        selection[row, : chosen.shape[0]] = (chosen * b + column).to(torch.int32)
+    outs, grads = [], []
+    for deterministic in (False, True):
+        inputs = [x.clone().requires_grad_() for x in (q, key, v)]
+        out = megatron_attention(*inputs, MegatronBatch(s, b, deterministic=deterministic), scale=0.3,
+                                 topk_indices=selection)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad for x in inputs])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    dense = megatron_attention(q, key, v, MegatronBatch(s, b, deterministic=True), scale=0.3)
+    assert (dense - outs[1])[: s * b].abs().max() > 1e-2  # control: the selection changes the attention
+
+
+def test_index_scores_do_not_depend_on_how_many_rows_and_keys_are_scored_together():
+    """DeepSeek-V3.2's index scores in the deterministic mode: a query row's score of a key is the same
+    whatever other rows and keys the call holds (sglang scores a request's rows against its cached keys,
+    Megatron a rank's rows against the micro-batch's); torch's einsum form is not (the negative control)."""
+    g = torch.Generator().manual_seed(0)
+    q, weights, keys = torch.randn(40, 8, 16, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, 16, generator=g)
+
+    def einsum_form(q, w, k):
+        return torch.einsum("sh,sht->st", w, F.relu(torch.einsum("shd,td->sht", q, k) * 0.25))
+
+    shapes = [(r, n) for r in (1, 2, 3, 5, 7, 13, 20) for n in (1, 3, 7, 13, 21, 40)]
+    full = einsum_form(q, weights, keys)
+    assert any(not torch.equal(einsum_form(q[:r], weights[:r], keys[:n]), full[:r, :n]) for r, n in shapes), \
+        "negative control: torch's einsum came out shape-invariant here"
+    invariant = batch_invariant.index_scores(q, weights, keys, 0.25)
+    for r, n in shapes:
+        assert torch.equal(batch_invariant.index_scores(q[:r], weights[:r], keys[:n], 0.25), invariant[:r, :n]), (r, n)
+        assert torch.equal(batch_invariant.index_scores(q[r:], weights[r:], keys[n - 1:], 0.25),
+                           invariant[r:, n - 1:]), (r, n)  # keys at other columns of their blocks
+    torch.testing.assert_close(invariant, full, rtol=1e-5, atol=1e-5)

@@ -181,14 +181,14 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     the document boundaries when there are any (rows past s*b: SP padding). ``scale``: the softmax scale
     (MLA's); ``topk_indices``: DeepSeek-V3.2's selected keys (attention.py's kernel interface).
 
-    In the deterministic mode a batch without a V3.2 selection runs the core's own kernel on each sequence
-    (each column, or each packed document: ``MegatronBatch.sequence_lengths``), laid out one after another:
-    the call the core engine and sglang's prefill make for a prompt of it."""
+    In the deterministic mode a batch runs the core's own kernel on each sequence (each column, or each
+    packed document: ``MegatronBatch.sequence_lengths``), laid out one after another, a V3.2 selection
+    mapped to rows of that layout: the call the core engine and sglang's prefill make for a prompt of it."""
     if isinstance(batch, ContextParallelBatch):  # this CP rank's rows against every CP rank's keys
         return packed_causal_attention(q, k, v, batch, scale=scale, topk_indices=topk_indices)
     s, b = batch.seq_length, batch.micro_batch_size
-    if topk_indices is None and batch.deterministic:
-        return _per_sequence_core_kernel(q, k, v, batch, scale)
+    if batch.deterministic:
+        return _per_sequence_core_kernel(q, k, v, batch, scale, topk_indices)
 
     def grid(x):  # [s*b (+ SP padding), heads, d] -> [b, heads, s, d]
         return (x if x.shape[0] == s * b else x[: s * b]).unflatten(0, (s, b)).permute(1, 2, 0, 3)
@@ -207,13 +207,18 @@ def megatron_attention(q, k, v, batch: MegatronBatch, scale: Optional[float] = N
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out
 
 
-def _per_sequence_core_kernel(q, k, v, batch: MegatronBatch, scale: Optional[float]) -> torch.Tensor:
+def _per_sequence_core_kernel(q, k, v, batch: MegatronBatch, scale: Optional[float],
+                              topk_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
     s, b = batch.seq_length, batch.micro_batch_size
 
     def by_sequence(x):  # [s*b, heads, d] s-major -> [b*s, heads, d], each column contiguous
         return x[: s * b].unflatten(0, (s, b)).transpose(0, 1).reshape(s * b, *x.shape[1:])
 
+    sparse = {}
+    if topk_indices is not None:  # V3.2: the selected s-major rows as rows of the column-after-column layout
+        chosen = by_sequence(topk_indices)
+        sparse["topk_indices"] = torch.where(chosen >= 0, chosen % b * s + chosen // b, chosen).to(chosen.dtype)
     out = packed_causal_attention(by_sequence(q), by_sequence(k), by_sequence(v),
-                                  PackedBatch(batch.sequence_lengths), scale=scale)
+                                  PackedBatch(batch.sequence_lengths), scale=scale, **sparse)
     out = out.unflatten(0, (b, s)).transpose(0, 1).reshape(s * b, *out.shape[1:])
     return torch.cat([out, out.new_zeros((q.shape[0] - s * b,) + tuple(out.shape[1:]))]) if q.shape[0] > s * b else out

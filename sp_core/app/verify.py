@@ -312,25 +312,14 @@ def run_rows(rows: List[Row], models: Dict[str, str], usable: Dict[str, object],
         _score(row, got, references[row.model], core_tp1=None if is_core_tp1 else core_tp1.get(row.model),
                sp_off=sp_off)
         if deterministic:
-            _mark_bitwise_pair(row, ran, results, promised=not _has_sparse_selection(model_dir))
+            _mark_bitwise_pair(row, ran, results)
         progress.done(row)
     return ran
 
 
-def _has_sparse_selection(model_dir: str) -> bool:
-    """DeepSeek-V3.2's indexer (``index_topk``): its sparse attention runs different kernels in Megatron (a
-    masked dense attention) and in sglang (the selected cache slots), so the deterministic mode does not
-    promise bitwise equality for it; its rows are held to the float32 tolerances and say so."""
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return "index_topk" in json.load(f)
-    except (OSError, ValueError):
-        return False
-
-
-def _mark_bitwise_pair(row: Row, ran: List[Row], results, promised: bool = True) -> None:
+def _mark_bitwise_pair(row: Row, ran: List[Row], results) -> None:
     """When ``row`` completes a megatron / sglang pair of one setting: both rows' ``bitwise``, torch.equal;
-    a difference fails both rows where bitwise equality is ``promised``, else it is a note."""
+    a difference fails both rows."""
     other = {"megatron": "sglang", "sglang": "megatron"}.get(row.engine)
     setting = (row.model, row.tp, row.sp, row.moe, row.cp)
     partner = next((r for r in ran if r.engine == other and (r.model, r.tp, r.sp, r.moe, r.cp) == setting), None)
@@ -339,12 +328,6 @@ def _mark_bitwise_pair(row: Row, ran: List[Row], results, promised: bool = True)
         return
     mine = results[(row.model, row.engine, row.tp, row.sp, row.moe, row.cp)]
     equal = all(torch.equal(a, b) for a, b in zip(mine, theirs))
-    if not promised:
-        if not equal:
-            for r in (row, partner):
-                r.notes.append("not bitwise (V3.2's sparse attention is not in the deterministic mode yet; "
-                               "held to the float32 tolerances)")
-        return
     row.bitwise = partner.bitwise = equal
     for r in (row, partner):
         if r.passed and not r.bitwise:
@@ -556,8 +539,7 @@ def _verify(args, tps, default_matrix, usable, unavailable, workdir) -> int:
     if rows:
         print(table(rows, deterministic), file=out)
     print(verdict, file=out)
-    for note in notes + sorted({f"{r.model}: megatron vs sglang {n}" for r in rows for n in r.notes
-                                if n.startswith("not bitwise")}):
+    for note in notes:
         print(f"note: {note}", file=out)
     for name, reason in unavailable.items():
         print(f"not run: engine {name} cannot run here: {reason}", file=out)

@@ -103,6 +103,25 @@ def elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return torch.cat([fn(block) for block in padded.split(size)])[:rows]
 
 
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """DeepSeek-V3.2's index scores ``[rows, n]`` = sum_h weights[:, h] * relu(scale * q[:, h] . keys^T), every
+    element computed the same way whatever the number of query rows and keys (torch's einsum is not: measured,
+    its q.k products and its sum over heads change in the last bit with the shapes): the q.k products through
+    ``mm`` on fixed blocks of keys (the last zero-padded; a key's column within its block measured not to
+    matter), the sum over heads one head at a time in exactly rounded multiplies and adds.
+    ``q`` [rows, heads, d], ``weights`` [rows, heads], ``keys`` [n, d]."""
+    rows, heads, d = q.shape
+    n, size = keys.shape[0], block_rows(keys.device)
+    flat = q.reshape(rows * heads, d)
+    blocks = F.pad(keys, (0, 0, 0, -n % size)).split(size)
+    logits = torch.cat([mm(flat, block.t()) for block in blocks], dim=1)[:, :n] if n else flat.new_zeros(rows * heads, 0)
+    logits = F.relu(logits.view(rows, heads, n) * scale)
+    out = logits[:, 0] * weights[:, :1]
+    for h in range(1, heads):
+        out = out + logits[:, h] * weights[:, h:h + 1]
+    return out
+
+
 def _matmul_2d_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = mm(a.reshape(-1, a.shape[-1]), b)
     return out.view(*a.shape[:-1], b.shape[-1])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sp_core import mpu
+from sp_core.kernels import batch_invariant
 from sp_core.layers.context_parallel import ContextParallelBatch
 from sp_core.layers.linear import ReplicatedLinear
 from sp_core.layers.norm import LayerNorm
@@ -85,8 +86,11 @@ class LightningIndexer(torch.nn.Module):
         return q, weights, keys
 
     def _scores(self, q, weights, keys, visible) -> torch.Tensor:
-        logits = torch.einsum("shd,td->sht", q.float(), keys.float()) * self.head_dim ** -0.5
-        scores = torch.einsum("sh,sht->st", weights, F.relu(logits))
+        if self.parallel.deterministic:  # the same scores whatever rows and keys a framework scores together
+            scores = batch_invariant.index_scores(q.float(), weights, keys.float(), self.head_dim ** -0.5)
+        else:
+            logits = torch.einsum("shd,td->sht", q.float(), keys.float()) * self.head_dim ** -0.5
+            scores = torch.einsum("sh,sht->st", weights, F.relu(logits))
         return scores.masked_fill(~visible, float("-inf"))
 
     def scores(self, hidden: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:

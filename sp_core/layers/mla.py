@@ -20,7 +20,8 @@ q_nope is multiplied by W_UK (this rank's heads' k_nope rows of ``kv_b_proj``) i
 values are kv_lat, and the output goes through W_UV (the heads' v rows). Exactly the expanded attention,
 regrouped. A ``LatentAttentionKernel`` may instead hand back the batch's whole sequences from its cache
 (``cached_sequences``; sglang's does in the deterministic mode's prefill): the layer then computes the
-expanded form over them with the core's kernel, as training computes the same tokens, bit for bit.
+expanded form over them with the core's kernel, as training computes the same tokens, bit for bit; V3.2's
+selection too, as rows of those sequences (the kernel's masked form, training's).
 
 Context parallelism: queries stay on their CP rank; after the TP gather, only ``[kv_lat | k_pe]`` (kv_lora +
 rope values per token, 576 for V3) is gathered over CP (``mpu.gather_from_cp``), then up-projected by
@@ -103,6 +104,8 @@ class CachedSequences:
     rows: torch.Tensor
     seq_lens: List[int]
     query_rows: torch.Tensor
+    key_ids: Optional[torch.Tensor] = None
+    """[R]: each row's id in V3.2's selection (``topk_indices``: the kernel's ``index_keys`` ids, KV slots)."""
 
 
 class LatentAttentionKernel(torch.nn.Module):
@@ -249,18 +252,21 @@ class MultiHeadLatentAttention(torch.nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, heads, -1)], dim=-1)
         return (kernel or self.kernel)(q, k, v, batch, scale=self.softmax_scale, **sparse)
 
-    def _attend_cached(self, q_nope, q_pe, cached: CachedSequences) -> torch.Tensor:
+    def _attend_cached(self, q_nope, q_pe, cached: CachedSequences, topk_indices=None) -> torch.Tensor:
         """The expanded form over sequences read back from the cache: each cached row up-projected by
         ``kv_b_proj`` (the GEMM training runs on the same latent), the core's kernel over each whole
         sequence, the batch's query rows placed among them (the others zero; their outputs dropped).
-        [T, heads, v], zero past the batch's tokens (SP padding)."""
+        V3.2's selection (``topk_indices``: ``cached.key_ids``) becomes rows of the cached sequences, so the
+        kernel masks the same keys as training's (its masked dense form). [T, heads, v], zero past the
+        batch's tokens (SP padding)."""
         n, total = cached.query_rows.shape[0], q_nope.shape[0]
         kv_lat, k_pe = cached.rows.split([self.kv_lora_rank, self.rope], dim=-1)
         rows = cached.rows.shape[0]
         q_nope_rows = q_nope.new_zeros((rows,) + tuple(q_nope.shape[1:])).index_copy(0, cached.query_rows, q_nope[:n])
         q_pe_rows = q_pe.new_zeros((rows,) + tuple(q_pe.shape[1:])).index_copy(0, cached.query_rows, q_pe[:n])
+        sparse = {} if topk_indices is None else {"topk_indices": _selected_rows(topk_indices[:n], cached)}
         out = self.attend(q_nope_rows, q_pe_rows, F.linear(kv_lat, self.kv_b_proj.weight), k_pe,
-                          PackedBatch(cached.seq_lens), kernel=packed_causal_attention)[cached.query_rows]
+                          PackedBatch(cached.seq_lens), kernel=packed_causal_attention, **sparse)[cached.query_rows]
         return F.pad(out, (0, 0, 0, 0, 0, total - n))
 
     def _forward_absorbed(self, hidden: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
@@ -270,9 +276,20 @@ class MultiHeadLatentAttention(torch.nn.Module):
         local_positions, latent, q_nope, q_pe, kv_lat, k_pe = self._project(hidden, positions, None)
         row = torch.cat([kv_lat, k_pe], dim=-1)
         sparse = self._sparse(hidden, latent, local_positions, batch)
-        cached = None if sparse else self.kernel.cached_sequences(row, batch)
+        cached = self.kernel.cached_sequences(row, batch)
         if cached is not None:
-            return self.o_proj(self._attend_cached(q_nope, q_pe, cached).flatten(-2))
+            return self.o_proj(self._attend_cached(q_nope, q_pe, cached, sparse.get("topk_indices")).flatten(-2))
         q_latent = torch.cat([torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe], dim=-1)
         out = self.kernel(q_latent, row, batch, self.softmax_scale, **sparse)
         return self.o_proj(torch.einsum("thc,hvc->thv", out, w_uv).flatten(-2))
+
+
+def _selected_rows(topk_indices: torch.Tensor, cached: CachedSequences) -> torch.Tensor:
+    """int32 ``[R, k]``: the selection of the batch's query rows (``topk_indices`` [n, k], ids of
+    ``cached.key_ids``; -1 none) as rows of the cached sequences, placed at the query rows; -1 elsewhere."""
+    ids, order = cached.key_ids.sort()
+    wanted = topk_indices.long()
+    found = order[torch.searchsorted(ids, wanted.clamp(min=0)).clamp(max=ids.shape[0] - 1)]
+    rows = torch.where(wanted >= 0, found, -1).to(torch.int32)
+    out = rows.new_full((cached.rows.shape[0], rows.shape[1]), -1)
+    return out.index_copy(0, cached.query_rows, rows)

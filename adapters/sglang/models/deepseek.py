@@ -17,8 +17,10 @@ latents and runs the core's expanded-form kernel, one sequence at a time: the ca
 sequence, so the log-probabilities are training's, bit for bit (the absorbed form regroups the same sums).
 
 V3.2: the kernel also carries the layer's index-key cache (``index_keys.py``); the indexer's selection is
-then a set of KV slots per query, and the kernel attends over those slots' rows only. sglang's own DSA
-path (GPU-only) is kept out of the way at start-up (``options.py``).
+then a set of KV slots per query, and the kernel attends over those slots' rows only. In the deterministic
+mode's prefill the selected slots become rows of the sequences read back (``CachedSequences.key_ids``) and
+the core's kernel masks the other keys, as Megatron does. sglang's own DSA path (GPU-only) is kept out of
+the way at start-up (``options.py``).
 """
 from __future__ import annotations
 
@@ -66,20 +68,22 @@ class RadixLatentKernel(LatentAttentionKernel):
 
     def cached_sequences(self, row: torch.Tensor, batch) -> Optional[CachedSequences]:
         """In the deterministic mode's prefill: the batch's rows written to the pool, each request's
-        whole sequence read back (see the module docstring); None otherwise."""
+        whole sequence read back, with its KV slots (the ids of V3.2's selection; see the module docstring);
+        None otherwise."""
         forward_batch = batch.forward_batch
         if not (self.parallel.deterministic and forward_batch.forward_mode.is_extend()):
             return None
         n = batch.num_tokens
         pool = write_kv(self.attn, forward_batch, row[:n].unsqueeze(1), row[:n, : self.kv_lora_rank].unsqueeze(1))
         cache = pool.get_key_buffer(self.attn.layer_id)
-        rows, seq_lens, query_rows, start = [], [], [], 0
+        rows, seq_lens, query_rows, key_ids, start = [], [], [], [], 0
         for slots, total, new in cached_requests(forward_batch):
             rows.append(cache[slots].squeeze(1))
             seq_lens.append(total)
             query_rows.append(torch.arange(start + total - new, start + total, device=row.device))
+            key_ids.append(slots)
             start += total
-        return CachedSequences(torch.cat(rows).to(row.dtype), seq_lens, torch.cat(query_rows))
+        return CachedSequences(torch.cat(rows).to(row.dtype), seq_lens, torch.cat(query_rows), torch.cat(key_ids))
 
     def _sparse(self, q: torch.Tensor, row: torch.Tensor, forward_batch, slots: torch.Tensor) -> torch.Tensor:
         from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
