@@ -134,6 +134,7 @@ def _serve(address, authkey, model, dtype, ready) -> None:
     from sp_core.models import load_hf_checkpoint
     from sp_core.mpu import platform
     from sp_core_sglang import refit
+    from sp_core_sglang.refit_checks import RefitRefused
 
     try:
         model = (load_model(model, dtype=dtype, parallel=mpu.single_rank()) if isinstance(model, str)
@@ -159,7 +160,7 @@ def _serve(address, authkey, model, dtype, ready) -> None:
                         refit.commit(model, token)
                         answer = {"success": True, "message": "", "stage_seconds": staged - start,
                                   "commit_seconds": time.perf_counter() - staged}
-                    except refit.RefitRefused as err:
+                    except RefitRefused as err:
                         answer = {"success": False, "message": str(err)}
                     conn.send(("ok", dict(answer, seconds=time.perf_counter() - start)))
                 elif request[0] == "logprobs":

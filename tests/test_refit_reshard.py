@@ -50,11 +50,12 @@ def _server_fill(model, payloads):
 def _stream_into(server):
     """``send``'s ``load`` on trainer rank 0: the server of tp 1 in this process, beside the trainer's stream."""
     from sp_core_sglang import refit as server_refit
+    from sp_core_sglang.refit_checks import RefitRefused
 
     def load(engine, payloads, version):
         try:
             server_refit.stage_model(server, 7, payloads, 0, 1)
-        except server_refit.RefitRefused as err:
+        except RefitRefused as err:
             return {"success": False, "message": str(err)}
         server_refit.commit(server, 7)
         return {"success": not server._sp_core_refit_outcome, "message": server._sp_core_refit_outcome}
@@ -76,6 +77,7 @@ def _rank(root):
     from sp_core.procs.shared_memory import write_buckets
     from sp_core_megatron.refit import layout, local_tensors, send
     from sp_core_sglang import refit as server_refit
+    from sp_core_sglang.refit_checks import RefitRefused
 
     wide, one = mpu.default_context(), mpu.single_rank()
     out = {}
@@ -103,7 +105,7 @@ def _rank(root):
                     try:
                         server_refit.reshard_plan(dict(server.named_parameters()), payloads[:1], server_tp)
                         out[f"{_case_name(case)} refusal"] = None
-                    except server_refit.RefitRefused as err:
+                    except RefitRefused as err:
                         out[f"{_case_name(case)} refusal"] = str(err)
                 _server_fill(server, payloads)
                 out[f"{_case_name(case)} rank {wide.rank}"] = _mismatches(server, reference)

@@ -57,44 +57,14 @@ from sp_core.procs import refit_stream, refit_transport
 from sp_core.procs.cuda_ipc import KIND as CUDA_IPC
 from sp_core.procs.refit_transport import finish_reading
 from sp_core.procs.shared_memory import PayloadError
+from sp_core_sglang.refit_checks import (RefitRefused, check_payload, first_names, first_not_finite,
+                                          source_view)
 
 REFIT_NAME = "sp_core.refit"  # the one tensor of a commit payload: the staged refit's token
 STAGE = "sp_core_refit_stage"
 OUTCOME = "sp_core_refit_outcome"
 INCOMPLETE = "-incomplete"  # appended to the weight version a streamed refit that stopped half way leaves
 _READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError)
-
-
-class RefitRefused(ValueError):
-    pass
-
-
-# -- payload: what a trainer rank hands its server rank (sp_core.procs.shared_memory) ------------------------
-
-def check_payload(params: Dict[str, torch.Tensor], described: List[tuple]) -> str:
-    """The first thing wrong with ``described`` (``(name, dtype, shape, ...)`` per tensor: a payload's
-    ``shared_memory.described``) as a full update of ``params`` (one line), or "". Values are checked as they
-    are read (``first_not_finite``)."""
-    names = [entry[0] for entry in described]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        return f"{len(dup)} tensors given twice ({_some(dup)})"
-    missing, unexpected = sorted(set(params) - set(names)), sorted(set(names) - set(params))
-    if missing:
-        return f"{len(missing)} tensors missing ({_some(missing)})"
-    if unexpected:
-        return f"{len(unexpected)} unexpected tensors ({_some(unexpected)}); expected the core's parameter names"
-    for name, dtype, shape, *_ in described:
-        param = params[name]
-        if tuple(shape) != tuple(param.shape):
-            return f"{name}: shape {list(shape)}, this rank's parameter is {list(param.shape)}"
-        if dtype != param.dtype:
-            return f"{name}: dtype {dtype}, this rank's parameter is {param.dtype}"
-    return ""
-
-
-def _some(names: List[str]) -> str:
-    return ", ".join(names[:3]) + (f", ... {len(names) - 3} more" if len(names) > 3 else "")
 
 
 # -- in each TP worker -----------------------------------------------------------------------------------------
@@ -278,27 +248,12 @@ class _Refit:
         return ""
 
 
-def first_not_finite(copies: list, views: Dict[tuple, torch.Tensor]) -> str:
-    """The first copy whose source rows hold NaN or inf (one line), or ""."""
-    for name, _, dim, _, rows, (p, at, index), src_offset in copies:
-        view = _source(views, p, at, index)
-        if dim is not None:
-            view = view.narrow(dim, src_offset, rows)
-        if view.is_floating_point() and not bool(torch.isfinite(view).all()):
-            return f"{name}: holds NaN or inf"
-    return ""
-
-
-def _source(views: Dict[tuple, torch.Tensor], p: int, at: int, index: Optional[int]) -> torch.Tensor:
-    view = views[(p, at)]
-    return view if index is None else view[index]
-
 
 @torch.no_grad()
 def _copy(params: Dict[str, torch.Tensor], copies: list, views: Dict[tuple, torch.Tensor]) -> None:
     for name, at, dim, offset, rows, (p, src_at, index), src_offset in copies:
         target = params[name].data if at is None else params[name].data[at]
-        view = _source(views, p, src_at, index)
+        view = source_view(views, p, src_at, index)
         if dim is None:
             target.copy_(view)
         else:
@@ -384,7 +339,7 @@ def reshard_plan(params: Dict[str, torch.Tensor], payloads: List[dict], server_t
                 raise RefitRefused(f"{key}: rows {here}..{end} are in no trainer rank's payload")
     unexpected = sorted(set(index) - {key for name, param in params.items() for key in refit_keys(name, param)})
     if unexpected:
-        raise RefitRefused(f"{len(unexpected)} unexpected tensors ({_some(unexpected)})")
+        raise RefitRefused(f"{len(unexpected)} unexpected tensors ({first_names(unexpected)})")
     return copies
 
 
