@@ -76,8 +76,8 @@ def _rank(root):
     from sp_core.mpu import collectives
     from sp_core.procs.shared_memory import write_buckets
     from sp_core_megatron.refit import layout, local_tensors, send
-    from sp_core_sglang import refit as server_refit
     from sp_core_sglang.refit_checks import RefitRefused
+    from sp_core_sglang.refit_reshard import matched_layout, reshard_plan
 
     wide, one = mpu.default_context(), mpu.single_rank()
     out = {}
@@ -98,12 +98,12 @@ def _rank(root):
                 server = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
                 reference = load_model(model_dir, moe_parallel=server_mode, parallel=parallel)
                 # the stage's choice: reshard (another tp or MoE mode), or each rank its own payload (the trainer's)
-                out[f"{_case_name(case)} matched"] = (server_refit._matched(payloads, server_tp, server),
-                                                      server_refit._matched(payloads, trainer_tp, trainer)
+                out[f"{_case_name(case)} matched"] = (matched_layout(payloads, server_tp, server),
+                                                      matched_layout(payloads, trainer_tp, trainer)
                                                       if trainer_tp == 2 else None)
                 if trainer_tp == 2:  # one trainer rank's payload only: its rows / experts are all there is
                     try:
-                        server_refit.reshard_plan(dict(server.named_parameters()), payloads[:1], server_tp)
+                        reshard_plan(dict(server.named_parameters()), payloads[:1], server_tp)
                         out[f"{_case_name(case)} refusal"] = None
                     except RefitRefused as err:
                         out[f"{_case_name(case)} refusal"] = str(err)
