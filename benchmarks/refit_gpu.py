@@ -7,8 +7,8 @@ Hugging Face checkpoint, load it into the server's model: the status quo, engine
 
 The trainer is the core's ``CausalLM`` in this process; the server (``CoreServer``) is another process holding
 the core's ``CausalLM`` on the same GPU and running the sglang adapter's own server-side code
-(``sp_core_sglang.refit.refit_model``: map, check every tensor, agree, copy) -- sglang itself cannot run on the
-GPU machines. Seconds are the trainer's, from its first action to the server's answer (``RefitResult.seconds``).
+(``sp_core_sglang.refit_passes.refit_model``: map, check every tensor, agree, copy) -- sglang itself cannot run on
+the GPU machines. Seconds are the trainer's, from its first action to the server's answer (``RefitResult.seconds``).
 ``CoreServer`` also serves tests/test_refit_cuda_ipc.py.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ SHAPES = {"qwen3-8b": SHAPE, "tiny": QWEN3_TINY}  # --shape tiny: a quick check 
 
 class CoreServer:
     """The handle (picklable) of a process that holds the core's ``CausalLM`` on this GPU and serves refits with
-    ``sp_core_sglang.refit.refit_model`` -- what the adapter's sglang workers run, without sglang. Requests go over
-    a Unix socket, one connection each."""
+    ``sp_core_sglang.refit_passes.refit_model`` -- what the adapter's sglang workers run, without sglang. Requests go
+    over a Unix socket, one connection each."""
 
     def __init__(self, address: str, authkey: bytes):
         self.address, self.authkey, self.process = address, authkey, None
@@ -133,8 +133,8 @@ def _serve(address, authkey, model, dtype, ready) -> None:
     from sp_core.app.runtime import load_model, prompt_logprobs
     from sp_core.models import load_hf_checkpoint
     from sp_core.mpu import platform
-    from sp_core_sglang import refit
     from sp_core_sglang.refit_checks import RefitRefused
+    from sp_core_sglang.refit_passes import commit, stage_model
 
     try:
         model = (load_model(model, dtype=dtype, parallel=mpu.single_rank()) if isinstance(model, str)
@@ -155,9 +155,9 @@ def _serve(address, authkey, model, dtype, ready) -> None:
                     start = time.perf_counter()
                     token = secrets.randbits(62)
                     try:  # refit_model's two steps, timed apart
-                        refit.stage_model(model, token, request[1])
+                        stage_model(model, token, request[1])
                         staged = time.perf_counter()
-                        refit.commit(model, token)
+                        commit(model, token)
                         answer = {"success": True, "message": "", "stage_seconds": staged - start,
                                   "commit_seconds": time.perf_counter() - staged}
                     except RefitRefused as err:

@@ -1,8 +1,8 @@
 """The refit's GPU transport (CUDA IPC), on one GPU: a Megatron trainer (SPCoreGPTModel, tp 1, NCCL, Megatron's DDP
 and distributed optimizer: its parameters are views of one buffer) takes one optimizer step and refits a server
 process that holds the core's model (``benchmarks.refit_gpu.CoreServer``: the sglang adapter's own server-side code,
-``sp_core_sglang.refit.refit_model``, without sglang, which cannot run on the GPU machines). The reference for the
-served weights and logits is the trainer's own (another process); for a refused refit, what the server served
+``sp_core_sglang.refit_passes.refit_model``, without sglang, which cannot run on the GPU machines). The reference for
+the served weights and logits is the trainer's own (another process); for a refused refit, what the server served
 before it. Skipped without CUDA.
 
 The trainer runs in a process of its own started with ``spawn`` (NCCL, one rank), not through

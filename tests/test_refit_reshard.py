@@ -1,5 +1,5 @@
 """The refit's reshard (trainer tp or MoE mode != the server's): every server rank's parameters, filled from every
-trainer rank's shared-memory payload by ``sp_core_sglang.refit.stage_model`` + ``commit``, equal the parameters
+trainer rank's shared-memory payload by ``sp_core_sglang.refit_passes.stage_model`` + ``commit``, equal the parameters
 the core's Hugging Face loader gives that rank (the independent reference), bit for bit: tp 2 -> 1 and tp 1 -> 2,
 Qwen3 (one KV head: rows replicated at tp 2) and DeepSeek-V3 (MLA, TP-sharded experts); DeepSeek-V3 with experts
 held whole per rank (``ep``) at another tp and across MoE modes (tp 2 ep -> tp 1, tp 1 -> tp 2 ep, tp 2 tp <-> tp 2
@@ -38,26 +38,26 @@ def _zero(model):
 
 def _server_fill(model, payloads):
     """The server's two passes (``stage_model``, ``commit``) on this rank's model, the ranks agreeing over its group."""
-    from sp_core_sglang import refit as server
+    from sp_core_sglang.refit_passes import commit, stage_model
 
     _zero(model)
     parallel = model.parallel
-    server.stage_model(model, 7, payloads, parallel.rank, parallel.size, parallel.group if parallel.size > 1 else None)
-    server.commit(model, 7)
+    stage_model(model, 7, payloads, parallel.rank, parallel.size, parallel.group if parallel.size > 1 else None)
+    commit(model, 7)
     assert model._sp_core_refit_outcome == ""
 
 
 def _stream_into(server):
     """``send``'s ``load`` on trainer rank 0: the server of tp 1 in this process, beside the trainer's stream."""
-    from sp_core_sglang import refit as server_refit
     from sp_core_sglang.refit_checks import RefitRefused
+    from sp_core_sglang.refit_passes import commit, stage_model
 
     def load(engine, payloads, version):
         try:
-            server_refit.stage_model(server, 7, payloads, 0, 1)
+            stage_model(server, 7, payloads, 0, 1)
         except RefitRefused as err:
             return {"success": False, "message": str(err)}
-        server_refit.commit(server, 7)
+        commit(server, 7)
         return {"success": not server._sp_core_refit_outcome, "message": server._sp_core_refit_outcome}
 
     return load

@@ -65,7 +65,7 @@ def test_reader_refuses_what_it_cannot_open():
 
 
 def test_scheduler_free_refit_is_all_or_nothing(models):
-    from sp_core_sglang.refit import refit_model
+    from sp_core_sglang.refit_passes import refit_model
     from sp_core_sglang.refit_checks import RefitRefused
 
     trainer, fresh = models
@@ -88,7 +88,7 @@ def test_scheduler_free_refit_is_all_or_nothing(models):
 
 def test_reshard_of_cuda_ipc_payloads_refused(models):
     """A reshard reads every trainer payload on every server rank; a CUDA IPC handle has one reader."""
-    from sp_core_sglang.refit import refit_model
+    from sp_core_sglang.refit_passes import refit_model
     from sp_core_sglang.refit_checks import RefitRefused
 
     _, fresh = models

@@ -2,7 +2,7 @@
 parameter tensors (``sp_core.procs.cuda_ipc``) -- nothing is copied, staged or allocated on the trainer; the
 server reads the trainer's memory in place. The tensors are kept alive and unchanged (the caller must not step
 the optimizer meanwhile) until the engine has answered, by which time every server rank has finished reading
-them (``sp_core_sglang.refit.commit`` synchronises its device before answering) and dropped its mappings."""
+them (``sp_core_sglang.refit_passes.commit`` synchronises its device before answering) and dropped its mappings."""
 from __future__ import annotations
 
 import time
