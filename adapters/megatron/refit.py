@@ -120,8 +120,8 @@ def _pieces(name: str, param, parallel, vocab_size: int) -> list:
 
 
 def layout(model) -> dict:
-    """What a server of another tp or MoE mode needs to place this rank's rows (``sp_core_sglang.refit``'s
-    reshard): the trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors
+    """What a server of another tp or MoE mode needs to place this rank's rows (``sp_core_sglang.refit_reshard``):
+    the trainer's tp size and rank, and per tensor its pieces in the checkpoint tensors
     (``sp_core.models.refit_pieces``: ``[key, index, dim, start, rows, offset, full shape]``), and its MoE mode."""
     from sp_core.models.refit_pieces import moe_mode
 
