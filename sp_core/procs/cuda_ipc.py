@@ -28,7 +28,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from sp_core.procs.shared_memory import _DTYPES, PayloadError
+from sp_core.procs.shared_memory import PayloadError, checked_entries
 
 KIND = "cuda_ipc"
 _DEVICE_ARG = 6  # storage_device in rebuild_cuda_tensor's arguments
@@ -103,6 +103,7 @@ def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
                            "handles); the server must be another process")
     try:
         device = _local_index(uuid)
+        entries = _entries(payload)
     except PayloadError:
         release(payload)
         raise
@@ -113,44 +114,19 @@ def map_payload(payload: dict) -> List[Tuple[str, torch.Tensor]]:
         except Exception:
             _release_handles(payload["storages"][at + 1:], device)
             raise
-    out = []
-    for name, dtype, shape, index, offset in payload["tensors"]:
-        if dtype not in _DTYPES:
-            raise PayloadError(f"{name}: dtype {dtype} is not a tensor dtype")
-        dt = _DTYPES[dtype]
-        numel = 1
-        for n in shape:
-            numel *= int(n)
-        nbytes = numel * dt.itemsize
-        buf = buffers[index]
-        if offset < 0 or offset + nbytes > buf.numel() or offset % dt.itemsize:
-            raise PayloadError(f"{name}: {nbytes} bytes at offset {offset} lie outside its storage "
-                               f"({buf.numel()} bytes) or off its dtype's alignment")
-        out.append((name, buf[offset:offset + nbytes].view(dt).view(*shape)))
-    return out
+    return [(name, buffers[index][offset:offset + numel * dt.itemsize].view(dt).view(shape))
+            for name, dt, shape, index, offset, numel in entries]
 
 
 def described(payload: dict) -> List[tuple]:
     """``(name, dtype, shape, 0, offset, numel)`` of every tensor of ``payload`` (the shared-memory payload's
     ``described``, every tensor in one bucket: the payload is opened at once), each checked to lie inside its
     storage and on its dtype's alignment (``PayloadError`` otherwise); opens no handle."""
-    storages = payload["storages"]
-    out = []
-    for name, dtype, shape, index, offset in payload["tensors"]:
-        if dtype not in _DTYPES:
-            raise PayloadError(f"{name}: dtype {dtype} is not a tensor dtype")
-        dt = _DTYPES[dtype]
-        numel = 1
-        for n in shape:
-            numel *= int(n)
-        if not 0 <= index < len(storages):
-            raise PayloadError(f"{name}: in storage {index}, the payload has {len(storages)}")
-        size = int(storages[index][1])
-        if offset < 0 or offset + numel * dt.itemsize > size or offset % dt.itemsize:
-            raise PayloadError(f"{name}: {numel * dt.itemsize} bytes at offset {offset} lie outside its storage "
-                               f"({size} bytes) or off its dtype's alignment")
-        out.append((name, dt, tuple(int(n) for n in shape), 0, int(offset), numel))
-    return out
+    return [(name, dt, shape, 0, offset, numel) for name, dt, shape, _, offset, numel in _entries(payload)]
+
+
+def _entries(payload: dict) -> List[tuple]:
+    return checked_entries(payload["tensors"], [int(size) for _, size in payload["storages"]], "storage", aligned=True)
 
 
 def _release_handles(storages, device: int) -> None:

@@ -112,20 +112,26 @@ def map_bucket(payload: dict, index: int, path: str,
 def described(payload: dict) -> List[tuple]:
     """``(name, dtype, shape, file index, offset, numel)`` of every tensor of ``payload``, each checked to lie
     inside its file (``PayloadError`` otherwise); reads no file."""
-    files = payload["files"]
+    return checked_entries(payload["tensors"], [int(size) for _, size in payload["files"]], "file")
+
+
+def checked_entries(tensors: List[list], sizes: List[int], holder: str, aligned: bool = False) -> List[tuple]:
+    """``(name, dtype, shape, index, offset, numel)`` of each payload entry ``[name, dtype, shape, index, offset]``,
+    checked to lie inside its ``holder`` (a file or a storage of ``sizes[index]`` bytes) and, if ``aligned``, on its
+    dtype's alignment; ``PayloadError`` (one line) otherwise."""
     out = []
-    for name, dtype, shape, index, offset in payload["tensors"]:
+    for name, dtype, shape, index, offset in tensors:
         if dtype not in _DTYPES:
             raise PayloadError(f"{name}: dtype {dtype} is not a tensor dtype")
         dt = _DTYPES[dtype]
         numel = 1
         for n in shape:
             numel *= int(n)
-        if not 0 <= index < len(files):
-            raise PayloadError(f"{name}: in file {index}, the payload has {len(files)}")
-        size = int(files[index][1])
-        if offset < 0 or offset + numel * dt.itemsize > size:
-            raise PayloadError(f"{name}: {numel * dt.itemsize} bytes at offset {offset} lie outside its bucket "
-                               f"({size} bytes)")
+        if not 0 <= index < len(sizes):
+            raise PayloadError(f"{name}: in {holder} {index}, the payload has {len(sizes)}")
+        nbytes = numel * dt.itemsize
+        if offset < 0 or offset + nbytes > sizes[index] or (aligned and offset % dt.itemsize):
+            raise PayloadError(f"{name}: {nbytes} bytes at offset {offset} lie outside its {holder} "
+                               f"({sizes[index]} bytes){' or off its alignment' if aligned else ''}")
         out.append((name, dt, tuple(int(n) for n in shape), int(index), int(offset), numel))
     return out
