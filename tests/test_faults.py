@@ -234,12 +234,14 @@ def test_signal_during_export_leaves_no_partial_output(train_ckpt, tmp_path, sig
         os.kill(os.getpid(), signum)
 
     previous = signal.signal(signal.SIGTERM, cli._on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
     try:
         threading.Thread(target=signal_once_partial, daemon=True).start()
         with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else cli._Terminated):
             run_ranks(2, _export_with_a_late_rank, train_ckpt, str(out), timeout=200)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert os.listdir(out.parent) == [], os.listdir(out.parent)
 
 
@@ -247,6 +249,12 @@ def test_signal_during_export_leaves_no_partial_output(train_ckpt, tmp_path, sig
 
 _needs_sglang = pytest.mark.skipif(__import__("importlib").util.find_spec("sglang") is None,
                                    reason="sglang is not installed")
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """A suite started in the background (``nohup``, ``&`` without job control) ignores SIGINT, and so would the
+    command it starts (the CLI keeps an ignored SIGINT ignored, as a program under nohup must)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _start_sglang(model, tmp_path, until):
@@ -258,7 +266,8 @@ def _start_sglang(model, tmp_path, until):
     proc = subprocess.Popen([sys.executable, "-m", "sp_core.app.cli", "logits", "--model", model, "--prompts",
                              str(tmp_path / "prompts.json"), "--out", str(tmp_path / "out.safetensors"),
                              "--engine", "sglang", "--tp", "2"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ, TMPDIR=str(tmp)))
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ, TMPDIR=str(tmp)),
+                            preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 200
     while time.time() < deadline:
         others = {pid: v for pid, v in _session_processes(proc.pid).items() if pid != proc.pid}
