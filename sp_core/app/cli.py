@@ -172,8 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=3, metavar="K",
                    help="iterations: sample, compare, train one step, refit (default: 3)")
     p.add_argument("--bucket-mb", type=positive_int, default=512, metavar="MB",
-                   help="the refit's shared-memory segments: at most this many MiB each, a larger tensor in one of "
-                        "its own (default: 512)")
+                   help="the refit's shared-memory buckets: at most this many MiB each (a larger tensor in one of its "
+                        "own); a rank whose parameters exceed one bucket streams them in two passes, holding at most "
+                        "two buckets at once (default: 512)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write every iteration's row (with a boolean 'bitwise') as JSON (default: none)")
     p.add_argument("--colocate", action="store_true",
