@@ -186,21 +186,27 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
          bucket_bytes: int = DEFAULT_BUCKET_BYTES, load=_load, layout: Optional[dict] = None,
          timeout: float = DEFAULT_TIMEOUT, transport: Optional[str] = None) -> RefitResult:
     """``refit``'s transport for any (name, tensor) list of this rank. ``transport``: "cuda_ipc" (handles of the
-    tensors themselves, nothing copied: ``sp_core_megatron.refit_cuda_ipc``) or "shm"; default: by the tensors'
-    device (GPU: cuda_ipc, CPU: shm). Shared memory: the buckets planned alike on every rank
+    tensors themselves, nothing copied, staged or allocated: ``sp_core.procs.cuda_ipc``; the tensors must stay
+    unchanged until the engine has answered, by which time every server rank has finished reading them) or "shm";
+    default: by the tensors' device (GPU: cuda_ipc, CPU: shm). Shared memory: the buckets planned alike on every rank
     (``plan_buckets``), the payload descriptions gathered on TP rank 0, ``load(engine, payloads, weight_version)``
     called there (default: ``engine.refit``); its answer broadcast. One bucket per rank: written before the call
     and kept until it returns. More: streamed during the call, twice, by a writer thread while TP rank 0 calls the
     engine in its own (``sp_core.procs.refit_stream``), at most two buckets at once; a rank whose writing failed
     raises its error once every rank has the engine's answer. Collective over ``parallel``'s group. ``layout``
     (``layout(model)``) lets a server of another tp reshard the payloads."""
+    start = time.perf_counter()
     if _transport(tensors, transport) == "cuda_ipc":
-        from sp_core_megatron.refit_cuda_ipc import send_handles
+        from sp_core.procs import cuda_ipc
 
-        return send_handles(parallel, tensors, engine, weight_version, load, layout)
+        payload = dict(cuda_ipc.share(tensors), **({"layout": layout} if layout else {}))
+        result = _answer(parallel, payload, engine, weight_version, load)
+        return RefitResult(success=bool(result["success"]), message=result["message"],
+                           weight_version=str(weight_version), seconds=time.perf_counter() - start,
+                           bytes_moved=sum(nbytes_of(t) for _, t in tensors), full_tensors=0,
+                           buckets=len(payload["storages"]), answer=result)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise ModelError(f"refit: bucket_bytes {bucket_bytes!r}; expected a positive number of bytes")
-    start = time.perf_counter()
     bucket_of = plan_buckets(parallel, tensors, bucket_bytes)
     buckets = max(bucket_of.values(), default=0) + 1
     directory = os.path.join(shm_root(), f"sp-core-refit-{os.getpid()}-{secrets.token_hex(4)}")
@@ -212,16 +218,8 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
             payload["stream"] = {"timeout": float(timeout)}
         else:
             shared_memory.write_bucket(tensors, payload, 0, payload["files"][0][0])
-        payloads = collectives.gather_objects_to_first(parallel, payload)
-        call = (lambda: load(engine, payloads, str(weight_version))) if parallel.rank == 0 else None
-        writer = refit_stream.Writer(tensors, payload) if buckets > 1 else None
-        answer = refit_stream.answered(call) if call else None
-        if call and writer:
-            refit_stream.stop(payloads, "the engine call returned")
-        failed = writer.join() if writer else None  # a rank that could not write learns the answer, then raises
-        result = collectives.broadcast_object(parallel, answer)
-        if failed is not None:
-            raise failed
+        writer = (lambda: refit_stream.Writer(tensors, payload)) if buckets > 1 else None
+        result = _answer(parallel, payload, engine, weight_version, load, writer)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         _forget(directory)
@@ -231,6 +229,24 @@ def send(parallel, tensors: List[Tuple[str, torch.Tensor]], engine, weight_versi
                        seconds=time.perf_counter() - start,
                        bytes_moved=sum(nbytes_of(t) for _, t in tensors), full_tensors=0,
                        buckets=buckets, passes=1 if buckets == 1 else 2, peak_bytes=held, answer=result)
+
+
+def _answer(parallel, payload: dict, engine, weight_version, load, writer=None) -> dict:
+    """Every rank's ``payload`` gathered on TP rank 0, ``load(engine, payloads, weight_version)`` called there (a
+    call that fails becomes a refusal of one line) and its answer broadcast to every rank. ``writer``: starts this
+    rank's ``refit_stream.Writer`` once the payloads are gathered (a streamed refit); a rank that could not write
+    learns the answer, then raises its error."""
+    payloads = collectives.gather_objects_to_first(parallel, payload)
+    call = (lambda: load(engine, payloads, str(weight_version))) if parallel.rank == 0 else None
+    writing = writer() if writer else None
+    answer = refit_stream.answered(call) if call else None
+    if call and writing:
+        refit_stream.stop(payloads, "the engine call returned")
+    failed = writing.join() if writing else None
+    result = collectives.broadcast_object(parallel, answer)
+    if failed is not None:
+        raise failed
+    return result
 
 
 def _transport(tensors, transport: Optional[str]) -> str:
